@@ -1,0 +1,46 @@
+# One command installs everything (Debian packages, then a virtualenv with the project) and runs the job.
+#   make run    the main job on the tiny default (omni chat on the bundled sample media; writes out/answer.wav)
+#   make serve  the OpenAI-compatible Serve app on the tiny default (127.0.0.1:8000)
+#   make test   installs and runs every test
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+DEBS    := ffmpeg espeak-ng
+PYTEST_ARGS ?=
+
+.PHONY: setup debs venv run serve test bench clean
+
+setup: debs venv
+
+debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+venv: $(BIN)/python
+	@$(BIN)/python -c "import omni, openai" 2>/dev/null || \
+	  $(BIN)/pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import omni, openai, torch, transformers, ray"
+
+run: setup
+	mkdir -p out
+	$(BIN)/omni chat --model tiny --image assets/samples/image.png --audio assets/samples/speech.wav \
+	  --video assets/samples/clip.mp4 --max-tokens 24 --speak out/answer.wav "What do you see and hear?"
+
+serve: setup
+	$(BIN)/omni serve --model tiny
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/omni bench --model tiny
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,95 @@
+"""Prompt building: chat template, placeholders expanded by the model's own processor, and the split of the
+processor's batch into per-item encoder inputs.
+
+Both the staged pipeline and the reference path call `processor_inputs`, so they see the same ids and features.
+"""
+from __future__ import annotations
+
+import torch
+
+from omni.tiny import DEFAULT_SYSTEM_PROMPT
+from omni.types import (AudioItem, AudioPart, ChatRequest, ImagePart, InvalidRequest, Message, PreparedPrompt,
+                        TextPart, VideoPart, VisionItem)
+
+__all__ = ["with_default_system", "conversation", "processor_inputs", "prepare_prompt", "DEFAULT_SYSTEM_PROMPT"]
+
+
+def with_default_system(messages: list[Message], system: str | None = None) -> list[Message]:
+    """Qwen's default system prompt unless the conversation has one (speech output needs it); `system` replaces it."""
+    rest = messages[1:] if messages and messages[0].role == "system" else messages
+    if system is not None:
+        return [Message("system", system)] + list(rest)
+    if messages and messages[0].role == "system":
+        return list(messages)
+    return [Message("system", DEFAULT_SYSTEM_PROMPT)] + list(messages)
+
+
+def _parts(content) -> list:
+    return [TextPart(content)] if isinstance(content, str) else list(content)
+
+
+def conversation(request: ChatRequest) -> tuple[list[dict], list, list, list, list]:
+    """-> (chat-template messages, images, videos, audio slots, audio_from_video_indices), media in prompt order."""
+    conv, images, videos, audios, audio_src = [], [], [], [], []
+    for msg in with_default_system(request.messages):
+        content = []
+        for part in _parts(msg.content):
+            if isinstance(part, TextPart):
+                content.append({"type": "text", "text": part.text})
+            elif isinstance(part, ImagePart):
+                content.append({"type": "image"})
+                images.append(part.image)
+            elif isinstance(part, AudioPart):
+                content.append({"type": "audio"})
+                audios.append(part.audio)
+                audio_src.append(None)
+            elif isinstance(part, VideoPart):
+                content.append({"type": "video"})
+                if request.use_audio_in_video:
+                    if part.video.audio is None or len(part.video.audio) == 0:
+                        raise InvalidRequest("use_audio_in_video is set but a video has no audio track",
+                                             "mm_processor_kwargs.use_audio_in_video")
+                    audios.append(part.video.audio)
+                    audio_src.append(len(videos))
+                videos.append(part.video)
+            else:
+                raise InvalidRequest(f"unsupported content part {type(part).__name__}")
+        conv.append({"role": msg.role, "content": content})
+    return conv, images, videos, audios, audio_src
+
+
+def processor_inputs(processor, request: ChatRequest):
+    """The processor's BatchFeature (batch of 1) for a request: input_ids, attention_mask, pixel_values(_videos),
+    image/video_grid_thw, video_second_per_grid, input_features [n_audio, 128, 30000], feature_attention_mask."""
+    conv, images, videos, audios, audio_src = conversation(request)
+    text = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    kwargs = {}
+    if videos:
+        fps = {v.fps for v in videos}
+        if len(fps) > 1:
+            raise InvalidRequest(f"all videos of a request must be sampled at one fps, got {sorted(fps)}")
+        kwargs["videos_kwargs"] = {"fps": fps.pop()}  # -> video_second_per_grid = temporal_patch_size / fps
+        if request.use_audio_in_video:
+            kwargs.update(load_audio_from_video=True, audio_from_video_indices=audio_src)
+    return processor(text=[text], images=images or None, videos=[v.frames for v in videos] or None,
+                     audio=audios or None, return_tensors="pt", padding=True, **kwargs)
+
+
+def prepare_prompt(processor, request: ChatRequest) -> PreparedPrompt:
+    """processor_inputs split into per-item encoder inputs, in prompt order."""
+    x = processor_inputs(processor, request)
+    images, videos, audios = [], [], []
+    for key, grid_key, out in (("pixel_values", "image_grid_thw", images),
+                               ("pixel_values_videos", "video_grid_thw", videos)):
+        if key in x:
+            sizes = x[grid_key].prod(-1).tolist()  # patches per item
+            for pv, grid in zip(torch.split(x[key], sizes), x[grid_key]):
+                out.append(VisionItem(pixel_values=pv, grid_thw=grid))
+    if "input_features" in x:
+        for feats, mask in zip(x["input_features"], x["feature_attention_mask"]):
+            audios.append(AudioItem(features=feats[:, : int(mask.sum())]))
+    spg = x.get("video_second_per_grid")
+    if spg is not None and not torch.is_tensor(spg):
+        spg = torch.tensor(spg, dtype=torch.float)
+    return PreparedPrompt(input_ids=x["input_ids"][0], images=images, videos=videos, audios=audios,
+                          video_second_per_grid=spg, use_audio_in_video=request.use_audio_in_video)

@@ -1,0 +1,120 @@
+"""The golden oracle: one chat request through the official transformers `generate`, unchanged but for the
+transformers 5.23 workarounds below (each one commented). Every later stage is tested against this.
+
+    from omni.checkpoint import load_model
+    from omni.reference import reference_generate
+    out = reference_generate(load_model("tiny"), request)   # out.token_ids, out.text, out.codec_ids, out.waveform
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from omni.prompt import processor_inputs
+from omni.types import AUDIO_SAMPLE_RATE, ChatRequest, InvalidRequest, SamplingParams
+
+__all__ = ["ReferenceResult", "reference_generate", "keep_talker_mask"]
+
+
+@dataclass
+class ReferenceResult:
+    token_ids: list[int]  # generated text ids (EOS included when generated)
+    text: str  # decoded, special tokens skipped
+    codec_ids: list[int]  # generated codec ids (stop code included when generated); [] for text only
+    waveform: Optional[np.ndarray]  # [n] float32, 24 kHz; None for text only
+    prompt_ids: list[int]
+    sample_rate: int = AUDIO_SAMPLE_RATE
+
+
+def _stage_kwargs(prefix: str, p: SamplingParams) -> dict:
+    kw = {f"{prefix}do_sample": not p.greedy}
+    if not p.greedy:
+        kw[f"{prefix}temperature"] = p.temperature
+        kw[f"{prefix}top_p"] = p.top_p
+        kw[f"{prefix}top_k"] = p.top_k if p.top_k > 0 else 0  # 0 disables HF's top-k
+    kw[f"{prefix}repetition_penalty"] = p.repetition_penalty
+    return kw
+
+
+@contextlib.contextmanager
+def keep_talker_mask(model):
+    """transformers 5.23 quirk: GenerationMixin.generate drops an all-ones attention mask, so for one unpadded request
+    `talker.forward` skips its masked branch (no codec pad/bos embeddings in the prefill, no talker M-RoPE positions).
+    A padded batch, transformers 4.52 and vllm-omni all take the full recipe: the model as trained. This patch hands
+    the talker the all-ones mask again, so the oracle is the correct behaviour."""
+    talker = model.talker
+    orig = talker.prepare_inputs_for_generation
+
+    def prepare_inputs_for_generation(input_ids, inputs_embeds=None, **kwargs):  # **kwargs: generate validates names
+        if kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = torch.ones_like(input_ids)  # input_ids: the talker sequence so far
+        return orig(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    talker.prepare_inputs_for_generation = prepare_inputs_for_generation  # instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del talker.prepare_inputs_for_generation
+
+
+@contextlib.contextmanager
+def _capture_talker_codes(model, sink: list):
+    """Record the codec ids `talker.generate` returns (generate itself returns only text ids and the waveform)."""
+    talker = model.talker
+    orig = talker.generate
+
+    def generate(**kw):
+        out = orig(**kw)
+        sink.append(out[:, kw["input_ids"].shape[1]:].clone())
+        return out
+
+    talker.generate = generate
+    try:
+        yield
+    finally:
+        del talker.generate
+
+
+@torch.inference_mode()
+def reference_generate(loaded, request: ChatRequest, seed: int = 0) -> ReferenceResult:
+    """Run `request` through `Qwen2_5OmniForConditionalGeneration.generate`. Sampling draws from the global RNG,
+    seeded with `seed` (or the thinker's seed when set) before the call."""
+    model, processor = loaded.model, loaded.processor
+    if request.voice not in model.speaker_map:
+        raise InvalidRequest(f"unknown voice {request.voice!r}; valid voices: {', '.join(sorted(model.speaker_map))}",
+                             "audio.voice")
+    inputs = processor_inputs(processor, request).to(model.device)
+    prompt_len = inputs["input_ids"].shape[1]
+    th = request.sampling
+    kw = dict(use_audio_in_video=request.use_audio_in_video, thinker_max_new_tokens=th.max_tokens,
+              **_stage_kwargs("thinker_", th))
+    eos = model.thinker.generation_config.eos_token_id
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if th.stop_token_ids:
+        kw["thinker_eos_token_id"] = eos + [i for i in th.stop_token_ids if i not in eos]
+    torch.manual_seed(th.seed if th.seed is not None else seed)
+    if not request.speak:
+        seqs = model.generate(**inputs, generation_mode="text", **kw)
+        ids = seqs[0, prompt_len:].tolist()
+        return ReferenceResult(ids, processor.tokenizer.decode(ids, skip_special_tokens=True), [], None,
+                               inputs["input_ids"][0].tolist())
+    tk = request.talker_sampling
+    kw.update(speaker=request.voice, talker_max_new_tokens=tk.max_tokens, **_stage_kwargs("talker_", tk))
+    if tk.greedy:  # generate passes its own sampling defaults to the talker; greedy must override them
+        kw.update(talker_top_k=None, talker_top_p=None, talker_temperature=None)
+    if tk.stop_token_ids:
+        kw["talker_eos_token_id"] = [8292, 8294] + list(tk.stop_token_ids)
+    if "pixel_values" in inputs or "pixel_values_videos" in inputs:
+        # transformers 5.23 bug: generate forwards pixel values to talker.generate, whose kwarg validation rejects
+        # them; a talker_-prefixed None overrides them for the talker only.
+        kw.update(talker_pixel_values=None, talker_pixel_values_videos=None)
+    codes: list = []
+    with keep_talker_mask(model), _capture_talker_codes(model, codes):
+        seqs, wav = model.generate(**inputs, **kw)
+    ids = seqs[0, prompt_len:].tolist()
+    return ReferenceResult(ids, processor.tokenizer.decode(ids, skip_special_tokens=True), codes[0][0].tolist(),
+                           wav.reshape(-1).float().cpu().numpy(), inputs["input_ids"][0].tolist())

@@ -1,0 +1,227 @@
+"""What crosses a stage boundary: requests, decoded media, prepared prompts, hand-offs and stream events.
+
+Every tensor field has its shape in a comment. H = thinker hidden size (== talker embedding_size).
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "SamplingParams", "TALKER_DEFAULT_SAMPLING", "Video", "TextPart", "ImagePart", "AudioPart", "VideoPart", "Part",
+    "Message", "ChatRequest", "VisionItem", "AudioItem", "PreparedPrompt", "MediaEmbeddings", "TalkerPrompt",
+    "ThinkerToTalker", "TalkerToVocoder", "TextDelta", "AudioChunk", "Finished", "Event", "ChatResult",
+    "OmniError", "InvalidRequest", "AUDIO_SAMPLE_RATE", "INPUT_AUDIO_SAMPLE_RATE",
+]
+
+AUDIO_SAMPLE_RATE = 24000  # speech out: 480 samples per codec token = 50 codes/s
+INPUT_AUDIO_SAMPLE_RATE = 16000  # audio in: Whisper features at 16 kHz
+
+
+class OmniError(Exception):
+    """Base of the errors this project raises on purpose."""
+
+
+class InvalidRequest(OmniError, ValueError):
+    """The request itself is wrong (unknown voice, bad sampling value, too many tokens): a 400 for HTTP clients."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 means greedy (argmax)
+    top_p: float = 1.0  # nucleus mass kept; 1.0 is off
+    top_k: int = -1  # -1 (or 0) is off, as in vLLM
+    repetition_penalty: float = 1.0  # 1.0 is off; HF's multiplicative penalty over prompt + generated ids
+    max_tokens: int = 256  # generated tokens at most (the EOS token counts)
+    seed: Optional[int] = None  # per-request generator seed; None draws a fresh one
+    stop_token_ids: tuple[int, ...] = ()  # extra ids that end generation (kept in the output, like EOS)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def validate(self, name: str = "sampling") -> "SamplingParams":
+        if self.temperature < 0:
+            raise InvalidRequest(f"{name}.temperature must be >= 0, got {self.temperature}", "temperature")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"{name}.top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k < -1:
+            raise InvalidRequest(f"{name}.top_k must be -1 (off) or >= 0, got {self.top_k}", "top_k")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequest(f"{name}.repetition_penalty must be > 0, got {self.repetition_penalty}",
+                                 "repetition_penalty")
+        if self.max_tokens < 1:
+            raise InvalidRequest(f"{name}.max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
+        return self
+
+
+# The Talker's defaults in Qwen2_5OmniForConditionalGeneration.generate (talker_do_sample=True, ...)
+TALKER_DEFAULT_SAMPLING = SamplingParams(temperature=0.9, top_k=40, top_p=0.8, repetition_penalty=1.05,
+                                         max_tokens=4096)
+
+
+# ---------------------------------------------------------------------------------------------------- decoded media
+@dataclass
+class Video:
+    frames: np.ndarray  # [T, H, W, 3] uint8, already sampled at `fps` and resized
+    fps: float  # frames per second of `frames` (the sampling rate, not the source's)
+    audio: Optional[np.ndarray] = None  # [n] float32 mono 16 kHz: the video's own audio track, if it has one
+
+
+@dataclass
+class TextPart:
+    text: str
+
+
+@dataclass
+class ImagePart:
+    image: "object"  # PIL.Image.Image in RGB
+
+
+@dataclass
+class AudioPart:
+    audio: np.ndarray  # [n] float32 mono 16 kHz
+
+
+@dataclass
+class VideoPart:
+    video: Video
+
+
+Part = Union[TextPart, ImagePart, AudioPart, VideoPart]
+
+
+@dataclass
+class Message:
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, list[Part]]
+
+
+@dataclass
+class ChatRequest:
+    messages: list[Message]
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # the Thinker's
+    talker_sampling: SamplingParams = TALKER_DEFAULT_SAMPLING  # the Talker's
+    speak: bool = False  # True: text and speech; False: text only
+    voice: str = "Chelsie"  # a key of the checkpoint's spk_dict.pt
+    use_audio_in_video: bool = False  # interleave each video's audio track with its frames
+    vocoder_seed: Optional[int] = None  # seed of the vocoder's noise (None: the talker's seed, else random)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+# ---------------------------------------------------------------------------------------------------- prepared prompt
+@dataclass
+class VisionItem:
+    pixel_values: torch.Tensor  # [n_patches, 3 * temporal_patch * patch * patch] (1176 for Qwen2.5)
+    grid_thw: torch.Tensor  # [3] long: temporal, height, width patches; tokens = t * h * w / merge**2
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.grid_thw.prod()) // 4  # spatial_merge_size 2 -> 2 x 2 patches per token
+
+
+@dataclass
+class AudioItem:
+    features: torch.Tensor  # [n_mels=128, n_frames] Whisper log-mel, valid frames only (100 frames/s)
+
+
+@dataclass
+class PreparedPrompt:
+    input_ids: torch.Tensor  # [L] long, placeholders already expanded to one id per media token
+    images: list[VisionItem]  # in prompt order
+    videos: list[VisionItem]  # in prompt order
+    audios: list[AudioItem]  # in prompt order (with use_audio_in_video: each video's track at its video's place)
+    video_second_per_grid: Optional[torch.Tensor]  # [n_videos] float: seconds covered by one temporal grid step
+    use_audio_in_video: bool = False
+
+    @property
+    def image_grid_thw(self) -> Optional[torch.Tensor]:  # [n_images, 3]
+        return torch.stack([i.grid_thw for i in self.images]) if self.images else None
+
+    @property
+    def video_grid_thw(self) -> Optional[torch.Tensor]:  # [n_videos, 3]
+        return torch.stack([v.grid_thw for v in self.videos]) if self.videos else None
+
+    @property
+    def audio_seqlens(self) -> Optional[torch.Tensor]:  # [n_audios] long: feature frames per audio
+        return torch.tensor([a.features.shape[-1] for a in self.audios], dtype=torch.long) if self.audios else None
+
+
+@dataclass
+class MediaEmbeddings:
+    images: list[torch.Tensor] = field(default_factory=list)  # each [n_tokens_i, H], prompt order
+    videos: list[torch.Tensor] = field(default_factory=list)  # each [n_tokens_i, H]
+    audios: list[torch.Tensor] = field(default_factory=list)  # each [n_tokens_i, H]
+
+
+# ---------------------------------------------------------------------------------------------------- hand-offs
+@dataclass
+class TalkerPrompt:
+    """thinker_to_talker, once per request, after the Thinker's prefill."""
+    input_ids: torch.Tensor  # [L] the Thinker's prompt ids
+    prompt_embeds: torch.Tensor  # [L, H] h(p) + e(p): last hidden state + input embedding (e zeroed at media)
+    first_token: int  # g_0, the Thinker's first generated token
+    image_grid_thw: Optional[torch.Tensor]  # [n_images, 3]
+    video_grid_thw: Optional[torch.Tensor]  # [n_videos, 3]
+    audio_seqlens: Optional[torch.Tensor]  # [n_audios]
+    video_second_per_grid: Optional[torch.Tensor]  # [n_videos]
+    use_audio_in_video: bool = False
+
+
+@dataclass
+class ThinkerToTalker:
+    """thinker_to_talker, once per generated text token g_k (k >= 0), in order."""
+    index: int  # k
+    token_id: int  # g_k
+    reply: Optional[torch.Tensor]  # [H] R_k = h(g_k) + e(g_k); None when g_k is the last token (it is never fed)
+    last: bool  # g_k ends the reply (EOS, stop id or max_tokens)
+
+
+@dataclass
+class TalkerToVocoder:
+    """talker_to_vocoder: new codec ids of one request, in order."""
+    codes: list[int]  # new codec ids (the final stop code excluded)
+    last: bool  # no more codes will come
+
+
+# ---------------------------------------------------------------------------------------------------- events
+@dataclass
+class TextDelta:
+    text: str  # decoded text, never a split multi-byte character
+    token_ids: list[int]  # the tokens this delta completes
+
+
+@dataclass
+class AudioChunk:
+    pcm: np.ndarray  # [n] float32 in [-1, 1], mono, AUDIO_SAMPLE_RATE
+    sample_rate: int = AUDIO_SAMPLE_RATE
+
+
+@dataclass
+class Finished:
+    finish_reason: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int
+    completion_tokens: int
+    codec_tokens: int = 0
+
+
+Event = Union[TextDelta, AudioChunk, Finished]
+
+
+@dataclass
+class ChatResult:
+    text: str
+    token_ids: list[int]  # generated text ids, EOS included when it was generated
+    codec_ids: list[int]  # generated codec ids, stop code included when it was generated
+    waveform: Optional[np.ndarray]  # [n] float32 at 24 kHz, None for text only
+    finish_reason: str
+    prompt_tokens: int
+    sample_rate: int = AUDIO_SAMPLE_RATE

@@ -1,0 +1,52 @@
+"""Shared fixtures: the tiny checkpoint (loaded once) and real media made on the machine (espeak-ng, ffmpeg, PIL)."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _run(cmd):
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from omni.checkpoint import load_model
+
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    """speech.wav (espeak-ng, 16 kHz mono, ~3 s), clip.mp4 (ffmpeg test pattern 2 s, 8 fps, 112x112, AAC speech),
+    image.png (PIL, 112x84)."""
+    for tool in ("espeak-ng", "ffmpeg"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing: run `make setup` (it installs the Debian packages the tests need)")
+    d = tmp_path_factory.mktemp("media")
+    _run(["espeak-ng", "-w", str(d / "raw.wav"), "The quick brown fox jumps over the lazy dog. What do you hear?"])
+    _run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "raw.wav"), "-ac", "1", "-ar", "16000",
+          str(d / "speech.wav")])
+    _run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=112x112:rate=8:duration=2",
+          "-i", str(d / "speech.wav"), "-t", "2", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac",
+          "-shortest", str(d / "clip.mp4")])
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (112, 84), (200, 60, 40))
+    ImageDraw.Draw(im).ellipse((20, 10, 70, 60), fill=(30, 90, 220))
+    im.save(d / "image.png")
+    return d
+
+
+@pytest.fixture(scope="session")
+def speech(media_dir) -> np.ndarray:
+    import soundfile as sf
+
+    wav, sr = sf.read(media_dir / "speech.wav", dtype="float32")
+    assert sr == 16000
+    return wav
