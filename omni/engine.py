@@ -1,0 +1,341 @@
+"""The decode engine shared by the Thinker and the Talker: continuous batching over a transformers decoder fed with
+`inputs_embeds` and explicit 3-D (M-RoPE) positions, which transformers' own continuous batching cannot take.
+
+Requests join and leave a running batch at step boundaries. Each request owns a row ("slot") of one batched KV
+cache; rows are left-padded to a common length and a 0/1 attention mask hides the padding. A request is prefilled
+alone (bit-identical to the official path), then its cache is merged into the batch. Every decode step is one
+batched forward over all rows; a row whose next input is not known yet (a Talker waiting for its Thinker) idles in a
+masked column and does not advance. Positions are each row's solo positions, so a row computes what it computes
+alone (tokens equal; logits within ~1e-7, from batch-size-dependent matmul kernels).
+
+Stage-specific logic lives in `Sequence` subclasses (omni/thinker.py, omni/talker.py); the engine knows nothing of
+text or speech. The engine is synchronous and single-threaded; `EngineLoop` runs it in a worker thread for asyncio.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                    SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+from omni.types import SamplingParams
+
+__all__ = ["DecoderModel", "Sequence", "Engine", "EngineConfig", "EngineLoop", "Sampler"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64  # rows in the running batch at most; more requests wait for a free slot
+    max_dead_columns: int = 64  # compact the cache once this many columns are padding for every row
+
+
+@dataclass
+class DecoderModel:
+    """How to run one decoder: forward(embeds [B, T, H_in], positions [3, B, T], mask [B, kv + T], cache) -> hidden
+    [B, T, H]; head(hidden [B, T, H]) -> float logits [B, V] of the last position; config for DynamicCache."""
+    forward: Callable
+    head: Callable
+    config: object
+    device: torch.device
+
+
+class Sampler:
+    """Per-request sampling, in the order transformers' generate applies it: repetition penalty, suppressed tokens,
+    then (when sampling) temperature, top-k, top-p; a per-request torch.Generator (never the global RNG)."""
+
+    def __init__(self, params: SamplingParams, suppress: tuple[int, ...] = (), device="cpu"):
+        self.params = params
+        procs = []
+        if params.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(penalty=params.repetition_penalty))
+        if suppress:
+            procs.append(SuppressTokensLogitsProcessor(list(suppress), device=device))
+        if not params.greedy:
+            procs.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                procs.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                procs.append(TopPLogitsWarper(params.top_p))
+        self.processors = LogitsProcessorList(procs)
+        self.generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, history: torch.Tensor, logits: torch.Tensor) -> int:
+        """history [1, n] long (what the repetition penalty sees), logits [1, V] float -> the next id."""
+        scores = self.processors(history, logits)
+        if self.generator is None:
+            return int(scores.argmax(-1))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class Sequence:
+    """One request in an engine. Subclasses define the inputs and what happens with each output.
+
+    The engine calls, from its worker thread: `prefill_inputs()` once when `ready_to_prefill()`, then
+    `on_prefill(hidden [1, L, H], logits [1, V])`; each step, `next_input()` (None: idle this step) and
+    `on_step(hidden [1, H], logits [1, V])`. Outputs for the consumer go to `self.outbox` (thread-safe deque).
+    Other threads may call `cancel()` and subclass feed methods, which must only append to deques.
+    """
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.finished = False
+        self.cancelled = False
+        self.outbox: collections.deque = collections.deque()
+        self.steps = 0  # decode steps this sequence took part in (not counting idle ones)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def ready_to_prefill(self) -> bool:
+        return True
+
+    def prefill_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:  # embeds [L, H_in], positions [3, L]
+        raise NotImplementedError
+
+    def on_prefill(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def next_input(self) -> Optional[tuple[torch.Tensor, int]]:  # (embed [H_in], position) or None
+        raise NotImplementedError
+
+    def has_input(self) -> bool:
+        """Cheap check that next_input() would not be None (called from the event loop between steps)."""
+        return self.next_input() is not None
+
+    def on_step(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class _BatchKV:
+    """One left-padded DynamicCache for all rows, plus its 0/1 mask [B, T]."""
+
+    def __init__(self, config):
+        self.config = config
+        self.cache: Optional[DynamicCache] = None
+        self.mask: Optional[torch.Tensor] = None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def add(self, cache: DynamicCache, length: int, device) -> None:
+        """Append one prefilled request's cache (batch 1, `length` real columns) as a new row."""
+        new_mask = torch.ones(1, length, dtype=torch.long, device=device)
+        if self.cache is None:
+            self.cache, self.mask = cache, new_mask
+            return
+        T = max(self.mask.shape[1], length)
+        layers = []
+        for old, new in zip(self.cache.layers, cache.layers):
+            pad_old, pad_new = T - old.keys.shape[-2], T - new.keys.shape[-2]
+            # keys/values: [b, kv_heads, t, head_dim]; pad dim -2 on the left
+            k = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
+            v = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
+            layers.append((k, v))
+        self.cache = DynamicCache(ddp_cache_data=layers, config=self.config)
+        self.mask = torch.cat([F.pad(self.mask, (T - self.mask.shape[1], 0)), F.pad(new_mask, (T - length, 0))])
+
+    def select(self, keep: list[int]) -> None:
+        if not keep:
+            self.cache, self.mask = None, None
+            return
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+
+    def compact(self, threshold: int) -> None:
+        """Drop columns that are padding for every row (left padding after rows left, idle columns)."""
+        live = self.mask.sum(0) > 0
+        if int((~live).sum()) < threshold:
+            return
+        cols = torch.nonzero(live).flatten()
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
+        self.mask = self.mask[:, cols]
+
+
+class Engine:
+    """Synchronous continuous-batching engine. Thread-compatible: `add` from any thread, `step` from one thread."""
+
+    def __init__(self, model: DecoderModel, config: EngineConfig = EngineConfig(), name: str = "engine"):
+        self.model, self.config, self.name = model, config, name
+        self._pending: collections.deque = collections.deque()
+        self._rows: list[Sequence] = []
+        self._kv = _BatchKV(model.config)
+        self.num_steps = 0  # batched decode forwards so far
+        self.num_prefills = 0
+        self.max_rows_seen = 0
+
+    # ------------------------------------------------------------------------------------------------ public
+    def add(self, seq: Sequence) -> None:
+        self._pending.append(seq)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._rows)
+
+    def can_progress(self) -> bool:
+        """True if a step would do something: a prefill, a decode, or dropping a cancelled request."""
+        if any(s.cancelled or s.ready_to_prefill() for s in self._pending):
+            return len(self._rows) < self.config.max_num_seqs or any(s.cancelled for s in self._pending)
+        return any(s.cancelled or s.finished or s.has_input() for s in self._rows)
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Admit what can be admitted, run one batched decode forward, retire finished rows.
+        Returns the sequences that produced output (their outboxes grew)."""
+        touched: list[Sequence] = []
+        self._admit(touched)
+        self._decode(touched)
+        self._retire()
+        return touched
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _admit(self, touched: list) -> None:
+        waiting = collections.deque()
+        while self._pending:
+            seq = self._pending.popleft()
+            if seq.cancelled:
+                seq.finished = True
+                continue
+            if len(self._rows) >= self.config.max_num_seqs or not seq.ready_to_prefill():
+                waiting.append(seq)
+                continue
+            embeds, pos = seq.prefill_inputs()  # [L, H_in], [3, L]
+            L = embeds.shape[0]
+            cache = DynamicCache(config=self.model.config)
+            mask = torch.ones(1, L, dtype=torch.long, device=self.model.device)
+            hidden = self.model.forward(embeds[None], pos[:, None], mask, cache)  # [1, L, H]
+            seq.on_prefill(hidden, self.model.head(hidden))
+            self.num_prefills += 1
+            touched.append(seq)
+            if seq.finished:
+                continue
+            self._kv.add(cache, L, self.model.device)
+            self._rows.append(seq)
+        self._pending.extendleft(reversed(waiting))
+
+    def _decode(self, touched: list) -> None:
+        inputs = [None if (s.finished or s.cancelled) else s.next_input() for s in self._rows]
+        active = [i for i, x in enumerate(inputs) if x is not None]
+        if not active:
+            return
+        B, H = len(self._rows), next(x for x in inputs if x is not None)[0].shape[-1]
+        dev = self.model.device
+        x = torch.zeros(B, 1, H, device=dev, dtype=inputs[active[0]][0].dtype)
+        pos = torch.ones(3, B, 1, dtype=torch.long, device=dev)
+        col = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        for i in active:
+            emb, p = inputs[i]
+            x[i, 0], pos[:, i, 0], col[i, 0] = emb, p, 1
+        self._kv.mask = torch.cat([self._kv.mask, col], dim=1)
+        hidden = self.model.forward(x, pos, self._kv.mask, self._kv.cache)  # [B, 1, H]
+        logits = self.model.head(hidden)  # [B, V]
+        self.num_steps += 1
+        self.max_rows_seen = max(self.max_rows_seen, len(active))
+        for i in active:
+            seq = self._rows[i]
+            seq.steps += 1
+            seq.on_step(hidden[i:i + 1, 0], logits[i:i + 1])
+            touched.append(seq)
+
+    def _retire(self) -> None:
+        keep = [i for i, s in enumerate(self._rows) if not (s.finished or s.cancelled)]
+        for i, s in enumerate(self._rows):
+            if s.cancelled:
+                s.finished = True
+        if len(keep) != len(self._rows):
+            self._kv.select(keep)
+            self._rows = [self._rows[i] for i in keep]
+        if self._rows:
+            self._kv.compact(self.config.max_dead_columns)
+
+
+class EngineLoop:
+    """Runs an Engine in one worker thread, driven from an asyncio loop. `submit(seq)` returns an async iterator over
+    the sequence's outputs; breaking out of it (or cancelling the consuming task) cancels the sequence, which frees
+    its slot at the next step boundary."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=engine.name)
+        self._wake: Optional[asyncio.Event] = None
+        self._task: Optional[asyncio.Task] = None
+        self._subscribers: dict[int, asyncio.Queue] = {}
+        self._lock = threading.Lock()
+
+    def wake(self) -> None:
+        """Call after feeding a sequence new input (from the loop's thread)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.engine.name}-loop")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.engine.can_progress():
+                self._wake.clear()
+                if not self.engine.can_progress():
+                    await self._wake.wait()
+                continue
+            try:
+                touched = await loop.run_in_executor(self._executor, self.engine.step)
+            except Exception as exc:  # a failing step fails every sequence it holds, never hangs them
+                for q in self._subscribers.values():
+                    q.put_nowait(exc)
+                self._reset_after_failure()
+                continue
+            for seq in touched:
+                q = self._subscribers.get(id(seq))
+                if q is not None:
+                    while seq.outbox:
+                        q.put_nowait(seq.outbox.popleft())
+                    if seq.finished:
+                        q.put_nowait(_END)
+
+    def _reset_after_failure(self) -> None:
+        eng = self.engine
+        for s in list(eng._rows) + list(eng._pending):
+            s.finished = True
+        eng._rows, eng._pending, eng._kv = [], collections.deque(), _BatchKV(eng.model.config)
+
+    async def submit(self, seq: Sequence):
+        """Async iterator over `seq`'s outputs, in order; raises if the engine failed."""
+        q: asyncio.Queue = asyncio.Queue()
+        self._subscribers[id(seq)] = q
+        self.engine.add(seq)
+        self._ensure_running()
+        self._wake.set()
+        try:
+            while True:
+                item = await q.get()
+                if item is _END:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            self._subscribers.pop(id(seq), None)
+            if not seq.finished:
+                seq.cancel()
+                self.wake()
+
+
+_END = object()

@@ -1,0 +1,188 @@
+"""The Thinker stage: Qwen2.5-Omni's language model fed with `inputs_embeds` (media embeddings merged at their
+placeholders) and TMRoPE positions from `get_rope_index`, decoded by the shared Engine.
+
+Per generated token g_k it emits a TextDelta (incremental, UTF-8 safe) and, for speech, the hand-off the Talker
+needs: R_k = h(g_k) + e(g_k) once g_k has been fed (so the Talker runs one Thinker step behind); after the prefill, a
+TalkerPrompt with P = h(p) + e(p) (e zeroed at media placeholders).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+import torch
+
+from omni.engine import DecoderModel, Engine, EngineConfig, EngineLoop, Sampler, Sequence
+from omni.types import (Finished, InvalidRequest, MediaEmbeddings, PreparedPrompt, SamplingParams, TalkerPrompt,
+                        TextDelta, ThinkerToTalker)
+
+__all__ = ["Thinker", "ThinkerSequence", "Detokenizer", "ThinkerDone"]
+
+
+class Detokenizer:
+    """Incremental detokenization: a delta is released only when it does not end inside a multi-byte character
+    (byte-level BPE decodes an incomplete UTF-8 sequence to U+FFFD); `flush` releases the rest."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0  # ids[_prefix:_read] decode to text already released (kept as context for the next delta)
+        self._read = 0
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return after[len(before):]
+
+
+@dataclass
+class ThinkerDone:
+    """Last output of a Thinker sequence."""
+    finished: Finished
+    token_ids: list[int]  # all generated ids
+
+
+class ThinkerSequence(Sequence):
+    def __init__(self, thinker: "Thinker", request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings,
+                 sampling: SamplingParams, for_talker: bool):
+        super().__init__(request_id)
+        self.t, self.prompt, self.media, self.for_talker = thinker, prompt, media, for_talker
+        self.sampler = Sampler(sampling, device=thinker.device)
+        self.max_tokens = sampling.max_tokens
+        self.stop_ids = set(thinker.eos_ids) | set(sampling.stop_token_ids)
+        self.detok = Detokenizer(thinker.tokenizer)
+        self.history = prompt.input_ids[None].to(thinker.device)  # [1, L + n]: what the repetition penalty sees
+        self.tokens: list[int] = []
+        self.finish_reason = "length"
+
+    # -------------------------------------------------------------------------------------------- engine hooks
+    def prefill_inputs(self):
+        t = self.t
+        ids = self.prompt.input_ids[None].to(t.device)  # [1, L]
+        embeds = t.embed(ids)  # [1, L, H]
+        media_mask = torch.zeros_like(ids, dtype=torch.bool)
+        for token_id, feats in ((t.cfg.audio_token_id, self.media.audios), (t.cfg.image_token_id, self.media.images),
+                                (t.cfg.video_token_id, self.media.videos)):
+            m = ids == token_id
+            n = int(m.sum())
+            if n == 0 and not feats:
+                continue
+            got = sum(f.shape[0] for f in feats)
+            if got != n:
+                raise InvalidRequest(f"prompt has {n} placeholder tokens of id {token_id} but the encoders returned "
+                                     f"{got} embeddings")
+            embeds = embeds.masked_scatter(m[..., None], torch.cat(feats).to(t.device, embeds.dtype))
+            media_mask |= m
+        p = self.prompt
+        pos3d, delta = t.rope_index(ids, p.image_grid_thw, p.video_grid_thw, torch.ones_like(ids),
+                                    use_audio_in_video=p.use_audio_in_video, audio_seqlens=p.audio_seqlens,
+                                    second_per_grids=p.video_second_per_grid)  # [3, 1, L], [1, 1]
+        self._embeds, self._media_mask = embeds, media_mask
+        self.rope_delta = int(delta.reshape(-1)[0])
+        return embeds[0], pos3d[:, 0].to(t.device)
+
+    def on_prefill(self, hidden, logits):
+        token = self.sampler(self.history, logits)
+        if self.for_talker:  # P = h + e, e zeroed at the media placeholders
+            prompt_embeds = hidden[0] + self._embeds[0].masked_fill(self._media_mask[0, :, None], 0.0)
+            p = self.prompt
+            self.outbox.append(TalkerPrompt(
+                input_ids=p.input_ids, prompt_embeds=prompt_embeds, first_token=token, image_grid_thw=p.image_grid_thw,
+                video_grid_thw=p.video_grid_thw, audio_seqlens=p.audio_seqlens,
+                video_second_per_grid=p.video_second_per_grid, use_audio_in_video=p.use_audio_in_video))
+        del self._embeds, self._media_mask
+        self._accept(token)
+
+    def next_input(self):
+        if self.finished or not self.tokens:
+            return None
+        g = self.tokens[-1]
+        L = self.prompt.input_ids.shape[0]
+        self._fed = self.t.embed(torch.tensor([g], device=self.t.device))[0]  # e(g_k) [H]
+        return self._fed, L + len(self.tokens) - 1 + self.rope_delta
+
+    def has_input(self):
+        return not self.finished and bool(self.tokens)
+
+    def on_step(self, hidden, logits):
+        k = len(self.tokens) - 1
+        if self.for_talker:
+            self.outbox.append(ThinkerToTalker(k, self.tokens[k], hidden[0] + self._fed, last=False))
+        self._accept(self.sampler(self.history, logits))
+
+    # -------------------------------------------------------------------------------------------- internals
+    def _accept(self, token: int) -> None:
+        self.tokens.append(token)
+        self.history = torch.cat([self.history, self.history.new_tensor([[token]])], dim=1)
+        stop = token in self.stop_ids
+        last = stop or len(self.tokens) >= self.max_tokens
+        text = self.detok.push(token)
+        if last:
+            text += self.detok.flush()
+        if text:
+            self.outbox.append(TextDelta(text, [token]))
+        if last:
+            if self.for_talker:
+                self.outbox.append(ThinkerToTalker(len(self.tokens) - 1, token, None, last=True))
+            self.finish_reason = "stop" if stop else "length"
+            self.finished = True
+            self.outbox.append(ThinkerDone(
+                Finished(self.finish_reason, int(self.prompt.input_ids.shape[0]), len(self.tokens)), self.tokens))
+
+
+class Thinker:
+    """The Thinker stage of one model: `generate(...)` streams TextDelta, TalkerPrompt, ThinkerToTalker and a final
+    ThinkerDone. Many concurrent calls share one engine (one batched forward per step)."""
+
+    def __init__(self, thinker_model, tokenizer, config: EngineConfig = EngineConfig(), max_model_len: int = 32768):
+        self.model = thinker_model  # Qwen2_5OmniThinkerForConditionalGeneration
+        self.cfg = thinker_model.config
+        self.tokenizer = tokenizer
+        self.device = next(thinker_model.parameters()).device
+        self.embed = thinker_model.get_input_embeddings()
+        self.rope_index = thinker_model.get_rope_index
+        self.max_model_len = max_model_len
+        eos = thinker_model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.cfg.text_config.eos_token_id
+        self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        lm, head = thinker_model.model.language_model, thinker_model.lm_head
+
+        def forward(x, pos, mask, cache):
+            return lm(inputs_embeds=x, position_ids=pos, attention_mask=mask, past_key_values=cache,
+                      use_cache=True).last_hidden_state
+
+        def last_logits(hidden):  # like generate (logits_to_keep=1): the head on the last position only
+            return head(hidden[:, -1, :]).float()
+
+        self.engine = Engine(DecoderModel(forward, last_logits, self.cfg.text_config, self.device), config, "thinker")
+        self.loop = EngineLoop(self.engine)
+
+    def check(self, prompt: PreparedPrompt, sampling: SamplingParams) -> None:
+        sampling.validate()
+        n = int(prompt.input_ids.shape[0])
+        if n + sampling.max_tokens > self.max_model_len:
+            raise InvalidRequest(f"prompt ({n} tokens) + max_tokens ({sampling.max_tokens}) exceeds the model's "
+                                 f"context of {self.max_model_len} tokens", "max_tokens", "context_length_exceeded")
+
+    def generate(self, request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings, sampling: SamplingParams,
+                 for_talker: bool = False) -> AsyncIterator:
+        self.check(prompt, sampling)
+        seq = ThinkerSequence(self, request_id, prompt, media, sampling, for_talker)
+        return self.loop.submit(seq)
+
+    def tokens(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
