@@ -283,7 +283,8 @@ class EngineLoop:
             self._wake.set()
 
     def _ensure_running(self) -> None:
-        if self._task is None or self._task.done():
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.engine.name}-loop")
 

@@ -211,6 +211,8 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     codec_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)  # generated text ids (EOS included when generated)
+    codec_ids: list[int] = field(default_factory=list)  # generated codec ids (stop code included when generated)
 
 
 Event = Union[TextDelta, AudioChunk, Finished]

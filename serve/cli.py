@@ -1,0 +1,171 @@
+"""The `omni` command: make-tiny, chat, serve, bench."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _cmd_make_tiny(args) -> int:
+    from omni.tiny import build_checkpoint
+
+    out = build_checkpoint(args.dir, preset=args.preset, seed=args.seed)
+    print(f"wrote the {args.preset} checkpoint to {out}")
+    return 0
+
+
+def _media_policy(paths):
+    from omni.encoders.media import MediaPolicy
+
+    # the CLI user's own files: allow the common parent of the paths given on the command line
+    parents = [str(Path(p).resolve().parent) for p in paths]
+    return MediaPolicy(allowed_local_media_path=os.path.commonpath(parents) if parents else None)
+
+
+def build_chat_request(args):
+    from dataclasses import replace
+
+    from omni.encoders.media import load_audio, load_image, load_video
+    from omni.types import (AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart,
+                            TALKER_DEFAULT_SAMPLING, VideoPart)
+
+    files = [p for p in (args.image or []) + (args.audio or []) + (args.video or [])]
+    for f in files:
+        if not Path(f).is_file():
+            raise SystemExit(f"omni chat: no such file: {f}")
+    policy = _media_policy(files)
+    parts = [ImagePart(load_image(str(Path(p).resolve()), policy)) for p in args.image or []]
+    parts += [AudioPart(load_audio(str(Path(p).resolve()), policy)) for p in args.audio or []]
+    parts += [VideoPart(load_video(str(Path(p).resolve()), policy, with_audio=args.use_audio_in_video))
+              for p in args.video or []]
+    parts.append(TextPart(args.prompt))
+    messages = ([Message("system", args.system)] if args.system is not None else []) + [Message("user", parts)]
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_tokens=args.max_tokens, seed=args.seed)
+    talker = (replace(TALKER_DEFAULT_SAMPLING, max_tokens=args.max_speech_tokens, seed=args.seed)
+              if args.talker_sample else SamplingParams(max_tokens=args.max_speech_tokens))
+    return ChatRequest(messages, sampling=sampling, talker_sampling=talker, speak=args.speak is not None,
+                       voice=args.voice, use_audio_in_video=args.use_audio_in_video)
+
+
+def _cmd_chat(args) -> int:
+    import numpy as np
+
+    from omni.serve.audio_io import wav_bytes
+    from omni.serve.pipeline import Pipeline
+    from omni.types import AudioChunk, Finished, InvalidRequest, TextDelta
+
+    t0 = time.time()
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    pipeline = Pipeline.from_pretrained(args.model, device=args.device)
+    try:
+        request = build_chat_request(args)
+    except InvalidRequest as exc:
+        print(f"omni chat: {exc}", file=sys.stderr)
+        return 2
+    print(f"loaded in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+
+    async def go():
+        pcm, fin, first = [], None, None
+        t = time.time()
+        async for ev in pipeline.stream(request):
+            if isinstance(ev, TextDelta):
+                first = first or time.time() - t
+                print(ev.text, end="", flush=True)
+            elif isinstance(ev, AudioChunk):
+                pcm.append(ev.pcm)
+            elif isinstance(ev, Finished):
+                fin = ev
+        print()
+        return pcm, fin, first, time.time() - t
+
+    try:
+        pcm, fin, first, total = asyncio.run(go())
+    except InvalidRequest as exc:
+        print(f"omni chat: {exc}", file=sys.stderr)
+        return 2
+    msg = (f"[{fin.completion_tokens} tokens, finish_reason={fin.finish_reason}, first token "
+           f"{(first or 0) * 1000:.0f} ms, total {total:.2f}s")
+    if args.speak is not None:
+        wav = np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
+        Path(args.speak).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.speak).write_bytes(wav_bytes(wav))
+        msg += f"; wrote {args.speak}: {len(wav) / 24000:.2f}s of speech, {fin.codec_tokens} codec tokens"
+    print(msg + "]", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from omni.serve.app import run_server
+
+    return run_server(args)
+
+
+def _cmd_bench(args) -> int:
+    from omni.serve.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="omni", description="Serve Qwen omni models: text, images, audio, video in; "
+                                                          "text and speech out, streamed.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("make-tiny", help="write the tiny random checkpoint (model, processor, speakers)")
+    p.add_argument("dir")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_tiny)
+
+    p = sub.add_parser("chat", help="one request in process (no Ray), text streamed to the terminal")
+    p.add_argument("prompt")
+    p.add_argument("--model", default="tiny", help="tiny | small | a checkpoint directory | a hub id")
+    p.add_argument("--image", action="append", help="image file (repeatable)")
+    p.add_argument("--audio", action="append", help="audio file (repeatable)")
+    p.add_argument("--video", action="append", help="video file (repeatable)")
+    p.add_argument("--use-audio-in-video", action="store_true", help="feed each video's audio track too")
+    p.add_argument("--system", default=None, help="system prompt (default: Qwen's, which speech output needs)")
+    p.add_argument("--voice", default="Chelsie")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-speech-tokens", type=int, default=1024, help="codec tokens at most (50 per second)")
+    p.add_argument("--speak", metavar="OUT.wav", default=None, help="also synthesize speech into this WAV file")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--talker-sample", action="store_true",
+                   help="sample speech tokens with the checkpoint's defaults (T 0.9, top-k 40, top-p 0.8)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("serve", help="start Ray and the OpenAI-compatible Serve app; blocks")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--config", default=None, help="configs/serve/<name>.yaml (default: tiny.yaml on CPU)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"))
+    p.add_argument("--allowed-local-media-path", default=None)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("bench", help="benchmarks against the official transformers path")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--out", default="out/bench")
+    p.set_defaults(func=_cmd_bench)
+    return ap
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

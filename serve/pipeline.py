@@ -1,0 +1,158 @@
+"""The staged pipeline in one process, without Ray: prompt building, batched encoders, the continuous-batching
+Thinker, the streaming Talker and the chunked vocoder, composed as async streams (serve/stages.py).
+
+    pipeline = Pipeline.from_pretrained("tiny")
+    async for event in pipeline.stream(request):    # TextDelta / AudioChunk ..., then one Finished
+        ...
+    result = await pipeline.run(request)            # ChatResult: text, token ids, codec ids, waveform
+
+Many concurrent `stream` calls share the stages: one batched Thinker forward per step, one batched Talker forward per
+step, one batched vocoder call per round of ready chunks. `omni chat` and the tests use it; the Ray Serve app hosts
+the same stage classes in separate deployments.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+import numpy as np
+
+from omni.checkpoint import LoadedModel, load_model
+from omni.engine import EngineConfig
+from omni.prompt import prepare_prompt
+from omni.talker import Talker, TalkerDone
+from omni.thinker import Thinker, ThinkerDone
+from omni.types import (AudioChunk, ChatRequest, ChatResult, Event, Finished, InvalidRequest, PreparedPrompt,
+                        TextDelta)
+from omni.decoders.token2wav import Token2Wav, VocoderConfig
+from omni.encoders import AudioEncoder, EncoderConfig, VisionEncoder, encode_prompt
+from omni.serve.stages import VocoderLoop, talker_stream, vocoder_stream
+
+__all__ = ["Pipeline", "PipelineConfig", "vocoder_seed"]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    thinker: EngineConfig = field(default_factory=EngineConfig)  # Thinker batch (max_num_seqs)
+    talker: EngineConfig = field(default_factory=EngineConfig)  # Talker batch
+    vocoder: VocoderConfig = field(default_factory=VocoderConfig)  # chunk schedule and context
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # encoder batch limits
+    max_model_len: int = 32768  # prompt + max_tokens at most
+    talker_emit_every: int = 4  # codec ids per Talker -> vocoder hand-off (latency vs. overhead)
+
+
+def vocoder_seed(request: ChatRequest) -> int:
+    """The vocoder's noise seed: explicit, else the Talker's, else the Thinker's, else 0 (what the reference path's
+    `torch.manual_seed(0)` gives), so the same codes give the same speech."""
+    for s in (request.vocoder_seed, request.talker_sampling.seed, request.sampling.seed):
+        if s is not None:
+            return int(s)
+    return 0
+
+
+class Pipeline:
+    def __init__(self, loaded: LoadedModel, config: PipelineConfig = PipelineConfig()):
+        self.loaded, self.config = loaded, config
+        self.processor = loaded.processor
+        model = loaded.model
+        self.vision = VisionEncoder(model.thinker.model.visual, config.encoder)
+        self.audio = AudioEncoder(model.thinker.model.audio_tower, config.encoder)
+        self.thinker = Thinker(model.thinker, loaded.processor.tokenizer, config.thinker, config.max_model_len)
+        self.has_speech = getattr(model, "has_talker", False)
+        if self.has_speech:
+            self.talker = Talker(model, config.talker, emit_every=config.talker_emit_every)
+            self.vocoder = Token2Wav(model.token2wav, model.speaker_map, config.vocoder)
+            self.vocoder_loop = VocoderLoop(self.vocoder)
+
+    @classmethod
+    def from_pretrained(cls, model: str = "tiny", config: PipelineConfig = PipelineConfig(),
+                        device: Optional[str] = None, dtype: Optional[str] = None) -> "Pipeline":
+        return cls(load_model(model, device=device, dtype=dtype), config)
+
+    # ------------------------------------------------------------------------------------------------ Backend API
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def voices(self) -> list[str]:
+        return self.loaded.voices if self.has_speech else []
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    def validate(self, request: ChatRequest) -> None:
+        """Checks that need no model work; raises InvalidRequest."""
+        if not request.messages:
+            raise InvalidRequest("messages must not be empty", "messages")
+        request.sampling.validate("sampling")
+        if request.sampling.max_tokens > self.config.max_model_len:
+            raise InvalidRequest(f"max_tokens ({request.sampling.max_tokens}) exceeds the model's context of "
+                                 f"{self.config.max_model_len} tokens", "max_tokens", "context_length_exceeded")
+        if request.speak:
+            if not self.has_speech:
+                raise InvalidRequest("this model has no speech output (talker disabled)", "modalities")
+            self.talker.check_voice(request.voice)
+            request.talker_sampling.validate("talker")
+
+    async def prepare(self, request: ChatRequest) -> PreparedPrompt:
+        try:
+            prompt = await asyncio.to_thread(prepare_prompt, self.processor, request)
+        except InvalidRequest:
+            raise
+        except (ValueError, TypeError) as exc:  # the processor rejects what it cannot read
+            raise InvalidRequest(f"could not process the request's media: {exc}") from exc
+        self.thinker.check(prompt, request.sampling)
+        return prompt
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Event]:
+        self.validate(request)
+        prompt = await self.prepare(request)
+        media = await asyncio.to_thread(encode_prompt, prompt, self.vision, self.audio)
+        items = self.thinker.generate(request.request_id, prompt, media, request.sampling, for_talker=request.speak)
+        if request.speak:
+            items = talker_stream(self.talker, items, request.request_id, request.voice, request.talker_sampling)
+            items = vocoder_stream(self.vocoder_loop, items, request.voice, vocoder_seed(request),
+                                   max_codes=request.talker_sampling.max_tokens)
+        async for event in finish(items, prompt_tokens=int(prompt.input_ids.shape[0])):
+            yield event
+
+    async def run(self, request: ChatRequest) -> ChatResult:
+        return await collect(self.stream(request))
+
+
+async def finish(items: AsyncIterator, prompt_tokens: int) -> AsyncIterator[Event]:
+    """Pass TextDelta / AudioChunk through; turn the stages' done-markers into one final Finished event."""
+    thinker_done: Optional[ThinkerDone] = None
+    talker_done: Optional[TalkerDone] = None
+    try:
+        async for item in items:
+            if isinstance(item, (TextDelta, AudioChunk)):
+                yield item
+            elif isinstance(item, ThinkerDone):
+                thinker_done = item
+            elif isinstance(item, TalkerDone):
+                talker_done = item
+    finally:
+        await items.aclose()
+    reason = thinker_done.finished.finish_reason
+    yield Finished(reason, prompt_tokens, len(thinker_done.token_ids),
+                   len(talker_done.codes) if talker_done else 0, token_ids=thinker_done.token_ids,
+                   codec_ids=talker_done.codes if talker_done else [])
+
+
+async def collect(events: AsyncIterator[Event]) -> ChatResult:
+    """A whole ChatResult from an event stream."""
+    text, pcm, fin = [], [], None
+    async for ev in events:
+        if isinstance(ev, TextDelta):
+            text.append(ev.text)
+        elif isinstance(ev, AudioChunk):
+            pcm.append(ev.pcm)
+        elif isinstance(ev, Finished):
+            fin = ev
+    wav = np.concatenate(pcm).astype(np.float32) if pcm else (np.zeros(0, np.float32) if fin.codec_tokens else None)
+    return ChatResult(text="".join(text), token_ids=list(fin.token_ids), codec_ids=list(fin.codec_ids), waveform=wav,
+                      finish_reason=fin.finish_reason, prompt_tokens=fin.prompt_tokens)
