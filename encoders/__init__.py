@@ -1,0 +1,10 @@
+"""Encoders: media -> embeddings at the thinker's placeholder tokens (vision, audio, video), batched across requests.
+
+The media loader (encoders/media.py) is imported on its own: `from omni.encoders.media import ...`.
+"""
+from omni.encoders.audio import AudioEncoder
+from omni.encoders.video import VideoEncoder, encode_prompt
+from omni.encoders.vision import EncoderConfig, VisionEncoder, load_thinker, plan_batches
+
+__all__ = ["EncoderConfig", "VisionEncoder", "AudioEncoder", "VideoEncoder", "encode_prompt", "plan_batches",
+           "load_thinker"]
