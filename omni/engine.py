@@ -36,6 +36,8 @@ __all__ = ["DecoderModel", "Sequence", "Engine", "EngineConfig", "EngineLoop", "
 class EngineConfig:
     max_num_seqs: int = 64  # rows in the running batch at most; more requests wait for a free slot
     max_dead_columns: int = 64  # compact the cache once this many columns are padding for every row
+    batch_wait_s: float = 0.0  # when some running rows wait for input (a Talker behind its Thinker), wait this long
+    #                            for them before stepping, so the rows fed by one upstream step share one forward
 
 
 @dataclass
@@ -187,6 +189,10 @@ class Engine:
     def num_running(self) -> int:
         return len(self._rows)
 
+    def waiting_rows(self) -> int:
+        """Running rows that have no input yet (they would idle in this step)."""
+        return sum(1 for s in self._rows if not (s.cancelled or s.finished or s.has_input()))
+
     def can_progress(self) -> bool:
         """True if a step would do something: a prefill, a decode, or dropping a cancelled request."""
         if any(s.cancelled or s.ready_to_prefill() for s in self._pending):
@@ -296,6 +302,7 @@ class EngineLoop:
                 if not self.engine.can_progress():
                     await self._wake.wait()
                 continue
+            await self._gather_stragglers(loop)
             try:
                 touched = await loop.run_in_executor(self._executor, self.engine.step)
             except Exception as exc:  # a failing step fails every sequence it holds, never hangs them
@@ -310,6 +317,18 @@ class EngineLoop:
                         q.put_nowait(seq.outbox.popleft())
                     if seq.finished:
                         q.put_nowait(_END)
+
+    async def _gather_stragglers(self, loop) -> None:
+        wait = self.engine.config.batch_wait_s
+        if wait <= 0 or not self.engine.waiting_rows():
+            return
+        deadline = loop.time() + wait
+        while self.engine.waiting_rows() and (left := deadline - loop.time()) > 0:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
 
     def _reset_after_failure(self) -> None:
         eng = self.engine

@@ -13,10 +13,13 @@ the same stage classes in separate deployments.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 import numpy as np
+import torch
 
 from omni.checkpoint import LoadedModel, load_model
 from omni.engine import EngineConfig
@@ -35,11 +38,13 @@ __all__ = ["Pipeline", "PipelineConfig", "vocoder_seed"]
 @dataclass(frozen=True)
 class PipelineConfig:
     thinker: EngineConfig = field(default_factory=EngineConfig)  # Thinker batch (max_num_seqs)
-    talker: EngineConfig = field(default_factory=EngineConfig)  # Talker batch
+    talker: EngineConfig = field(default_factory=lambda: EngineConfig(batch_wait_s=0.01))  # Talker batch
     vocoder: VocoderConfig = field(default_factory=VocoderConfig)  # chunk schedule and context
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # encoder batch limits
     max_model_len: int = 32768  # prompt + max_tokens at most
     talker_emit_every: int = 4  # codec ids per Talker -> vocoder hand-off (latency vs. overhead)
+    cpu_threads: Optional[int] = None  # torch intra-op threads on CPU; None: cores // 3 (three stages run at once,
+    #                                    and oversubscribed OpenMP threads slow a busy CPU down ~10x)
 
 
 def vocoder_seed(request: ChatRequest) -> int:
@@ -54,10 +59,15 @@ def vocoder_seed(request: ChatRequest) -> int:
 class Pipeline:
     def __init__(self, loaded: LoadedModel, config: PipelineConfig = PipelineConfig()):
         self.loaded, self.config = loaded, config
+        if loaded.device.type == "cpu":
+            torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // 3))
         self.processor = loaded.processor
         model = loaded.model
-        self.vision = VisionEncoder(model.thinker.model.visual, config.encoder)
-        self.audio = AudioEncoder(model.thinker.model.audio_tower, config.encoder)
+        # the towers are shared with the loaded model: keep them on its device and dtype
+        enc = dataclasses.replace(config.encoder, device=str(loaded.device),
+                                  dtype=str(model.thinker.dtype).removeprefix("torch."))
+        self.vision = VisionEncoder(model.thinker.model.visual, enc)
+        self.audio = AudioEncoder(model.thinker.model.audio_tower, enc)
         self.thinker = Thinker(model.thinker, loaded.processor.tokenizer, config.thinker, config.max_model_len)
         self.has_speech = getattr(model, "has_talker", False)
         if self.has_speech:
