@@ -13,7 +13,7 @@ import torch
 
 from omni.tiny import PRESETS, build_checkpoint
 
-__all__ = ["LoadedModel", "resolve_model", "load_model", "cache_dir", "RECIPE_VERSION"]
+__all__ = ["LoadedModel", "resolve_model", "load_model", "list_voices", "cache_dir", "RECIPE_VERSION"]
 
 RECIPE_VERSION = 1  # bump when tiny.py changes what it writes: the cached copies are rebuilt
 
@@ -62,6 +62,17 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def list_voices(model: str) -> list[str]:
+    """The voices of a checkpoint (keys of its spk_dict.pt), without loading the model."""
+    path = resolve_model(model)
+    local = Path(path) / "spk_dict.pt"
+    if not local.exists():
+        from huggingface_hub import hf_hub_download
+
+        local = Path(hf_hub_download(path, "spk_dict.pt"))
+    return sorted(torch.load(local, map_location="cpu", weights_only=True))
 
 
 def default_device() -> str:

@@ -144,11 +144,12 @@ class Talker:
     """The Talker stage of one model. `generate(request_id, voice, sampling)` returns (sequence, async iterator of
     TalkerToVocoder items and a final TalkerDone); feed the sequence with the Thinker's hand-offs and call `wake()`."""
 
-    def __init__(self, model, config: EngineConfig = EngineConfig(), emit_every: int = 1):
-        tk = self.model = model.talker  # Qwen2_5OmniTalkerForConditionalGeneration
-        self.speakers = model.speaker_map
+    def __init__(self, talker, speakers: dict, thinker_embed: torch.nn.Module, config: EngineConfig = EngineConfig(),
+                 emit_every: int = 1):
+        tk = self.model = talker  # Qwen2_5OmniTalkerForConditionalGeneration
+        self.speakers = speakers  # spk_dict.pt: {voice: {bos_token, cond, ref_mel}}
         self.device = next(tk.parameters()).device
-        self.thinker_embed = model.thinker.get_input_embeddings()
+        self.thinker_embed = thinker_embed  # the Thinker's input embedding (speaker bos, tts_text_* ids)
         self.codec_embed = tk.get_input_embeddings()
         self.rope_index = tk.get_rope_index
         self.codec_bos, self.codec_pad = tk.codec_bos_token, tk.codec_pad_token
@@ -167,6 +168,11 @@ class Talker:
 
         self.engine = Engine(DecoderModel(forward, last_logits, tk.config, self.device), config, "talker")
         self.loop = EngineLoop(self.engine)
+
+    @classmethod
+    def from_model(cls, model, config: EngineConfig = EngineConfig(), emit_every: int = 1) -> "Talker":
+        """From a loaded Qwen2_5OmniForConditionalGeneration."""
+        return cls(model.talker, model.speaker_map, model.thinker.get_input_embeddings(), config, emit_every)
 
     @property
     def voices(self) -> list[str]:

@@ -71,7 +71,7 @@ class Pipeline:
         self.thinker = Thinker(model.thinker, loaded.processor.tokenizer, config.thinker, config.max_model_len)
         self.has_speech = getattr(model, "has_talker", False)
         if self.has_speech:
-            self.talker = Talker(model, config.talker, emit_every=config.talker_emit_every)
+            self.talker = Talker.from_model(model, config.talker, emit_every=config.talker_emit_every)
             self.vocoder = Token2Wav(model.token2wav, model.speaker_map, config.vocoder)
             self.vocoder_loop = VocoderLoop(self.vocoder)
 
@@ -146,7 +146,9 @@ async def finish(items: AsyncIterator, prompt_tokens: int) -> AsyncIterator[Even
             elif isinstance(item, TalkerDone):
                 talker_done = item
     finally:
-        await items.aclose()
+        aclose = getattr(items, "aclose", None)  # async generators; Ray's handle generators are cancelled by the caller
+        if aclose is not None:
+            await aclose()
     reason = thinker_done.finished.finish_reason
     yield Finished(reason, prompt_tokens, len(thinker_done.token_ids),
                    len(talker_done.codes) if talker_done else 0, token_ids=thinker_done.token_ids,
