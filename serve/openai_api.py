@@ -1,0 +1,287 @@
+"""OpenAI chat completions <-> omni: a `ChatCompletionRequest` becomes an `omni.types.ChatRequest` (media decoded
+through omni.encoders.media, sampling resolved per stage), and the backend's events become either one
+`ChatCompletionResponse` or a stream of `ChatCompletionChunk`s. Both paths consume the same event stream through
+one per-request `Completion` object.
+
+Sampling: the top-level fields are the Thinker's; vllm-omni's `sampling_params_list` = [thinker, talker, vocoder]
+overrides them field by field (fields left out keep the value below them). The Talker starts from
+TALKER_DEFAULT_SAMPLING and takes the request's `seed` unless `sampling_params_list[1].seed` is given, so one seed
+makes the whole reply (text and speech) reproducible; the vocoder's seed is `sampling_params_list[2].seed`, else
+the Talker's.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import numpy as np
+
+from omni.types import (AUDIO_SAMPLE_RATE, TALKER_DEFAULT_SAMPLING, AudioChunk, AudioPart, ChatRequest, Event,
+                        Finished, ImagePart, InvalidRequest, Message, SamplingParams, TextDelta, TextPart, VideoPart)
+from omni.serve.audio_io import pcm16_bytes, wav_bytes
+from omni.serve.protocol import (AUDIO_FORMATS, AssistantMessage, AudioURLContent, ChatCompletionAudio,
+                                 ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, Delta,
+                                 DeltaAudio, ErrorInfo, ErrorResponse, ImageContent, InputAudioContent,
+                                 StageSamplingParams, StreamChoice, TextContent, Usage, VideoURLContent)
+
+__all__ = ["ConvertOptions", "to_chat_request", "resolve_sampling", "Completion", "error_response", "sse",
+           "SSE_DONE", "DEFAULT_VOICE"]
+
+DEFAULT_VOICE = "Chelsie"
+SSE_DONE = "data: [DONE]\n\n"
+AUDIO_EXPIRY_S = 3600  # message.audio.expires_at = created + this (OpenAI's field; nothing is kept server-side)
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "repetition_penalty")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    max_tokens_limit: int = 4096  # a request asking for more generated tokens gets a 400
+    default_max_tokens: int = 256  # when the request gives neither max_tokens nor max_completion_tokens
+    media_limits: Optional[object] = None  # omni.encoders.media.MediaLimits; None: its defaults
+    media_policy: Optional[object] = None  # omni.encoders.media.MediaPolicy; None: its defaults
+    allowed_local_media_path: Optional[str] = None  # folded into the policy when set
+    voices: tuple[str, ...] = ()  # the backend's voices, to accept "chelsie" for "Chelsie"; empty: as sent
+
+
+# ---------------------------------------------------------------------------------------------------- request
+def _override(base: SamplingParams, over: Optional[StageSamplingParams]) -> SamplingParams:
+    if over is None:
+        return base
+    changes = {f: getattr(over, f) for f in _SAMPLING_FIELDS if getattr(over, f) is not None}
+    if over.stop_token_ids is not None:
+        changes["stop_token_ids"] = tuple(over.stop_token_ids)
+    return replace(base, **changes)
+
+
+def resolve_sampling(req: ChatCompletionRequest, opts: ConvertOptions
+                     ) -> tuple[SamplingParams, SamplingParams, Optional[int]]:
+    """-> (thinker, talker, vocoder seed), validated; max_tokens past the limit raises InvalidRequest."""
+    stages = list(req.sampling_params_list or []) + [None, None, None]
+    top = StageSamplingParams(
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+        repetition_penalty=req.repetition_penalty, stop_token_ids=req.stop_token_ids,
+        max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
+    default = SamplingParams(max_tokens=min(opts.default_max_tokens, opts.max_tokens_limit))
+    thinker = _override(_override(default, top), stages[0])
+    talker = _override(replace(TALKER_DEFAULT_SAMPLING, seed=thinker.seed), stages[1])
+    vocoder_seed = stages[2].seed if stages[2] is not None else None
+    thinker.validate("sampling")
+    talker.validate("sampling_params_list[1]")
+    if thinker.max_tokens > opts.max_tokens_limit:
+        raise InvalidRequest(f"max_tokens={thinker.max_tokens} is more than this server allows "
+                             f"({opts.max_tokens_limit})", "max_tokens", "max_tokens_too_large")
+    return thinker, talker, vocoder_seed
+
+
+def _b64decode(data: str, param: str) -> bytes:
+    if data.startswith("data:"):  # some clients send a data URI where plain base64 is expected
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidRequest(f"{param} is not valid base64: {e}", param, "invalid_base64") from None
+    if not raw:
+        raise InvalidRequest(f"{param} is empty", param, "invalid_base64")
+    return raw
+
+
+def _media_kwargs(opts: ConvertOptions) -> dict:
+    from omni.encoders import media
+
+    policy = opts.media_policy or media.MediaPolicy()
+    if opts.allowed_local_media_path is not None:
+        policy = replace(policy, allowed_local_media_path=opts.allowed_local_media_path)
+    return {"limits": opts.media_limits or media.MediaLimits(), "policy": policy}
+
+
+def _convert_part(part, param: str, use_audio_in_video: bool, opts: ConvertOptions):
+    if isinstance(part, TextContent):
+        return TextPart(part.text)
+    from omni.encoders import media
+
+    kw = _media_kwargs(opts)  # per part: cheap, and text-only requests never import the media module
+    if isinstance(part, ImageContent):
+        return ImagePart(media.load_image(part.image_url.url, **kw))
+    if isinstance(part, AudioURLContent):
+        return AudioPart(media.load_audio(part.audio_url.url, **kw))
+    if isinstance(part, InputAudioContent):
+        raw = _b64decode(part.input_audio.data, f"{param}.input_audio.data")
+        return AudioPart(media.load_audio(raw, **kw))
+    if isinstance(part, VideoURLContent):
+        return VideoPart(media.load_video(part.video_url.url, fps=None, num_frames=part.video_url.num_frames,
+                                          with_audio=use_audio_in_video, **kw))
+    raise InvalidRequest(f"unsupported content part {type(part).__name__} at {param}", param)
+
+
+def _voice(req: ChatCompletionRequest, voices: Sequence[str]) -> str:
+    voice = (req.audio.voice if req.audio else None) or DEFAULT_VOICE
+    by_lower = {v.lower(): v for v in voices}
+    return by_lower.get(voice.lower(), voice)  # unknown voices go on: the backend rejects them, listing valid ones
+
+
+def to_chat_request(req: ChatCompletionRequest, request_id: str, opts: ConvertOptions = ConvertOptions()
+                    ) -> ChatRequest:
+    """Decode the media and resolve sampling. Blocking (decoding, fetching): call it off the event loop.
+    Raises InvalidRequest (or MediaError, a subclass with .status_code 400/413)."""
+    if req.speak and req.audio is not None and req.audio.format not in AUDIO_FORMATS:
+        raise InvalidRequest(f"unsupported audio format {req.audio.format!r}; supported: {', '.join(AUDIO_FORMATS)}",
+                             "audio.format", "unsupported_audio_format")
+    thinker, talker, vocoder_seed = resolve_sampling(req, opts)
+    messages = []
+    for i, msg in enumerate(req.messages):
+        role = "system" if msg.role == "developer" else msg.role
+        if msg.content is None or isinstance(msg.content, str):
+            messages.append(Message(role, msg.content or ""))
+            continue
+        parts = []
+        for j, part in enumerate(msg.content):
+            param = f"messages[{i}].content[{j}]"
+            try:
+                parts.append(_convert_part(part, param, req.use_audio_in_video, opts))
+            except InvalidRequest as e:  # MediaError included: say which part it was
+                if e.param is None or not e.param.startswith("messages"):
+                    e.param = f"{param}.{e.param}" if e.param else param
+                    e.message = f"{e.param}: {e.message}"
+                    e.args = (e.message,)
+                raise
+        messages.append(Message(role, parts))
+    return ChatRequest(messages=messages, sampling=thinker, talker_sampling=talker, speak=req.speak,
+                       voice=_voice(req, opts.voices), use_audio_in_video=req.use_audio_in_video,
+                       vocoder_seed=vocoder_seed, request_id=request_id)
+
+
+# ---------------------------------------------------------------------------------------------------- response
+class _StopStrings:
+    """Cuts the text at the first stop string; text that may be the start of one is held until it is decided."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops, self.held = tuple(stops), ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """-> (text safe to send, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[:min(hits)], True
+        keep = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:k])),
+                   default=0)
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+class Completion:
+    """One request's reply as it is built from the backend's events; `feed` returns the chunks an event makes
+    (streaming), `response()` the whole reply (non-streaming). `done` turns true at Finished or a stop string."""
+
+    def __init__(self, request_id: str, model: str, speak: bool = False, audio_format: str = "wav",
+                 include_usage: bool = False, stop: Sequence[str] = ()):
+        self.id, self.model, self.created = f"chatcmpl-{request_id}", model, int(time.time())
+        self.audio_id = f"audio_{request_id}"
+        self.speak, self.audio_format, self.include_usage = speak, audio_format, include_usage
+        self.text: list[str] = []
+        self.pcm: list[np.ndarray] = []  # each [n] float32 at 24 kHz
+        self.finish_reason: Optional[str] = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0  # counted from the deltas until Finished gives the total
+        self._stop = _StopStrings(stop)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def _chunk(self, delta: Delta, finish_reason: Optional[str] = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
+                                   choices=[StreamChoice(delta=delta, finish_reason=finish_reason)])
+
+    def role_chunk(self) -> ChatCompletionChunk:
+        return self._chunk(Delta(role="assistant", content=""))
+
+    def _text_chunk(self, text: str) -> list[ChatCompletionChunk]:
+        if not text:
+            return []
+        self.text.append(text)
+        return [self._chunk(Delta(content=text))]
+
+    def feed(self, ev: Event) -> list[ChatCompletionChunk]:
+        if self.done:
+            return []
+        if isinstance(ev, TextDelta):
+            self.completion_tokens += len(ev.token_ids)
+            text, hit = self._stop.push(ev.text)
+            chunks = self._text_chunk(text)
+            if hit:
+                self.finish_reason = "stop"
+            return chunks
+        if isinstance(ev, AudioChunk):
+            if ev.sample_rate != AUDIO_SAMPLE_RATE:
+                raise RuntimeError(f"backend sent audio at {ev.sample_rate} Hz, expected {AUDIO_SAMPLE_RATE}")
+            if len(ev.pcm) == 0:
+                return []
+            self.pcm.append(np.asarray(ev.pcm, dtype=np.float32).reshape(-1))
+            data = base64.b64encode(pcm16_bytes(ev.pcm)).decode("ascii")
+            return [self._chunk(Delta(audio=DeltaAudio(id=self.audio_id, data=data, transcript="")))]
+        if isinstance(ev, Finished):
+            chunks = self._text_chunk(self._stop.flush())
+            self.finish_reason = ev.finish_reason
+            self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
+            return chunks
+        raise TypeError(f"unexpected backend event {type(ev).__name__}")
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                     total_tokens=self.prompt_tokens + self.completion_tokens)
+
+    def final_chunks(self) -> list[ChatCompletionChunk]:
+        """The finish_reason chunk, and the usage chunk when stream_options.include_usage."""
+        if not self.done:
+            raise RuntimeError("the backend stream ended without a Finished event")
+        chunks = [self._chunk(Delta(), self.finish_reason)]
+        if self.include_usage:
+            chunks.append(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
+                                              usage=self.usage()))
+        return chunks
+
+    def waveform(self) -> np.ndarray:  # [n] float32 at 24 kHz
+        return np.concatenate(self.pcm) if self.pcm else np.zeros(0, np.float32)
+
+    def response(self) -> ChatCompletionResponse:
+        if not self.done:
+            raise RuntimeError("the backend stream ended without a Finished event")
+        text = "".join(self.text)
+        audio = None
+        if self.speak:
+            pcm = self.waveform()
+            raw = pcm16_bytes(pcm) if self.audio_format == "pcm16" else wav_bytes(pcm, AUDIO_SAMPLE_RATE)
+            audio = ChatCompletionAudio(id=self.audio_id, data=base64.b64encode(raw).decode("ascii"),
+                                        transcript=text, expires_at=self.created + AUDIO_EXPIRY_S)
+        message = AssistantMessage(content=text, audio=audio)
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model,
+                                      choices=[Choice(message=message, finish_reason=self.finish_reason)],
+                                      usage=self.usage())
+
+
+# ---------------------------------------------------------------------------------------------------- wire helpers
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                413: "invalid_request_error", 503: "server_overloaded"}
+
+
+def error_response(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None
+                   ) -> ErrorResponse:
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
+
+
+def sse(payload) -> str:
+    """One server-sent event: `data: {json}\\n\\n` (a pydantic model or an already-encoded JSON string)."""
+    body = payload if isinstance(payload, str) else payload.model_dump_json()
+    return f"data: {body}\n\n"

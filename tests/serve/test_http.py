@@ -1,0 +1,425 @@
+"""The HTTP app on a real uvicorn server, driven by the official `openai` SDK and raw httpx, in front of the real
+in-process Pipeline on the tiny checkpoint (and, for failure modes a real model cannot be made to show on demand, a
+small gated backend that emits real events)."""
+import asyncio
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import wave
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from omni.serve.audio_io import pcm16_bytes
+from omni.serve.http import ServerSettings, build_fastapi
+from omni.serve.openai_api import ConvertOptions, to_chat_request
+from omni.serve.protocol import ChatCompletionRequest
+from omni.tiny import DEFAULT_SYSTEM_PROMPT
+from omni.types import Finished, InvalidRequest, TextDelta
+
+KEY = "sk-test-key"
+TALKER = {"max_tokens": 48}  # the random tiny Talker rarely stops on its own: bound the speech
+SPEAK = {"sampling_params_list": [{}, TALKER]}
+SAMPLES_PER_CODE = 480  # 24 kHz / 50 codes per second
+STOP_CODES = (8292, 8294)
+
+
+class Server:
+    """uvicorn on 127.0.0.1:<free port> in a background thread, with its own event loop."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+        pending = asyncio.all_tasks(self.loop)  # the backend's background loops: stop them with the server
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def call(self, coro, timeout=120):
+        """Run a coroutine on the server's loop (where the backend lives)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny):
+    from omni.serve.pipeline import Pipeline
+
+    return Pipeline(tiny)
+
+
+@pytest.fixture(scope="module")
+def server(pipeline):
+    settings = ServerSettings(served_model_name="qwen-omni-tiny", api_key=KEY, max_body_bytes=4 * 2**20,
+                              max_tokens=512)
+    with Server(build_fastapi(pipeline, settings)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def post(server, body, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=120, **kw)
+
+
+def data_uri(path, mime):
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def read_wav(raw: bytes) -> bytes:
+    with wave.open(io.BytesIO(raw)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+        return w.readframes(w.getnframes())
+
+
+def direct(server, pipeline, body):
+    """The same request through Pipeline.run in process (on the server's loop): the HTTP layer's oracle."""
+    req = ChatCompletionRequest.model_validate(body)
+    chat = to_chat_request(req, "direct", ConvertOptions(max_tokens_limit=512, voices=tuple(pipeline.voices)))
+    return server.call(pipeline.run(chat))
+
+
+def metric_samples(server) -> dict:
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+# ---------------------------------------------------------------------------------------------------- happy paths
+def test_health_and_models(server, client):
+    assert httpx.get(f"{server.url}/health").status_code == 200  # no key needed
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["qwen-omni-tiny"]
+    assert models.data[0].model_extra["root"] == "tiny"
+
+
+def test_text_non_streaming_equals_the_pipeline(server, pipeline, client):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    r = client.chat.completions.create(model="qwen-omni-tiny", messages=messages, max_tokens=12)
+    ref = direct(server, pipeline, {"messages": messages, "max_tokens": 12})
+    assert r.choices[0].message.content == ref.text and ref.text
+    assert r.choices[0].message.audio is None
+    assert r.choices[0].finish_reason == ref.finish_reason
+    assert r.usage.prompt_tokens == ref.prompt_tokens and r.usage.completion_tokens == len(ref.token_ids)
+    assert r.id.startswith("chatcmpl-") and r.model == "qwen-omni-tiny"
+
+
+def test_text_and_audio_non_streaming_is_a_wav_of_the_codes(server, pipeline, client):
+    messages = [{"role": "user", "content": "Say something."}]
+    r = client.chat.completions.create(model="qwen-omni-tiny", messages=messages, max_tokens=8, seed=3,
+                                       modalities=["text", "audio"], audio={"voice": "Ethan", "format": "wav"},
+                                       extra_body=SPEAK)
+    audio = r.choices[0].message.audio
+    pcm = read_wav(base64.b64decode(audio.data))
+    ref = direct(server, pipeline, {"messages": messages, "max_tokens": 8, "seed": 3, "modalities": ["text", "audio"],
+                                    "audio": {"voice": "Ethan"}, **SPEAK})
+    codes = [c for c in ref.codec_ids if c not in STOP_CODES]
+    assert 0 < len(codes) <= TALKER["max_tokens"]
+    assert len(pcm) // 2 == SAMPLES_PER_CODE * len(codes)
+    assert pcm == pcm16_bytes(ref.waveform)  # bit-exact: the same seed gives the same speech
+    assert r.choices[0].message.content == ref.text == audio.transcript
+    assert audio.id.startswith("audio_") and audio.expires_at > r.created
+
+    raw = client.chat.completions.create(model="qwen-omni-tiny", messages=messages, max_tokens=8, seed=3,
+                                         modalities=["text", "audio"], audio={"voice": "Ethan", "format": "pcm16"},
+                                         extra_body=SPEAK)
+    assert base64.b64decode(raw.choices[0].message.audio.data) == pcm
+
+
+def test_streaming_text_and_audio_matches_non_streaming(server, client):
+    kw = dict(model="qwen-omni-tiny", messages=[{"role": "user", "content": "Sing."}], max_tokens=8, seed=4,
+              modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "wav"})
+    whole = client.chat.completions.create(**kw, extra_body=SPEAK)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True},
+                                                 extra_body=SPEAK))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    kinds, text, audio = [], [], []
+    for c in chunks[1:]:
+        if not c.choices:
+            continue
+        d = c.choices[0].delta
+        if d.content:
+            kinds.append("text")
+            text.append(d.content)
+        a = d.audio or (d.model_extra or {}).get("audio")
+        if a is not None:
+            a = a if isinstance(a, dict) else a.model_dump()
+            kinds.append("audio")
+            audio.append(base64.b64decode(a["data"]))
+            assert a["id"] == f"audio_{c.id.removeprefix('chatcmpl-')}"
+    assert "".join(text) == whole.choices[0].message.content
+    assert b"".join(audio) == read_wav(base64.b64decode(whole.choices[0].message.audio.data))
+    assert "text" in kinds and "audio" in kinds  # in the order the backend produced them
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert len({c.id for c in chunks}) == 1
+
+    # on the wire: `data: {json}` events and a final `data: [DONE]`
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=120,
+                      headers={"Authorization": f"Bearer {KEY}"}, json={**kw, "stream": True, **SPEAK}) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in resp.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_vllm_omni_shaped_request(server, media_dir):
+    body = {
+        "model": "qwen-omni-tiny",
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]},
+            {"role": "user", "content": [
+                {"type": "audio_url", "audio_url": {"url": data_uri(media_dir / "speech.wav", "audio/wav")}},
+                {"type": "image_url", "image_url": {"url": data_uri(media_dir / "image.png", "image/png")}},
+                {"type": "video_url", "video_url": {"url": data_uri(media_dir / "clip.mp4", "video/mp4"),
+                                                    "num_frames": 4}},
+                {"type": "text", "text": "What do you see and hear?"}]}],
+        "sampling_params_list": [
+            {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 10, "seed": 42, "detokenize": True,
+             "repetition_penalty": 1.05, "stop_token_ids": [151645]},
+            {"temperature": 0.9, "top_p": 0.8, "top_k": 40, "max_tokens": 48, "seed": 42, "detokenize": True,
+             "repetition_penalty": 1.05, "stop_token_ids": [8294]},
+            {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 2048, "seed": 42, "detokenize": True,
+             "repetition_penalty": 1.1}],
+        "modalities": ["text", "audio"],
+        "mm_processor_kwargs": {"use_audio_in_video": True},
+    }
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    msg = r.json()["choices"][0]["message"]
+    assert msg["content"] and r.json()["usage"]["prompt_tokens"] > 100  # the media's tokens are in the prompt
+    pcm = read_wav(base64.b64decode(msg["audio"]["data"]))
+    assert len(pcm) > 0 and len(pcm) // 2 % SAMPLES_PER_CODE == 0
+
+
+# ---------------------------------------------------------------------------------------------------- client errors
+def _video_part(data: bytes):
+    return {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}}
+
+
+BAD = {
+    "bad base64": ({"messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "%%%not-base64%%%", "format": "wav"}}]}]},
+        400, "input_audio.data is not valid base64"),
+    "unsupported part": ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "x"}}]}]},
+                         400, "unsupported content part type 'file'"),
+    "corrupt video": ({"messages": [{"role": "user", "content": [_video_part(b"\x00\x00\x00\x18ftypmp42" + b"\x07"
+                                                                             * 500)]}]}, 400, "video"),
+    "unknown voice": ({"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"],
+                       "audio": {"voice": "alloy", "format": "wav"}}, 400,
+                      "unknown voice 'alloy'; valid voices: Chelsie, Ethan"),
+    "max_tokens too large": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400,
+                             "max_tokens=100000 is more than this server allows \\(512\\)"),
+    "wrong model": ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404,
+                    "The model `gpt-4o` does not exist"),
+    "no messages": ({"messages": []}, 400, "messages"),
+    "bad role": ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_client_errors_are_4xx_with_an_openai_body(server, client, case):
+    body, status, match = BAD[case]
+    r = post(server, {"model": "qwen-omni-tiny", "max_tokens": 4, **body})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert __import__("re").search(match, err["message"]), err
+    # the SDK maps it to its typed exception
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(**{"model": "qwen-omni-tiny", "max_tokens": 4, **body})
+    assert e.value.status_code == status
+    # and the server keeps serving
+    ok = client.chat.completions.create(model="qwen-omni-tiny", messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=2)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("case, param", [("unknown voice", "audio.voice"), ("bad base64",
+                                           "messages[0].content[0].input_audio.data"),
+                                           ("unsupported part", "messages[0].content"),
+                                           ("corrupt video", "messages[0].content[0]"), ("wrong model", "model")])
+def test_errors_name_the_param(server, case, param):
+    err = post(server, {"model": "qwen-omni-tiny", **BAD[case][0]}).json()["error"]
+    assert err["param"] == param
+    assert err["type"] == ("not_found_error" if case == "wrong model" else "invalid_request_error")
+
+
+def test_auth_and_body_limits(server, client):
+    body = {"model": "qwen-omni-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for key in (None, "wrong"):
+        r = post(server, body, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    assert httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+    big = {**body, "messages": [{"role": "user", "content": "x" * (5 * 2**20)}]}
+    r = post(server, big)
+    assert r.status_code == 413 and "more than the 4194304" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.get(f"{server.url}/v1/nope", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and "error" in r.json()
+    assert post(server, body).status_code == 200
+
+
+def test_metrics_after_requests(server, client):
+    before = metric_samples(server)
+    client.chat.completions.create(model="qwen-omni-tiny", messages=[{"role": "user", "content": "hey"}],
+                                   max_tokens=4, modalities=["text", "audio"], extra_body=SPEAK)
+    post(server, {"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+    after = metric_samples(server)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert delta("omni_requests_total", status="200") == 1 and delta("omni_requests_total", status="404") == 1
+    assert delta("omni_time_to_first_token_seconds_count") == 1
+    assert delta("omni_time_to_first_audio_seconds_count") == 1
+    assert delta("omni_request_latency_seconds_count") == 1
+    assert delta("omni_stage_latency_seconds_count", stage="end_to_end") == 1
+    assert delta("omni_audio_output_seconds_total") > 0 and delta("omni_completion_tokens_total") >= 1
+    assert after[("omni_requests_in_flight", ())] == 0 and after[("omni_requests_waiting", ())] == 0
+
+
+# ---------------------------------------------------------------------------------------------------- failure modes
+class GatedBackend:
+    """Emits one real TextDelta, then waits for `release` (a threading.Event) and finishes, or fails when `fail`.
+    Records when its stream is closed (cancellation reached the backend)."""
+    model_name, voices, max_model_len = "gated", ["Chelsie"], 1024
+
+    def __init__(self):
+        self.release, self.closed = threading.Event(), threading.Event()
+        self.fail_before, self.fail_after = None, False
+
+    def validate(self, request):
+        if request.voice not in self.voices:
+            raise InvalidRequest(f"unknown voice {request.voice!r}", "audio.voice")
+
+    async def stream(self, request):
+        try:
+            if self.fail_before:
+                raise self.fail_before
+            yield TextDelta("Hi", [1])
+            while not self.release.is_set():
+                await asyncio.sleep(0.01)
+            if self.fail_after:
+                raise RuntimeError("replica died mid-stream")
+            yield TextDelta(" there", [2])
+            yield Finished("stop", prompt_tokens=3, completion_tokens=2)
+        finally:
+            self.closed.set()
+
+
+@pytest.fixture()
+def gated():
+    backend = GatedBackend()
+    with Server(build_fastapi(backend, ServerSettings(max_concurrent_requests=1))) as s:
+        yield s, backend
+
+
+def _body(stream):
+    return {"model": "gated", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+
+
+def test_over_the_concurrency_limit_is_503_then_serves_again(gated):
+    server, backend = gated
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=_body(True), timeout=30) as first:
+        lines = first.iter_lines()
+        assert next(lines).startswith("data: ")  # admitted and streaming
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=_body(False), timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+        backend.release.set()
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=_body(False), timeout=30).json()[
+        "choices"][0]["message"]["content"] == "Hi there"
+
+
+def test_error_after_the_stream_started_is_an_sse_error_then_done(gated):
+    server, backend = gated
+    backend.fail_after = True
+    backend.release.set()
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=_body(True), timeout=30) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and events[-1] == "data: [DONE]"
+    err = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert "replica died mid-stream" in err["message"] and err["type"] == "server_error"
+    sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.APIError, match="replica died mid-stream"):
+        list(sdk.chat.completions.create(model="gated", messages=[{"role": "user", "content": "hi"}], stream=True))
+
+
+@pytest.mark.parametrize("exc, status", [(RuntimeError("backend exploded"), 500),
+                                         (InvalidRequest("prompt is too long", "messages"), 400)])
+def test_failure_before_the_first_event_gets_its_status(gated, exc, status):
+    server, backend = gated
+    backend.fail_before = exc
+    for stream in (False, True):  # a stream is not started before the first event: the status is still free
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=_body(stream), timeout=30)
+        assert r.status_code == status and str(exc) in r.json()["error"]["message"]
+        assert r.headers["content-type"] == "application/json"
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_closes_the_backend_stream(gated, stream):
+    server, backend = gated
+    if stream:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=_body(True), timeout=30) as r:
+            assert next(r.iter_lines()).startswith("data: ")
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/chat/completions", json=_body(False), timeout=0.5)
+    assert backend.closed.wait(10), "the backend stream was not closed after the client left"
+    backend.closed.clear()
+    backend.release.set()  # the slot was freed: the next request is admitted
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=_body(False), timeout=30)
+    assert r.status_code == 200
+    text = httpx.get(f"{server.url}/metrics").text
+    assert "omni_requests_cancelled_total 1.0" in text and "omni_requests_in_flight 0.0" in text
+
+
+def test_encoder_batch_hook_shows_in_metrics(gated):
+    server, _ = gated
+    app = server.server.config.app
+    app.state.metrics.observe_encoder_batch("vision", 3)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in
+               text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text) for s in fam.samples}
+    assert samples[("omni_encoder_batch_size_bucket", (("kind", "vision"), ("le", "4.0")))] == 1
+    assert samples[("omni_encoder_batch_size_bucket", (("kind", "vision"), ("le", "2.0")))] == 0
