@@ -213,6 +213,7 @@ class Finished:
     codec_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)  # generated text ids (EOS included when generated)
     codec_ids: list[int] = field(default_factory=list)  # generated codec ids (stop code included when generated)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # per-stage latency of this request
 
 
 Event = Union[TextDelta, AudioChunk, Finished]

@@ -33,6 +33,8 @@ def server_settings(cfg: ServeConfig, served_model_name: Optional[str], api_key:
 
     return ServerSettings(served_model_name=served_model_name, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
                           max_tokens=cfg.max_tokens, max_concurrent_requests=cfg.max_concurrent_requests,
+                          default_max_tokens=cfg.default_max_tokens,
+                          default_speech_tokens=cfg.default_speech_tokens,
                           media_limits=MediaLimits(**cfg.media),
                           media_policy=MediaPolicy(allowed_local_media_path=allowed_local_media_path),
                           allowed_local_media_path=allowed_local_media_path)

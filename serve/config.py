@@ -44,6 +44,8 @@ class ServeConfig(BaseModel):
     max_model_len: int = 32768  # prompt + max_tokens at most
     max_tokens: Optional[int] = 4096  # per-request max_tokens limit (400 past it)
     max_concurrent_requests: int = 64  # per ingress replica; 503 past it
+    default_max_tokens: int = 256  # text tokens when a request does not say
+    default_speech_tokens: int = 2048  # codec tokens (50 per second of speech) when a request does not say
     max_body_bytes: int = 100 * 2**20  # 413 past it
     talker_emit_every: int = 4  # codec ids per Talker -> vocoder hand-off
     vocoder: dict[str, Any] = Field(default_factory=dict)  # VocoderConfig fields (chunk schedule, context)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import AsyncIterator, Optional
 
 import torch
@@ -189,6 +190,7 @@ class RayBackend:
 
     async def stream(self, request: ChatRequest) -> AsyncIterator:
         self.validate(request)
+        t0 = time.perf_counter()
         try:
             prompt = await asyncio.to_thread(prepare_prompt, self.processor, request)
         except InvalidRequest:
@@ -200,7 +202,9 @@ class RayBackend:
             raise InvalidRequest(f"prompt ({n} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds the "
                                  f"model's context of {self.max_model_len} tokens", "max_tokens",
                                  "context_length_exceeded")
+        t1 = time.perf_counter()
         media = await self._encode(prompt)
+        stages = {"prepare": t1 - t0, "encode": time.perf_counter() - t1}
         if request.speak:
             gen = self.vocoder.options(stream=True).generate.remote(
                 request.request_id, prompt, media, request.sampling, request.voice, request.talker_sampling,
@@ -209,7 +213,7 @@ class RayBackend:
             gen = self.thinker.options(stream=True).generate.remote(request.request_id, prompt, media,
                                                                     request.sampling, False)
         try:
-            async for event in finish(gen, prompt_tokens=n):
+            async for event in finish(gen, prompt_tokens=n, stage_seconds=stages):
                 yield event
         finally:
             gen.cancel()

@@ -57,6 +57,7 @@ class ServerSettings:
     max_body_bytes: int = 100 * 2**20  # request bodies past this get 413 (base64 media counted as sent)
     max_tokens: Optional[int] = None  # per-request max_tokens limit (400 past it); None: backend.max_model_len
     default_max_tokens: int = 256  # when a request gives no max_tokens (never above the limit)
+    default_speech_tokens: int = 2048  # the Talker's max codec tokens unless sampling_params_list[1] sets them
     max_concurrent_requests: int = 64  # chat completions in flight per app (replica); 503 past it
     media_limits: Optional[object] = None  # omni.encoders.media.MediaLimits; None: its defaults
     media_policy: Optional[object] = None  # omni.encoders.media.MediaPolicy; None: its defaults
@@ -349,6 +350,7 @@ def build_fastapi(backend: Union[Backend, Callable[[], Backend]], settings: Serv
                 raise HTTPError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
             opts = ConvertOptions(max_tokens_limit=min(settings.max_tokens or b.max_model_len, b.max_model_len),
                                   default_max_tokens=settings.default_max_tokens,
+                                  default_speech_tokens=settings.default_speech_tokens,
                                   media_limits=settings.media_limits, media_policy=settings.media_policy,
                                   allowed_local_media_path=settings.allowed_local_media_path,
                                   voices=tuple(b.voices))

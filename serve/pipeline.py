@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
@@ -119,32 +120,43 @@ class Pipeline:
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Event]:
         self.validate(request)
+        t0 = time.perf_counter()
         prompt = await self.prepare(request)
+        t1 = time.perf_counter()
         media = await asyncio.to_thread(encode_prompt, prompt, self.vision, self.audio)
+        stages = {"prepare": t1 - t0, "encode": time.perf_counter() - t1}
         items = self.thinker.generate(request.request_id, prompt, media, request.sampling, for_talker=request.speak)
         if request.speak:
             items = talker_stream(self.talker, items, request.request_id, request.voice, request.talker_sampling)
             items = vocoder_stream(self.vocoder_loop, items, request.voice, vocoder_seed(request),
                                    max_codes=request.talker_sampling.max_tokens)
-        async for event in finish(items, prompt_tokens=int(prompt.input_ids.shape[0])):
+        async for event in finish(items, prompt_tokens=int(prompt.input_ids.shape[0]), stage_seconds=stages):
             yield event
 
     async def run(self, request: ChatRequest) -> ChatResult:
         return await collect(self.stream(request))
 
 
-async def finish(items: AsyncIterator, prompt_tokens: int) -> AsyncIterator[Event]:
-    """Pass TextDelta / AudioChunk through; turn the stages' done-markers into one final Finished event."""
+async def finish(items: AsyncIterator, prompt_tokens: int,
+                 stage_seconds: Optional[dict] = None) -> AsyncIterator[Event]:
+    """Pass TextDelta / AudioChunk through; turn the stages' done-markers into one final Finished event, with the
+    seconds each generating stage took for this request (from the start of generation to its last output)."""
     thinker_done: Optional[ThinkerDone] = None
     talker_done: Optional[TalkerDone] = None
+    stages = dict(stage_seconds or {})
+    t0 = time.perf_counter()
     try:
         async for item in items:
             if isinstance(item, (TextDelta, AudioChunk)):
+                if isinstance(item, AudioChunk):
+                    stages["vocoder"] = time.perf_counter() - t0
                 yield item
             elif isinstance(item, ThinkerDone):
                 thinker_done = item
+                stages["thinker"] = time.perf_counter() - t0
             elif isinstance(item, TalkerDone):
                 talker_done = item
+                stages["talker"] = time.perf_counter() - t0
     finally:
         aclose = getattr(items, "aclose", None)  # async generators; Ray's handle generators are cancelled by the caller
         if aclose is not None:
@@ -152,7 +164,7 @@ async def finish(items: AsyncIterator, prompt_tokens: int) -> AsyncIterator[Even
     reason = thinker_done.finished.finish_reason
     yield Finished(reason, prompt_tokens, len(thinker_done.token_ids),
                    len(talker_done.codes) if talker_done else 0, token_ids=thinker_done.token_ids,
-                   codec_ids=talker_done.codes if talker_done else [])
+                   codec_ids=talker_done.codes if talker_done else [], stage_seconds=stages)
 
 
 async def collect(events: AsyncIterator[Event]) -> ChatResult:

@@ -1,5 +1,6 @@
 """The OpenAI wire format without a server: request parsing, conversion to ChatRequest (real media through
 omni.encoders.media), sampling resolution, response / chunk building from real events, PCM16 / WAV bytes."""
+import dataclasses
 import base64
 import io
 import json
@@ -55,7 +56,8 @@ def test_sampling_top_level_then_sampling_params_list():
     opts = ConvertOptions(max_tokens_limit=1000, default_max_tokens=77)
     thinker, talker, voc = resolve_sampling(req(), opts)
     assert thinker.max_tokens == 77 and thinker.greedy and thinker.seed is None
-    assert talker == TALKER_DEFAULT_SAMPLING and voc is None
+    assert talker == dataclasses.replace(TALKER_DEFAULT_SAMPLING, max_tokens=opts.default_speech_tokens) and voc is None
+    assert resolve_sampling(req(), ConvertOptions(default_speech_tokens=99))[1].max_tokens == 99
 
     r = req(temperature=0.7, top_p=0.9, top_k=-1, seed=5, max_tokens=10, max_completion_tokens=12,
             repetition_penalty=1.1, stop_token_ids=[7],
