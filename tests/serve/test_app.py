@@ -1,0 +1,235 @@
+"""The Ray Serve app on the tiny checkpoint, with the official `openai` SDK as its client: one app for the module
+(Ray with 2 CPUs, fractional CPUs per replica from configs/serve/tiny.yaml), shut down after."""
+import base64
+import concurrent.futures
+import io
+import json
+import re
+import socket
+import time
+import wave
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+QWEN_SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+               "auditory and visual inputs, as well as generating text and speech.")
+SPEECH = {"sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 40}]}  # greedy, bounded Talker
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    import ray
+    from ray import serve
+
+    from omni.serve.app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": "tiny", "config": "tiny", "api_key": "sk-test"}), name="omni", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="sk-test", timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def uris(media_dir):
+    def uri(name, mime):
+        return f"data:{mime};base64," + base64.b64encode((media_dir / name).read_bytes()).decode()
+
+    return {"image": uri("image.png", "image/png"), "audio": uri("speech.wav", "audio/wav"),
+            "video": uri("clip.mp4", "video/mp4"),
+            "audio_b64": base64.b64encode((media_dir / "speech.wav").read_bytes()).decode()}
+
+
+def _delta_audio(delta) -> dict:
+    """delta.audio as a dict, whether this SDK version declares the field or keeps it as an extra."""
+    return delta.model_dump().get("audio") or {}
+
+
+def _wav(data: bytes):
+    with wave.open(io.BytesIO(data)) as w:
+        return w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+
+
+def test_text_equals_reference(client, tiny):
+    from omni.reference import reference_generate
+    from omni.types import ChatRequest, Message, SamplingParams
+
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello, how are you?"}],
+                                       max_tokens=16, temperature=0)
+    ref = reference_generate(tiny, ChatRequest([Message("user", "Hello, how are you?")],
+                                               sampling=SamplingParams(max_tokens=16)))
+    assert r.choices[0].message.content == ref.text
+    assert r.usage.completion_tokens == len(ref.token_ids)
+    assert r.usage.prompt_tokens == len(ref.prompt_ids)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_text_and_speech_non_streaming(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say hello."}],
+                                       max_tokens=8, modalities=["text", "audio"],
+                                       audio={"voice": "Ethan", "format": "wav"}, extra_body=SPEECH)
+    audio = r.choices[0].message.audio
+    assert audio.transcript == r.choices[0].message.content
+    rate, channels, width, frames = _wav(base64.b64decode(audio.data))
+    assert (rate, channels, width) == (24000, 1, 2)
+    assert frames > 0 and frames % 480 == 0 and frames <= 40 * 480
+
+
+def test_streaming_text_and_speech_with_media(client, uris):
+    stream = client.chat.completions.create(
+        model="tiny", stream=True, max_tokens=24, modalities=["text", "audio"], audio={"voice": "Chelsie", "format":
+                                                                                        "pcm16"},
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uris["image"]}},
+            {"type": "input_audio", "input_audio": {"data": uris["audio_b64"], "format": "wav"}},
+            {"type": "video_url", "video_url": {"url": uris["video"]}},
+            {"type": "text", "text": "What do you see and hear?"}]}],
+        stream_options={"include_usage": True}, extra_body=SPEECH)
+    text, pcm, usage, finish = [], [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            if ch.delta.content:
+                text.append(ch.delta.content)
+            audio = _delta_audio(ch.delta)
+            if audio.get("data"):
+                pcm.append(base64.b64decode(audio["data"]))
+            finish = ch.finish_reason or finish
+    assert text and pcm and finish in ("stop", "length")
+    n = sum(len(b) for b in pcm) // 2  # PCM16 mono
+    assert n > 0 and n % 480 == 0
+    assert usage.completion_tokens == 24 and usage.prompt_tokens > 100  # image + audio + video placeholders
+
+
+def test_vllm_omni_shaped_request(server, uris):
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "system", "content": [{"type": "text", "text": QWEN_SYSTEM}]},
+                     {"role": "user", "content": [
+                         {"type": "audio_url", "audio_url": {"url": uris["audio"]}},
+                         {"type": "image_url", "image_url": {"url": uris["image"]}},
+                         {"type": "video_url", "video_url": {"url": uris["video"], "num_frames": 4}},
+                         {"type": "text", "text": "What is recited in the audio? What is in the image and video?"}]}],
+        "sampling_params_list": [{"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 12, "seed": 42,
+                                  "repetition_penalty": 1.0, "detokenize": True},
+                                 {"temperature": 0.9, "top_p": 0.8, "top_k": 40, "max_tokens": 48, "seed": 42,
+                                  "repetition_penalty": 1.05, "stop_token_ids": [8294]},
+                                 {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 2048, "seed": 42,
+                                  "repetition_penalty": 1.1}],
+        "modalities": ["text", "audio"],
+        "mm_processor_kwargs": {"use_audio_in_video": True},
+    }
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-test"},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"]
+    assert _wav(base64.b64decode(choice["message"]["audio"]["data"]))[0] == 24000
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "%%%not-base64",
+                                                                                         "format": "wav"}}]}]},
+     400, None),
+    ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "x"}}]}]}, 400, None),
+    ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {
+        "url": "data:video/mp4;base64," + base64.b64encode(b"\x00\x00\x00\x18ftypmp42 garbage" * 20).decode()}}]}]},
+     400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"], "audio": {"voice": "Bob"}},
+     400, "audio.voice"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400, "max_tokens"),
+    ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+])
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(server, body, status, param):
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-test"},
+                   timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if param:
+        assert err["param"] == param
+    if "voice" in json.dumps(body):
+        assert "Chelsie" in err["message"] and "Ethan" in err["message"]
+    ok = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": "Bearer sk-test"}, timeout=60,
+                    json={"messages": [{"role": "user", "content": "still there?"}], "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_api_key_required_but_not_for_health(server):
+    assert httpx.get(f"{server}/health").status_code == 200
+    r = httpx.get(f"{server}/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["message"]
+
+
+def test_concurrent_streams_complete_and_encoder_batches(client, server, uris):
+    """8 concurrent streaming requests, each with an image: all complete, and the vision encoder ran batches > 1."""
+    def one(i):
+        stream = client.chat.completions.create(
+            model="tiny", stream=True, max_tokens=6 + i, modalities=["text", "audio"] if i % 2 else ["text"],
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uris["image"]}},
+                                                   {"type": "text", "text": f"Request {i}: describe."}]}],
+            extra_body=SPEECH)
+        kinds = set()
+        for chunk in stream:
+            for ch in chunk.choices:
+                if ch.delta.content:
+                    kinds.add("text")
+                if _delta_audio(ch.delta):
+                    kinds.add("audio")
+                if ch.finish_reason:
+                    kinds.add("finish")
+        return kinds
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    for i, kinds in enumerate(results):
+        assert "finish" in kinds and "text" in kinds
+        assert ("audio" in kinds) == bool(i % 2)
+    metrics = httpx.get(f"{server}/metrics", headers={"Authorization": "Bearer sk-test"}).text
+    ones = float(re.search(r'omni_encoder_batch_size_bucket\{kind="vision",le="1.0"\} (\S+)', metrics).group(1))
+    total = float(re.search(r'omni_encoder_batch_size_count\{kind="vision"\} (\S+)', metrics).group(1))
+    assert total >= 8 and ones < total, "no vision encoder batch larger than 1 formed"
+    assert 'omni_time_to_first_audio_seconds_count' in metrics
+    assert re.search(r'omni_stage_latency_seconds_count\{stage="thinker"\} [1-9]', metrics)
+
+
+def test_client_disconnect_cancels_in_every_stage(server):
+    from ray import serve
+
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 3000, "stream": True,
+            "modalities": ["text", "audio"], "sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 4000}]}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": "Bearer sk-test"}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if '"audio"' in line and '"data"' in line:
+                break  # first audio delta: the client goes away mid-stream
+    thinker = serve.get_deployment_handle("Thinker", app_name="omni")
+    talker = serve.get_deployment_handle("Talker", app_name="omni")
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        th, tk = thinker.stats.remote().result(), talker.stats.remote().result()
+        if th["running"] == 0 and tk["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert th["running"] == 0 and tk["running"] == 0, (th, tk)
+    assert th["steps"] < 3000  # it stopped long before max_tokens
