@@ -15,7 +15,7 @@ from omni.tiny import PRESETS, build_checkpoint
 
 __all__ = ["LoadedModel", "resolve_model", "load_model", "list_voices", "cache_dir", "RECIPE_VERSION"]
 
-RECIPE_VERSION = 1  # bump when tiny.py changes what it writes: the cached copies are rebuilt
+RECIPE_VERSION = 2  # bump when tiny.py changes what it writes: the cached copies are rebuilt
 
 
 def cache_dir() -> Path:

@@ -195,8 +195,10 @@ class Engine:
 
     def can_progress(self) -> bool:
         """True if a step would do something: a prefill, a decode, or dropping a cancelled request."""
-        if any(s.cancelled or s.ready_to_prefill() for s in self._pending):
-            return len(self._rows) < self.config.max_num_seqs or any(s.cancelled for s in self._pending)
+        if any(s.cancelled for s in self._pending):
+            return True
+        if len(self._rows) < self.config.max_num_seqs and any(s.ready_to_prefill() for s in self._pending):
+            return True
         return any(s.cancelled or s.finished or s.has_input() for s in self._rows)
 
     @torch.inference_mode()

@@ -66,6 +66,7 @@ class ThinkerSequence(Sequence):
         self.detok = Detokenizer(thinker.tokenizer)
         self.history = prompt.input_ids[None].to(thinker.device)  # [1, L + n]: what the repetition penalty sees
         self.tokens: list[int] = []
+        self._held: list[int] = []  # tokens whose text has not been released yet
         self.finish_reason = "length"
 
     # -------------------------------------------------------------------------------------------- engine hooks
@@ -132,8 +133,10 @@ class ThinkerSequence(Sequence):
         text = self.detok.push(token)
         if last:
             text += self.detok.flush()
+        self._held.append(token)
         if text:
-            self.outbox.append(TextDelta(text, [token]))
+            self.outbox.append(TextDelta(text, self._held))
+            self._held = []
         if last:
             if self.for_talker:
                 self.outbox.append(ThinkerToTalker(len(self.tokens) - 1, token, None, last=True))

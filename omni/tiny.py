@@ -38,7 +38,9 @@ SPECIALS = [
 TOKEN_IDS = {tok: BPE_SIZE + i for i, tok in enumerate(SPECIALS)}
 TTS_TEXT_PAD, TTS_TEXT_START, TTS_TEXT_END = 400, 401, 402
 SPEAKER_BOS = {"Chelsie": 410, "Ethan": 411}
-TEXT_VOCAB = 512  # >= every id above
+TEXT_VOCAB = 512  # >= every id above; ids 398.. are plain words (WORDS), so every id the model emits is visible
+_SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "te", "vo", "zu", "pi", "da"]
+WORDS = [f" {a}{b}" for a in _SYLLABLES for b in _SYLLABLES][: TEXT_VOCAB - BPE_SIZE - len(SPECIALS)]
 CODEC_VOCAB = 8448  # the real talker vocabulary: keeps codec ids 8292 (pad/eos), 8293 (bos), 8294 (end), 8296 (mask)
 
 CORPUS = [
@@ -181,8 +183,10 @@ def build_tokenizer():
         model_max_length=32768, padding_side="left", errors="replace", clean_up_tokenization_spaces=False,
     )
     tok.add_special_tokens({"extra_special_tokens": SPECIALS[1:]}, replace_extra_special_tokens=False)
+    tok.add_tokens(WORDS)  # 398 .. 511: a random model may emit any id; let each decode to visible text
     for s, i in TOKEN_IDS.items():
         assert tok.convert_tokens_to_ids(s) == i, (s, i)
+    assert len(tok) == TEXT_VOCAB, len(tok)
     return tok
 
 

@@ -157,6 +157,14 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks against the official transformers path")
     p.add_argument("--model", default="tiny")
     p.add_argument("--out", default="out/bench")
+    p.add_argument("--concurrency", default=None, help="comma-separated levels (default 1,4,16)")
+    p.add_argument("--requests", type=int, default=None, help="requests per level at least (default 2)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=None, help="text tokens per reply (default 32)")
+    p.add_argument("--speech-tokens", dest="speech_tokens", type=int, default=None, help="codec tokens (default 64)")
+    p.add_argument("--inputs", default=None, help="media per request: image,audio,video (default image)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true", help="smoke run: c=1,2, 2 requests, few tokens")
+    p.add_argument("--no-plot", dest="no_plot", action="store_true")
     p.set_defaults(func=_cmd_bench)
     return ap
 

@@ -1,0 +1,111 @@
+"""The decode engine and the Thinker on it: batched rows equal solo rows, requests join mid-run, sampling with a
+per-request generator equals the official sampled generate, stop ids and max tokens."""
+import asyncio
+
+import pytest
+import torch
+
+from omni.engine import EngineConfig
+from omni.prompt import prepare_prompt
+from omni.thinker import Thinker, ThinkerDone
+from omni.types import ChatRequest, MediaEmbeddings, Message, SamplingParams, TextDelta
+
+PROMPTS = ["Hello, how are you today?", "What is shown in the image?", "Describe the audio clip and the video.",
+           "Über naïve café 你好"]
+
+
+def _prompt(tiny, text):
+    return prepare_prompt(tiny.processor, ChatRequest([Message("user", text)]))
+
+
+def _official(tiny, text, sampling: SamplingParams, seed=0):
+    x = tiny.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": text}]}], add_generation_prompt=True, tokenize=False)
+    inputs = tiny.processor(text=[x], return_tensors="pt")
+    kw = dict(max_new_tokens=sampling.max_tokens, do_sample=not sampling.greedy)
+    if not sampling.greedy:
+        kw.update(temperature=sampling.temperature, top_k=max(sampling.top_k, 0), top_p=sampling.top_p)
+    if sampling.repetition_penalty != 1.0:
+        kw["repetition_penalty"] = sampling.repetition_penalty
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = tiny.model.thinker.generate(**inputs, **kw)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+async def _generate(thinker, prompt, sampling, delay=0.0):
+    await asyncio.sleep(delay)
+    ids, text = None, ""
+    async for ev in thinker.generate("r", prompt, MediaEmbeddings(), sampling):
+        if isinstance(ev, TextDelta):
+            text += ev.text
+        elif isinstance(ev, ThinkerDone):
+            ids = ev.token_ids
+    return ids, text
+
+
+@pytest.fixture(scope="module")
+def thinker(tiny):
+    return Thinker(tiny.model.thinker, tiny.processor.tokenizer, EngineConfig(max_num_seqs=3))
+
+
+def test_batched_and_joining_rows_equal_official(tiny, thinker):
+    samplings = [SamplingParams(max_tokens=n) for n in (9, 20, 14, 5)]
+    samplings[1] = SamplingParams(max_tokens=20, repetition_penalty=1.3)
+
+    async def go():  # staggered arrivals; max_num_seqs=3 makes the 4th wait for a free slot
+        return await asyncio.gather(*[_generate(thinker, _prompt(tiny, p), s, delay=0.01 * i)
+                                      for i, (p, s) in enumerate(zip(PROMPTS, samplings))])
+
+    steps0 = thinker.engine.num_steps
+    results = asyncio.run(go())
+    for (ids, text), p, s in zip(results, PROMPTS, samplings):
+        ref = _official(tiny, p, s)
+        assert ids == ref
+        assert text == tiny.processor.tokenizer.decode(ref, skip_special_tokens=True)
+    assert thinker.engine.num_steps - steps0 < sum(s.max_tokens for s in samplings)
+    assert thinker.engine.max_rows_seen == 3 and thinker.engine.num_running == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_seeded_sampling_equals_official(tiny, thinker, seed):
+    """Text-only: the official sampled generate draws from the global RNG seeded with `seed`; our request's own
+    generator with the same seed draws the same numbers, also when batched with another request."""
+    s = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, max_tokens=12, seed=seed)
+    other = SamplingParams(temperature=1.3, max_tokens=12, seed=99)
+
+    async def go():
+        return await asyncio.gather(_generate(thinker, _prompt(tiny, PROMPTS[0]), s),
+                                    _generate(thinker, _prompt(tiny, PROMPTS[1]), other))
+
+    (ids, _), _ = asyncio.run(go())
+    assert ids == _official(tiny, PROMPTS[0], s, seed=seed)
+
+
+def test_stop_token_ids_end_generation(tiny, thinker):
+    full, _ = asyncio.run(_generate(thinker, _prompt(tiny, PROMPTS[0]), SamplingParams(max_tokens=12)))
+    stop = full[4]
+    k = full.index(stop)
+    ids, _ = asyncio.run(_generate(thinker, _prompt(tiny, PROMPTS[0]),
+                                   SamplingParams(max_tokens=12, stop_token_ids=(stop,))))
+    assert ids == full[:k + 1]  # the stop id is kept, as with EOS
+
+
+def test_context_limit(tiny):
+    from omni.types import InvalidRequest
+
+    small = Thinker(tiny.model.thinker, tiny.processor.tokenizer, max_model_len=64)
+    with pytest.raises(InvalidRequest, match="exceeds the model's context of 64"):
+        small.generate("r", _prompt(tiny, PROMPTS[0]), MediaEmbeddings(), SamplingParams(max_tokens=40))
+
+
+def test_cache_compaction_keeps_rows_exact(tiny):
+    """A tiny dead-column threshold compacts the batched cache nearly every step; tokens stay exact."""
+    th = Thinker(tiny.model.thinker, tiny.processor.tokenizer, EngineConfig(max_dead_columns=1))
+
+    async def go():
+        return await asyncio.gather(*[_generate(th, _prompt(tiny, p), SamplingParams(max_tokens=4 + 4 * i))
+                                      for i, p in enumerate(PROMPTS[:3])])
+
+    for (ids, _), p, n in zip(asyncio.run(go()), PROMPTS, (4, 8, 12)):
+        assert ids == _official(tiny, p, SamplingParams(max_tokens=n))
