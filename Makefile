@@ -31,7 +31,7 @@ venv: $(BIN)/python
 run: setup
 	mkdir -p out
 	$(BIN)/omni chat --model tiny --image assets/samples/image.png --audio assets/samples/speech.wav \
-	  --video assets/samples/clip.mp4 --max-tokens 24 --speak out/answer.wav "What do you see and hear?"
+	  --video assets/samples/clip.mp4 --max-tokens 24 --max-speech-tokens 200 --speak out/answer.wav "What do you see and hear?"
 
 serve: setup
 	$(BIN)/omni serve --model tiny

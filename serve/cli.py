@@ -60,14 +60,14 @@ def _cmd_chat(args) -> int:
     from omni.serve.pipeline import Pipeline
     from omni.types import AudioChunk, Finished, InvalidRequest, TextDelta
 
-    t0 = time.time()
-    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    pipeline = Pipeline.from_pretrained(args.model, device=args.device)
     try:
-        request = build_chat_request(args)
+        request = build_chat_request(args)  # bad media fails here, before the model is loaded
     except InvalidRequest as exc:
         print(f"omni chat: {exc}", file=sys.stderr)
         return 2
+    t0 = time.time()
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    pipeline = Pipeline.from_pretrained(args.model, device=args.device)
     print(f"loaded in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
 
     async def go():

@@ -5,14 +5,19 @@ import concurrent.futures
 import io
 import json
 import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 import wave
+from pathlib import Path
 
 import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
 
 QWEN_SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
                "auditory and visual inputs, as well as generating text and speech.")
@@ -26,19 +31,31 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
+    """`omni serve` itself, in a subprocess (its own local Ray); this process connects to that Ray for handles."""
     import ray
-    from ray import serve
-
-    from omni.serve.app import build_app
 
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": "tiny", "config": "tiny", "api_key": "sk-test"}), name="omni", route_prefix="/")
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "omni.serve.cli", "serve", "--model", "tiny", "--config", "tiny",
+                             "--port", str(port), "--api-key", "sk-test"], stdout=log, stderr=subprocess.STDOUT,
+                            cwd=REPO)
+    deadline = time.time() + 420
+    while "ready in" not in log_path.read_text():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("omni serve did not start:\n" + log_path.read_text()[-4000:])
+        time.sleep(1)
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
     yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
     ray.shutdown()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +250,20 @@ def test_client_disconnect_cancels_in_every_stage(server):
         time.sleep(0.2)
     assert th["running"] == 0 and tk["running"] == 0, (th, tk)
     assert th["steps"] < 3000  # it stopped long before max_tokens
+
+
+def test_readme_sdk_example_runs_against_the_server(server):
+    """The README's OpenAI SDK example, as written, against `omni serve` (only its address and key changed)."""
+    readme = (REPO / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert 'base_url="http://127.0.0.1:8000/v1"' in code and 'api_key="unused"' in code
+    code = code.replace("http://127.0.0.1:8000", server).replace('api_key="unused"', 'api_key="sk-test"')
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"\d+\.\d\d s of speech", out.stdout)
+    assert float(re.search(r"(\d+\.\d\d) s of speech", out.stdout).group(1)) > 0
+    hello = REPO / "hello.wav"
+    try:
+        assert _wav(hello.read_bytes())[:3] == (24000, 1, 2)
+    finally:
+        hello.unlink(missing_ok=True)

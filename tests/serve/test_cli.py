@@ -1,0 +1,61 @@
+"""The `omni` command as a user runs it: make-tiny, and chat on the bundled sample media (the README's run command)."""
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def omni(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "omni.serve.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_make_tiny_writes_a_loadable_checkpoint(tmp_path):
+    out = omni("make-tiny", str(tmp_path / "ckpt"))
+    assert out.returncode == 0, out.stderr
+    from transformers import AutoProcessor, Qwen2_5OmniForConditionalGeneration
+
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    assert sorted(model.speaker_map) == ["Chelsie", "Ethan"]
+    assert type(AutoProcessor.from_pretrained(tmp_path / "ckpt")).__name__ == "Qwen2_5OmniProcessor"
+
+
+@pytest.mark.slow
+def test_chat_streams_text_and_writes_speech(tmp_path, tiny):
+    """`omni chat` with an image, audio and video prints the reply the reference path gives and writes a WAV."""
+    from omni.encoders.media import MediaPolicy, load_audio, load_image, load_video
+    from omni.reference import reference_generate
+    from omni.types import AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart, VideoPart
+
+    samples = REPO / "assets" / "samples"
+    wav = tmp_path / "answer.wav"
+    out = omni("chat", "--image", str(samples / "image.png"), "--audio", str(samples / "speech.wav"),
+               "--video", str(samples / "clip.mp4"), "--max-tokens", "12", "--max-speech-tokens", "60",
+               "--speak", str(wav), "What do you see and hear?")
+    assert out.returncode == 0, out.stderr[-3000:]
+    policy = MediaPolicy(allowed_local_media_path=str(samples))
+    req = ChatRequest([Message("user", [ImagePart(load_image(str(samples / "image.png"), policy)),
+                                        AudioPart(load_audio(str(samples / "speech.wav"), policy)),
+                                        VideoPart(load_video(str(samples / "clip.mp4"), policy, with_audio=False)),
+                                        TextPart("What do you see and hear?")])],
+                      sampling=SamplingParams(max_tokens=12))
+    assert out.stdout.rstrip("\n") == reference_generate(tiny, req).text
+    assert "12 tokens" in out.stderr and "wrote" in out.stderr
+    with wave.open(str(wav)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+        assert 0 < w.getnframes() <= 60 * 480
+
+
+def test_chat_reports_bad_input_clearly(tmp_path):
+    missing = omni("chat", "--image", str(tmp_path / "nope.png"), "hi")
+    assert missing.returncode != 0 and "no such file" in missing.stderr
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"definitely not a PNG")
+    out = omni("chat", "--image", str(bad), "hi")
+    assert out.returncode == 2 and "omni chat:" in out.stderr and "Traceback" not in out.stderr
+    voice = omni("chat", "--voice", "Nobody", "--speak", str(tmp_path / "x.wav"), "hi")
+    assert voice.returncode == 2 and "Chelsie, Ethan" in voice.stderr
