@@ -8,7 +8,7 @@ TalkerPrompt with P = h(p) + e(p) (e zeroed at media placeholders).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator
 
 import torch
 

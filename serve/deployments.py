@@ -10,22 +10,20 @@ Cancelling a stream (client gone) cancels the upstream call, which frees the req
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator
 
 import torch
 from ray import serve
 
 from omni.checkpoint import load_model, resolve_model
 from omni.engine import EngineConfig
-from omni.prompt import prepare_prompt
 from omni.talker import Talker
 from omni.thinker import Thinker
-from omni.types import AudioItem, ChatRequest, InvalidRequest, MediaEmbeddings, PreparedPrompt, VisionItem
+from omni.types import ChatRequest, MediaEmbeddings, PreparedPrompt
 from omni.serve.config import ServeConfig
-from omni.serve.pipeline import finish, vocoder_seed
+from omni.serve.pipeline import check_request, finish, prepare_checked, vocoder_seed
 from omni.serve.stages import VocoderLoop, talker_stream, vocoder_stream
 
 __all__ = ["VisionEncoderDeployment", "AudioEncoderDeployment", "ThinkerDeployment", "TalkerDeployment",
@@ -164,17 +162,7 @@ class RayBackend:
         self.metrics = None  # set by the ingress: the app's Metrics (encoder batch sizes)
 
     def validate(self, request: ChatRequest) -> None:
-        if not request.messages:
-            raise InvalidRequest("messages must not be empty", "messages")
-        request.sampling.validate("sampling")
-        if request.sampling.max_tokens > self.max_model_len:
-            raise InvalidRequest(f"max_tokens ({request.sampling.max_tokens}) exceeds the model's context of "
-                                 f"{self.max_model_len} tokens", "max_tokens", "context_length_exceeded")
-        if request.speak:
-            if request.voice not in self.voices:
-                raise InvalidRequest(f"unknown voice {request.voice!r}; valid voices: {', '.join(self.voices)}",
-                                     "audio.voice", "invalid_voice")
-            request.talker_sampling.validate("talker")
+        check_request(request, self.voices, self.max_model_len)
 
     async def _encode(self, prompt: PreparedPrompt) -> MediaEmbeddings:
         calls = ([("vision", self.vision.encode.remote(it)) for it in prompt.images + prompt.videos] +
@@ -191,17 +179,8 @@ class RayBackend:
     async def stream(self, request: ChatRequest) -> AsyncIterator:
         self.validate(request)
         t0 = time.perf_counter()
-        try:
-            prompt = await asyncio.to_thread(prepare_prompt, self.processor, request)
-        except InvalidRequest:
-            raise
-        except (ValueError, TypeError) as exc:
-            raise InvalidRequest(f"could not process the request's media: {exc}") from exc
+        prompt = await prepare_checked(self.processor, request, self.max_model_len)
         n = int(prompt.input_ids.shape[0])
-        if n + request.sampling.max_tokens > self.max_model_len:
-            raise InvalidRequest(f"prompt ({n} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds the "
-                                 f"model's context of {self.max_model_len} tokens", "max_tokens",
-                                 "context_length_exceeded")
         t1 = time.perf_counter()
         media = await self._encode(prompt)
         stages = {"prepare": t1 - t0, "encode": time.perf_counter() - t1}

@@ -33,7 +33,7 @@ from omni.decoders.token2wav import Token2Wav, VocoderConfig
 from omni.encoders import AudioEncoder, EncoderConfig, VisionEncoder, encode_prompt
 from omni.serve.stages import VocoderLoop, talker_stream, vocoder_stream
 
-__all__ = ["Pipeline", "PipelineConfig", "vocoder_seed"]
+__all__ = ["Pipeline", "PipelineConfig", "vocoder_seed", "check_request", "prepare_checked", "finish", "collect"]
 
 
 @dataclass(frozen=True)
@@ -95,28 +95,10 @@ class Pipeline:
         return self.config.max_model_len
 
     def validate(self, request: ChatRequest) -> None:
-        """Checks that need no model work; raises InvalidRequest."""
-        if not request.messages:
-            raise InvalidRequest("messages must not be empty", "messages")
-        request.sampling.validate("sampling")
-        if request.sampling.max_tokens > self.config.max_model_len:
-            raise InvalidRequest(f"max_tokens ({request.sampling.max_tokens}) exceeds the model's context of "
-                                 f"{self.config.max_model_len} tokens", "max_tokens", "context_length_exceeded")
-        if request.speak:
-            if not self.has_speech:
-                raise InvalidRequest("this model has no speech output (talker disabled)", "modalities")
-            self.talker.check_voice(request.voice)
-            request.talker_sampling.validate("talker")
+        check_request(request, self.voices, self.max_model_len)
 
     async def prepare(self, request: ChatRequest) -> PreparedPrompt:
-        try:
-            prompt = await asyncio.to_thread(prepare_prompt, self.processor, request)
-        except InvalidRequest:
-            raise
-        except (ValueError, TypeError) as exc:  # the processor rejects what it cannot read
-            raise InvalidRequest(f"could not process the request's media: {exc}") from exc
-        self.thinker.check(prompt, request.sampling)
-        return prompt
+        return await prepare_checked(self.processor, request, self.max_model_len)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Event]:
         self.validate(request)
@@ -135,6 +117,38 @@ class Pipeline:
 
     async def run(self, request: ChatRequest) -> ChatResult:
         return await collect(self.stream(request))
+
+
+def check_request(request: ChatRequest, voices: list[str], max_model_len: int) -> None:
+    """Checks that need no model work (shared by the in-process and the Ray backends); raises InvalidRequest."""
+    if not request.messages:
+        raise InvalidRequest("messages must not be empty", "messages")
+    request.sampling.validate("sampling")
+    if request.sampling.max_tokens > max_model_len:
+        raise InvalidRequest(f"max_tokens ({request.sampling.max_tokens}) exceeds the model's context of "
+                             f"{max_model_len} tokens", "max_tokens", "context_length_exceeded")
+    if request.speak:
+        if not voices:
+            raise InvalidRequest("this model has no speech output (talker disabled)", "modalities")
+        if request.voice not in voices:
+            raise InvalidRequest(f"unknown voice {request.voice!r}; valid voices: {', '.join(voices)}",
+                                 "audio.voice", "invalid_voice")
+        request.talker_sampling.validate("talker")
+
+
+async def prepare_checked(processor, request: ChatRequest, max_model_len: int) -> PreparedPrompt:
+    """The prompt (processor in a worker thread), with processor failures and context overflow as InvalidRequest."""
+    try:
+        prompt = await asyncio.to_thread(prepare_prompt, processor, request)
+    except InvalidRequest:
+        raise
+    except (ValueError, TypeError) as exc:  # the processor rejects what it cannot read
+        raise InvalidRequest(f"could not process the request's media: {exc}") from exc
+    n = int(prompt.input_ids.shape[0])
+    if n + request.sampling.max_tokens > max_model_len:
+        raise InvalidRequest(f"prompt ({n} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds the "
+                             f"model's context of {max_model_len} tokens", "max_tokens", "context_length_exceeded")
+    return prompt
 
 
 async def finish(items: AsyncIterator, prompt_tokens: int,

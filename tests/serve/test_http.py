@@ -11,7 +11,6 @@ import time
 import wave
 
 import httpx
-import numpy as np
 import openai
 import pytest
 import uvicorn

@@ -9,7 +9,7 @@ import pytest
 
 from omni.reference import reference_generate
 from omni.types import (AudioChunk, AudioPart, ChatRequest, Finished, ImagePart, InvalidRequest, Message,
-                        SamplingParams, TextDelta, TextPart, VideoPart)
+                        SamplingParams, TextPart, VideoPart)
 
 GREEDY_TALKER = SamplingParams(max_tokens=48)
 OFFLINE_TOL = 1e-4  # whole-utterance vocoder vs the reference waveform, max abs
