@@ -222,14 +222,19 @@ class Engine:
             if len(self._rows) >= self.config.max_num_seqs or not seq.ready_to_prefill():
                 waiting.append(seq)
                 continue
-            embeds, pos = seq.prefill_inputs()  # [L, H_in], [3, L]
-            L = embeds.shape[0]
-            cache = DynamicCache(config=self.model.config)
-            mask = torch.ones(1, L, dtype=torch.long, device=self.model.device)
-            hidden = self.model.forward(embeds[None], pos[:, None], mask, cache)  # [1, L, H]
-            seq.on_prefill(hidden, self.model.head(hidden))
-            self.num_prefills += 1
             touched.append(seq)
+            try:
+                embeds, pos = seq.prefill_inputs()  # [L, H_in], [3, L]
+                L = embeds.shape[0]
+                cache = DynamicCache(config=self.model.config)
+                mask = torch.ones(1, L, dtype=torch.long, device=self.model.device)
+                hidden = self.model.forward(embeds[None], pos[:, None], mask, cache)  # [1, L, H]
+                seq.on_prefill(hidden, self.model.head(hidden))
+            except Exception as exc:  # this request's inputs are bad: fail it alone, the batch goes on
+                seq.outbox.append(exc)
+                seq.finished = True
+                continue
+            self.num_prefills += 1
             if seq.finished:
                 continue
             self._kv.add(cache, L, self.model.device)

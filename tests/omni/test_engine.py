@@ -109,3 +109,21 @@ def test_cache_compaction_keeps_rows_exact(tiny):
 
     for (ids, _), p, n in zip(asyncio.run(go()), PROMPTS, (4, 8, 12)):
         assert ids == _official(tiny, p, SamplingParams(max_tokens=n))
+
+
+def test_a_failing_prefill_fails_only_its_request(tiny, thinker):
+    """A request whose media embeddings do not fit its placeholders gets an error; a concurrent one is unharmed."""
+    from omni.types import InvalidRequest
+
+    good = _prompt(tiny, PROMPTS[0])
+    bad = _prompt(tiny, PROMPTS[1])
+    bad.input_ids = torch.cat([bad.input_ids[:3], torch.tensor([396, 396]), bad.input_ids[3:]])  # 2 image slots
+
+    async def go():
+        return await asyncio.gather(_generate(thinker, good, SamplingParams(max_tokens=8)),
+                                    _generate(thinker, bad, SamplingParams(max_tokens=8)), return_exceptions=True)
+
+    ok, err = asyncio.run(go())
+    assert isinstance(err, InvalidRequest) and "placeholder" in str(err)
+    assert ok[0] == _official(tiny, PROMPTS[0], SamplingParams(max_tokens=8))
+    assert thinker.engine.num_running == 0
