@@ -113,7 +113,8 @@ def test_concurrent_requests_equal_solo_and_share_steps(pipeline, media):
     """8 different requests, some with speech, submitted together and staggered: each gets exactly its solo tokens,
     and the engines ran shared batched steps."""
     kinds = ["text", "image", "audio", "video", "video+audio", "all", "text", "audio"]
-    reqs = [make_request(media, k, speak=i % 2 == 0, max_tokens=6 + 3 * i) for i, k in enumerate(kinds)]
+    # long enough replies that requests overlap in the engines even when their media take different times to prepare
+    reqs = [make_request(media, k, speak=i % 2 == 0, max_tokens=24 + 4 * i) for i, k in enumerate(kinds)]
     reqs[6].messages[0].content[-1] = TextPart("A much longer question about the weather, the sea and the sky?")
     solo, solo_steps = [], []
     for r in reqs:
@@ -127,7 +128,7 @@ def test_concurrent_requests_equal_solo_and_share_steps(pipeline, media):
             return await pipeline.run(dataclasses.replace(r))
         return await asyncio.gather(*[one(i, r) for i, r in enumerate(reqs)])
 
-    for stagger in (0.0, 0.05):
+    for stagger, bound in ((0.0, 0.6), (0.05, 0.8)):
         t0, k0 = pipeline.thinker.engine.num_steps, pipeline.talker.engine.num_steps
         outs = run(together(stagger))
         steps = pipeline.thinker.engine.num_steps - t0 + pipeline.talker.engine.num_steps - k0
@@ -135,7 +136,7 @@ def test_concurrent_requests_equal_solo_and_share_steps(pipeline, media):
             assert b.token_ids == a.token_ids and b.codec_ids == a.codec_ids, r
             if a.waveform is not None:
                 assert snr_db(a.waveform, b.waveform) > 100  # batched vocoder calls: equal up to float noise
-        assert steps < 0.7 * sum(solo_steps), (steps, sum(solo_steps))
+        assert steps < bound * sum(solo_steps), (stagger, steps, sum(solo_steps))
     assert pipeline.thinker.engine.max_rows_seen >= 4
 
 
