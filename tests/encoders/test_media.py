@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from omni.encoders import media as m
+from omni.encoders import sources as src
 from omni.encoders.media import (MediaError, MediaLimits, MediaPolicy, load_audio, load_bytes, load_image,
                                  load_video, smart_resize)
 from omni.types import InvalidRequest, Video
@@ -330,12 +331,12 @@ def http_server(media):
 
 
 def _resolve_test_host(host, port):
-    return ["127.0.0.1"] if host == "media.test" else m._public_addresses(host, port)
+    return ["127.0.0.1"] if host == "media.test" else src._public_addresses(host, port)
 
 
 def test_http_download(http_server, media):
     policy, limits = MediaPolicy(allow_http=True, http_timeout_s=5), MediaLimits()
-    fetch = lambda url, lim=limits: m._fetch_http(url, policy, lim, resolve=_resolve_test_host)  # noqa: E731
+    fetch = lambda url, lim=limits: src._fetch_http(url, policy, lim, resolve=_resolve_test_host)  # noqa: E731
     assert fetch(f"{http_server}/image.png") == media["image.png"].read_bytes()
     assert fetch(f"{http_server}/redirect?to=/image.png") == media["image.png"].read_bytes()
     raises(lambda: fetch(f"{http_server}/image.png", MediaLimits(max_bytes=100)), 413, "max_bytes")
