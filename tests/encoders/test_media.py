@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from omni.encoders import media as m
 from omni.encoders import sources as src
 from omni.encoders.media import (MediaError, MediaLimits, MediaPolicy, load_audio, load_bytes, load_image,
                                  load_video, smart_resize)
