@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from omni.tiny import PRESETS, build_checkpoint
+from omni.types import SamplingParams
 
-__all__ = ["LoadedModel", "resolve_model", "load_model", "list_voices", "cache_dir", "RECIPE_VERSION"]
+__all__ = ["LoadedModel", "resolve_model", "load_model", "list_voices", "generation_defaults", "cache_dir", "RECIPE_VERSION"]
 
 RECIPE_VERSION = 2  # bump when tiny.py changes what it writes: the cached copies are rebuilt
 
@@ -73,6 +74,21 @@ def list_voices(model: str) -> list[str]:
 
         local = Path(hf_hub_download(path, "spk_dict.pt"))
     return sorted(torch.load(local, map_location="cpu", weights_only=True))
+
+
+def generation_defaults(model: str) -> SamplingParams:
+    """The Thinker's sampling defaults from the checkpoint's generation_config.json (greedy where it says nothing)."""
+    from transformers import GenerationConfig
+
+    try:
+        gc = GenerationConfig.from_pretrained(resolve_model(model))
+    except OSError:
+        return SamplingParams()
+    penalty = float(gc.repetition_penalty or 1.0)
+    if not gc.do_sample:
+        return SamplingParams(repetition_penalty=penalty)
+    return SamplingParams(temperature=float(gc.temperature or 1.0), top_p=float(gc.top_p or 1.0),
+                          top_k=int(gc.top_k) if gc.top_k else -1, repetition_penalty=penalty)
 
 
 def default_device() -> str:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from ray import serve
 from ray.serve import Application
 
-from omni.checkpoint import list_voices, resolve_model
+from omni.checkpoint import generation_defaults, list_voices, resolve_model
 from omni.serve.config import ServeConfig, load_serve_config
 from omni.serve.deployments import (AudioEncoderDeployment, Ingress, TalkerDeployment, ThinkerDeployment,
                                     VisionEncoderDeployment, VocoderDeployment)
@@ -27,13 +27,14 @@ __all__ = ["build_app", "run_server", "server_settings"]
 
 
 def server_settings(cfg: ServeConfig, served_model_name: Optional[str], api_key: Optional[str],
-                    allowed_local_media_path: Optional[str]):
+                    allowed_local_media_path: Optional[str], model: Optional[str] = None):
     from omni.encoders.media import MediaLimits, MediaPolicy
     from omni.serve.http import ServerSettings
 
     return ServerSettings(served_model_name=served_model_name, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
                           max_tokens=cfg.max_tokens, max_concurrent_requests=cfg.max_concurrent_requests,
                           default_max_tokens=cfg.default_max_tokens,
+                          default_sampling=generation_defaults(model or cfg.model),
                           default_speech_tokens=cfg.default_speech_tokens,
                           media_limits=MediaLimits(**cfg.media),
                           media_policy=MediaPolicy(allowed_local_media_path=allowed_local_media_path),
@@ -51,7 +52,8 @@ def build_app(args: dict[str, Any]) -> Application:
     model = args.get("model") or cfg.model
     resolve_model(model)  # build the tiny checkpoint once here, not in every replica at the same time
     served = args.get("served_model_name") or None
-    settings = server_settings(cfg, served, args.get("api_key") or None, args.get("allowed_local_media_path") or None)
+    settings = server_settings(cfg, served, args.get("api_key") or None, args.get("allowed_local_media_path") or None,
+                               model)
     vision = _deployment(VisionEncoderDeployment, cfg.vision_encoder, "VisionEncoder").bind(model, cfg)
     audio = _deployment(AudioEncoderDeployment, cfg.audio_encoder, "AudioEncoder").bind(model, cfg)
     thinker = _deployment(ThinkerDeployment, cfg.thinker, "Thinker").bind(model, cfg)

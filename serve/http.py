@@ -57,6 +57,7 @@ class ServerSettings:
     max_body_bytes: int = 100 * 2**20  # request bodies past this get 413 (base64 media counted as sent)
     max_tokens: Optional[int] = None  # per-request max_tokens limit (400 past it); None: backend.max_model_len
     default_max_tokens: int = 256  # when a request gives no max_tokens (never above the limit)
+    default_sampling: Optional[object] = None  # omni.types.SamplingParams: the Thinker's defaults; None: greedy
     default_speech_tokens: int = 2048  # the Talker's max codec tokens unless sampling_params_list[1] sets them
     max_concurrent_requests: int = 64  # chat completions in flight per app (replica); 503 past it
     media_limits: Optional[object] = None  # omni.encoders.media.MediaLimits; None: its defaults
@@ -351,6 +352,8 @@ def build_fastapi(backend: Union[Backend, Callable[[], Backend]], settings: Serv
             opts = ConvertOptions(max_tokens_limit=min(settings.max_tokens or b.max_model_len, b.max_model_len),
                                   default_max_tokens=settings.default_max_tokens,
                                   default_speech_tokens=settings.default_speech_tokens,
+                                  **({"default_sampling": settings.default_sampling}
+                                     if settings.default_sampling is not None else {}),
                                   media_limits=settings.media_limits, media_policy=settings.media_policy,
                                   allowed_local_media_path=settings.allowed_local_media_path,
                                   voices=tuple(b.voices))

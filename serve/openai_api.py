@@ -40,6 +40,8 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "repe
 class ConvertOptions:
     max_tokens_limit: int = 4096  # a request asking for more generated tokens gets a 400
     default_max_tokens: int = 256  # when the request gives neither max_tokens nor max_completion_tokens
+    default_sampling: SamplingParams = SamplingParams()  # the Thinker's when the request says nothing (the
+    #                                                     checkpoint's generation config; max_tokens is replaced)
     default_speech_tokens: int = 2048  # the Talker's max codec tokens (50 per second) unless sampling_params_list[1]
     media_limits: Optional[object] = None  # omni.encoders.media.MediaLimits; None: its defaults
     media_policy: Optional[object] = None  # omni.encoders.media.MediaPolicy; None: its defaults
@@ -65,7 +67,7 @@ def resolve_sampling(req: ChatCompletionRequest, opts: ConvertOptions
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
         repetition_penalty=req.repetition_penalty, stop_token_ids=req.stop_token_ids,
         max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
-    default = SamplingParams(max_tokens=min(opts.default_max_tokens, opts.max_tokens_limit))
+    default = replace(opts.default_sampling, max_tokens=min(opts.default_max_tokens, opts.max_tokens_limit))
     thinker = _override(_override(default, top), stages[0])
     talker = _override(replace(TALKER_DEFAULT_SAMPLING, seed=thinker.seed, max_tokens=opts.default_speech_tokens),
                        stages[1])

@@ -113,3 +113,19 @@ def test_small_preset_config():
     assert text["hidden_size"] >= 512 and text["num_hidden_layers"] >= 4
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     assert sum(text["rope_parameters"]["mrope_section"]) == head_dim // 2
+
+
+def test_generation_defaults_follow_the_checkpoint(tmp_path, tiny):
+    import shutil
+
+    from omni.checkpoint import generation_defaults
+    from omni.types import SamplingParams
+
+    assert generation_defaults(tiny.path) == SamplingParams()  # the tiny config says nothing: greedy
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny.path, ckpt)
+    cfg = json.loads((ckpt / "generation_config.json").read_text())
+    cfg.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    (ckpt / "generation_config.json").write_text(json.dumps(cfg))
+    d = generation_defaults(str(ckpt))
+    assert (d.temperature, d.top_p, d.top_k, d.repetition_penalty) == (0.7, 0.8, 20, 1.05)

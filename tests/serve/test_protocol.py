@@ -222,3 +222,16 @@ def test_stream_without_finished_is_an_error():
     comp.feed(TextDelta("a", [1]))
     with pytest.raises(RuntimeError, match="without a Finished event"):
         comp.final_chunks()
+
+
+def test_thinker_defaults_come_from_the_server_options():
+    from omni.serve.openai_api import ConvertOptions, resolve_sampling
+    from omni.serve.protocol import ChatCompletionRequest
+    from omni.types import SamplingParams
+
+    opts = ConvertOptions(default_sampling=SamplingParams(temperature=0.7, top_k=20), default_max_tokens=30)
+    r = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
+    thinker = resolve_sampling(r, opts)[0]
+    assert (thinker.temperature, thinker.top_k, thinker.max_tokens) == (0.7, 20, 30)
+    r = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.0)
+    assert resolve_sampling(r, opts)[0].greedy  # the request wins
