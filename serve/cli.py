@@ -171,6 +171,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers warns about the tiny checkpoint's unused default sub-config ids and a video-processor default that
+    # omni's own frame sampling already handles: noise for a terminal user
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = parser().parse_args(argv)
     return args.func(args) or 0
 
