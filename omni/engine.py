@@ -101,6 +101,14 @@ class Sequence:
     def cancel(self) -> None:
         self.cancelled = True
 
+    def append_token(self, token: int, generated: list[int]) -> tuple[bool, bool]:
+        """Record a sampled id (in `generated` and the repetition-penalty history `self.history` [1, n]);
+        -> (stop: a stop id, last: stop or `self.max_tokens` reached)."""
+        generated.append(token)
+        self.history = torch.cat([self.history, self.history.new_tensor([[token]])], dim=1)
+        stop = token in self.stop_ids
+        return stop, stop or len(generated) >= self.max_tokens
+
     def ready_to_prefill(self) -> bool:
         return True
 
@@ -188,6 +196,10 @@ class Engine:
     @property
     def num_running(self) -> int:
         return len(self._rows)
+
+    def stats(self) -> dict:
+        return {"steps": self.num_steps, "prefills": self.num_prefills, "running": self.num_running,
+                "max_rows": self.max_rows_seen}
 
     def waiting_rows(self) -> int:
         """Running rows that have no input yet (they would idle in this step)."""

@@ -118,10 +118,7 @@ class TalkerSequence(Sequence):
         self._accept(self.sampler(self.history, logits))
 
     def _accept(self, code: int) -> None:
-        self.codes.append(code)
-        self.history = torch.cat([self.history, self.history.new_tensor([[code]])], dim=1)
-        stop = code in self.stop_ids
-        last = stop or len(self.codes) >= self.max_tokens
+        stop, last = self.append_token(code, self.codes)
         if not stop:
             self._unsent += 1
         if self._unsent and (last or self._unsent >= self.emit_every):

@@ -126,10 +126,7 @@ class ThinkerSequence(Sequence):
 
     # -------------------------------------------------------------------------------------------- internals
     def _accept(self, token: int) -> None:
-        self.tokens.append(token)
-        self.history = torch.cat([self.history, self.history.new_tensor([[token]])], dim=1)
-        stop = token in self.stop_ids
-        last = stop or len(self.tokens) >= self.max_tokens
+        stop, last = self.append_token(token, self.tokens)
         text = self.detok.push(token)
         if last:
             text += self.detok.flush()

@@ -93,9 +93,7 @@ class ThinkerDeployment:
             yield item
 
     def stats(self) -> dict:
-        e = self.thinker.engine
-        return {"steps": e.num_steps, "prefills": e.num_prefills, "running": e.num_running,
-                "max_rows": e.max_rows_seen}
+        return self.thinker.engine.stats()
 
 
 class TalkerDeployment:
@@ -119,9 +117,7 @@ class TalkerDeployment:
             up.cancel()
 
     def stats(self) -> dict:
-        e = self.talker.engine
-        return {"steps": e.num_steps, "prefills": e.num_prefills, "running": e.num_running,
-                "max_rows": e.max_rows_seen}
+        return self.talker.engine.stats()
 
 
 class VocoderDeployment:
