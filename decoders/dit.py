@@ -48,6 +48,29 @@ def _key_padding_mask(dit, lengths: torch.Tensor):
         del dit._create_block_diff
 
 
+@contextlib.contextmanager
+def _speaker_encoder_once(dit):
+    """The DiT runs its ECAPA speaker encoder on the same reference mel (and its CFG zeros) at every one of the ODE's
+    36 evaluations: ~57% of the tiny DiT's time. Within one sample_mel call, reuse the output for an identical input
+    (the same computation on the same values: bitwise the same result)."""
+    enc = dit.input_embed.spk_encoder
+    inner = enc.forward
+    memo: list = []  # [(input, output)]: at most one entry, for this call only
+
+    def forward(x):
+        if memo and memo[0][0].shape == x.shape and torch.equal(memo[0][0], x):
+            return memo[0][1]
+        out = inner(x)
+        memo[:] = [(x.clone(), out)]
+        return out
+
+    enc.forward = forward  # the instance attribute shadows the method for this call only
+    try:
+        yield
+    finally:
+        del enc.forward
+
+
 @torch.inference_mode()
 def sample_mel(dit, cond: torch.Tensor, ref_mel: torch.Tensor, codes: torch.Tensor, noise: torch.Tensor,
                lengths: torch.Tensor | None = None, num_steps: int = 10, guidance_scale: float = 0.5,
@@ -78,6 +101,6 @@ def sample_mel(dit, cond: torch.Tensor, ref_mel: torch.Tensor, codes: torch.Tens
     if sway_coefficient is not None:
         t += sway_coefficient * (torch.cos(torch.pi / 2 * t) - 1 + t)
     ragged = lengths is not None and bool((lengths != frames).any())
-    with _key_padding_mask(dit, lengths) if ragged else contextlib.nullcontext():
+    with _key_padding_mask(dit, lengths) if ragged else contextlib.nullcontext(), _speaker_encoder_once(dit):
         x = RungeKutta4ODESolver(function=velocity, initial_value=noise).integrate(t)[-1]  # [B, frames, mel]
     return x.permute(0, 2, 1)
