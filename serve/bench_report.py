@@ -118,7 +118,7 @@ def markdown(results: dict) -> str:
                      f"(batch {e['batch_size']}) | {_ratio(e['speedup'])} |")
     n_items = sum(e["items"] for e in encoders.values())
     lines += ["", f"Encoder inputs came from the model's processor in one call for the {n_items} items: "
-                  f"{results['encoders']['processor_s']:.2f} s (Whisper log-mel features pad every clip to 30 s), "
+                  f"{results['encoders']['processor_s']:.2f} s, "
                   "not counted above."]
     lines += ["", f"Whole run: {results['wall_s']:.0f} s (torch {results['versions']['torch']}, transformers "
                   f"{results['versions']['transformers']})."]
