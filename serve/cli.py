@@ -45,10 +45,13 @@ def build_chat_request(args):
               for p in args.video or []]
     parts.append(TextPart(args.prompt))
     messages = ([Message("system", args.system)] if args.system is not None else []) + [Message("user", parts)]
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+    # greedy unless --temperature or --seed is given (a seed alone samples at temperature 1)
+    temperature = args.temperature if args.temperature is not None else (1.0 if args.seed is not None else 0.0)
+    sampling = SamplingParams(temperature=temperature, top_p=args.top_p, top_k=args.top_k,
                               max_tokens=args.max_tokens, seed=args.seed)
+    sample_talker = args.talker_sample or args.seed is not None or temperature > 0
     talker = (replace(TALKER_DEFAULT_SAMPLING, max_tokens=args.max_speech_tokens, seed=args.seed)
-              if args.talker_sample else SamplingParams(max_tokens=args.max_speech_tokens))
+              if sample_talker else SamplingParams(max_tokens=args.max_speech_tokens))
     return ChatRequest(messages, sampling=sampling, talker_sampling=talker, speak=args.speak is not None,
                        voice=args.voice, use_audio_in_video=args.use_audio_in_video)
 
@@ -135,12 +138,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-speech-tokens", type=int, default=1024, help="codec tokens at most (50 per second)")
     p.add_argument("--speak", metavar="OUT.wav", default=None, help="also synthesize speech into this WAV file")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=float, default=None, help="default: greedy (0), or 1 with --seed")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--talker-sample", action="store_true",
-                   help="sample speech tokens with the checkpoint's defaults (T 0.9, top-k 40, top-p 0.8)")
+                   help="sample speech tokens with the checkpoint's defaults (T 0.9, top-k 40, top-p 0.8); "
+                        "implied by --temperature > 0 or --seed")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_chat)
 

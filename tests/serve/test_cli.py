@@ -59,3 +59,18 @@ def test_chat_reports_bad_input_clearly(tmp_path):
     assert out.returncode == 2 and "omni chat:" in out.stderr and "Traceback" not in out.stderr
     voice = omni("chat", "--voice", "Nobody", "--speak", str(tmp_path / "x.wav"), "hi")
     assert voice.returncode == 2 and "Chelsie, Ethan" in voice.stderr
+
+
+def test_chat_is_greedy_unless_temperature_or_seed():
+    from omni.serve.cli import build_chat_request, parser
+
+    def req(*flags):
+        return build_chat_request(parser().parse_args(["chat", *flags, "hi"]))
+
+    r = req()
+    assert r.sampling.greedy and r.talker_sampling.greedy and r.messages[-1].role == "user"
+    r = req("--seed", "3")
+    assert r.sampling.temperature == 1.0 and r.sampling.seed == 3
+    assert not r.talker_sampling.greedy and r.talker_sampling.seed == 3
+    r = req("--temperature", "0.7", "--system", "Be brief.")
+    assert r.sampling.temperature == 0.7 and r.messages[0].role == "system"
