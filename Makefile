@@ -1,7 +1,7 @@
-# One command installs everything (Debian packages, then a virtualenv with the project) and runs the job.
-#   make run    the main job on the tiny default (omni chat on the bundled sample media; writes out/answer.wav)
+# Each target installs what it needs (Debian packages, then a virtualenv with the project) and runs:
 #   make serve  the OpenAI-compatible Serve app on the tiny default (127.0.0.1:8000)
-#   make test   installs and runs every test
+#   make test   every test (.ci/run calls this)
+#   make run    a one-shot demo: omni chat on the bundled sample media, writes out/answer.wav
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
