@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -300,7 +299,6 @@ class EngineLoop:
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self._subscribers: dict[int, asyncio.Queue] = {}
-        self._lock = threading.Lock()
 
     def wake(self) -> None:
         """Call after feeding a sequence new input (from the loop's thread)."""

@@ -16,7 +16,7 @@ from omni.engine import DecoderModel, Engine, EngineConfig, EngineLoop, Sampler,
 from omni.types import (Finished, InvalidRequest, MediaEmbeddings, PreparedPrompt, SamplingParams, TalkerPrompt,
                         TextDelta, ThinkerToTalker)
 
-__all__ = ["Thinker", "ThinkerSequence", "Detokenizer", "ThinkerDone"]
+__all__ = ["Thinker", "ThinkerSequence", "Detokenizer", "ThinkerDone", "check_context"]
 
 
 class Detokenizer:
@@ -143,6 +143,13 @@ class ThinkerSequence(Sequence):
                 Finished(self.finish_reason, int(self.prompt.input_ids.shape[0]), len(self.tokens)), self.tokens))
 
 
+def check_context(prompt_tokens: int, sampling: SamplingParams, max_model_len: int) -> None:
+    """Prompt + max_tokens must fit the context; raises InvalidRequest (a 400 for HTTP clients)."""
+    if prompt_tokens + sampling.max_tokens > max_model_len:
+        raise InvalidRequest(f"prompt ({prompt_tokens} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
+                             f"model's context of {max_model_len} tokens", "max_tokens", "context_length_exceeded")
+
+
 class Thinker:
     """The Thinker stage of one model: `generate(...)` streams TextDelta, TalkerPrompt, ThinkerToTalker and a final
     ThinkerDone. Many concurrent calls share one engine (one batched forward per step)."""
@@ -173,16 +180,10 @@ class Thinker:
 
     def check(self, prompt: PreparedPrompt, sampling: SamplingParams) -> None:
         sampling.validate()
-        n = int(prompt.input_ids.shape[0])
-        if n + sampling.max_tokens > self.max_model_len:
-            raise InvalidRequest(f"prompt ({n} tokens) + max_tokens ({sampling.max_tokens}) exceeds the model's "
-                                 f"context of {self.max_model_len} tokens", "max_tokens", "context_length_exceeded")
+        check_context(int(prompt.input_ids.shape[0]), sampling, self.max_model_len)
 
     def generate(self, request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings, sampling: SamplingParams,
                  for_talker: bool = False) -> AsyncIterator:
         self.check(prompt, sampling)
         seq = ThinkerSequence(self, request_id, prompt, media, sampling, for_talker)
         return self.loop.submit(seq)
-
-    def tokens(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)

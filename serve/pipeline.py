@@ -26,7 +26,7 @@ from omni.checkpoint import LoadedModel, load_model
 from omni.engine import EngineConfig
 from omni.prompt import prepare_prompt
 from omni.talker import Talker, TalkerDone
-from omni.thinker import Thinker, ThinkerDone
+from omni.thinker import Thinker, ThinkerDone, check_context
 from omni.types import (AudioChunk, ChatRequest, ChatResult, Event, Finished, InvalidRequest, PreparedPrompt,
                         TextDelta)
 from omni.decoders.token2wav import Token2Wav, VocoderConfig
@@ -144,10 +144,7 @@ async def prepare_checked(processor, request: ChatRequest, max_model_len: int) -
         raise
     except (ValueError, TypeError) as exc:  # the processor rejects what it cannot read
         raise InvalidRequest(f"could not process the request's media: {exc}") from exc
-    n = int(prompt.input_ids.shape[0])
-    if n + request.sampling.max_tokens > max_model_len:
-        raise InvalidRequest(f"prompt ({n} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds the "
-                             f"model's context of {max_model_len} tokens", "max_tokens", "context_length_exceeded")
+    check_context(int(prompt.input_ids.shape[0]), request.sampling, max_model_len)
     return prompt
 
 
