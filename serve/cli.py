@@ -59,7 +59,7 @@ def build_chat_request(args):
 def _cmd_chat(args) -> int:
     import numpy as np
 
-    from omni.serve.audio_io import wav_bytes
+    from omni.serve.api.audio_io import wav_bytes
     from omni.serve.pipeline import Pipeline
     from omni.types import AudioChunk, Finished, InvalidRequest, TextDelta
 
@@ -104,13 +104,13 @@ def _cmd_chat(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from omni.serve.app import run_server
+    from omni.serve.cluster.builder import run_server
 
     return run_server(args)
 
 
 def _cmd_bench(args) -> int:
-    from omni.serve.bench import main as bench_main
+    from omni.serve.bench.run import main as bench_main
 
     return bench_main(args)
 

@@ -2,6 +2,7 @@
 serve/app.py. Every field has a default, so a YAML file names only what it changes."""
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["DeploymentOptions", "ServeConfig", "load_serve_config", "CONFIG_DIR"]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "serve"
+CONFIG_DIR = Path(str(files("omni.configs") / "serve"))  # package data: the checkout's configs/serve, or the wheel's
 
 
 class DeploymentOptions(BaseModel):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from omni.serve.bench import QUICK, BenchConfig, main
+from omni.serve.bench.run import QUICK, BenchConfig, main
 
 
 def test_config_from_args_tolerates_missing_flags_and_parses_lists():

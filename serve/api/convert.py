@@ -21,8 +21,8 @@ import numpy as np
 
 from omni.types import (AUDIO_SAMPLE_RATE, TALKER_DEFAULT_SAMPLING, AudioChunk, AudioPart, ChatRequest, Event,
                         Finished, ImagePart, InvalidRequest, Message, SamplingParams, TextDelta, TextPart, VideoPart)
-from omni.serve.audio_io import pcm16_bytes, wav_bytes
-from omni.serve.protocol import (AUDIO_FORMATS, AssistantMessage, AudioURLContent, ChatCompletionAudio,
+from omni.serve.api.audio_io import pcm16_bytes, wav_bytes
+from omni.serve.api.protocol import (AUDIO_FORMATS, AssistantMessage, AudioURLContent, ChatCompletionAudio,
                                  ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, Delta,
                                  DeltaAudio, ErrorInfo, ErrorResponse, ImageContent, InputAudioContent,
                                  StageSamplingParams, StreamChoice, TextContent, Usage, VideoURLContent)

@@ -33,13 +33,14 @@ from typing import Awaitable, Callable, Optional
 import numpy as np
 import torch
 
+from omni.assets import samples_dir
 from omni.reference import reference_generate
 from omni.types import (AUDIO_SAMPLE_RATE, AudioChunk, AudioPart, ChatRequest, Finished, ImagePart, Message,
                         SamplingParams, TextDelta, TextPart, VideoPart)
 
 __all__ = ["BenchConfig", "QUICK", "Sample", "run_bench", "summarize", "main"]
 
-SAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "samples"  # bundled speech.wav, clip.mp4
+SAMPLES_DIR = samples_dir()  # bundled speech.wav, clip.mp4
 INPUT_KINDS = ("image", "audio", "video")  # media a benchmark request may carry besides its text
 QUESTIONS = [
     "What do you see?", "Describe this in one sentence.", "What colours are there?", "Is anything moving?",
@@ -361,7 +362,7 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None) -> dict:
 
 
 def main(args) -> int:
-    from omni.serve.bench_report import write_report
+    from omni.serve.bench.report import write_report
 
     config = BenchConfig.from_args(args)
     results = run_bench(config)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from omni.serve.audio_io import pcm16_bytes, wav_bytes
-from omni.serve.openai_api import Completion, ConvertOptions, resolve_sampling, to_chat_request
-from omni.serve.protocol import ChatCompletionChunk, ChatCompletionRequest
+from omni.serve.api.audio_io import pcm16_bytes, wav_bytes
+from omni.serve.api.convert import Completion, ConvertOptions, resolve_sampling, to_chat_request
+from omni.serve.api.protocol import ChatCompletionChunk, ChatCompletionRequest
 from omni.types import (TALKER_DEFAULT_SAMPLING, AudioChunk, AudioPart, Finished, ImagePart, InvalidRequest,
                         TextDelta, TextPart, VideoPart)
 
@@ -225,8 +225,8 @@ def test_stream_without_finished_is_an_error():
 
 
 def test_thinker_defaults_come_from_the_server_options():
-    from omni.serve.openai_api import ConvertOptions, resolve_sampling
-    from omni.serve.protocol import ChatCompletionRequest
+    from omni.serve.api.convert import ConvertOptions, resolve_sampling
+    from omni.serve.api.protocol import ChatCompletionRequest
     from omni.types import SamplingParams
 
     opts = ConvertOptions(default_sampling=SamplingParams(temperature=0.7, top_k=20), default_max_tokens=30)

@@ -30,13 +30,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omni.types import ChatRequest, Event, InvalidRequest
-from omni.serve.metrics import CONTENT_TYPE_LATEST, Metrics, RequestTrack
-from omni.serve.openai_api import SSE_DONE, Completion, ConvertOptions, error_response, sse, to_chat_request
-from omni.serve.protocol import ChatCompletionRequest, ModelCard, ModelList
+from omni.serve.api.metrics import CONTENT_TYPE_LATEST, Metrics, RequestTrack
+from omni.serve.api.convert import SSE_DONE, Completion, ConvertOptions, error_response, sse, to_chat_request
+from omni.serve.api.protocol import ChatCompletionRequest, ModelCard, ModelList
 
 __all__ = ["Backend", "ServerSettings", "HTTPError", "build_fastapi", "classify_error"]
 
-log = logging.getLogger("omni.serve.http")
+log = logging.getLogger("omni.serve.api.server")
 
 
 class Backend(Protocol):

@@ -16,10 +16,10 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from omni.serve.audio_io import pcm16_bytes
-from omni.serve.http import ServerSettings, build_fastapi
-from omni.serve.openai_api import ConvertOptions, to_chat_request
-from omni.serve.protocol import ChatCompletionRequest
+from omni.serve.api.audio_io import pcm16_bytes
+from omni.serve.api.server import ServerSettings, build_fastapi
+from omni.serve.api.convert import ConvertOptions, to_chat_request
+from omni.serve.api.protocol import ChatCompletionRequest
 from omni.tiny import DEFAULT_SYSTEM_PROMPT
 from omni.types import Finished, InvalidRequest, TextDelta
 

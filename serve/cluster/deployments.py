@@ -204,7 +204,7 @@ class Ingress:
         self.backend = RayBackend(model, cfg, vision, audio, thinker, vocoder, voices)
 
     def __serve_build_asgi_app__(self):
-        from omni.serve.http import build_fastapi
+        from omni.serve.api.server import build_fastapi
 
         app = build_fastapi(self.backend, self.settings)
         self.backend.metrics = app.state.metrics
