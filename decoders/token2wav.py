@@ -26,16 +26,22 @@ import numpy as np
 import torch
 
 from omni.checkpoint import resolve_model
-from omni.types import InvalidRequest
+from omni.types import check_voice
 
 from omni.decoders.dit import draw_noise, sample_mel
 
-__all__ = ["VocoderConfig", "VocoderStats", "MIN_STREAM_SNR_DB", "Token2Wav", "VocoderStream"]
+__all__ = ["VocoderConfig", "VocoderStats", "MIN_STREAM_SNR_DB", "snr_db", "Token2Wav", "VocoderStream"]
 
 # Streamed vs offline waveform, 10*log10(|offline|^2 / |streamed - offline|^2), for every schedule VocoderConfig
-# accepts: measured 65-112 dB on the tiny checkpoint (~67 dB at the minimum contexts 2 back / 1 ahead, ~105 dB with
+# accepts: measured 64-112 dB on the tiny checkpoint (~67 dB at the minimum contexts 2 back / 1 ahead, ~105 dB with
 # 2 ahead); tests/decoders/test_token2wav.py sweeps the schedules.
 MIN_STREAM_SNR_DB = 60.0
+
+
+def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
+    """10*log10(|ref|^2 / |x - ref|^2): the measure MIN_STREAM_SNR_DB bounds (inf when equal)."""
+    err = float(((ref - x) ** 2).sum())
+    return float("inf") if err == 0 else 10 * float(np.log10(float((ref ** 2).sum()) / err))
 
 
 @dataclass(frozen=True)
@@ -153,8 +159,7 @@ class Token2Wav:
         return sorted(self._speakers)
 
     def check_voice(self, voice: str) -> None:
-        if voice not in self._speakers:
-            raise InvalidRequest(f"unknown voice {voice!r}; valid voices: {', '.join(self.voices)}", "audio.voice")
+        check_voice(voice, self._speakers)
 
     def check_codes(self, codes) -> list[int]:
         """codes: codec ids without the talker's stop code -> list of int; ValueError if one is out of range."""
@@ -292,11 +297,6 @@ class VocoderStream:
             raise RuntimeError("push after the last codes of the stream")
         self._codes += self._owner.check_codes(codes)
         self._last = bool(last)
-
-    def stream(self, codes: list[int], last: bool = False) -> list[np.ndarray]:
-        """push + step for this stream alone; returns its new PCM chunks."""
-        self.push(codes, last)
-        return self._owner.step([self])[0]
 
     @property
     def num_codes(self) -> int:

@@ -9,15 +9,15 @@ masked column and does not advance. Positions are each row's solo positions, so 
 alone (tokens equal; logits within ~1e-7, from batch-size-dependent matmul kernels).
 
 Stage-specific logic lives in `Sequence` subclasses (omni/thinker.py, omni/talker.py); the engine knows nothing of
-text or speech. The engine is synchronous and single-threaded; `EngineLoop` runs it in a worker thread for asyncio.
+text or speech. The engine is synchronous and single-threaded; `EngineLoop` (on omni.loop.WorkerLoop) runs it in a
+worker thread for asyncio.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Repetit
                                                     SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
+from omni.loop import WorkerLoop
 from omni.types import SamplingParams
 
 __all__ = ["DecoderModel", "Sequence", "Engine", "EngineConfig", "EngineLoop", "Sampler"]
@@ -37,6 +38,13 @@ class EngineConfig:
     max_dead_columns: int = 64  # compact the cache once this many columns are padding for every row
     batch_wait_s: float = 0.0  # when some running rows wait for input (a Talker behind its Thinker), wait this long
     #                            for them before stepping, so the rows fed by one upstream step share one forward
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1 or self.max_dead_columns < 1:
+            raise ValueError(f"max_num_seqs and max_dead_columns must be >= 1, got {self.max_num_seqs}, "
+                             f"{self.max_dead_columns}")
+        if not 0 <= self.batch_wait_s <= 1:
+            raise ValueError(f"batch_wait_s must be in [0, 1] seconds, got {self.batch_wait_s}")
 
 
 @dataclass
@@ -88,14 +96,20 @@ class Sequence:
     `on_prefill(hidden [1, L, H], logits [1, V])`; each step, `next_input()` (None: idle this step) and
     `on_step(hidden [1, H], logits [1, V])`. Outputs for the consumer go to `self.outbox` (thread-safe deque).
     Other threads may call `cancel()` and subclass feed methods, which must only append to deques.
+
+    What `append_token` needs is given here: the id limit, the stop ids, and the repetition-penalty history (a
+    subclass whose history is known only at prefill, like the Talker's, sets `self.history` in `prefill_inputs`).
     """
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, max_tokens: int, stop_ids: set[int],
+                 history: Optional[torch.Tensor] = None):
         self.request_id = request_id
+        self.max_tokens = max_tokens  # generated ids at most (the stop id counts)
+        self.stop_ids = stop_ids  # ids that end the sequence (kept in the output)
+        self.history = history  # [1, n] long: what the repetition penalty sees (prompt ids + generated)
         self.finished = False
         self.cancelled = False
         self.outbox: collections.deque = collections.deque()
-        self.steps = 0  # decode steps this sequence took part in (not counting idle ones)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -196,6 +210,12 @@ class Engine:
     def num_running(self) -> int:
         return len(self._rows)
 
+    def reset(self) -> None:
+        """Drop every request (after a failed step: the batch's cache is in an unknown state); each is finished."""
+        for s in list(self._rows) + list(self._pending):
+            s.finished = True
+        self._rows, self._pending, self._kv = [], collections.deque(), _BatchKV(self.model.config)
+
     def stats(self) -> dict:
         return {"steps": self.num_steps, "prefills": self.num_prefills, "running": self.num_running,
                 "max_rows": self.max_rows_seen}
@@ -272,7 +292,6 @@ class Engine:
         self.max_rows_seen = max(self.max_rows_seen, len(active))
         for i in active:
             seq = self._rows[i]
-            seq.steps += 1
             seq.on_step(hidden[i:i + 1, 0], logits[i:i + 1])
             touched.append(seq)
 
@@ -288,91 +307,62 @@ class Engine:
             self._kv.compact(self.config.max_dead_columns)
 
 
-class EngineLoop:
+class EngineLoop(WorkerLoop):
     """Runs an Engine in one worker thread, driven from an asyncio loop. `submit(seq)` returns an async iterator over
     the sequence's outputs; breaking out of it (or cancelling the consuming task) cancels the sequence, which frees
-    its slot at the next step boundary."""
+    its slot at the next step boundary. A step that raises fails every sequence the engine holds and resets it."""
 
     def __init__(self, engine: Engine):
+        super().__init__(engine.name)
         self.engine = engine
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=engine.name)
-        self._wake: Optional[asyncio.Event] = None
-        self._task: Optional[asyncio.Task] = None
-        self._subscribers: dict[int, asyncio.Queue] = {}
+        self._seqs: dict[int, Sequence] = {}
 
-    def wake(self) -> None:
-        """Call after feeding a sequence new input (from the loop's thread)."""
-        if self._wake is not None:
-            self._wake.set()
+    def _next_work(self):
+        return True if self.engine.can_progress() else None
 
-    def _ensure_running(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.engine.name}-loop")
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self.engine.can_progress():
-                self._wake.clear()
-                if not self.engine.can_progress():
-                    await self._wake.wait()
-                continue
-            await self._gather_stragglers(loop)
-            try:
-                touched = await loop.run_in_executor(self._executor, self.engine.step)
-            except Exception as exc:  # a failing step fails every sequence it holds, never hangs them
-                for q in self._subscribers.values():
-                    q.put_nowait(exc)
-                self._reset_after_failure()
-                continue
-            for seq in touched:
-                q = self._subscribers.get(id(seq))
-                if q is not None:
-                    while seq.outbox:
-                        q.put_nowait(seq.outbox.popleft())
-                    if seq.finished:
-                        q.put_nowait(_END)
-
-    async def _gather_stragglers(self, loop) -> None:
+    async def _gather(self, work):
+        """With `batch_wait_s`, wait (briefly) for running rows whose input is not there yet, so that rows fed by
+        one upstream step share one forward."""
         wait = self.engine.config.batch_wait_s
         if wait <= 0 or not self.engine.waiting_rows():
-            return
+            return work
+        loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while self.engine.waiting_rows() and (left := deadline - loop.time()) > 0:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), left)
             except asyncio.TimeoutError:
-                return
+                break
+        return work
 
-    def _reset_after_failure(self) -> None:
-        eng = self.engine
-        for s in list(eng._rows) + list(eng._pending):
-            s.finished = True
-        eng._rows, eng._pending, eng._kv = [], collections.deque(), _BatchKV(eng.model.config)
+    def _step(self, work) -> list[Sequence]:
+        return self.engine.step()
 
-    async def submit(self, seq: Sequence):
+    def _deliver(self, work, touched: list[Sequence]) -> None:
+        for seq in touched:
+            key = id(seq)
+            while seq.outbox:
+                self._publish(key, seq.outbox.popleft())
+            if seq.finished:
+                self._end(key)
+
+    def _failed(self, work, exc: Exception) -> None:
+        super()._failed(work, exc)
+        self.engine.reset()
+
+    def _closed(self, key) -> None:
+        seq = self._seqs.pop(key, None)
+        if seq is not None and not seq.finished:
+            seq.cancel()
+            self.wake()
+
+    def submit(self, seq: Sequence) -> AsyncIterator:
         """Async iterator over `seq`'s outputs, in order; raises if the engine failed."""
-        q: asyncio.Queue = asyncio.Queue()
-        self._subscribers[id(seq)] = q
-        self.engine.add(seq)
-        self._ensure_running()
-        self._wake.set()
-        try:
-            while True:
-                item = await q.get()
-                if item is _END:
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            self._subscribers.pop(id(seq), None)
-            if not seq.finished:
-                seq.cancel()
-                self.wake()
+        key = id(seq)
 
+        def start():
+            self._seqs[key] = seq
+            self.engine.add(seq)
 
-_END = object()
+        return self._subscribe(key, start)

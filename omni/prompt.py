@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from omni.tiny import DEFAULT_SYSTEM_PROMPT
 from omni.types import (AudioItem, AudioPart, ChatRequest, ImagePart, InvalidRequest, Message, PreparedPrompt,
                         TextPart, VideoPart, VisionItem)
 
 __all__ = ["with_default_system", "conversation", "processor_inputs", "prepare_prompt", "DEFAULT_SYSTEM_PROMPT"]
+
+# Qwen's default system prompt (the official cookbooks'): every entry point adds it to a conversation that has none,
+# and speech output needs it.
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and "
+    "visual inputs, as well as generating text and speech."
+)
 
 
 def with_default_system(messages: list[Message], system: str | None = None) -> list[Message]:
@@ -90,13 +96,14 @@ def processor_inputs(processor, request: ChatRequest, fast_audio: bool = False):
 def prepare_prompt(processor, request: ChatRequest) -> PreparedPrompt:
     """processor_inputs split into per-item encoder inputs, in prompt order."""
     x = processor_inputs(processor, request, fast_audio=True)
+    merge = int(getattr(processor.image_processor, "merge_size", 2))
     images, videos, audios = [], [], []
     for key, grid_key, out in (("pixel_values", "image_grid_thw", images),
                                ("pixel_values_videos", "video_grid_thw", videos)):
         if key in x:
             sizes = x[grid_key].prod(-1).tolist()  # patches per item
             for pv, grid in zip(torch.split(x[key], sizes), x[grid_key]):
-                out.append(VisionItem(pixel_values=pv, grid_thw=grid))
+                out.append(VisionItem(pixel_values=pv, grid_thw=grid, merge_size=merge))
     if "input_features" in x:
         for feats, mask in zip(x["input_features"], x["feature_attention_mask"]):
             audios.append(AudioItem(features=feats[:, : int(mask.sum())]))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from omni.prompt import processor_inputs
-from omni.types import AUDIO_SAMPLE_RATE, ChatRequest, InvalidRequest, SamplingParams
+from omni.types import AUDIO_SAMPLE_RATE, ChatRequest, SamplingParams, check_voice
 
 __all__ = ["ReferenceResult", "reference_generate", "keep_talker_mask"]
 
@@ -84,9 +84,7 @@ def reference_generate(loaded, request: ChatRequest, seed: int = 0) -> Reference
     """Run `request` through `Qwen2_5OmniForConditionalGeneration.generate`. Sampling draws from the global RNG,
     seeded with `seed` (or the thinker's seed when set) before the call."""
     model, processor = loaded.model, loaded.processor
-    if request.voice not in model.speaker_map:
-        raise InvalidRequest(f"unknown voice {request.voice!r}; valid voices: {', '.join(sorted(model.speaker_map))}",
-                             "audio.voice")
+    check_voice(request.voice, model.speaker_map)
     inputs = processor_inputs(processor, request).to(model.device)
     prompt_len = inputs["input_ids"].shape[1]
     th = request.sampling
@@ -107,7 +105,7 @@ def reference_generate(loaded, request: ChatRequest, seed: int = 0) -> Reference
     if tk.greedy:  # generate passes its own sampling defaults to the talker; greedy must override them
         kw.update(talker_top_k=None, talker_top_p=None, talker_temperature=None)
     if tk.stop_token_ids:
-        kw["talker_eos_token_id"] = [8292, 8294] + list(tk.stop_token_ids)
+        kw["talker_eos_token_id"] = [model.talker.codec_pad_token, model.talker.codec_eos_token] + list(tk.stop_token_ids)
     if "pixel_values" in inputs or "pixel_values_videos" in inputs:
         # transformers 5.23 bug: generate forwards pixel values to talker.generate, whose kwarg validation rejects
         # them; a talker_-prefixed None overrides them for the talker only.

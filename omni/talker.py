@@ -15,31 +15,37 @@ hidden space and go through `talker.thinker_to_talker_proj`:
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 import torch
 
 from omni.engine import DecoderModel, Engine, EngineConfig, EngineLoop, Sampler, Sequence
-from omni.types import InvalidRequest, SamplingParams, TalkerPrompt, TalkerToVocoder, ThinkerToTalker
+from omni.types import (SamplingParams, TalkerDone, TalkerItem, TalkerPrompt, TalkerToVocoder, ThinkerToTalker,
+                        check_voice)
 
-__all__ = ["Talker", "TalkerSequence", "TalkerDone"]
+__all__ = ["Talker", "TalkerConfig", "TalkerSequence"]
 
 
-class TalkerDone:
-    """Last output of a Talker sequence."""
+@dataclass(frozen=True)
+class TalkerConfig(EngineConfig):
+    batch_wait_s: float = 0.01  # the Talker's rows are fed by Thinker steps: wait this long so they share a forward
+    emit_every: int = 4  # codec ids per talker_to_vocoder hand-off (latency vs. per-message overhead)
 
-    def __init__(self, codes: list[int], finish_reason: str):
-        self.codes, self.finish_reason = codes, finish_reason
+    def __post_init__(self):
+        super().__post_init__()
+        if self.emit_every < 1:
+            raise ValueError(f"emit_every must be >= 1, got {self.emit_every}")
 
 
 class TalkerSequence(Sequence):
     def __init__(self, talker: "Talker", request_id: str, voice: str, sampling: SamplingParams, chunk: int = 1):
-        super().__init__(request_id)
-        self.t = talker
+        # the repetition-penalty history needs the prompt length: set in prefill_inputs
+        super().__init__(request_id, sampling.max_tokens,
+                         {talker.codec_pad, talker.codec_end} | set(sampling.stop_token_ids))
+        self.talker = talker
         self.speaker_bos = int(talker.speakers[voice]["bos_token"])
         self.sampler = Sampler(sampling, suppress=(talker.codec_bos,), device=talker.device)
-        self.max_tokens = sampling.max_tokens
-        self.stop_ids = {talker.codec_pad, talker.codec_end} | set(sampling.stop_token_ids)
         self.inbox: collections.deque = collections.deque()  # TalkerPrompt, then ThinkerToTalker in order
         self.prompt: Optional[TalkerPrompt] = None
         self.replies: list[torch.Tensor] = []  # R_k for fed thinker tokens, [H] each
@@ -69,7 +75,7 @@ class TalkerSequence(Sequence):
         if k < len(self.replies):
             return self.replies[k]
         if self.n_text is not None:
-            return self.t.text_eos_embed if k == self.n_text - 1 else self.t.text_pad_embed
+            return self.talker.text_eos_embed if k == self.n_text - 1 else self.talker.text_pad_embed
         return None
 
     # -------------------------------------------------------------------------------------------- engine hooks
@@ -78,7 +84,7 @@ class TalkerSequence(Sequence):
         return self.prompt is not None and self._reply(0) is not None
 
     def prefill_inputs(self):
-        t, p = self.t, self.prompt
+        t, p = self.talker, self.prompt
         dev = t.device
         ids = p.input_ids.to(dev)
         L = ids.shape[0]
@@ -106,7 +112,7 @@ class TalkerSequence(Sequence):
         R = self._reply(len(self.codes))
         if R is None:
             return None
-        x = self.t.codec_embed(torch.tensor([self.codes[-1]], device=self.t.device))[0] + R
+        x = self.talker.codec_embed(torch.tensor([self.codes[-1]], device=self.talker.device))[0] + R
         return x, self.kv_len + self.rope_delta
 
     def has_input(self):
@@ -141,8 +147,7 @@ class Talker:
     """The Talker stage of one model. `generate(request_id, voice, sampling)` returns (sequence, async iterator of
     TalkerToVocoder items and a final TalkerDone); feed the sequence with the Thinker's hand-offs and call `wake()`."""
 
-    def __init__(self, talker, speakers: dict, thinker_embed: torch.nn.Module, config: EngineConfig = EngineConfig(),
-                 emit_every: int = 1):
+    def __init__(self, talker, speakers: dict, thinker_embed: torch.nn.Module, config: TalkerConfig = TalkerConfig()):
         tk = self.model = talker  # Qwen2_5OmniTalkerForConditionalGeneration
         self.speakers = speakers  # spk_dict.pt: {voice: {bos_token, cond, ref_mel}}
         self.device = next(tk.parameters()).device
@@ -151,7 +156,7 @@ class Talker:
         self.rope_index = tk.get_rope_index
         self.codec_bos, self.codec_pad = tk.codec_bos_token, tk.codec_pad_token
         self.codec_end, self.codec_mask = tk.codec_eos_token, tk.codec_mask_token
-        self.emit_every = emit_every
+        self.emit_every = config.emit_every
         with torch.inference_mode():
             ids = torch.tensor([tk.text_eos_token, tk.text_pad_token], device=self.device)
             self.text_eos_embed, self.text_pad_embed = self.thinker_embed(ids)  # [H] each, thinker vocabulary ids
@@ -167,21 +172,17 @@ class Talker:
         self.loop = EngineLoop(self.engine)
 
     @classmethod
-    def from_model(cls, model, config: EngineConfig = EngineConfig(), emit_every: int = 1) -> "Talker":
+    def from_model(cls, model, config: TalkerConfig = TalkerConfig()) -> "Talker":
         """From a loaded Qwen2_5OmniForConditionalGeneration."""
-        return cls(model.talker, model.speaker_map, model.thinker.get_input_embeddings(), config, emit_every)
+        return cls(model.talker, model.speaker_map, model.thinker.get_input_embeddings(), config)
 
     @property
     def voices(self) -> list[str]:
         return sorted(self.speakers)
 
-    def check_voice(self, voice: str) -> None:
-        if voice not in self.speakers:
-            raise InvalidRequest(f"unknown voice {voice!r}; valid voices: {', '.join(self.voices)}", "audio.voice",
-                                 "invalid_voice")
-
-    def generate(self, request_id: str, voice: str, sampling: SamplingParams) -> tuple[TalkerSequence, AsyncIterator]:
-        self.check_voice(voice)
+    def generate(self, request_id: str, voice: str, sampling: SamplingParams
+                 ) -> tuple[TalkerSequence, AsyncIterator[TalkerItem]]:
+        check_voice(voice, self.speakers)
         sampling.validate("talker")
         seq = TalkerSequence(self, request_id, voice, sampling, self.emit_every)
         return seq, self.loop.submit(seq)

@@ -7,16 +7,15 @@ TalkerPrompt with P = h(p) + e(p) (e zeroed at media placeholders).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 import torch
 
 from omni.engine import DecoderModel, Engine, EngineConfig, EngineLoop, Sampler, Sequence
 from omni.types import (Finished, InvalidRequest, MediaEmbeddings, PreparedPrompt, SamplingParams, TalkerPrompt,
-                        TextDelta, ThinkerToTalker)
+                        TextDelta, ThinkerDone, ThinkerItem, ThinkerToTalker)
 
-__all__ = ["Thinker", "ThinkerSequence", "Detokenizer", "ThinkerDone", "check_context"]
+__all__ = ["Thinker", "ThinkerSequence", "Detokenizer", "check_context"]
 
 
 class Detokenizer:
@@ -48,30 +47,21 @@ class Detokenizer:
         return after[len(before):]
 
 
-@dataclass
-class ThinkerDone:
-    """Last output of a Thinker sequence."""
-    finished: Finished
-    token_ids: list[int]  # all generated ids
-
-
 class ThinkerSequence(Sequence):
     def __init__(self, thinker: "Thinker", request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings,
                  sampling: SamplingParams, for_talker: bool):
-        super().__init__(request_id)
-        self.t, self.prompt, self.media, self.for_talker = thinker, prompt, media, for_talker
+        super().__init__(request_id, sampling.max_tokens, set(thinker.eos_ids) | set(sampling.stop_token_ids),
+                         history=prompt.input_ids[None].to(thinker.device))  # [1, L + n]
+        self.thinker, self.prompt, self.media, self.for_talker = thinker, prompt, media, for_talker
         self.sampler = Sampler(sampling, device=thinker.device)
-        self.max_tokens = sampling.max_tokens
-        self.stop_ids = set(thinker.eos_ids) | set(sampling.stop_token_ids)
         self.detok = Detokenizer(thinker.tokenizer)
-        self.history = prompt.input_ids[None].to(thinker.device)  # [1, L + n]: what the repetition penalty sees
         self.tokens: list[int] = []
         self._held: list[int] = []  # tokens whose text has not been released yet
         self.finish_reason = "length"
 
     # -------------------------------------------------------------------------------------------- engine hooks
     def prefill_inputs(self):
-        t = self.t
+        t = self.thinker
         ids = self.prompt.input_ids[None].to(t.device)  # [1, L]
         embeds = t.embed(ids)  # [1, L, H]
         media_mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -112,7 +102,7 @@ class ThinkerSequence(Sequence):
             return None
         g = self.tokens[-1]
         L = self.prompt.input_ids.shape[0]
-        self._fed = self.t.embed(torch.tensor([g], device=self.t.device))[0]  # e(g_k) [H]
+        self._fed = self.thinker.embed(torch.tensor([g], device=self.thinker.device))[0]  # e(g_k) [H]
         return self._fed, L + len(self.tokens) - 1 + self.rope_delta
 
     def has_input(self):
@@ -183,7 +173,7 @@ class Thinker:
         check_context(int(prompt.input_ids.shape[0]), sampling, self.max_model_len)
 
     def generate(self, request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings, sampling: SamplingParams,
-                 for_talker: bool = False) -> AsyncIterator:
+                 for_talker: bool = False) -> AsyncIterator[ThinkerItem]:
         self.check(prompt, sampling)
         seq = ThinkerSequence(self, request_id, prompt, media, sampling, for_talker)
         return self.loop.submit(seq)

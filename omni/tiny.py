@@ -22,12 +22,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PRESETS", "Preset", "build_checkpoint", "build_processor", "DEFAULT_SYSTEM_PROMPT"]
+from omni.prompt import DEFAULT_SYSTEM_PROMPT
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and "
-    "visual inputs, as well as generating text and speech."
-)
+__all__ = ["PRESETS", "Preset", "build_checkpoint", "build_processor", "TOKEN_IDS"]
+
 
 BPE_SIZE = 384
 SPECIALS = [

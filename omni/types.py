@@ -14,12 +14,14 @@ import torch
 __all__ = [
     "SamplingParams", "TALKER_DEFAULT_SAMPLING", "Video", "TextPart", "ImagePart", "AudioPart", "VideoPart", "Part",
     "Message", "ChatRequest", "VisionItem", "AudioItem", "PreparedPrompt", "MediaEmbeddings", "TalkerPrompt",
-    "ThinkerToTalker", "TalkerToVocoder", "TextDelta", "AudioChunk", "Finished", "Event", "ChatResult",
-    "OmniError", "InvalidRequest", "AUDIO_SAMPLE_RATE", "INPUT_AUDIO_SAMPLE_RATE",
+    "ThinkerToTalker", "TalkerToVocoder", "ThinkerDone", "TalkerDone", "ThinkerItem", "TalkerItem", "Generation",
+    "TextDelta", "AudioChunk", "Finished", "Event", "ChatResult", "OmniError", "InvalidRequest", "check_voice",
+    "AUDIO_SAMPLE_RATE", "INPUT_AUDIO_SAMPLE_RATE", "DEFAULT_VOICE",
 ]
 
 AUDIO_SAMPLE_RATE = 24000  # speech out: 480 samples per codec token = 50 codes/s
 INPUT_AUDIO_SAMPLE_RATE = 16000  # audio in: Whisper features at 16 kHz
+DEFAULT_VOICE = "Chelsie"  # Qwen2.5-Omni's default speaker (a key of the checkpoint's spk_dict.pt)
 
 
 class OmniError(Exception):
@@ -32,6 +34,13 @@ class InvalidRequest(OmniError, ValueError):
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
+
+
+def check_voice(voice: str, voices) -> None:
+    """The one voice check of every stage and entry point: an unknown voice fails loudly, naming the valid ones."""
+    if voice not in voices:
+        raise InvalidRequest(f"unknown voice {voice!r}; valid voices: {', '.join(sorted(voices))}", "audio.voice",
+                             "invalid_voice")
 
 
 @dataclass(frozen=True)
@@ -111,21 +120,40 @@ class ChatRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)  # the Thinker's
     talker_sampling: SamplingParams = TALKER_DEFAULT_SAMPLING  # the Talker's
     speak: bool = False  # True: text and speech; False: text only
-    voice: str = "Chelsie"  # a key of the checkpoint's spk_dict.pt
+    voice: str = DEFAULT_VOICE  # a key of the checkpoint's spk_dict.pt
     use_audio_in_video: bool = False  # interleave each video's audio track with its frames
-    vocoder_seed: Optional[int] = None  # seed of the vocoder's noise (None: the talker's seed, else random)
+    vocoder_seed: Optional[int] = None  # seed of the vocoder's noise (None: the Talker's, else the Thinker's, else 0)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def generation(self) -> "Generation":
+        """What the generating stages need (no messages: the media is in the prompt and its embeddings)."""
+        seed = next((int(s) for s in (self.vocoder_seed, self.talker_sampling.seed, self.sampling.seed)
+                     if s is not None), 0)  # 0: what the reference path's torch.manual_seed(0) gives
+        return Generation(self.request_id, self.sampling, self.speak, self.voice, self.talker_sampling, seed)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The part of a request that crosses into the generating stages (Thinker -> Talker -> vocoder)."""
+    request_id: str
+    sampling: SamplingParams  # the Thinker's
+    speak: bool = False  # the Talker and the vocoder run too
+    voice: str = DEFAULT_VOICE
+    talker_sampling: SamplingParams = TALKER_DEFAULT_SAMPLING
+    vocoder_seed: int = 0  # the vocoder's noise seed, resolved (same codes + same seed -> same speech)
 
 
 # ---------------------------------------------------------------------------------------------------- prepared prompt
 @dataclass
 class VisionItem:
     pixel_values: torch.Tensor  # [n_patches, 3 * temporal_patch * patch * patch] (1176 for Qwen2.5)
-    grid_thw: torch.Tensor  # [3] long: temporal, height, width patches; tokens = t * h * w / merge**2
+    grid_thw: torch.Tensor  # [3] long: temporal, height, width patches; tokens = t * h * w / merge_size**2
+    merge_size: int = 2  # the processor's spatial merge: merge_size x merge_size patches per token
 
     @property
     def num_tokens(self) -> int:
-        return int(self.grid_thw.prod()) // 4  # spatial_merge_size 2 -> 2 x 2 patches per token
+        return int(self.grid_thw.prod()) // self.merge_size**2
 
 
 @dataclass
@@ -192,6 +220,20 @@ class TalkerToVocoder:
     last: bool  # no more codes will come
 
 
+@dataclass
+class ThinkerDone:
+    """The Thinker's last item for a request."""
+    finished: "Finished"  # finish reason and token counts
+    token_ids: list[int]  # all generated ids
+
+
+@dataclass
+class TalkerDone:
+    """The Talker's last item for a request."""
+    codes: list[int]  # all generated codec ids (the stop code included when generated)
+    finish_reason: Literal["stop", "length"]
+
+
 # ---------------------------------------------------------------------------------------------------- events
 @dataclass
 class TextDelta:
@@ -217,6 +259,8 @@ class Finished:
 
 
 Event = Union[TextDelta, AudioChunk, Finished]
+ThinkerItem = Union[TextDelta, TalkerPrompt, ThinkerToTalker, ThinkerDone]  # what Thinker.generate yields
+TalkerItem = Union[TalkerToVocoder, TalkerDone]  # what the Talker adds to the stream (the rest passes through)
 
 
 @dataclass

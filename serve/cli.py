@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from omni.types import AUDIO_SAMPLE_RATE, DEFAULT_VOICE
+
 __all__ = ["main"]
 
 
@@ -98,7 +100,7 @@ def _cmd_chat(args) -> int:
         wav = np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
         Path(args.speak).parent.mkdir(parents=True, exist_ok=True)
         Path(args.speak).write_bytes(wav_bytes(wav))
-        msg += f"; wrote {args.speak}: {len(wav) / 24000:.2f}s of speech, {fin.codec_tokens} codec tokens"
+        msg += f"; wrote {args.speak}: {len(wav) / AUDIO_SAMPLE_RATE:.2f}s of speech, {fin.codec_tokens} codec tokens"
     print(msg + "]", file=sys.stderr)
     return 0
 
@@ -134,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--video", action="append", help="video file (repeatable)")
     p.add_argument("--use-audio-in-video", action="store_true", help="feed each video's audio track too")
     p.add_argument("--system", default=None, help="system prompt (default: Qwen's, which speech output needs)")
-    p.add_argument("--voice", default="Chelsie")
+    p.add_argument("--voice", default=DEFAULT_VOICE)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-speech-tokens", type=int, default=1024, help="codec tokens at most (50 per second)")
     p.add_argument("--speak", metavar="OUT.wav", default=None, help="also synthesize speech into this WAV file")

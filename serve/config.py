@@ -1,5 +1,14 @@
-"""Serve configuration: resources and limits from YAML (configs/serve/*.yaml); the topology is typed Python in
-serve/app.py. Every field has a default, so a YAML file names only what it changes."""
+"""The one typed config tree. The stage settings are the stages' own frozen dataclasses (each default written once,
+beside the code it configures, range-checked in its `__post_init__`); this module composes them:
+
+    PipelineConfig   the stages, in process or on Ray: context, Thinker and Talker engines, the Talker hand-off,
+                     the vocoder schedule, encoder batching
+    ServeConfig      a PipelineConfig plus the model, the HTTP limits, media limits and the Ray Serve resources per
+                     deployment; loaded from YAML (configs/serve/*.yaml, package data)
+
+Unknown keys are refused at load with their path (`vocoder.first_chunk_codez: unknown field`), values are type- and
+range-checked; the topology is typed Python in serve/cluster/builder.py.
+"""
 from __future__ import annotations
 
 from importlib.resources import files
@@ -7,29 +16,52 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["DeploymentOptions", "ServeConfig", "load_serve_config", "CONFIG_DIR"]
+from omni.engine import EngineConfig
+from omni.talker import TalkerConfig
+from omni.decoders.token2wav import VocoderConfig
+from omni.encoders.media import MediaLimits
+from omni.encoders.vision import EncoderConfig
+
+__all__ = ["PipelineConfig", "ServeConfig", "DeploymentOptions", "EncoderDeploymentOptions", "Deployments",
+           "ConfigError", "load_serve_config", "config_error", "CONFIG_DIR"]
 
 CONFIG_DIR = Path(str(files("omni.configs") / "serve"))  # package data: the checkout's configs/serve, or the wheel's
 
 
-class DeploymentOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    num_replicas: Optional[int] = 1  # fixed replica count (ignored when autoscaling_config is set)
+class ConfigError(ValueError):
+    """A config (YAML or builder arguments) that does not fit the schema; the message names each bad key's path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PipelineConfig(_Strict):
+    max_model_len: int = Field(32768, ge=1)  # prompt + max_tokens at most
+    thinker: EngineConfig = EngineConfig()  # the Thinker's running batch (max_num_seqs, batch_wait_s)
+    talker: TalkerConfig = TalkerConfig()  # the Talker's running batch and its hand-off to the vocoder (emit_every)
+    vocoder: VocoderConfig = VocoderConfig()  # chunk schedule and context (device: the top-level one)
+    encoder: EncoderConfig = EncoderConfig()  # items and tokens per tower forward (device/dtype: the top-level ones)
+    cpu_threads: Optional[int] = Field(None, ge=1)  # torch threads on CPU; None: in process cores // 3 (three stages
+    #                                                 run at once), on Ray each replica's num_cpus
+
+
+class DeploymentOptions(_Strict):
+    num_replicas: int = Field(1, ge=1)  # fixed replica count (ignored when autoscaling_config is set)
     autoscaling_config: Optional[dict[str, Any]] = None  # Ray Serve autoscaling (min/max_replicas, targets)
-    num_cpus: float = 0.2  # CPUs reserved per replica (fractional on small machines, or serve.run waits forever)
-    num_gpus: float = 0.0  # GPUs per replica (fractions share one GPU between stages)
-    max_ongoing_requests: int = 64  # requests a replica takes at once before Serve queues them
-    max_batch_size: int = 8  # encoders: items per @serve.batch call
-    batch_wait_timeout_s: float = 0.01  # encoders: how long a batch waits to fill
-    max_num_seqs: int = 64  # Thinker/Talker: rows of the running batch
-    batch_wait_s: float = 0.0  # Thinker/Talker: wait for rows fed by the upstream step before stepping
+    num_cpus: float = Field(0.2, ge=0)  # CPUs reserved per replica (fractions on small machines, or serve.run waits)
+    num_gpus: float = Field(0.0, ge=0)  # GPUs per replica (fractions share one GPU between stages)
+    max_ongoing_requests: int = Field(64, ge=1)  # requests a replica takes at once before Serve queues them
+    resources: dict[str, float] = Field(default_factory=dict)  # Ray custom resources per replica (node placement)
 
     def serve_options(self) -> dict:
         """The options of `Deployment.options(...)`."""
-        opts: dict[str, Any] = {"max_ongoing_requests": self.max_ongoing_requests,
-                                "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            actor["resources"] = dict(self.resources)
+        opts: dict[str, Any] = {"max_ongoing_requests": self.max_ongoing_requests, "ray_actor_options": actor}
         if self.autoscaling_config:
             opts["autoscaling_config"] = self.autoscaling_config
         else:
@@ -37,30 +69,65 @@ class DeploymentOptions(BaseModel):
         return opts
 
 
-class ServeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EncoderDeploymentOptions(DeploymentOptions):
+    max_batch_size: int = Field(8, ge=1)  # items of concurrent requests per @serve.batch call
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=1)  # how long a batch waits to fill
+
+
+class Deployments(_Strict):
+    ingress: DeploymentOptions = DeploymentOptions(num_cpus=0.1)  # FastAPI, prompt building, media decoding
+    vision_encoder: EncoderDeploymentOptions = EncoderDeploymentOptions()
+    audio_encoder: EncoderDeploymentOptions = EncoderDeploymentOptions()
+    thinker: DeploymentOptions = DeploymentOptions()
+    talker: DeploymentOptions = DeploymentOptions()
+    vocoder: DeploymentOptions = DeploymentOptions()
+
+
+class ServeConfig(PipelineConfig):
     model: str = "tiny"  # preset, checkpoint directory or hub id (the CLI's --model wins)
     device: str = "cpu"  # "cuda" on GPU nodes: every stage's weights go there
     dtype: Optional[str] = None  # None: float32 on CPU, bfloat16 on CUDA
-    max_model_len: int = 32768  # prompt + max_tokens at most
-    max_tokens: Optional[int] = 4096  # per-request max_tokens limit (400 past it)
-    max_concurrent_requests: int = 64  # per ingress replica; 503 past it
-    default_max_tokens: int = 256  # text tokens when a request does not say
-    default_speech_tokens: int = 2048  # codec tokens (50 per second of speech) when a request does not say
-    max_body_bytes: int = 100 * 2**20  # 413 past it
-    talker_emit_every: int = 4  # codec ids per Talker -> vocoder hand-off
-    vocoder: dict[str, Any] = Field(default_factory=dict)  # VocoderConfig fields (chunk schedule, context)
-    media: dict[str, Any] = Field(default_factory=dict)  # MediaLimits fields
-    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(num_cpus=0.1))
-    vision_encoder: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    audio_encoder: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    thinker: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    talker: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(batch_wait_s=0.01))
-    vocoder_deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    max_tokens: Optional[int] = Field(4096, ge=1)  # per-request max_tokens limit (400 past it); None: max_model_len
+    max_concurrent_requests: int = Field(64, ge=1)  # chat completions in flight per ingress replica; 503 past it
+    default_max_tokens: int = Field(256, ge=1)  # text tokens when a request does not say
+    default_speech_tokens: int = Field(2048, ge=1)  # codec tokens (50 per second of speech) when a request does not say
+    max_body_bytes: int = Field(100 * 2**20, ge=1)  # request bodies past this get 413
+    media: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames, sampling
+    deployments: Deployments = Deployments()  # Ray Serve resources per deployment
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v is not None and v not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {v!r}")
+        return v
+
+    @property
+    def torch_dtype(self) -> str:
+        return self.dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
+
+
+def _loc(loc) -> str:
+    out = ""
+    for x in loc:
+        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+    return out
+
+
+def config_error(exc: ValidationError, what: str) -> ConfigError:
+    """pydantic's errors -> one ConfigError naming each bad key by its path."""
+    lines = []
+    for err in exc.errors():
+        kind = err.get("type", "")
+        msg = "unknown field" if kind in ("extra_forbidden", "unexpected_keyword_argument") else \
+            str(err.get("msg", "")).removeprefix("Value error, ")
+        lines.append(f"{_loc(err.get('loc', ()))}: {msg}")
+    return ConfigError(f"{what}: " + "; ".join(lines))
 
 
 def load_serve_config(path: Optional[str] = None) -> ServeConfig:
-    """A YAML path, a name under configs/serve/ ("tiny"), or None for the defaults."""
+    """A YAML path, a name under configs/serve/ ("tiny"), or None for the defaults. Raises FileNotFoundError for a
+    name that is neither, ConfigError for content that does not fit."""
     if path is None:
         return ServeConfig()
     p = Path(path)
@@ -70,4 +137,9 @@ def load_serve_config(path: Optional[str] = None) -> ServeConfig:
         names = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no serve config {path!r} (a YAML path, or one of {names})")
     data = yaml.safe_load(p.read_text()) or {}
-    return ServeConfig(**data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a serve config is a YAML mapping, got {type(data).__name__}")
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(exc, str(p)) from None

@@ -1,23 +1,23 @@
-"""Stage composition as async streams: each stage consumes its upstream's items, passes through what is not for it,
-and yields its own outputs as they come. The in-process pipeline chains them directly; the Ray deployments chain the
-same functions over DeploymentHandle generators. No ray import here.
+"""The generating stages as async streams: each consumes its upstream's items, passes through what is not for it,
+and yields its own outputs as they come. In process, `Pipeline` chains them directly; on Ray, each generation
+deployment runs one of them over its upstream deployment's handle stream (serve/cluster/deployments.py). No ray here.
 
-    thinker items:  TextDelta, TalkerPrompt, ThinkerToTalker, ThinkerDone
-    talker_stream:  consumes TalkerPrompt / ThinkerToTalker; yields TalkerToVocoder, TalkerDone (+ passes the rest)
-    vocoder_stream: consumes TalkerToVocoder; yields AudioChunk (+ passes the rest)
+    ThinkerStage:  the root: TextDelta, TalkerPrompt, ThinkerToTalker, ThinkerDone (omni.types.ThinkerItem)
+    TalkerStage:   consumes TalkerPrompt / ThinkerToTalker; adds TalkerToVocoder, TalkerDone (omni.types.TalkerItem)
+    VocoderStage:  consumes TalkerToVocoder; adds AudioChunk
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-from typing import AsyncIterator, Callable, Optional
-
-import numpy as np
+from typing import AsyncIterator, Callable
 
 from omni.talker import Talker
-from omni.types import AudioChunk, SamplingParams, TalkerPrompt, TalkerToVocoder, ThinkerToTalker
+from omni.thinker import Thinker
+from omni.types import (AudioChunk, Generation, MediaEmbeddings, PreparedPrompt, TalkerPrompt, TalkerToVocoder,
+                        ThinkerItem, ThinkerToTalker)
+from omni.decoders.loop import VocoderLoop
 
-__all__ = ["merge_with_upstream", "talker_stream", "VocoderLoop", "vocoder_stream"]
+__all__ = ["merge_with_upstream", "ThinkerStage", "TalkerStage", "VocoderStage"]
 
 _DONE = object()
 
@@ -25,7 +25,6 @@ _DONE = object()
 class _Failed:
     def __init__(self, exc: BaseException):
         self.exc = exc
-
 
 async def merge_with_upstream(upstream: AsyncIterator, consume: Callable[[object], bool],
                               own: AsyncIterator) -> AsyncIterator:
@@ -62,122 +61,69 @@ async def merge_with_upstream(upstream: AsyncIterator, consume: Callable[[object
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def talker_stream(talker: Talker, upstream: AsyncIterator, request_id: str, voice: str,
-                  sampling: SamplingParams) -> AsyncIterator:
-    seq, own = talker.generate(request_id, voice, sampling)
+class ThinkerStage:
+    """The root of the chain: the continuous-batching Thinker."""
 
-    def consume(item) -> bool:
-        if isinstance(item, (TalkerPrompt, ThinkerToTalker)):
-            seq.feed(item)
-            talker.loop.wake()
-            return True
-        return False
+    def __init__(self, thinker: Thinker):
+        self.thinker = thinker
 
-    return merge_with_upstream(upstream, consume, own)
+    def run(self, gen: Generation, prompt: PreparedPrompt, media: MediaEmbeddings) -> AsyncIterator[ThinkerItem]:
+        return self.thinker.generate(gen.request_id, prompt, media, gen.sampling, for_talker=gen.speak)
+
+    def stats(self) -> dict:
+        return self.thinker.engine.stats()
 
 
-class VocoderLoop:
-    """Runs the chunked vocoder for every open stream of this process: whenever some streams have a chunk ready, one
-    batched `Token2Wav.step` call (in a worker thread) serves them all."""
+class TalkerStage:
+    """Codec tokens one Thinker step behind, step-batched across requests."""
 
-    def __init__(self, vocoder):
-        self.vocoder = vocoder  # omni.decoders.token2wav.Token2Wav
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vocoder")
-        self._streams: dict[int, tuple[object, asyncio.Queue]] = {}
-        self._wake: Optional[asyncio.Event] = None
-        self._task: Optional[asyncio.Task] = None
-        self._ended: set[int] = set()
-        self.num_calls = 0  # batched step calls so far
-        self.max_batch = 0
+    def __init__(self, talker: Talker):
+        self.talker = talker
 
-    def _ensure_running(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
-            self._wake = asyncio.Event()
-            self._task = loop.create_task(self._run(), name="vocoder-loop")
+    def run(self, gen: Generation, upstream: AsyncIterator) -> AsyncIterator:
+        seq, own = self.talker.generate(gen.request_id, gen.voice, gen.talker_sampling)
 
-    def wake(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+        def consume(item) -> bool:
+            if isinstance(item, (TalkerPrompt, ThinkerToTalker)):
+                seq.feed(item)
+                self.talker.loop.wake()
+                return True
+            return False
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            for key, (s, q) in list(self._streams.items()):
-                if s.finished and key not in self._ended:  # after its last chunks were dispatched (same thread)
-                    self._ended.add(key)
-                    q.put_nowait(_DONE)
-            ready = [(s, q) for s, q in self._streams.values() if s.ready and not s.finished]
-            if not ready:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            streams = [s for s, _ in ready]
-            try:
-                chunks = await loop.run_in_executor(self._executor, self.vocoder.step, streams)
-            except Exception as exc:  # fail the streams of this call, keep serving the others
-                for _, q in ready:
-                    q.put_nowait(exc)
-                continue
-            self.num_calls += 1
-            self.max_batch = max(self.max_batch, len(streams))
-            for (s, q), pcm in zip(ready, chunks):
-                for c in pcm:
-                    q.put_nowait(c)
+        return merge_with_upstream(upstream, consume, own)
 
-    async def run(self, stream, codes: AsyncIterator[TalkerToVocoder]) -> AsyncIterator[np.ndarray]:
-        """PCM chunks of `stream` as the codes arrive."""
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[id(stream)] = (stream, q)
-        self._ensure_running()
+    def stats(self) -> dict:
+        return self.talker.engine.stats()
 
-        async def feed():
-            async for item in codes:
-                stream.push(item.codes, last=item.last)
-                self.wake()
 
-        feeder = asyncio.ensure_future(feed())
-        try:
+class VocoderStage:
+    """PCM chunks as the codes arrive, the chunks of concurrent streams batched (omni.decoders.loop)."""
+
+    def __init__(self, loop: VocoderLoop):
+        self.loop = loop
+
+    def run(self, gen: Generation, upstream: AsyncIterator) -> AsyncIterator:
+        stream = self.loop.vocoder.open_stream(gen.voice, gen.vocoder_seed, max_codes=gen.talker_sampling.max_tokens)
+        codes: asyncio.Queue = asyncio.Queue()
+
+        def consume(item) -> bool:
+            if isinstance(item, TalkerToVocoder):
+                codes.put_nowait(item)
+                return True
+            return False
+
+        async def code_items():
             while True:
-                getter = asyncio.ensure_future(q.get())
-                done, _ = await asyncio.wait({getter, feeder} if not feeder.done() else {getter},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    feeder.result()  # re-raise a failed feed
-                    continue
-                item = getter.result()
-                if item is _DONE:
-                    return
-                if isinstance(item, Exception):
-                    raise item
+                item = await codes.get()
                 yield item
-        finally:
-            feeder.cancel()
-            self._streams.pop(id(stream), None)
-            self._ended.discard(id(stream))
+                if item.last:
+                    return
 
+        async def audio():
+            async for pcm in self.loop.run(stream, code_items()):
+                yield AudioChunk(pcm)
 
-def vocoder_stream(loop: VocoderLoop, upstream: AsyncIterator, voice: str, seed: int,
-                   max_codes: int) -> AsyncIterator:
-    stream = loop.vocoder.open_stream(voice, seed, max_codes=max_codes)
-    codes: asyncio.Queue = asyncio.Queue()
+        return merge_with_upstream(upstream, consume, audio())
 
-    def consume(item) -> bool:
-        if isinstance(item, TalkerToVocoder):
-            codes.put_nowait(item)
-            return True
-        return False
-
-    async def code_items():
-        while True:
-            item = await codes.get()
-            yield item
-            if item.last:
-                return
-
-    async def audio():
-        async for pcm in loop.run(stream, code_items()):
-            yield AudioChunk(pcm)
-
-    return merge_with_upstream(upstream, consume, audio())
+    def stats(self) -> dict:
+        return self.loop.stats()

@@ -22,6 +22,21 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def pipeline(tiny):
+    """The in-process pipeline over the shared tiny model (the HTTP tests' backend and the Serve app's oracle)."""
+    from omni.serve.pipeline import Pipeline
+
+    return Pipeline(tiny)
+
+
+@pytest.fixture(scope="session")
+def stop_codes(tiny) -> tuple[int, int]:
+    """The Talker's stop codes (codec pad, codec end), from the model config."""
+    talker = tiny.model.talker
+    return talker.codec_pad_token, talker.codec_eos_token
+
+
+@pytest.fixture(scope="session")
 def media_dir(tmp_path_factory) -> Path:
     """speech.wav (espeak-ng, 16 kHz mono, ~3 s), clip.mp4 (ffmpeg test pattern 2 s, 8 fps, 112x112, AAC speech),
     image.png (PIL, 112x84)."""

@@ -19,8 +19,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from omni.types import (AUDIO_SAMPLE_RATE, TALKER_DEFAULT_SAMPLING, AudioChunk, AudioPart, ChatRequest, Event,
-                        Finished, ImagePart, InvalidRequest, Message, SamplingParams, TextDelta, TextPart, VideoPart)
+from omni.types import (AUDIO_SAMPLE_RATE, DEFAULT_VOICE, TALKER_DEFAULT_SAMPLING, AudioChunk, AudioPart,
+                        ChatRequest, Event, Finished, ImagePart, InvalidRequest, Message, SamplingParams, TextDelta,
+                        TextPart, VideoPart)
+from omni.encoders.sources import MediaLimits, MediaPolicy
 from omni.serve.api.audio_io import pcm16_bytes, wav_bytes
 from omni.serve.api.protocol import (AUDIO_FORMATS, AssistantMessage, AudioURLContent, ChatCompletionAudio,
                                  ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, Delta,
@@ -28,9 +30,8 @@ from omni.serve.api.protocol import (AUDIO_FORMATS, AssistantMessage, AudioURLCo
                                  StageSamplingParams, StreamChoice, TextContent, Usage, VideoURLContent)
 
 __all__ = ["ConvertOptions", "to_chat_request", "resolve_sampling", "Completion", "error_response", "sse",
-           "SSE_DONE", "DEFAULT_VOICE"]
+           "SSE_DONE"]
 
-DEFAULT_VOICE = "Chelsie"
 SSE_DONE = "data: [DONE]\n\n"
 AUDIO_EXPIRY_S = 3600  # message.audio.expires_at = created + this (OpenAI's field; nothing is kept server-side)
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "repetition_penalty")
@@ -43,9 +44,8 @@ class ConvertOptions:
     default_sampling: SamplingParams = SamplingParams()  # the Thinker's when the request says nothing (the
     #                                                     checkpoint's generation config; max_tokens is replaced)
     default_speech_tokens: int = 2048  # the Talker's max codec tokens (50 per second) unless sampling_params_list[1]
-    media_limits: Optional[object] = None  # omni.encoders.media.MediaLimits; None: its defaults
-    media_policy: Optional[object] = None  # omni.encoders.media.MediaPolicy; None: its defaults
-    allowed_local_media_path: Optional[str] = None  # folded into the policy when set
+    media_limits: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames
+    media_policy: MediaPolicy = MediaPolicy()  # where media may come from (data: always; local paths, http(s))
     voices: tuple[str, ...] = ()  # the backend's voices, to accept "chelsie" for "Chelsie"; empty: as sent
 
 
@@ -92,21 +92,12 @@ def _b64decode(data: str, param: str) -> bytes:
     return raw
 
 
-def _media_kwargs(opts: ConvertOptions) -> dict:
-    from omni.encoders import media
-
-    policy = opts.media_policy or media.MediaPolicy()
-    if opts.allowed_local_media_path is not None:
-        policy = replace(policy, allowed_local_media_path=opts.allowed_local_media_path)
-    return {"limits": opts.media_limits or media.MediaLimits(), "policy": policy}
-
-
 def _convert_part(part, param: str, use_audio_in_video: bool, opts: ConvertOptions):
     if isinstance(part, TextContent):
         return TextPart(part.text)
     from omni.encoders import media
 
-    kw = _media_kwargs(opts)  # per part: cheap, and text-only requests never import the media module
+    kw = {"limits": opts.media_limits, "policy": opts.media_policy}
     if isinstance(part, ImageContent):
         return ImagePart(media.load_image(part.image_url.url, **kw))
     if isinstance(part, AudioURLContent):

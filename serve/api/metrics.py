@@ -46,9 +46,6 @@ class Metrics:
         self.encoder_batch = Histogram(f"{p}_encoder_batch_size", "Items per encoder call", ["kind"],
                                        buckets=_BATCH_BUCKETS, registry=r)
 
-    def __reduce__(self):  # a pickled app (Ray Serve's @serve.ingress(app)) gets fresh, empty metrics
-        return (Metrics, (None, self.prefix))
-
     def track(self) -> "RequestTrack":
         return RequestTrack(self)
 

@@ -1,9 +1,8 @@
 """The OpenAI-compatible HTTP app: `build_fastapi(backend, settings)` -> FastAPI with GET /health, GET /v1/models,
 GET /metrics and POST /v1/chat/completions.
 
-The app holds no module-level state: settings, the backend, the admission counter and the metrics registry live
-on `app.state`, so the same app object serves under uvicorn and as a Ray Serve ingress (`@serve.ingress(app)`
-pickles the app: give it a backend factory, or build the app in `__serve_build_asgi_app__`).
+The app holds no module-level state: the backend, settings, admission counter and metrics registry belong to the
+app (the Ray ingress builds it in its replica, in `__serve_build_asgi_app__`).
 
 Errors are OpenAI's error body. Client input never gives a 500: bad JSON / fields / media / sampling -> 400,
 unknown model -> 404, body or media too large -> 413, missing or wrong key -> 401, over the concurrency limit
@@ -19,7 +18,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional, Protocol, Union
+from typing import AsyncIterator, Callable, Optional, Protocol
 
 import anyio
 from fastapi import FastAPI, Request
@@ -29,7 +28,8 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from omni.types import ChatRequest, Event, InvalidRequest
+from omni.types import ChatRequest, Event, InvalidRequest, SamplingParams
+from omni.encoders.sources import MediaLimits, MediaPolicy
 from omni.serve.api.metrics import CONTENT_TYPE_LATEST, Metrics, RequestTrack
 from omni.serve.api.convert import SSE_DONE, Completion, ConvertOptions, error_response, sse, to_chat_request
 from omni.serve.api.protocol import ChatCompletionRequest, ModelCard, ModelList
@@ -40,7 +40,8 @@ log = logging.getLogger("omni.serve.api.server")
 
 
 class Backend(Protocol):
-    """What the HTTP layer drives: the in-process Pipeline, or the Ray app's handle-backed ingress."""
+    """What the HTTP layer drives: omni.serve.compose.Composition (the in-process Pipeline, or the Ray app's
+    handle-backed stages)."""
     model_name: str
     voices: list[str]
     max_model_len: int  # prompt + max_tokens limit
@@ -57,12 +58,11 @@ class ServerSettings:
     max_body_bytes: int = 100 * 2**20  # request bodies past this get 413 (base64 media counted as sent)
     max_tokens: Optional[int] = None  # per-request max_tokens limit (400 past it); None: backend.max_model_len
     default_max_tokens: int = 256  # when a request gives no max_tokens (never above the limit)
-    default_sampling: Optional[object] = None  # omni.types.SamplingParams: the Thinker's defaults; None: greedy
+    default_sampling: SamplingParams = SamplingParams()  # the Thinker's defaults (the checkpoint's generation config)
     default_speech_tokens: int = 2048  # the Talker's max codec tokens unless sampling_params_list[1] sets them
     max_concurrent_requests: int = 64  # chat completions in flight per app (replica); 503 past it
-    media_limits: Optional[object] = None  # omni.encoders.media.MediaLimits; None: its defaults
-    media_policy: Optional[object] = None  # omni.encoders.media.MediaPolicy; None: its defaults
-    allowed_local_media_path: Optional[str] = None  # local paths / file:// allowed under this directory only
+    media_limits: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames
+    media_policy: MediaPolicy = MediaPolicy()  # local paths / file:// only under its allowed_local_media_path; http(s)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models `created`
 
 
@@ -273,28 +273,106 @@ async def _sse_body(first: Event, comp: Completion, admitted: _Admitted, metrics
     yield SSE_DONE
 
 
-def build_fastapi(backend: Union[Backend, Callable[[], Backend]], settings: ServerSettings = ServerSettings()
-                  ) -> FastAPI:
-    """backend: a Backend, or a zero-argument factory called (off the event loop) on first use."""
+class _Routes:
+    """The app's state and its handlers, each a named step: admit, convert, then a streamed or a whole response."""
+
+    def __init__(self, backend: Backend, settings: ServerSettings, metrics: Metrics):
+        self.backend, self.settings, self.metrics = backend, settings, metrics
+        self.admission = _Admission(settings.max_concurrent_requests)
+        self.served_name = settings.served_model_name or backend.model_name
+        limit = min(settings.max_tokens or backend.max_model_len, backend.max_model_len)
+        self.convert_options = ConvertOptions(
+            max_tokens_limit=limit, default_max_tokens=settings.default_max_tokens,
+            default_sampling=settings.default_sampling, default_speech_tokens=settings.default_speech_tokens,
+            media_limits=settings.media_limits, media_policy=settings.media_policy, voices=tuple(backend.voices))
+
+    def models(self, request: Request) -> dict:
+        _check_auth(request, self.settings)
+        b = self.backend
+        card = ModelCard(id=self.served_name, created=self.settings.created, root=b.model_name,
+                         max_model_len=b.max_model_len)
+        return ModelList(data=[card]).model_dump()
+
+    def _admit(self, request: Request) -> _Admitted:
+        """Auth, then a concurrency slot; raises HTTPError (401, 503)."""
+        _check_auth(request, self.settings)
+        if not self.admission.try_acquire():
+            raise HTTPError(503, f"server is at its limit of {self.admission.limit} concurrent requests; retry later",
+                            code="overloaded")
+        return _Admitted(self.admission, self.metrics.track())
+
+    async def _convert(self, request: Request) -> tuple[ChatCompletionRequest, ChatRequest]:
+        """Body -> the wire request -> a checked ChatRequest (media decoded off the event loop)."""
+        req = _parse(await _read_body(request, self.settings.max_body_bytes))
+        if req.model and req.model != self.served_name:
+            raise HTTPError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
+        t_media = time.perf_counter()
+        chat = await _until_disconnect(
+            request, run_in_threadpool(to_chat_request, req, uuid.uuid4().hex, self.convert_options))
+        self.metrics.observe_stage("ingress_media", time.perf_counter() - t_media)
+        self.backend.validate(chat)
+        return req, chat
+
+    async def _stream_response(self, request: Request, comp: Completion, admitted: _Admitted) -> Response:
+        try:  # the first event before the headers: an InvalidRequest raised late still gets its 400
+            first = await _until_disconnect(request, admitted.events.__anext__())
+        except StopAsyncIteration:
+            raise RuntimeError("the backend stream ended without any event") from None
+        self.metrics.count(200)
+        return _SSEResponse(_sse_body(first, comp, admitted, self.metrics), admitted)
+
+    async def _whole_response(self, request: Request, comp: Completion, admitted: _Admitted) -> Response:
+        async def collect():
+            async for ev in admitted.events:
+                admitted.track.on_event(ev)
+                comp.feed(ev)
+                if comp.done:
+                    break
+
+        await _until_disconnect(request, collect())
+        response = comp.response()
+        await admitted.release(ok=True)
+        self.metrics.count(200)
+        return JSONResponse(response.model_dump())
+
+    async def chat_completions(self, request: Request) -> Response:
+        try:
+            admitted = self._admit(request)
+        except HTTPError as e:
+            self.metrics.count(e.status)
+            return _error_json(e)
+        try:
+            req, chat = await self._convert(request)
+            comp = Completion(chat.request_id, self.served_name, speak=chat.speak,
+                              audio_format=req.audio.format if req.audio else "wav",
+                              include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                              stop=req.stop_strings)
+            admitted.events = self.backend.stream(chat)
+            if req.stream:
+                return await self._stream_response(request, comp, admitted)
+            return await self._whole_response(request, comp, admitted)
+        except _ClientGone:
+            await admitted.release(ok=False)
+            self.metrics.cancelled.inc()
+            self.metrics.count(499)  # nginx's "client closed request"; nobody reads this response
+            return Response(status_code=499)
+        except BaseException as e:
+            await admitted.release(ok=False)
+            if not isinstance(e, Exception):
+                raise
+            err = classify_error(e)
+            if err.status >= 500:
+                log.exception("request failed")
+            self.metrics.count(err.status)
+            return _error_json(err)
+
+
+def build_fastapi(backend: Backend, settings: ServerSettings = ServerSettings(),
+                  metrics: Optional[Metrics] = None) -> FastAPI:
+    """The app over `backend`; `metrics`: the registry to record into (a fresh one by default)."""
     app = FastAPI(title="omni", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.settings = settings
-    app.state.metrics = Metrics()
-    app.state.admission = _Admission(settings.max_concurrent_requests)
-    if hasattr(backend, "stream"):
-        app.state.backend, app.state.backend_factory = backend, None
-    else:
-        app.state.backend, app.state.backend_factory = None, backend
-    app.state.backend_lock = asyncio.Lock()
-
-    async def get_backend() -> Backend:
-        if app.state.backend is None:
-            async with app.state.backend_lock:
-                if app.state.backend is None:
-                    app.state.backend = await run_in_threadpool(app.state.backend_factory)
-        return app.state.backend
-
-    def served_name(b: Backend) -> str:
-        return settings.served_model_name or b.model_name
+    routes = _Routes(backend, settings, metrics or Metrics())
+    app.state.settings, app.state.metrics, app.state.admission = settings, routes.metrics, routes.admission
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError):
@@ -319,87 +397,15 @@ def build_fastapi(backend: Union[Backend, Callable[[], Backend]], settings: Serv
 
     @app.get("/v1/models")
     async def models(request: Request):
-        _check_auth(request, settings)
-        b = await get_backend()
-        card = ModelCard(id=served_name(b), created=settings.created, root=b.model_name,
-                         max_model_len=b.max_model_len)
-        return ModelList(data=[card]).model_dump()
+        return routes.models(request)
 
     @app.get("/metrics")
     async def metrics_route(request: Request):
         _check_auth(request, settings)
-        return Response(app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(routes.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        metrics: Metrics = app.state.metrics
-        admission: _Admission = app.state.admission
-        try:
-            _check_auth(request, settings)
-        except HTTPError as e:
-            metrics.count(e.status)
-            return _error_json(e)
-        if not admission.try_acquire():
-            metrics.count(503)
-            return _error_json(HTTPError(503, f"server is at its limit of {admission.limit} concurrent requests; "
-                                              "retry later", code="overloaded"))
-        admitted = _Admitted(admission, metrics.track())
-        try:
-            b = await get_backend()
-            req = _parse(await _read_body(request, settings.max_body_bytes))
-            if req.model and req.model != served_name(b):
-                raise HTTPError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
-            opts = ConvertOptions(max_tokens_limit=min(settings.max_tokens or b.max_model_len, b.max_model_len),
-                                  default_max_tokens=settings.default_max_tokens,
-                                  default_speech_tokens=settings.default_speech_tokens,
-                                  **({"default_sampling": settings.default_sampling}
-                                     if settings.default_sampling is not None else {}),
-                                  media_limits=settings.media_limits, media_policy=settings.media_policy,
-                                  allowed_local_media_path=settings.allowed_local_media_path,
-                                  voices=tuple(b.voices))
-            request_id = uuid.uuid4().hex
-            t_media = time.perf_counter()
-            chat = await _until_disconnect(request, run_in_threadpool(to_chat_request, req, request_id, opts))
-            metrics.observe_stage("ingress_media", time.perf_counter() - t_media)
-            b.validate(chat)
-            comp = Completion(request_id, served_name(b), speak=chat.speak,
-                              audio_format=req.audio.format if req.audio else "wav",
-                              include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                              stop=req.stop_strings)
-            events = admitted.events = b.stream(chat)
-            if req.stream:
-                try:  # the first event before the headers: an InvalidRequest raised late still gets its 400
-                    first = await _until_disconnect(request, events.__anext__())
-                except StopAsyncIteration:
-                    raise RuntimeError("the backend stream ended without any event") from None
-                metrics.count(200)
-                return _SSEResponse(_sse_body(first, comp, admitted, metrics), admitted)
-
-            async def collect():
-                async for ev in events:
-                    admitted.track.on_event(ev)
-                    comp.feed(ev)
-                    if comp.done:
-                        break
-
-            await _until_disconnect(request, collect())
-            response = comp.response()
-            await admitted.release(ok=True)
-            metrics.count(200)
-            return JSONResponse(response.model_dump())
-        except _ClientGone:
-            await admitted.release(ok=False)
-            metrics.cancelled.inc()
-            metrics.count(499)  # nginx's "client closed request"; nobody reads this response
-            return Response(status_code=499)
-        except BaseException as e:
-            await admitted.release(ok=False)
-            if not isinstance(e, Exception):
-                raise
-            err = classify_error(e)
-            if err.status >= 500:
-                log.exception("request failed")
-            metrics.count(err.status)
-            return _error_json(err)
+        return await routes.chat_completions(request)
 
     return app

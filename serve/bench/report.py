@@ -1,11 +1,13 @@
 """`omni bench` output: the Markdown table (printed and written), results.json and, when matplotlib is importable,
-results.png. Reads the dict `omni.serve.bench.run_bench` returns."""
+results.png, from the BenchResults `omni.serve.bench.run.run_bench` returns."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 from typing import Optional
+
+from omni.serve.bench.results import BenchResults, EncoderResult, Level, Stats, Summary
 
 __all__ = ["markdown", "write_report", "plot_png"]
 
@@ -24,8 +26,8 @@ def _ratio(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
-def _mean(stats: Optional[dict]) -> Optional[float]:
-    return None if stats is None else stats["mean"]
+def _mean(stats: Optional[Stats]) -> Optional[float]:
+    return None if stats is None else stats.mean
 
 
 def _pair(ours: Optional[float], official: Optional[float], ratio: Optional[float], fmt=_num) -> str:
@@ -33,47 +35,47 @@ def _pair(ours: Optional[float], official: Optional[float], ratio: Optional[floa
     return f"{fmt(ours)} / {fmt(official)} ({_ratio(ratio)})"
 
 
-def _latency_rows(levels: list[dict]) -> list[tuple]:
+def _latency_rows(levels: list[Level]) -> list[tuple]:
     """(metric, ours, official, ratio, better) at the lowest concurrency level."""
-    c = min(lv["concurrency"] for lv in levels)
-    by_mode = {lv["mode"]: lv for lv in levels if lv["concurrency"] == c}
+    c = min(lv.concurrency for lv in levels)
+    by_mode = {lv.mode: lv for lv in levels if lv.concurrency == c}
     rows = []
     if "text" in by_mode:
         lv = by_mode["text"]
-        rows.append((f"TTFT, text only (ms), c={c}", _ms(_mean(lv["ours"]["ttft_s"])),
-                     _ms(_mean(lv["official"]["ttft_s"])), _ratio(lv["ratio"]["ttft"]), _LOWER))
+        rows.append((f"TTFT, text only (ms), c={c}", _ms(_mean(lv.ours.ttft_s)),
+                     _ms(_mean(lv.official.ttft_s)), _ratio(lv.ratio.ttft), _LOWER))
     if "text+speech" in by_mode:
         lv = by_mode["text+speech"]
-        o, f, r = lv["ours"], lv["official"], lv["ratio"]
+        o, f, r = lv.ours, lv.official, lv.ratio
         rows += [
-            (f"TTFT, text+speech (ms), c={c}", _ms(_mean(o["ttft_s"])), _ms(_mean(f["ttft_s"])), _ratio(r["ttft"]),
+            (f"TTFT, text+speech (ms), c={c}", _ms(_mean(o.ttft_s)), _ms(_mean(f.ttft_s)), _ratio(r.ttft),
              _LOWER),
-            (f"TTFAP, first audio packet (ms), c={c}", _ms(_mean(o["ttfap_s"])), _ms(_mean(f["ttfap_s"])),
-             _ratio(r["ttfap"]), _LOWER),
-            (f"end to end, text+speech (ms), c={c}", _ms(_mean(o["e2e_s"])), _ms(_mean(f["e2e_s"])), _ratio(r["e2e"]),
+            (f"TTFAP, first audio packet (ms), c={c}", _ms(_mean(o.ttfap_s)), _ms(_mean(f.ttfap_s)),
+             _ratio(r.ttfap), _LOWER),
+            (f"end to end, text+speech (ms), c={c}", _ms(_mean(o.e2e_s)), _ms(_mean(f.e2e_s)), _ratio(r.e2e),
              _LOWER),
             ("TTFAP / end to end", _num(_frac(o)), _num(_frac(f)), "", _LOWER),
-            (f"real-time factor (compute s / speech s), c={c}", _num(o["rtf"]), _num(f["rtf"]), _ratio(r["rtf"]),
+            (f"real-time factor (compute s / speech s), c={c}", _num(o.rtf), _num(f.rtf), _ratio(r.rtf),
              _LOWER),
         ]
     return rows
 
 
-def _frac(summary: dict) -> Optional[float]:
-    ttfap, e2e = _mean(summary["ttfap_s"]), _mean(summary["e2e_s"])
+def _frac(summary: Summary) -> Optional[float]:
+    ttfap, e2e = _mean(summary.ttfap_s), _mean(summary.e2e_s)
     return None if ttfap is None else ttfap / e2e
 
 
-def _encoders(results: dict) -> dict:
-    return {name: e for name, e in results["encoders"].items() if isinstance(e, dict)}  # "processor_s" is not one
+def _encoders(results: BenchResults) -> dict[str, EncoderResult]:
+    return results.encoders.towers()
 
 
-def markdown(results: dict) -> str:
-    s, levels = results["settings"], results["levels"]
-    cpu = results["device"] == "cpu"
+def markdown(results: BenchResults) -> str:
+    s, levels = results.settings, results.levels
+    cpu = results.device == "cpu"
     lines = [
-        f"# omni bench: `{results['model']}` on {results['device']} ({results['device_name']}, "
-        f"{results['cpu_count']} cores, {results['torch_threads']} torch threads)",
+        f"# omni bench: `{results.model}` on {results.device} ({results.device_name}, "
+        f"{results.cpu_count} cores, {results.torch_threads} torch threads)",
         "",
         "Ours: the staged streaming pipeline (requests run concurrently, continuous batching). Official: transformers "
         "`generate` on the same loaded checkpoint, one request at a time (no streaming: its first text and first "
@@ -92,21 +94,21 @@ def markdown(results: dict) -> str:
               "| output | c | requests | req/s | text tok/s | TTFT mean (ms) | TTFAP mean (ms) | RTF | same ids "
               "(text, codec) |", "|---|---:|---:|---|---|---|---|---|---|"]
     for lv in levels:
-        o, f, r, m = lv["ours"], lv["official"], lv["ratio"], lv["match"]
-        cells = [lv["mode"], str(lv["concurrency"]), str(lv["requests"]),
-                 _pair(o["req_per_s"], f["req_per_s"], r["req_per_s"]),
-                 _pair(o["text_tokens_per_s"], f["text_tokens_per_s"], r["text_tokens_per_s"], lambda x: _num(x, 1)),
-                 _pair(_mean(o["ttft_s"]), _mean(f["ttft_s"]), r["ttft"], _ms)]
-        if lv["mode"] == "text+speech":
-            cells += [_pair(_mean(o["ttfap_s"]), _mean(f["ttfap_s"]), r["ttfap"], _ms),
-                      _pair(o["rtf"], f["rtf"], r["rtf"]),
-                      f"{m['text_ids']:.0%}, {m['codec_ids']:.0%}"]
+        o, f, r, m = lv.ours, lv.official, lv.ratio, lv.match
+        cells = [lv.mode, str(lv.concurrency), str(lv.requests),
+                 _pair(o.req_per_s, f.req_per_s, r.req_per_s),
+                 _pair(o.text_tokens_per_s, f.text_tokens_per_s, r.text_tokens_per_s, lambda x: _num(x, 1)),
+                 _pair(_mean(o.ttft_s), _mean(f.ttft_s), r.ttft, _ms)]
+        if lv.mode == "text+speech":
+            cells += [_pair(_mean(o.ttfap_s), _mean(f.ttfap_s), r.ttfap, _ms),
+                      _pair(o.rtf, f.rtf, r.rtf),
+                      f"{m.text_ids:.0%}, {m.codec_ids:.0%}"]
         else:
-            cells += ["-", "-", f"{m['text_ids']:.0%}, -"]
+            cells += ["-", "-", f"{m.text_ids:.0%}, -"]
         lines.append("| " + " | ".join(cells) + " |")
-    hidden = [lv for lv in levels if min(lv["ours"]["visible_text"], lv["official"]["visible_text"]) < 1]
+    hidden = [lv for lv in levels if min(lv.ours.visible_text, lv.official.visible_text) < 1]
     if hidden:
-        share = min(min(lv["ours"]["visible_text"], lv["official"]["visible_text"]) for lv in hidden)
+        share = min(min(lv.ours.visible_text, lv.official.visible_text) for lv in hidden)
         lines += ["", f"Note: in {len(hidden)} of {len(levels)} levels some replies had no visible text (as few as "
                       f"{share:.0%} had any): their ids decode to nothing, as a random checkpoint's ids beyond its "
                       "tokenizer do. TTFT covers only the replies with text (\"-\": none had any)."]
@@ -114,18 +116,18 @@ def markdown(results: dict) -> str:
               "|---|---:|---:|---:|---:|"]
     encoders = _encoders(results)
     for name, e in encoders.items():
-        lines.append(f"| {name} | {e['items']} | {e['batch1_items_per_s']:.1f} | {e['batch_items_per_s']:.1f} "
-                     f"(batch {e['batch_size']}) | {_ratio(e['speedup'])} |")
-    n_items = sum(e["items"] for e in encoders.values())
+        lines.append(f"| {name} | {e.items} | {e.batch1_items_per_s:.1f} | {e.batch_items_per_s:.1f} "
+                     f"(batch {e.batch_size}) | {_ratio(e.speedup)} |")
+    n_items = sum(e.items for e in encoders.values())
     lines += ["", f"Encoder inputs came from the model's processor in one call for the {n_items} items: "
-                  f"{results['encoders']['processor_s']:.2f} s, "
+                  f"{results.encoders.processor_s:.2f} s, "
                   "not counted above."]
-    lines += ["", f"Whole run: {results['wall_s']:.0f} s (torch {results['versions']['torch']}, transformers "
-                  f"{results['versions']['transformers']})."]
+    lines += ["", f"Whole run: {results.wall_s:.0f} s (torch {results.versions['torch']}, transformers "
+                  f"{results.versions['transformers']})."]
     return "\n".join(lines) + "\n"
 
 
-def plot_png(results: dict, path: Path) -> bool:
+def plot_png(results: BenchResults, path: Path) -> bool:
     """req/s, TTFT and TTFAP against concurrency (ours vs official) and the encoders' batch gain; False when
     matplotlib is missing."""
     try:
@@ -135,18 +137,18 @@ def plot_png(results: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    levels = results["levels"]
+    levels = results.levels
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    panels = [("requests/s", lambda s: s["req_per_s"]), ("TTFT mean (s)", lambda s: _mean(s["ttft_s"])),
-              ("TTFAP mean (s), text+speech", lambda s: _mean(s["ttfap_s"]))]
+    panels = [("requests/s", lambda s: s.req_per_s), ("TTFT mean (s)", lambda s: _mean(s.ttft_s)),
+              ("TTFAP mean (s), text+speech", lambda s: _mean(s.ttfap_s))]
     for ax, (title, get) in zip(axes, panels):
         for mode, style in (("text", "-"), ("text+speech", "--")):
-            lvs = [lv for lv in levels if lv["mode"] == mode]
+            lvs = [lv for lv in levels if lv.mode == mode]
             for backend, marker in (("ours", "o"), ("official", "s")):
-                ys = [get(lv[backend]) for lv in lvs]
+                ys = [get(getattr(lv, backend)) for lv in lvs]
                 if any(y is not None for y in ys):
-                    ax.plot([lv["concurrency"] for lv in lvs], ys, style, marker=marker, label=f"{backend}, {mode}")
-        cs = sorted({lv["concurrency"] for lv in levels})
+                    ax.plot([lv.concurrency for lv in lvs], ys, style, marker=marker, label=f"{backend}, {mode}")
+        cs = sorted({lv.concurrency for lv in levels})
         ax.set(title=title, xlabel="concurrency", xscale="log")
         ax.set_xticks(cs, [str(c) for c in cs], minor=False)
         ax.minorticks_off()
@@ -154,24 +156,24 @@ def plot_png(results: dict, path: Path) -> bool:
             ax.legend(fontsize=7)
     enc = _encoders(results)
     names = list(enc)
-    axes[3].bar([i - 0.2 for i in range(len(names))], [enc[n]["batch1_items_per_s"] for n in names], 0.4,
+    axes[3].bar([i - 0.2 for i in range(len(names))], [enc[n].batch1_items_per_s for n in names], 0.4,
                 label="batch 1")
-    axes[3].bar([i + 0.2 for i in range(len(names))], [enc[n]["batch_items_per_s"] for n in names], 0.4,
+    axes[3].bar([i + 0.2 for i in range(len(names))], [enc[n].batch_items_per_s for n in names], 0.4,
                 label="batched")
     axes[3].set(title="encoder items/s", xticks=range(len(names)), xticklabels=names)
     axes[3].legend(fontsize=7)
-    fig.suptitle(f"omni bench: {results['model']} on {results['device']}"
-                 + (" (CPU: compare ratios, not absolute times)" if results["device"] == "cpu" else ""))
+    fig.suptitle(f"omni bench: {results.model} on {results.device}"
+                 + (" (CPU: compare ratios, not absolute times)" if results.device == "cpu" else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
 
-def write_report(results: dict, out: Path, plot: bool = True) -> str:
+def write_report(results: BenchResults, out: Path, plot: bool = True) -> str:
     """results.json, results.md and (maybe) results.png under `out`; returns the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(results.to_json(), indent=2) + "\n")
     md = markdown(results)
     (out / "results.md").write_text(md)
     if plot and not plot_png(results, out / "results.png"):

@@ -10,7 +10,7 @@ Phases (progress on stderr):
    (`omni.reference.reference_generate`, one request at a time behind a lock, which is how transformers serves them;
    its latency includes the wait in that queue). Both greedy, bounded tokens, the same requests.
 2. encoders: items/s of the vision and audio towers at batch 1 vs batch `encoder_items`.
-Writes results.json, results.md (also printed) and results.png under `out` (bench_report.py).
+Writes results.json, results.md (also printed) and results.png under `out` (report.py; results typed in results.py).
 
 Time to first text token (TTFT) and to first audio packet (TTFAP) are measured from the request's submission; the
 official path streams nothing, so both are its whole `generate` time. TTFT is what a client sees: the first non-empty
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from omni.assets import samples_dir
+from omni.serve.bench.results import (BenchResults, EncoderResult, Encoders, Level, Match, Ratios, Stats, Summary)
 from omni.reference import reference_generate
 from omni.types import (AUDIO_SAMPLE_RATE, AudioChunk, AudioPart, ChatRequest, Finished, ImagePart, Message,
                         SamplingParams, TextDelta, TextPart, VideoPart)
@@ -58,8 +59,8 @@ class BenchConfig:
     requests: int = 2  # requests per level at least; a level sends max(c, requests)
     max_tokens: int = 32  # text tokens per reply at most (greedy Thinker)
     speech_tokens: int = 64  # codec tokens per reply at most (greedy Talker; 50 codes = 1 s of speech)
-    inputs: tuple[str, ...] = ("image",)  # media in every request, of INPUT_KINDS (audio costs ~0.5 s of CPU feature
-    #                                       extraction per request in both paths: Whisper pads every clip to 30 s)
+    inputs: tuple[str, ...] = ("image",)  # media in every request, of INPUT_KINDS (audio: ours pads its features to
+    #                                       the clip, the official processor to 300 s, ~0.5 s of CPU per request)
     encoder_items: int = 8  # batch size of the batched encoder measurement (vs batch 1)
     encoder_repeats: int = 3  # each encoder timing is the best of this many
     device: Optional[str] = None  # torch device; None: cuda when available, else cpu
@@ -211,50 +212,26 @@ async def closed_loop(one: Callable[[ChatRequest], Awaitable[Sample]], requests:
 
 
 # ---------------------------------------------------------------------------------------------------- summaries
-def _stats(values: list[float]) -> Optional[dict]:
-    if not values:
-        return None
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)),
-            "max": float(v.max())}
-
-
-def summarize(samples: list[Sample], wall_s: float) -> dict:
+def summarize(samples: list[Sample], wall_s: float) -> Summary:
     """One backend at one level: throughput over the level's wall time, latency statistics over its requests."""
     audio_s = sum(s.audio_s for s in samples)
     text_tokens, codec_tokens = sum(s.text_tokens for s in samples), sum(s.codec_tokens for s in samples)
-    return {
-        "requests": len(samples), "wall_s": wall_s, "req_per_s": len(samples) / wall_s,
-        "text_tokens": text_tokens, "text_tokens_per_s": text_tokens / wall_s,
-        "codec_tokens": codec_tokens, "codec_tokens_per_s": codec_tokens / wall_s,
-        "audio_s": audio_s, "rtf": wall_s / audio_s if audio_s > 0 else None,
-        "ttft_s": _stats([s.ttft for s in samples if s.ttft is not None]),
-        "visible_text": sum(s.ttft is not None for s in samples) / len(samples),  # replies with any text
-        "ttfap_s": _stats([s.ttfap for s in samples if s.ttfap is not None]),
-        "e2e_s": _stats([s.e2e for s in samples]),
-    }
+    return Summary(
+        requests=len(samples), wall_s=wall_s, req_per_s=len(samples) / wall_s,
+        text_tokens=text_tokens, text_tokens_per_s=text_tokens / wall_s,
+        codec_tokens=codec_tokens, codec_tokens_per_s=codec_tokens / wall_s,
+        audio_s=audio_s, rtf=wall_s / audio_s if audio_s > 0 else None,
+        ttft_s=Stats.of([s.ttft for s in samples if s.ttft is not None]),
+        visible_text=sum(s.ttft is not None for s in samples) / len(samples),  # replies with any text
+        ttfap_s=Stats.of([s.ttfap for s in samples if s.ttfap is not None]),
+        e2e_s=Stats.of([s.e2e for s in samples]))
 
 
-RATIO_KEYS = {  # ratio name -> how to read it from a summary; ours / official
-    "req_per_s": lambda s: s["req_per_s"], "text_tokens_per_s": lambda s: s["text_tokens_per_s"],
-    "ttft": lambda s: (s["ttft_s"] or {}).get("mean"), "ttfap": lambda s: (s["ttfap_s"] or {}).get("mean"),
-    "e2e": lambda s: s["e2e_s"]["mean"], "rtf": lambda s: s["rtf"],
-}
-
-
-def ratios(ours: dict, official: dict) -> dict:
-    out = {}
-    for name, get in RATIO_KEYS.items():
-        a, b = get(ours), get(official)
-        out[name] = a / b if a is not None and b else None
-    return out
-
-
-def matches(ours: list[Sample], official: list[Sample]) -> dict:
-    """Fraction of requests whose text ids (codec ids) are the same in both paths: a greedy run should give 1.0."""
+def matches(ours: list[Sample], official: list[Sample]) -> Match:
+    """Share of requests whose text ids (codec ids) are the same in both paths: a greedy run should give 1.0."""
     n = len(ours)
-    return {"text_ids": sum(a.token_ids == b.token_ids for a, b in zip(ours, official)) / n,
-            "codec_ids": sum(a.codec_ids == b.codec_ids for a, b in zip(ours, official)) / n}
+    return Match(text_ids=sum(a.token_ids == b.token_ids for a, b in zip(ours, official)) / n,
+                 codec_ids=sum(a.codec_ids == b.codec_ids for a, b in zip(ours, official)) / n)
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -282,7 +259,7 @@ class Progress:
               flush=True)
 
 
-async def load_sweep(pipeline, media: Media, config: BenchConfig, progress: Progress) -> list[dict]:
+async def load_sweep(pipeline, media: Media, config: BenchConfig, progress: Progress) -> list[Level]:
     """Every (mode, level): ours, then the official path, on the same requests."""
     backends = {"ours": lambda r: ours_one(pipeline, r), "official": official_path(pipeline.loaded)}
     progress.note("warm-up: one text+speech request through each path")
@@ -293,15 +270,14 @@ async def load_sweep(pipeline, media: Media, config: BenchConfig, progress: Prog
         mode = "text+speech" if speak else "text"
         for c in config.concurrency:
             n = max(c, config.requests)
-            level = {"mode": mode, "concurrency": c, "requests": n}
-            samples = {}
+            samples, summary = {}, {}
             for name, one in backends.items():
                 reqs = [make_request(media, i, speak, config) for i in range(n)]
                 samples[name], wall = await closed_loop(one, reqs, c, progress.phase(f"{mode} c={c} {name}", n))
-                level[name] = summarize(samples[name], wall)
-            level["ratio"] = ratios(level["ours"], level["official"])
-            level["match"] = matches(samples["ours"], samples["official"])
-            levels.append(level)
+                summary[name] = summarize(samples[name], wall)
+            levels.append(Level(mode, c, n, summary["ours"], summary["official"],
+                                Ratios.of(summary["ours"], summary["official"]),
+                                matches(samples["ours"], samples["official"])))
     return levels
 
 
@@ -314,10 +290,10 @@ def _best_time(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def bench_encoders(pipeline, media: Media, config: BenchConfig, progress: Progress) -> dict:
+def bench_encoders(pipeline, media: Media, config: BenchConfig, progress: Progress) -> Encoders:
     """Items/s of the vision tower (drawn images) and the audio tower (the speech sample and tones of 1-3 s), one
     item per forward vs all `encoder_items` in one forward; the items come from the model's own processor.
-    -> {"image": {...}, "audio": {...}, "processor_s": seconds of that processor call}"""
+    The processor call that makes the items is timed apart (processor_s)."""
     from omni.prompt import prepare_prompt
 
     k = config.encoder_items
@@ -326,18 +302,19 @@ def bench_encoders(pipeline, media: Media, config: BenchConfig, progress: Progre
     progress.note(f"encoders: {k} images and {k} audios through the processor (features, placeholders)")
     t0 = time.perf_counter()
     prompt = prepare_prompt(pipeline.processor, ChatRequest([Message("user", parts + [TextPart("Compare them.")])]))
-    out = {"processor_s": time.perf_counter() - t0}  # one call for all 2k items; not in the items/s below
+    processor_s = time.perf_counter() - t0  # one call for all 2k items; not in the items/s below
+    out = {}
     for name, enc, items in (("image", pipeline.vision, prompt.images), ("audio", pipeline.audio, prompt.audios)):
         progress.note(f"encoders: {name}, {k} items, batch 1 vs batch {k}")
         enc.encode(items[:1])  # warm-up
         one = _best_time(lambda: [enc.encode([it]) for it in items], config.encoder_repeats)
         batched = _best_time(lambda: enc.encode(items), config.encoder_repeats)
-        out[name] = {"items": k, "batch1_items_per_s": k / one, "batch_items_per_s": k / batched,
-                     "batch_size": k, "speedup": one / batched}
-    return out
+        out[name] = EncoderResult(items=k, batch1_items_per_s=k / one, batch_items_per_s=k / batched,
+                                  batch_size=k, speedup=one / batched)
+    return Encoders(image=out["image"], audio=out["audio"], processor_s=processor_s)
 
 
-def run_bench(config: BenchConfig, progress: Optional[Progress] = None) -> dict:
+def run_bench(config: BenchConfig, progress: Optional[Progress] = None) -> BenchResults:
     """Load the model once, run every phase, return the results (what results.json holds)."""
     import transformers
 
@@ -351,14 +328,13 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None) -> dict:
     levels = asyncio.run(load_sweep(pipeline, media, config, progress))
     encoders = bench_encoders(pipeline, media, config, progress)
     device = pipeline.loaded.device
-    return {
-        "model": config.model, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "settings": {f.name: getattr(config, f.name) for f in fields(config)},
-        "levels": levels, "encoders": encoders, "wall_s": time.perf_counter() - t0,
-    }
+    return BenchResults(
+        model=config.model, device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        versions={"torch": torch.__version__, "transformers": transformers.__version__},
+        settings={f.name: getattr(config, f.name) for f in fields(config)},
+        levels=levels, encoders=encoders, wall_s=time.perf_counter() - t0)
 
 
 def main(args) -> int:

@@ -1,9 +1,9 @@
 """The Serve application: `build_app(args) -> Application` (also `serve run omni.serve.app:build_app model=tiny`)
 and `run_server` behind `omni serve`.
 
-Topology (typed Python, here); resources and limits (YAML, configs/serve/):
+Topology (typed Python, here); resources and limits (YAML, configs/serve/, omni.serve.config.ServeConfig):
     Ingress (FastAPI, OpenAI API) -> VisionEncoder, AudioEncoder (@serve.batch)
-                                  -> Vocoder -> Talker -> Thinker   (streaming handle calls, a pull chain)
+                                  -> Vocoder -> Talker -> Thinker   (SPEECH_CHAIN as streaming handle calls)
                                   -> Thinker                         (text only)
 """
 from __future__ import annotations
@@ -15,52 +15,67 @@ import threading
 import time
 from typing import Any, Optional
 
+from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve import Application
 
 from omni.checkpoint import generation_defaults, list_voices, resolve_model
-from omni.serve.config import ServeConfig, load_serve_config
-from omni.serve.cluster.deployments import (AudioEncoderDeployment, Ingress, TalkerDeployment, ThinkerDeployment,
-                                    VisionEncoderDeployment, VocoderDeployment)
+from omni.serve.compose import SPEECH_CHAIN
+from omni.serve.config import ServeConfig, config_error, load_serve_config
+from omni.serve.cluster.deployments import (CHAIN_DEPLOYMENTS, AudioEncoderDeployment, Ingress, ThinkerDeployment,
+                                            VisionEncoderDeployment)
 
-__all__ = ["build_app", "run_server", "server_settings"]
+__all__ = ["AppArgs", "build_app", "run_server", "server_settings", "DEPLOYMENT_NAMES"]
+
+# deployment name -> the ServeConfig.deployments field that holds its resources
+DEPLOYMENT_NAMES = {"Ingress": "ingress", "VisionEncoder": "vision_encoder", "AudioEncoder": "audio_encoder",
+                    "Thinker": "thinker", "Talker": "talker", "Vocoder": "vocoder"}
 
 
-def server_settings(cfg: ServeConfig, served_model_name: Optional[str], api_key: Optional[str],
-                    allowed_local_media_path: Optional[str], model: Optional[str] = None):
-    from omni.encoders.media import MediaLimits, MediaPolicy
+class AppArgs(BaseModel):
+    """`build_app`'s arguments (strings from `serve run ... key=value`, or the CLI's); an unknown one is an error."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: Optional[str] = None  # preset, directory or hub id; None: the config's
+    config: Optional[str] = None  # a configs/serve name or a YAML path; None: the defaults
+    served_model_name: Optional[str] = None  # the name /v1/models lists and requests must use
+    api_key: Optional[str] = None  # Bearer key on every route but /health
+    allowed_local_media_path: Optional[str] = None  # local paths / file:// media only under this directory
+
+
+def server_settings(cfg: ServeConfig, args: AppArgs, model: str):
+    from omni.encoders.media import MediaPolicy
     from omni.serve.api.server import ServerSettings
 
-    return ServerSettings(served_model_name=served_model_name, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
-                          max_tokens=cfg.max_tokens, max_concurrent_requests=cfg.max_concurrent_requests,
-                          default_max_tokens=cfg.default_max_tokens,
-                          default_sampling=generation_defaults(model or cfg.model),
-                          default_speech_tokens=cfg.default_speech_tokens,
-                          media_limits=MediaLimits(**cfg.media),
-                          media_policy=MediaPolicy(allowed_local_media_path=allowed_local_media_path),
-                          allowed_local_media_path=allowed_local_media_path)
+    return ServerSettings(served_model_name=args.served_model_name, api_key=args.api_key,
+                          max_body_bytes=cfg.max_body_bytes, max_tokens=cfg.max_tokens,
+                          max_concurrent_requests=cfg.max_concurrent_requests,
+                          default_max_tokens=cfg.default_max_tokens, default_sampling=generation_defaults(model),
+                          default_speech_tokens=cfg.default_speech_tokens, media_limits=cfg.media,
+                          media_policy=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path))
 
 
-def _deployment(cls, opts, name: str):
+def _deployment(cls, cfg: ServeConfig, name: str):
+    opts = getattr(cfg.deployments, DEPLOYMENT_NAMES[name])
     return serve.deployment(cls, name=name).options(**opts.serve_options())
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """args (strings from `serve run ... key=value`, or the CLI): model, config, served_model_name, api_key,
-    allowed_local_media_path."""
-    cfg = load_serve_config(args.get("config"))
-    model = args.get("model") or cfg.model
+    """args: see AppArgs (empty strings count as unset, as `serve run key=` gives them)."""
+    try:
+        a = AppArgs.model_validate({k: (v if v != "" else None) for k, v in dict(args).items()})
+    except ValidationError as exc:
+        raise config_error(exc, "build_app arguments") from None
+    cfg = load_serve_config(a.config)
+    model = a.model or cfg.model
     resolve_model(model)  # build the tiny checkpoint once here, not in every replica at the same time
-    served = args.get("served_model_name") or None
-    settings = server_settings(cfg, served, args.get("api_key") or None, args.get("allowed_local_media_path") or None,
-                               model)
-    vision = _deployment(VisionEncoderDeployment, cfg.vision_encoder, "VisionEncoder").bind(model, cfg)
-    audio = _deployment(AudioEncoderDeployment, cfg.audio_encoder, "AudioEncoder").bind(model, cfg)
-    thinker = _deployment(ThinkerDeployment, cfg.thinker, "Thinker").bind(model, cfg)
-    talker = _deployment(TalkerDeployment, cfg.talker, "Talker").bind(model, cfg, thinker)
-    vocoder = _deployment(VocoderDeployment, cfg.vocoder_deployment, "Vocoder").bind(model, cfg, talker)
-    return _deployment(Ingress, cfg.ingress, "Ingress").bind(model, cfg, settings, vision, audio, thinker, vocoder,
-                                                             list_voices(model))
+    vision = _deployment(VisionEncoderDeployment, cfg, "VisionEncoder").bind(model, cfg)
+    audio = _deployment(AudioEncoderDeployment, cfg, "AudioEncoder").bind(model, cfg)
+    thinker = _deployment(ThinkerDeployment, cfg, "Thinker").bind(model, cfg)
+    speech = thinker
+    for stage in SPEECH_CHAIN:  # each stage pulls from the one before it
+        speech = _deployment(CHAIN_DEPLOYMENTS[stage], cfg, stage.capitalize()).bind(model, cfg, speech)
+    return _deployment(Ingress, cfg, "Ingress").bind(model, cfg, server_settings(cfg, a, model), vision, audio,
+                                                     thinker, speech, list_voices(model))
 
 
 def run_server(args) -> int:
@@ -68,14 +83,14 @@ def run_server(args) -> int:
     import ray
 
     cfg_path = args.config or "tiny"
+    app = build_app({"model": args.model, "config": cfg_path, "served_model_name": args.served_model_name,
+                     "api_key": args.api_key, "allowed_local_media_path": args.allowed_local_media_path})
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
         ray.init(include_dashboard=False, logging_level="WARNING")
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app({"model": args.model, "config": cfg_path, "served_model_name": args.served_model_name,
-                     "api_key": args.api_key, "allowed_local_media_path": args.allowed_local_media_path})
     t0 = time.time()
     print(f"starting the omni Serve app ({args.model}, config {cfg_path}) ...", file=sys.stderr, flush=True)
     serve.run(app, name="omni", route_prefix="/")

@@ -1,211 +1,190 @@
-"""The Ray Serve deployments: plain classes hosting the pipeline's stages, one stage each, composed by handles.
+"""The Ray Serve deployments: plain classes hosting the pipeline's stages, one stage each, and `HandleStages`, the
+composition's `Stages` over their DeploymentHandles (the same recipe as in process: serve/compose.py).
 
 Speech requests flow as a pull chain of streaming handle calls, so no stage needs sticky routing:
     Ingress --stream--> Vocoder.generate --stream--> Talker.generate --stream--> Thinker.generate
-Each stage consumes its upstream's items, passes through what is not for it (text deltas), and yields its own
-(serve/stages.py, the same functions the in-process pipeline chains). Text-only requests call the Thinker directly.
-Encoders are called once per media item; `@serve.batch` merges items of concurrent requests into one forward.
-Cancelling a stream (client gone) cancels the upstream call, which frees the request's slot in every engine.
+Each generation deployment runs its stage (serve/stages.py, the same classes the in-process pipeline chains) over its
+upstream deployment's handle stream. Text-only requests call the Thinker directly. Encoders are called once per media
+item; `@serve.batch` merges items of concurrent requests into one forward. Cancelling a stream (client gone) cancels
+the upstream call, which frees the request's slot in every engine.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, Optional
 
 import torch
 from ray import serve
 
 from omni.checkpoint import load_model, resolve_model
-from omni.engine import EngineConfig
 from omni.talker import Talker
 from omni.thinker import Thinker
-from omni.types import ChatRequest, MediaEmbeddings, PreparedPrompt
-from omni.serve.config import ServeConfig
-from omni.serve.pipeline import check_request, finish, prepare_checked, vocoder_seed
-from omni.serve.stages import VocoderLoop, talker_stream, vocoder_stream
+from omni.types import ChatRequest, Generation, MediaEmbeddings, PreparedPrompt
+from omni.serve.compose import SPEECH_CHAIN, Composition, prepare_checked
+from omni.serve.config import DeploymentOptions, ServeConfig
+from omni.serve.stages import TalkerStage, ThinkerStage, VocoderStage
 
 __all__ = ["VisionEncoderDeployment", "AudioEncoderDeployment", "ThinkerDeployment", "TalkerDeployment",
-           "VocoderDeployment", "RayBackend", "Ingress"]
+           "VocoderDeployment", "HandleStages", "Ingress", "Encoded", "CHAIN_DEPLOYMENTS"]
 
 log = logging.getLogger("omni.serve")
 
 
-def _dtype(cfg: ServeConfig):
-    if cfg.dtype:
-        return getattr(torch, cfg.dtype)
-    return torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
-
-
-def _cpu_threads(cfg: ServeConfig, opts) -> None:
+def _cpu_threads(cfg: ServeConfig, opts: DeploymentOptions) -> None:
     if not cfg.device.startswith("cuda"):  # one replica per process: its reserved CPUs are its threads
-        torch.set_num_threads(max(1, int(opts.num_cpus)))
+        torch.set_num_threads(cfg.cpu_threads or max(1, int(opts.num_cpus)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """An encoder deployment's answer for one item."""
+    embeds: torch.Tensor  # [n_tokens, H] float32, CPU
+    batch_size: int  # items in the forward that computed it (the batching metric)
 
 
 class _EncoderDeployment:
     """Shared body of the two encoders: items of concurrent requests batched by @serve.batch."""
 
-    def _setup(self, encoder, opts) -> None:
-        self.encoder = encoder
+    def _setup(self, cls, model: str, cfg: ServeConfig, opts) -> None:
+        _cpu_threads(cfg, opts)
+        enc = dataclasses.replace(cfg.encoder, device=cfg.device, dtype=cfg.torch_dtype)
+        self.encoder = cls.from_pretrained(model, enc)
         self.encode.set_max_batch_size(opts.max_batch_size)
         self.encode.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def encode(self, items: list) -> list[tuple[torch.Tensor, int]]:
-        """One item per call from the caller's side; a list here. -> (embeddings [n_tokens, H], batch size)."""
+    async def encode(self, items: list) -> list[Encoded]:
+        """One item per call from the caller's side; a list here."""
         out = await asyncio.to_thread(self.encoder.encode, items)
-        return [(o, len(items)) for o in out]
+        return [Encoded(o, len(items)) for o in out]
 
 
 class VisionEncoderDeployment(_EncoderDeployment):
     def __init__(self, model: str, cfg: ServeConfig):
-        from omni.encoders import EncoderConfig, VisionEncoder
+        from omni.encoders import VisionEncoder
 
-        _cpu_threads(cfg, cfg.vision_encoder)
-        enc = EncoderConfig(device=cfg.device, dtype=str(_dtype(cfg)).removeprefix("torch."))
-        self._setup(VisionEncoder.from_pretrained(model, enc), cfg.vision_encoder)
+        self._setup(VisionEncoder, model, cfg, cfg.deployments.vision_encoder)
 
 
 class AudioEncoderDeployment(_EncoderDeployment):
     def __init__(self, model: str, cfg: ServeConfig):
-        from omni.encoders import AudioEncoder, EncoderConfig
+        from omni.encoders import AudioEncoder
 
-        _cpu_threads(cfg, cfg.audio_encoder)
-        enc = EncoderConfig(device=cfg.device, dtype=str(_dtype(cfg)).removeprefix("torch."))
-        self._setup(AudioEncoder.from_pretrained(model, enc), cfg.audio_encoder)
+        self._setup(AudioEncoder, model, cfg, cfg.deployments.audio_encoder)
 
 
-class ThinkerDeployment:
+class _GenerationDeployment:
+    """A generating stage over its upstream deployment's stream (None: the Thinker, the root)."""
+    stage: object
+    upstream: Optional[object] = None  # DeploymentHandle
+
+    async def generate(self, gen: Generation, prompt: PreparedPrompt, media: MediaEmbeddings) -> AsyncIterator:
+        if self.upstream is None:
+            async for item in self.stage.run(gen, prompt, media):
+                yield item
+            return
+        up = self.upstream.options(stream=True).generate.remote(gen, prompt, media)
+        try:
+            async for item in self.stage.run(gen, up):
+                yield item
+        finally:
+            up.cancel()
+
+    def stats(self) -> dict:
+        return self.stage.stats()
+
+
+class ThinkerDeployment(_GenerationDeployment):
     def __init__(self, model: str, cfg: ServeConfig):
         from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration
 
-        _cpu_threads(cfg, cfg.thinker)
+        _cpu_threads(cfg, cfg.deployments.thinker)
         path = resolve_model(model)
-        net = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=_dtype(cfg))
+        net = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, cfg.torch_dtype))
         net = net.to(cfg.device).eval()
-        ec = EngineConfig(max_num_seqs=cfg.thinker.max_num_seqs, batch_wait_s=cfg.thinker.batch_wait_s)
-        self.thinker = Thinker(net, AutoTokenizer.from_pretrained(path), ec, cfg.max_model_len)
-
-    async def generate(self, request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings, sampling,
-                       for_talker: bool) -> AsyncIterator:
-        async for item in self.thinker.generate(request_id, prompt, media, sampling, for_talker):
-            yield item
-
-    def stats(self) -> dict:
-        return self.thinker.engine.stats()
+        self.stage = ThinkerStage(Thinker(net, AutoTokenizer.from_pretrained(path), cfg.thinker, cfg.max_model_len))
 
 
-class TalkerDeployment:
-    def __init__(self, model: str, cfg: ServeConfig, thinker):
-        _cpu_threads(cfg, cfg.talker)
-        loaded = load_model(model, device=cfg.device, dtype=_dtype(cfg))
-        ec = EngineConfig(max_num_seqs=cfg.talker.max_num_seqs, batch_wait_s=cfg.talker.batch_wait_s)
+class TalkerDeployment(_GenerationDeployment):
+    def __init__(self, model: str, cfg: ServeConfig, upstream):
+        _cpu_threads(cfg, cfg.deployments.talker)
+        loaded = load_model(model, device=cfg.device, dtype=cfg.torch_dtype)
         # keeps the talker, the voices and the thinker's embedding table; the rest of the model is dropped
-        self.talker = Talker.from_model(loaded.model, ec, emit_every=cfg.talker_emit_every)
+        self.stage = TalkerStage(Talker.from_model(loaded.model, cfg.talker))
         del loaded
-        self.thinker = thinker
-
-    async def generate(self, request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings, sampling, voice: str,
-                       talker_sampling) -> AsyncIterator:
-        self.talker.check_voice(voice)
-        up = self.thinker.options(stream=True).generate.remote(request_id, prompt, media, sampling, True)
-        try:
-            async for item in talker_stream(self.talker, up, request_id, voice, talker_sampling):
-                yield item
-        finally:
-            up.cancel()
-
-    def stats(self) -> dict:
-        return self.talker.engine.stats()
+        self.upstream = upstream
 
 
-class VocoderDeployment:
-    def __init__(self, model: str, cfg: ServeConfig, talker):
-        from omni.decoders import Token2Wav, VocoderConfig
+class VocoderDeployment(_GenerationDeployment):
+    def __init__(self, model: str, cfg: ServeConfig, upstream):
+        from omni.decoders import Token2Wav, VocoderLoop
 
-        _cpu_threads(cfg, cfg.vocoder_deployment)
-        vc = VocoderConfig(**{**cfg.vocoder, "device": cfg.device})
-        self.loop = VocoderLoop(Token2Wav.from_pretrained(model, vc))
-        self.talker = talker
-
-    async def generate(self, request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings, sampling, voice: str,
-                       talker_sampling, seed: int) -> AsyncIterator:
-        self.loop.vocoder.check_voice(voice)
-        up = self.talker.options(stream=True).generate.remote(request_id, prompt, media, sampling, voice,
-                                                              talker_sampling)
-        try:
-            async for item in vocoder_stream(self.loop, up, voice, seed, max_codes=talker_sampling.max_tokens):
-                yield item
-        finally:
-            up.cancel()
-
-    def stats(self) -> dict:
-        return {"calls": self.loop.num_calls, "max_batch": self.loop.max_batch}
+        _cpu_threads(cfg, cfg.deployments.vocoder)
+        vc = dataclasses.replace(cfg.vocoder, device=cfg.device)
+        self.stage = VocoderStage(VocoderLoop(Token2Wav.from_pretrained(model, vc)))
+        self.upstream = upstream
 
 
-class RayBackend:
-    """The HTTP layer's Backend over DeploymentHandles (runs in the ingress replica)."""
+# the deployment class of each stage of SPEECH_CHAIN, in the chain's order (each bound over the one before it)
+CHAIN_DEPLOYMENTS = {"talker": TalkerDeployment, "vocoder": VocoderDeployment}
+assert tuple(CHAIN_DEPLOYMENTS) == SPEECH_CHAIN
 
-    def __init__(self, model: str, cfg: ServeConfig, vision, audio, thinker, vocoder, voices: list[str]):
+
+class HandleStages:
+    """serve/compose.py's `Stages` over DeploymentHandles (runs in the ingress replica)."""
+
+    def __init__(self, model: str, cfg: ServeConfig, vision, audio, thinker, speech, voices: list[str],
+                 observe_batch: Optional[Callable[[str, int], None]] = None):
         from transformers import AutoProcessor
 
         self.model_name, self.cfg = model, cfg
+        self.observe_batch = observe_batch  # (kind, items in the forward) per encoded item: the batching metric
         self.processor = AutoProcessor.from_pretrained(resolve_model(model))
-        self.vision, self.audio, self.thinker, self.vocoder = vision, audio, thinker, vocoder
+        self.vision, self.audio = vision, audio  # encoder handles
+        self.thinker, self.speech = thinker, speech  # the chain's root and its last stage
         self.voices = voices
         self.max_model_len = cfg.max_model_len
-        self.metrics = None  # set by the ingress: the app's Metrics (encoder batch sizes)
 
-    def validate(self, request: ChatRequest) -> None:
-        check_request(request, self.voices, self.max_model_len)
+    async def prepare(self, request: ChatRequest) -> PreparedPrompt:
+        return await prepare_checked(self.processor, request, self.max_model_len)
 
-    async def _encode(self, prompt: PreparedPrompt) -> MediaEmbeddings:
-        calls = ([("vision", self.vision.encode.remote(it)) for it in prompt.images + prompt.videos] +
-                 [("audio", self.audio.encode.remote(it)) for it in prompt.audios])
-        results = await asyncio.gather(*(c for _, c in calls))
-        for (kind, _), (_, size) in zip(calls, results):
-            if self.metrics is not None:
-                self.metrics.observe_encoder_batch(kind, size)
-        embeds = [e for e, _ in results]
-        n_img, n_vid = len(prompt.images), len(prompt.videos)
+    async def encode(self, prompt: PreparedPrompt) -> MediaEmbeddings:
+        images = [self.vision.encode.remote(it) for it in prompt.images]
+        videos = [self.vision.encode.remote(it) for it in prompt.videos]
+        audios = [self.audio.encode.remote(it) for it in prompt.audios]
+        results = await asyncio.gather(*images, *videos, *audios)
+        n_img, n_vid = len(images), len(videos)
+        if self.observe_batch is not None:
+            for i, r in enumerate(results):
+                self.observe_batch("vision" if i < n_img + n_vid else "audio", r.batch_size)
+        embeds = [r.embeds for r in results]
         return MediaEmbeddings(images=embeds[:n_img], videos=embeds[n_img:n_img + n_vid],
                                audios=embeds[n_img + n_vid:])
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator:
-        self.validate(request)
-        t0 = time.perf_counter()
-        prompt = await prepare_checked(self.processor, request, self.max_model_len)
-        n = int(prompt.input_ids.shape[0])
-        t1 = time.perf_counter()
-        media = await self._encode(prompt)
-        stages = {"prepare": t1 - t0, "encode": time.perf_counter() - t1}
-        if request.speak:
-            gen = self.vocoder.options(stream=True).generate.remote(
-                request.request_id, prompt, media, request.sampling, request.voice, request.talker_sampling,
-                vocoder_seed(request))
-        else:
-            gen = self.thinker.options(stream=True).generate.remote(request.request_id, prompt, media,
-                                                                    request.sampling, False)
+    async def generate(self, gen: Generation, prompt: PreparedPrompt, media: MediaEmbeddings) -> AsyncIterator:
+        head = self.speech if gen.speak else self.thinker
+        items = head.options(stream=True).generate.remote(gen, prompt, media)
         try:
-            async for event in finish(gen, prompt_tokens=n, stage_seconds=stages):
-                yield event
+            async for item in items:
+                yield item
         finally:
-            gen.cancel()
+            items.cancel()
 
 
 @serve.ingress()
 class Ingress:
-    """FastAPI ingress (serve/http.py's app), built in the replica after the constructor."""
+    """FastAPI ingress (serve/api/server.py's app over the composition), built in the replica after the constructor."""
 
-    def __init__(self, model: str, cfg: ServeConfig, settings, vision, audio, thinker, vocoder,
-                 voices: list[str]):
-        self.settings = settings
-        self.backend = RayBackend(model, cfg, vision, audio, thinker, vocoder, voices)
+    def __init__(self, model: str, cfg: ServeConfig, settings, vision, audio, thinker, speech, voices: list[str]):
+        from omni.serve.api.metrics import Metrics
+
+        self.settings, self.metrics = settings, Metrics()
+        stages = HandleStages(model, cfg, vision, audio, thinker, speech, voices, self.metrics.observe_encoder_batch)
+        self.backend = Composition(stages)
 
     def __serve_build_asgi_app__(self):
         from omni.serve.api.server import build_fastapi
 
-        app = build_fastapi(self.backend, self.settings)
-        self.backend.metrics = app.state.metrics
-        return app
+        return build_fastapi(self.backend, self.settings, self.metrics)

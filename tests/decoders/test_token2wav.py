@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni.decoders import MIN_STREAM_SNR_DB, Token2Wav, VocoderConfig
+from omni.decoders import MIN_STREAM_SNR_DB, Token2Wav, VocoderConfig, snr_db
 from omni.decoders.dit import draw_noise
 from omni.types import InvalidRequest
 
@@ -23,11 +23,6 @@ BATCH_TOL = 5e-5
 def make_codes(n: int, seed: int) -> list[int]:
     """Random codec ids over the talker's whole vocabulary (a random tiny talker may emit any id < 8448)."""
     return torch.randint(0, 8448, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    err = float(((ref.astype(np.float64) - x) ** 2).sum())
-    return math.inf if err == 0 else 10 * math.log10(float((ref.astype(np.float64) ** 2).sum()) / err)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -245,7 +240,8 @@ def test_empty_and_single_code(vocoder):
     assert s.finished and not s.ready and vocoder.step([s]) == [[]]
     one = vocoder.offline([8447], "Ethan", 3)
     s = vocoder.open_stream("Ethan", 3)
-    got = s.stream([8447], last=True)
+    s.push([8447], last=True)
+    got = vocoder.step([s])[0]
     assert len(got) == 1 and np.array_equal(got[0], one) and one.shape == (SAMPLES_PER_CODE,) and s.finished
 
 

@@ -47,7 +47,8 @@ def test_round_trip_with_official_classes(built):
 
 
 def test_tokenizer_has_qwen_specials_and_chat_template(tiny):
-    from omni.tiny import DEFAULT_SYSTEM_PROMPT, TOKEN_IDS
+    from omni.prompt import DEFAULT_SYSTEM_PROMPT
+    from omni.tiny import TOKEN_IDS
 
     tok = tiny.processor.tokenizer
     for s, i in TOKEN_IDS.items():
@@ -73,8 +74,10 @@ def test_processor_expands_placeholders(tiny, speech):
     p = prepare_prompt(tiny.processor, ChatRequest([Message("user", [ImagePart(img), AudioPart(speech),
                                                                      TextPart("What?")])]))
     ids = p.input_ids
-    assert int((ids == 396).sum()) == p.images[0].num_tokens == 12  # 84x112 -> 6x8 patches -> 3x4 tokens
-    n_audio = int((ids == 387).sum())
+    from omni.tiny import TOKEN_IDS
+
+    assert int((ids == TOKEN_IDS["<|IMAGE|>"]).sum()) == p.images[0].num_tokens == 12  # 84x112 -> 6x8 patches -> 3x4 tokens
+    n_audio = int((ids == TOKEN_IDS["<|AUDIO|>"]).sum())
     frames = p.audios[0].features.shape[-1]
     assert abs(frames - len(speech) / 160) <= 1  # 100 feature frames per second
     assert n_audio == ((frames - 1) // 2 + 1 - 2) // 2 + 1  # conv stride 2, then pooling stride 2

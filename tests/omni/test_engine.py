@@ -117,7 +117,7 @@ def test_a_failing_prefill_fails_only_its_request(tiny, thinker):
 
     good = _prompt(tiny, PROMPTS[0])
     bad = _prompt(tiny, PROMPTS[1])
-    bad.input_ids = torch.cat([bad.input_ids[:3], torch.tensor([396, 396]), bad.input_ids[3:]])  # 2 image slots
+    bad.input_ids = torch.cat([bad.input_ids[:3], torch.tensor([tiny.model.config.thinker_config.image_token_id] * 2), bad.input_ids[3:]])  # 2 image slots
 
     async def go():
         return await asyncio.gather(_generate(thinker, good, SamplingParams(max_tokens=8)),

@@ -1,44 +1,121 @@
-"""Serve configs: both shipped YAML files load, give valid deployment options, and build the application graph."""
+"""The typed config tree: both shipped YAML files load; unknown keys and bad values are refused with their path;
+`build_app` validates its arguments and gives each deployment the options its YAML section says."""
 import pytest
+import yaml
 
-from omni.serve.config import CONFIG_DIR, DeploymentOptions, ServeConfig, load_serve_config
+from omni.engine import EngineConfig
+from omni.talker import TalkerConfig
+from omni.decoders import VocoderConfig
+from omni.encoders.media import MediaLimits
+from omni.serve.config import (CONFIG_DIR, ConfigError, Deployments, PipelineConfig, ServeConfig, load_serve_config)
 
-STAGES = ("ingress", "vision_encoder", "audio_encoder", "thinker", "talker", "vocoder_deployment")
+STAGES = tuple(Deployments.model_fields)
 
 
 def test_tiny_fits_a_two_core_machine():
     cfg = load_serve_config("tiny")
-    assert cfg.device == "cpu" and cfg.model == "tiny"
-    assert sum(getattr(cfg, s).num_cpus for s in STAGES) <= 1.0  # leaves room on 2 cores for Ray itself
-    assert all(getattr(cfg, s).num_gpus == 0 for s in STAGES)
+    assert cfg.device == "cpu" and cfg.model == "tiny" and cfg.torch_dtype == "float32"
+    d = cfg.deployments
+    assert sum(getattr(d, s).num_cpus for s in STAGES) <= 1.0  # leaves room on 2 cores for Ray itself
+    assert all(getattr(d, s).num_gpus == 0 for s in STAGES)
     assert cfg.default_speech_tokens <= 512
+    assert isinstance(cfg, PipelineConfig)  # the in-process pipeline takes the same tree
+    assert cfg.talker == TalkerConfig(max_num_seqs=64, batch_wait_s=0.01, emit_every=4)
+    assert cfg.vocoder == VocoderConfig(first_chunk_codes=12, chunk_codes=36, past_blocks=2, future_blocks=1)
 
 
 def test_7b_config_places_stages_on_gpu_fractions():
     cfg = load_serve_config(str(CONFIG_DIR / "qwen2.5-omni-7b.yaml"))
-    assert cfg.device == "cuda" and cfg.dtype == "bfloat16" and cfg.vocoder["device"] == "cuda"
-    gpus = [getattr(cfg, s).num_gpus for s in STAGES]
+    assert cfg.device == "cuda" and cfg.dtype == "bfloat16"
+    gpus = [getattr(cfg.deployments, s).num_gpus for s in STAGES]
     assert all(0 <= g <= 1 for g in gpus) and 0.9 <= sum(gpus) <= 1.0  # one GPU, shared
-    opts = cfg.vision_encoder.serve_options()
+    opts = cfg.deployments.vision_encoder.serve_options()
     assert "autoscaling_config" in opts and "num_replicas" not in opts
-    assert cfg.thinker.serve_options()["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5}
+    assert cfg.deployments.thinker.serve_options()["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5}
+    assert cfg.media == MediaLimits(max_video_seconds=300, max_video_frames=384)
 
 
-def test_unknown_names_fail_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tiny"):
-        load_serve_config("no-such-config")
+def test_each_default_lives_with_its_stage():
+    cfg = ServeConfig()
+    assert cfg.thinker == EngineConfig() and cfg.talker == TalkerConfig() and cfg.vocoder == VocoderConfig()
+    assert cfg.media == MediaLimits() and cfg.talker.batch_wait_s > 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("vocoder: {first_chunk_codez: 12}\n", "vocoder.first_chunk_codez: unknown field"),
+    ("thinker: {num_replica: 2}\n", "thinker.num_replica: unknown field"),
+    ("deployments: {ingress: {max_num_seqs: 4}}\n", "deployments.ingress.max_num_seqs: unknown field"),
+    ("deployments: {talker: {num_cpus: -1}}\n", "deployments.talker.num_cpus: Input should be greater than or equal to 0"),
+    ("media: {max_video_framez: 3}\n", "media.max_video_framez: unknown field"),
+    ("talker: {emit_every: 0}\n", "talker: emit_every must be >= 1"),
+    ("thinker: {max_num_seqs: 0}\n", "thinker: max_num_seqs and max_dead_columns must be >= 1"),
+    ("vocoder: {past_blocks: 1}\n", "vocoder: VocoderConfig: past_blocks must be >= 2"),
+    ("dtype: float8\n", "dtype: dtype must be float32, bfloat16 or float16"),
+    ("max_model_len: many\n", "max_model_len: Input should be a valid integer"),
+])
+def test_bad_keys_and_values_are_refused_with_their_path(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("thinker: {num_replica: 2}\n")  # a typo must not be ignored
-    with pytest.raises(ValueError, match="num_replica"):
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as e:
         load_serve_config(str(bad))
-    assert ServeConfig().talker.batch_wait_s > 0 and DeploymentOptions().num_replicas == 1
+    assert message in str(e.value) and str(bad) in str(e.value)
+
+
+def test_unknown_config_name_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(FileNotFoundError, match="'qwen2.5-omni-7b', 'tiny'"):
+        load_serve_config("no-such-config")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_serve_config(str(tmp_path / "list.yaml"))
+
+
+def _deployments(app) -> dict:
+    """name -> ray.serve Deployment, walking the bound graph from the ingress."""
+    from ray.serve import Application
+
+    out = {}
+
+    def walk(a):
+        d = a._bound_deployment
+        if d.name not in out:
+            out[d.name] = d
+            for arg in d.init_args:
+                if isinstance(arg, Application):
+                    walk(arg)
+
+    walk(app)
+    return out
 
 
 @pytest.mark.parametrize("name", ["tiny", "qwen2.5-omni-7b"])
-def test_build_app_graph(name):
-    from ray.serve import Application
+def test_build_app_gives_each_deployment_its_yaml_options(name):
+    from omni.serve.app import build_app
+    from omni.serve.cluster.builder import DEPLOYMENT_NAMES
 
+    raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())["deployments"]
+    deps = _deployments(build_app({"model": "tiny", "config": name, "served_model_name": "omni-test"}))
+    assert set(deps) == set(DEPLOYMENT_NAMES)
+    for dep_name, key in DEPLOYMENT_NAMES.items():
+        d, want = deps[dep_name], raw[key]
+        assert d.ray_actor_options["num_cpus"] == want["num_cpus"], dep_name
+        assert d.ray_actor_options.get("num_gpus", 0) == want.get("num_gpus", 0), dep_name
+        assert d.max_ongoing_requests == want.get("max_ongoing_requests", 64), dep_name
+        if "autoscaling_config" in want:
+            auto = d._deployment_config.autoscaling_config
+            assert (auto.min_replicas, auto.max_replicas) == (want["autoscaling_config"]["min_replicas"],
+                                                              want["autoscaling_config"]["max_replicas"])
+        else:
+            assert d.num_replicas == want["num_replicas"], dep_name
+    # the speech chain is bound in order: Ingress -> Vocoder -> Talker -> Thinker
+    names = lambda d: [a._bound_deployment.name for a in d.init_args if hasattr(a, "_bound_deployment")]  # noqa: E731
+    assert names(deps["Vocoder"]) == ["Talker"] and names(deps["Talker"]) == ["Thinker"]
+    assert names(deps["Ingress"]) == ["VisionEncoder", "AudioEncoder", "Thinker", "Vocoder"]
+
+
+def test_build_app_refuses_unknown_arguments():
     from omni.serve.app import build_app
 
-    app = build_app({"model": "tiny", "config": name, "served_model_name": "omni-test"})
-    assert isinstance(app, Application)
+    with pytest.raises(ConfigError, match="build_app arguments: modle: unknown field"):
+        build_app({"modle": "tiny"})
+    with pytest.raises(FileNotFoundError, match="no serve config 'nope'"):
+        build_app({"model": "tiny", "config": "nope"})

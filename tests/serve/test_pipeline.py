@@ -7,19 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 
+from omni.decoders import snr_db
 from omni.reference import reference_generate
 from omni.types import (AudioChunk, AudioPart, ChatRequest, Finished, ImagePart, InvalidRequest, Message,
                         SamplingParams, TextPart, VideoPart)
 
 GREEDY_TALKER = SamplingParams(max_tokens=48)
 OFFLINE_TOL = 1e-4  # whole-utterance vocoder vs the reference waveform, max abs
-
-
-@pytest.fixture(scope="module")
-def pipeline(tiny):
-    from omni.serve.pipeline import Pipeline
-
-    return Pipeline(tiny)
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +46,9 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    err = float(((ref - x) ** 2).sum())
-    return float("inf") if err == 0 else 10 * np.log10(float((ref ** 2).sum()) / err)
-
-
 @pytest.mark.parametrize("kind", ["text", "image", "audio", "video", "video+audio", "all"])
 @pytest.mark.parametrize("speak", [False, True], ids=["text-out", "speech-out"])
-def test_golden_against_reference(pipeline, media, kind, speak):
+def test_golden_against_reference(pipeline, media, kind, speak, stop_codes):
     req = make_request(media, kind, speak)
     ref = reference_generate(pipeline.loaded, req)
     out = run(pipeline.run(req))
@@ -70,7 +59,7 @@ def test_golden_against_reference(pipeline, media, kind, speak):
         assert out.waveform is None and out.codec_ids == []
         return
     assert out.codec_ids == ref.codec_ids and len(out.codec_ids) > 0
-    codes = [c for c in out.codec_ids if c not in (8292, 8294)]
+    codes = [c for c in out.codec_ids if c not in stop_codes]
     assert len(out.waveform) == len(ref.waveform) == 480 * len(codes)
     offline = pipeline.vocoder.offline(codes, req.voice, seed=0)
     assert np.abs(offline - ref.waveform).max() <= OFFLINE_TOL

@@ -20,14 +20,13 @@ from omni.serve.api.audio_io import pcm16_bytes
 from omni.serve.api.server import ServerSettings, build_fastapi
 from omni.serve.api.convert import ConvertOptions, to_chat_request
 from omni.serve.api.protocol import ChatCompletionRequest
-from omni.tiny import DEFAULT_SYSTEM_PROMPT
+from omni.prompt import DEFAULT_SYSTEM_PROMPT
 from omni.types import Finished, InvalidRequest, TextDelta
 
 KEY = "sk-test-key"
 TALKER = {"max_tokens": 48}  # the random tiny Talker rarely stops on its own: bound the speech
 SPEAK = {"sampling_params_list": [{}, TALKER]}
 SAMPLES_PER_CODE = 480  # 24 kHz / 50 codes per second
-STOP_CODES = (8292, 8294)
 
 
 class Server:
@@ -66,13 +65,6 @@ class Server:
     def call(self, coro, timeout=120):
         """Run a coroutine on the server's loop (where the backend lives)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-
-@pytest.fixture(scope="module")
-def pipeline(tiny):
-    from omni.serve.pipeline import Pipeline
-
-    return Pipeline(tiny)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +127,7 @@ def test_text_non_streaming_equals_the_pipeline(server, pipeline, client):
     assert r.id.startswith("chatcmpl-") and r.model == "qwen-omni-tiny"
 
 
-def test_text_and_audio_non_streaming_is_a_wav_of_the_codes(server, pipeline, client):
+def test_text_and_audio_non_streaming_is_a_wav_of_the_codes(server, pipeline, client, stop_codes):
     messages = [{"role": "user", "content": "Say something."}]
     r = client.chat.completions.create(model="qwen-omni-tiny", messages=messages, max_tokens=8, seed=3,
                                        modalities=["text", "audio"], audio={"voice": "Ethan", "format": "wav"},
@@ -144,7 +136,7 @@ def test_text_and_audio_non_streaming_is_a_wav_of_the_codes(server, pipeline, cl
     pcm = read_wav(base64.b64decode(audio.data))
     ref = direct(server, pipeline, {"messages": messages, "max_tokens": 8, "seed": 3, "modalities": ["text", "audio"],
                                     "audio": {"voice": "Ethan"}, **SPEAK})
-    codes = [c for c in ref.codec_ids if c not in STOP_CODES]
+    codes = [c for c in ref.codec_ids if c not in stop_codes]
     assert 0 < len(codes) <= TALKER["max_tokens"]
     assert len(pcm) // 2 == SAMPLES_PER_CODE * len(codes)
     assert pcm == pcm16_bytes(ref.waveform)  # bit-exact: the same seed gives the same speech

@@ -1,7 +1,9 @@
 """The Ray Serve app on the tiny checkpoint, with the official `openai` SDK as its client: one app for the module
 (Ray with 2 CPUs, fractional CPUs per replica from configs/serve/tiny.yaml), shut down after."""
+import asyncio
 import base64
 import concurrent.futures
+import dataclasses
 import io
 import json
 import re
@@ -14,6 +16,7 @@ import wave
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -135,6 +138,48 @@ def test_streaming_text_and_speech_with_media(client, uris):
     n = sum(len(b) for b in pcm) // 2  # PCM16 mono
     assert n > 0 and n % 480 == 0
     assert usage.completion_tokens == 24 and usage.prompt_tokens > 100  # image + audio + video placeholders
+
+
+def test_speech_through_ray_equals_the_pipeline(server, client, pipeline, media_dir, stop_codes):
+    """The Ray app's speech (its deployments chained by handles, as the ingress runs them) equals the in-process
+    pipeline's: text ids and codec ids exactly, PCM within 1e-4 (float32 batch-size-dependent kernels); the HTTP WAV
+    is that PCM."""
+    from ray import serve
+
+    from omni.decoders import snr_db
+    from omni.encoders.media import MediaPolicy, load_image
+    from omni.serve.api.convert import pcm16_bytes
+    from omni.serve.cluster.deployments import HandleStages
+    from omni.serve.compose import Composition
+    from omni.serve.config import load_serve_config
+    from omni.types import TALKER_DEFAULT_SAMPLING, ChatRequest, ImagePart, Message, SamplingParams, TextPart
+
+    image = load_image(str(media_dir / "image.png"), MediaPolicy(allowed_local_media_path=str(media_dir)))
+    req = ChatRequest([Message("user", [ImagePart(image), TextPart("Describe it aloud.")])],
+                      sampling=SamplingParams(max_tokens=10), speak=True, voice="Ethan",
+                      # what the HTTP request below asks for: the Talker's defaults, greedy, 60 codes at most
+                      talker_sampling=dataclasses.replace(TALKER_DEFAULT_SAMPLING, temperature=0.0, max_tokens=60))
+    ours = asyncio.run(pipeline.run(req))
+
+    handle = lambda name: serve.get_deployment_handle(name, app_name="omni")  # noqa: E731
+    stages = HandleStages("tiny", load_serve_config("tiny"), handle("VisionEncoder"), handle("AudioEncoder"),
+                          handle("Thinker"), handle("Vocoder"), pipeline.voices)
+    ray_out = asyncio.run(Composition(stages).run(req))
+    assert ray_out.token_ids == ours.token_ids and ray_out.text == ours.text
+    assert ray_out.codec_ids == ours.codec_ids and len([c for c in ours.codec_ids if c not in stop_codes]) > 24
+    assert ray_out.waveform.shape == ours.waveform.shape
+    assert float(np.abs(ray_out.waveform - ours.waveform).max()) < 1e-4 and snr_db(ours.waveform, ray_out.waveform) > 60
+
+    r = client.chat.completions.create(
+        model="tiny", max_tokens=10, temperature=0, modalities=["text", "audio"],
+        audio={"voice": "Ethan", "format": "pcm16"},
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," +
+                                                base64.b64encode((media_dir / "image.png").read_bytes()).decode()}},
+            {"type": "text", "text": "Describe it aloud."}]}],
+        extra_body={"sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 60}]})
+    assert r.choices[0].message.content == ours.text
+    assert base64.b64decode(r.choices[0].message.audio.data) == pcm16_bytes(ray_out.waveform)
 
 
 def test_vllm_omni_shaped_request(server, uris):

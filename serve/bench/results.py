@@ -1,0 +1,121 @@
+"""`omni bench`'s results, typed: what run.py measures and report.py renders; results.json is `asdict` of them."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["Stats", "Summary", "Ratios", "Match", "Level", "EncoderResult", "Encoders", "BenchResults"]
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Latency statistics over a level's requests, seconds."""
+    mean: float
+    p50: float
+    p90: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Optional["Stats"]:
+        if not values:
+            return None
+        v = np.asarray(values, dtype=np.float64)
+        return cls(float(v.mean()), float(np.percentile(v, 50)), float(np.percentile(v, 90)), float(v.max()))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One backend at one load level: throughput over the level's wall time, latency over its requests."""
+    requests: int
+    wall_s: float
+    req_per_s: float
+    text_tokens: int
+    text_tokens_per_s: float
+    codec_tokens: int
+    codec_tokens_per_s: float
+    audio_s: float  # seconds of speech produced
+    rtf: Optional[float]  # wall seconds / speech seconds; None without speech
+    ttft_s: Optional[Stats]  # first visible text; None when no reply had any
+    visible_text: float  # share of replies with any text
+    ttfap_s: Optional[Stats]  # first audio packet; None for text only
+    e2e_s: Stats
+
+
+@dataclass(frozen=True)
+class Ratios:
+    """ours / official of one level (None where either side has no value)."""
+    req_per_s: Optional[float]
+    text_tokens_per_s: Optional[float]
+    ttft: Optional[float]
+    ttfap: Optional[float]
+    e2e: Optional[float]
+    rtf: Optional[float]
+
+    @classmethod
+    def of(cls, ours: Summary, official: Summary) -> "Ratios":
+        def mean(s: Optional[Stats]):
+            return None if s is None else s.mean
+
+        pairs = {"req_per_s": (ours.req_per_s, official.req_per_s),
+                 "text_tokens_per_s": (ours.text_tokens_per_s, official.text_tokens_per_s),
+                 "ttft": (mean(ours.ttft_s), mean(official.ttft_s)),
+                 "ttfap": (mean(ours.ttfap_s), mean(official.ttfap_s)),
+                 "e2e": (ours.e2e_s.mean, official.e2e_s.mean), "rtf": (ours.rtf, official.rtf)}
+        return cls(**{k: (a / b if a is not None and b else None) for k, (a, b) in pairs.items()})
+
+
+@dataclass(frozen=True)
+class Match:
+    """Share of requests whose ids are the same in both paths (a greedy run gives 1.0)."""
+    text_ids: float
+    codec_ids: float
+
+
+@dataclass(frozen=True)
+class Level:
+    mode: str  # "text" or "text+speech"
+    concurrency: int
+    requests: int
+    ours: Summary
+    official: Summary
+    ratio: Ratios
+    match: Match
+
+
+@dataclass(frozen=True)
+class EncoderResult:
+    items: int
+    batch1_items_per_s: float
+    batch_items_per_s: float
+    batch_size: int
+    speedup: float  # batched / batch 1
+
+
+@dataclass(frozen=True)
+class Encoders:
+    image: EncoderResult
+    audio: EncoderResult
+    processor_s: float  # the processor call that made the items (not in the items/s)
+
+    def towers(self) -> dict[str, EncoderResult]:
+        return {"image": self.image, "audio": self.audio}
+
+
+@dataclass(frozen=True)
+class BenchResults:
+    model: str
+    device: str
+    device_name: str
+    cpu_count: Optional[int]
+    torch_threads: int
+    versions: dict[str, str]  # torch, transformers
+    settings: dict  # the BenchConfig fields
+    levels: list[Level]
+    encoders: Encoders
+    wall_s: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
