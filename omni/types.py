@@ -4,6 +4,7 @@ Every tensor field has its shape in a comment. H = thinker hidden size (== talke
 """
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
@@ -58,6 +59,9 @@ class SamplingParams:
         return self.temperature <= 0.0
 
     def validate(self, name: str = "sampling") -> "SamplingParams":
+        for f in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, f)):
+                raise InvalidRequest(f"{name}.{f} must be a finite number, got {getattr(self, f)}", f)
         if self.temperature < 0:
             raise InvalidRequest(f"{name}.temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:

@@ -158,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"))
     p.add_argument("--allowed-local-media-path", default=None)
+    p.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: the config's, 30)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks against the official transformers path")

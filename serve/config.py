@@ -92,6 +92,7 @@ class ServeConfig(PipelineConfig):
     default_max_tokens: int = Field(256, ge=1)  # text tokens when a request does not say
     default_speech_tokens: int = Field(2048, ge=1)  # codec tokens (50 per second of speech) when a request does not say
     max_body_bytes: int = Field(100 * 2**20, ge=1)  # request bodies past this get 413
+    drain_timeout_s: float = Field(30.0, ge=0, le=3600)  # on SIGTERM/SIGINT: how long in-flight requests may finish
     media: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames, sampling
     deployments: Deployments = Deployments()  # Ray Serve resources per deployment
 

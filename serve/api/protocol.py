@@ -7,19 +7,31 @@ Extensions follow vLLM's names: `top_k` (-1 off), `repetition_penalty`, `seed`, 
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
+                      model_validator)
 
 __all__ = [
     "ImageURL", "AudioURL", "VideoURL", "InputAudio", "TextContent", "ImageContent", "InputAudioContent",
     "AudioURLContent", "VideoURLContent", "ContentPart", "ChatMessage", "AudioParams", "StreamOptions",
     "StageSamplingParams", "ChatCompletionRequest", "ChatCompletionAudio", "AssistantMessage", "Choice", "Usage",
     "ChatCompletionResponse", "DeltaAudio", "Delta", "StreamChoice", "ChatCompletionChunk", "ModelCard", "ModelList",
-    "ErrorInfo", "ErrorResponse", "PART_TYPES", "AUDIO_FORMATS",
+    "ErrorInfo", "ErrorResponse", "MMProcessorKwargs", "PART_TYPES", "AUDIO_FORMATS",
 ]
 
 PART_TYPES = ("text", "image_url", "input_audio", "audio_url", "video_url")  # content part types this server reads
+
+# Ranges checked at the edge, before any stage sees the request (NaN and infinities are refused everywhere)
+Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]  # 0: greedy
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=-1, le=1_000_000)]  # -1 (or 0): off
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)]
+MaxTokens = Annotated[int, Field(ge=1, le=2**31 - 1)]  # the server's own limit is checked after (400 past it)
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what torch.Generator.manual_seed takes
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_length=256)]
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM more
+MAX_MESSAGES = 1024
 AUDIO_FORMATS = ("wav", "pcm16")  # audio.format values this server writes
 
 
@@ -39,7 +51,7 @@ class AudioURL(_In):
 
 class VideoURL(_In):
     url: str
-    num_frames: Optional[int] = Field(None, ge=1)  # vllm-omni: sample this many frames over the whole video
+    num_frames: Optional[int] = Field(None, ge=1, le=100_000)  # vllm-omni: sample this many frames over the video
 
 
 class InputAudio(_In):
@@ -82,6 +94,12 @@ class ChatMessage(_In):
     role: Literal["system", "developer", "user", "assistant"]  # developer is OpenAI's new name for system
     content: Union[str, list[ContentPart], None] = None  # None only for assistant turns (read as "")
 
+    @model_validator(mode="after")
+    def _content_needed(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: a {self.role} message needs content (a string or a list of parts)")
+        return self
+
     @field_validator("content", mode="before")
     @classmethod
     def _parts(cls, content: Any) -> Any:
@@ -102,7 +120,12 @@ class ChatMessage(_In):
                                  f"supported: {', '.join(PART_TYPES)}")
             if kind in _URL_FIELDS and isinstance(part.get(kind), str):
                 part = {**part, kind: {"url": part[kind]}}
-            parts.append(_PART_MODELS[kind].model_validate(part))
+            try:
+                parts.append(_PART_MODELS[kind].model_validate(part))
+            except ValidationError as e:  # say which part: a nested model's error loses the list index
+                where = ", ".join(f"content[{i}]." + ".".join(map(str, err["loc"])) + f": {err['msg']}"
+                                  for err in e.errors()[:3])
+                raise ValueError(where) from None
         return parts
 
 
@@ -120,36 +143,41 @@ class StreamOptions(_In):
     include_usage: bool = False  # one more chunk, with empty choices and the usage, before [DONE]
 
 
+class MMProcessorKwargs(_In):
+    use_audio_in_video: bool = False  # feed each video's audio track too (interleaved with its frames)
+
+
 class StageSamplingParams(_In):
     """One entry of vllm-omni's `sampling_params_list`; fields left out keep the stage's default."""
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    max_tokens: Optional[int] = None
-    seed: Optional[int] = None
-    repetition_penalty: Optional[float] = None
-    stop_token_ids: Optional[list[int]] = None
+    temperature: Optional[Temperature] = None
+    top_p: Optional[TopP] = None
+    top_k: Optional[TopK] = None
+    max_tokens: Optional[MaxTokens] = None
+    seed: Optional[Seed] = None
+    repetition_penalty: Optional[RepetitionPenalty] = None
+    stop_token_ids: Optional[TokenIds] = None
 
 
 class ChatCompletionRequest(_In):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     model: Optional[str] = None  # must be the served name when given
     modalities: Optional[list[Literal["text", "audio"]]] = None  # None: ["text"]
     audio: Optional[AudioParams] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None  # OpenAI's newer name; wins over max_tokens
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    repetition_penalty: Optional[float] = None
-    seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None  # stop strings (not included in the output)
-    stop_token_ids: Optional[list[int]] = None
+    max_tokens: Optional[MaxTokens] = None
+    max_completion_tokens: Optional[MaxTokens] = None  # OpenAI's newer name; wins over max_tokens
+    temperature: Optional[Temperature] = None
+    top_p: Optional[TopP] = None
+    top_k: Optional[TopK] = None
+    repetition_penalty: Optional[RepetitionPenalty] = None
+    seed: Optional[Seed] = None
+    stop: Union[str, Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)], None] = None  # not in the output
+    stop_token_ids: Optional[TokenIds] = None
     n: int = 1  # only 1 is served
-    mm_processor_kwargs: Optional[dict[str, Any]] = None  # {"use_audio_in_video": bool}
-    sampling_params_list: Optional[list[Optional[StageSamplingParams]]] = None  # [thinker, talker, vocoder]
+    mm_processor_kwargs: Optional[MMProcessorKwargs] = None
+    sampling_params_list: Optional[Annotated[list[Optional[StageSamplingParams]], Field(max_length=3)]] = None
+    #                                                                        [thinker, talker, vocoder]
 
     @model_validator(mode="after")
     def _check(self) -> "ChatCompletionRequest":
@@ -168,7 +196,7 @@ class ChatCompletionRequest(_In):
 
     @property
     def use_audio_in_video(self) -> bool:
-        return bool((self.mm_processor_kwargs or {}).get("use_audio_in_video", False))
+        return self.mm_processor_kwargs is not None and self.mm_processor_kwargs.use_audio_in_video
 
 
 # ---------------------------------------------------------------------------------------------------- response

@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ from omni.serve.api.protocol import ChatCompletionRequest, ModelCard, ModelList
 __all__ = ["Backend", "ServerSettings", "HTTPError", "build_fastapi", "classify_error"]
 
 log = logging.getLogger("omni.serve.api.server")
+
+RETRY_AFTER_S = 1  # the Retry-After of a 503 (over the concurrency limit, or draining for shutdown)
+MAX_JSON_DEPTH = 32  # a chat request nests ~6 levels
+MAX_JSON_CONTAINERS = 100_000  # arrays + objects in one body
 
 
 class Backend(Protocol):
@@ -96,22 +101,41 @@ def _from_validation(e: ValidationError) -> HTTPError:
     return HTTPError(400, "invalid request: " + "; ".join(parts), param, "invalid_request")
 
 
-def classify_error(exc: BaseException) -> HTTPError:
+def _client_error(exc: BaseException) -> Optional[BaseException]:
+    """The client's error inside `exc`, also when a stage in another process raised it (Ray wraps a replica's
+    exception and keeps the original as `.cause`; asyncio and generators chain it as `__cause__`)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (HTTPError, InvalidRequest, ValidationError)):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def classify_error(exc: BaseException, request_id: Optional[str] = None) -> HTTPError:
     """Any exception -> the HTTPError the client sees. InvalidRequest (and MediaError, with its .status_code) and
-    pydantic errors are the client's (4xx); anything else is the server's (500)."""
-    if isinstance(exc, HTTPError):
-        return exc
-    if isinstance(exc, InvalidRequest):
-        status = getattr(exc, "status_code", 400)
-        return HTTPError(status if 400 <= status < 500 else 400, exc.message, exc.param, exc.code)
-    if isinstance(exc, ValidationError):
-        return _from_validation(exc)
-    return HTTPError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+    pydantic errors are the client's (4xx), wherever they were raised; anything else is the server's: a 500 that
+    names the request id (the log has the details) and says nothing of the internals."""
+    client = _client_error(exc)
+    if isinstance(client, HTTPError):
+        return client
+    if isinstance(client, InvalidRequest):
+        status = getattr(client, "status_code", 400)
+        return HTTPError(status if 400 <= status < 500 else 400, client.message, client.param, client.code)
+    if isinstance(client, ValidationError):
+        return _from_validation(client)
+    rid = f" (request id {request_id})" if request_id else ""
+    return HTTPError(500, f"internal server error{rid}; the server log has the details", code="internal_error")
 
 
 def _error_json(err: HTTPError) -> JSONResponse:
     body = error_response(err.status, err.message, err.param, err.code)
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    headers = {}
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if err.status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
     return JSONResponse(body.model_dump(), status_code=err.status, headers=headers)
 
 
@@ -179,10 +203,29 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]")
+
+
+def check_json_nesting(body: bytes, max_depth: int = MAX_JSON_DEPTH, max_containers: int = MAX_JSON_CONTAINERS) -> None:
+    """Bound the nesting of a JSON body before parsing it (the decoder recurses per level). Strings are skipped;
+    what is left is brackets. Raises HTTPError 400."""
+    brackets = _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", body))
+    if len(brackets) > 2 * max_containers:
+        raise HTTPError(400, f"request body has more than {max_containers} JSON arrays and objects",
+                        code="invalid_json")
+    depth = 0
+    for b in brackets:
+        depth += 1 if b in b"[{" else -1
+        if depth > max_depth:
+            raise HTTPError(400, f"request body nests JSON deeper than {max_depth} levels", code="invalid_json")
+
+
 def _parse(body: bytes) -> ChatCompletionRequest:
+    check_json_nesting(body)
     try:
         obj = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise HTTPError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise HTTPError(400, "request body must be a JSON object", code="invalid_json")
@@ -260,7 +303,7 @@ async def _sse_body(first: Event, comp: Completion, admitted: _Admitted, metrics
             yield sse(chunk)
         ok = True
     except Exception as e:  # noqa: BLE001 - reported to the client inside the stream
-        err = classify_error(e)
+        err = classify_error(e, comp.id.removeprefix("chatcmpl-"))
         if err.status >= 500:
             log.exception("stream %s failed", comp.id)
         metrics.stream_errors.inc()
@@ -279,6 +322,7 @@ class _Routes:
     def __init__(self, backend: Backend, settings: ServerSettings, metrics: Metrics):
         self.backend, self.settings, self.metrics = backend, settings, metrics
         self.admission = _Admission(settings.max_concurrent_requests)
+        self.draining = False  # set by drain(): shutting down, refuse new requests
         self.served_name = settings.served_model_name or backend.model_name
         limit = min(settings.max_tokens or backend.max_model_len, backend.max_model_len)
         self.convert_options = ConvertOptions(
@@ -293,22 +337,29 @@ class _Routes:
                          max_model_len=b.max_model_len)
         return ModelList(data=[card]).model_dump()
 
+    def drain(self) -> int:
+        """Stop accepting (new requests get 503, /health says draining); -> requests still in flight."""
+        self.draining = True
+        return self.admission.active
+
     def _admit(self, request: Request) -> _Admitted:
         """Auth, then a concurrency slot; raises HTTPError (401, 503)."""
         _check_auth(request, self.settings)
+        if self.draining:
+            raise HTTPError(503, "server is shutting down; retry on another replica", code="shutting_down")
         if not self.admission.try_acquire():
             raise HTTPError(503, f"server is at its limit of {self.admission.limit} concurrent requests; retry later",
                             code="overloaded")
         return _Admitted(self.admission, self.metrics.track())
 
-    async def _convert(self, request: Request) -> tuple[ChatCompletionRequest, ChatRequest]:
+    async def _convert(self, request: Request, request_id: str) -> tuple[ChatCompletionRequest, ChatRequest]:
         """Body -> the wire request -> a checked ChatRequest (media decoded off the event loop)."""
         req = _parse(await _read_body(request, self.settings.max_body_bytes))
         if req.model and req.model != self.served_name:
             raise HTTPError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
         t_media = time.perf_counter()
         chat = await _until_disconnect(
-            request, run_in_threadpool(to_chat_request, req, uuid.uuid4().hex, self.convert_options))
+            request, run_in_threadpool(to_chat_request, req, request_id, self.convert_options))
         self.metrics.observe_stage("ingress_media", time.perf_counter() - t_media)
         self.backend.validate(chat)
         return req, chat
@@ -341,8 +392,9 @@ class _Routes:
         except HTTPError as e:
             self.metrics.count(e.status)
             return _error_json(e)
+        request_id = uuid.uuid4().hex
         try:
-            req, chat = await self._convert(request)
+            req, chat = await self._convert(request, request_id)
             comp = Completion(chat.request_id, self.served_name, speak=chat.speak,
                               audio_format=req.audio.format if req.audio else "wav",
                               include_usage=bool(req.stream_options and req.stream_options.include_usage),
@@ -360,9 +412,9 @@ class _Routes:
             await admitted.release(ok=False)
             if not isinstance(e, Exception):
                 raise
-            err = classify_error(e)
+            err = classify_error(e, request_id)
             if err.status >= 500:
-                log.exception("request failed")
+                log.exception("request %s failed", request_id)
             self.metrics.count(err.status)
             return _error_json(err)
 
@@ -372,7 +424,7 @@ def build_fastapi(backend: Backend, settings: ServerSettings = ServerSettings(),
     """The app over `backend`; `metrics`: the registry to record into (a fresh one by default)."""
     app = FastAPI(title="omni", docs_url=None, redoc_url=None, openapi_url=None)
     routes = _Routes(backend, settings, metrics or Metrics())
-    app.state.settings, app.state.metrics, app.state.admission = settings, routes.metrics, routes.admission
+    app.state.settings, app.state.metrics, app.state.routes = settings, routes.metrics, routes
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError):
@@ -388,11 +440,14 @@ def build_fastapi(backend: Backend, settings: ServerSettings = ServerSettings(),
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return _error_json(classify_error(exc))
+        request_id = uuid.uuid4().hex
+        log.exception("unhandled error on %s (request id %s)", request.url.path, request_id)
+        return _error_json(classify_error(exc, request_id))
 
     @app.get("/health")
     async def health():
+        if routes.draining:
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         return {"status": "ok"}
 
     @app.get("/v1/models")

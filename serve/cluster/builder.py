@@ -22,8 +22,8 @@ from ray.serve import Application
 from omni.checkpoint import generation_defaults, list_voices, resolve_model
 from omni.serve.compose import SPEECH_CHAIN
 from omni.serve.config import ServeConfig, config_error, load_serve_config
-from omni.serve.cluster.deployments import (CHAIN_DEPLOYMENTS, AudioEncoderDeployment, Ingress, ThinkerDeployment,
-                                            VisionEncoderDeployment)
+from omni.serve.cluster.deployments import (CHAIN_DEPLOYMENTS, DRAIN_FLAG, DRAIN_POLL_S, AudioEncoderDeployment,
+                                            DrainFlag, Ingress, ThinkerDeployment, VisionEncoderDeployment)
 
 __all__ = ["AppArgs", "build_app", "run_server", "server_settings", "DEPLOYMENT_NAMES"]
 
@@ -78,31 +78,58 @@ def build_app(args: dict[str, Any]) -> Application:
                                                      thinker, speech, list_voices(model))
 
 
+def _drain(flag, timeout_s: float) -> tuple[int, float]:
+    """Every ingress replica refuses new requests (503) from its next poll on; wait until none has a request in
+    flight or `timeout_s` passed. -> (requests still in flight at the end, seconds waited)."""
+    import ray
+
+    t0 = time.monotonic()
+    ray.get(flag.set.remote())
+    time.sleep(2 * DRAIN_POLL_S)  # every replica has seen the flag and reported since
+    left = ray.get(flag.in_flight.remote())
+    while left and time.monotonic() - t0 < timeout_s:
+        time.sleep(DRAIN_POLL_S)
+        left = ray.get(flag.in_flight.remote())
+    return left, time.monotonic() - t0
+
+
 def run_server(args) -> int:
-    """`omni serve`: Ray (local, or the cluster in RAY_ADDRESS), the Serve app on host:port; blocks until Ctrl-C."""
+    """`omni serve`: Ray (local, or the cluster in RAY_ADDRESS), the Serve app on host:port; blocks until SIGTERM or
+    SIGINT, then drains (new requests get 503, in-flight ones finish up to the drain timeout), shuts Serve and Ray
+    down and returns 0."""
     import ray
 
     cfg_path = args.config or "tiny"
     app = build_app({"model": args.model, "config": cfg_path, "served_model_name": args.served_model_name,
                      "api_key": args.api_key, "allowed_local_media_path": args.allowed_local_media_path})
+    drain_timeout = args.drain_timeout if getattr(args, "drain_timeout", None) is not None else \
+        load_serve_config(cfg_path).drain_timeout_s
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
         ray.init(include_dashboard=False, logging_level="WARNING")
+    # after ray.init, which installs its own SIGTERM handler (sys.exit): ours drains first
+    stop, got = threading.Event(), []
+
+    def on_signal(signum, frame):
+        got.append(signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    flag = DrainFlag.options(name=DRAIN_FLAG, namespace="serve").remote()
     serve.start(http_options={"host": args.host, "port": args.port})
     t0 = time.time()
     print(f"starting the omni Serve app ({args.model}, config {cfg_path}) ...", file=sys.stderr, flush=True)
     serve.run(app, name="omni", route_prefix="/")
     print(f"ready in {time.time() - t0:.1f}s: http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C stops",
           file=sys.stderr, flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
+    while not stop.wait(0.5):
         pass
+    left, waited = _drain(flag, drain_timeout)
     serve.shutdown()
     ray.shutdown()
+    cut = f", {left} cut at the {drain_timeout:g} s drain timeout" if left else ""
+    print(f"omni serve: {got[0]} received: drained in {waited:.1f}s{cut}; stopped", file=sys.stderr, flush=True)
     return 0

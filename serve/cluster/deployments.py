@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import AsyncIterator, Callable, Optional
 
+import ray
 import torch
 from ray import serve
 
@@ -27,7 +29,7 @@ from omni.serve.config import DeploymentOptions, ServeConfig
 from omni.serve.stages import TalkerStage, ThinkerStage, VocoderStage
 
 __all__ = ["VisionEncoderDeployment", "AudioEncoderDeployment", "ThinkerDeployment", "TalkerDeployment",
-           "VocoderDeployment", "HandleStages", "Ingress", "Encoded", "CHAIN_DEPLOYMENTS"]
+           "VocoderDeployment", "HandleStages", "Ingress", "Encoded", "CHAIN_DEPLOYMENTS", "DrainFlag", "DRAIN_FLAG"]
 
 log = logging.getLogger("omni.serve")
 
@@ -173,18 +175,63 @@ class HandleStages:
             items.cancel()
 
 
+DRAIN_FLAG = "omni-drain"  # named actor (namespace "serve") through which `omni serve` drains every ingress replica
+DRAIN_POLL_S = 0.25  # how often an ingress replica reads the flag and reports its requests in flight
+
+
+@ray.remote(num_cpus=0)
+class DrainFlag:
+    """Set once by `omni serve` on SIGTERM/SIGINT; every ingress replica polls it and reports what it still serves."""
+
+    def __init__(self):
+        self.draining, self.reports = False, {}
+
+    def set(self) -> None:
+        self.draining = True
+
+    def poll(self, replica: str, in_flight: int) -> bool:
+        self.reports[replica] = (in_flight, time.monotonic())
+        return self.draining
+
+    def in_flight(self, fresh_s: float = 2.0) -> int:
+        """Requests in flight over the replicas that reported within `fresh_s`."""
+        now = time.monotonic()
+        return sum(n for n, t in self.reports.values() if now - t <= fresh_s)
+
+
 @serve.ingress()
 class Ingress:
     """FastAPI ingress (serve/api/server.py's app over the composition), built in the replica after the constructor."""
 
-    def __init__(self, model: str, cfg: ServeConfig, settings, vision, audio, thinker, speech, voices: list[str]):
+    async def __init__(self, model: str, cfg: ServeConfig, settings, vision, audio, thinker, speech,
+                       voices: list[str]):
         from omni.serve.api.metrics import Metrics
 
         self.settings, self.metrics = settings, Metrics()
         stages = HandleStages(model, cfg, vision, audio, thinker, speech, voices, self.metrics.observe_encoder_batch)
         self.backend = Composition(stages)
+        self.routes = None
+        self._watch = asyncio.get_running_loop().create_task(self._watch_drain())
 
     def __serve_build_asgi_app__(self):
         from omni.serve.api.server import build_fastapi
 
-        return build_fastapi(self.backend, self.settings, self.metrics)
+        app = build_fastapi(self.backend, self.settings, self.metrics)
+        self.routes = app.state.routes
+        return app
+
+    async def _watch_drain(self) -> None:
+        """Poll the drain flag (when `omni serve` made one): once set, this replica refuses new requests (503)."""
+        replica = serve.get_replica_context().replica_id.unique_id
+        flag = None
+        while True:
+            await asyncio.sleep(DRAIN_POLL_S)
+            try:
+                flag = flag or ray.get_actor(DRAIN_FLAG, namespace="serve")
+                active = self.routes.admission.active if self.routes is not None else 0
+                if await flag.poll.remote(replica, active) and self.routes is not None:
+                    self.routes.drain()
+            except ValueError:  # no flag: started by `serve run`, which drains with Serve's own shutdown
+                flag = None
+            except Exception:  # noqa: BLE001 - the flag's owner is gone (shutting down): keep serving what runs
+                log.debug("drain flag unreachable", exc_info=True)

@@ -14,7 +14,7 @@ from omni.serve.api.audio_io import pcm16_bytes, wav_bytes
 from omni.serve.api.convert import Completion, ConvertOptions, resolve_sampling, to_chat_request
 from omni.serve.api.protocol import ChatCompletionChunk, ChatCompletionRequest
 from omni.types import (TALKER_DEFAULT_SAMPLING, AudioChunk, AudioPart, Finished, ImagePart, InvalidRequest,
-                        TextDelta, TextPart, VideoPart)
+                        SamplingParams, TextDelta, TextPart, VideoPart)
 
 
 def req(**kw) -> ChatCompletionRequest:
@@ -79,15 +79,36 @@ def test_sampling_top_level_then_sampling_params_list():
 @pytest.mark.parametrize("kw, param, message", [
     ({"max_tokens": 1001}, "max_tokens", "max_tokens=1001 is more than this server allows \\(1000\\)"),
     ({"sampling_params_list": [{"max_tokens": 5000}]}, "max_tokens", "max_tokens=5000"),
-    ({"temperature": -1}, "temperature", "sampling.temperature must be >= 0"),
-    ({"top_p": 0}, "top_p", "top_p must be in"),
-    ({"max_tokens": 0}, "max_tokens", "max_tokens must be >= 1"),
-    ({"sampling_params_list": [None, {"top_k": -5}]}, "top_k", "sampling_params_list\\[1\\].top_k"),
 ])
-def test_bad_sampling_is_invalid_request(kw, param, message):
+def test_sampling_past_the_server_limit_is_invalid_request(kw, param, message):
     with pytest.raises(InvalidRequest, match=message) as e:
         resolve_sampling(req(**kw), ConvertOptions(max_tokens_limit=1000))
     assert e.value.param == param
+
+
+@pytest.mark.parametrize("kw, loc", [
+    ({"temperature": -1}, ("temperature",)), ({"temperature": float("nan")}, ("temperature",)),
+    ({"temperature": float("inf")}, ("temperature",)), ({"top_p": 0}, ("top_p",)), ({"top_p": 1.5}, ("top_p",)),
+    ({"max_tokens": 0}, ("max_tokens",)), ({"max_completion_tokens": -3}, ("max_completion_tokens",)),
+    ({"repetition_penalty": 0}, ("repetition_penalty",)), ({"seed": 2**70}, ("seed",)),
+    ({"top_k": -5}, ("top_k",)), ({"stop_token_ids": [-1]}, ("stop_token_ids", 0)),
+    ({"stop": ["x"] * 17}, ("stop", "list[str]")),
+    ({"sampling_params_list": [None, {"top_k": -5}]}, ("sampling_params_list", 1, "top_k")),
+    ({"sampling_params_list": [None, {"temperature": float("nan")}]}, ("sampling_params_list", 1, "temperature")),
+    ({"sampling_params_list": [{}, {}, {}, {}]}, ("sampling_params_list",)),
+    ({"mm_processor_kwargs": {"use_audio_in_video": "maybe"}}, ("mm_processor_kwargs", "use_audio_in_video")),
+])
+def test_bad_sampling_is_refused_at_the_edge_naming_the_field(kw, loc):
+    """Every sampling field is range-checked and finite before any stage sees it."""
+    with pytest.raises(ValidationError) as e:
+        req(**kw)
+    assert loc in [err["loc"][:len(loc)] for err in e.value.errors()]
+
+
+def test_sampling_params_refuse_non_finite_values_in_process_too():
+    for f in ("temperature", "top_p", "repetition_penalty"):
+        with pytest.raises(InvalidRequest, match=f"{f} must be a finite number"):
+            SamplingParams(**{f: float("nan")}).validate()
 
 
 # ---------------------------------------------------------------------------------------------------- media
