@@ -23,10 +23,13 @@ debs:
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-venv: $(BIN)/python
-	@$(BIN)/python -c "import omni, openai" 2>/dev/null || \
-	  $(BIN)/pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import omni, openai, torch, transformers, ray"
+# (re)installed whenever pyproject.toml changes (new dependencies, new extras)
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import omni, openai, hypothesis, torch, transformers, ray"
+	@touch $@
+
+venv: $(VENV)/.installed
 
 run: setup
 	mkdir -p out

@@ -77,4 +77,4 @@ class VocoderLoop(WorkerLoop):
                 feeder.cancel()
 
     def stats(self) -> dict:
-        return {"calls": self.num_calls, "max_batch": self.max_batch}
+        return {"calls": self.num_calls, "max_batch": self.max_batch, "open": len(self._streams)}

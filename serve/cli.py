@@ -157,7 +157,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"))
-    p.add_argument("--allowed-local-media-path", default=None)
+    p.add_argument("--allowed-local-media-path", default=None,
+                   help="local paths and file:// media URLs are read only inside this directory (default: refused)")
+    p.add_argument("--allow-http-media", action="store_true",
+                   help="fetch http(s) media URLs (size- and time-limited; never loopback/private/link-local targets)")
     p.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: the config's, 30)")
     p.set_defaults(func=_cmd_serve)

@@ -40,6 +40,7 @@ class AppArgs(BaseModel):
     served_model_name: Optional[str] = None  # the name /v1/models lists and requests must use
     api_key: Optional[str] = None  # Bearer key on every route but /health
     allowed_local_media_path: Optional[str] = None  # local paths / file:// media only under this directory
+    allow_http_media: bool = False  # fetch http(s) media URLs (never from loopback, private or link-local targets)
 
 
 def server_settings(cfg: ServeConfig, args: AppArgs, model: str):
@@ -51,7 +52,8 @@ def server_settings(cfg: ServeConfig, args: AppArgs, model: str):
                           max_concurrent_requests=cfg.max_concurrent_requests,
                           default_max_tokens=cfg.default_max_tokens, default_sampling=generation_defaults(model),
                           default_speech_tokens=cfg.default_speech_tokens, media_limits=cfg.media,
-                          media_policy=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path))
+                          media_policy=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
+                                                   allow_http=args.allow_http_media))
 
 
 def _deployment(cls, cfg: ServeConfig, name: str):
@@ -101,7 +103,8 @@ def run_server(args) -> int:
 
     cfg_path = args.config or "tiny"
     app = build_app({"model": args.model, "config": cfg_path, "served_model_name": args.served_model_name,
-                     "api_key": args.api_key, "allowed_local_media_path": args.allowed_local_media_path})
+                     "api_key": args.api_key, "allowed_local_media_path": args.allowed_local_media_path,
+                     "allow_http_media": bool(getattr(args, "allow_http_media", False))})
     drain_timeout = args.drain_timeout if getattr(args, "drain_timeout", None) is not None else \
         load_serve_config(cfg_path).drain_timeout_s
     address = os.environ.get("RAY_ADDRESS")

@@ -95,7 +95,10 @@ class _GenerationDeployment:
             up.cancel()
 
     def stats(self) -> dict:
-        return self.stage.stats()
+        """The stage's counters (running rows / open streams) and this replica's resident memory."""
+        import psutil
+
+        return {**self.stage.stats(), "rss_mb": psutil.Process().memory_info().rss / 2**20}
 
 
 class ThinkerDeployment(_GenerationDeployment):

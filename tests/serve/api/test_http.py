@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import re
-import socket
 import threading
 import time
 import wave
@@ -14,7 +13,6 @@ import wave
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from omni.serve.api.audio_io import pcm16_bytes
@@ -24,48 +22,12 @@ from omni.serve.api.protocol import ChatCompletionRequest
 from omni.prompt import DEFAULT_SYSTEM_PROMPT
 from omni.types import Finished, InvalidRequest, TextDelta
 
+from .uvicorn_server import Server
+
 KEY = "sk-test-key"
 TALKER = {"max_tokens": 48}  # the random tiny Talker rarely stops on its own: bound the speech
 SPEAK = {"sampling_params_list": [{}, TALKER]}
 SAMPLES_PER_CODE = 480  # 24 kHz / 50 codes per second
-
-
-class Server:
-    """uvicorn on 127.0.0.1:<free port> in a background thread, with its own event loop."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
-        pending = asyncio.all_tasks(self.loop)  # the backend's background loops: stop them with the server
-        for task in pending:
-            task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        self.loop.close()
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def call(self, coro, timeout=120):
-        """Run a coroutine on the server's loop (where the backend lives)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
 @pytest.fixture(scope="module")

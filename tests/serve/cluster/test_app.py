@@ -297,6 +297,44 @@ def test_client_disconnect_cancels_in_every_stage(server):
     assert th["steps"] < 3000  # it stopped long before max_tokens
 
 
+def test_twenty_clients_gone_mid_stream_free_every_stage(server):
+    """20 concurrent speech streams whose clients leave at their first audio: afterwards no engine holds a row, the
+    vocoder no stream, and the replicas' memory is back near its level before (after one warm-up request)."""
+    from ray import serve
+
+    handles = {name: serve.get_deployment_handle(name, app_name="omni") for name in ("Thinker", "Talker", "Vocoder")}
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 2000, "stream": True,
+            "modalities": ["text", "audio"], "sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 3000}]}
+
+    def leave_at_first_audio(_):
+        with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=300,
+                          headers={"Authorization": "Bearer sk-test"}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if '"audio"' in line and '"data"' in line:
+                    return True
+        return False
+
+    def idle() -> dict:
+        deadline = time.time() + 60
+        while True:
+            stats = {name: h.stats.remote().result() for name, h in handles.items()}
+            if (stats["Thinker"]["running"] == stats["Talker"]["running"] == stats["Vocoder"]["open"] == 0
+                    or time.time() > deadline):
+                return stats
+            time.sleep(0.3)
+
+    assert leave_at_first_audio(0)  # warm-up: the replicas' memory reaches its working level
+    before = idle()
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        assert all(pool.map(leave_at_first_audio, range(20)))
+    after = idle()
+    for name in handles:
+        assert after[name].get("running", after[name].get("open")) == 0, (name, after[name])
+        assert after[name]["rss_mb"] <= before[name]["rss_mb"] * 1.10 + 30, (name, before[name], after[name])
+    assert after["Thinker"]["steps"] - before["Thinker"]["steps"] < 20 * 2000  # nobody ran to max_tokens
+
+
 def test_readme_sdk_example_runs_against_the_server(server):
     """The README's OpenAI SDK example, as written, against `omni serve` (only its address and key changed)."""
     readme = (REPO / "README.md").read_text()
