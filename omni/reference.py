@@ -79,10 +79,44 @@ def _capture_talker_codes(model, sink: list):
         del talker.generate
 
 
+@contextlib.contextmanager
+def _teacher_forced_thinker(model, inputs, reply_ids: list[int]):
+    """The official Thinker fed a reply known in advance: `thinker.generate` replaced by one forward over
+    [prompt, g_0 .. g_{N-2}] (the official thinker's own forward: media merge, TMRoPE), its hidden states cut into the
+    per-step layout `generate` returns (step 0: the prompt; step k: the position where g_{k-1} is the input), so the
+    rest of the official `generate` (the Talker's inputs, the Talker, token2wav) runs unchanged on them."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    thinker = model.thinker
+    orig = thinker.generate
+    L = inputs["input_ids"].shape[1]
+    fed = torch.tensor([reply_ids[:-1]], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
+
+    def generate(input_ids=None, **kw):
+        media = {k: v for k, v in kw.items() if k in ("pixel_values", "pixel_values_videos", "image_grid_thw",
+                                                       "video_grid_thw", "input_features", "feature_attention_mask",
+                                                       "video_second_per_grid", "use_audio_in_video")}
+        full = torch.cat([input_ids, fed], dim=1)
+        out = thinker(input_ids=full, attention_mask=torch.ones_like(full), output_hidden_states=True, **media)
+        hs = out.hidden_states  # (layers + 1) x [1, L + N - 1, H]
+        steps = [tuple(h[:, :L] for h in hs)] + [tuple(h[:, L + k - 1:L + k] for h in hs)
+                                                 for k in range(1, len(reply_ids))]
+        seqs = torch.cat([input_ids, torch.tensor([reply_ids], dtype=input_ids.dtype, device=input_ids.device)], 1)
+        return GenerateDecoderOnlyOutput(sequences=seqs, hidden_states=tuple(steps))
+
+    thinker.generate = generate
+    try:
+        yield
+    finally:
+        del thinker.generate
+
+
 @torch.inference_mode()
-def reference_generate(loaded, request: ChatRequest, seed: int = 0) -> ReferenceResult:
+def reference_generate(loaded, request: ChatRequest, seed: int = 0,
+                       forced_reply_ids: Optional[list[int]] = None) -> ReferenceResult:
     """Run `request` through `Qwen2_5OmniForConditionalGeneration.generate`. Sampling draws from the global RNG,
-    seeded with `seed` (or the thinker's seed when set) before the call."""
+    seeded with `seed` (or the thinker's seed when set) before the call. forced_reply_ids (speech only): the
+    Thinker's reply is these ids (the official Thinker teacher-forced over them), the Talker speaks it."""
     model, processor = loaded.model, loaded.processor
     check_voice(request.voice, model.speaker_map)
     inputs = processor_inputs(processor, request).to(model.device)
@@ -111,7 +145,9 @@ def reference_generate(loaded, request: ChatRequest, seed: int = 0) -> Reference
         # them; a talker_-prefixed None overrides them for the talker only.
         kw.update(talker_pixel_values=None, talker_pixel_values_videos=None)
     codes: list = []
-    with keep_talker_mask(model), _capture_talker_codes(model, codes):
+    forced = (_teacher_forced_thinker(model, inputs, forced_reply_ids) if forced_reply_ids is not None
+              else contextlib.nullcontext())
+    with keep_talker_mask(model), _capture_talker_codes(model, codes), forced:
         seqs, wav = model.generate(**inputs, **kw)
     ids = seqs[0, prompt_len:].tolist()
     return ReferenceResult(ids, processor.tokenizer.decode(ids, skip_special_tokens=True), codes[0][0].tolist(),

@@ -7,7 +7,8 @@ TalkerPrompt with P = h(p) + e(p) (e zeroed at media placeholders).
 """
 from __future__ import annotations
 
-from typing import AsyncIterator
+import dataclasses
+from typing import AsyncIterator, Optional
 
 import torch
 
@@ -15,7 +16,7 @@ from omni.engine import DecoderModel, Engine, EngineConfig, EngineLoop, Sampler,
 from omni.types import (Finished, InvalidRequest, MediaEmbeddings, PreparedPrompt, SamplingParams, TalkerPrompt,
                         TextDelta, ThinkerDone, ThinkerItem, ThinkerToTalker)
 
-__all__ = ["Thinker", "ThinkerSequence", "Detokenizer", "check_context"]
+__all__ = ["Thinker", "ThinkerSequence", "ForcedReplySequence", "Detokenizer", "check_context"]
 
 
 class Detokenizer:
@@ -133,6 +134,47 @@ class ThinkerSequence(Sequence):
                 Finished(self.finish_reason, int(self.prompt.input_ids.shape[0]), len(self.tokens)), self.tokens))
 
 
+class ForcedReplySequence(ThinkerSequence):
+    """A reply known in advance (text to speak): one prefill over [prompt, g_0 .. g_{N-2}] gives every hand-off the
+    Talker needs at once (R_k = h(g_k) + e(g_k) is the hidden state where g_k is the input, plus its embedding), so
+    the Talker never waits for a Thinker step. g_{N-1} is the end of turn, never fed, as in generation. The sequence
+    finishes at its prefill and never takes a decode row."""
+
+    def __init__(self, thinker: "Thinker", request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings,
+                 sampling: SamplingParams, for_talker: bool, reply_ids: list[int]):
+        super().__init__(thinker, request_id, prompt, media, sampling, for_talker)
+        self.reply_ids = reply_ids  # g_0 .. g_{N-1}, N >= 2, the last one the end-of-turn id
+
+    def prefill_inputs(self):
+        prompt = self.prompt
+        L = prompt.input_ids.shape[0]
+        fed = torch.tensor(self.reply_ids[:-1], dtype=prompt.input_ids.dtype)
+        self.prompt = dataclasses.replace(prompt, input_ids=torch.cat([prompt.input_ids, fed]))  # [L + N - 1]
+        try:
+            return super().prefill_inputs()  # media placed and TMRoPE positions over prompt and reply alike
+        finally:
+            self.prompt, self._prompt_len = prompt, L
+
+    def on_prefill(self, hidden, logits):
+        L, N, p = self._prompt_len, len(self.reply_ids), self.prompt
+        e = self._embeds[0]  # [L + N - 1, H]
+        if self.for_talker:
+            prompt_embeds = hidden[0, :L] + e[:L].masked_fill(self._media_mask[0, :L, None], 0.0)  # P = h + e
+            self.outbox.append(TalkerPrompt(
+                input_ids=p.input_ids, prompt_embeds=prompt_embeds, first_token=self.reply_ids[0],
+                image_grid_thw=p.image_grid_thw, video_grid_thw=p.video_grid_thw, audio_seqlens=p.audio_seqlens,
+                video_second_per_grid=p.video_second_per_grid, use_audio_in_video=p.use_audio_in_video))
+            for k in range(N - 1):
+                self.outbox.append(ThinkerToTalker(k, self.reply_ids[k], hidden[0, L + k] + e[L + k], last=False))
+            self.outbox.append(ThinkerToTalker(N - 1, self.reply_ids[-1], None, last=True))
+        del self._embeds, self._media_mask
+        self.tokens = list(self.reply_ids)
+        text = "".join(self.detok.push(t) for t in self.reply_ids) + self.detok.flush()
+        self.outbox.append(TextDelta(text, list(self.reply_ids)))
+        self.finish_reason, self.finished = "stop", True
+        self.outbox.append(ThinkerDone(Finished("stop", L, N), list(self.reply_ids)))
+
+
 def check_context(prompt_tokens: int, sampling: SamplingParams, max_model_len: int) -> None:
     """Prompt + max_tokens must fit the context; raises InvalidRequest (a 400 for HTTP clients)."""
     if prompt_tokens + sampling.max_tokens > max_model_len:
@@ -172,8 +214,21 @@ class Thinker:
         sampling.validate()
         check_context(int(prompt.input_ids.shape[0]), sampling, self.max_model_len)
 
+    def reply_ids(self, text: str) -> list[int]:
+        """A reply's ids as the Thinker would end it: the text's tokens, then the end-of-turn id."""
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        end = end if end in self.eos_ids else self.eos_ids[0]
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids) + [end]
+
     def generate(self, request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings, sampling: SamplingParams,
-                 for_talker: bool = False) -> AsyncIterator[ThinkerItem]:
-        self.check(prompt, sampling)
-        seq = ThinkerSequence(self, request_id, prompt, media, sampling, for_talker)
-        return self.loop.submit(seq)
+                 for_talker: bool = False, forced_reply: Optional[str] = None) -> AsyncIterator[ThinkerItem]:
+        """forced_reply: the reply's text, known in advance (speech of a given text): one prefill, no decoding."""
+        if forced_reply is None:
+            self.check(prompt, sampling)
+            return self.loop.submit(ThinkerSequence(self, request_id, prompt, media, sampling, for_talker))
+        ids = self.reply_ids(forced_reply)
+        if len(ids) < 2:
+            raise InvalidRequest("the text to speak is empty", "input")
+        check_context(int(prompt.input_ids.shape[0]), dataclasses.replace(sampling, max_tokens=len(ids)),
+                      self.max_model_len)
+        return self.loop.submit(ForcedReplySequence(self, request_id, prompt, media, sampling, for_talker, ids))

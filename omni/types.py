@@ -128,13 +128,15 @@ class ChatRequest:
     use_audio_in_video: bool = False  # interleave each video's audio track with its frames
     vocoder_seed: Optional[int] = None  # seed of the vocoder's noise (None: the Talker's, else the Thinker's, else 0)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    forced_reply: Optional[str] = None  # the reply's text, known in advance (text to speech): the Thinker only reads it
 
     @property
     def generation(self) -> "Generation":
         """What the generating stages need (no messages: the media is in the prompt and its embeddings)."""
         seed = next((int(s) for s in (self.vocoder_seed, self.talker_sampling.seed, self.sampling.seed)
                      if s is not None), 0)  # 0: what the reference path's torch.manual_seed(0) gives
-        return Generation(self.request_id, self.sampling, self.speak, self.voice, self.talker_sampling, seed)
+        return Generation(self.request_id, self.sampling, self.speak, self.voice, self.talker_sampling, seed,
+                          self.forced_reply)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class Generation:
     voice: str = DEFAULT_VOICE
     talker_sampling: SamplingParams = TALKER_DEFAULT_SAMPLING
     vocoder_seed: int = 0  # the vocoder's noise seed, resolved (same codes + same seed -> same speech)
+    forced_reply: Optional[str] = None  # the reply's text when known in advance (one Thinker prefill, no decoding)
 
 
 # ---------------------------------------------------------------------------------------------------- prepared prompt

@@ -68,7 +68,8 @@ class ThinkerStage:
         self.thinker = thinker
 
     def run(self, gen: Generation, prompt: PreparedPrompt, media: MediaEmbeddings) -> AsyncIterator[ThinkerItem]:
-        return self.thinker.generate(gen.request_id, prompt, media, gen.sampling, for_talker=gen.speak)
+        return self.thinker.generate(gen.request_id, prompt, media, gen.sampling, for_talker=gen.speak,
+                                     forced_reply=gen.forced_reply)
 
     def stats(self) -> dict:
         return self.thinker.engine.stats()

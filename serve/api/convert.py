@@ -23,14 +23,15 @@ from omni.types import (AUDIO_SAMPLE_RATE, DEFAULT_VOICE, TALKER_DEFAULT_SAMPLIN
                         ChatRequest, Event, Finished, ImagePart, InvalidRequest, Message, SamplingParams, TextDelta,
                         TextPart, VideoPart)
 from omni.encoders.sources import MediaLimits, MediaPolicy
-from omni.serve.api.audio_io import pcm16_bytes, wav_bytes
+from omni.serve.api.audio_io import AudioStreamEncoder, encode_audio, pcm16_bytes
 from omni.serve.api.protocol import (AUDIO_FORMATS, AssistantMessage, AudioURLContent, ChatCompletionAudio,
                                  ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, Delta,
                                  DeltaAudio, ErrorInfo, ErrorResponse, ImageContent, InputAudioContent,
-                                 StageSamplingParams, StreamChoice, TextContent, Usage, VideoURLContent)
+                                 SpeechRequest, StageSamplingParams, StreamChoice, TextContent, Usage,
+                                 VideoURLContent)
 
-__all__ = ["ConvertOptions", "to_chat_request", "resolve_sampling", "Completion", "error_response", "sse",
-           "SSE_DONE"]
+__all__ = ["ConvertOptions", "to_chat_request", "to_speech_request", "resolve_sampling", "resolve_voice", "Completion",
+           "error_response", "sse", "SSE_DONE", "SPEECH_PROMPT"]
 
 SSE_DONE = "data: [DONE]\n\n"
 AUDIO_EXPIRY_S = 3600  # message.audio.expires_at = created + this (OpenAI's field; nothing is kept server-side)
@@ -111,10 +112,37 @@ def _convert_part(part, param: str, use_audio_in_video: bool, opts: ConvertOptio
     raise InvalidRequest(f"unsupported content part {type(part).__name__} at {param}", param)
 
 
-def _voice(req: ChatCompletionRequest, voices: Sequence[str]) -> str:
-    voice = (req.audio.voice if req.audio else None) or DEFAULT_VOICE
+def resolve_voice(voice: Optional[str], voices: Sequence[str]) -> str:
+    """The model's spelling of a voice ("chelsie" -> "Chelsie"); unknown voices go on: the backend rejects them,
+    listing the valid ones."""
+    voice = voice or DEFAULT_VOICE
     by_lower = {v.lower(): v for v in voices}
-    return by_lower.get(voice.lower(), voice)  # unknown voices go on: the backend rejects them, listing valid ones
+    return by_lower.get(voice.lower(), voice)
+
+
+def _voice(req: ChatCompletionRequest, voices: Sequence[str]) -> str:
+    return resolve_voice((req.audio.voice if req.audio else None) or req.speaker, voices)
+
+
+SPEECH_PROMPT = "Read the following text aloud, exactly as written."  # the user turn of a speech request
+
+
+def to_speech_request(req: SpeechRequest, request_id: str, opts: ConvertOptions = ConvertOptions()) -> ChatRequest:
+    """/v1/audio/speech -> a chat whose reply is forced to `input`: the user turn asks for it to be read (with the
+    `instructions` when given), the Thinker reads the reply in one prefill, the Talker and the vocoder speak it."""
+    if req.speed != 1.0:
+        raise InvalidRequest(f"speed={req.speed} is not supported: the model speaks at its own pace (1.0)", "speed",
+                             "unsupported_speed")
+    stages = list(req.sampling_params_list or []) + [None, None, None]
+    talker = _override(replace(TALKER_DEFAULT_SAMPLING, seed=req.seed, max_tokens=opts.default_speech_tokens),
+                       stages[1])
+    talker.validate("sampling_params_list[1]")
+    ask = f"{req.instructions.strip()}\n{SPEECH_PROMPT}" if req.instructions and req.instructions.strip() else \
+        SPEECH_PROMPT
+    return ChatRequest(messages=[Message("user", f"{ask}\n\n{req.input}")], sampling=SamplingParams(max_tokens=1),
+                       talker_sampling=talker, speak=True, voice=resolve_voice(req.voice, opts.voices),
+                       vocoder_seed=stages[2].seed if stages[2] is not None else None, request_id=request_id,
+                       forced_reply=req.input)
 
 
 def to_chat_request(req: ChatCompletionRequest, request_id: str, opts: ConvertOptions = ConvertOptions()
@@ -182,7 +210,10 @@ class Completion:
                  include_usage: bool = False, stop: Sequence[str] = ()):
         self.id, self.model, self.created = f"chatcmpl-{request_id}", model, int(time.time())
         self.audio_id = f"audio_{request_id}"
-        self.speak, self.audio_format, self.include_usage = speak, audio_format, include_usage
+        self.speak, self.include_usage = speak, include_usage
+        self.audio_format = "pcm" if audio_format == "pcm16" else audio_format
+        # streamed deltas: PCM16 for wav and pcm (OpenAI's streaming shape), else the format's own bytes
+        self._encoder = AudioStreamEncoder(self.audio_format) if self.audio_format not in ("wav", "pcm") else None
         self.text: list[str] = []
         self.pcm: list[np.ndarray] = []  # each [n] float32 at 24 kHz
         self.finish_reason: Optional[str] = None
@@ -207,6 +238,12 @@ class Completion:
         self.text.append(text)
         return [self._chunk(Delta(content=text))]
 
+    def _audio_chunk(self, raw: bytes) -> list[ChatCompletionChunk]:
+        if not raw:
+            return []
+        data = base64.b64encode(raw).decode("ascii")
+        return [self._chunk(Delta(audio=DeltaAudio(id=self.audio_id, data=data, transcript="")))]
+
     def feed(self, ev: Event) -> list[ChatCompletionChunk]:
         if self.done:
             return []
@@ -223,10 +260,12 @@ class Completion:
             if len(ev.pcm) == 0:
                 return []
             self.pcm.append(np.asarray(ev.pcm, dtype=np.float32).reshape(-1))
-            data = base64.b64encode(pcm16_bytes(ev.pcm)).decode("ascii")
-            return [self._chunk(Delta(audio=DeltaAudio(id=self.audio_id, data=data, transcript="")))]
+            raw = self._encoder.feed(ev.pcm) if self._encoder is not None else pcm16_bytes(ev.pcm)
+            return self._audio_chunk(raw)
         if isinstance(ev, Finished):
             chunks = self._text_chunk(self._stop.flush())
+            if self._encoder is not None:
+                chunks += self._audio_chunk(self._encoder.close())
             self.finish_reason = ev.finish_reason
             self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
             return chunks
@@ -256,7 +295,7 @@ class Completion:
         audio = None
         if self.speak:
             pcm = self.waveform()
-            raw = pcm16_bytes(pcm) if self.audio_format == "pcm16" else wav_bytes(pcm, AUDIO_SAMPLE_RATE)
+            raw = encode_audio(pcm, self.audio_format, AUDIO_SAMPLE_RATE)
             audio = ChatCompletionAudio(id=self.audio_id, data=base64.b64encode(raw).decode("ascii"),
                                         transcript=text, expires_at=self.created + AUDIO_EXPIRY_S)
         message = AssistantMessage(content=text, audio=audio)

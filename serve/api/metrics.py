@@ -38,6 +38,11 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.ttfap = Histogram(f"{p}_time_to_first_audio_seconds", "Arrival to first audio chunk (TTFAP)",
                                buckets=_LATENCY_BUCKETS, registry=r)
+        self.speech_ttfap = Histogram(f"{p}_speech_time_to_first_audio_seconds",
+                                      "/v1/audio/speech: arrival to first audio chunk", buckets=_LATENCY_BUCKETS,
+                                      registry=r)
+        self.speech_requests = Counter(f"{p}_speech_requests", "/v1/audio/speech requests by HTTP status",
+                                       ["status"], registry=r)
         self.stage = Histogram(f"{p}_stage_latency_seconds", "Time spent per stage per request", ["stage"],
                                buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens of finished requests", registry=r)
@@ -46,8 +51,9 @@ class Metrics:
         self.encoder_batch = Histogram(f"{p}_encoder_batch_size", "Items per encoder call", ["kind"],
                                        buckets=_BATCH_BUCKETS, registry=r)
 
-    def track(self) -> "RequestTrack":
-        return RequestTrack(self)
+    def track(self, speech: bool = False) -> "RequestTrack":
+        """speech: a /v1/audio/speech request (its first audio goes to speech_ttfap)."""
+        return RequestTrack(self, self.speech_ttfap if speech else self.ttfap)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage.labels(stage=stage).observe(seconds)
@@ -67,8 +73,9 @@ class RequestTrack:
     """One admitted request: in-flight / waiting gauges, first-token and first-audio times, token counts.
     `close()` must run exactly once (the app calls it in a finally)."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, ttfap: Optional[Histogram] = None):
         self.m, self.t0 = metrics, time.perf_counter()
+        self.ttfap = ttfap or metrics.ttfap
         self.first_text: Optional[float] = None  # seconds after arrival
         self.first_audio: Optional[float] = None
         self._waiting, self._closed = True, False
@@ -89,7 +96,7 @@ class RequestTrack:
         elif isinstance(ev, AudioChunk):
             if self.first_audio is None:
                 self.first_audio = now
-                self.m.ttfap.observe(now)
+                self.ttfap.observe(now)
             self.m.audio_seconds.inc(len(ev.pcm) / ev.sample_rate)
         elif isinstance(ev, Finished):
             self.m.prompt_tokens.inc(ev.prompt_tokens)

@@ -17,7 +17,8 @@ __all__ = [
     "AudioURLContent", "VideoURLContent", "ContentPart", "ChatMessage", "AudioParams", "StreamOptions",
     "StageSamplingParams", "ChatCompletionRequest", "ChatCompletionAudio", "AssistantMessage", "Choice", "Usage",
     "ChatCompletionResponse", "DeltaAudio", "Delta", "StreamChoice", "ChatCompletionChunk", "ModelCard", "ModelList",
-    "ErrorInfo", "ErrorResponse", "MMProcessorKwargs", "PART_TYPES", "AUDIO_FORMATS",
+    "ErrorInfo", "ErrorResponse", "MMProcessorKwargs", "SpeechRequest", "PART_TYPES", "AUDIO_FORMATS",
+    "SPEECH_FORMATS", "MAX_SPEECH_INPUT",
 ]
 
 PART_TYPES = ("text", "image_url", "input_audio", "audio_url", "video_url")  # content part types this server reads
@@ -32,7 +33,9 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what torch.Generator.
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_length=256)]
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM more
 MAX_MESSAGES = 1024
-AUDIO_FORMATS = ("wav", "pcm16")  # audio.format values this server writes
+AUDIO_FORMATS = ("wav", "pcm16", "pcm", "mp3", "opus", "flac", "aac")  # audio.format values (pcm16 is pcm)
+SPEECH_FORMATS = ("wav", "pcm", "mp3", "opus", "flac", "aac")  # /v1/audio/speech response_format values
+MAX_SPEECH_INPUT = 4096  # characters of /v1/audio/speech `input` (OpenAI's limit)
 
 
 class _In(BaseModel):
@@ -131,7 +134,7 @@ class ChatMessage(_In):
 
 class AudioParams(_In):
     voice: Optional[str] = None  # a voice of the checkpoint (Chelsie, Ethan); None: the default voice
-    format: str = "wav"  # wav (a WAV file, 24 kHz mono PCM16) or pcm16 (raw little-endian samples)
+    format: str = "wav"  # wav (24 kHz mono PCM16), pcm16 / pcm (raw little-endian samples), mp3, opus, flac, aac
 
     @field_validator("voice", mode="before")
     @classmethod
@@ -178,6 +181,7 @@ class ChatCompletionRequest(_In):
     mm_processor_kwargs: Optional[MMProcessorKwargs] = None
     sampling_params_list: Optional[Annotated[list[Optional[StageSamplingParams]], Field(max_length=3)]] = None
     #                                                                        [thinker, talker, vocoder]
+    speaker: Optional[str] = None  # vllm-omni's name for audio.voice (audio.voice wins when both are given)
 
     @model_validator(mode="after")
     def _check(self) -> "ChatCompletionRequest":
@@ -197,6 +201,32 @@ class ChatCompletionRequest(_In):
     @property
     def use_audio_in_video(self) -> bool:
         return self.mm_processor_kwargs is not None and self.mm_processor_kwargs.use_audio_in_video
+
+
+class SpeechRequest(_In):
+    """OpenAI's POST /v1/audio/speech: the model reads `input` aloud, verbatim."""
+    model: Optional[str] = None  # must be the served name when given
+    input: str = Field(min_length=1, max_length=MAX_SPEECH_INPUT)  # the text to speak
+    voice: Optional[str] = None  # a voice of the model (GET /v1/audio/voices); None: the default voice
+    response_format: Literal["wav", "pcm", "mp3", "opus", "flac", "aac"] = "mp3"  # OpenAI's default
+    instructions: Optional[str] = Field(None, max_length=MAX_SPEECH_INPUT)  # how to speak: goes into the conversation
+    speed: float = Field(1.0, ge=0.25, le=4.0, allow_inf_nan=False)  # OpenAI's range; only 1.0 is served
+    stream_format: Literal["audio", "sse"] = "audio"  # audio: the encoded bytes as they come; sse: speech.audio.*
+    seed: Optional[Seed] = None  # extension: sample the Talker reproducibly
+    sampling_params_list: Optional[Annotated[list[Optional[StageSamplingParams]], Field(max_length=3)]] = None
+    #                                                     extension, as in chat: [thinker (unused), talker, vocoder]
+
+    @field_validator("voice", mode="before")
+    @classmethod
+    def _voice_id(cls, v: Any) -> Any:
+        return v.get("id") if isinstance(v, dict) else v  # OpenAI's custom-voice object {"id": ...}
+
+    @field_validator("input")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("input must contain text to speak")
+        return v
 
 
 # ---------------------------------------------------------------------------------------------------- response
@@ -275,6 +305,8 @@ class ModelCard(BaseModel):
     owned_by: str = "omni"
     root: Optional[str] = None  # the checkpoint behind the served name
     max_model_len: Optional[int] = None
+    speaks: Optional[bool] = None  # the model has speech output (chat audio, /v1/audio/speech)
+    voices: Optional[list[str]] = None  # its voices
 
 
 class ModelList(BaseModel):

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP app: `build_fastapi(backend, settings)` -> FastAPI with GET /health, GET /v1/models,
-GET /metrics and POST /v1/chat/completions.
+GET /v1/audio/voices, GET /metrics, POST /v1/chat/completions and POST /v1/audio/speech (serve/api/speech.py).
 
 The app holds no module-level state: the backend, settings, admission counter and metrics registry belong to the
 app (the Ray ingress builds it in its replica, in `__serve_build_asgi_app__`).
@@ -34,6 +34,7 @@ from omni.encoders.sources import MediaLimits, MediaPolicy
 from omni.serve.api.metrics import CONTENT_TYPE_LATEST, Metrics, RequestTrack
 from omni.serve.api.convert import SSE_DONE, Completion, ConvertOptions, error_response, sse, to_chat_request
 from omni.serve.api.protocol import ChatCompletionRequest, ModelCard, ModelList
+from omni.serve.api.speech import speech
 
 __all__ = ["Backend", "ServerSettings", "HTTPError", "build_fastapi", "classify_error"]
 
@@ -161,6 +162,7 @@ class _Admitted:
 
     def __init__(self, admission: _Admission, track: RequestTrack):
         self.admission, self.track = admission, track
+        self.request_id = ""  # set once known
         self.events: Optional[AsyncIterator[Event]] = None
         self._released = False
 
@@ -221,7 +223,8 @@ def check_json_nesting(body: bytes, max_depth: int = MAX_JSON_DEPTH, max_contain
             raise HTTPError(400, f"request body nests JSON deeper than {max_depth} levels", code="invalid_json")
 
 
-def _parse(body: bytes) -> ChatCompletionRequest:
+def _parse(body: bytes, model=ChatCompletionRequest):
+    """A JSON object body -> `model` (pydantic); HTTPError 400 for anything else."""
     check_json_nesting(body)
     try:
         obj = json.loads(body)
@@ -229,7 +232,7 @@ def _parse(body: bytes) -> ChatCompletionRequest:
         raise HTTPError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise HTTPError(400, "request body must be a JSON object", code="invalid_json")
-    return ChatCompletionRequest.model_validate(obj)
+    return model.model_validate(obj)
 
 
 async def _watch_disconnect(request: Request, on_gone: Callable[[], None]) -> None:
@@ -266,13 +269,14 @@ async def _until_disconnect(request: Request, awaitable):
         watcher.cancel()
 
 
-class _SSEResponse(StreamingResponse):
+class _StreamResponse(StreamingResponse):
     """A StreamingResponse that releases its request however the response ends, even when its body never starts
     (a client gone before the first byte)."""
 
-    def __init__(self, body: AsyncIterator[str], admitted: _Admitted):
-        super().__init__(body, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, body: AsyncIterator, admitted: _Admitted, media_type: str = "text/event-stream"):
+        super().__init__(body, media_type=media_type,
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                  "X-Request-Id": admitted.request_id})
         self.admitted = admitted
 
     async def __call__(self, scope, receive, send) -> None:
@@ -334,15 +338,20 @@ class _Routes:
         _check_auth(request, self.settings)
         b = self.backend
         card = ModelCard(id=self.served_name, created=self.settings.created, root=b.model_name,
-                         max_model_len=b.max_model_len)
+                         max_model_len=b.max_model_len, speaks=bool(b.voices), voices=list(b.voices))
         return ModelList(data=[card]).model_dump()
+
+    def voices(self, request: Request) -> dict:
+        """This model's voices ([] without speech output)."""
+        _check_auth(request, self.settings)
+        return {"object": "list", "model": self.served_name, "voices": list(self.backend.voices)}
 
     def drain(self) -> int:
         """Stop accepting (new requests get 503, /health says draining); -> requests still in flight."""
         self.draining = True
         return self.admission.active
 
-    def _admit(self, request: Request) -> _Admitted:
+    def admit(self, request: Request, speech: bool = False) -> _Admitted:
         """Auth, then a concurrency slot; raises HTTPError (401, 503)."""
         _check_auth(request, self.settings)
         if self.draining:
@@ -350,7 +359,7 @@ class _Routes:
         if not self.admission.try_acquire():
             raise HTTPError(503, f"server is at its limit of {self.admission.limit} concurrent requests; retry later",
                             code="overloaded")
-        return _Admitted(self.admission, self.metrics.track())
+        return _Admitted(self.admission, self.metrics.track(speech))
 
     async def _convert(self, request: Request, request_id: str) -> tuple[ChatCompletionRequest, ChatRequest]:
         """Body -> the wire request -> a checked ChatRequest (media decoded off the event loop)."""
@@ -370,7 +379,7 @@ class _Routes:
         except StopAsyncIteration:
             raise RuntimeError("the backend stream ended without any event") from None
         self.metrics.count(200)
-        return _SSEResponse(_sse_body(first, comp, admitted, self.metrics), admitted)
+        return _StreamResponse(_sse_body(first, comp, admitted, self.metrics), admitted)
 
     async def _whole_response(self, request: Request, comp: Completion, admitted: _Admitted) -> Response:
         async def collect():
@@ -388,11 +397,11 @@ class _Routes:
 
     async def chat_completions(self, request: Request) -> Response:
         try:
-            admitted = self._admit(request)
+            admitted = self.admit(request)
         except HTTPError as e:
             self.metrics.count(e.status)
             return _error_json(e)
-        request_id = uuid.uuid4().hex
+        request_id = admitted.request_id = uuid.uuid4().hex
         try:
             req, chat = await self._convert(request, request_id)
             comp = Completion(chat.request_id, self.served_name, speak=chat.speak,
@@ -453,6 +462,14 @@ def build_fastapi(backend: Backend, settings: ServerSettings = ServerSettings(),
     @app.get("/v1/models")
     async def models(request: Request):
         return routes.models(request)
+
+    @app.get("/v1/audio/voices")
+    async def voices(request: Request):
+        return routes.voices(request)
+
+    @app.post("/v1/audio/speech")
+    async def audio_speech(request: Request):
+        return await speech(routes, request)
 
     @app.get("/metrics")
     async def metrics_route(request: Request):
