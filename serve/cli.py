@@ -1,4 +1,4 @@
-"""The `omni` command: make-tiny, chat, serve, bench."""
+"""The `omni` command: make-tiny, chat, speak, serve, bench."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +105,44 @@ def _cmd_chat(args) -> int:
     return 0
 
 
+def _cmd_speak(args) -> int:
+    """The speech endpoint's path in process: the reply forced to TEXT, spoken, written in the --out extension's
+    format (wav, pcm, mp3, opus, flac, aac)."""
+    from omni.serve.api.audio_io import AUDIO_FORMATS, encode_audio
+    from omni.serve.api.convert import ConvertOptions, to_speech_request
+    from omni.serve.api.protocol import SpeechRequest
+    from omni.serve.pipeline import Pipeline
+    from omni.types import InvalidRequest
+
+    out = Path(args.out)
+    fmt = out.suffix.lstrip(".").lower()
+    fmt = {"ogg": "opus", "raw": "pcm"}.get(fmt, fmt)
+    if fmt not in AUDIO_FORMATS:
+        print(f"omni speak: unsupported output {out.name}: use one of .{', .'.join(AUDIO_FORMATS)}", file=sys.stderr)
+        return 2
+    sampling = [None, {"max_tokens": args.max_speech_tokens, **({"temperature": 0.0} if args.seed is None else {})}]
+    try:
+        req = SpeechRequest(input=args.text, voice=args.voice, response_format=fmt, instructions=args.instructions,
+                            seed=args.seed, sampling_params_list=sampling)
+    except ValueError as exc:
+        print(f"omni speak: {exc}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    pipeline = Pipeline.from_pretrained(args.model, device=args.device)
+    try:
+        chat = to_speech_request(req, "speak", ConvertOptions(voices=tuple(pipeline.voices),
+                                                              default_speech_tokens=args.max_speech_tokens))
+        result = asyncio.run(pipeline.run(chat))
+    except InvalidRequest as exc:
+        print(f"omni speak: {exc}", file=sys.stderr)
+        return 2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(encode_audio(result.waveform, fmt))
+    print(f"wrote {out}: {len(result.waveform) / AUDIO_SAMPLE_RATE:.2f}s of speech ({len(result.codec_ids)} codec "
+          f"tokens, voice {chat.voice}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
 def _cmd_serve(args) -> int:
     from omni.serve.cluster.builder import run_server
 
@@ -149,6 +187,17 @@ def parser() -> argparse.ArgumentParser:
                         "implied by --temperature > 0 or --seed")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("speak", help="the model reads TEXT aloud (the speech endpoint's path, in process)")
+    p.add_argument("text")
+    p.add_argument("--model", default="tiny", help="tiny | small | a checkpoint directory | a hub id")
+    p.add_argument("--voice", default=DEFAULT_VOICE)
+    p.add_argument("--out", default="speech.wav", help="F.wav|.mp3|.opus|.flac|.aac|.pcm (format from the extension)")
+    p.add_argument("--instructions", default=None, help="how to speak (goes into the conversation)")
+    p.add_argument("--max-speech-tokens", type=int, default=1024, help="codec tokens at most (50 per second)")
+    p.add_argument("--seed", type=int, default=None, help="sample the Talker with this seed (default: greedy)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_speak)
 
     p = sub.add_parser("serve", help="start Ray and the OpenAI-compatible Serve app; blocks")
     p.add_argument("--model", default="tiny")

@@ -74,3 +74,29 @@ def test_chat_is_greedy_unless_temperature_or_seed():
     assert not r.talker_sampling.greedy and r.talker_sampling.seed == 3
     r = req("--temperature", "0.7", "--system", "Be brief.")
     assert r.sampling.temperature == 0.7 and r.messages[0].role == "system"
+
+
+@pytest.mark.slow
+def test_speak_writes_the_speech_endpoints_audio(tmp_path, pipeline):
+    """`omni speak TEXT --out F.flac` writes exactly the speech the pipeline gives for the forced reply."""
+    import asyncio
+
+    import av
+    import numpy as np
+
+    from omni.serve.api.convert import ConvertOptions, to_speech_request
+    from omni.serve.api.protocol import SpeechRequest
+
+    out = omni("speak", "Hello from omni.", "--voice", "Ethan", "--out", str(tmp_path / "hello.flac"),
+               "--max-speech-tokens", "40")
+    assert out.returncode == 0, out.stderr
+    assert "wrote" in out.stderr and "voice Ethan" in out.stderr
+    with av.open(str(tmp_path / "hello.flac")) as c:
+        got = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    req = to_speech_request(SpeechRequest(input="Hello from omni.", voice="Ethan", response_format="flac",
+                                          sampling_params_list=[None, {"max_tokens": 40, "temperature": 0.0}]),
+                            "t", ConvertOptions(voices=tuple(pipeline.voices), default_speech_tokens=40))
+    want = asyncio.run(pipeline.run(req)).waveform
+    assert np.array_equal(got, np.rint(np.clip(want, -1, 1) * 32767).astype(np.int16))
+    bad = omni("speak", "x", "--out", str(tmp_path / "a.xyz"))
+    assert bad.returncode == 2 and "unsupported output a.xyz" in bad.stderr
