@@ -210,6 +210,8 @@ def parser() -> argparse.ArgumentParser:
                    help="local paths and file:// media URLs are read only inside this directory (default: refused)")
     p.add_argument("--allow-http-media", action="store_true",
                    help="fetch http(s) media URLs (size- and time-limited; never loopback/private/link-local targets)")
+    p.add_argument("--api-dialect", default="openai", choices=["openai", "vllm-omni"],
+                   help="response shapes: OpenAI's (default) or vllm-omni's, so its example clients work unchanged")
     p.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: the config's, 30)")
     p.set_defaults(func=_cmd_serve)

@@ -207,11 +207,14 @@ class Completion:
     (streaming), `response()` the whole reply (non-streaming). `done` turns true at Finished or a stop string."""
 
     def __init__(self, request_id: str, model: str, speak: bool = False, audio_format: str = "wav",
-                 include_usage: bool = False, stop: Sequence[str] = ()):
+                 include_usage: bool = False, stop: Sequence[str] = (), dialect: str = "openai"):
         self.id, self.model, self.created = f"chatcmpl-{request_id}", model, int(time.time())
         self.audio_id = f"audio_{request_id}"
         self.speak, self.include_usage = speak, include_usage
-        self.audio_format = "pcm" if audio_format == "pcm16" else audio_format
+        # vllm-omni's dialect: chunks carry `modality`, audio is a base64 WAV per chunk in delta.content, and a
+        # whole reply has its text and its audio as two choices
+        self.vllm = dialect == "vllm-omni"
+        self.audio_format = "pcm" if audio_format == "pcm16" else ("wav" if self.vllm else audio_format)
         # streamed deltas: PCM16 for wav and pcm (OpenAI's streaming shape), else the format's own bytes
         self._encoder = AudioStreamEncoder(self.audio_format) if self.audio_format not in ("wav", "pcm") else None
         self.text: list[str] = []
@@ -225,9 +228,11 @@ class Completion:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def _chunk(self, delta: Delta, finish_reason: Optional[str] = None) -> ChatCompletionChunk:
+    def _chunk(self, delta: Delta, finish_reason: Optional[str] = None,
+               modality: Optional[str] = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   choices=[StreamChoice(delta=delta, finish_reason=finish_reason)])
+                                   choices=[StreamChoice(delta=delta, finish_reason=finish_reason)],
+                                   modality=(modality or "text") if self.vllm else None)
 
     def role_chunk(self) -> ChatCompletionChunk:
         return self._chunk(Delta(role="assistant", content=""))
@@ -260,6 +265,9 @@ class Completion:
             if len(ev.pcm) == 0:
                 return []
             self.pcm.append(np.asarray(ev.pcm, dtype=np.float32).reshape(-1))
+            if self.vllm:  # each chunk a whole WAV file, base64 in delta.content
+                wav = base64.b64encode(encode_audio(ev.pcm, "wav")).decode("ascii")
+                return [self._chunk(Delta(content=wav), modality="audio")]
             raw = self._encoder.feed(ev.pcm) if self._encoder is not None else pcm16_bytes(ev.pcm)
             return self._audio_chunk(raw)
         if isinstance(ev, Finished):
@@ -298,9 +306,13 @@ class Completion:
             raw = encode_audio(pcm, self.audio_format, AUDIO_SAMPLE_RATE)
             audio = ChatCompletionAudio(id=self.audio_id, data=base64.b64encode(raw).decode("ascii"),
                                         transcript=text, expires_at=self.created + AUDIO_EXPIRY_S)
-        message = AssistantMessage(content=text, audio=audio)
-        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model,
-                                      choices=[Choice(message=message, finish_reason=self.finish_reason)],
+        if self.vllm and audio is not None:  # text and audio as two choices
+            choices = [Choice(index=0, message=AssistantMessage(content=text), finish_reason=self.finish_reason),
+                       Choice(index=1, message=AssistantMessage(content=None, audio=audio),
+                              finish_reason=self.finish_reason)]
+        else:
+            choices = [Choice(message=AssistantMessage(content=text, audio=audio), finish_reason=self.finish_reason)]
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                       usage=self.usage())
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
-                      model_validator)
+                      model_serializer, model_validator)
 
 __all__ = [
     "ImageURL", "AudioURL", "VideoURL", "InputAudio", "TextContent", "ImageContent", "InputAudioContent",
@@ -18,7 +18,7 @@ __all__ = [
     "StageSamplingParams", "ChatCompletionRequest", "ChatCompletionAudio", "AssistantMessage", "Choice", "Usage",
     "ChatCompletionResponse", "DeltaAudio", "Delta", "StreamChoice", "ChatCompletionChunk", "ModelCard", "ModelList",
     "ErrorInfo", "ErrorResponse", "MMProcessorKwargs", "SpeechRequest", "PART_TYPES", "AUDIO_FORMATS",
-    "SPEECH_FORMATS", "MAX_SPEECH_INPUT",
+    "SPEECH_FORMATS", "MAX_SPEECH_INPUT", "API_DIALECTS",
 ]
 
 PART_TYPES = ("text", "image_url", "input_audio", "audio_url", "video_url")  # content part types this server reads
@@ -34,7 +34,8 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM more
 MAX_MESSAGES = 1024
 AUDIO_FORMATS = ("wav", "pcm16", "pcm", "mp3", "opus", "flac", "aac")  # audio.format values (pcm16 is pcm)
-SPEECH_FORMATS = ("wav", "pcm", "mp3", "opus", "flac", "aac")  # /v1/audio/speech response_format values
+SPEECH_FORMATS = ("wav", "pcm", "mp3", "opus", "flac", "aac")
+API_DIALECTS = ("openai", "vllm-omni")  # response shapes: OpenAI's, or vllm-omni's (its clients work unchanged)  # /v1/audio/speech response_format values
 MAX_SPEECH_INPUT = 4096  # characters of /v1/audio/speech `input` (OpenAI's limit)
 
 
@@ -296,6 +297,14 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[StreamChoice]
     usage: Optional[Usage] = None
+    modality: Optional[Literal["text", "audio"]] = None  # vllm-omni dialect only (left out of OpenAI's chunks)
+
+    @model_serializer(mode="wrap")
+    def _no_null_modality(self, handler):
+        out = handler(self)
+        if out.get("modality") is None:
+            out.pop("modality", None)
+        return out
 
 
 class ModelCard(BaseModel):

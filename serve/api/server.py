@@ -69,6 +69,7 @@ class ServerSettings:
     max_concurrent_requests: int = 64  # chat completions in flight per app (replica); 503 past it
     media_limits: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames
     media_policy: MediaPolicy = MediaPolicy()  # local paths / file:// only under its allowed_local_media_path; http(s)
+    api_dialect: str = "openai"  # response shapes: "openai", or "vllm-omni" (its example clients work unchanged)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models `created`
 
 
@@ -407,7 +408,7 @@ class _Routes:
             comp = Completion(chat.request_id, self.served_name, speak=chat.speak,
                               audio_format=req.audio.format if req.audio else "wav",
                               include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                              stop=req.stop_strings)
+                              stop=req.stop_strings, dialect=self.settings.api_dialect)
             admitted.events = self.backend.stream(chat)
             if req.stream:
                 return await self._stream_response(request, comp, admitted)

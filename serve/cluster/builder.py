@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
@@ -41,13 +41,14 @@ class AppArgs(BaseModel):
     api_key: Optional[str] = None  # Bearer key on every route but /health
     allowed_local_media_path: Optional[str] = None  # local paths / file:// media only under this directory
     allow_http_media: bool = False  # fetch http(s) media URLs (never from loopback, private or link-local targets)
+    api_dialect: Literal["openai", "vllm-omni"] = "openai"  # response shapes
 
 
 def server_settings(cfg: ServeConfig, args: AppArgs, model: str):
     from omni.encoders.media import MediaPolicy
     from omni.serve.api.server import ServerSettings
 
-    return ServerSettings(served_model_name=args.served_model_name, api_key=args.api_key,
+    return ServerSettings(served_model_name=args.served_model_name, api_key=args.api_key, api_dialect=args.api_dialect,
                           max_body_bytes=cfg.max_body_bytes, max_tokens=cfg.max_tokens,
                           max_concurrent_requests=cfg.max_concurrent_requests,
                           default_max_tokens=cfg.default_max_tokens, default_sampling=generation_defaults(model),
@@ -104,7 +105,8 @@ def run_server(args) -> int:
     cfg_path = args.config or "tiny"
     app = build_app({"model": args.model, "config": cfg_path, "served_model_name": args.served_model_name,
                      "api_key": args.api_key, "allowed_local_media_path": args.allowed_local_media_path,
-                     "allow_http_media": bool(getattr(args, "allow_http_media", False))})
+                     "allow_http_media": bool(getattr(args, "allow_http_media", False)),
+                     "api_dialect": getattr(args, "api_dialect", None) or "openai"})
     drain_timeout = args.drain_timeout if getattr(args, "drain_timeout", None) is not None else \
         load_serve_config(cfg_path).drain_timeout_s
     address = os.environ.get("RAY_ADDRESS")

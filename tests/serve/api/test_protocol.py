@@ -158,9 +158,10 @@ def test_bad_media_is_a_client_error(part, status, match):
 
 
 def test_unsupported_audio_format_is_rejected_only_when_speaking():
-    with pytest.raises(InvalidRequest, match="unsupported audio format 'mp3'; supported: wav, pcm16"):
-        to_chat_request(req(modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "mp3"}), "r")
-    assert to_chat_request(req(audio={"voice": "Chelsie", "format": "mp3"}), "r").speak is False
+    with pytest.raises(InvalidRequest, match="unsupported audio format 'ogg'; supported: wav, pcm16, pcm, mp3, opus"):
+        to_chat_request(req(modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "ogg"}), "r")
+    assert to_chat_request(req(audio={"voice": "Chelsie", "format": "ogg"}), "r").speak is False
+    assert to_chat_request(req(modalities=["text", "audio"], audio={"format": "mp3"}), "r").speak is True
 
 
 # ---------------------------------------------------------------------------------------------------- bytes
