@@ -44,6 +44,11 @@ def _latency_rows(levels: list[Level]) -> list[tuple]:
         lv = by_mode["text"]
         rows.append((f"TTFT, text only (ms), c={c}", _ms(_mean(lv.ours.ttft_s)),
                      _ms(_mean(lv.official.ttft_s)), _ratio(lv.ratio.ttft), _LOWER))
+    if "speech" in by_mode:  # /v1/audio/speech: the text is known, speech starts after the Talker's first codes
+        o, f, r = by_mode["speech"].ours, by_mode["speech"].official, by_mode["speech"].ratio
+        rows += [(f"TTFAP, speech endpoint (ms), c={c}", _ms(_mean(o.ttfap_s)), _ms(_mean(f.ttfap_s)),
+                  _ratio(r.ttfap), _LOWER),
+                 (f"real-time factor, speech endpoint, c={c}", _num(o.rtf), _num(f.rtf), _ratio(r.rtf), _LOWER)]
     if "text+speech" in by_mode:
         lv = by_mode["text+speech"]
         o, f, r = lv.ours, lv.official, lv.ratio
@@ -99,7 +104,7 @@ def markdown(results: BenchResults) -> str:
                  _pair(o.req_per_s, f.req_per_s, r.req_per_s),
                  _pair(o.text_tokens_per_s, f.text_tokens_per_s, r.text_tokens_per_s, lambda x: _num(x, 1)),
                  _pair(_mean(o.ttft_s), _mean(f.ttft_s), r.ttft, _ms)]
-        if lv.mode == "text+speech":
+        if lv.mode != "text":
             cells += [_pair(_mean(o.ttfap_s), _mean(f.ttfap_s), r.ttfap, _ms),
                       _pair(o.rtf, f.rtf, r.rtf),
                       f"{m.text_ids:.0%}, {m.codec_ids:.0%}"]

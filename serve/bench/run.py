@@ -146,8 +146,20 @@ def load_media(with_video: bool) -> Media:
     return Media(drawn_image(0), audio, video)
 
 
-def make_request(media: Media, i: int, speak: bool, config: BenchConfig) -> ChatRequest:
-    """Request i of a level (distinct question per i), greedy Thinker and Talker with bounded tokens, a fresh id."""
+MODES = ("text", "text+speech", "speech")  # chat text only, chat with speech, /v1/audio/speech (text read aloud)
+
+
+def make_request(media: Media, i: int, speak, config: BenchConfig) -> ChatRequest:
+    """Request i of a level (distinct question per i), greedy Thinker and Talker with bounded tokens, a fresh id.
+    speak: False (text), True (text+speech), or "speech": the speech endpoint's request reading question i aloud."""
+    if speak == "speech":
+        from omni.serve.api.convert import ConvertOptions, to_speech_request
+        from omni.serve.api.protocol import SpeechRequest
+
+        talker = {"temperature": 0.0, "max_tokens": config.speech_tokens}
+        return to_speech_request(SpeechRequest(input=QUESTIONS[i % len(QUESTIONS)], response_format="pcm",
+                                               sampling_params_list=[None, talker]), uuid.uuid4().hex,
+                                 ConvertOptions(default_speech_tokens=config.speech_tokens))
     parts = {"image": ImagePart(media.image), "audio": AudioPart(media.audio), "video": VideoPart(media.video)}
     content = [parts[k] for k in config.inputs] + [TextPart(QUESTIONS[i % len(QUESTIONS)])]
     return ChatRequest([Message("user", content)], sampling=SamplingParams(max_tokens=config.max_tokens),
@@ -175,7 +187,7 @@ async def ours_one(pipeline, request: ChatRequest) -> Sample:
                   token_ids=list(fin.token_ids), codec_ids=list(fin.codec_ids))
 
 
-def official_path(loaded) -> Callable[[ChatRequest], Awaitable[Sample]]:
+def official_path(pipeline) -> Callable[[ChatRequest], Awaitable[Sample]]:
     """The official `generate`, one request at a time (a lock in front of it): no streaming, so the first text and
     the first audio arrive with the whole reply."""
     lock = asyncio.Lock()
@@ -183,7 +195,8 @@ def official_path(loaded) -> Callable[[ChatRequest], Awaitable[Sample]]:
     async def one(request: ChatRequest) -> Sample:
         t0 = time.perf_counter()
         async with lock:
-            ref = await asyncio.to_thread(reference_generate, loaded, request)
+            forced = pipeline.thinker.reply_ids(request.forced_reply) if request.forced_reply else None
+            ref = await asyncio.to_thread(reference_generate, pipeline.loaded, request, 0, forced)
         e2e = time.perf_counter() - t0
         audio_s = 0.0 if ref.waveform is None else len(ref.waveform) / ref.sample_rate
         return Sample(ttft=e2e if ref.text else None, ttfap=e2e if audio_s > 0 else None, e2e=e2e,
@@ -261,13 +274,12 @@ class Progress:
 
 async def load_sweep(pipeline, media: Media, config: BenchConfig, progress: Progress) -> list[Level]:
     """Every (mode, level): ours, then the official path, on the same requests."""
-    backends = {"ours": lambda r: ours_one(pipeline, r), "official": official_path(pipeline.loaded)}
+    backends = {"ours": lambda r: ours_one(pipeline, r), "official": official_path(pipeline)}
     progress.note("warm-up: one text+speech request through each path")
     for one in backends.values():
         await one(make_request(media, 0, True, config))
     levels = []
-    for speak in (False, True):
-        mode = "text+speech" if speak else "text"
+    for mode, speak in zip(MODES, (False, True, "speech")):
         for c in config.concurrency:
             n = max(c, config.requests)
             samples, summary = {}, {}
