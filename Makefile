@@ -6,6 +6,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 DEBS    := ffmpeg espeak-ng
+DEBS    += chromium chromium-driver  # the demo's browser test (headless Chromium through Selenium)
 PYTEST_ARGS ?=
 
 .PHONY: setup debs venv run serve test bench clean
@@ -24,9 +25,9 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 venv: $(BIN)/python
-	@$(BIN)/python -c "import omni, openai" 2>/dev/null || \
-	  $(BIN)/pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import omni, openai, torch, transformers, ray"
+	@$(BIN)/python -c "import omni, openai, gradio, selenium" 2>/dev/null || \
+	  $(BIN)/pip install -q --disable-pip-version-check -e ".[test,demo]" 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import omni, openai, torch, transformers, ray, gradio, selenium"
 
 run: setup
 	mkdir -p out

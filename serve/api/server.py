@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP app: `build_fastapi(backend, settings)` -> FastAPI with GET /health, GET /v1/models,
-GET /metrics and POST /v1/chat/completions.
+GET /v1/audio/voices, GET /metrics and POST /v1/chat/completions.
 
 The app holds no module-level state: settings, the backend, the admission counter and the metrics registry live
 on `app.state`, so the same app object serves under uvicorn and as a Ray Serve ingress (`@serve.ingress(app)`
@@ -324,6 +324,13 @@ def build_fastapi(backend: Union[Backend, Callable[[], Backend]], settings: Serv
         card = ModelCard(id=served_name(b), created=settings.created, root=b.model_name,
                          max_model_len=b.max_model_len)
         return ModelList(data=[card]).model_dump()
+
+    @app.get("/v1/audio/voices")
+    async def voices(request: Request):
+        """This model's voices: {"object": "list", "model": NAME, "voices": ["Chelsie", "Ethan"]} ([] without speech)."""
+        _check_auth(request, settings)
+        b = await get_backend()
+        return {"object": "list", "model": served_name(b), "voices": list(b.voices)}
 
     @app.get("/metrics")
     async def metrics_route(request: Request):
