@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import mimetypes
+import os
 import signal
 import sys
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote
@@ -30,7 +31,8 @@ import openai
 from omni.serve.api.audio_io import wav_header
 from omni.tiny import DEFAULT_SYSTEM_PROMPT
 
-__all__ = ["DemoSettings", "Turn", "build_demo", "chat_messages", "describe_error", "run_demo", "main"]
+__all__ = ["DemoSettings", "Turn", "build_demo", "launch_demo", "chat_messages", "describe_error", "run_demo",
+           "main"]
 
 SAMPLE_RATE = 24000  # the API's streamed speech: PCM16 little-endian, mono, 24 kHz
 DEFAULT_VOICE = "Chelsie"
@@ -45,7 +47,7 @@ class DemoSettings:
     model: Optional[str] = None  # the model requests name; None: the first one /v1/models lists
     timeout_s: float = 600.0  # per request (a long spoken answer streams for a while)
     max_tokens_limit: int = 4096  # the max-tokens slider's right end
-    out_dir: Optional[str] = None  # where replies' WAVs are written; None: a fresh temporary directory
+    out_dir: Optional[str] = None  # where replies' WAVs are written (and served from); None: a new temporary one
 
 
 @dataclass
@@ -268,7 +270,7 @@ def build_demo(settings: DemoSettings):
         turns = gr.State([])
         with gr.Row():
             with gr.Column(scale=3):
-                chat = gr.Chatbot(elem_id="chat", height=460, label="Chat", buttons=["copy"])
+                chat = gr.Chatbot(elem_id="chat", height=520, label="Chat", buttons=["copy"])
                 speech = gr.Audio(label="Speech (plays while the answer streams)", elem_id="speech", streaming=True,
                                   autoplay=True, interactive=False)
                 with gr.Row():
@@ -304,7 +306,17 @@ def build_demo(settings: DemoSettings):
         clear.click(lambda: ([], None, [], *idle), None, [chat, speech, turns, send, stop_btn], cancels=runs)
         chat.clear(lambda: (None, [], *idle), None, [speech, turns, send, stop_btn], cancels=runs)  # its trash icon
         demo.load(connect, None, [status, voice, speak])
-    demo.out_dir = out_dir  # the replies' WAVs: served to the page (launch's allowed_paths)
+    return demo
+
+
+def launch_demo(settings: DemoSettings, host: str = "127.0.0.1", port: int = 7860):
+    """Builds the page and serves it on host:port in the background (the caller blocks or closes it). -> gr.Blocks"""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing phones home
+    out_dir = settings.out_dir or tempfile.mkdtemp(prefix="omni-demo-")
+    demo = build_demo(replace(settings, out_dir=out_dir))
+    demo.queue(default_concurrency_limit=16).launch(  # 16 sessions answer at once; the server admits or says 503
+        server_name=host, server_port=port, ssr_mode=False, quiet=True, prevent_thread_lock=True,
+        allowed_paths=[out_dir])  # the replies' WAVs, which the chat's players load
     return demo
 
 
@@ -321,9 +333,6 @@ def run_demo(api_url: Optional[str] = None, api_key: Optional[str] = None, host:
              port: int = 7860) -> int:
     """`omni demo`: the page on host:port against api_url, or against a child `omni serve --model tiny`; blocks
     until Ctrl-C / SIGTERM, then stops the child."""
-    import os
-
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     child = None
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -336,11 +345,8 @@ def run_demo(api_url: Optional[str] = None, api_key: Optional[str] = None, host:
             child.start()
             api_url = child.api_url
             print(f"omni serve is ready: {api_url}", file=sys.stderr, flush=True)
-        demo = build_demo(DemoSettings(api_url=api_url.rstrip("/"), api_key=api_key or "unused"))
+        demo = launch_demo(DemoSettings(api_url=api_url.rstrip("/"), api_key=api_key or "unused"), host, port)
         print(f"the demo talks to {api_url}", file=sys.stderr, flush=True)
-        demo.queue(default_concurrency_limit=16).launch(
-            server_name=host, server_port=port, ssr_mode=False, allowed_paths=[str(demo.out_dir)], quiet=True,
-            prevent_thread_lock=True)
         print(f"{READY_LINE}http://{host}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
         demo.block_thread()
     except KeyboardInterrupt:
