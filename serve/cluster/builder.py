@@ -72,7 +72,8 @@ def run_server(args) -> int:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
-        ray.init(include_dashboard=False, logging_level="WARNING")
+        # "local": a new Ray of its own; without it ray.init joins the latest cluster started on this machine
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app({"model": args.model, "config": cfg_path, "served_model_name": args.served_model_name,
                      "api_key": args.api_key, "allowed_local_media_path": args.allowed_local_media_path})
