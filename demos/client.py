@@ -4,7 +4,7 @@ writes its speech (streamed base64 PCM16, mono, 24 kHz) to a WAV.
     python demos/client.py --image assets/samples/image.png --audio assets/samples/speech.wav \\
         --out answer.wav "What do you see and hear?"
 
-Exit status: 0, or 1 with the server's error message on stderr.
+Exit status: 0; 1 with the server's error message on stderr; 2 for bad arguments (a missing file).
 """
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--out", default="answer.wav", help="the speech as a WAV; '-' for text only")
     args = ap.parse_args(argv)
+    for f in (args.image, args.audio, args.video):
+        if f and not Path(f).is_file():
+            ap.error(f"no such file: {f}")
 
     client = openai.OpenAI(base_url=args.api_url, api_key=args.api_key, max_retries=0)
     content = [{"type": "image_url", "image_url": {"url": _data_uri(args.image)}}] if args.image else []
