@@ -6,6 +6,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 DEBS    := ffmpeg espeak-ng
+DEBS    += chromium chromium-driver  # the demo's browser test (headless Chromium through Selenium)
 PYTEST_ARGS ?=
 
 .PHONY: setup debs venv run serve test bench clean
@@ -25,8 +26,8 @@ $(BIN)/python:
 
 # (re)installed whenever pyproject.toml changes (new dependencies, new extras)
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import omni, openai, hypothesis, torch, transformers, ray"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,demo]" 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import omni, openai, hypothesis, torch, transformers, ray, gradio, selenium"
 	@touch $@
 
 venv: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""The `omni` command: make-tiny, chat, speak, serve, bench."""
+"""The `omni` command: make-tiny, chat, speak, serve, bench, demo."""
 from __future__ import annotations
 
 import argparse
@@ -155,6 +155,15 @@ def _cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def _cmd_demo(args) -> int:
+    try:
+        from omni.demos.gradio_app import run_demo
+    except ImportError as e:
+        print(f"omni demo: {e.name or e} is missing: pip install 'omni[demo]' (make setup installs it)", file=sys.stderr)
+        return 2
+    return run_demo(args.api_url, args.api_key, args.host, args.port)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="omni", description="Serve Qwen omni models: text, images, audio, video in; "
                                                           "text and speech out, streamed.")
@@ -228,6 +237,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: c=1,2, 2 requests, few tokens")
     p.add_argument("--no-plot", dest="no_plot", action="store_true")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("demo", help="the Gradio web demo (voice and vision chat) against an omni server")
+    p.add_argument("--api-url", default=None, help="the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1 "
+                                                   "(default: start omni serve --model tiny as a child process)")
+    p.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=_cmd_demo)
     return ap
 
 

@@ -113,7 +113,8 @@ def run_server(args) -> int:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
-        ray.init(include_dashboard=False, logging_level="WARNING")
+        # "local": a new Ray of its own; without it ray.init joins the latest cluster started on this machine
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     # after ray.init, which installs its own SIGTERM handler (sys.exit): ours drains first
     stop, got = threading.Event(), []
 
