@@ -380,6 +380,7 @@ class Progress:
         self.done = self.ok = self.failed = 0
         self.t0 = time.perf_counter()
         self._last = 0.0
+        self._shown = -1  # files done at the last line printed
 
     def rate(self) -> float:
         return self.done / max(time.perf_counter() - self.t0, 1e-9)
@@ -387,11 +388,11 @@ class Progress:
     def update(self, rows: list[dict], force: bool = False) -> None:
         for r in rows:
             self.done += 1
-            self.failed += r.get("error") is not None
+            self.failed += bool(r.get("error"))
         self.ok = self.done - self.failed
         now = time.perf_counter()
-        if force or now - self._last >= self.every_s:
-            self._last = now
+        if (force and self._shown != self.done) or (rows and now - self._last >= self.every_s):
+            self._last, self._shown = now, self.done
             rate = self.rate()
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             eta_s = f"{eta:.0f}s" if eta != float("inf") else "?"

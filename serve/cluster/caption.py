@@ -86,6 +86,8 @@ class CaptionReport:
     nodes: dict  # {stage: sorted Ray node ids that ran it}
     interrupted: bool = False  # stopped by SIGINT/SIGTERM before the end
     thinker_pids: list = field(default_factory=list)  # worker processes of the Thinker actors (tests kill one)
+    timeline: dict = field(default_factory=dict)  # seconds from the start: ray (Ray up), encode_ready /
+    #                                               thinker_ready (first actor of the stage set up), first_row, end
 
 
 # ---------------------------------------------------------------------------------------------------- stage 1: decode
@@ -120,7 +122,7 @@ def decode_batch(batch: dict, opts: CaptionOptions) -> dict:
     out = {k: [] for k in ("path", "rel", "media_type", "prompt", "error", "payload", "decode_s", "decode_node")}
     for path, rel in zip(batch["path"], batch["rel"]):
         t0 = time.perf_counter()
-        kind, prompt, error, payload = None, opts.prompt or "", None, b""
+        kind, prompt, error, payload = "", opts.prompt or "", "", b""  # "" for none: an all-None column is no string
         try:
             kind, media = load_file(str(path), opts.use_audio_in_video)
             prompt = opts.prompt or DEFAULT_PROMPTS[kind]
@@ -129,7 +131,7 @@ def decode_batch(batch: dict, opts: CaptionOptions) -> dict:
                                       max_speech_tokens=opts.max_speech_tokens)
             payload = pickle.dumps(prepare_prompt(processor, request))
         except Exception as e:  # noqa: BLE001 - per file: whatever a decoder raises on bad bytes is that file's error
-            kind = getattr(e, "media_type", kind)
+            kind = getattr(e, "media_type", kind) or ""
             prompt = opts.prompt or DEFAULT_PROMPTS.get(kind, "")
             error = one_line(e) if str(e) else type(e).__name__
         for k, v in (("path", str(path)), ("rel", str(rel)), ("media_type", kind), ("prompt", prompt),
@@ -152,6 +154,7 @@ class EncoderStage:
         towers = VideoEncoder.from_pretrained(opts.model, EncoderConfig(device=opts.device, dtype=opts.dtype,
                                                                          max_batch_items=max(16, opts.batch_size)))
         self.vision, self.audio, self.node = towers.vision, towers.audio, _node()
+        self.ready_at = time.time()  # wall clock when this actor was set up (process started, model loaded)
 
     def _encode(self, prompts: list) -> list:
         """[PreparedPrompt] -> [MediaEmbeddings], three batched calls in all."""
@@ -170,7 +173,7 @@ class EncoderStage:
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
         n = len(batch["path"])
-        todo = [j for j in range(n) if batch["error"][j] is None]
+        todo = [j for j in range(n) if not batch["error"][j]]
         prompts = {j: pickle.loads(batch["payload"][j]) for j in todo}
         errors = list(batch["error"])
         payload = list(batch["payload"])
@@ -188,7 +191,8 @@ class EncoderStage:
         per_file = (time.perf_counter() - t0) / max(1, len(todo))
         return {**batch, "error": np.array(errors, dtype=object), "payload": np.array(payload, dtype=object),
                 "encode_s": np.array([per_file if j in media else 0.0 for j in range(n)]),
-                "encode_node": np.array([self.node] * n, dtype=object)}
+                "encode_node": np.array([self.node] * n, dtype=object),
+                "encode_ready_at": np.array([self.ready_at] * n)}
 
 
 # ---------------------------------------------------------------------------------------------------- stage 3: Thinker
@@ -220,6 +224,7 @@ class ThinkerStage:
         if not opts.device.startswith("cuda"):
             _set_threads(opts.thinker_threads or max(1, (os.cpu_count() or 2) // 2))
         self.node, self.pid = _node(), os.getpid()
+        self.ready_at = time.time()
 
     async def _one(self, path: str, prompt, media) -> tuple[str, int, bytes]:
         """-> (caption, generated tokens, speech as 16-bit PCM or b"")."""
@@ -273,12 +278,12 @@ class ThinkerStage:
                 errors[j] = one_line(f"{type(e).__name__}: {e}")
             secs[j] = time.perf_counter() - t0
 
-        await asyncio.gather(*(run(j) for j in range(n) if errors[j] is None))
+        await asyncio.gather(*(run(j) for j in range(n) if not errors[j]))
         rest = {k: v for k, v in batch.items() if k != "payload"}
         return {**rest, "error": np.array(errors, dtype=object), "caption": np.array(captions, dtype=object),
                 "num_tokens": np.array(tokens), "speech": np.array(speech, dtype=object),
                 "thinker_s": np.array(secs), "thinker_node": np.array([self.node] * n, dtype=object),
-                "thinker_pid": np.array([self.pid] * n)}
+                "thinker_pid": np.array([self.pid] * n), "thinker_ready_at": np.array([self.ready_at] * n)}
 
 
 # ---------------------------------------------------------------------------------------------------- the driver
@@ -306,24 +311,23 @@ def _init_ray() -> bool:
     """Connect to RAY_ADDRESS or start a local Ray, unless this process already has one -> whether we started it."""
     import logging
 
-    import ray
+    import ray.data
 
-    if ray.is_initialized():
-        return False
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    return True
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
+    # our own progress lines replace Ray Data's progress bars and execution logs
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    return started
 
 
 def _write_speech(speak_dir: Path, rows: list[dict]) -> None:
     from omni.serve.api.audio_io import wav_header
 
     for r in rows:
-        if r["error"] is None and r.get("speech") is not None and len(r["speech"]):
+        if not r["error"] and len(r["speech"]):
             target = speak_dir / (r["rel"] + ".wav")
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -400,6 +404,8 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
     nodes: dict = {s: set() for s in STAGES}
     pids: set = set()
     interrupted, started = False, False
+    wall0 = time.time()
+    timeline: dict = {}
 
     def commit(rows: list[dict]) -> None:
         if speak_dir is not None:
@@ -414,6 +420,7 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
                 except Exception as e:  # noqa: BLE001
                     raise CaptionError(f"cannot load model {opts.model!r}: {one_line(e)}") from None
                 started = _init_ray()
+                timeline["ray"] = time.perf_counter() - t0
                 for batch in build_dataset(pending, opts).iter_batches(batch_size=None, batch_format="numpy"):
                     rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["path"]))]
                     for r in rows:
@@ -422,12 +429,21 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
                             stage_s[s] += float(r[f"{s}_s"])
                             nodes[s].add(str(r[f"{s}_node"]))
                         pids.add(int(r["thinker_pid"]))
+                        for s in ("encode", "thinker"):
+                            ready = float(r[f"{s}_ready_at"]) - wall0
+                            timeline[f"{s}_ready"] = min(timeline.get(f"{s}_ready", ready), ready)
+                    timeline.setdefault("first_row", time.perf_counter() - t0)
                     signals.commit(lambda: commit(rows))
                     progress.update(rows)
                     if on_batch is not None:
                         on_batch(rows)
     except (KeyboardInterrupt, _Interrupted):
         interrupted = True
+    except CaptionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray gave up (an actor that cannot start, a lost cluster): rows so far stay
+        raise CaptionError(one_line(f"the job stopped after {progress.done} of {progress.total} files: "
+                                    f"{type(e).__name__}: {e}; run again with --resume", 1000)) from e
     finally:
         output.close()
         if started:
@@ -437,8 +453,8 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
     if pending:
         progress.update([], force=True)
     progress.summary(out, interrupted)
-    seconds = time.perf_counter() - t0
+    seconds = timeline["end"] = time.perf_counter() - t0
     return CaptionReport(out=out, files=progress.done, ok=progress.ok, failed=progress.failed,
                          skipped=progress.skipped, seconds=seconds, files_per_s=progress.done / max(seconds, 1e-9),
                          stage_seconds=stage_s, nodes={s: sorted(v) for s, v in nodes.items()},
-                         interrupted=interrupted, thinker_pids=sorted(pids))
+                         interrupted=interrupted, thinker_pids=sorted(pids), timeline=timeline)

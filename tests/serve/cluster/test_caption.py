@@ -1,0 +1,180 @@
+"""`omni caption` on one local Ray (2 CPUs, one Ray for the module): golden captions against the official transformers
+generate on a mixed folder of real media, exact error rows, resume / --retry-errors on Parquet, a Thinker worker killed
+mid-run, --speak and --use-audio-in-video, the CLI's exit codes, progress and summary."""
+import json
+import os
+import shutil
+import signal
+import wave
+
+import numpy as np
+import pytest
+
+from omni.serve.caption_io import DEFAULT_PROMPTS, ROW_FIELDS, CaptionOutput
+from omni.serve.cluster.caption import CaptionOptions, run_caption
+
+from .conftest import MIXED
+
+pytestmark = pytest.mark.slow
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def check_rows(rows, folder, oracle, max_tokens=MAX_TOKENS, prompt=None, names=MIXED):
+    """One row per file; ok rows carry the official generate's caption; error rows exactly as specified."""
+    by_path = {r["path"]: r for r in rows}
+    assert len(by_path) == len(rows) == len(names)
+    for name, (kind, ok) in names.items():
+        r = by_path[str(folder / name)]
+        assert list(r) == list(ROW_FIELDS)
+        assert r["media_type"] == kind and r["model"] == "tiny"
+        assert r["prompt"] == (prompt or DEFAULT_PROMPTS.get(kind, ""))
+        if ok:
+            ref = oracle(folder / name, kind, r["prompt"], max_tokens)
+            assert r["error"] is None, (name, r["error"])
+            assert r["caption"] == ref.text and r["num_tokens"] == len(ref.token_ids) > 0, name
+            assert r["seconds"] > 0
+        else:
+            assert r["caption"] == "" and r["num_tokens"] == 0 and r["error"] and "\n" not in r["error"], name
+    errors = {os.path.relpath(r["path"], folder): r["error"] for r in rows if r["error"]}
+    assert errors["empty.wav"] == "empty file (0 bytes)"
+    assert errors["notes.txt"].startswith("unsupported file: not an image, audio or video (10 bytes")
+    assert errors["corrupt.png"].startswith("not a decodable image (looks like PNG")
+    assert errors["truncated.mp4"].startswith("not a decodable video file (looks like MP4")
+
+
+@pytest.fixture(scope="module")
+def golden(mixed_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("golden") / "captions.jsonl"
+    report = run_caption([str(mixed_dir)], str(out), CaptionOptions(max_tokens=MAX_TOKENS, batch_size=4),
+                         progress_every_s=0.0)
+    return out, report
+
+
+def test_golden_captions_and_error_rows(golden, mixed_dir, oracle):
+    out, report = golden
+    lines = out.read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    check_rows(rows, mixed_dir, oracle)
+    assert (report.files, report.ok, report.failed, report.skipped) == (9, 5, 4, 0)
+    assert not report.interrupted and report.files_per_s > 0
+    assert set(report.stage_seconds) == {"decode", "encode", "thinker"} and report.stage_seconds["thinker"] > 0
+
+
+def test_resume_and_retry_errors_on_parquet(media_dir, tmp_path, oracle):
+    """Run 1 captions a folder with a corrupt file. The corrupt file is then fixed and a new file added; --resume
+    --retry-errors redoes exactly those two and the fixed file's new row replaces its error row."""
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "media"
+    d.mkdir()
+    shutil.copy(media_dir / "image.png", d / "image.png")
+    (d / "broken.png").write_bytes((media_dir / "image.png").read_bytes()[:60])
+    out = tmp_path / "captions.parquet"
+    opts = CaptionOptions(max_tokens=MAX_TOKENS)
+    first = run_caption([str(d)], str(out), opts)
+    assert (first.files, first.ok, first.failed) == (2, 1, 1)
+    rows1 = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    assert rows1[str(d / "broken.png")]["error"]
+
+    shutil.copy(media_dir / "image.png", d / "broken.png")  # fixed
+    shutil.copy(media_dir / "speech.wav", d / "speech.wav")  # new
+    again = run_caption([str(d)], str(out), opts, resume=True, retry_errors=True)
+    assert (again.files, again.ok, again.skipped) == (2, 2, 1)
+    table = pq.read_table(out)
+    assert table.column_names == list(ROW_FIELDS)
+    rows = table.to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(str(d / n) for n in ("image.png", "broken.png", "speech.wav"))
+    by_path = {r["path"]: r for r in rows}
+    assert by_path[str(d / "image.png")] == rows1[str(d / "image.png")]  # kept as it was, not redone
+    for name, kind in (("broken.png", "image"), ("speech.wav", "audio")):
+        r = by_path[str(d / name)]
+        assert r["error"] is None and r["caption"] == oracle(d / name, kind, DEFAULT_PROMPTS[kind], MAX_TOKENS).text
+    assert not (tmp_path / "captions.parquet.parts").exists()
+
+    done = run_caption([str(d)], str(out), opts, resume=True)  # nothing left: no Ray job at all
+    assert (done.files, done.skipped) == (0, 3) and pq.read_table(out).num_rows == 3
+
+
+def test_killed_thinker_worker_loses_no_row(mixed_dir, tmp_path, oracle):
+    """SIGKILL the Thinker actor's process after the first committed row: Ray Data restarts the actor and retries
+    its tasks; every file still gets exactly one row, the same rows as an undisturbed run."""
+    killed = []
+
+    def kill_once(rows):
+        if not killed:
+            pid = int(rows[0]["thinker_pid"])
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    out = tmp_path / "captions.jsonl"
+    opts = CaptionOptions(max_tokens=MAX_TOKENS, batch_size=1, thinker_calls=1)
+    report = run_caption([str(mixed_dir)], str(out), opts, on_batch=kill_once)
+    assert killed and len(report.thinker_pids) >= 2, report.thinker_pids  # rows came from the restarted actor too
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    check_rows(rows, mixed_dir, oracle)
+
+
+def test_speak_and_use_audio_in_video(media_dir, tmp_path, oracle, tiny):
+    """--speak DIR writes DIR/<relative path>.wav at 24 kHz: the speech the in-process pipeline gives that request;
+    --use-audio-in-video feeds the clip's own track (the caption is the official generate's with the flag)."""
+    import asyncio
+
+    from omni.serve.api.audio_io import pcm16_bytes
+    from omni.serve.caption_io import caption_request, load_file
+    from omni.serve.pipeline import Pipeline
+
+    d = tmp_path / "media"
+    (d / "a").mkdir(parents=True)
+    shutil.copy(media_dir / "clip.mp4", d / "a" / "clip.mp4")
+    shutil.copy(media_dir / "image.png", d / "image.png")
+    speak = tmp_path / "speech"
+    opts = CaptionOptions(max_tokens=6, use_audio_in_video=True, speak_dir=str(speak), max_speech_tokens=40)
+    report = run_caption([str(d)], str(tmp_path / "c.jsonl"), opts)
+    assert report.ok == 2
+    rows = {os.path.relpath(r["path"], d): r for r in CaptionOutput(str(tmp_path / "c.jsonl")).read()}
+    ref = oracle(d / "a" / "clip.mp4", "video", DEFAULT_PROMPTS["video"], 6, use_audio_in_video=True)
+    assert rows["a/clip.mp4"]["caption"] == ref.text
+    pipeline = Pipeline(tiny)
+    for rel, kind in (("a/clip.mp4", "video"), ("image.png", "image")):
+        with wave.open(str(speak / f"{rel}.wav")) as w:
+            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+            got = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.int32)
+        kind_, media = load_file(str(d / rel), use_audio_in_video=True)
+        req = caption_request(kind_, media, DEFAULT_PROMPTS[kind], 6, use_audio_in_video=True, speak=True,
+                              max_speech_tokens=40)
+        result = asyncio.run(pipeline.run(req))
+        assert result.text == rows[rel]["caption"]
+        want = np.frombuffer(pcm16_bytes(result.waveform), "<i2").astype(np.int32)
+        assert len(got) == len(want) > 0 and np.abs(got - want).max() <= 2, rel  # 16-bit rounding of ~1e-6 floats
+
+
+def test_cli_exit_codes_and_messages(media_dir, tmp_path, capfd):
+    from omni.serve.cli import main
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (bad / "y.wav").write_bytes(b"")
+    assert main(["caption", str(bad), "--out", str(tmp_path / "bad.jsonl")]) == 1  # nothing succeeded
+    err = capfd.readouterr().err
+    assert "none of the 2 files could be captioned" in err and "Traceback" not in err
+    assert "caption: 2/2 files (0 ok, 2 failed), " in err and "files/s, ETA" in err  # progress, then the summary
+    assert "caption: 2 files, 0 ok, 2 failed, " in err and f"wrote {tmp_path / 'bad.jsonl'}" in err
+    assert len((tmp_path / "bad.jsonl").read_text().splitlines()) == 2  # ... and the error rows are written
+
+    (tmp_path / "file").write_text("x")
+    assert main(["caption", str(bad), "--out", str(tmp_path / "file" / "o.jsonl")]) == 2
+    assert "omni caption: cannot write the output" in capfd.readouterr().err
+    assert main(["caption", str(tmp_path / "nope"), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "no such file or folder" in capfd.readouterr().err
+    assert main(["caption", str(bad), "--out", str(tmp_path / "o.csv")]) == 2
+    assert ".jsonl or .parquet" in capfd.readouterr().err
