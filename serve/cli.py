@@ -148,7 +148,7 @@ def _cmd_caption(args) -> int:
         print(f"omni caption: {exc}", file=sys.stderr)
         return 2
     if report.interrupted:
-        return 130
+        return 128 + report.interrupted  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     if report.files and not report.ok:
         print(f"omni caption: none of the {report.files} files could be captioned (see the error column of "
               f"{args.out})", file=sys.stderr)

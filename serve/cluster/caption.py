@@ -84,7 +84,7 @@ class CaptionReport:
     files_per_s: float  # files / seconds
     stage_seconds: dict  # {stage: summed per-file seconds}: where the time goes
     nodes: dict  # {stage: sorted Ray node ids that ran it}
-    interrupted: bool = False  # stopped by SIGINT/SIGTERM before the end
+    interrupted: int = 0  # the signal that stopped the job before the end (SIGINT 2, SIGTERM 15); 0: it ran to the end
     thinker_pids: list = field(default_factory=list)  # worker processes of the Thinker actors (tests kill one)
     timeline: dict = field(default_factory=dict)  # seconds from the start: ray (Ray up), encode_ready /
     #                                               thinker_ready (first actor of the stage set up), first_row, end
@@ -338,8 +338,9 @@ def _write_speech(speak_dir: Path, rows: list[dict]) -> None:
                 raise CaptionError(f"cannot write speech {target}: {e.strerror or e}") from None
 
 
-class _Interrupted(Exception):
-    pass
+class _Interrupted(BaseException):
+    """SIGTERM (or SIGINT), raised in the main thread: a BaseException like KeyboardInterrupt, so that no `except
+    Exception` on the way (Ray Data's iterator has some) swallows it."""
 
 
 class _Signals:
@@ -358,11 +359,16 @@ class _Signals:
             raise _Interrupted(signum)
 
     def __enter__(self) -> "_Signals":
+        return self.install()
+
+    def install(self) -> "_Signals":
+        """(Again) after ray.init, whose core worker puts its own SIGTERM handler in (it dumps a stack and exits)."""
         import threading
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handler)
+                previous = signal.signal(sig, self._handler)
+                self.previous.setdefault(sig, previous)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -403,7 +409,7 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
     stage_s = dict.fromkeys(STAGES, 0.0)
     nodes: dict = {s: set() for s in STAGES}
     pids: set = set()
-    interrupted, started = False, False
+    interrupted, started = 0, False
     wall0 = time.time()
     timeline: dict = {}
 
@@ -420,6 +426,7 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
                 except Exception as e:  # noqa: BLE001
                     raise CaptionError(f"cannot load model {opts.model!r}: {one_line(e)}") from None
                 started = _init_ray()
+                signals.install()
                 timeline["ray"] = time.perf_counter() - t0
                 for batch in build_dataset(pending, opts).iter_batches(batch_size=None, batch_format="numpy"):
                     rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["path"]))]
@@ -437,8 +444,10 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
                     progress.update(rows)
                     if on_batch is not None:
                         on_batch(rows)
-    except (KeyboardInterrupt, _Interrupted):
-        interrupted = True
+    except KeyboardInterrupt:
+        interrupted = signal.SIGINT
+    except _Interrupted as e:
+        interrupted = e.args[0]
     except CaptionError:
         raise
     except Exception as e:  # noqa: BLE001 - Ray gave up (an actor that cannot start, a lost cluster): rows so far stay
@@ -452,9 +461,9 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
             ray.shutdown()
     if pending:
         progress.update([], force=True)
-    progress.summary(out, interrupted)
+    progress.summary(out, bool(interrupted))
     seconds = timeline["end"] = time.perf_counter() - t0
     return CaptionReport(out=out, files=progress.done, ok=progress.ok, failed=progress.failed,
                          skipped=progress.skipped, seconds=seconds, files_per_s=progress.done / max(seconds, 1e-9),
                          stage_seconds=stage_s, nodes={s: sorted(v) for s, v in nodes.items()},
-                         interrupted=interrupted, thinker_pids=sorted(pids), timeline=timeline)
+                         interrupted=int(interrupted), thinker_pids=sorted(pids), timeline=timeline)

@@ -178,3 +178,73 @@ def test_cli_exit_codes_and_messages(media_dir, tmp_path, capfd):
     assert "no such file or folder" in capfd.readouterr().err
     assert main(["caption", str(bad), "--out", str(tmp_path / "o.csv")]) == 2
     assert ".jsonl or .parquet" in capfd.readouterr().err
+
+
+def _lines(path):
+    return path.read_bytes().splitlines() if path.exists() else []
+
+
+def _interrupt_when(proc, out, n_lines, sig, timeout=300):
+    """Send `sig` to the `omni caption` process once `out` holds `n_lines` rows -> (its exit code, stderr)."""
+    import time
+
+    deadline = time.time() + timeout
+    while len(_lines(out)) < n_lines and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def test_interrupted_runs_resume_to_the_whole_output(media_dir, tmp_path, oracle):
+    """`omni caption` (the CLI, in a subprocess, on this module's Ray through RAY_ADDRESS) stopped by Ctrl-C, then
+    resumed and stopped by SIGTERM, then resumed to the end: after every stop the output holds whole rows only, no
+    path twice; the end result is one row per file with the official generate's caption."""
+    import subprocess
+    import sys
+
+    import ray
+    from PIL import Image, ImageDraw
+
+    d = tmp_path / "media"
+    d.mkdir()
+    for i in range(10):
+        im = Image.new("RGB", (84, 56), (25 * i, 255 - 25 * i, 90))
+        ImageDraw.Draw(im).ellipse((4 * i, 4, 4 * i + 30, 40), fill=(250, 250, 250))
+        im.save(d / f"img{i:02d}.png")
+    shutil.copy(media_dir / "speech.wav", d / "speech.wav")
+    shutil.copy(media_dir / "clip.mp4", d / "clip.mp4")
+    out = tmp_path / "captions.jsonl"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "omni.serve.cli", "caption", str(d), "--out", str(out), "--max-tokens", "64",
+           "--batch-size", "1"]
+
+    def start(*extra):
+        return subprocess.Popen(cmd + list(extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def whole_rows():
+        data = out.read_bytes()
+        assert data.endswith(b"\n")  # no torn last line
+        rows = [json.loads(x) for x in data.splitlines()]
+        assert len({r["path"] for r in rows}) == len(rows)  # no path twice
+        return rows
+
+    rc, err = _interrupt_when(start(), out, 1, signal.SIGINT)
+    assert rc == 130 and "interrupted with" in err and "--resume" in err and "Traceback" not in err, err[-3000:]
+    n1 = len(whole_rows())
+    assert 1 <= n1 < 12
+
+    rc, err = _interrupt_when(start("--resume"), out, n1 + 1, signal.SIGTERM)
+    assert rc == 143 and f"{n1} already done (resume)" in err, err[-3000:]
+    n2 = len(whole_rows())
+    assert n1 < n2 < 12
+
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"caption: {12 - n2} files, {12 - n2} ok, 0 failed" in done.stderr
+    rows = whole_rows()
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in d.iterdir())
+    for r in rows:
+        kind = r["media_type"]
+        assert r["caption"] == oracle(r["path"], kind, DEFAULT_PROMPTS[kind], 64).text, r["path"]
