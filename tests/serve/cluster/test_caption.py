@@ -13,10 +13,9 @@ import pytest
 from omni.serve.caption_io import DEFAULT_PROMPTS, ROW_FIELDS, CaptionOutput
 from omni.serve.cluster.caption import CaptionOptions, run_caption
 
-from .conftest import MIXED
+from .conftest import MAX_TOKENS, check_rows
 
 pytestmark = pytest.mark.slow
-MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,29 +25,6 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def check_rows(rows, folder, oracle, max_tokens=MAX_TOKENS, prompt=None, names=MIXED):
-    """One row per file; ok rows carry the official generate's caption; error rows exactly as specified."""
-    by_path = {r["path"]: r for r in rows}
-    assert len(by_path) == len(rows) == len(names)
-    for name, (kind, ok) in names.items():
-        r = by_path[str(folder / name)]
-        assert list(r) == list(ROW_FIELDS)
-        assert r["media_type"] == kind and r["model"] == "tiny"
-        assert r["prompt"] == (prompt or DEFAULT_PROMPTS.get(kind, ""))
-        if ok:
-            ref = oracle(folder / name, kind, r["prompt"], max_tokens)
-            assert r["error"] is None, (name, r["error"])
-            assert r["caption"] == ref.text and r["num_tokens"] == len(ref.token_ids) > 0, name
-            assert r["seconds"] > 0
-        else:
-            assert r["caption"] == "" and r["num_tokens"] == 0 and r["error"] and "\n" not in r["error"], name
-    errors = {os.path.relpath(r["path"], folder): r["error"] for r in rows if r["error"]}
-    assert errors["empty.wav"] == "empty file (0 bytes)"
-    assert errors["notes.txt"].startswith("unsupported file: not an image, audio or video (10 bytes")
-    assert errors["corrupt.png"].startswith("not a decodable image (looks like PNG")
-    assert errors["truncated.mp4"].startswith("not a decodable video file (looks like MP4")
 
 
 @pytest.fixture(scope="module")
