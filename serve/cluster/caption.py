@@ -24,6 +24,7 @@ import functools
 import os
 import pickle
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,15 +389,19 @@ class _Signals:
 def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptions(), resume: bool = False,
                 retry_errors: bool = False, on_batch: Optional[Callable[[list[dict]], None]] = None,
                 progress_every_s: float = 1.0) -> CaptionReport:
-    """Caption every file of `inputs` into `out` (see the module docstring). Raises CaptionError when the job cannot
-    start or its output cannot be written; SIGINT/SIGTERM stop it cleanly (report.interrupted)."""
+    """Caption every file of `inputs` into `out` (see the module docstring); `retry_errors` implies `resume`. Raises
+    CaptionError when the job cannot start or its output cannot be written; SIGINT/SIGTERM stop it cleanly
+    (report.interrupted)."""
     from omni.checkpoint import resolve_model
 
     t0 = time.perf_counter()
+    resume = resume or retry_errors  # redoing the errored files keeps the others
     files = list_inputs(inputs)
     if not files:
         raise CaptionError(f"no files found in {' '.join(inputs)}")
     output = CaptionOutput(out)
+    if not resume and output.path.exists() and output.path.stat().st_size:
+        print(f"caption: replacing {out} (--resume continues it instead)", file=sys.stderr, flush=True)
     done = {r["path"] for r in output.open(resume, retry_errors)}
     pending = [f for f in files if f.path not in done]
     speak_dir = Path(opts.speak_dir) if opts.speak_dir else None
