@@ -401,6 +401,10 @@ class Progress:
 
     def summary(self, out: str, interrupted: bool = False) -> str:
         elapsed = time.perf_counter() - self.t0
+        if self.total == 0:
+            line = f"caption: nothing to do, all {self.skipped} files are in {out} already (resume)"
+            print(line, file=self.stream, flush=True)
+            return line
         line = (f"caption: {self.done} files, {self.ok} ok, {self.failed} failed, {self.rate():.2f} files/s in "
                 f"{elapsed:.1f}s" + (f"; {self.skipped} already done (resume)" if self.skipped else "") +
                 f"; wrote {out}")

@@ -1,6 +1,7 @@
 """`omni caption` on one local Ray (2 CPUs, one Ray for the module): golden captions against the official transformers
-generate on a mixed folder of real media, exact error rows, resume / --retry-errors on Parquet, a Thinker worker killed
-mid-run, --speak and --use-audio-in-video, the CLI's exit codes, progress and summary."""
+generate on a mixed folder of real media, exact error rows, a Thinker worker killed mid-run, --speak and
+--use-audio-in-video, the CLI's exit codes, progress and summary with resume / --retry-errors on Parquet, and runs of
+the CLI interrupted by Ctrl-C and SIGTERM then resumed."""
 import json
 import os
 import shutil
@@ -45,41 +46,6 @@ def test_golden_captions_and_error_rows(golden, mixed_dir, oracle):
     assert set(report.stage_seconds) == {"decode", "encode", "thinker"} and report.stage_seconds["thinker"] > 0
 
 
-def test_resume_and_retry_errors_on_parquet(media_dir, tmp_path, oracle):
-    """Run 1 captions a folder with a corrupt file. The corrupt file is then fixed and a new file added; --resume
-    --retry-errors redoes exactly those two and the fixed file's new row replaces its error row."""
-    import pyarrow.parquet as pq
-
-    d = tmp_path / "media"
-    d.mkdir()
-    shutil.copy(media_dir / "image.png", d / "image.png")
-    (d / "broken.png").write_bytes((media_dir / "image.png").read_bytes()[:60])
-    out = tmp_path / "captions.parquet"
-    opts = CaptionOptions(max_tokens=MAX_TOKENS)
-    first = run_caption([str(d)], str(out), opts)
-    assert (first.files, first.ok, first.failed) == (2, 1, 1)
-    rows1 = {r["path"]: r for r in pq.read_table(out).to_pylist()}
-    assert rows1[str(d / "broken.png")]["error"]
-
-    shutil.copy(media_dir / "image.png", d / "broken.png")  # fixed
-    shutil.copy(media_dir / "speech.wav", d / "speech.wav")  # new
-    again = run_caption([str(d)], str(out), opts, resume=True, retry_errors=True)
-    assert (again.files, again.ok, again.skipped) == (2, 2, 1)
-    table = pq.read_table(out)
-    assert table.column_names == list(ROW_FIELDS)
-    rows = table.to_pylist()
-    assert sorted(r["path"] for r in rows) == sorted(str(d / n) for n in ("image.png", "broken.png", "speech.wav"))
-    by_path = {r["path"]: r for r in rows}
-    assert by_path[str(d / "image.png")] == rows1[str(d / "image.png")]  # kept as it was, not redone
-    for name, kind in (("broken.png", "image"), ("speech.wav", "audio")):
-        r = by_path[str(d / name)]
-        assert r["error"] is None and r["caption"] == oracle(d / name, kind, DEFAULT_PROMPTS[kind], MAX_TOKENS).text
-    assert not (tmp_path / "captions.parquet.parts").exists()
-
-    done = run_caption([str(d)], str(out), opts, resume=True)  # nothing left: no Ray job at all
-    assert (done.files, done.skipped) == (0, 3) and pq.read_table(out).num_rows == 3
-
-
 def test_killed_thinker_worker_loses_no_row(mixed_dir, tmp_path, oracle):
     """SIGKILL the Thinker actor's process after the first committed row: Ray Data restarts the actor and retries
     its tasks; every file still gets exactly one row, the same rows as an undisturbed run."""
@@ -92,11 +58,12 @@ def test_killed_thinker_worker_loses_no_row(mixed_dir, tmp_path, oracle):
             killed.append(pid)
 
     out = tmp_path / "captions.jsonl"
-    opts = CaptionOptions(max_tokens=MAX_TOKENS, batch_size=1, thinker_calls=1)
+    # one row per Thinker call, one call at a time, 48 tokens each: rows are still to do when the first one lands
+    opts = CaptionOptions(max_tokens=48, batch_size=1, thinker_calls=1)
     report = run_caption([str(mixed_dir)], str(out), opts, on_batch=kill_once)
     assert killed and len(report.thinker_pids) >= 2, report.thinker_pids  # rows came from the restarted actor too
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    check_rows(rows, mixed_dir, oracle)
+    check_rows(rows, mixed_dir, oracle, max_tokens=48)
 
 
 def test_speak_and_use_audio_in_video(media_dir, tmp_path, oracle, tiny):
@@ -133,26 +100,51 @@ def test_speak_and_use_audio_in_video(media_dir, tmp_path, oracle, tiny):
         assert len(got) == len(want) > 0 and np.abs(got - want).max() <= 2, rel  # 16-bit rounding of ~1e-6 floats
 
 
-def test_cli_exit_codes_and_messages(media_dir, tmp_path, capfd):
+def test_cli_exit_codes_resume_and_retry_errors_on_parquet(media_dir, tmp_path, oracle, capfd):
+    """`omni caption` (its main, in process, on this module's Ray). Run 1, a folder of bad files: exit 1, the error
+    rows written, progress and summary on stderr. Then one file is fixed and one added: --resume --retry-errors redoes
+    the errored files and the new one, the fixed file's new row replaces its error row (one row per path). A further
+    --resume has nothing left to do. Bad arguments and an unwritable output exit 2 before any work."""
+    import pyarrow.parquet as pq
+
     from omni.serve.cli import main
 
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    (bad / "y.wav").write_bytes(b"")
-    assert main(["caption", str(bad), "--out", str(tmp_path / "bad.jsonl")]) == 1  # nothing succeeded
+    d = tmp_path / "media"
+    d.mkdir()
+    (d / "broken.png").write_bytes((media_dir / "image.png").read_bytes()[:60])
+    (d / "empty.wav").write_bytes(b"")
+    out = tmp_path / "captions.parquet"
+    argv = ["caption", str(d), "--out", str(out), "--max-tokens", str(MAX_TOKENS)]
+    assert main(argv) == 1  # nothing succeeded
     err = capfd.readouterr().err
-    assert "none of the 2 files could be captioned" in err and "Traceback" not in err
+    assert "omni caption: none of the 2 files could be captioned" in err and "Traceback" not in err
     assert "caption: 2/2 files (0 ok, 2 failed), " in err and "files/s, ETA" in err  # progress, then the summary
-    assert "caption: 2 files, 0 ok, 2 failed, " in err and f"wrote {tmp_path / 'bad.jsonl'}" in err
-    assert len((tmp_path / "bad.jsonl").read_text().splitlines()) == 2  # ... and the error rows are written
+    assert "caption: 2 files, 0 ok, 2 failed, " in err and f"wrote {out}" in err
+    assert [r["error"] is not None for r in pq.read_table(out).to_pylist()] == [True, True]
+
+    shutil.copy(media_dir / "image.png", d / "broken.png")  # fixed
+    shutil.copy(media_dir / "speech.wav", d / "speech.wav")  # new
+    assert main(argv + ["--resume", "--retry-errors"]) == 0
+    assert "caption: 3 files, 2 ok, 1 failed, " in capfd.readouterr().err
+    table = pq.read_table(out)
+    assert table.column_names == list(ROW_FIELDS) and not (tmp_path / "captions.parquet.parts").exists()
+    rows = {os.path.basename(r["path"]): r for r in table.to_pylist()}
+    assert sorted(rows) == ["broken.png", "empty.wav", "speech.wav"] and table.num_rows == 3
+    assert rows["empty.wav"]["error"] == "empty file (0 bytes)"
+    for name, kind in (("broken.png", "image"), ("speech.wav", "audio")):
+        ref = oracle(d / name, kind, DEFAULT_PROMPTS[kind], MAX_TOKENS)
+        assert rows[name]["error"] is None and rows[name]["caption"] == ref.text, name
+
+    assert main(argv + ["--resume"]) == 0  # nothing left: no Ray job at all
+    assert f"caption: nothing to do, all 3 files are in {out} already" in capfd.readouterr().err
+    assert pq.read_table(out).num_rows == 3
 
     (tmp_path / "file").write_text("x")
-    assert main(["caption", str(bad), "--out", str(tmp_path / "file" / "o.jsonl")]) == 2
+    assert main(["caption", str(d), "--out", str(tmp_path / "file" / "o.jsonl")]) == 2
     assert "omni caption: cannot write the output" in capfd.readouterr().err
     assert main(["caption", str(tmp_path / "nope"), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "no such file or folder" in capfd.readouterr().err
-    assert main(["caption", str(bad), "--out", str(tmp_path / "o.csv")]) == 2
+    assert main(["caption", str(d), "--out", str(tmp_path / "o.csv")]) == 2
     assert ".jsonl or .parquet" in capfd.readouterr().err
 
 
