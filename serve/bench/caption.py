@@ -100,7 +100,7 @@ def _loop(files: list[Path], config: CaptionBenchConfig) -> dict:
 
 
 def _ours(files: list[Path], folder: Path, config: CaptionBenchConfig) -> dict:
-    from omni.serve.caption_io import CaptionOutput
+    from omni.serve.caption_output import CaptionOutput
     from omni.serve.cluster.caption import CaptionOptions, run_caption
 
     out = folder.parent / "captions.jsonl"

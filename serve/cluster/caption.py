@@ -4,12 +4,12 @@
         -> Thinker (actor pool, each a continuous-batching engine fed a whole batch at once) -> write (driver)
 
 The driver lists the files, drops those already in the output (--resume), and consumes the dataset's blocks as they
-complete, committing each block's rows to the output (serve/caption_io.py) before taking the next: an interrupt loses
+complete, committing each block's rows to the output (serve/caption_output.py) before taking the next: an interrupt loses
 at most the rows in flight. A file that cannot be read or decoded is a row with `error` set from the first stage on;
 later stages pass such rows through, so every input file gives exactly one row. Ray Data restarts a killed actor and
 retries its tasks, so a killed worker costs time, not rows.
 
-What crosses a stage boundary is arrow-friendly: strings, numbers and one binary column. `payload` holds a pickled
+The stages are in serve/cluster/caption_stages.py. What crosses a stage boundary is arrow-friendly: strings, numbers and one binary column. `payload` holds a pickled
 PreparedPrompt after decoding (token ids [L], per-item pixel patches / Whisper features, torch tensors), then a
 pickled (PreparedPrompt, MediaEmbeddings) after the encoders (embeddings [n_tokens, H] per item); the Thinker stage
 drops it, so only rows travel back to the driver (plus 16-bit PCM in `speech` with --speak).
@@ -19,10 +19,7 @@ Runs where Ray runs: a local Ray started here, or the cluster in RAY_ADDRESS. `e
 """
 from __future__ import annotations
 
-import asyncio
-import functools
 import os
-import pickle
 import signal
 import sys
 import time
@@ -30,14 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
+from omni.serve.caption_io import CaptionError, InputFile, list_inputs, one_line
+from omni.serve.caption_output import CaptionOutput, CommitGuard, Interrupted, Progress, write_speech
 
-from omni.thinker import Thinker, ThinkerDone
-from omni.types import TextDelta
-from omni.serve.caption_io import (DEFAULT_PROMPTS, CaptionError, CaptionOutput, InputFile, Progress,
-                                   caption_request, list_inputs, load_file, one_line)
-
-__all__ = ["CaptionOptions", "CaptionReport", "run_caption", "decode_batch", "EncoderStage", "ThinkerStage"]
+__all__ = ["CaptionOptions", "CaptionReport", "run_caption", "build_dataset"]
 
 STAGES = ("decode", "encode", "thinker")
 
@@ -91,207 +84,13 @@ class CaptionReport:
     #                                               thinker_ready (first actor of the stage set up), first_row, end
 
 
-# ---------------------------------------------------------------------------------------------------- stage 1: decode
-@functools.lru_cache(maxsize=2)
-def _processor(model: str):
-    from transformers import AutoProcessor
-
-    from omni.checkpoint import resolve_model
-
-    return AutoProcessor.from_pretrained(resolve_model(model))
-
-
-def _node() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id()
-
-
-def _set_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, n))
-
-
-def decode_batch(batch: dict, opts: CaptionOptions) -> dict:
-    """Read, sniff, decode and build the prompt of each file; a file that fails becomes an error row here.
-    batch: {path: [n] str, rel: [n] str} -> + media_type, prompt, error, payload (pickled PreparedPrompt), timing."""
-    from omni.prompt import prepare_prompt
-
-    _set_threads(1)
-    processor, node = _processor(opts.model), _node()
-    out = {k: [] for k in ("path", "rel", "media_type", "prompt", "error", "payload", "decode_s", "decode_node")}
-    for path, rel in zip(batch["path"], batch["rel"]):
-        t0 = time.perf_counter()
-        kind, prompt, error, payload = "", opts.prompt or "", "", b""  # "" for none: an all-None column is no string
-        try:
-            kind, media = load_file(str(path), opts.use_audio_in_video)
-            prompt = opts.prompt or DEFAULT_PROMPTS[kind]
-            request = caption_request(kind, media, prompt, opts.max_tokens, opts.use_audio_in_video,
-                                      speak=opts.speak_dir is not None, voice=opts.voice,
-                                      max_speech_tokens=opts.max_speech_tokens)
-            payload = pickle.dumps(prepare_prompt(processor, request))
-        except Exception as e:  # noqa: BLE001 - per file: whatever a decoder raises on bad bytes is that file's error
-            kind = getattr(e, "media_type", kind) or ""
-            prompt = opts.prompt or DEFAULT_PROMPTS.get(kind, "")
-            error = one_line(e) if str(e) else type(e).__name__
-        for k, v in (("path", str(path)), ("rel", str(rel)), ("media_type", kind), ("prompt", prompt),
-                     ("error", error), ("payload", payload), ("decode_s", time.perf_counter() - t0),
-                     ("decode_node", node)):
-            out[k].append(v)
-    return {k: np.array(v, dtype=object) if k != "decode_s" else np.array(v) for k, v in out.items()}
-
-
-# ---------------------------------------------------------------------------------------------------- stage 2: encode
-class EncoderStage:
-    """The vision and audio towers (one thinker load), batched: all images of a batch in one call, all videos in one,
-    all audios in one. If a batched call fails, its rows are redone one by one, so only the culprit errs."""
-
-    def __init__(self, opts: CaptionOptions):
-        from omni.encoders import EncoderConfig, VideoEncoder
-
-        if not opts.device.startswith("cuda"):
-            _set_threads(max(1, int(opts.encoder_cpus)))
-        towers = VideoEncoder.from_pretrained(opts.model, EncoderConfig(device=opts.device, dtype=opts.dtype,
-                                                                         max_batch_items=max(16, opts.batch_size)))
-        self.vision, self.audio, self.node = towers.vision, towers.audio, _node()
-        self.ready_at = time.time()  # wall clock when this actor was set up (process started, model loaded)
-
-    def _encode(self, prompts: list) -> list:
-        """[PreparedPrompt] -> [MediaEmbeddings], three batched calls in all."""
-        from omni.types import MediaEmbeddings
-
-        images = self.vision.encode([it for p in prompts for it in p.images])
-        videos = self.vision.encode([it for p in prompts for it in p.videos])
-        audios = self.audio.encode([it for p in prompts for it in p.audios])
-        out, i, v, a = [], 0, 0, 0
-        for p in prompts:
-            ni, nv, na = len(p.images), len(p.videos), len(p.audios)
-            out.append(MediaEmbeddings(images[i:i + ni], videos[v:v + nv], audios[a:a + na]))
-            i, v, a = i + ni, v + nv, a + na
-        return out
-
-    def __call__(self, batch: dict) -> dict:
-        t0 = time.perf_counter()
-        n = len(batch["path"])
-        todo = [j for j in range(n) if not batch["error"][j]]
-        prompts = {j: pickle.loads(batch["payload"][j]) for j in todo}
-        errors = list(batch["error"])
-        payload = list(batch["payload"])
-        try:
-            media = dict(zip(todo, self._encode([prompts[j] for j in todo])))
-        except Exception:  # noqa: BLE001 - find the row that fails, keep the others
-            media = {}
-            for j in todo:
-                try:
-                    media[j] = self._encode([prompts[j]])[0]
-                except Exception as e:  # noqa: BLE001
-                    errors[j] = one_line(f"encoder failed: {type(e).__name__}: {e}")
-        for j in todo:
-            payload[j] = pickle.dumps((prompts[j], media[j])) if j in media else b""
-        per_file = (time.perf_counter() - t0) / max(1, len(todo))
-        return {**batch, "error": np.array(errors, dtype=object), "payload": np.array(payload, dtype=object),
-                "encode_s": np.array([per_file if j in media else 0.0 for j in range(n)]),
-                "encode_node": np.array([self.node] * n, dtype=object),
-                "encode_ready_at": np.array([self.ready_at] * n)}
-
-
-# ---------------------------------------------------------------------------------------------------- stage 3: Thinker
-class ThinkerStage:
-    """The Thinker's continuous-batching engine: every row of a batch (and of up to `thinker_calls` batches at once)
-    joins one running batch, one batched forward per decode step. With speak_dir, the Talker and the vocoder run in
-    the same actor (the hand-offs stay in process) and each row carries its speech as 16-bit PCM."""
-
-    def __init__(self, opts: CaptionOptions):
-        from omni.checkpoint import resolve_model
-        from omni.engine import EngineConfig
-
-        self.opts = opts
-        ec = EngineConfig(max_num_seqs=opts.max_num_seqs)
-        if opts.speak_dir is not None:
-            from omni.checkpoint import load_model
-            from omni.serve.pipeline import Pipeline, PipelineConfig
-
-            self.pipeline = Pipeline(load_model(opts.model, device=opts.device, dtype=opts.dtype),
-                                     PipelineConfig(thinker=ec))
-            self.thinker = self.pipeline.thinker
-        else:
-            import torch
-            from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration
-
-            path = resolve_model(opts.model)
-            net = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, opts.dtype))
-            self.thinker = Thinker(net.to(opts.device).eval(), AutoTokenizer.from_pretrained(path), ec)
-        if not opts.device.startswith("cuda"):
-            _set_threads(opts.thinker_threads or max(1, (os.cpu_count() or 2) // 2))
-        self.node, self.pid = _node(), os.getpid()
-        self.ready_at = time.time()
-
-    async def _one(self, path: str, prompt, media) -> tuple[str, int, bytes]:
-        """-> (caption, generated tokens, speech as 16-bit PCM or b"")."""
-        from omni.types import SamplingParams
-
-        o = self.opts
-        rid = f"caption-{os.getpid()}-{time.monotonic_ns()}-{path}"
-        sampling = SamplingParams(max_tokens=o.max_tokens)
-        if o.speak_dir is None:
-            text, n = [], 0
-            async for item in self.thinker.generate(rid, prompt, media, sampling):
-                if isinstance(item, TextDelta):
-                    text.append(item.text)
-                elif isinstance(item, ThinkerDone):
-                    n = len(item.token_ids)
-            return "".join(text), n, b""
-        return await self._speak(rid, prompt, media, sampling)
-
-    async def _speak(self, rid: str, prompt, media, sampling) -> tuple[str, int, bytes]:
-        from omni.serve.api.audio_io import pcm16_bytes
-        from omni.serve.pipeline import finish
-        from omni.serve.stages import talker_stream, vocoder_stream
-        from omni.types import AudioChunk, Finished, SamplingParams
-
-        p, o = self.pipeline, self.opts
-        talker = SamplingParams(max_tokens=o.max_speech_tokens)  # greedy, as `omni chat` without --seed
-        items = p.thinker.generate(rid, prompt, media, sampling, for_talker=True)
-        items = talker_stream(p.talker, items, rid, o.voice, talker)
-        items = vocoder_stream(p.vocoder_loop, items, o.voice, 0, max_codes=talker.max_tokens)  # seed 0: chat's
-        text, pcm, n = [], [], 0
-        async for ev in finish(items, prompt_tokens=int(prompt.input_ids.shape[0])):
-            if isinstance(ev, TextDelta):
-                text.append(ev.text)
-            elif isinstance(ev, AudioChunk):
-                pcm.append(ev.pcm)
-            elif isinstance(ev, Finished):
-                n = ev.completion_tokens
-        return "".join(text), n, pcm16_bytes(np.concatenate(pcm)) if pcm else b""
-
-    async def __call__(self, batch: dict) -> dict:
-        n = len(batch["path"])
-        errors = list(batch["error"])
-        captions, tokens, speech, secs = [""] * n, [0] * n, [b""] * n, [0.0] * n
-
-        async def run(j: int) -> None:
-            t0 = time.perf_counter()
-            try:
-                prompt, media = pickle.loads(batch["payload"][j])
-                captions[j], tokens[j], speech[j] = await self._one(str(batch["path"][j]), prompt, media)
-            except Exception as e:  # noqa: BLE001 - per row: a prompt over the context, a failing request
-                errors[j] = one_line(f"{type(e).__name__}: {e}")
-            secs[j] = time.perf_counter() - t0
-
-        await asyncio.gather(*(run(j) for j in range(n) if not errors[j]))
-        rest = {k: v for k, v in batch.items() if k != "payload"}
-        return {**rest, "error": np.array(errors, dtype=object), "caption": np.array(captions, dtype=object),
-                "num_tokens": np.array(tokens), "speech": np.array(speech, dtype=object),
-                "thinker_s": np.array(secs), "thinker_node": np.array([self.node] * n, dtype=object),
-                "thinker_pid": np.array([self.pid] * n), "thinker_ready_at": np.array([self.ready_at] * n)}
-
-
 # ---------------------------------------------------------------------------------------------------- the driver
 def build_dataset(files: list[InputFile], opts: CaptionOptions):
     """The lazy Ray Data pipeline over `files` (nothing runs until it is iterated)."""
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from omni.serve.cluster.caption_stages import EncoderStage, ThinkerStage, decode_batch
 
     gpus = opts.gpus_per_actor or None
     ds = ray.data.from_items([{"path": f.path, "rel": f.rel} for f in files],
@@ -322,68 +121,6 @@ def _init_ray() -> bool:
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     return started
-
-
-def _write_speech(speak_dir: Path, rows: list[dict]) -> None:
-    from omni.serve.api.audio_io import wav_header
-
-    for r in rows:
-        if not r["error"] and len(r["speech"]):
-            target = speak_dir / (r["rel"] + ".wav")
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.tmp")
-                tmp.write_bytes(wav_header(len(r["speech"])) + bytes(r["speech"]))
-                os.replace(tmp, target)
-            except OSError as e:
-                raise CaptionError(f"cannot write speech {target}: {e.strerror or e}") from None
-
-
-class _Interrupted(BaseException):
-    """SIGTERM (or SIGINT), raised in the main thread: a BaseException like KeyboardInterrupt, so that no `except
-    Exception` on the way (Ray Data's iterator has some) swallows it."""
-
-
-class _Signals:
-    """SIGINT and SIGTERM stop the job (rows committed so far stay; the rest is for --resume), but never inside a
-    commit: a signal that arrives while rows are being written takes effect right after. Main thread only."""
-
-    def __init__(self):
-        self.committing = False
-        self.pending: Optional[int] = None
-        self.previous: dict = {}
-
-    def _handler(self, signum, frame):
-        if self.committing:
-            self.pending = signum
-        else:
-            raise _Interrupted(signum)
-
-    def __enter__(self) -> "_Signals":
-        return self.install()
-
-    def install(self) -> "_Signals":
-        """(Again) after ray.init, whose core worker puts its own SIGTERM handler in (it dumps a stack and exits)."""
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous = signal.signal(sig, self._handler)
-                self.previous.setdefault(sig, previous)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def commit(self, fn: Callable[[], None]) -> None:
-        self.committing = True
-        try:
-            fn()
-        finally:
-            self.committing = False
-        if self.pending is not None:
-            raise _Interrupted(self.pending)
 
 
 def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptions(), resume: bool = False,
@@ -420,11 +157,11 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
 
     def commit(rows: list[dict]) -> None:
         if speak_dir is not None:
-            _write_speech(speak_dir, rows)
+            write_speech(speak_dir, rows)
         output.append(rows)
 
     try:
-        with _Signals() as signals:
+        with CommitGuard() as signals:
             if pending:
                 try:
                     resolve_model(opts.model)  # a bad --model fails here, clearly, before any worker starts
@@ -451,7 +188,7 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
                         on_batch(rows)
     except KeyboardInterrupt:
         interrupted = signal.SIGINT
-    except _Interrupted as e:
+    except Interrupted as e:
         interrupted = e.args[0]
     except CaptionError:
         raise

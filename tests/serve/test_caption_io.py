@@ -1,4 +1,4 @@
-"""`omni caption`'s no-Ray half on real media: listing (files, folders, @lists), sniffing by content, the request it
+"""`omni caption`'s no-Ray half (serve/caption_io.py, serve/caption_output.py) on real media: listing (files, folders, @lists), sniffing by content, the request it
 builds (the one `omni chat` builds), and the output file's commit / repair / resume rules (JSON lines and Parquet)."""
 import json
 import os
@@ -8,8 +8,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from omni.serve.caption_io import (DEFAULT_PROMPTS, ROW_FIELDS, CaptionError, CaptionOutput, Progress,
-                                   caption_request, list_inputs, load_file, sniff_media_type)
+from omni.serve.caption_io import (DEFAULT_PROMPTS, ROW_FIELDS, CaptionError, caption_request, list_inputs,
+                                   load_file, sniff_media_type)
+from omni.serve.caption_output import CaptionOutput, Progress
 
 
 def row(path, error=None, caption="x", **kw):
@@ -97,10 +98,9 @@ def test_bad_files_raise_one_line_reasons(media_dir, tmp_path):
 @pytest.mark.parametrize("kind", ["image", "audio", "video"])
 def test_request_is_the_one_omni_chat_builds(media_dir, kind):
     """Same messages, media, sampling and flags as `omni chat --KIND F PROMPT`, so the same prompt ids."""
-    from omni.checkpoint import load_model  # noqa: F401 - the tiny processor below comes from its checkpoint
     from omni.prompt import processor_inputs
     from omni.serve.cli import build_chat_request, parser
-    from omni.serve.cluster.caption import _processor
+    from omni.serve.cluster.caption_stages import _processor
 
     path = str(media_dir / {"image": "image.png", "audio": "speech.wav", "video": "clip.mp4"}[kind])
     chat = build_chat_request(parser().parse_args(["chat", f"--{kind}", path, "--max-tokens", "9",

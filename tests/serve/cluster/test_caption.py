@@ -11,7 +11,8 @@ import wave
 import numpy as np
 import pytest
 
-from omni.serve.caption_io import DEFAULT_PROMPTS, ROW_FIELDS, CaptionOutput
+from omni.serve.caption_io import DEFAULT_PROMPTS, ROW_FIELDS
+from omni.serve.caption_output import CaptionOutput
 from omni.serve.cluster.caption import CaptionOptions, run_caption
 
 from .conftest import MAX_TOKENS, check_rows
