@@ -1,4 +1,4 @@
-"""The `omni` command: make-tiny, chat, speak, serve, bench, demo."""
+"""The `omni` command: make-tiny, chat, speak, serve, caption, bench, demo."""
 from __future__ import annotations
 
 import argparse
@@ -150,6 +150,10 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if getattr(args, "suite", None) == "caption":
+        from omni.serve.bench.caption import main as caption_bench_main
+
+        return caption_bench_main(args)
     from omni.serve.bench.run import main as bench_main
 
     return bench_main(args)
@@ -162,6 +166,43 @@ def _cmd_demo(args) -> int:
         print(f"omni demo: {e.name or e} is missing: pip install 'omni[demo]' (make setup installs it)", file=sys.stderr)
         return 2
     return run_demo(args.api_url, args.api_key, args.host, args.port)
+
+
+def _resources(text):
+    """--encoder-resources / --thinker-resources: NAME=QTY[,NAME=QTY...] -> {NAME: QTY}."""
+    out = {}
+    for item in filter(None, (x.strip() for x in (text or "").split(","))):
+        name, _, qty = item.partition("=")
+        try:
+            out[name.strip()] = float(qty) if qty else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected NAME=QUANTITY, got {item!r}") from None
+    return out
+
+
+def _cmd_caption(args) -> int:
+    from omni.serve.caption_io import CaptionError
+
+    try:
+        from omni.serve.cluster.caption import CaptionOptions, run_caption
+
+        opts = CaptionOptions(model=args.model, prompt=args.prompt, max_tokens=args.max_tokens,
+                              batch_size=args.batch_size, concurrency=args.concurrency,
+                              use_audio_in_video=args.use_audio_in_video, speak_dir=args.speak, voice=args.voice,
+                              max_speech_tokens=args.max_speech_tokens, device=args.device,
+                              gpus_per_actor=0.5 if args.device.startswith("cuda") else 0.0,
+                              encoder_resources=args.encoder_resources, thinker_resources=args.thinker_resources)
+        report = run_caption(args.inputs, args.out, opts, resume=args.resume, retry_errors=args.retry_errors)
+    except CaptionError as exc:
+        print(f"omni caption: {exc}", file=sys.stderr)
+        return 2
+    if report.interrupted:
+        return 128 + report.interrupted  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
+    if report.files and not report.ok:
+        print(f"omni caption: none of the {report.files} files could be captioned (see the error column of "
+              f"{args.out})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -225,7 +266,31 @@ def parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: the config's, 30)")
     p.set_defaults(func=_cmd_serve)
 
+    p = sub.add_parser("caption", help="caption files, folders or @lists of media into JSONL/Parquet (Ray Data job)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="a file, a folder (recursed) or @list.txt (a path a line)")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl|FILE.parquet")
+    p.add_argument("--prompt", default=None, help="default: one per media type (\"Describe this image in one ...\")")
+    p.add_argument("--model", default="tiny", help="tiny | small | a checkpoint directory | a hub id")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--resume", action="store_true", help="skip files already in --out and append")
+    p.add_argument("--retry-errors", action="store_true", help="with --resume: redo the files that failed")
+    p.add_argument("--batch-size", type=int, default=8, help="files per encoder / Thinker call")
+    p.add_argument("--concurrency", type=int, default=1, help="actors per model stage (encoders, Thinker)")
+    p.add_argument("--use-audio-in-video", action="store_true", help="feed each video's audio track too")
+    p.add_argument("--speak", metavar="DIR", default=None, help="also write DIR/<relative path>.wav (24 kHz)")
+    p.add_argument("--voice", default="Chelsie")
+    p.add_argument("--max-speech-tokens", type=int, default=1024, help="codec tokens per file (50 per second)")
+    p.add_argument("--device", default="cpu", help="the model stages' device (cuda: 0.5 GPU per actor)")
+    p.add_argument("--encoder-resources", type=_resources, default={}, metavar="NAME=QTY,...",
+                   help="custom Ray resources per encoder actor (pins them to nodes that have them)")
+    p.add_argument("--thinker-resources", type=_resources, default={}, metavar="NAME=QTY,...",
+                   help="custom Ray resources per Thinker actor")
+    p.set_defaults(func=_cmd_caption)
+
     p = sub.add_parser("bench", help="benchmarks against the official transformers path")
+    p.add_argument("suite", nargs="?", choices=["caption"], default=None,
+                   help="caption: `omni caption` vs a sequential loop over the official path")
+    p.add_argument("--files", type=int, default=64, help="bench caption: media files to caption")
     p.add_argument("--model", default="tiny")
     p.add_argument("--out", default="out/bench")
     p.add_argument("--concurrency", default=None, help="comma-separated levels (default 1,4,16)")

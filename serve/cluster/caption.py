@@ -1,0 +1,211 @@
+"""`omni caption`: batch media captioning as a Ray Data pipeline, resumable and fault tolerant.
+
+    list (driver) -> read + sniff + decode + prompt (parallel tasks) -> encoders (actor pool, batched forwards)
+        -> Thinker (actor pool, each a continuous-batching engine fed a whole batch at once) -> write (driver)
+
+The driver lists the files, drops those already in the output (--resume), and consumes the dataset's blocks as they
+complete, committing each block's rows to the output (serve/caption_output.py) before taking the next: an interrupt loses
+at most the rows in flight. A file that cannot be read or decoded is a row with `error` set from the first stage on;
+later stages pass such rows through, so every input file gives exactly one row. Ray Data restarts a killed actor and
+retries its tasks, so a killed worker costs time, not rows.
+
+The stages are in serve/cluster/caption_stages.py. What crosses a stage boundary is arrow-friendly: strings, numbers and one binary column. `payload` holds a pickled
+PreparedPrompt after decoding (token ids [L], per-item pixel patches / Whisper features, torch tensors), then a
+pickled (PreparedPrompt, MediaEmbeddings) after the encoders (embeddings [n_tokens, H] per item); the Thinker stage
+drops it, so only rows travel back to the driver (plus 16-bit PCM in `speech` with --speak).
+
+Runs where Ray runs: a local Ray started here, or the cluster in RAY_ADDRESS. `encoder_resources` /
+`thinker_resources` (custom Ray resources) pin each actor pool to the nodes that have them.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from omni.serve.caption_io import CaptionError, InputFile, list_inputs, one_line
+from omni.serve.caption_output import CaptionOutput, CommitGuard, Interrupted, Progress, write_speech
+
+__all__ = ["CaptionOptions", "CaptionReport", "run_caption", "build_dataset"]
+
+STAGES = ("decode", "encode", "thinker")
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    model: str = "tiny"  # preset (tiny, small), checkpoint directory or hub id
+    prompt: Optional[str] = None  # one prompt for every file; None: DEFAULT_PROMPTS by media type
+    max_tokens: int = 128  # caption tokens at most (greedy, as `omni chat`)
+    batch_size: int = 8  # files per call of an encoder or Thinker actor
+    concurrency: int = 1  # actors per model stage: the encoder pool and the Thinker pool each get this many
+    use_audio_in_video: bool = False  # a video's own audio track goes in with its frames
+    speak_dir: Optional[str] = None  # write <speak_dir>/<relative path>.wav (24 kHz) through the Talker + vocoder
+    voice: str = "Chelsie"  # speaker for --speak
+    max_speech_tokens: int = 1024  # codec tokens per file at most with --speak (50 per second)
+    device: str = "cpu"  # the model stages' torch device ("cuda" on GPU nodes)
+    decode_tasks: int = 2  # read/decode tasks running at once
+    decode_cpus: float = 0.25  # Ray CPUs per decode task (fractional: 2-core machines)
+    encoder_cpus: float = 0.25  # Ray CPUs per encoder actor
+    thinker_cpus: float = 0.5  # Ray CPUs per Thinker actor
+    gpus_per_actor: float = 0.0  # Ray GPUs per encoder / Thinker actor (0.5 each: both stages on one GPU)
+    thinker_threads: Optional[int] = None  # torch threads of a Thinker actor on CPU; None: max(1, cores // 2)
+    thinker_calls: int = 4  # batches one Thinker actor runs at once: its engine keeps rows of several batches
+    max_num_seqs: int = 64  # rows of a Thinker actor's running batch
+    encoder_resources: dict = field(default_factory=dict)  # custom Ray resources per encoder actor ({"enc": 1})
+    thinker_resources: dict = field(default_factory=dict)  # custom Ray resources per Thinker actor
+
+    def __post_init__(self):
+        if self.max_tokens < 1 or self.batch_size < 1 or self.concurrency < 1 or self.decode_tasks < 1:
+            raise CaptionError("--max-tokens, --batch-size, --concurrency and decode_tasks must be >= 1")
+
+    @property
+    def dtype(self) -> str:
+        return "bfloat16" if self.device.startswith("cuda") else "float32"
+
+
+@dataclass
+class CaptionReport:
+    out: str  # the output file
+    files: int  # files this run captioned (rows written)
+    ok: int  # ... without error
+    failed: int  # ... with error
+    skipped: int  # already in the output (resume)
+    seconds: float  # wall time of the pipeline, Ray start and model loading included
+    files_per_s: float  # files / seconds
+    stage_seconds: dict  # {stage: summed per-file seconds}: where the time goes
+    nodes: dict  # {stage: sorted Ray node ids that ran it}
+    interrupted: int = 0  # the signal that stopped the job before the end (SIGINT 2, SIGTERM 15); 0: it ran to the end
+    thinker_pids: list = field(default_factory=list)  # worker processes of the Thinker actors (tests kill one)
+    timeline: dict = field(default_factory=dict)  # seconds from the start: ray (Ray up), encode_ready /
+    #                                               thinker_ready (first actor of the stage set up), first_row, end
+
+
+# ---------------------------------------------------------------------------------------------------- the driver
+def build_dataset(files: list[InputFile], opts: CaptionOptions):
+    """The lazy Ray Data pipeline over `files` (nothing runs until it is iterated)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from omni.serve.cluster.caption_stages import EncoderStage, ThinkerStage, decode_batch
+
+    gpus = opts.gpus_per_actor or None
+    ds = ray.data.from_items([{"path": f.path, "rel": f.rel} for f in files],
+                             override_num_blocks=max(1, min(len(files), -(-len(files) // 2))))
+    ds = ds.map_batches(decode_batch, fn_kwargs={"opts": opts}, batch_size=None, num_cpus=opts.decode_cpus,
+                        compute=TaskPoolStrategy(size=opts.decode_tasks))
+    ds = ds.map_batches(EncoderStage, fn_constructor_kwargs={"opts": opts}, batch_size=opts.batch_size,
+                        num_cpus=opts.encoder_cpus, num_gpus=gpus, resources=opts.encoder_resources or None,
+                        compute=ActorPoolStrategy(size=opts.concurrency))
+    calls = max(1, opts.thinker_calls)
+    return ds.map_batches(ThinkerStage, fn_constructor_kwargs={"opts": opts}, batch_size=opts.batch_size,
+                          num_cpus=opts.thinker_cpus, num_gpus=gpus, resources=opts.thinker_resources or None,
+                          compute=ActorPoolStrategy(size=opts.concurrency, max_tasks_in_flight_per_actor=calls,
+                                                    max_concurrent_calls_per_actor=calls))
+
+
+def _init_ray() -> bool:
+    """Connect to RAY_ADDRESS or start a local Ray, unless this process already has one -> whether we started it."""
+    import logging
+
+    import ray.data
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
+    # our own progress lines replace Ray Data's progress bars and execution logs
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    return started
+
+
+def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptions(), resume: bool = False,
+                retry_errors: bool = False, on_batch: Optional[Callable[[list[dict]], None]] = None,
+                progress_every_s: float = 1.0) -> CaptionReport:
+    """Caption every file of `inputs` into `out` (see the module docstring); `retry_errors` implies `resume`. Raises
+    CaptionError when the job cannot start or its output cannot be written; SIGINT/SIGTERM stop it cleanly
+    (report.interrupted)."""
+    from omni.checkpoint import resolve_model
+
+    t0 = time.perf_counter()
+    resume = resume or retry_errors  # redoing the errored files keeps the others
+    files = list_inputs(inputs)
+    if not files:
+        raise CaptionError(f"no files found in {' '.join(inputs)}")
+    output = CaptionOutput(out)
+    if not resume and output.path.exists() and output.path.stat().st_size:
+        print(f"caption: replacing {out} (--resume continues it instead)", file=sys.stderr, flush=True)
+    done = {r["path"] for r in output.open(resume, retry_errors)}
+    pending = [f for f in files if f.path not in done]
+    speak_dir = Path(opts.speak_dir) if opts.speak_dir else None
+    if speak_dir is not None:
+        try:
+            speak_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CaptionError(f"cannot write speech to {speak_dir}: {e.strerror or e}") from None
+    progress = Progress(len(pending), skipped=len(files) - len(pending), every_s=progress_every_s)
+    stage_s = dict.fromkeys(STAGES, 0.0)
+    nodes: dict = {s: set() for s in STAGES}
+    pids: set = set()
+    interrupted, started = 0, False
+    wall0 = time.time()
+    timeline: dict = {}
+
+    def commit(rows: list[dict]) -> None:
+        if speak_dir is not None:
+            write_speech(speak_dir, rows)
+        output.append(rows)
+
+    try:
+        with CommitGuard() as signals:
+            if pending:
+                try:
+                    resolve_model(opts.model)  # a bad --model fails here, clearly, before any worker starts
+                except Exception as e:  # noqa: BLE001
+                    raise CaptionError(f"cannot load model {opts.model!r}: {one_line(e)}") from None
+                started = _init_ray()
+                signals.install()
+                timeline["ray"] = time.perf_counter() - t0
+                for batch in build_dataset(pending, opts).iter_batches(batch_size=None, batch_format="numpy"):
+                    rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["path"]))]
+                    for r in rows:
+                        r.update(seconds=sum(float(r[f"{s}_s"]) for s in STAGES), model=opts.model)
+                        for s in STAGES:
+                            stage_s[s] += float(r[f"{s}_s"])
+                            nodes[s].add(str(r[f"{s}_node"]))
+                        pids.add(int(r["thinker_pid"]))
+                        for s in ("encode", "thinker"):
+                            ready = float(r[f"{s}_ready_at"]) - wall0
+                            timeline[f"{s}_ready"] = min(timeline.get(f"{s}_ready", ready), ready)
+                    timeline.setdefault("first_row", time.perf_counter() - t0)
+                    signals.commit(lambda: commit(rows))
+                    progress.update(rows)
+                    if on_batch is not None:
+                        on_batch(rows)
+    except KeyboardInterrupt:
+        interrupted = signal.SIGINT
+    except Interrupted as e:
+        interrupted = e.args[0]
+    except CaptionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray gave up (an actor that cannot start, a lost cluster): rows so far stay
+        raise CaptionError(one_line(f"the job stopped after {progress.done} of {progress.total} files: "
+                                    f"{type(e).__name__}: {e}; run again with --resume", 1000)) from e
+    finally:
+        output.close()
+        if started:
+            import ray
+
+            ray.shutdown()
+    if pending:
+        progress.update([], force=True)
+    progress.summary(out, bool(interrupted))
+    seconds = timeline["end"] = time.perf_counter() - t0
+    return CaptionReport(out=out, files=progress.done, ok=progress.ok, failed=progress.failed,
+                         skipped=progress.skipped, seconds=seconds, files_per_s=progress.done / max(seconds, 1e-9),
+                         stage_seconds=stage_s, nodes={s: sorted(v) for s, v in nodes.items()},
+                         interrupted=int(interrupted), thinker_pids=sorted(pids), timeline=timeline)

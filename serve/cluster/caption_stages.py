@@ -1,0 +1,224 @@
+"""The three stages of `omni caption` (serve/cluster/caption.py composes them as a Ray Data pipeline):
+`decode_batch` (a task: read, sniff, decode, prompt), `EncoderStage` (an actor: the towers, batched) and
+`ThinkerStage` (an actor: the continuous-batching Thinker, and the Talker + vocoder with --speak).
+
+Every stage keeps one row per file: a file that fails gets its `error` set and is passed through by the later
+stages. Columns are arrow-friendly ("" for no error / no type: a column of only None would not stay a string);
+`payload` is the one binary column: a pickled PreparedPrompt after decoding, a pickled (PreparedPrompt,
+MediaEmbeddings) after the encoders, dropped by the Thinker stage.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import pickle
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from omni.thinker import Thinker, ThinkerDone
+from omni.types import TextDelta
+from omni.serve.caption_io import DEFAULT_PROMPTS, caption_request, load_file, one_line
+
+if TYPE_CHECKING:
+    from omni.serve.cluster.caption import CaptionOptions
+
+__all__ = ["decode_batch", "EncoderStage", "ThinkerStage"]
+
+
+# ---------------------------------------------------------------------------------------------------- stage 1: decode
+@functools.lru_cache(maxsize=2)
+def _processor(model: str):
+    from transformers import AutoProcessor
+
+    from omni.checkpoint import resolve_model
+
+    return AutoProcessor.from_pretrained(resolve_model(model))
+
+
+def _node() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def decode_batch(batch: dict, opts: CaptionOptions) -> dict:
+    """Read, sniff, decode and build the prompt of each file; a file that fails becomes an error row here.
+    batch: {path: [n] str, rel: [n] str} -> + media_type, prompt, error, payload (pickled PreparedPrompt), timing."""
+    from omni.prompt import prepare_prompt
+
+    _set_threads(1)
+    processor, node = _processor(opts.model), _node()
+    out = {k: [] for k in ("path", "rel", "media_type", "prompt", "error", "payload", "decode_s", "decode_node")}
+    for path, rel in zip(batch["path"], batch["rel"]):
+        t0 = time.perf_counter()
+        kind, prompt, error, payload = "", opts.prompt or "", "", b""  # "" for none: an all-None column is no string
+        try:
+            kind, media = load_file(str(path), opts.use_audio_in_video)
+            prompt = opts.prompt or DEFAULT_PROMPTS[kind]
+            request = caption_request(kind, media, prompt, opts.max_tokens, opts.use_audio_in_video,
+                                      speak=opts.speak_dir is not None, voice=opts.voice,
+                                      max_speech_tokens=opts.max_speech_tokens)
+            payload = pickle.dumps(prepare_prompt(processor, request))
+        except Exception as e:  # noqa: BLE001 - per file: whatever a decoder raises on bad bytes is that file's error
+            kind = getattr(e, "media_type", kind) or ""
+            prompt = opts.prompt or DEFAULT_PROMPTS.get(kind, "")
+            error = one_line(e) if str(e) else type(e).__name__
+        for k, v in (("path", str(path)), ("rel", str(rel)), ("media_type", kind), ("prompt", prompt),
+                     ("error", error), ("payload", payload), ("decode_s", time.perf_counter() - t0),
+                     ("decode_node", node)):
+            out[k].append(v)
+    return {k: np.array(v, dtype=object) if k != "decode_s" else np.array(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- stage 2: encode
+class EncoderStage:
+    """The vision and audio towers (one thinker load), batched: all images of a batch in one call, all videos in one,
+    all audios in one. If a batched call fails, its rows are redone one by one, so only the culprit errs."""
+
+    def __init__(self, opts: CaptionOptions):
+        from omni.encoders import EncoderConfig, VideoEncoder
+
+        if not opts.device.startswith("cuda"):
+            _set_threads(max(1, int(opts.encoder_cpus)))
+        towers = VideoEncoder.from_pretrained(opts.model, EncoderConfig(device=opts.device, dtype=opts.dtype,
+                                                                         max_batch_items=max(16, opts.batch_size)))
+        self.vision, self.audio, self.node = towers.vision, towers.audio, _node()
+        self.ready_at = time.time()  # wall clock when this actor was set up (process started, model loaded)
+
+    def _encode(self, prompts: list) -> list:
+        """[PreparedPrompt] -> [MediaEmbeddings], three batched calls in all."""
+        from omni.types import MediaEmbeddings
+
+        images = self.vision.encode([it for p in prompts for it in p.images])
+        videos = self.vision.encode([it for p in prompts for it in p.videos])
+        audios = self.audio.encode([it for p in prompts for it in p.audios])
+        out, i, v, a = [], 0, 0, 0
+        for p in prompts:
+            ni, nv, na = len(p.images), len(p.videos), len(p.audios)
+            out.append(MediaEmbeddings(images[i:i + ni], videos[v:v + nv], audios[a:a + na]))
+            i, v, a = i + ni, v + nv, a + na
+        return out
+
+    def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
+        n = len(batch["path"])
+        todo = [j for j in range(n) if not batch["error"][j]]
+        prompts = {j: pickle.loads(batch["payload"][j]) for j in todo}
+        errors = list(batch["error"])
+        payload = list(batch["payload"])
+        try:
+            media = dict(zip(todo, self._encode([prompts[j] for j in todo])))
+        except Exception:  # noqa: BLE001 - find the row that fails, keep the others
+            media = {}
+            for j in todo:
+                try:
+                    media[j] = self._encode([prompts[j]])[0]
+                except Exception as e:  # noqa: BLE001
+                    errors[j] = one_line(f"encoder failed: {type(e).__name__}: {e}")
+        for j in todo:
+            payload[j] = pickle.dumps((prompts[j], media[j])) if j in media else b""
+        per_file = (time.perf_counter() - t0) / max(1, len(todo))
+        return {**batch, "error": np.array(errors, dtype=object), "payload": np.array(payload, dtype=object),
+                "encode_s": np.array([per_file if j in media else 0.0 for j in range(n)]),
+                "encode_node": np.array([self.node] * n, dtype=object),
+                "encode_ready_at": np.array([self.ready_at] * n)}
+
+
+# ---------------------------------------------------------------------------------------------------- stage 3: Thinker
+class ThinkerStage:
+    """The Thinker's continuous-batching engine: every row of a batch (and of up to `thinker_calls` batches at once)
+    joins one running batch, one batched forward per decode step. With speak_dir, the Talker and the vocoder run in
+    the same actor (the hand-offs stay in process) and each row carries its speech as 16-bit PCM."""
+
+    def __init__(self, opts: CaptionOptions):
+        from omni.checkpoint import resolve_model
+        from omni.engine import EngineConfig
+
+        self.opts = opts
+        ec = EngineConfig(max_num_seqs=opts.max_num_seqs)
+        if opts.speak_dir is not None:
+            from omni.checkpoint import load_model
+            from omni.serve.pipeline import Pipeline, PipelineConfig
+
+            self.pipeline = Pipeline(load_model(opts.model, device=opts.device, dtype=opts.dtype),
+                                     PipelineConfig(thinker=ec))
+            self.thinker = self.pipeline.thinker
+        else:
+            import torch
+            from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration
+
+            path = resolve_model(opts.model)
+            net = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, opts.dtype))
+            self.thinker = Thinker(net.to(opts.device).eval(), AutoTokenizer.from_pretrained(path), ec)
+        if not opts.device.startswith("cuda"):
+            _set_threads(opts.thinker_threads or max(1, (os.cpu_count() or 2) // 2))
+        self.node, self.pid = _node(), os.getpid()
+        self.ready_at = time.time()
+
+    async def _one(self, path: str, prompt, media) -> tuple[str, int, bytes]:
+        """-> (caption, generated tokens, speech as 16-bit PCM or b"")."""
+        from omni.types import SamplingParams
+
+        o = self.opts
+        rid = f"caption-{os.getpid()}-{time.monotonic_ns()}-{path}"
+        sampling = SamplingParams(max_tokens=o.max_tokens)
+        if o.speak_dir is None:
+            text, n = [], 0
+            async for item in self.thinker.generate(rid, prompt, media, sampling):
+                if isinstance(item, TextDelta):
+                    text.append(item.text)
+                elif isinstance(item, ThinkerDone):
+                    n = len(item.token_ids)
+            return "".join(text), n, b""
+        return await self._speak(rid, prompt, media, sampling)
+
+    async def _speak(self, rid: str, prompt, media, sampling) -> tuple[str, int, bytes]:
+        from omni.serve.api.audio_io import pcm16_bytes
+        from omni.serve.pipeline import finish
+        from omni.serve.stages import talker_stream, vocoder_stream
+        from omni.types import AudioChunk, Finished, SamplingParams
+
+        p, o = self.pipeline, self.opts
+        talker = SamplingParams(max_tokens=o.max_speech_tokens)  # greedy, as `omni chat` without --seed
+        items = p.thinker.generate(rid, prompt, media, sampling, for_talker=True)
+        items = talker_stream(p.talker, items, rid, o.voice, talker)
+        items = vocoder_stream(p.vocoder_loop, items, o.voice, 0, max_codes=talker.max_tokens)  # seed 0: chat's
+        text, pcm, n = [], [], 0
+        async for ev in finish(items, prompt_tokens=int(prompt.input_ids.shape[0])):
+            if isinstance(ev, TextDelta):
+                text.append(ev.text)
+            elif isinstance(ev, AudioChunk):
+                pcm.append(ev.pcm)
+            elif isinstance(ev, Finished):
+                n = ev.completion_tokens
+        return "".join(text), n, pcm16_bytes(np.concatenate(pcm)) if pcm else b""
+
+    async def __call__(self, batch: dict) -> dict:
+        n = len(batch["path"])
+        errors = list(batch["error"])
+        captions, tokens, speech, secs = [""] * n, [0] * n, [b""] * n, [0.0] * n
+
+        async def run(j: int) -> None:
+            t0 = time.perf_counter()
+            try:
+                prompt, media = pickle.loads(batch["payload"][j])
+                captions[j], tokens[j], speech[j] = await self._one(str(batch["path"][j]), prompt, media)
+            except Exception as e:  # noqa: BLE001 - per row: a prompt over the context, a failing request
+                errors[j] = one_line(f"{type(e).__name__}: {e}")
+            secs[j] = time.perf_counter() - t0
+
+        await asyncio.gather(*(run(j) for j in range(n) if not errors[j]))
+        rest = {k: v for k, v in batch.items() if k != "payload"}
+        return {**rest, "error": np.array(errors, dtype=object), "caption": np.array(captions, dtype=object),
+                "num_tokens": np.array(tokens), "speech": np.array(speech, dtype=object),
+                "thinker_s": np.array(secs), "thinker_node": np.array([self.node] * n, dtype=object),
+                "thinker_pid": np.array([self.pid] * n), "thinker_ready_at": np.array([self.ready_at] * n)}

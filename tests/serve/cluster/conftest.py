@@ -1,0 +1,92 @@
+"""Fixtures of the `omni caption` tests: a mixed folder of real media (good and bad files) and the oracle, the official
+transformers `generate` on the request `omni chat --KIND F PROMPT` builds."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from omni.serve.caption_io import DEFAULT_PROMPTS, ROW_FIELDS
+
+MAX_TOKENS = 8  # caption tokens in the golden runs
+
+# name -> (media type, ok); made from the session's real media (tests/conftest.py)
+MIXED = {
+    "image.png": ("image", True),
+    "speech.wav": ("audio", True),
+    "clip.mp4": ("video", True),
+    "sub/drawing.jpg": ("image", True),
+    "sub/voice.bin": ("audio", True),  # a WAV under a name that says nothing: sniffed from the bytes
+    "corrupt.png": ("image", False),  # PNG signature, garbage after it
+    "truncated.mp4": ("video", False),  # the first half of clip.mp4
+    "empty.wav": (None, False),
+    "notes.txt": (None, False),
+}
+
+
+@pytest.fixture(scope="session")
+def mixed_dir(media_dir, tmp_path_factory) -> Path:
+    from PIL import Image, ImageDraw
+
+    d = tmp_path_factory.mktemp("mixed")
+    (d / "sub").mkdir()
+    for name in ("image.png", "speech.wav", "clip.mp4"):
+        shutil.copy(media_dir / name, d / name)
+    im = Image.new("RGB", (96, 128), (20, 160, 90))
+    ImageDraw.Draw(im).rectangle((10, 30, 80, 100), fill=(240, 240, 30))
+    im.save(d / "sub" / "drawing.jpg", quality=90)
+    shutil.copy(media_dir / "speech.wav", d / "sub" / "voice.bin")
+    png = (media_dir / "image.png").read_bytes()
+    (d / "corrupt.png").write_bytes(png[:33] + bytes(range(256)) * 2)
+    mp4 = (media_dir / "clip.mp4").read_bytes()
+    (d / "truncated.mp4").write_bytes(mp4[: len(mp4) // 2])
+    (d / "empty.wav").write_bytes(b"")
+    (d / "notes.txt").write_text("not media\n")
+    (d / ".hidden.png").write_bytes(png)  # skipped: hidden
+    assert sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")) == \
+        sorted(MIXED)
+    return d
+
+
+@pytest.fixture(scope="session")
+def oracle(tiny):
+    """oracle(path, kind, prompt, max_tokens, use_audio_in_video=False) -> ReferenceResult of the official generate on
+    the request `omni chat` builds for that file and prompt (greedy); cached."""
+    from omni.reference import reference_generate
+    from omni.serve.cli import build_chat_request, parser
+
+    cache = {}
+
+    def run(path, kind, prompt, max_tokens, use_audio_in_video=False):
+        key = (str(path), kind, prompt, max_tokens, use_audio_in_video)
+        if key not in cache:
+            argv = ["chat", f"--{kind}", str(path), "--max-tokens", str(max_tokens), prompt]
+            if use_audio_in_video:
+                argv.insert(1, "--use-audio-in-video")
+            cache[key] = reference_generate(tiny, build_chat_request(parser().parse_args(argv)))
+        return cache[key]
+
+    return run
+
+
+def check_rows(rows, folder, oracle, max_tokens=MAX_TOKENS, prompt=None, names=MIXED):
+    """One row per file; ok rows carry the official generate's caption; error rows exactly as specified."""
+    by_path = {r["path"]: r for r in rows}
+    assert len(by_path) == len(rows) == len(names)
+    for name, (kind, ok) in names.items():
+        r = by_path[str(folder / name)]
+        assert list(r) == list(ROW_FIELDS)
+        assert r["media_type"] == kind and r["model"] == "tiny"
+        assert r["prompt"] == (prompt or DEFAULT_PROMPTS.get(kind, ""))
+        if ok:
+            ref = oracle(folder / name, kind, r["prompt"], max_tokens)
+            assert r["error"] is None, (name, r["error"])
+            assert r["caption"] == ref.text and r["num_tokens"] == len(ref.token_ids) > 0, name
+            assert r["seconds"] > 0
+        else:
+            assert r["caption"] == "" and r["num_tokens"] == 0 and r["error"] and "\n" not in r["error"], name
+    errors = {os.path.relpath(r["path"], folder): r["error"] for r in rows if r["error"]}
+    assert errors["empty.wav"] == "empty file (0 bytes)"
+    assert errors["notes.txt"].startswith("unsupported file: not an image, audio or video (10 bytes")
+    assert errors["corrupt.png"].startswith("not a decodable image (looks like PNG")
+    assert errors["truncated.mp4"].startswith("not a decodable video file (looks like MP4")
