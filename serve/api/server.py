@@ -327,7 +327,7 @@ def build_fastapi(backend: Union[Backend, Callable[[], Backend]], settings: Serv
 
     @app.get("/v1/audio/voices")
     async def voices(request: Request):
-        """This model's voices: {"object": "list", "model": NAME, "voices": ["Chelsie", "Ethan"]} ([] without speech)."""
+        """This model's voices: {"object": "list", "model": NAME, "voices": ["Chelsie", "Ethan"]}; [] without speech."""
         _check_auth(request, settings)
         b = await get_backend()
         return {"object": "list", "model": served_name(b), "voices": list(b.voices)}
