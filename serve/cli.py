@@ -163,7 +163,8 @@ def _cmd_demo(args) -> int:
     try:
         from omni.demos.gradio_app import run_demo
     except ImportError as e:
-        print(f"omni demo: {e.name or e} is missing: pip install 'omni[demo]' (make setup installs it)", file=sys.stderr)
+        print(f"omni demo: {e.name or e} is missing: pip install 'omni[demo]' (make setup installs it)",
+              file=sys.stderr)
         return 2
     return run_demo(args.api_url, args.api_key, args.host, args.port)
 

@@ -9,7 +9,7 @@ from omni.tiny import DEFAULT_SYSTEM_PROMPT
 def test_every_turn_sends_the_earlier_turns_media_and_replies(media_dir):
     image, speech = str(media_dir / "image.png"), str(media_dir / "speech.wav")
     first = Turn("What do you see and hear?", image=image, audio=speech, reply="A red square.", done=True)
-    failed = Turn("Hello?", reply="", error="⚠️ The server refused the request (HTTP 400): unknown voice", done=True)
+    failed = Turn("Hello?", error="⚠️ The server refused the request (HTTP 400): unknown voice", done=True)
     new = Turn("And what colour is the circle?")
     messages = chat_messages([first, failed, new], DEFAULT_SYSTEM_PROMPT)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]  # the failed turn is left out
