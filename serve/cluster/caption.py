@@ -112,7 +112,8 @@ def build_dataset(files: list[InputFile], opts: CaptionOptions):
 
 
 def _init_ray() -> bool:
-    """Connect to RAY_ADDRESS or start a local Ray, unless this process already has one -> whether we started it."""
+    """Connect to RAY_ADDRESS or start a local Ray, unless this process already has one -> whether we started it.
+    Also sets this process's Ray Data context for the job (quiet, tolerant of actors dying while they start)."""
     import logging
 
     import ray.data
@@ -121,8 +122,9 @@ def _init_ray() -> bool:
     if started:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="ERROR",
                  log_to_driver=False)
-    # our own progress lines replace Ray Data's progress bars and execution logs
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress lines replace Ray Data's bars and execution logs
+    ctx.max_consecutive_actor_init_deaths = 3  # an actor whose worker dies while loading its model is replaced
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     return started
 
