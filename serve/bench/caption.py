@@ -37,8 +37,8 @@ class CaptionBenchConfig:
 
     @classmethod
     def from_args(cls, args) -> "CaptionBenchConfig":
-        kw = {k: getattr(args, k) for k in ("model", "files", "max_tokens", "batch_size", "concurrency", "out")
-              if getattr(args, k, None) is not None}
+        # --model --files --max-tokens --out; the serving bench's --concurrency (levels) means something else here
+        kw = {k: getattr(args, k) for k in ("model", "files", "max_tokens", "out") if getattr(args, k, None) is not None}
         return cls(**kw)
 
 

@@ -55,6 +55,8 @@ class CaptionOptions:
     thinker_threads: Optional[int] = None  # torch threads of a Thinker actor on CPU; None: max(1, cores // 2)
     thinker_calls: int = 4  # batches one Thinker actor runs at once: its engine keeps rows of several batches
     max_num_seqs: int = 64  # rows of a Thinker actor's running batch
+    worker_niceness: Optional[int] = 0  # nice of the job's Ray workers; None keeps Ray's 15, which lets every other
+    #                                      process on a shared machine starve them (the driver runs at 0)
     encoder_resources: dict = field(default_factory=dict)  # custom Ray resources per encoder actor ({"enc": 1})
     thinker_resources: dict = field(default_factory=dict)  # custom Ray resources per Thinker actor
 
@@ -93,22 +95,25 @@ def build_dataset(files: list[InputFile], opts: CaptionOptions):
     from omni.serve.cluster.caption_stages import EncoderStage, ThinkerStage, decode_batch
 
     gpus = opts.gpus_per_actor or None
-    ds = ray.data.from_items([{"path": f.path, "rel": f.rel} for f in files],
-                             override_num_blocks=max(1, min(len(files), -(-len(files) // 2))))
+    env = None if opts.worker_niceness is None else {"env_vars": {"RAY_worker_niceness": str(opts.worker_niceness)}}
+    # 2 files per read/decode task, so decoded rows reach the encoders early; at most 4096 tasks for huge inputs
+    blocks = min(max(1, -(-len(files) // 2)), 4096)
+    ds = ray.data.from_items([{"path": f.path, "rel": f.rel} for f in files], override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, fn_kwargs={"opts": opts}, batch_size=None, num_cpus=opts.decode_cpus,
-                        compute=TaskPoolStrategy(size=opts.decode_tasks))
+                        compute=TaskPoolStrategy(size=opts.decode_tasks), runtime_env=env)
     ds = ds.map_batches(EncoderStage, fn_constructor_kwargs={"opts": opts}, batch_size=opts.batch_size,
                         num_cpus=opts.encoder_cpus, num_gpus=gpus, resources=opts.encoder_resources or None,
-                        compute=ActorPoolStrategy(size=opts.concurrency))
+                        compute=ActorPoolStrategy(size=opts.concurrency), runtime_env=env)
     calls = max(1, opts.thinker_calls)
     return ds.map_batches(ThinkerStage, fn_constructor_kwargs={"opts": opts}, batch_size=opts.batch_size,
                           num_cpus=opts.thinker_cpus, num_gpus=gpus, resources=opts.thinker_resources or None,
                           compute=ActorPoolStrategy(size=opts.concurrency, max_tasks_in_flight_per_actor=calls,
-                                                    max_concurrent_calls_per_actor=calls))
+                                                    max_concurrent_calls_per_actor=calls), runtime_env=env)
 
 
 def _init_ray() -> bool:
-    """Connect to RAY_ADDRESS or start a local Ray, unless this process already has one -> whether we started it."""
+    """Connect to RAY_ADDRESS or start a local Ray, unless this process already has one -> whether we started it.
+    Also sets this process's Ray Data context for the job (quiet, tolerant of actors dying while they start)."""
     import logging
 
     import ray.data
@@ -117,8 +122,9 @@ def _init_ray() -> bool:
     if started:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="ERROR",
                  log_to_driver=False)
-    # our own progress lines replace Ray Data's progress bars and execution logs
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress lines replace Ray Data's bars and execution logs
+    ctx.max_consecutive_actor_init_deaths = 3  # an actor whose worker dies while loading its model is replaced
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     return started
 
