@@ -117,6 +117,31 @@ def _cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def _cmd_bench_load(args) -> int:
+    from omni.serve.bench.load import main as load_main
+
+    return load_main(args)
+
+
+def _bench_load_parser(sub) -> None:
+    """`omni bench load`: streaming clients against the Serve app (serve/bench/load.py)."""
+    p = sub.add_parser("load", help="N streaming HTTP clients for a while: statuses, latencies, 503s, replica RSS")
+    p.add_argument("--url", default=None, help="a running server (default: start omni serve --model/--config here)")
+    p.add_argument("--model", default=None, help="the server's model when it is started here (default tiny)")
+    p.add_argument("--config", default=None, help="its serve config when it is started here (default tiny)")
+    p.add_argument("--clients", type=int, default=None, help="concurrent streaming clients (default 32)")
+    p.add_argument("--duration", type=float, default=None, help="seconds of measured load (default 60)")
+    p.add_argument("--warmup", type=float, default=None, help="seconds of the same load before it (default 10)")
+    p.add_argument("--mix", default=None, help="request kinds in turn (default text,speech,image,audio+speech)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=None, help="text tokens per reply (default 24)")
+    p.add_argument("--speech-tokens", dest="speech_tokens", type=int, default=None, help="codec tokens (default 48)")
+    p.add_argument("--api-key", dest="api_key", default=os.environ.get("OMNI_API_KEY"))
+    p.add_argument("--ray-address", dest="ray_address", default=None,
+                   help="with --url: the server's Ray, to read replica memory (default: RAY_ADDRESS, else none)")
+    p.add_argument("--out", default="out/bench-load")
+    p.set_defaults(func=_cmd_bench_load)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="omni", description="Serve Qwen omni models: text, images, audio, video in; "
                                                           "text and speech out, streamed.")
@@ -174,6 +199,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: c=1,2, 2 requests, few tokens")
     p.add_argument("--no-plot", dest="no_plot", action="store_true")
     p.set_defaults(func=_cmd_bench)
+    _bench_load_parser(p.add_subparsers(dest="bench_cmd", metavar="{load}"))
     return ap
 
 

@@ -23,7 +23,7 @@ from ray import serve
 from omni.checkpoint import load_model, resolve_model
 from omni.talker import Talker
 from omni.thinker import Thinker
-from omni.types import ChatRequest, Generation, MediaEmbeddings, PreparedPrompt
+from omni.types import ChatRequest, Generation, MediaEmbeddings, PreparedPrompt, StageUnavailable
 from omni.serve.compose import SPEECH_CHAIN, Composition, prepare_checked
 from omni.serve.config import DeploymentOptions, ServeConfig
 from omni.serve.stages import TalkerStage, ThinkerStage, VocoderStage
@@ -134,6 +134,30 @@ CHAIN_DEPLOYMENTS = {"talker": TalkerDeployment, "vocoder": VocoderDeployment}
 assert tuple(CHAIN_DEPLOYMENTS) == SPEECH_CHAIN
 
 
+# what a handle call raises when the replica serving it died or none is up: Ray's actor errors (ActorDiedError,
+# ActorUnavailableError; wrapped in a RayTaskError when a stage further up the chain saw them) and Serve's
+_REPLICA_FAILURES = (ray.exceptions.RayActorError, serve.exceptions.ReplicaUnavailableError,
+                     serve.exceptions.DeploymentUnavailableError, serve.exceptions.BackPressureError)
+
+
+def _replica_failure(exc: BaseException) -> Optional[BaseException]:
+    """The replica failure inside `exc` (Ray keeps a replica's exception as `.cause`), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, _REPLICA_FAILURES):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def _raise_unavailable(exc: BaseException) -> None:
+    """Raise StageUnavailable (the client gets a 503 and retries) when `exc` is a replica failure; else return."""
+    failure = _replica_failure(exc)
+    if failure is not None:
+        raise StageUnavailable("a serving replica failed or is restarting; retry later") from failure
+
+
 class HandleStages:
     """serve/compose.py's `Stages` over DeploymentHandles (runs in the ingress replica)."""
 
@@ -156,7 +180,11 @@ class HandleStages:
         images = [self.vision.encode.remote(it) for it in prompt.images]
         videos = [self.vision.encode.remote(it) for it in prompt.videos]
         audios = [self.audio.encode.remote(it) for it in prompt.audios]
-        results = await asyncio.gather(*images, *videos, *audios)
+        try:
+            results = await asyncio.gather(*images, *videos, *audios)
+        except Exception as exc:
+            _raise_unavailable(exc)
+            raise
         n_img, n_vid = len(images), len(videos)
         if self.observe_batch is not None:
             for i, r in enumerate(results):
@@ -171,6 +199,9 @@ class HandleStages:
         try:
             async for item in items:
                 yield item
+        except Exception as exc:
+            _raise_unavailable(exc)
+            raise
         finally:
             items.cancel()
 
