@@ -164,9 +164,11 @@ async def one_request(client, url: str, body: dict, t0: float, timeout: float, h
 
 
 async def drive(url: str, cfg: LoadConfig, seconds: float, t0: Optional[float] = None,
-                on_outcome: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
-    """`cfg.clients` closed-loop clients start requests for `seconds`, then finish the ones they started -> every
-    outcome, in the order they ended (times from `t0`, default now)."""
+                on_outcome: Optional[Callable[[Outcome], None]] = None,
+                stop: Optional[threading.Event] = None, transport=None) -> list[Outcome]:
+    """`cfg.clients` closed-loop clients start requests for `seconds` (or until `stop` is set), then finish the ones
+    they started -> every outcome, in the order they ended (times from `t0`, default now); `on_outcome` sees each
+    as it ends. `transport`: an httpx transport (an in-process ASGI app); None: the network."""
     import httpx
 
     t0 = time.monotonic() if t0 is None else t0
@@ -178,7 +180,7 @@ async def drive(url: str, cfg: LoadConfig, seconds: float, t0: Optional[float] =
     limits = httpx.Limits(max_connections=cfg.clients + 4, max_keepalive_connections=cfg.clients + 4)
 
     async def client_loop(client):
-        while time.monotonic() < end:
+        while time.monotonic() < end and not (stop is not None and stop.is_set()):
             i = next(counter)
             body = request_body(cfg.mix[i % len(cfg.mix)], i, cfg, media)
             o = await one_request(client, url, body, t0, cfg.request_timeout, headers)
@@ -190,7 +192,8 @@ async def drive(url: str, cfg: LoadConfig, seconds: float, t0: Optional[float] =
             elif o.kind not in ("ok", "error_event"):
                 await asyncio.sleep(0.2)  # no hot loop against a server that is gone
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout, connect=30), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout, connect=30), limits=limits,
+                                 transport=transport) as client:
         await asyncio.gather(*[client_loop(client) for _ in range(cfg.clients)])
     return outcomes
 
@@ -230,7 +233,7 @@ class _MemorySampler:
             values = [s.get(r.name) for s in self.samples]
             seen = [v for v in values if v is not None]
             out.append(ReplicaMemory(r.deployment, r.name, r.node_id, r.pid, mb(values[0]), mb(values[-1]),
-                                     mb(max(seen)) if seen else None))
+                                     mb(max(seen)) if seen else None, [mb(v) for v in values]))
         return out
 
 

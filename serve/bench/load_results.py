@@ -78,7 +78,7 @@ class Phase:
             key = str(o.status) if o.status is not None else "none"
             statuses[key] = statuses.get(key, 0) + 1
         ok = [o for o in outcomes if o.kind == "ok"]
-        refused = [o for o in outcomes if o.status == 503 and o.kind == "refused"]
+        refused = [o for o in outcomes if o.status == 503]  # "refused" when it had a Retry-After, else "http_error"
         return cls(
             seconds=seconds, requests=len(outcomes), speech_requests=sum(o.speak for o in outcomes),
             outcomes=kinds, statuses=dict(sorted(statuses.items())),
@@ -106,6 +106,7 @@ class ReplicaMemory:
     rss_start_mb: Optional[float]  # when the measured load started (after the warm-up); None: unreadable
     rss_end_mb: Optional[float]  # when it ended
     rss_max_mb: Optional[float]  # the largest of the samples taken during the load
+    rss_samples_mb: list[Optional[float]] = dataclasses.field(default_factory=list)  # every sample, in order
 
     @property
     def change(self) -> Optional[float]:
