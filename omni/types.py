@@ -16,8 +16,8 @@ __all__ = [
     "SamplingParams", "TALKER_DEFAULT_SAMPLING", "Video", "TextPart", "ImagePart", "AudioPart", "VideoPart", "Part",
     "Message", "ChatRequest", "VisionItem", "AudioItem", "PreparedPrompt", "MediaEmbeddings", "TalkerPrompt",
     "ThinkerToTalker", "TalkerToVocoder", "ThinkerDone", "TalkerDone", "ThinkerItem", "TalkerItem", "Generation",
-    "TextDelta", "AudioChunk", "Finished", "Event", "ChatResult", "OmniError", "InvalidRequest", "check_voice",
-    "AUDIO_SAMPLE_RATE", "INPUT_AUDIO_SAMPLE_RATE", "DEFAULT_VOICE",
+    "TextDelta", "AudioChunk", "Finished", "Event", "ChatResult", "OmniError", "InvalidRequest", "StageUnavailable",
+    "check_voice", "AUDIO_SAMPLE_RATE", "INPUT_AUDIO_SAMPLE_RATE", "DEFAULT_VOICE",
 ]
 
 AUDIO_SAMPLE_RATE = 24000  # speech out: 480 samples per codec token = 50 codes/s
@@ -35,6 +35,11 @@ class InvalidRequest(OmniError, ValueError):
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
+
+
+class StageUnavailable(OmniError):
+    """A stage could not serve the request: its replica died mid-request, or none is up yet (Serve restarts it). Not
+    the request's fault, and retrying later succeeds: a 503 with Retry-After for HTTP clients."""
 
 
 def check_voice(voice: str, voices) -> None:

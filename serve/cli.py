@@ -150,6 +150,8 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if getattr(args, "suite", None) == "load":
+        return _cmd_bench_load(args)
     if getattr(args, "suite", None) == "caption":
         from omni.serve.bench.caption import main as caption_bench_main
 
@@ -204,6 +206,26 @@ def _cmd_caption(args) -> int:
               f"{args.out})", file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_bench_load(args) -> int:
+    from omni.serve.bench.load import main as load_main
+
+    return load_main(args)
+
+
+def _bench_load_flags(p) -> None:
+    """`omni bench load`'s own flags: streaming clients against the Serve app (serve/bench/load.py)."""
+    p.add_argument("--url", default=None, help="bench load: a running server (default: start omni serve here)")
+    p.add_argument("--config", default=None, help="bench load: the serve config of the server started here (tiny)")
+    p.add_argument("--clients", type=int, default=None, help="bench load: concurrent streaming clients (default 32)")
+    p.add_argument("--duration", type=float, default=None, help="bench load: seconds of measured load (default 60)")
+    p.add_argument("--warmup", type=float, default=None, help="bench load: seconds of load before it (default 10)")
+    p.add_argument("--mix", default=None, help="bench load: request kinds in turn (default text,speech,image,"
+                                               "audio+speech)")
+    p.add_argument("--api-key", dest="api_key", default=os.environ.get("OMNI_API_KEY"))
+    p.add_argument("--ray-address", dest="ray_address", default=None,
+                   help="bench load with --url: the server's Ray, to read replica memory (default: RAY_ADDRESS)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -289,11 +311,12 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_caption)
 
     p = sub.add_parser("bench", help="benchmarks against the official transformers path")
-    p.add_argument("suite", nargs="?", choices=["caption"], default=None,
-                   help="caption: `omni caption` vs a sequential loop over the official path")
+    p.add_argument("suite", nargs="?", choices=["caption", "load"], default=None,
+                   help="caption: `omni caption` vs a sequential loop over the official path; load: streaming HTTP "
+                        "clients against the Serve app (statuses, latencies, 503s, replica memory)")
     p.add_argument("--files", type=int, default=64, help="bench caption: media files to caption")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--out", default="out/bench")
+    p.add_argument("--out", default=None, help="results folder (default out/bench, out/bench-load for load)")
     p.add_argument("--concurrency", default=None, help="comma-separated levels (default 1,4,16)")
     p.add_argument("--requests", type=int, default=None, help="requests per level at least (default 2)")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=None, help="text tokens per reply (default 32)")
@@ -302,6 +325,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: c=1,2, 2 requests, few tokens")
     p.add_argument("--no-plot", dest="no_plot", action="store_true")
+    _bench_load_flags(p)
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="the Gradio web demo (voice and vision chat) against an omni server")

@@ -93,6 +93,9 @@ class ServeConfig(PipelineConfig):
     default_speech_tokens: int = Field(2048, ge=1)  # codec tokens (50 per second of speech) when a request does not say
     max_body_bytes: int = Field(100 * 2**20, ge=1)  # request bodies past this get 413
     drain_timeout_s: float = Field(30.0, ge=0, le=3600)  # on SIGTERM/SIGINT: how long in-flight requests may finish
+    stage_timeout_s: float = Field(60.0, gt=0, le=3600)  # longest wait for a stage's next answer (embeddings, the next
+    #                             streamed item) before the request fails with 503: bounds a request whose replica died
+    #                             and that would otherwise wait in Serve's queue until a new one is up (or for ever)
     media: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames, sampling
     deployments: Deployments = Deployments()  # Ray Serve resources per deployment
 

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from omni.types import ChatRequest, Event, InvalidRequest, SamplingParams
+from omni.types import ChatRequest, Event, InvalidRequest, SamplingParams, StageUnavailable
 from omni.encoders.sources import MediaLimits, MediaPolicy
 from omni.serve.api.metrics import CONTENT_TYPE_LATEST, Metrics, RequestTrack
 from omni.serve.api.convert import SSE_DONE, Completion, ConvertOptions, error_response, sse, to_chat_request
@@ -117,8 +117,11 @@ def _client_error(exc: BaseException) -> Optional[BaseException]:
 
 def classify_error(exc: BaseException, request_id: Optional[str] = None) -> HTTPError:
     """Any exception -> the HTTPError the client sees. InvalidRequest (and MediaError, with its .status_code) and
-    pydantic errors are the client's (4xx), wherever they were raised; anything else is the server's: a 500 that
-    names the request id (the log has the details) and says nothing of the internals."""
+    pydantic errors are the client's (4xx), wherever they were raised; StageUnavailable (a replica died or is
+    restarting) is a 503 to retry; anything else is the server's: a 500 that names the request id (the log has the
+    details) and says nothing of the internals."""
+    if isinstance(exc, StageUnavailable):
+        return HTTPError(503, str(exc), code="stage_unavailable")
     client = _client_error(exc)
     if isinstance(client, HTTPError):
         return client
@@ -129,6 +132,14 @@ def classify_error(exc: BaseException, request_id: Optional[str] = None) -> HTTP
         return _from_validation(client)
     rid = f" (request id {request_id})" if request_id else ""
     return HTTPError(500, f"internal server error{rid}; the server log has the details", code="internal_error")
+
+
+def _log_failure(err: HTTPError, what: str, rid: str, exc: BaseException) -> None:
+    """A 500 with its traceback; a 503 (a replica gone, the client retries) in one line; client errors not at all."""
+    if err.status == 503:
+        log.warning("%s %s: %s (%s)", what, rid, err.message, type(exc.__cause__ or exc).__name__)
+    elif err.status >= 500:
+        log.exception("%s %s failed", what, rid)
 
 
 def _error_json(err: HTTPError) -> JSONResponse:
@@ -309,8 +320,7 @@ async def _sse_body(first: Event, comp: Completion, admitted: _Admitted, metrics
         ok = True
     except Exception as e:  # noqa: BLE001 - reported to the client inside the stream
         err = classify_error(e, comp.id.removeprefix("chatcmpl-"))
-        if err.status >= 500:
-            log.exception("stream %s failed", comp.id)
+        _log_failure(err, "stream", comp.id, e)
         metrics.stream_errors.inc()
         yield sse(error_response(err.status, err.message, err.param, err.code))
     except BaseException:  # cancelled: the client went away
@@ -423,8 +433,7 @@ class _Routes:
             if not isinstance(e, Exception):
                 raise
             err = classify_error(e, request_id)
-            if err.status >= 500:
-                log.exception("request %s failed", request_id)
+            _log_failure(err, "request", request_id, e)
             self.metrics.count(err.status)
             return _error_json(err)
 

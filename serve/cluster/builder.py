@@ -129,6 +129,9 @@ def run_server(args) -> int:
     t0 = time.time()
     print(f"starting the omni Serve app ({args.model}, config {cfg_path}) ...", file=sys.stderr, flush=True)
     serve.run(app, name="omni", route_prefix="/")
+    # before the ready line: tools that start `omni serve` (omni bench load, the tests) connect to this Ray to find
+    # the replicas (`ray.init(address=...)`; "auto" is ambiguous when other Ray instances run on the machine)
+    print(f"ray address: {ray.get_runtime_context().gcs_address}", file=sys.stderr, flush=True)
     print(f"ready in {time.time() - t0:.1f}s: http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C stops",
           file=sys.stderr, flush=True)
     while not stop.wait(0.5):

@@ -11,6 +11,7 @@ the upstream call, which frees the request's slot in every engine.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import logging
 import time
@@ -23,7 +24,7 @@ from ray import serve
 from omni.checkpoint import load_model, resolve_model
 from omni.talker import Talker
 from omni.thinker import Thinker
-from omni.types import ChatRequest, Generation, MediaEmbeddings, PreparedPrompt
+from omni.types import ChatRequest, Generation, MediaEmbeddings, PreparedPrompt, StageUnavailable
 from omni.serve.compose import SPEECH_CHAIN, Composition, prepare_checked
 from omni.serve.config import DeploymentOptions, ServeConfig
 from omni.serve.stages import TalkerStage, ThinkerStage, VocoderStage
@@ -34,7 +35,19 @@ __all__ = ["VisionEncoderDeployment", "AudioEncoderDeployment", "ThinkerDeployme
 log = logging.getLogger("omni.serve")
 
 
-def _cpu_threads(cfg: ServeConfig, opts: DeploymentOptions) -> None:
+# glibc's malloc serves a freed block's size from its heap from then on (its mmap threshold follows the largest block
+# freed, up to 32 MiB), and a heap fragmented by tensors of ever-changing shapes (the vocoder's batches of windows)
+# keeps its pages: RSS grew ~25 % in a minute of load. A fixed threshold maps blocks past it on their own, and gives
+# them back when they are freed (M_MMAP_THRESHOLD, from malloc.h).
+_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES = -3, 1 << 20
+
+
+def _replica_process(cfg: ServeConfig, opts: DeploymentOptions) -> None:
+    """A stage replica's process settings: torch threads on CPU, and large blocks that go back to the OS when freed."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc
+        pass
     if not cfg.device.startswith("cuda"):  # one replica per process: its reserved CPUs are its threads
         torch.set_num_threads(cfg.cpu_threads or max(1, int(opts.num_cpus)))
 
@@ -50,7 +63,7 @@ class _EncoderDeployment:
     """Shared body of the two encoders: items of concurrent requests batched by @serve.batch."""
 
     def _setup(self, cls, model: str, cfg: ServeConfig, opts) -> None:
-        _cpu_threads(cfg, opts)
+        _replica_process(cfg, opts)
         enc = dataclasses.replace(cfg.encoder, device=cfg.device, dtype=cfg.torch_dtype)
         self.encoder = cls.from_pretrained(model, enc)
         self.encode.set_max_batch_size(opts.max_batch_size)
@@ -105,7 +118,7 @@ class ThinkerDeployment(_GenerationDeployment):
     def __init__(self, model: str, cfg: ServeConfig):
         from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration
 
-        _cpu_threads(cfg, cfg.deployments.thinker)
+        _replica_process(cfg, cfg.deployments.thinker)
         path = resolve_model(model)
         net = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, cfg.torch_dtype))
         net = net.to(cfg.device).eval()
@@ -114,7 +127,7 @@ class ThinkerDeployment(_GenerationDeployment):
 
 class TalkerDeployment(_GenerationDeployment):
     def __init__(self, model: str, cfg: ServeConfig, upstream):
-        _cpu_threads(cfg, cfg.deployments.talker)
+        _replica_process(cfg, cfg.deployments.talker)
         loaded = load_model(model, device=cfg.device, dtype=cfg.torch_dtype)
         # keeps the talker, the voices and the thinker's embedding table; the rest of the model is dropped
         self.stage = TalkerStage(Talker.from_model(loaded.model, cfg.talker))
@@ -126,7 +139,7 @@ class VocoderDeployment(_GenerationDeployment):
     def __init__(self, model: str, cfg: ServeConfig, upstream):
         from omni.decoders import Token2Wav, VocoderLoop
 
-        _cpu_threads(cfg, cfg.deployments.vocoder)
+        _replica_process(cfg, cfg.deployments.vocoder)
         vc = dataclasses.replace(cfg.vocoder, device=cfg.device)
         self.stage = VocoderStage(VocoderLoop(Token2Wav.from_pretrained(model, vc)))
         self.upstream = upstream
@@ -135,6 +148,45 @@ class VocoderDeployment(_GenerationDeployment):
 # the deployment class of each stage of SPEECH_CHAIN, in the chain's order (each bound over the one before it)
 CHAIN_DEPLOYMENTS = {"talker": TalkerDeployment, "vocoder": VocoderDeployment}
 assert tuple(CHAIN_DEPLOYMENTS) == SPEECH_CHAIN
+
+
+# what a handle call raises when the replica serving it died or none is up: Ray's actor errors (ActorDiedError,
+# ActorUnavailableError; wrapped in a RayTaskError when a stage further up the chain saw them) and Serve's
+_REPLICA_FAILURES = (ray.exceptions.RayActorError, serve.exceptions.ReplicaUnavailableError,
+                     serve.exceptions.DeploymentUnavailableError, serve.exceptions.BackPressureError)
+
+
+def _replica_failure(exc: BaseException) -> Optional[BaseException]:
+    """The replica failure inside `exc` (Ray keeps a replica's exception as `.cause`), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, _REPLICA_FAILURES):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def _raise_unavailable(exc: BaseException) -> None:
+    """Raise StageUnavailable (the client gets a 503 and retries) when `exc` is a replica failure; else return."""
+    if isinstance(exc, StageUnavailable):
+        return
+    failure = _replica_failure(exc)
+    if failure is not None:
+        raise StageUnavailable("a serving replica failed or is restarting; retry later") from failure
+
+
+async def _within(awaitable, seconds: float, what: str):
+    """`await awaitable`, or StageUnavailable after `seconds` (ServeConfig.stage_timeout_s): a call to a replica that
+    died waits in Serve's queue until a new replica is up, for ever if none can start."""
+    timeout = asyncio.timeout(seconds)
+    try:
+        async with timeout:
+            return await awaitable
+    except TimeoutError:
+        if timeout.expired():
+            raise StageUnavailable(f"{what} within {seconds:g} s; retry later") from None
+        raise
 
 
 class HandleStages:
@@ -159,7 +211,14 @@ class HandleStages:
         images = [self.vision.encode.remote(it) for it in prompt.images]
         videos = [self.vision.encode.remote(it) for it in prompt.videos]
         audios = [self.audio.encode.remote(it) for it in prompt.audios]
-        results = await asyncio.gather(*images, *videos, *audios)
+        calls = [*images, *videos, *audios]
+        try:
+            results = await _within(asyncio.gather(*calls), self.cfg.stage_timeout_s, "no encoder answered")
+        except Exception as exc:
+            for call in calls:
+                call.cancel()
+            _raise_unavailable(exc)
+            raise
         n_img, n_vid = len(images), len(videos)
         if self.observe_batch is not None:
             for i, r in enumerate(results):
@@ -172,8 +231,15 @@ class HandleStages:
         head = self.speech if gen.speak else self.thinker
         items = head.options(stream=True).generate.remote(gen, prompt, media)
         try:
-            async for item in items:
+            while True:
+                try:
+                    item = await _within(items.__anext__(), self.cfg.stage_timeout_s, "no output")
+                except StopAsyncIteration:
+                    return
                 yield item
+        except Exception as exc:
+            _raise_unavailable(exc)
+            raise
         finally:
             items.cancel()
 

@@ -90,3 +90,29 @@ def check_rows(rows, folder, oracle, max_tokens=MAX_TOKENS, prompt=None, names=M
     assert errors["notes.txt"].startswith("unsupported file: not an image, audio or video (10 bytes")
     assert errors["corrupt.png"].startswith("not a decodable image (looks like PNG")
     assert errors["truncated.mp4"].startswith("not a decodable video file (looks like MP4")
+
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def omni_serve(tmp_path_factory):
+    """`omni_serve(*args, connect=True) -> ServeProcess`: start `omni serve ARGS` on a free port, wait for its ready
+    line and (with connect) join its Ray; every server the module started is stopped (SIGTERM) after the module."""
+    from omni.serve.cluster.server_process import ServeProcess, ServeStartError
+
+    started = []
+
+    def start(*args: str, connect: bool = True) -> ServeProcess:
+        try:
+            server = ServeProcess.start(list(args), tmp_path_factory.mktemp("serve") / "serve.log", cwd=str(REPO))
+        except ServeStartError as exc:
+            pytest.fail(str(exc))
+        started.append(server)
+        if connect:
+            server.connect_ray()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

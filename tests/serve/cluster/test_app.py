@@ -7,8 +7,6 @@ import dataclasses
 import io
 import json
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,38 +25,10 @@ QWEN_SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibab
 SPEECH = {"sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 40}]}  # greedy, bounded Talker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`omni serve` itself, in a subprocess (its own local Ray); this process connects to that Ray for handles."""
-    import ray
-
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "omni.serve.cli", "serve", "--model", "tiny", "--config", "tiny",
-                             "--port", str(port), "--api-key", "sk-test"], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=REPO)
-    deadline = time.time() + 420
-    while "ready in" not in log_path.read_text():
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("omni serve did not start:\n" + log_path.read_text()[-4000:])
-        time.sleep(1)
-    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-    yield f"http://127.0.0.1:{port}"
-    ray.shutdown()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+def server(omni_serve):
+    """`omni serve` itself, in a subprocess (its own local Ray); this process joins that Ray for handles."""
+    return omni_serve("--model", "tiny", "--config", "tiny", "--api-key", "sk-test").url
 
 
 @pytest.fixture(scope="module")

@@ -2,74 +2,55 @@
 flight finish, shuts Serve and Ray down and exits 0 with one log line, no crash dump."""
 import json
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[3]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_sigterm_drains_in_flight_streams_then_exits_0(omni_serve):
+    server = omni_serve("--model", "tiny", "--config", "tiny", "--drain-timeout", "60", connect=False)
+    proc, log_path = server.proc, server.log_path
+    try:
+        url = server.url
+        body = {"messages": [{"role": "user", "content": "Tell me a story."}], "stream": True,
+                "max_tokens": 400, "temperature": 0}
+        events, started = [], threading.Event()
 
+        def stream():
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line:
+                        events.append(line)
+                        started.set()
 
-def test_sigterm_drains_in_flight_streams_then_exits_0(tmp_path):
-    port = _free_port()
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "omni.serve.cli", "serve", "--model", "tiny", "--config",
-                                 "tiny", "--port", str(port), "--drain-timeout", "60"], stdout=log,
-                                stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            deadline = time.time() + 420
-            while "ready in" not in log_path.read_text():
-                assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-                time.sleep(1)
-            url = f"http://127.0.0.1:{port}"
-            body = {"messages": [{"role": "user", "content": "Tell me a story."}], "stream": True,
-                    "max_tokens": 400, "temperature": 0}
-            events, started = [], threading.Event()
-
-            def stream():
-                with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
-                    for line in r.iter_lines():
-                        if line:
-                            events.append(line)
-                            started.set()
-
-            t = threading.Thread(target=stream)
-            t.start()
-            assert started.wait(60)
-            proc.send_signal(signal.SIGTERM)
-            refused = None
-            for _ in range(40):  # new requests are refused while the stream is still running
-                time.sleep(0.25)
-                r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
-                               json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-                if r.status_code == 503:
-                    refused = r
-                    break
-            assert refused is not None, "no 503 while draining"
-            assert refused.headers["Retry-After"] == "1" and refused.json()["error"]["code"] == "shutting_down"
-            assert t.is_alive() or events[-1] == "data: [DONE]"
-            t.join(120)
-            assert events[-1] == "data: [DONE]"  # the stream in flight finished whole
-            finish = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]
-                      if e.startswith("data: {") and json.loads(e[6:])["choices"]]
-            assert finish[-1] in ("stop", "length")
-            assert proc.wait(120) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        t = threading.Thread(target=stream)
+        t.start()
+        assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        refused = None
+        for _ in range(40):  # new requests are refused while the stream is still running
+            time.sleep(0.25)
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            if r.status_code == 503:
+                refused = r
+                break
+        assert refused is not None, "no 503 while draining"
+        assert refused.headers["Retry-After"] == "1" and refused.json()["error"]["code"] == "shutting_down"
+        assert t.is_alive() or events[-1] == "data: [DONE]"
+        t.join(120)
+        assert events[-1] == "data: [DONE]"  # the stream in flight finished whole
+        finish = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]
+                  if e.startswith("data: {") and json.loads(e[6:])["choices"]]
+        assert finish[-1] in ("stop", "length")
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     out = log_path.read_text()
     assert "*** SIGTERM received" not in out and "Traceback" not in out, out[-3000:]
     lines = [line for line in out.splitlines() if line.startswith("omni serve: SIGTERM received: drained")]

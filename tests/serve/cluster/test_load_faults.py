@@ -1,0 +1,169 @@
+"""Load and faults against `omni serve` on the tiny checkpoint (one server for the module, its own Ray, this process
+joined to it), driven by `omni bench load`'s streaming clients:
+
+- load: 32 clients for LOAD_S seconds, over a server whose concurrency limit is below 32: no 5xx, every request
+  completes or is refused with 503 + Retry-After, every replica's RSS flat within 10%;
+- faults: under load, each stage's replica in turn is `ray.kill`ed: the requests in flight end with an SSE error event
+  or a 503 within FAIL_BOUND_S (none hangs), Serve starts a new replica, and then the same request gives the same
+  text and codec ids as before the kills.
+"""
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+import yaml
+
+from omni.serve.bench.load import LoadConfig, drive, run_load
+from omni.serve.bench.load_results import markdown
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 24  # the module's server's max_concurrent_requests: below the load's 32 clients, so 503s happen
+LOAD_S = 20  # seconds of measured load (the bench's default is 60: `omni bench load`)
+STAGE_TIMEOUT_S = 20  # the server's stage_timeout_s: a call waiting for a replica that died gives up after this
+FAIL_BOUND_S = STAGE_TIMEOUT_S + 25  # a request in flight when its replica dies ends within this (a loaded machine)
+REQUEST_TIMEOUT_S = 150  # a request not ended by then is a hang (a new replica takes ~30-120 s here to come up)
+STAGES = ["VisionEncoder", "AudioEncoder", "Thinker", "Talker", "Vocoder"]
+# what the fault load sends per stage: requests that pass through it (long speech for the generating stages, so
+# that streams are in flight when the replica dies)
+FAULT_MIX = {"VisionEncoder": ("image",), "AudioEncoder": ("audio+speech",), "Thinker": ("speech", "text"),
+             "Talker": ("speech",), "Vocoder": ("speech",)}
+
+
+@pytest.fixture(scope="module")
+def server(omni_serve, tmp_path_factory):
+    from omni.serve.config import CONFIG_DIR
+
+    cfg = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
+    cfg.update(max_concurrent_requests=LIMIT, stage_timeout_s=STAGE_TIMEOUT_S)
+    path = tmp_path_factory.mktemp("config") / "load.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return omni_serve("--model", "tiny", "--config", str(path))
+
+
+@pytest.fixture(scope="module")
+def probe(server, media_dir, pipeline):
+    """-> ids(): the text and codec ids of one image + audio + speech request (every stage) through the app's
+    deployment handles, as the ingress composes them."""
+    from ray import serve
+
+    from omni.encoders.media import MediaPolicy, load_audio, load_image
+    from omni.serve.cluster.deployments import HandleStages
+    from omni.serve.compose import Composition
+    from omni.serve.config import load_serve_config
+    from omni.types import AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart
+
+    policy = MediaPolicy(allowed_local_media_path=str(media_dir))
+    req = ChatRequest([Message("user", [ImagePart(load_image(str(media_dir / "image.png"), policy)),
+                                        AudioPart(load_audio(str(media_dir / "speech.wav"), policy)),
+                                        TextPart("What do you see and hear?")])],
+                      sampling=SamplingParams(max_tokens=12), talker_sampling=SamplingParams(max_tokens=60),
+                      speak=True)
+    handle = lambda name: serve.get_deployment_handle(name, app_name="omni")  # noqa: E731
+    stages = HandleStages("tiny", load_serve_config("tiny"), handle("VisionEncoder"), handle("AudioEncoder"),
+                          handle("Thinker"), handle("Vocoder"), pipeline.voices)
+
+    def ids() -> tuple[list[int], list[int]]:
+        from omni.types import StageUnavailable
+
+        for attempt in range(3):  # this process's handles may not have heard of a new replica yet
+            try:
+                out = asyncio.run(Composition(stages).run(req))
+                return out.token_ids, out.codec_ids
+            except StageUnavailable:
+                if attempt == 2:
+                    raise
+                time.sleep(5)
+
+    return ids
+
+
+@pytest.fixture(scope="module")
+def before(probe):
+    """The probe's ids before any replica was killed."""
+    token_ids, codec_ids = probe()
+    assert token_ids and len(codec_ids) > 12
+    return token_ids, codec_ids
+
+
+def test_32_streaming_clients_no_5xx_503s_with_retry_after_flat_memory(server, tmp_path):
+    cfg = LoadConfig(url=server.url, ray_address=server.ray_address, clients=32, duration=LOAD_S, warmup=8,
+                     request_timeout=REQUEST_TIMEOUT_S, out=str(tmp_path))
+    results = run_load(cfg)
+    print(markdown(results))
+    for phase in (results.warmup, results.load):
+        assert set(phase.statuses) <= {"200", "503"}, phase.statuses
+        assert phase.outcomes["ok"] + phase.outcomes["refused"] == phase.requests, phase.outcomes
+        assert phase.refused_without_retry_after == 0 and phase.retry_after in ([], ["1"])
+    load = results.load
+    assert load.outcomes["ok"] >= 32 and load.outcomes["refused"] > 0  # 32 clients, room for 24: some refused
+    assert load.speech_requests > 0 and load.audio_s > 0 and load.completion_tokens > 0
+    assert load.longest_s < REQUEST_TIMEOUT_S
+    assert {m.deployment for m in results.replicas} == {"Ingress", *STAGES}
+    for m in results.replicas:
+        assert m.change is not None and abs(m.change) <= 0.10, m
+    assert results.passed
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(server, probe, before, stage):
+    from omni.serve.cluster.replicas import kill_replica, list_replicas, wait_for_new_replica
+
+    [old] = list_replicas("omni", stage)
+    speech = stage in ("Thinker", "Talker", "Vocoder")
+    cfg = LoadConfig(url=server.url, clients=6, mix=FAULT_MIX[stage], max_tokens=48 if speech else 8,
+                     speech_tokens=200 if speech else 24, request_timeout=REQUEST_TIMEOUT_S)
+    t0, warm, stop = time.monotonic(), threading.Event(), threading.Event()
+    oks = []
+
+    def seen(o):
+        if o.kind == "ok":
+            oks.append(o)
+            if len(oks) >= 3:
+                warm.set()
+
+    result = {}
+    load = threading.Thread(target=lambda: result.update(
+        outcomes=asyncio.run(drive(server.url, cfg, 600, t0, on_outcome=seen, stop=stop))))
+    load.start()
+    assert warm.wait(180), "the load never got going"
+    time.sleep(1.0)  # the clients' next requests are under way
+    t_kill = time.monotonic() - t0
+    kill_replica(old)
+    time.sleep(10)  # the load goes on while Serve replaces the replica
+    stop.set()
+    load.join(REQUEST_TIMEOUT_S + 60)
+    assert not load.is_alive(), "a request hung"
+    outcomes = result["outcomes"]
+
+    for o in outcomes:  # every request completed, or ended with an error the client can act on (retry)
+        assert o.kind in ("ok", "refused", "error_event"), o
+        if o.kind != "ok":
+            assert o.status in (200, 503) and o.error_code == "stage_unavailable", o
+        if o.kind == "refused":
+            assert o.retry_after == "1", o
+    in_flight = [o for o in outcomes if o.start < t_kill < o.end]
+    assert in_flight
+    for o in in_flight:
+        assert o.end - t_kill < FAIL_BOUND_S, (o, t_kill)
+    if speech:  # streams through the dead replica failed (one past its Thinker part may finish a Thinker kill)
+        assert any(o.kind != "ok" for o in in_flight), in_flight
+    if stage == "Vocoder":  # every speech stream comes out of the vocoder: those under way all failed
+        under_way = [o for o in in_flight if o.speak and o.ttft is not None and o.start + o.ttft < t_kill]
+        assert under_way and all(o.kind != "ok" for o in under_way), in_flight
+    if not speech:  # an encoder call is short: the requests mid-encode, or sent to the dead replica before Serve saw
+        assert any(o.kind != "ok" for o in outcomes if o.end > t_kill), outcomes
+
+    new = wait_for_new_replica("omni", stage, [old.name])
+    assert new.pid != old.pid
+    deadline = time.monotonic() + 120
+    while True:  # the app serves again
+        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=REQUEST_TIMEOUT_S,
+                       json={"messages": [{"role": "user", "content": "Are you back?"}], "max_tokens": 4})
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert r.status_code == 200, r.text
+    assert probe() == before  # the new replica gives the same greedy tokens as the old one
