@@ -102,6 +102,14 @@ def request_body(kind: str, i: int, cfg: LoadConfig, media: dict[str, dict]) -> 
     return body
 
 
+def _seconds(retry_after: str) -> float:
+    """A Retry-After in seconds (an HTTP date, which this server never sends, counts as 1 s)."""
+    try:
+        return max(0.0, float(retry_after))
+    except ValueError:
+        return 1.0
+
+
 def _b64_len(data: str) -> int:
     return len(data) * 3 // 4 - data[-2:].count("=")
 
@@ -188,7 +196,7 @@ async def drive(url: str, cfg: LoadConfig, seconds: float, t0: Optional[float] =
             if on_outcome is not None:
                 on_outcome(o)
             if o.kind == "refused":
-                await asyncio.sleep(min(float(o.retry_after), max(0.0, end - time.monotonic())))
+                await asyncio.sleep(min(_seconds(o.retry_after), max(0.0, end - time.monotonic())))
             elif o.kind not in ("ok", "error_event"):
                 await asyncio.sleep(0.2)  # no hot loop against a server that is gone
 

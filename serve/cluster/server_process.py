@@ -80,18 +80,18 @@ class ServeProcess:
         environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray ...
         environ.update(env or {})  # ... unless `env` names a cluster
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=environ)
-        deadline = time.monotonic() + timeout_s
+        t0 = time.monotonic()
         while True:
             text = log_path.read_text(errors="replace")
             if _READY in text:
                 break
-            if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is not None or time.monotonic() - t0 > timeout_s:
+                why = f"exited with {proc.returncode}" if proc.returncode is not None else "did not get ready"
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait(30)
                 log.close()
-                why = f"exited with {proc.returncode}" if proc.returncode is not None else "did not get ready"
-                raise ServeStartError(f"omni serve {why} after {timeout_s:g} s:\n{text[-4000:]}")
+                raise ServeStartError(f"omni serve {why} after {time.monotonic() - t0:.0f} s:\n{text[-4000:]}")
             time.sleep(0.5)
         found = _RAY_ADDRESS.search(text)
         return cls(proc, f"http://127.0.0.1:{port}", found.group(1) if found else "", log_path, log)

@@ -4,8 +4,9 @@ joined to it), driven by `omni bench load`'s streaming clients:
 - load: 32 clients for LOAD_S seconds, over a server whose concurrency limit is below 32: no 5xx, every request
   completes or is refused with 503 + Retry-After, every replica's RSS flat within 10%;
 - faults: under load, each stage's replica in turn is `ray.kill`ed: the requests in flight end with an SSE error event
-  or a 503 within FAIL_BOUND_S (none hangs), Serve starts a new replica, and then the same request gives the same
-  text and codec ids as before the kills.
+  or a 503 (code stage_unavailable) within FAIL_BOUND_S, none hangs (a call queued for the dead replica gives up
+  after the server's stage_timeout_s), Serve starts a new replica, and then the same request gives the same text and
+  codec ids as before the kills.
 """
 import asyncio
 import threading
@@ -130,6 +131,13 @@ def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(
     load.start()
     assert warm.wait(180), "the load never got going"
     time.sleep(1.0)  # the clients' next requests are under way
+    if stage in ("Thinker", "Talker"):  # kill it while it holds rows (their streams must fail)
+        from ray import serve
+
+        handle = serve.get_deployment_handle(stage, app_name="omni")
+        deadline = time.monotonic() + 60
+        while handle.stats.remote().result()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
     t_kill = time.monotonic() - t0
     kill_replica(old)
     time.sleep(10)  # the load goes on while Serve replaces the replica
@@ -148,7 +156,7 @@ def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(
     assert in_flight
     for o in in_flight:
         assert o.end - t_kill < FAIL_BOUND_S, (o, t_kill)
-    if speech:  # streams through the dead replica failed (one past its Thinker part may finish a Thinker kill)
+    if speech:  # the streams the dead replica was serving failed (ones past its part may finish)
         assert any(o.kind != "ok" for o in in_flight), in_flight
     if stage == "Vocoder":  # every speech stream comes out of the vocoder: those under way all failed
         under_way = [o for o in in_flight if o.speak and o.ttft is not None and o.start + o.ttft < t_kill]
@@ -158,6 +166,11 @@ def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(
 
     new = wait_for_new_replica("omni", stage, [old.name])
     assert new.pid != old.pid
+    kinds = {k: sum(o.kind == k for o in in_flight) for k in ("ok", "error_event", "refused")}
+    print(f"\n{stage} killed at {t_kill:.1f} s: {len(in_flight)} in flight {kinds}, the last ended "
+          f"{max(o.end for o in in_flight) - t_kill:.1f} s after; {len(outcomes)} requests in all, "
+          f"{sum(o.kind != 'ok' for o in outcomes)} failed; a new replica up "
+          f"{time.monotonic() - t0 - t_kill:.0f} s after the kill")
     deadline = time.monotonic() + 120
     while True:  # the app serves again
         r = httpx.post(f"{server.url}/v1/chat/completions", timeout=REQUEST_TIMEOUT_S,
