@@ -29,7 +29,7 @@ from urllib.parse import quote
 import openai
 
 from omni.serve.api.audio_io import wav_header
-from omni.tiny import DEFAULT_SYSTEM_PROMPT
+from omni.prompt import DEFAULT_SYSTEM_PROMPT
 
 __all__ = ["DemoSettings", "Turn", "build_demo", "launch_demo", "chat_messages", "describe_error", "run_demo",
            "main"]

@@ -3,7 +3,7 @@ import base64
 import wave
 
 from omni.demos.gradio_app import Turn, chat_messages
-from omni.tiny import DEFAULT_SYSTEM_PROMPT
+from omni.prompt import DEFAULT_SYSTEM_PROMPT
 
 
 def test_every_turn_sends_the_earlier_turns_media_and_replies(media_dir):
