@@ -183,15 +183,13 @@ class ThinkerStage:
 
     async def _speak(self, rid: str, prompt, media, sampling) -> tuple[str, int, bytes]:
         from omni.serve.api.audio_io import pcm16_bytes
-        from omni.serve.pipeline import finish
-        from omni.serve.stages import talker_stream, vocoder_stream
-        from omni.types import AudioChunk, Finished, SamplingParams
+        from omni.serve.compose import finish
+        from omni.types import AudioChunk, Finished, Generation, SamplingParams
 
-        p, o = self.pipeline, self.opts
+        o = self.opts
         talker = SamplingParams(max_tokens=o.max_speech_tokens)  # greedy, as `omni chat` without --seed
-        items = p.thinker.generate(rid, prompt, media, sampling, for_talker=True)
-        items = talker_stream(p.talker, items, rid, o.voice, talker)
-        items = vocoder_stream(p.vocoder_loop, items, o.voice, 0, max_codes=talker.max_tokens)  # seed 0: chat's
+        gen = Generation(rid, sampling, speak=True, voice=o.voice, talker_sampling=talker, vocoder_seed=0)  # chat's
+        items = self.pipeline.stages.generate(gen, prompt, media)
         text, pcm, n = [], [], 0
         async for ev in finish(items, prompt_tokens=int(prompt.input_ids.shape[0])):
             if isinstance(ev, TextDelta):
