@@ -214,14 +214,14 @@ class _MemorySampler:
         from omni.serve.cluster.replicas import list_replicas
 
         self.replicas = list_replicas()
-        self.every, self.samples = every, []  # samples: [{replica name: bytes or None}]
+        self.every, self.samples = every, []  # samples: [{replica name: Memory or None}]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
-        from omni.serve.cluster.replicas import replica_rss
+        from omni.serve.cluster.replicas import replica_memory
 
-        self.samples.append(replica_rss(self.replicas))
+        self.samples.append(replica_memory(self.replicas))
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
@@ -235,13 +235,16 @@ class _MemorySampler:
         self._stop.set()
         self._thread.join()
         self._sample()
-        mb = lambda v: None if v is None else v / 2**20  # noqa: E731
+        def mb(m, part: str = "rss") -> Optional[float]:
+            return None if m is None else getattr(m, part) / 2**20
+
         out = []
         for r in self.replicas:
-            values = [s.get(r.name) for s in self.samples]
-            seen = [v for v in values if v is not None]
-            out.append(ReplicaMemory(r.deployment, r.name, r.node_id, r.pid, mb(values[0]), mb(values[-1]),
-                                     mb(max(seen)) if seen else None, [mb(v) for v in values]))
+            mems = [s.get(r.name) for s in self.samples]
+            rss = [mb(m) for m in mems]
+            seen = [v for v in rss if v is not None]
+            out.append(ReplicaMemory(r.deployment, r.name, r.node_id, r.pid, rss[0], rss[-1],
+                                     max(seen) if seen else None, rss, mb(mems[0], "anon"), mb(mems[-1], "anon")))
         return out
 
 

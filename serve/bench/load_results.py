@@ -107,6 +107,9 @@ class ReplicaMemory:
     rss_end_mb: Optional[float]  # when it ended
     rss_max_mb: Optional[float]  # the largest of the samples taken during the load
     rss_samples_mb: list[Optional[float]] = dataclasses.field(default_factory=list)  # every sample, in order
+    anon_start_mb: Optional[float] = None  # the anonymous part of RSS (heap, tensors) at the start: a leak grows it;
+    #                                        RSS also counts file pages, which the kernel evicts under memory pressure
+    anon_end_mb: Optional[float] = None
 
     @property
     def change(self) -> Optional[float]:
@@ -181,11 +184,13 @@ def markdown(r: LoadResults) -> str:
               + (f"; Retry-After: {', '.join(p.retry_after)} s" if p.retry_after else "")]
     if r.replicas:
         lines += ["", f"## Replica memory (RSS, MiB; flat = within {r.rss_tolerance:.0%})", "",
-                  "| deployment | replica | pid | start | end | max | change |", "|---|---|---:|---:|---:|---:|---:|"]
+                  "| deployment | replica | pid | start | end | max | change | anonymous start / end |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for m in r.replicas:
             change = "-" if m.change is None else f"{m.change:+.1%}"
             lines.append(f"| {m.deployment} | {m.replica.rsplit('#', 1)[-1]} | {m.pid} | {_mb(m.rss_start_mb)} | "
-                         f"{_mb(m.rss_end_mb)} | {_mb(m.rss_max_mb)} | {change} |")
+                         f"{_mb(m.rss_end_mb)} | {_mb(m.rss_max_mb)} | {change} | {_mb(m.anon_start_mb)} / "
+                         f"{_mb(m.anon_end_mb)} |")
     flat = {True: "flat", False: "NOT flat", None: "not read"}[r.rss_flat]
     lines += ["", f"**{'PASS' if r.passed else 'FAIL'}**: {p.server_errors} 5xx but 503, "
                   f"{p.refused_without_retry_after} 503 without Retry-After, {other} requests neither completed nor "

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import ray
 
-__all__ = ["Replica", "list_replicas", "replica_rss", "kill_replica", "wait_for_new_replica", "SERVE_NAMESPACE"]
+__all__ = ["Replica", "Memory", "list_replicas", "replica_memory", "kill_replica", "wait_for_new_replica",
+           "SERVE_NAMESPACE"]
 
 SERVE_NAMESPACE = "serve"  # where Serve names its actors
 
@@ -44,41 +45,49 @@ def list_replicas(app: str = "omni", deployment: Optional[str] = None) -> list[R
     return sorted(out, key=lambda r: (r.deployment, r.name))
 
 
-def _rss(pids: list[int]) -> dict[int, Optional[int]]:
+class Memory(NamedTuple):
+    """A process's resident memory, bytes."""
+    rss: int  # resident set size (VmRSS): anonymous + file-backed + shared pages
+    anon: int  # its anonymous part (RssAnon: heap, tensors): what a leak grows; file pages (the mapped libraries)
+    #            are what the kernel evicts first when the host runs short of memory
+
+
+def _memory(pids: list[int]) -> dict[int, Optional[Memory]]:
     import psutil
 
-    out: dict[int, Optional[int]] = {}
+    out: dict[int, Optional[Memory]] = {}
     for pid in pids:
         try:
-            out[pid] = psutil.Process(pid).memory_info().rss
+            m = psutil.Process(pid).memory_info()
+            out[pid] = Memory(m.rss, m.rss - m.shared)  # Linux: shared = RssFile + RssShmem
         except psutil.Error:  # gone (killed, restarting)
             out[pid] = None
     return out
 
 
 @ray.remote(num_cpus=0)
-def _rss_on_node(pids: list[int]) -> dict[int, Optional[int]]:
-    return _rss(pids)
+def _memory_on_node(pids: list[int]) -> dict[int, Optional[Memory]]:
+    return _memory(pids)
 
 
-def replica_rss(replicas: Iterable[Replica]) -> dict[str, Optional[int]]:
-    """Resident set size in bytes of each replica's process, by replica name (None: its process is gone). Processes
-    on this driver's node are read here; on other nodes by a zero-CPU task placed on that node."""
+def replica_memory(replicas: Iterable[Replica]) -> dict[str, Optional[Memory]]:
+    """Each replica's process memory by replica name (None: its process is gone). Processes on this driver's node are
+    read here; on other nodes by a zero-CPU task placed on that node."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     by_node: dict[str, list[Replica]] = {}
     for r in replicas:
         by_node.setdefault(r.node_id, []).append(r)
     here = ray.get_runtime_context().get_node_id()
-    out: dict[str, Optional[int]] = {}
+    out: dict[str, Optional[Memory]] = {}
     for node, reps in by_node.items():
         pids = [r.pid for r in reps]
         if node == here:
-            rss = _rss(pids)
+            mem = _memory(pids)
         else:
-            rss = ray.get(_rss_on_node.options(
+            mem = ray.get(_memory_on_node.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(pids), timeout=120)
-        out.update({r.name: rss[r.pid] for r in reps})
+        out.update({r.name: mem[r.pid] for r in reps})
     return out
 
 
