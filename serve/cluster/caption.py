@@ -173,7 +173,11 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
                     resolve_model(opts.model)  # a bad --model fails here, clearly, before any worker starts
                 except Exception as e:  # noqa: BLE001
                     raise CaptionError(f"cannot load model {opts.model!r}: {one_line(e)}") from None
-                started = _init_ray()
+                try:
+                    started = _init_ray()
+                except Exception as e:  # noqa: BLE001 - no Ray, no job: say which Ray
+                    where = os.environ.get("RAY_ADDRESS") or "a local Ray"
+                    raise CaptionError(f"cannot start or reach {where}: {one_line(e)}") from None
                 signals.install()
                 timeline["ray"] = time.perf_counter() - t0
                 for batch in build_dataset(pending, opts).iter_batches(batch_size=None, batch_format="numpy"):
