@@ -47,7 +47,8 @@ class CaptionOptions:
     voice: str = "Chelsie"  # speaker for --speak
     max_speech_tokens: int = 1024  # codec tokens per file at most with --speak (50 per second)
     device: str = "cpu"  # the model stages' torch device ("cuda" on GPU nodes)
-    decode_tasks: int = 2  # read/decode tasks running at once
+    decode_tasks: Optional[int] = None  # read/decode tasks at once; None: half the cluster's CPUs (1 on 2 cores: each
+    #                                     task is a process with torch and the processor loaded)
     decode_cpus: float = 0.25  # Ray CPUs per decode task (fractional: 2-core machines)
     encoder_cpus: float = 0.25  # Ray CPUs per encoder actor
     thinker_cpus: float = 0.5  # Ray CPUs per Thinker actor
@@ -61,7 +62,7 @@ class CaptionOptions:
     thinker_resources: dict = field(default_factory=dict)  # custom Ray resources per Thinker actor
 
     def __post_init__(self):
-        if self.max_tokens < 1 or self.batch_size < 1 or self.concurrency < 1 or self.decode_tasks < 1:
+        if self.max_tokens < 1 or self.batch_size < 1 or self.concurrency < 1 or (self.decode_tasks or 1) < 1:
             raise CaptionError("--max-tokens, --batch-size, --concurrency and decode_tasks must be >= 1")
 
     @property
@@ -95,12 +96,13 @@ def build_dataset(files: list[InputFile], opts: CaptionOptions):
     from omni.serve.cluster.caption_stages import EncoderStage, ThinkerStage, decode_batch
 
     gpus = opts.gpus_per_actor or None
+    decode_tasks = opts.decode_tasks or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
     env = None if opts.worker_niceness is None else {"env_vars": {"RAY_worker_niceness": str(opts.worker_niceness)}}
     # 2 files per read/decode task, so decoded rows reach the encoders early; at most 4096 tasks for huge inputs
     blocks = min(max(1, -(-len(files) // 2)), 4096)
     ds = ray.data.from_items([{"path": f.path, "rel": f.rel} for f in files], override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, fn_kwargs={"opts": opts}, batch_size=None, num_cpus=opts.decode_cpus,
-                        compute=TaskPoolStrategy(size=opts.decode_tasks), runtime_env=env)
+                        compute=TaskPoolStrategy(size=decode_tasks), runtime_env=env)
     ds = ds.map_batches(EncoderStage, fn_constructor_kwargs={"opts": opts}, batch_size=opts.batch_size,
                         num_cpus=opts.encoder_cpus, num_gpus=gpus, resources=opts.encoder_resources or None,
                         compute=ActorPoolStrategy(size=opts.concurrency), runtime_env=env)
@@ -173,7 +175,11 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
                     resolve_model(opts.model)  # a bad --model fails here, clearly, before any worker starts
                 except Exception as e:  # noqa: BLE001
                     raise CaptionError(f"cannot load model {opts.model!r}: {one_line(e)}") from None
-                started = _init_ray()
+                try:
+                    started = _init_ray()
+                except Exception as e:  # noqa: BLE001 - no Ray, no job: say which Ray
+                    where = os.environ.get("RAY_ADDRESS") or "a local Ray"
+                    raise CaptionError(f"cannot start or reach {where}: {one_line(e)}") from None
                 signals.install()
                 timeline["ray"] = time.perf_counter() - t0
                 for batch in build_dataset(pending, opts).iter_batches(batch_size=None, batch_format="numpy"):
