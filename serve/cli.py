@@ -216,8 +216,10 @@ def _cmd_bench_load(args) -> int:
 
 def _bench_load_flags(p) -> None:
     """`omni bench load`'s own flags: streaming clients against the Serve app (serve/bench/load.py)."""
-    p.add_argument("--url", default=None, help="bench load: a running server (default: start omni serve here)")
-    p.add_argument("--config", default=None, help="bench load: the serve config of the server started here (tiny)")
+    p.add_argument("--url", default=None, help="bench load, bench --via http: a running server (default: start omni "
+                                               "serve here)")
+    p.add_argument("--config", default=None, help="bench load, bench --via http: the serve config of the server "
+                                                  "started here (tiny)")
     p.add_argument("--clients", type=int, default=None, help="bench load: concurrent streaming clients (default 32)")
     p.add_argument("--duration", type=float, default=None, help="bench load: seconds of measured load (default 60)")
     p.add_argument("--warmup", type=float, default=None, help="bench load: seconds of load before it (default 10)")
@@ -317,14 +319,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--files", type=int, default=64, help="bench caption: media files to caption")
     p.add_argument("--model", default="tiny")
     p.add_argument("--out", default=None, help="results folder (default out/bench, out/bench-load for load)")
-    p.add_argument("--concurrency", default=None, help="comma-separated levels (default 1,4,16)")
-    p.add_argument("--requests", type=int, default=None, help="requests per level at least (default 2)")
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=None, help="text tokens per reply (default 32)")
-    p.add_argument("--speech-tokens", dest="speech_tokens", type=int, default=None, help="codec tokens (default 64)")
-    p.add_argument("--inputs", default=None, help="media per request: image,audio,video (default image)")
+    p.add_argument("--via", default=None, choices=["pipeline", "http"],
+                   help="ours in process (pipeline, default) or the Serve app over streaming HTTP (http: starts "
+                        "omni serve --model --config here unless --url names a running server)")
+    p.add_argument("--concurrency", default=None, help="closed-loop levels, comma-separated (default 1,4,16)")
+    p.add_argument("--request-rate", dest="request_rate", default=None,
+                   help="open-loop levels: Poisson arrivals at these requests/s, comma-separated (default none)")
+    p.add_argument("--requests", type=int, default=None, help="requests per level at least (default 4)")
+    p.add_argument("--modes", default=None, help="outputs measured: text,text+speech,speech (default all three)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=None,
+                   help="text tokens per reply (default 100)")
+    p.add_argument("--speech-tokens", dest="speech_tokens", type=int, default=None,
+                   help="codec tokens per reply (default 300: 6 s of speech)")
+    p.add_argument("--inputs", default=None,
+                   help="request i carries kind i mod n of these: text,image,audio,video (default all four)")
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: c=1,2, 2 requests, few tokens")
     p.add_argument("--no-plot", dest="no_plot", action="store_true")
+    p.add_argument("--no-encoders", dest="no_encoders", action="store_true", help="skip the encoder batch measurement")
     _bench_load_flags(p)
     p.set_defaults(func=_cmd_bench)
 

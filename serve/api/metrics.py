@@ -13,11 +13,48 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from omni.types import AudioChunk, Event, Finished, TextDelta
 
-__all__ = ["Metrics", "RequestTrack", "CONTENT_TYPE_LATEST"]
+__all__ = ["Metrics", "RequestTrack", "Playback", "STALL_OK_S", "CONTENT_TYPE_LATEST"]
 
 # seconds: 5 ms .. 2 min, dense below 1 s where TTFT / TTFAP live
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 120.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # items per encoder call
+_RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0)  # generation s / speech s; < 1 keeps up
+STALL_OK_S = 0.05  # a stream plays continuously when no gap in its playback is longer than this (50 ms)
+
+
+class Playback:
+    """A client that plays a stream in real time from its first packet: where its buffer ran dry. Times in seconds
+    on any one clock; `add(t, seconds)` for each packet in arrival order."""
+
+    def __init__(self):
+        self.first: Optional[float] = None  # arrival of the first packet (playback starts then)
+        self.last: Optional[float] = None  # arrival of the last packet so far
+        self.play_end = 0.0  # when what has arrived so far has finished playing
+        self.audio_s = 0.0  # seconds of audio received
+        self.stalls: list[float] = []  # each gap: the buffer empty while more audio was still to come
+
+    def add(self, t: float, seconds: float) -> None:
+        if self.first is None:
+            self.first, self.play_end = t, t
+        elif t > self.play_end:
+            self.stalls.append(t - self.play_end)
+            self.play_end = t
+        self.last = t
+        self.play_end += seconds
+        self.audio_s += seconds
+
+    @property
+    def stall_s(self) -> float:
+        return float(sum(self.stalls))
+
+    @property
+    def max_stall_s(self) -> float:
+        return max(self.stalls, default=0.0)
+
+    @property
+    def continuous(self) -> bool:
+        """No stall longer than STALL_OK_S."""
+        return self.max_stall_s <= STALL_OK_S
 
 
 class Metrics:
@@ -48,6 +85,19 @@ class Metrics:
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.completion_tokens = Counter(f"{p}_completion_tokens", "Generated text tokens", registry=r)
         self.audio_seconds = Counter(f"{p}_audio_output_seconds", "Seconds of speech sent", registry=r)
+        # vllm-omni's names (audio_ttfp, audio_rtf, audio_underrun, audio_continuity_ok), measured where the server
+        # sends: TTFAP of chat and speech streams alike; per stream, generation seconds (arrival to its last audio) /
+        # seconds of speech; the gaps a client playing from the first packet would hear (Playback)
+        self.audio_ttfp = Histogram(f"{p}_audio_ttfp_seconds", "Arrival to first audio packet, chat and speech",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.audio_rtf = Histogram(f"{p}_audio_rtf", "Per audio stream: arrival to last audio / seconds of speech",
+                                   buckets=_RTF_BUCKETS, registry=r)
+        self.audio_underrun = Histogram(f"{p}_audio_underrun_seconds", "Per audio stream: seconds a real-time "
+                                        "player starting at the first packet would wait for audio", buckets=_LATENCY_BUCKETS,
+                                        registry=r)
+        self.audio_streams = Counter(f"{p}_audio_streams", "Audio streams finished", registry=r)
+        self.audio_continuity_ok = Counter(f"{p}_audio_continuity_ok", f"Audio streams with no playback gap over "
+                                           f"{STALL_OK_S * 1000:.0f} ms", registry=r)
         self.encoder_batch = Histogram(f"{p}_encoder_batch_size", "Items per encoder call", ["kind"],
                                        buckets=_BATCH_BUCKETS, registry=r)
 
@@ -78,6 +128,7 @@ class RequestTrack:
         self.ttfap = ttfap or metrics.ttfap
         self.first_text: Optional[float] = None  # seconds after arrival
         self.first_audio: Optional[float] = None
+        self.playback = Playback()  # the audio as a real-time client would play it (send times)
         self._waiting, self._closed = True, False
         metrics.in_flight.inc()
         metrics.waiting.inc()
@@ -97,7 +148,10 @@ class RequestTrack:
             if self.first_audio is None:
                 self.first_audio = now
                 self.ttfap.observe(now)
-            self.m.audio_seconds.inc(len(ev.pcm) / ev.sample_rate)
+                self.m.audio_ttfp.observe(now)
+            seconds = len(ev.pcm) / ev.sample_rate
+            self.playback.add(now, seconds)
+            self.m.audio_seconds.inc(seconds)
         elif isinstance(ev, Finished):
             self.m.prompt_tokens.inc(ev.prompt_tokens)
             self.m.completion_tokens.inc(ev.completion_tokens)
@@ -110,6 +164,13 @@ class RequestTrack:
         self._closed = True
         self._started()
         self.m.in_flight.dec()
+        pb = self.playback
+        if ok and pb.audio_s > 0:
+            self.m.audio_rtf.observe(pb.last / pb.audio_s)
+            self.m.audio_underrun.observe(pb.stall_s)
+            self.m.audio_streams.inc()
+            if pb.continuous:
+                self.m.audio_continuity_ok.inc()
         if ok:
             elapsed = time.perf_counter() - self.t0
             self.m.e2e.observe(elapsed)

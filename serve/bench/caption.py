@@ -46,7 +46,7 @@ def make_files(folder: Path, n: int) -> list[Path]:
     """n distinct media files in `folder`: images (1/2), speech (1/4), videos (1/4)."""
     import soundfile as sf
 
-    from omni.serve.bench.run import drawn_image, tone
+    from omni.serve.bench.workload import drawn_image, tone
 
     folder.mkdir(parents=True, exist_ok=True)
     espeak = shutil.which("espeak-ng")

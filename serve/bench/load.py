@@ -77,7 +77,7 @@ class LoadConfig:
 def _media_parts() -> dict[str, dict]:
     """An image (drawn) and the bundled speech sample as OpenAI content parts."""
     from omni.assets import samples_dir
-    from omni.serve.bench.run import drawn_image
+    from omni.serve.bench.workload import drawn_image
 
     buf = io.BytesIO()
     drawn_image(0).save(buf, format="PNG")
@@ -90,7 +90,7 @@ def _media_parts() -> dict[str, dict]:
 
 def request_body(kind: str, i: int, cfg: LoadConfig, media: dict[str, dict]) -> dict:
     """Request i of kind (MIX_KINDS): streaming, greedy, bounded tokens, usage in the last chunk."""
-    from omni.serve.bench.run import QUESTIONS
+    from omni.serve.bench.workload import QUESTIONS
 
     text = {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}
     content = [media[k] for k in ("image", "audio") if k in kind] + [text]
@@ -138,7 +138,7 @@ async def one_request(client, url: str, body: dict, t0: float, timeout: float, h
                         pass
                     info["retry_after"] = r.headers.get("retry-after")
                     return out("refused" if status == 503 and info["retry_after"] else "http_error", status)
-                finish, done, audio_bytes = None, False, 0
+                finish, done, audio_bytes, text, chunks = None, False, 0, [], []
                 async for line in r.aiter_lines():
                     if not line.startswith("data: "):
                         continue
@@ -152,16 +152,18 @@ async def one_request(client, url: str, body: dict, t0: float, timeout: float, h
                     now = time.monotonic() - t0 - start
                     for ch in chunk.get("choices") or ():
                         delta = ch.get("delta") or {}
-                        if delta.get("content") and "ttft" not in info:
-                            info["ttft"] = now
+                        if delta.get("content"):
+                            info.setdefault("ttft", now)
+                            text.append(delta["content"])
                         audio = delta.get("audio") or {}
                         if audio.get("data"):
                             info.setdefault("ttfap", now)
                             audio_bytes += _b64_len(audio["data"])
+                            chunks.append((now, _b64_len(audio["data"]) / 2 / 24000))
                         finish = ch.get("finish_reason") or finish
                     if chunk.get("usage"):
                         info["completion_tokens"] = chunk["usage"].get("completion_tokens", 0)
-                info["audio_s"] = audio_bytes / 2 / 24000  # PCM16 mono, 24 kHz
+                info.update(audio_s=audio_bytes / 2 / 24000, text="".join(text), audio_chunks=tuple(chunks))  # PCM16 24k
                 if "error_code" in info:
                     return out("error_event", status)
                 return out("ok" if done and finish else "incomplete", status)

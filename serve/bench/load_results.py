@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -30,6 +30,8 @@ class Outcome:
     audio_s: float = 0.0  # seconds of speech received
     retry_after: Optional[str] = None  # the Retry-After header of a 503
     error_code: Optional[str] = None  # the error body's (or SSE error event's) code
+    text: str = field(default="", repr=False)  # the reply's text deltas, joined
+    audio_chunks: tuple = field(default=(), repr=False)  # (arrival s from the request's start, seconds of audio)
 
     @property
     def seconds(self) -> float:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from omni.serve.bench.goals import goals
 from omni.serve.bench.results import BenchResults, EncoderResult, Level, Stats, Summary
 
 __all__ = ["markdown", "write_report", "plot_png"]
@@ -36,9 +37,12 @@ def _pair(ours: Optional[float], official: Optional[float], ratio: Optional[floa
 
 
 def _latency_rows(levels: list[Level]) -> list[tuple]:
-    """(metric, ours, official, ratio, better) at the lowest concurrency level."""
-    c = min(lv.concurrency for lv in levels)
-    by_mode = {lv.mode: lv for lv in levels if lv.concurrency == c}
+    """(metric, ours, official, ratio, better) at the lowest closed-loop concurrency level."""
+    closed = [lv for lv in levels if not lv.request_rate]
+    if not closed:
+        return []
+    c = min(lv.concurrency for lv in closed)
+    by_mode = {lv.mode: lv for lv in closed if lv.concurrency == c}
     rows = []
     if "text" in by_mode:
         lv = by_mode["text"]
@@ -71,36 +75,66 @@ def _frac(summary: Summary) -> Optional[float]:
     return None if ttfap is None else ttfap / e2e
 
 
+def _pcts(stats: Optional[Stats]) -> str:
+    return "-" if stats is None else f"{_ms(stats.p50)} / {_ms(stats.p95)} / {_ms(stats.p99)}"
+
+
+def _playback_rows(levels: list[Level]) -> list[str]:
+    """Ours per level: latency percentiles, RTF, playback stalls."""
+    rows = ["| output | load | TTFT p50/p95/p99 (ms) | TTFAP p50/p95/p99 (ms) | end to end p50/p95/p99 (ms) | RTF | "
+            "stall per stream mean / max (s) | streams without a stall > 50 ms |", "|---|---|---|---|---|---:|---|---:|"]
+    for lv in levels:
+        o = lv.ours
+        stall = "-" if o.stall_s is None else f"{o.stall_s.mean:.2f} / {o.stall_s.max:.2f}"
+        ok = "-" if o.continuity_ok is None else f"{o.continuity_ok:.0%}"
+        rows.append(f"| {lv.mode} | {lv.label} | {_pcts(o.ttft_s)} | {_pcts(o.ttfap_s)} | {_pcts(o.e2e_s)} | "
+                    f"{_num(o.rtf)} | {stall} | {ok} |")
+    return rows
+
+
+def _goal_rows(results: BenchResults) -> list[str]:
+    rows = ["| goal | measured | bound | |", "|---|---:|---:|---|"]
+    for g in goals(results):
+        verdict = {True: "met", False: "**not met**", None: "not measured"}[g.met]
+        detail = f" ({g.detail})" if g.detail else ""
+        rows.append(f"| {g.name}{detail} | {_num(g.value)} | {'<=' if g.at_most else '>='} {g.bound:g} | {verdict} |")
+    return rows
+
+
 def _encoders(results: BenchResults) -> dict[str, EncoderResult]:
-    return results.encoders.towers()
+    return results.encoders.towers() if results.encoders is not None else {}
 
 
 def markdown(results: BenchResults) -> str:
     s, levels = results.settings, results.levels
     cpu = results.device == "cpu"
+    via = (f"the Serve app over streaming HTTP ({results.url}), read as a client reads it" if results.via == "http"
+           else "the in-process pipeline (the same stages, no HTTP)")
     lines = [
         f"# omni bench: `{results.model}` on {results.device} ({results.device_name}, "
         f"{results.cpu_count} cores, {results.torch_threads} torch threads)",
         "",
-        "Ours: the staged streaming pipeline (requests run concurrently, continuous batching). Official: transformers "
+        f"Ours: {via}; requests run concurrently, continuously batched. Official: transformers "
         "`generate` on the same loaded checkpoint, one request at a time (no streaming: its first text and first "
         f"audio come with the whole reply). Greedy; at most {s['max_tokens']} text and {s['speech_tokens']} codec "
-        f"tokens per reply; inputs: {' + '.join(list(s['inputs']) + ['text'])}.",
+        f"tokens per reply; request i carries kind i mod {len(s['inputs'])} of: {', '.join(s['inputs'])}.",
     ]
     if cpu:
         lines += ["", "**CPU run: read the ratios (ours / official), not the absolute times; absolute figures mean "
                       "something only on a GPU.**"]
     lines += ["", "## Latency", "", "| metric | ours | official | ours / official | |", "|---|---:|---:|---:|---|"]
     lines += [f"| {m} | {a} | {b} | {r} | {better} |" for m, a, b, r, better in _latency_rows(levels)]
+    lines += ["", "## Goals (issue #12)", ""] + _goal_rows(results)
     lines += ["", "## Under load", "",
-              "c clients in a closed loop, each sending its next request when its last one ends. Cells: ours / "
+              "c=N: N clients in a closed loop, each sending its next request when its last one ends; R/s: requests "
+              "arriving as a Poisson process at R per second (open loop). Cells: ours / "
               "official (ratio). req/s, tok/s: higher is better; TTFT, TTFAP, RTF: lower is better. Official latencies "
               "include the wait for the requests served before them.", "",
-              "| output | c | requests | req/s | text tok/s | TTFT mean (ms) | TTFAP mean (ms) | RTF | same ids "
-              "(text, codec) |", "|---|---:|---:|---|---|---|---|---|---|"]
+              "| output | load | requests | req/s | text tok/s | TTFT mean (ms) | TTFAP mean (ms) | RTF | same ids "
+              "(text, codec) |", "|---|---|---:|---|---|---|---|---|---|"]
     for lv in levels:
         o, f, r, m = lv.ours, lv.official, lv.ratio, lv.match
-        cells = [lv.mode, str(lv.concurrency), str(lv.requests),
+        cells = [lv.mode, lv.label, str(lv.requests),
                  _pair(o.req_per_s, f.req_per_s, r.req_per_s),
                  _pair(o.text_tokens_per_s, f.text_tokens_per_s, r.text_tokens_per_s, lambda x: _num(x, 1)),
                  _pair(_mean(o.ttft_s), _mean(f.ttft_s), r.ttft, _ms)]
@@ -117,16 +151,24 @@ def markdown(results: BenchResults) -> str:
         lines += ["", f"Note: in {len(hidden)} of {len(levels)} levels some replies had no visible text (as few as "
                       f"{share:.0%} had any): their ids decode to nothing, as a random checkpoint's ids beyond its "
                       "tokenizer do. TTFT covers only the replies with text (\"-\": none had any)."]
-    lines += ["", "## Encoders", "", "| encoder | items | items/s at batch 1 | items/s batched | batched / batch 1 |",
-              "|---|---:|---:|---:|---:|"]
-    encoders = _encoders(results)
-    for name, e in encoders.items():
-        lines.append(f"| {name} | {e.items} | {e.batch1_items_per_s:.1f} | {e.batch_items_per_s:.1f} "
-                     f"(batch {e.batch_size}) | {_ratio(e.speedup)} |")
-    n_items = sum(e.items for e in encoders.values())
-    lines += ["", f"Encoder inputs came from the model's processor in one call for the {n_items} items: "
-                  f"{results.encoders.processor_s:.2f} s, "
-                  "not counted above."]
+    lines += ["", "## Percentiles and playback (ours)", "",
+              "Each stream played in real time from its first packet: a stall is a wait for audio with the buffer "
+              "empty. The official path sends its speech in one piece (it never stalls; it starts late).", ""]
+    lines += _playback_rows(levels)
+    if results.via == "http":
+        lines += ["", "Over HTTP the ids are not sent: \"same ids\" compares the text and the number of audio "
+                      "samples."]
+    if results.encoders is not None:
+        lines += ["", "## Encoders", "", "| encoder | items | items/s at batch 1 | items/s batched | batched / batch 1 |",
+                  "|---|---:|---:|---:|---:|"]
+        encoders = _encoders(results)
+        for name, e in encoders.items():
+            lines.append(f"| {name} | {e.items} | {e.batch1_items_per_s:.1f} | {e.batch_items_per_s:.1f} "
+                         f"(batch {e.batch_size}) | {_ratio(e.speedup)} |")
+        n_items = sum(e.items for e in encoders.values())
+        lines += ["", f"Encoder inputs came from the model's processor in one call for the {n_items} items: "
+                      f"{results.encoders.processor_s:.2f} s, "
+                      "not counted above."]
     lines += ["", f"Whole run: {results.wall_s:.0f} s (torch {results.versions['torch']}, transformers "
                   f"{results.versions['transformers']})."]
     return "\n".join(lines) + "\n"
@@ -142,10 +184,11 @@ def plot_png(results: BenchResults, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    levels = results.levels
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    panels = [("requests/s", lambda s: s.req_per_s), ("TTFT mean (s)", lambda s: _mean(s.ttft_s)),
-              ("TTFAP mean (s), text+speech", lambda s: _mean(s.ttfap_s))]
+    levels = [lv for lv in results.levels if not lv.request_rate]  # closed loop: against concurrency
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    panels = [("requests/s", lambda s: s.req_per_s), ("TTFT p50 (s)", lambda s: s.ttft_s and s.ttft_s.p50),
+              ("TTFAP p95 (s), text+speech", lambda s: s.ttfap_s and s.ttfap_s.p95),
+              ("streams without a stall > 50 ms", lambda s: s.continuity_ok)]
     for ax, (title, get) in zip(axes, panels):
         for mode, style in (("text", "-"), ("text+speech", "--")):
             lvs = [lv for lv in levels if lv.mode == mode]
@@ -161,12 +204,15 @@ def plot_png(results: BenchResults, path: Path) -> bool:
             ax.legend(fontsize=7)
     enc = _encoders(results)
     names = list(enc)
-    axes[3].bar([i - 0.2 for i in range(len(names))], [enc[n].batch1_items_per_s for n in names], 0.4,
-                label="batch 1")
-    axes[3].bar([i + 0.2 for i in range(len(names))], [enc[n].batch_items_per_s for n in names], 0.4,
-                label="batched")
-    axes[3].set(title="encoder items/s", xticks=range(len(names)), xticklabels=names)
-    axes[3].legend(fontsize=7)
+    if names:
+        axes[4].bar([i - 0.2 for i in range(len(names))], [enc[n].batch1_items_per_s for n in names], 0.4,
+                    label="batch 1")
+        axes[4].bar([i + 0.2 for i in range(len(names))], [enc[n].batch_items_per_s for n in names], 0.4,
+                    label="batched")
+        axes[4].set(title="encoder items/s", xticks=range(len(names)), xticklabels=names)
+        axes[4].legend(fontsize=7)
+    else:
+        axes[4].axis("off")
     fig.suptitle(f"omni bench: {results.model} on {results.device}"
                  + (" (CPU: compare ratios, not absolute times)" if results.device == "cpu" else ""))
     fig.tight_layout()

@@ -16,6 +16,8 @@ class Stats:
     mean: float
     p50: float
     p90: float
+    p95: float
+    p99: float
     max: float
 
     @classmethod
@@ -23,7 +25,8 @@ class Stats:
         if not values:
             return None
         v = np.asarray(values, dtype=np.float64)
-        return cls(float(v.mean()), float(np.percentile(v, 50)), float(np.percentile(v, 90)), float(v.max()))
+        p50, p90, p95, p99 = (float(x) for x in np.percentile(v, [50, 90, 95, 99]))
+        return cls(float(v.mean()), p50, p90, p95, p99, float(v.max()))
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class Summary:
     visible_text: float  # share of replies with any text
     ttfap_s: Optional[Stats]  # first audio packet; None for text only
     e2e_s: Stats
+    stall_s: Optional[Stats] = None  # per speech stream: seconds a real-time player (from the first packet) waited
+    continuity_ok: Optional[float] = None  # share of speech streams with no stall over 50 ms (metrics.STALL_OK_S)
 
 
 @dataclass(frozen=True)
@@ -76,13 +81,18 @@ class Match:
 
 @dataclass(frozen=True)
 class Level:
-    mode: str  # "text" or "text+speech"
-    concurrency: int
+    mode: str  # "text", "text+speech" or "speech"
+    concurrency: int  # closed loop: clients at once; 0 for an open-loop level (request_rate)
     requests: int
     ours: Summary
     official: Summary
     ratio: Ratios
     match: Match
+    request_rate: Optional[float] = None  # open loop: Poisson arrivals at this many requests/s
+
+    @property
+    def label(self) -> str:
+        return f"{self.request_rate:g}/s" if self.request_rate else f"c={self.concurrency}"
 
 
 @dataclass(frozen=True)
@@ -114,8 +124,10 @@ class BenchResults:
     versions: dict[str, str]  # torch, transformers
     settings: dict  # the BenchConfig fields
     levels: list[Level]
-    encoders: Encoders
+    encoders: Optional[Encoders]  # None when not measured (--no-encoders)
     wall_s: float
+    via: str = "pipeline"  # how ours was driven: "pipeline" (in process) or "http" (streaming clients)
+    url: Optional[str] = None  # with via http: the server
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

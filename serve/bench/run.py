@@ -1,22 +1,33 @@
-"""`omni bench`: our streaming pipeline side by side with the official transformers path, in one run, on the same
-checkpoint (the Pipeline and the official `generate` share the loaded model).
+"""`omni bench`: our streaming server side by side with the official transformers path, in one run, on the same
+checkpoint.
 
-    omni bench --model tiny --out out/bench        # ~1-2 min on 2 CPU cores; --quick for a smoke run
-    omni bench --model small                        # the preset where compute outweighs Python overhead
+    omni bench --model tiny --quick                 # a smoke run, in process
+    omni bench --via http --model small             # `omni serve --model small` started here, streaming HTTP clients
+    omni bench --via http --url http://HOST:8000 --model small --request-rate 0.5,1   # a running server, open loop
+
+Ours is driven `--via pipeline` (the in-process pipeline: the same stages, no HTTP, no Ray) or `--via http` (the Serve
+app, started here as `omni serve --model --config` unless `--url` names a running one, read through its SSE streams as
+a client reads them: serve/bench/http.py). The official path always runs in this process on the same checkpoint.
 
 Phases (progress on stderr):
-1. load sweep: for each output mode (text-only, text+speech) and concurrency c, c closed-loop clients send
-   max(c, requests) requests, first to our pipeline (concurrent, continuously batched), then to the official path
-   (`omni.reference.reference_generate`, one request at a time behind a lock, which is how transformers serves them;
-   its latency includes the wait in that queue). Both greedy, bounded tokens, the same requests.
+1. load sweep: for each output mode (text-only, text+speech, the speech endpoint) and load level, the same requests
+   first to ours, then to the official path (`omni.reference.reference_generate`, one request at a time behind a lock,
+   which is how transformers serves them; its latency includes the wait in that queue). Closed-loop levels
+   (`--concurrency`): c clients, each sending its next request when its last one ends, max(c, requests) requests.
+   Open-loop levels (`--request-rate`): `requests` requests arriving as a Poisson process at that rate, whatever is
+   still running (as `vllm bench serve --request-rate`). Request i carries the media kind inputs[i % len(inputs)]
+   (text, image, audio, video), a distinct question; greedy, bounded tokens.
 2. encoders: items/s of the vision and audio towers at batch 1 vs batch `encoder_items`.
 Writes results.json, results.md (also printed) and results.png under `out` (report.py; results typed in results.py).
 
 Time to first text token (TTFT) and to first audio packet (TTFAP) are measured from the request's submission; the
 official path streams nothing, so both are its whole `generate` time. TTFT is what a client sees: the first non-empty
 text; a reply whose text decodes to nothing (a random checkpoint's ids beyond its tokenizer) has none and is counted
-in `visible_text` instead. Real-time factor (RTF): wall seconds of a level / seconds of speech it produced. On a CPU,
-read the ratios (ours / official), not the absolute times.
+in `visible_text` instead. Real-time factor (RTF): wall seconds of a level / seconds of speech it produced. Playback:
+each stream is played in real time from its first packet (metrics.Playback); a stall is a wait for the next packet
+with the buffer empty; `continuity_ok` is the share of streams with no stall over 50 ms. The official path sends its
+speech as one packet: it never stalls, it only starts late. On a CPU, read the ratios (ours / official), not the
+absolute times.
 """
 from __future__ import annotations
 
@@ -25,46 +36,46 @@ import os
 import platform
 import sys
 import time
-import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Awaitable, Callable, Optional
 
 import numpy as np
 import torch
 
-from omni.assets import samples_dir
 from omni.serve.bench.results import (BenchResults, EncoderResult, Encoders, Level, Match, Ratios, Stats, Summary)
 from omni.reference import reference_generate
-from omni.types import (AUDIO_SAMPLE_RATE, AudioChunk, AudioPart, ChatRequest, Finished, ImagePart, Message,
-                        SamplingParams, TextDelta, TextPart, VideoPart)
+from omni.serve.bench.workload import (INPUT_KINDS, MODES, QUESTIONS, Media, drawn_image, load_media, make_request,
+                                      tone)
+from omni.types import (AUDIO_SAMPLE_RATE, AudioChunk, AudioPart, ChatRequest, Finished, ImagePart, Message, TextDelta,
+                        TextPart)
 
-__all__ = ["BenchConfig", "QUICK", "Sample", "run_bench", "summarize", "main"]
+__all__ = ["BenchConfig", "QUICK", "Sample", "run_bench", "summarize", "closed_loop", "open_loop", "main"]
 
-SAMPLES_DIR = samples_dir()  # bundled speech.wav, clip.mp4
-INPUT_KINDS = ("image", "audio", "video")  # media a benchmark request may carry besides its text
-QUESTIONS = [
-    "What do you see?", "Describe this in one sentence.", "What colours are there?", "Is anything moving?",
-    "Tell me a short story about it.", "What shape is in the middle?", "Where could this be?", "Name three things.",
-    "What would you call this picture?", "How does it make you feel?", "Count the objects.", "What is missing?",
-    "Explain it to a child.", "Give it a title.", "What happens next?", "Say something nice about it.",
-]
+VIAS = ("pipeline", "http")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     model: str = "tiny"  # preset (tiny, small), checkpoint directory or hub id
     out: str = "out/bench"  # where results.json / results.md / results.png go
-    concurrency: tuple[int, ...] = (1, 4, 16)  # clients sending at once, one load level each
-    requests: int = 2  # requests per level at least; a level sends max(c, requests)
-    max_tokens: int = 32  # text tokens per reply at most (greedy Thinker)
-    speech_tokens: int = 64  # codec tokens per reply at most (greedy Talker; 50 codes = 1 s of speech)
-    inputs: tuple[str, ...] = ("image",)  # media in every request, of INPUT_KINDS (audio: ours pads its features to
-    #                                       the clip, the official processor to 300 s, ~0.5 s of CPU per request)
+    via: str = "pipeline"  # ours in process ("pipeline") or the Serve app over HTTP ("http")
+    url: Optional[str] = None  # with via http: a running server; None: start `omni serve --model --config` here
+    config: str = "tiny"  # with via http and no url: the serve config (configs/serve name or YAML path)
+    concurrency: tuple[int, ...] = (1, 4, 16)  # closed loop: clients sending at once, one load level each
+    request_rate: tuple[float, ...] = ()  # open loop: Poisson arrivals at these requests/s, one level each
+    requests: int = 4  # requests per level at least; a closed-loop level sends max(c, requests)
+    modes: tuple[str, ...] = ("text", "text+speech", "speech")  # of MODES
+    max_tokens: int = 100  # text tokens per reply at most (greedy Thinker; a random checkpoint rarely stops early)
+    speech_tokens: int = 300  # codec tokens per reply at most (greedy Talker; 50 codes = 1 s: 6 s of speech)
+    inputs: tuple[str, ...] = INPUT_KINDS  # request i carries inputs[i % len]; of INPUT_KINDS (audio: ours pads its
+    #                                       features to the clip, the official processor to 300 s, ~0.5 s of CPU)
+    seed: int = 0  # the open-loop arrivals' seed
     encoder_items: int = 8  # batch size of the batched encoder measurement (vs batch 1)
     encoder_repeats: int = 3  # each encoder timing is the best of this many
     device: Optional[str] = None  # torch device; None: cuda when available, else cpu
     plot: bool = True  # write results.png (needs matplotlib: pip install -e ".[bench]")
+    encoders: bool = True  # measure the encoders' batch gain (phase 2)
 
     def __post_init__(self):
         if not self.concurrency or min(self.concurrency) < 1:
@@ -72,8 +83,14 @@ class BenchConfig:
         if self.requests < 1 or self.max_tokens < 2 or self.speech_tokens < 1 or self.encoder_items < 1:
             raise ValueError("requests, speech_tokens and encoder_items must be >= 1 and max_tokens >= 2 "
                              "(a one-token reply makes the official talker raise)")
-        if set(self.inputs) - set(INPUT_KINDS):
+        if not self.inputs or set(self.inputs) - set(INPUT_KINDS):
             raise ValueError(f"inputs must be among {', '.join(INPUT_KINDS)}, got {', '.join(self.inputs)}")
+        if not self.modes or set(self.modes) - set(MODES):
+            raise ValueError(f"modes must be among {', '.join(MODES)}, got {', '.join(self.modes)}")
+        if self.via not in VIAS:
+            raise ValueError(f"via must be one of {', '.join(VIAS)}, got {self.via!r}")
+        if any(not 0 < r < float("inf") for r in self.request_rate):
+            raise ValueError(f"request rates must be > 0 and finite, got {self.request_rate}")
 
     @classmethod
     def from_args(cls, args) -> "BenchConfig":
@@ -83,17 +100,21 @@ class BenchConfig:
             value = getattr(args, f.name, None)
             if value is None:
                 continue
-            if f.name in ("concurrency", "inputs") and isinstance(value, str):
+            if f.name in ("concurrency", "inputs", "modes", "request_rate") and isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
-                value = tuple(int(v) for v in value) if f.name == "concurrency" else value
+                value = {"concurrency": lambda v: tuple(int(x) for x in v),
+                         "request_rate": lambda v: tuple(float(x) for x in v)}.get(f.name, tuple)(value)
             base[f.name] = value
         if getattr(args, "no_plot", False):
             base["plot"] = False
+        if getattr(args, "no_encoders", False):
+            base["encoders"] = False
         return cls(**base)
 
 
-# a smoke run: two levels, two requests each, few tokens, small encoder batches (~20 s on tiny, 2 CPU cores)
-QUICK = dict(concurrency=(1, 2), requests=2, max_tokens=8, speech_tokens=32, encoder_items=4, encoder_repeats=1)
+# a smoke run: two levels, two requests each, few tokens, text and image, small encoder batches (~40 s on tiny)
+QUICK = dict(concurrency=(1, 2), requests=2, max_tokens=8, speech_tokens=32, inputs=("text", "image"),
+             encoder_items=4, encoder_repeats=1)
 
 
 @dataclass
@@ -105,86 +126,42 @@ class Sample:
     text_tokens: int
     codec_tokens: int
     audio_s: float  # seconds of speech produced
-    token_ids: list[int] = field(repr=False)
-    codec_ids: list[int] = field(repr=False)
+    token_ids: Optional[list[int]] = field(repr=False)  # None over HTTP (the client sees text, not ids)
+    codec_ids: Optional[list[int]] = field(repr=False)
+    text: str = field(default="", repr=False)
+    audio_chunks: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (arrival s, audio s) each
 
+    def playback(self):
+        """The stream played in real time from its first packet (metrics.Playback)."""
+        from omni.serve.api.metrics import Playback
 
-# ---------------------------------------------------------------------------------------------------- media, requests
-@dataclass
-class Media:
-    image: object  # PIL.Image.Image
-    audio: np.ndarray  # [n] float32 16 kHz
-    video: Optional[object]  # omni.types.Video, or None when not asked for
-
-
-def drawn_image(i: int, size: tuple[int, int] = (224, 168)):
-    """A small drawn picture, different for each i."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(i)
-    im = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 255, 3)))
-    draw = ImageDraw.Draw(im)
-    for _ in range(3):
-        x, y = int(rng.integers(0, size[0] - 40)), int(rng.integers(0, size[1] - 40))
-        draw.ellipse((x, y, x + 40, y + 40), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    return im
-
-
-def tone(seconds: float, hz: float, sample_rate: int = 16000) -> np.ndarray:
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    return (0.3 * np.sin(2 * np.pi * hz * t) * np.minimum(1, 20 * t)).astype(np.float32)  # [n], 50 ms fade-in
-
-
-def load_media(with_video: bool) -> Media:
-    """The bundled espeak-ng speech (else a tone) and, when asked, the bundled clip with its audio track."""
-    from omni.encoders.media import MediaPolicy, load_audio, load_video
-
-    policy = MediaPolicy(allowed_local_media_path=str(SAMPLES_DIR))
-    speech = SAMPLES_DIR / "speech.wav"
-    audio = load_audio(str(speech), policy) if speech.exists() else tone(3.0, 220.0)
-    video = load_video(str(SAMPLES_DIR / "clip.mp4"), policy) if with_video else None
-    return Media(drawn_image(0), audio, video)
-
-
-MODES = ("text", "text+speech", "speech")  # chat text only, chat with speech, /v1/audio/speech (text read aloud)
-
-
-def make_request(media: Media, i: int, speak, config: BenchConfig) -> ChatRequest:
-    """Request i of a level (distinct question per i), greedy Thinker and Talker with bounded tokens, a fresh id.
-    speak: False (text), True (text+speech), or "speech": the speech endpoint's request reading question i aloud."""
-    if speak == "speech":
-        from omni.serve.api.convert import ConvertOptions, to_speech_request
-        from omni.serve.api.protocol import SpeechRequest
-
-        talker = {"temperature": 0.0, "max_tokens": config.speech_tokens}
-        return to_speech_request(SpeechRequest(input=QUESTIONS[i % len(QUESTIONS)], response_format="pcm",
-                                               sampling_params_list=[None, talker]), uuid.uuid4().hex,
-                                 ConvertOptions(default_speech_tokens=config.speech_tokens))
-    parts = {"image": ImagePart(media.image), "audio": AudioPart(media.audio), "video": VideoPart(media.video)}
-    content = [parts[k] for k in config.inputs] + [TextPart(QUESTIONS[i % len(QUESTIONS)])]
-    return ChatRequest([Message("user", content)], sampling=SamplingParams(max_tokens=config.max_tokens),
-                       talker_sampling=SamplingParams(max_tokens=config.speech_tokens), speak=speak,
-                       request_id=uuid.uuid4().hex)
+        pb = Playback()
+        for t, seconds in self.audio_chunks:
+            pb.add(t, seconds)
+        return pb
 
 
 # ---------------------------------------------------------------------------------------------------- the two paths
 async def ours_one(pipeline, request: ChatRequest) -> Sample:
     t0 = time.perf_counter()
     first_text = first_audio = None
-    n_pcm, fin = 0, None
+    n_pcm, fin, text, chunks = 0, None, [], []
     async for ev in pipeline.stream(request):
         now = time.perf_counter() - t0
-        if isinstance(ev, TextDelta) and ev.text and first_text is None:
-            first_text = now
+        if isinstance(ev, TextDelta):
+            first_text = now if first_text is None and ev.text else first_text
+            text.append(ev.text)
         elif isinstance(ev, AudioChunk):
             first_audio = now if first_audio is None else first_audio
             n_pcm += len(ev.pcm)
+            chunks.append((now, len(ev.pcm) / AUDIO_SAMPLE_RATE))
         elif isinstance(ev, Finished):
             fin = ev
     e2e = time.perf_counter() - t0
     return Sample(ttft=first_text, ttfap=first_audio, e2e=e2e,
                   text_tokens=fin.completion_tokens, codec_tokens=fin.codec_tokens, audio_s=n_pcm / AUDIO_SAMPLE_RATE,
-                  token_ids=list(fin.token_ids), codec_ids=list(fin.codec_ids))
+                  token_ids=list(fin.token_ids), codec_ids=list(fin.codec_ids), text="".join(text),
+                  audio_chunks=chunks)
 
 
 def official_path(pipeline) -> Callable[[ChatRequest], Awaitable[Sample]]:
@@ -201,27 +178,56 @@ def official_path(pipeline) -> Callable[[ChatRequest], Awaitable[Sample]]:
         audio_s = 0.0 if ref.waveform is None else len(ref.waveform) / ref.sample_rate
         return Sample(ttft=e2e if ref.text else None, ttfap=e2e if audio_s > 0 else None, e2e=e2e,
                       text_tokens=len(ref.token_ids), codec_tokens=len(ref.codec_ids), audio_s=audio_s,
-                      token_ids=ref.token_ids, codec_ids=ref.codec_ids)
+                      token_ids=ref.token_ids, codec_ids=ref.codec_ids, text=ref.text,
+                      audio_chunks=[(e2e, audio_s)] if audio_s > 0 else [])  # one packet: the whole reply
 
     return one
 
 
-async def closed_loop(one: Callable[[ChatRequest], Awaitable[Sample]], requests: list[ChatRequest],
-                      concurrency: int, progress: Callable[[int], None]) -> tuple[list[Sample], float]:
-    """`concurrency` clients, each sending its next request as soon as its last one finished -> (samples in request
-    order, wall seconds from the first submission to the last reply)."""
-    pending = list(range(len(requests)))
-    samples: list[Optional[Sample]] = [None] * len(requests)
+async def closed_loop(one: Callable[[int], Awaitable[Sample]], n: int, concurrency: int,
+                      progress: Callable[[int], None]) -> tuple[list[Sample], float]:
+    """`concurrency` clients, each sending its next request (`one(i)`, i < n) as soon as its last one finished ->
+    (samples in request order, wall seconds from the first submission to the last reply)."""
+    pending = list(range(n))
+    samples: list[Optional[Sample]] = [None] * n
 
     async def client():
         while pending:
             i = pending.pop(0)
-            samples[i] = await one(requests[i])
+            samples[i] = await one(i)
             progress(sum(s is not None for s in samples))
 
     t0 = time.perf_counter()
-    await asyncio.gather(*[client() for _ in range(min(concurrency, len(requests)))])
+    await asyncio.gather(*[client() for _ in range(min(concurrency, n))])
     return samples, time.perf_counter() - t0
+
+
+def arrivals(n: int, rate: float, seed: int) -> np.ndarray:
+    """Poisson arrival times (s) of n requests at `rate` per second: the first at 0, exponential gaps after."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, n)
+    return np.concatenate([[0.0], np.cumsum(gaps[1:])])
+
+
+async def open_loop(one: Callable[[int], Awaitable[Sample]], n: int, rate: float, seed: int,
+                    progress: Callable[[int], None]) -> tuple[list[Sample], float]:
+    """Request i sent at its Poisson arrival time whatever is still running (open loop) -> (samples in request order,
+    wall seconds from the first submission to the last reply). Latencies count from each request's own submission."""
+    done = 0
+
+    async def send(i: int) -> Sample:
+        nonlocal done
+        sample = await one(i)
+        done += 1
+        progress(done)
+        return sample
+
+    t0 = time.perf_counter()
+    tasks = []
+    for i, at in enumerate(arrivals(n, rate, seed)):
+        await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+        tasks.append(asyncio.ensure_future(send(i)))
+    samples = await asyncio.gather(*tasks)
+    return list(samples), time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------------- summaries
@@ -229,6 +235,7 @@ def summarize(samples: list[Sample], wall_s: float) -> Summary:
     """One backend at one level: throughput over the level's wall time, latency statistics over its requests."""
     audio_s = sum(s.audio_s for s in samples)
     text_tokens, codec_tokens = sum(s.text_tokens for s in samples), sum(s.codec_tokens for s in samples)
+    plays = [s.playback() for s in samples if s.audio_chunks]
     return Summary(
         requests=len(samples), wall_s=wall_s, req_per_s=len(samples) / wall_s,
         text_tokens=text_tokens, text_tokens_per_s=text_tokens / wall_s,
@@ -237,12 +244,19 @@ def summarize(samples: list[Sample], wall_s: float) -> Summary:
         ttft_s=Stats.of([s.ttft for s in samples if s.ttft is not None]),
         visible_text=sum(s.ttft is not None for s in samples) / len(samples),  # replies with any text
         ttfap_s=Stats.of([s.ttfap for s in samples if s.ttfap is not None]),
-        e2e_s=Stats.of([s.e2e for s in samples]))
+        e2e_s=Stats.of([s.e2e for s in samples]),
+        stall_s=Stats.of([p.stall_s for p in plays]),
+        continuity_ok=sum(p.continuous for p in plays) / len(plays) if plays else None)
 
 
 def matches(ours: list[Sample], official: list[Sample]) -> Match:
-    """Share of requests whose text ids (codec ids) are the same in both paths: a greedy run should give 1.0."""
+    """Share of requests whose text ids (codec ids) are the same in both paths: a greedy run should give 1.0. Over
+    HTTP, where ids are not sent: the same text (the same number of audio samples)."""
     n = len(ours)
+    if any(a.token_ids is None for a in ours):
+        return Match(text_ids=sum(a.text == b.text for a, b in zip(ours, official)) / n,
+                     codec_ids=sum(round(a.audio_s * AUDIO_SAMPLE_RATE) == round(b.audio_s * AUDIO_SAMPLE_RATE)
+                                   for a, b in zip(ours, official)) / n)
     return Match(text_ids=sum(a.token_ids == b.token_ids for a, b in zip(ours, official)) / n,
                  codec_ids=sum(a.codec_ids == b.codec_ids for a, b in zip(ours, official)) / n)
 
@@ -272,24 +286,59 @@ class Progress:
               flush=True)
 
 
-async def load_sweep(pipeline, media: Media, config: BenchConfig, progress: Progress) -> list[Level]:
+Backend = Callable[[int, object], Awaitable[Sample]]  # (request index, speak) -> its sample
+
+
+def make_backends(pipeline, media: Media, config: BenchConfig, http=None) -> dict[str, Backend]:
+    """"ours" (the in-process pipeline, or the server behind `http`, an http.HttpClient) and "official", sending
+    request i of `config` (make_request; its HTTP body over HTTP). speak: False, True or "speech"."""
+    official = official_path(pipeline)
+
+    def ours(i: int, speak) -> Awaitable[Sample]:
+        if http is None:
+            return ours_one(pipeline, make_request(media, i, speak, config))
+        from omni.serve.bench.http import chat_body, speech_body
+
+        question = QUESTIONS[i % len(QUESTIONS)]
+        if speak == "speech":
+            return http.speech(speech_body(question, config.speech_tokens))
+        return http.chat(chat_body(question, config.inputs[i % len(config.inputs)], speak, config.max_tokens,
+                                   config.speech_tokens, http.parts))
+
+    return {"ours": ours, "official": lambda i, speak: official(make_request(media, i, speak, config))}
+
+
+def levels_of(config: BenchConfig) -> list[tuple[int, Optional[float]]]:
+    """(concurrency, None) per closed-loop level, then (0, rate) per open-loop one."""
+    return [(c, None) for c in config.concurrency] + [(0, r) for r in config.request_rate]
+
+
+async def load_sweep(pipeline, media: Media, config: BenchConfig, progress: Progress, http=None) -> list[Level]:
     """Every (mode, level): ours, then the official path, on the same requests."""
-    backends = {"ours": lambda r: ours_one(pipeline, r), "official": official_path(pipeline)}
-    progress.note("warm-up: one text+speech request through each path")
-    for one in backends.values():
-        await one(make_request(media, 0, True, config))
+    backends = make_backends(pipeline, media, config, http)
+    progress.note(f"warm-up: one short text+speech request per input kind through ours, one through the official path")
+    short = make_backends(pipeline, media, replace(config, max_tokens=8, speech_tokens=48), http)
+    for i in range(len(config.inputs)):
+        await short["ours"](i, True)
+    await short["official"](0, True)
     levels = []
-    for mode, speak in zip(MODES, (False, True, "speech")):
-        for c in config.concurrency:
-            n = max(c, config.requests)
+    for mode in config.modes:
+        speak = {"text": False, "text+speech": True, "speech": "speech"}[mode]
+        for c, rate in levels_of(config):
+            n = max(c, config.requests) if rate is None else config.requests
             samples, summary = {}, {}
             for name, one in backends.items():
-                reqs = [make_request(media, i, speak, config) for i in range(n)]
-                samples[name], wall = await closed_loop(one, reqs, c, progress.phase(f"{mode} c={c} {name}", n))
+                def send(i, one=one):
+                    return one(i, speak)
+                if rate is None:
+                    samples[name], wall = await closed_loop(send, n, c, progress.phase(f"{mode} c={c} {name}", n))
+                else:
+                    samples[name], wall = await open_loop(send, n, rate, config.seed,
+                                                          progress.phase(f"{mode} {rate:g}/s {name}", n))
                 summary[name] = summarize(samples[name], wall)
             levels.append(Level(mode, c, n, summary["ours"], summary["official"],
                                 Ratios.of(summary["ours"], summary["official"]),
-                                matches(samples["ours"], samples["official"])))
+                                matches(samples["ours"], samples["official"]), request_rate=rate))
     return levels
 
 
@@ -326,8 +375,23 @@ def bench_encoders(pipeline, media: Media, config: BenchConfig, progress: Progre
     return Encoders(image=out["image"], audio=out["audio"], processor_s=processor_s)
 
 
-def run_bench(config: BenchConfig, progress: Optional[Progress] = None) -> BenchResults:
-    """Load the model once, run every phase, return the results (what results.json holds)."""
+async def _sweep(pipeline, media: Media, config: BenchConfig, progress: Progress, url: str, transport):
+    if config.via == "pipeline":
+        return await load_sweep(pipeline, media, config, progress)
+    from omni.serve.bench.http import HttpClient, media_parts
+
+    http = HttpClient(url, max(config.concurrency + (config.requests,)), media_parts(config.inputs),
+                      transport=transport)
+    try:
+        return await load_sweep(pipeline, media, config, progress, http)
+    finally:
+        await http.aclose()
+
+
+def run_bench(config: BenchConfig, progress: Optional[Progress] = None, transport=None,
+              pipeline=None) -> BenchResults:
+    """Load the model once (or use `pipeline`), run every phase, return the results (what results.json holds). With
+    via http, ours is `config.url`, else an `omni serve` started here, else (tests) the ASGI app of `transport`."""
     import transformers
 
     from omni.serve.pipeline import Pipeline
@@ -335,12 +399,24 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None) -> Bench
     progress = progress or Progress()
     t0 = time.perf_counter()
     progress.note(f"loading {config.model}")
-    pipeline = Pipeline.from_pretrained(config.model, device=config.device)
+    pipeline = pipeline or Pipeline.from_pretrained(config.model, device=config.device)
     media = load_media("video" in config.inputs)
-    levels = asyncio.run(load_sweep(pipeline, media, config, progress))
-    encoders = bench_encoders(pipeline, media, config, progress)
+    server, url = None, config.url
+    if config.via == "http" and url is None and transport is None:
+        from omni.serve.cluster.server_process import ServeProcess
+
+        log = Path(config.out) / "serve.log"
+        progress.note(f"starting omni serve --model {config.model} --config {config.config} (its log: {log})")
+        server = ServeProcess.start(["--model", config.model, "--config", config.config], log)
+        url = server.url
+    try:
+        levels = asyncio.run(_sweep(pipeline, media, config, progress, url or "http://app", transport))
+    finally:
+        if server is not None:
+            server.stop()
+    encoders = bench_encoders(pipeline, media, config, progress) if config.encoders else None
     device = pipeline.loaded.device
-    return BenchResults(
+    return BenchResults(via=config.via, url=url if config.via == "http" else None,
         model=config.model, device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),

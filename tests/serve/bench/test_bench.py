@@ -6,6 +6,7 @@ import importlib.util
 import json
 import time
 
+import numpy as np
 import pytest
 
 from omni.serve.bench.run import QUICK, BenchConfig, main
@@ -17,6 +18,18 @@ def test_config_from_args_tolerates_missing_flags_and_parses_lists():
                                                    inputs="image,audio", max_tokens=None, no_plot=True))
     assert cfg.concurrency == (1, 3) and cfg.inputs == ("image", "audio") and not cfg.plot
     assert cfg.max_tokens == QUICK["max_tokens"] and cfg.requests == QUICK["requests"]  # --quick fills the rest
+    from omni.serve.cli import parser
+
+    cfg = BenchConfig.from_args(parser().parse_args(["bench", "--via", "http", "--request-rate", "0.5,2",
+                                                     "--modes", "text+speech", "--url", "http://h:1", "--no-encoders"]))
+    assert (cfg.via, cfg.request_rate, cfg.modes, cfg.url, cfg.encoders) == ("http", (0.5, 2.0), ("text+speech",),
+                                                                            "http://h:1", False)
+    assert BenchConfig().max_tokens == 100 and 250 <= BenchConfig().speech_tokens <= 400  # realistic by default
+    assert set(BenchConfig().inputs) == {"text", "image", "audio", "video"}
+    with pytest.raises(ValueError, match="via"):
+        BenchConfig(via="carrier-pigeon")
+    with pytest.raises(ValueError, match="request rates"):
+        BenchConfig(request_rate=(0.0,))
     with pytest.raises(ValueError, match="inputs must be among"):
         BenchConfig(inputs=("smell",))
     with pytest.raises(ValueError, match="concurrency"):
@@ -92,10 +105,80 @@ def test_quick_bench_on_tiny(tmp_path, capsys):
     md = (tmp_path / "results.md").read_text()
     out, err = capsys.readouterr()
     assert md in out  # the table is printed too
-    assert "CPU run: read the ratios" in md and "| text+speech | 2 | 2 |" in md and "| audio | 4 |" in md
+    assert "CPU run: read the ratios" in md and "| text+speech | c=2 | 2 |" in md and "| audio | 4 |" in md
     assert "text+speech c=2 official: 2/2 requests done" in err  # progress on stderr
-    assert "| speech | 2 | 2 |" in md and "TTFAP, speech endpoint (ms)" in md
+    assert "| speech | c=2 | 2 |" in md and "TTFAP, speech endpoint (ms)" in md
     has_mpl = importlib.util.find_spec("matplotlib") is not None
     assert (tmp_path / "results.png").exists() == has_mpl
     if not has_mpl:
         assert "matplotlib is not installed" in err
+
+
+def test_playback_counts_the_gaps_a_real_time_player_hears():
+    from omni.serve.api.metrics import Playback
+
+    pb = Playback()
+    for t, seconds in [(1.0, 0.5), (1.2, 0.5), (2.0, 0.04), (2.1, 1.0)]:  # plays 1.0-2.0, 2.0-2.04, gap, 2.1-3.1
+        pb.add(t, seconds)
+    assert pb.stalls == pytest.approx([0.06]) and pb.audio_s == pytest.approx(2.04)
+    assert not pb.continuous  # one gap of 60 ms > 50 ms
+    late = Playback()
+    late.add(0.0, 0.2)
+    late.add(0.24, 0.2)  # a 40 ms gap: heard, but within the 50 ms bound
+    assert late.stall_s == pytest.approx(0.04) and late.continuous
+
+
+def test_open_loop_sends_at_poisson_arrivals_whatever_is_running():
+    import asyncio
+
+    from omni.serve.bench.run import Sample, arrivals, open_loop
+
+    at = arrivals(6, rate=20.0, seed=3)
+    assert at[0] == 0 and (np.diff(at) > 0).all() and 0.05 < at[-1] < 1.5  # 5 gaps of mean 50 ms
+    sent = []
+
+    async def one(i):  # a backend slower than the arrivals: an open loop does not wait for it
+        sent.append(time.perf_counter())
+        await asyncio.sleep(0.3)
+        return Sample(None, None, 0.3, 0, 0, 0.0, [], [])
+
+    samples, wall = asyncio.run(open_loop(one, 6, 20.0, 3, lambda n: None))
+    assert len(samples) == 6
+    offsets = np.asarray(sent) - sent[0]
+    assert np.abs(offsets - at).max() < 0.1  # each request went out at its own arrival time
+    assert wall < at[-1] + 0.3 + 0.25  # concurrently: not 6 x 0.3 s
+
+
+@pytest.mark.slow
+def test_bench_via_http_reads_streams_as_a_client_and_matches_the_official_path(pipeline, tmp_path):
+    """`--via http` against the HTTP app over the in-process pipeline (the same app `omni serve` runs, without Ray):
+    the SSE replies equal the official path's (text and audio length), latencies and playback are measured per
+    stream, closed and open loop."""
+    import httpx
+
+    from omni.serve.api.server import ServerSettings, build_fastapi
+    from omni.serve.bench.report import write_report
+    from omni.serve.bench.run import run_bench
+
+    cfg = BenchConfig(via="http", modes=("text+speech", "speech"), concurrency=(1, 2), request_rate=(4.0,),
+                      requests=2, max_tokens=8, speech_tokens=48, inputs=("text", "image"), encoders=False,
+                      plot=False, out=str(tmp_path))
+    app = build_fastapi(pipeline, ServerSettings())
+    results = run_bench(cfg, transport=httpx.ASGITransport(app=app), pipeline=pipeline)
+    assert results.via == "http" and results.encoders is None
+    labels = {(lv.mode, lv.label) for lv in results.levels}
+    assert labels == {(m, load) for m in cfg.modes for load in ("c=1", "c=2", "4/s")}
+    for lv in results.levels:
+        assert lv.match.text_ids == 1.0 and lv.match.codec_ids == 1.0, (lv.mode, lv.label)  # what users got
+        o = lv.ours
+        assert o.audio_s == pytest.approx(lv.official.audio_s) and o.audio_s > 0
+        for st in (o.ttfap_s, o.e2e_s):
+            assert 0 < st.p50 <= st.p95 <= st.p99 <= st.max
+        assert o.ttfap_s.max <= o.e2e_s.max and o.rtf > 0
+        assert o.stall_s is not None and o.stall_s.mean >= 0 and 0 <= o.continuity_ok <= 1
+        assert lv.official.continuity_ok == 1.0  # one packet: never stalls
+        if lv.mode == "text+speech":
+            assert o.ttft_s is not None and o.ttft_s.p50 <= o.ttfap_s.p50
+    md = write_report(results, tmp_path, plot=False)
+    assert "over streaming HTTP" in md and "| text+speech | 4/s | 2 |" in md and "## Goals" in md
+    assert "streams without a stall > 50 ms" in md
