@@ -31,6 +31,13 @@ class VocoderLoop(WorkerLoop):
         ready = [s for s in self._streams.values() if s.ready]
         return ready or None
 
+    def _ready_keys(self) -> list[int]:
+        return [key for key, s in self._streams.items() if s.ready]
+
+    def _load(self) -> tuple[int, int]:
+        """(open streams, streams with a chunk ready)."""
+        return len(self._streams), sum(1 for s in self._streams.values() if s.ready)
+
     def _step(self, streams: list[VocoderStream]) -> list[list[np.ndarray]]:
         return self.vocoder.step(streams)
 

@@ -339,6 +339,18 @@ class EngineLoop(WorkerLoop):
     def _step(self, work) -> list[Sequence]:
         return self.engine.step()
 
+    def _ready_keys(self) -> list[int]:
+        """Requests the next step would serve: pending ones ready to prefill, running ones with their input."""
+        e = self.engine
+        pending = [s for s in e._pending if not s.cancelled and s.ready_to_prefill()][:max(0, e.config.max_num_seqs -
+                                                                                              len(e._rows))]
+        return [id(s) for s in pending] + [id(s) for s in e._rows if not (s.cancelled or s.finished) and s.has_input()]
+
+    def _load(self) -> tuple[int, int]:
+        """(rows in the batch, requests ready to prefill and not yet in it)."""
+        e = self.engine
+        return e.num_running, sum(1 for s in e._pending if not s.cancelled and s.ready_to_prefill())
+
     def _deliver(self, work, touched: list[Sequence]) -> None:
         for seq in touched:
             key = id(seq)

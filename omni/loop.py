@@ -7,19 +7,40 @@ A subclass says what one step is:
     _step(work)           in the worker thread: the model work, -> a result
     _deliver(work, result) on the event loop: publish outputs to the subscribers
     _failed(work, exc)    on the event loop: a step raised; fail whom it concerns (default: every subscriber)
+    _ready_keys()         on the event loop: the keys whose input is there, that the next step would serve
+    _load()               on the event loop: (running, waiting) requests of the stage, for `loop_stats`
 Subscribers are keyed (one per request); `_subscribe(key)` is their async iterator; `_publish(key, item)` and
 `_end(key)` feed it; an Exception published is raised in the subscriber. Used by omni.engine.EngineLoop (Thinker,
 Talker) and omni.decoders.loop.VocoderLoop.
+
+Accounting (`loop_stats`): steps, the items each served (batch size), the seconds they took, and the queue time: from
+when a key's input was there (stamped at `wake()`, which callers run after giving input, and after each step for keys
+still ready) to the start of the step that serves it; a stage whose steps are long, or that waits on a batch timer,
+shows here.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import AsyncIterator, Callable, Hashable, Optional
+import time
+from dataclasses import asdict, dataclass
+from typing import AsyncIterator, Callable, Hashable, Iterable, Optional
 
-__all__ = ["WorkerLoop"]
+__all__ = ["WorkerLoop", "LoopStats"]
 
 _END = object()
+
+
+@dataclass
+class LoopStats:
+    """Counters of one worker loop since it was made (what /metrics exports per stage)."""
+    steps: int = 0  # model steps run
+    step_items: int = 0  # keys served, summed over the steps (mean batch size = step_items / steps)
+    max_items: int = 0  # most keys in one step
+    step_s: float = 0.0  # seconds in steps (worker thread)
+    queued: int = 0  # (key, step) pairs whose queue time was measured
+    queue_s: float = 0.0  # their queue seconds, summed
+    max_queue_s: float = 0.0
 
 
 class WorkerLoop:
@@ -29,6 +50,8 @@ class WorkerLoop:
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self._subscribers: dict[Hashable, asyncio.Queue] = {}
+        self.counters = LoopStats()
+        self._ready_since: dict[Hashable, float] = {}  # key -> when its input was there, until a step serves it
 
     # ------------------------------------------------------------------------------------------------ subclass hooks
     def _next_work(self):
@@ -50,9 +73,39 @@ class WorkerLoop:
     def _closed(self, key: Hashable) -> None:
         """A subscriber left (finished, failed or cancelled)."""
 
+    def _ready_keys(self) -> Iterable[Hashable]:
+        """Keys whose input is there (the next step serves them); default: none measured."""
+        return ()
+
+    def _load(self) -> tuple[int, int]:
+        """(running, waiting) requests of this stage; default: subscribers, none waiting."""
+        return len(self._subscribers), 0
+
+    def loop_stats(self) -> dict:
+        """The accounting counters and the stage's running / waiting requests now."""
+        running, waiting = self._load()
+        return {**asdict(self.counters), "running": running, "waiting": waiting}
+
+    def _stamp_ready(self) -> None:
+        now = time.perf_counter()
+        for key in self._ready_keys():
+            self._ready_since.setdefault(key, now)
+
+    def _account_start(self) -> int:
+        """At a step's start: the queue time of each ready key it serves; -> how many keys it serves."""
+        now, c = time.perf_counter(), self.counters
+        keys = list(self._ready_keys())
+        for key in keys:
+            since = self._ready_since.pop(key, now)
+            c.queued += 1
+            c.queue_s += now - since
+            c.max_queue_s = max(c.max_queue_s, now - since)
+        return len(keys)
+
     # ------------------------------------------------------------------------------------------------ machine
     def wake(self) -> None:
         """Call after giving the loop new input (from the event loop's thread)."""
+        self._stamp_ready()
         if self._wake is not None:
             self._wake.set()
 
@@ -72,12 +125,19 @@ class WorkerLoop:
                     await self._wake.wait()
                 continue
             work = await self._gather(work)
+            self._stamp_ready()  # input that came without a wake()
+            items, t0 = self._account_start(), time.perf_counter()
             try:
                 result = await loop.run_in_executor(self._executor, self._step, work)
             except Exception as exc:  # a failing step fails what it served, never hangs it
                 self._failed(work, exc)
                 continue
+            finally:
+                c = self.counters
+                c.steps, c.step_items, c.max_items = c.steps + 1, c.step_items + items, max(c.max_items, items)
+                c.step_s += time.perf_counter() - t0
             self._deliver(work, result)
+            self._stamp_ready()  # what is still ready queues from now
 
     def _publish(self, key: Hashable, item) -> None:
         q = self._subscribers.get(key)
@@ -106,4 +166,5 @@ class WorkerLoop:
                 yield item
         finally:
             self._subscribers.pop(key, None)
+            self._ready_since.pop(key, None)
             self._closed(key)

@@ -78,6 +78,10 @@ class LocalStages:
     async def encode(self, prompt: PreparedPrompt) -> MediaEmbeddings:
         return await asyncio.to_thread(encode_prompt, prompt, self.vision, self.audio)
 
+    def stage_stats(self) -> dict[str, dict]:
+        """Per generating stage: its counters and loop accounting (omni.loop.LoopStats, running, waiting)."""
+        return {"thinker": self.root.stats(), **{name: stage.stats() for name, stage in self.chain.items()}}
+
     def generate(self, gen: Generation, prompt: PreparedPrompt, media: MediaEmbeddings) -> AsyncIterator:
         items = self.root.run(gen, prompt, media)
         if gen.speak:

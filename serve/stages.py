@@ -72,7 +72,7 @@ class ThinkerStage:
                                      forced_reply=gen.forced_reply)
 
     def stats(self) -> dict:
-        return self.thinker.engine.stats()
+        return {**self.thinker.engine.stats(), **self.thinker.loop.loop_stats()}
 
 
 class TalkerStage:
@@ -94,7 +94,7 @@ class TalkerStage:
         return merge_with_upstream(upstream, consume, own)
 
     def stats(self) -> dict:
-        return self.talker.engine.stats()
+        return {**self.talker.engine.stats(), **self.talker.loop.loop_stats()}
 
 
 class VocoderStage:
@@ -127,4 +127,4 @@ class VocoderStage:
         return merge_with_upstream(upstream, consume, audio())
 
     def stats(self) -> dict:
-        return self.loop.stats()
+        return {**self.loop.stats(), **self.loop.loop_stats()}

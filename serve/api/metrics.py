@@ -2,13 +2,16 @@
 
 Per request: a `RequestTrack` follows the events and records time to first token / first audio packet; the app
 records the end-to-end latency and the status. Hooks for the Ray app: `observe_stage`, `observe_encoder_batch`.
+Per generating stage, read at each scrape from `watch_stages(source)` (the in-process pipeline's `stage_stats`):
+requests running and waiting, queue time and batch size (omni.loop.LoopStats).
 """
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from omni.types import AudioChunk, Event, Finished, TextDelta
@@ -57,6 +60,42 @@ class Playback:
         return self.max_stall_s <= STALL_OK_S
 
 
+class _StageCollector:
+    """The generating stages' loop accounting as metric families, read from `source()` at each scrape."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.source: Optional[Callable[[], dict[str, dict]]] = None  # {stage: Stage.stats()}
+
+    def _read(self) -> dict[str, dict]:
+        for _ in range(3):  # read from the scrape's thread while the stages run: a dict may change under it
+            try:
+                return self.source() if self.source is not None else {}
+            except RuntimeError:
+                continue
+        return {}
+
+    def collect(self):
+        p, stats = self.prefix, self._read()
+        running = GaugeMetricFamily(f"{p}_stage_requests_running", "Requests a stage is serving (in its batch)",
+                                    labels=["stage"])
+        waiting = GaugeMetricFamily(f"{p}_stage_requests_waiting", "Requests ready for a stage and not in its batch",
+                                    labels=["stage"])
+        queue = SummaryMetricFamily(f"{p}_stage_queue_seconds", "From a request's input being ready at a stage to the "
+                                    "start of the step that serves it, per step", labels=["stage"])
+        batch = SummaryMetricFamily(f"{p}_stage_batch_size", "Requests served per stage step", labels=["stage"])
+        step = SummaryMetricFamily(f"{p}_stage_step_seconds", "Seconds per stage step", labels=["stage"])
+        for stage, st in stats.items():
+            if "steps" not in st or "queued" not in st:
+                continue
+            running.add_metric([stage], st["running"])
+            waiting.add_metric([stage], st["waiting"])
+            queue.add_metric([stage], count_value=st["queued"], sum_value=st["queue_s"])
+            batch.add_metric([stage], count_value=st["steps"], sum_value=st["step_items"])
+            step.add_metric([stage], count_value=st["steps"], sum_value=st["step_s"])
+        return [running, waiting, queue, batch, step]
+
+
 class Metrics:
     """The metric families of one app; `render()` is the /metrics body."""
 
@@ -100,6 +139,12 @@ class Metrics:
                                            f"{STALL_OK_S * 1000:.0f} ms", registry=r)
         self.encoder_batch = Histogram(f"{p}_encoder_batch_size", "Items per encoder call", ["kind"],
                                        buckets=_BATCH_BUCKETS, registry=r)
+        self._stages = _StageCollector(p)
+        r.register(self._stages)
+
+    def watch_stages(self, source: Optional[Callable[[], dict[str, dict]]]) -> None:
+        """Export the stages' running / waiting / queue time / batch size from `source()` at each scrape."""
+        self._stages.source = source
 
     def track(self, speech: bool = False) -> "RequestTrack":
         """speech: a /v1/audio/speech request (its first audio goes to speech_ttfap)."""

@@ -444,6 +444,8 @@ def build_fastapi(backend: Backend, settings: ServerSettings = ServerSettings(),
     app = FastAPI(title="omni", docs_url=None, redoc_url=None, openapi_url=None)
     routes = _Routes(backend, settings, metrics or Metrics())
     app.state.settings, app.state.metrics, app.state.routes = settings, routes.metrics, routes
+    if callable(getattr(backend, "stage_stats", None)):  # the in-process pipeline: its stages' loops are here
+        routes.metrics.watch_stages(backend.stage_stats)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError):

@@ -296,6 +296,22 @@ def test_metrics_after_requests(server, client):
     assert delta("omni_stage_latency_seconds_count", stage="end_to_end") == 1
     assert delta("omni_audio_output_seconds_total") > 0 and delta("omni_completion_tokens_total") >= 1
     assert after[("omni_requests_in_flight", ())] == 0 and after[("omni_requests_waiting", ())] == 0
+    # vllm-omni's audio metrics: one speech stream, its TTFAP, RTF and playback as a real-time client hears it
+    assert delta("omni_audio_ttfp_seconds_count") == 1 and delta("omni_audio_streams_total") == 1
+    assert 0 < delta("omni_audio_ttfp_seconds_sum") <= delta("omni_request_latency_seconds_sum")
+    assert delta("omni_audio_rtf_count") == 1 and delta("omni_audio_rtf_sum") > 0
+    assert delta("omni_audio_underrun_seconds_count") == 1 and delta("omni_audio_underrun_seconds_sum") >= 0
+    assert delta("omni_audio_continuity_ok_total") in (0, 1)
+    # every generating stage of the pipeline: steps with their batch sizes and queue times, nothing left running
+    for stage in ("thinker", "talker", "vocoder"):
+        steps = delta("omni_stage_batch_size_count", stage=stage)
+        assert steps >= 1, stage
+        assert 1 <= delta("omni_stage_batch_size_sum", stage=stage) / steps <= 64, stage  # mean batch, plausible
+        assert delta("omni_stage_queue_seconds_count", stage=stage) >= 1, stage
+        assert 0 <= delta("omni_stage_queue_seconds_sum", stage=stage) < delta("omni_request_latency_seconds_sum")
+        assert delta("omni_stage_step_seconds_sum", stage=stage) > 0, stage
+        assert after[("omni_stage_requests_running", (("stage", stage),))] == 0, stage
+        assert after[("omni_stage_requests_waiting", (("stage", stage),))] == 0, stage
 
 
 # ---------------------------------------------------------------------------------------------------- failure modes
