@@ -21,6 +21,7 @@ import json
 import math
 import threading
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -30,12 +31,19 @@ from omni.types import check_voice
 
 from omni.decoders.dit import draw_noise, sample_mel
 
-__all__ = ["VocoderConfig", "VocoderStats", "MIN_STREAM_SNR_DB", "snr_db", "Token2Wav", "VocoderStream"]
+__all__ = ["VocoderConfig", "VocoderStats", "MIN_STREAM_SNR_DB", "FIRST_CHUNK_SNR_DB", "LOOKAHEAD_STREAM_SNR_DB",
+           "snr_db", "Token2Wav", "VocoderStream"]
 
 # Streamed vs offline waveform, 10*log10(|offline|^2 / |streamed - offline|^2), for every schedule VocoderConfig
 # accepts: measured 64-112 dB on the tiny checkpoint (~67 dB at the minimum contexts 2 back / 1 ahead, ~105 dB with
 # 2 ahead); tests/decoders/test_token2wav.py sweeps the schedules.
 MIN_STREAM_SNR_DB = 60.0
+# The first packet alone against the same span of offline audio, tiny checkpoint, 3 utterances: with "hold" (the
+# default) 57-72 dB; with first_chunk_right_context="lookahead" 40-50 dB for the first packet and 50-61 dB for the
+# whole stream (its last frames were vocoded against a look-ahead mel the DiT had no future for); first_future_blocks=0
+# 30-35 dB ("hold") and ~12 dB ("lookahead": no right context at all). tests/decoders/test_token2wav.py holds them.
+FIRST_CHUNK_SNR_DB = {"hold": 50.0, "lookahead": 38.0}
+LOOKAHEAD_STREAM_SNR_DB = 48.0
 
 
 def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
@@ -50,6 +58,13 @@ class VocoderConfig:
     chunk_codes: int = 36  # codec tokens per later chunk: bigger recomputes less context (throughput)
     past_blocks: int = 2  # DiT left context, in DiT blocks (24 mel frames = 12 codes); >= 2 for MIN_STREAM_SNR_DB
     future_blocks: int = 1  # DiT look-ahead, in blocks (each chunk waits for these codes); >= 1
+    # The first audio waits for first_chunk_codes + the first chunk's look-ahead codes, then (with "hold") plays only
+    # first_chunk_codes * 2 - bigvgan_context mel frames (40 ms at 12 codes) until the next chunk's 60 codes are in.
+    first_future_blocks: Optional[int] = None  # the first chunk's DiT look-ahead, in blocks (None: future_blocks);
+    #                                            0: the first audio waits for first_chunk_codes alone
+    first_chunk_right_context: str = "hold"  # BigVGAN's right context for the first chunk: "hold" (its last
+    #   bigvgan_context frames wait for the next chunk) or "lookahead" (the DiT look-ahead mel: the whole first chunk
+    #   at once; FIRST_CHUNK_SNR_DB bounds that chunk's audio against offline decoding)
     bigvgan_context: int = 20  # mel frames of BigVGAN context each side (>= 20); the last ones wait for the next chunk
     num_steps: int = 10  # ODE time points (official default: 9 RK4 steps = 36 DiT evaluations); 6..32
     guidance_scale: float = 0.5  # classifier-free guidance weight (official default); 0..1
@@ -68,6 +83,10 @@ class VocoderConfig:
         need(self.past_blocks >= 2, f"past_blocks must be >= 2 (less misses {MIN_STREAM_SNR_DB} dB), got "
                                     f"{self.past_blocks}")
         need(self.future_blocks >= 1, f"future_blocks must be >= 1 (0 gives ~30 dB), got {self.future_blocks}")
+        need(self.first_future_blocks is None or 0 <= self.first_future_blocks <= self.future_blocks,
+             f"first_future_blocks must be in [0, future_blocks] or None, got {self.first_future_blocks}")
+        need(self.first_chunk_right_context in ("hold", "lookahead"),
+             f"first_chunk_right_context must be 'hold' or 'lookahead', got {self.first_chunk_right_context!r}")
         need(self.bigvgan_context >= 20, f"bigvgan_context must be >= 20 mel frames (the real BigVGAN sees 28 frames "
                                          f"each side; 10 gives ~40 dB), got {self.bigvgan_context}")
         # fewer ODE steps or stronger guidance amplify the look-ahead error: 2 steps ~59 dB, guidance 2.0 ~62 dB
@@ -204,7 +223,7 @@ class Token2Wav:
             mels = self._run_windows(plans)
             segments = []  # (stream, mel_in [mel, L], skip frames, keep frames)
             for (stream, (start, end, _, _)), mel in zip(plans, mels):
-                stream._add_mel(start, end, mel)
+                stream._add_mel(start, end, mel[:, :end - start], mel[:, end - start:])
                 if (seg := stream._segment()) is not None:
                     segments.append((stream, *seg))
             for stream in streams:  # the held-back tail of a stream whose last codes added no new chunk
@@ -220,7 +239,7 @@ class Token2Wav:
 
     def _run_windows(self, plans) -> list[torch.Tensor]:
         """DiT over the planned windows; windows of one reference-mel length share calls, longest first, right-padded.
-        Returns each window's kept mel [mel_dim, e - s], in plan order."""
+        Returns each window's mel from s on [mel_dim, we - s] (kept [s, e), then the look-ahead), in plan order."""
         result: list = [None] * len(plans)
         groups: dict[int, list[int]] = {}
         for i, (stream, _) in enumerate(plans):
@@ -242,8 +261,8 @@ class Token2Wav:
                 ref_mel = torch.cat([plans[i][0]._ref_mel for i in rows])  # [B, T_ref, mel]
                 mel = self._dit(cond, ref_mel, codes.to(self.device), noise.to(self.device), lengths)
                 for r, i in enumerate(rows):
-                    _, (s, e, ws, _) = plans[i]
-                    result[i] = mel[r, :, s - ws:e - ws]
+                    _, (s, _, ws, we) = plans[i]
+                    result[i] = mel[r, :, s - ws:we - ws]
         return result
 
     def _run_segments(self, mel_ins: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -290,6 +309,7 @@ class VocoderStream:
         self._mel = torch.zeros(owner.mel_dim, 0, device=owner.device)  # final mel [mel, next - mel_start]
         self._mel_start = 0  # mel frame index of self._mel[:, 0]
         self._done = 0  # mel frames whose audio has been emitted
+        self._lookahead = torch.zeros(owner.mel_dim, 0, device=owner.device)  # the last window's mel past its chunk
 
     def push(self, codes: list[int], last: bool = False) -> None:
         """Append codec ids (WITHOUT the talker's stop code); last=True when the talker has finished."""
@@ -315,10 +335,12 @@ class VocoderStream:
     def _windows(self, limit: int | None = None) -> list[tuple[int, int, int, int]]:
         """Chunks ready now, as (s, e, ws, we) in mel frames: keep [s, e) of the DiT window [ws, we)."""
         o, c = self._owner, self._owner.config
-        total, past, future = len(self._codes) * o.repeats, c.past_blocks * o.block, c.future_blocks * o.block
+        total, past = len(self._codes) * o.repeats, c.past_blocks * o.block
+        first_future = c.future_blocks if c.first_future_blocks is None else c.first_future_blocks
         out, s = [], self._next
         while limit is None or len(out) < limit:
             e = s + (c.first_chunk_codes if s == 0 else c.chunk_codes) * o.repeats
+            future = (first_future if s == 0 else c.future_blocks) * o.block
             if self._last:
                 if s >= total:
                     break
@@ -338,11 +360,13 @@ class VocoderStream:
             self._noise = draw_noise(self.seed, max(we, 2 * self._noise.shape[1]), self._owner.mel_dim)
         return self._noise[:, ws:we]
 
-    def _add_mel(self, s: int, e: int, mel: torch.Tensor) -> None:
-        """Append the final mel [mel_dim, e - s] of the next chunk."""
+    def _add_mel(self, s: int, e: int, mel: torch.Tensor, lookahead: torch.Tensor) -> None:
+        """Append the final mel [mel_dim, e - s] of the next chunk; `lookahead` [mel_dim, we - e]: its window's mel
+        past e (provisional: the next chunk recomputes it with more context)."""
         assert s == self._next, (s, self._next)
         self._mel = torch.cat([self._mel, mel], 1)
         self._next = e
+        self._lookahead = lookahead
 
     def _tail_pending(self) -> bool:
         """The talker has finished, the DiT is done, but held-back audio is still to be emitted."""
@@ -354,6 +378,12 @@ class VocoderStream:
         None when every frame not yet emitted must still wait for right context."""
         ctx, end = self._owner.config.bigvgan_context, self._next
         final = self._last and end == len(self._codes) * self._owner.repeats
+        if (not final and self._done == 0 and end > 0 and self._mel_start == 0
+                and self._owner.config.first_chunk_right_context == "lookahead"):
+            # the first chunk whole, the look-ahead mel as BigVGAN's right context (the next chunk's left context is
+            # final mel again, so only this chunk's last frames carry the provisional error)
+            self._done = end
+            return torch.cat([self._mel[:, :end], self._lookahead[:, :ctx]], 1), 0, end
         a, b = self._done, end if final else end - ctx  # emit [a, b); hold [b, end) until it has right context
         if b <= a:
             return None

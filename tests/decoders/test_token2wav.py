@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from omni.decoders import MIN_STREAM_SNR_DB, Token2Wav, VocoderConfig, snr_db
+from omni.decoders.token2wav import FIRST_CHUNK_SNR_DB, LOOKAHEAD_STREAM_SNR_DB
 from omni.decoders.dit import draw_noise
 from omni.types import InvalidRequest
 
@@ -158,18 +159,41 @@ def test_window_plan_and_dit_cost(vocoder):
     assert sum(we - ws for _, _, ws, we in plan) / 346 == pytest.approx(1.97, abs=0.01)
 
 
-def test_first_audio_after_first_chunk_plus_lookahead(vocoder):
-    for first, ahead in ((12, 1), (24, 2)):
-        t2w = with_config(vocoder, first_chunk_codes=first, future_blocks=ahead)
-        s = t2w.open_stream("Ethan", 3)
-        codes, need = make_codes(200, 3), first + ahead * 12
-        for i, c in enumerate(codes[:need], 1):
-            s.push([c])
-            assert s.ready == (i == need)  # ready exactly when the first window's codes are all in
-            got = t2w.step([s])[0]
-            assert (got != []) == (i == need) and not s.finished
-        # the first chunk's mel minus the BigVGAN context held back for the next chunk
-        assert len(got) == 1 and got[0].shape == ((first * 2 - 20) * 240,)
+@pytest.mark.parametrize("first, ahead, first_ahead, right", [(12, 1, None, "hold"), (24, 2, None, "hold"),
+                                                            (12, 2, 1, "hold"), (12, 1, None, "lookahead")])
+def test_first_audio_after_first_chunk_plus_its_lookahead(vocoder, offline_refs, first, ahead, first_ahead, right):
+    """What gates the first packet: first_chunk_codes + the first chunk's look-ahead codes; how much audio it holds
+    ("hold": the chunk minus the BigVGAN context held back; "lookahead": the whole chunk); its SNR against offline."""
+    t2w = with_config(vocoder, first_chunk_codes=first, future_blocks=ahead, first_future_blocks=first_ahead,
+                      first_chunk_right_context=right)
+    n, voice, seed = UTTERANCES[2]
+    s = t2w.open_stream(voice, seed)
+    codes, need = make_codes(n, seed), first + (ahead if first_ahead is None else first_ahead) * 12
+    for i, c in enumerate(codes[:need], 1):
+        s.push([c])
+        assert s.ready == (i == need)  # ready exactly when the first window's codes are all in
+        got = t2w.step([s])[0]
+        assert (got != []) == (i == need) and not s.finished
+    frames = first * 2 - 20 if right == "hold" else first * 2
+    assert len(got) == 1 and got[0].shape == (frames * 240,)
+    assert snr_db(offline_refs[n][:frames * 240], got[0]) >= FIRST_CHUNK_SNR_DB[right]
+    s.push(codes[need:], last=True)
+    while not s.finished:
+        got += t2w.step([s])[0]
+    bound = MIN_STREAM_SNR_DB if right == "hold" else LOOKAHEAD_STREAM_SNR_DB
+    assert snr_db(offline_refs[n], np.concatenate(got)) >= bound
+
+
+def test_a_first_window_without_lookahead_is_the_30_db_schedule(vocoder, offline_refs):
+    """first_future_blocks=0: the first audio after first_chunk_codes alone, at ~30 dB there (why it is not the
+    default): the DiT never saw the block after it."""
+    t2w = with_config(vocoder, first_future_blocks=0)
+    n, voice, seed = UTTERANCES[2]
+    s = t2w.open_stream(voice, seed)
+    s.push(make_codes(n, seed)[:12])
+    assert s.ready
+    first = t2w.step([s])[0][0]
+    assert 20 <= snr_db(offline_refs[n][:len(first)], first) < MIN_STREAM_SNR_DB
 
 
 def test_batched_steps_equal_solo_with_fewer_dit_calls(vocoder):
@@ -254,7 +278,9 @@ def test_bad_codes_configs_and_misuse(vocoder):
         s.push([2])
     with pytest.raises(ValueError, match="twice"):
         vocoder.step([s, s])
-    for bad, msg in ((dict(chunk_codes=30), "multiple of 12"), (dict(first_chunk_codes=18), "multiple of 12"),
+    for bad, msg in ((dict(first_future_blocks=2), "first_future_blocks"),
+                     (dict(first_chunk_right_context="maybe"), "first_chunk_right_context"),
+                     (dict(chunk_codes=30), "multiple of 12"), (dict(first_chunk_codes=18), "multiple of 12"),
                      (dict(chunk_codes=12), "chunk_codes must be >= 24"), (dict(past_blocks=1), "past_blocks"),
                      (dict(future_blocks=0), "future_blocks"), (dict(bigvgan_context=10), "bigvgan_context"),
                      (dict(num_steps=4), "num_steps"), (dict(guidance_scale=2.0), "guidance_scale"),
