@@ -1,14 +1,23 @@
-"""The vocoder's run loop: every open stream of this process is served by one batched `Token2Wav.step` call (in a
-worker thread) whenever some of them have a chunk ready (omni.loop.WorkerLoop)."""
+"""The vocoder's run loop: the open streams of this process are served by batched `Token2Wav.step` calls (in a worker
+thread) whenever some of them have a chunk ready (omni.loop.WorkerLoop), by deadline.
+
+Deadline: each stream's audio is taken to play in real time from its first chunk, so its deadline is when what it has
+sent so far runs out. A stream that has sent nothing yet (its first chunk is pending) comes first: when first chunks
+are ready, a step serves them and only the started streams whose deadline falls within `urgent_s` (they would stall
+if they waited one more step); the others follow in the next step. Otherwise a step serves every ready stream, the
+earliest deadline first. Which chunks a stream's step computes never depends on the others, so the order changes
+when audio comes, never what it is.
+"""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import AsyncIterator
 
 import numpy as np
 
 from omni.loop import WorkerLoop
-from omni.types import TalkerToVocoder
+from omni.types import AUDIO_SAMPLE_RATE, TalkerToVocoder
 
 from omni.decoders.token2wav import Token2Wav, VocoderStream
 
@@ -16,12 +25,15 @@ __all__ = ["VocoderLoop"]
 
 
 class VocoderLoop(WorkerLoop):
-    def __init__(self, vocoder: Token2Wav):
+    def __init__(self, vocoder: Token2Wav, urgent_s: float = 0.25):
         super().__init__("vocoder")
         self.vocoder = vocoder
+        self.urgent_s = urgent_s  # a started stream whose audio runs out sooner than this is served with first chunks
         self._streams: dict[int, VocoderStream] = {}
+        self._play_end: dict[int, float] = {}  # key -> when its audio sent so far has played (perf_counter)
         self.num_calls = 0  # batched step calls so far
         self.max_batch = 0  # most streams in one call
+        self.first_chunk_steps = 0  # steps that served first chunks ahead of other ready streams
 
     def _next_work(self):
         for key, s in list(self._streams.items()):
@@ -29,7 +41,19 @@ class VocoderLoop(WorkerLoop):
                 self._streams.pop(key)
                 self._end(key)
         ready = [s for s in self._streams.values() if s.ready]
-        return ready or None
+        if not ready:
+            return None
+        ready.sort(key=self.deadline)
+        fresh = [s for s in ready if id(s) not in self._play_end]
+        if fresh and len(fresh) < len(ready):
+            soon = time.perf_counter() + self.urgent_s
+            self.first_chunk_steps += 1
+            return fresh + [s for s in ready if id(s) in self._play_end and self._play_end[id(s)] < soon]
+        return ready
+
+    def deadline(self, stream: VocoderStream) -> float:
+        """When the stream's audio sent so far runs out; -inf before its first chunk (first chunks come first)."""
+        return self._play_end.get(id(stream), float("-inf"))
 
     def _ready_keys(self) -> list[int]:
         return [key for key, s in self._streams.items() if s.ready]
@@ -44,7 +68,11 @@ class VocoderLoop(WorkerLoop):
     def _deliver(self, streams: list[VocoderStream], chunks: list[list[np.ndarray]]) -> None:
         self.num_calls += 1
         self.max_batch = max(self.max_batch, len(streams))
+        now = time.perf_counter()
         for s, pcm in zip(streams, chunks):
+            seconds = sum(len(c) for c in pcm) / AUDIO_SAMPLE_RATE
+            if seconds > 0:
+                self._play_end[id(s)] = max(self._play_end.get(id(s), now), now) + seconds
             for c in pcm:
                 self._publish(id(s), c)
 
@@ -55,6 +83,7 @@ class VocoderLoop(WorkerLoop):
 
     def _closed(self, key) -> None:
         self._streams.pop(key, None)
+        self._play_end.pop(key, None)
 
     async def run(self, stream: VocoderStream, codes: AsyncIterator[TalkerToVocoder]) -> AsyncIterator[np.ndarray]:
         """PCM chunks of `stream` ([n] float32, 24 kHz) as the codes arrive."""
@@ -84,4 +113,5 @@ class VocoderLoop(WorkerLoop):
                 feeder.cancel()
 
     def stats(self) -> dict:
-        return {"calls": self.num_calls, "max_batch": self.max_batch, "open": len(self._streams)}
+        return {"calls": self.num_calls, "max_batch": self.max_batch, "open": len(self._streams),
+                "first_chunk_steps": self.first_chunk_steps}

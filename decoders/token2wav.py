@@ -72,6 +72,12 @@ class VocoderConfig:
     max_batch: int = 64  # DiT windows (or BigVGAN segments) per batched call at most
     device: str = "cpu"  # where the DiT and BigVGAN run; the noise is drawn on the CPU either way
 
+    def first_window_codes(self, block_codes: int = 12) -> int:
+        """Codes the first audio waits for: the first chunk and its look-ahead (block_codes: the DiT block, 24 mel
+        frames = 12 codes on Qwen2.5's token2wav)."""
+        ahead = self.future_blocks if self.first_future_blocks is None else self.first_future_blocks
+        return self.first_chunk_codes + ahead * block_codes
+
     def __post_init__(self):
         def need(ok: bool, what: str):
             if not ok:

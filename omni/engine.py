@@ -90,6 +90,8 @@ class Sampler:
 
 
 class Sequence:
+    urgent = False  # True while the request's first output downstream is pending: no batch timer waits for it
+
     """One request in an engine. Subclasses define the inputs and what happens with each output.
 
     The engine calls, from its worker thread: `prefill_inputs()` once when `ready_to_prefill()`, then
@@ -324,7 +326,7 @@ class EngineLoop(WorkerLoop):
         """With `batch_wait_s`, wait (briefly) for running rows whose input is not there yet, so that rows fed by
         one upstream step share one forward."""
         wait = self.engine.config.batch_wait_s
-        if wait <= 0 or not self.engine.waiting_rows():
+        if wait <= 0 or not self.engine.waiting_rows() or any(s.urgent for s in self.engine._rows):
             return work
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait

@@ -31,19 +31,29 @@ __all__ = ["Talker", "TalkerConfig", "TalkerSequence"]
 class TalkerConfig(EngineConfig):
     batch_wait_s: float = 0.01  # the Talker's rows are fed by Thinker steps: wait this long so they share a forward
     emit_every: int = 4  # codec ids per talker_to_vocoder hand-off (latency vs. per-message overhead)
+    first_audio_codes: int = 24  # codes the vocoder's first window needs (VocoderConfig.first_window_codes()): until a
+    #                              stream has them, no step waits batch_wait_s (its first audio is pending)
 
     def __post_init__(self):
         super().__post_init__()
         if self.emit_every < 1:
             raise ValueError(f"emit_every must be >= 1, got {self.emit_every}")
+        if self.first_audio_codes < 0:
+            raise ValueError(f"first_audio_codes must be >= 0, got {self.first_audio_codes}")
 
 
 class TalkerSequence(Sequence):
+    @property
+    def urgent(self) -> bool:
+        """The vocoder's first window still lacks codes of this stream: its first audio waits on each step."""
+        return not self.finished and len(self.codes) < self.first_audio_codes
+
     def __init__(self, talker: "Talker", request_id: str, voice: str, sampling: SamplingParams, chunk: int = 1):
         # the repetition-penalty history needs the prompt length: set in prefill_inputs
         super().__init__(request_id, sampling.max_tokens,
                          {talker.codec_pad, talker.codec_end} | set(sampling.stop_token_ids))
         self.talker = talker
+        self.first_audio_codes = talker.first_audio_codes
         self.speaker_bos = int(talker.speakers[voice]["bos_token"])
         self.sampler = Sampler(sampling, suppress=(talker.codec_bos,), device=talker.device)
         self.inbox: collections.deque = collections.deque()  # TalkerPrompt, then ThinkerToTalker in order
@@ -157,6 +167,7 @@ class Talker:
         self.codec_bos, self.codec_pad = tk.codec_bos_token, tk.codec_pad_token
         self.codec_end, self.codec_mask = tk.codec_eos_token, tk.codec_mask_token
         self.emit_every = config.emit_every
+        self.first_audio_codes = config.first_audio_codes
         with torch.inference_mode():
             ids = torch.tensor([tk.text_eos_token, tk.text_pad_token], device=self.device)
             self.text_eos_embed, self.text_pad_embed = self.thinker_embed(ids)  # [H] each, thinker vocabulary ids

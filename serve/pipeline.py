@@ -49,7 +49,8 @@ class LocalStages:
         self.chain: dict[str, object] = {}
         self.has_speech = getattr(model, "has_talker", False)
         if self.has_speech:
-            self.talker = Talker.from_model(model, config.talker)
+            self.talker = Talker.from_model(model, dataclasses.replace(
+                config.talker, first_audio_codes=config.vocoder.first_window_codes()))
             vocoder = Token2Wav(model.token2wav, model.speaker_map,
                                 dataclasses.replace(config.vocoder, device=str(loaded.device)))
             self.vocoder_loop = VocoderLoop(vocoder)

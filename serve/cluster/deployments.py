@@ -146,7 +146,8 @@ class TalkerDeployment(_GenerationDeployment):
         _replica_process(cfg, cfg.deployments.talker)
         loaded = load_model(model, device=cfg.device, dtype=cfg.torch_dtype)
         # keeps the talker, the voices and the thinker's embedding table; the rest of the model is dropped
-        self.stage = TalkerStage(Talker.from_model(loaded.model, cfg.talker))
+        talker_cfg = dataclasses.replace(cfg.talker, first_audio_codes=cfg.vocoder.first_window_codes())
+        self.stage = TalkerStage(Talker.from_model(loaded.model, talker_cfg))
         del loaded
         self.upstream = upstream
 
