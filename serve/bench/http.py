@@ -78,6 +78,22 @@ class HttpClient:
     async def aclose(self) -> None:
         await self.client.aclose()
 
+    async def stage_counters(self) -> dict[str, dict]:
+        """The server's per-stage loop counters from /metrics ({} when it exports none): {stage: {steps, step_items,
+        step_s, queued, queue_s}}, as omni.loop.LoopStats names them."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        r = await self.client.get(f"{self.url}/metrics", headers=self.headers)
+        names = {"omni_stage_batch_size_count": "steps", "omni_stage_batch_size_sum": "step_items",
+                 "omni_stage_step_seconds_sum": "step_s", "omni_stage_queue_seconds_count": "queued",
+                 "omni_stage_queue_seconds_sum": "queue_s"}
+        out: dict[str, dict] = {}
+        for fam in text_string_to_metric_families(r.text):
+            for s in fam.samples:
+                if s.name in names and "stage" in s.labels:
+                    out.setdefault(s.labels["stage"], {})[names[s.name]] = s.value
+        return out
+
     async def chat(self, body: dict):
         from omni.serve.bench.run import Sample
 

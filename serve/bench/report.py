@@ -155,6 +155,17 @@ def markdown(results: BenchResults) -> str:
               "Each stream played in real time from its first packet: a stall is a wait for audio with the buffer "
               "empty. The official path sends its speech in one piece (it never stalls; it starts late).", ""]
     lines += _playback_rows(levels)
+    lines += ["", "## Where the time goes (ours)", "",
+              "Per generating stage over each level: model steps, requests per step, seconds in steps (and their "
+              "share of the level's wall time; stages run in parallel, so shares can add up past 100%), and the mean "
+              "wait from a request's input being ready at the stage to the step that serves it.", "",
+              "| output | load | stage | steps | requests / step | busy s (share) | mean queue (ms) |",
+              "|---|---|---|---:|---:|---|---:|"]
+    for lv in levels:
+        for stage, st in lv.stages.items():
+            share = "-" if st["busy_share"] is None else f"{st['busy_share']:.0%}"
+            lines.append(f"| {lv.mode} | {lv.label} | {stage} | {st['steps']} | {st['mean_batch']:.2f} | "
+                         f"{st['busy_s']:.1f} ({share}) | {_num(st['mean_queue_ms'], 1)} |")
     if results.via == "http":
         lines += ["", "Over HTTP the ids are not sent: \"same ids\" compares the text and the number of audio "
                       "samples."]

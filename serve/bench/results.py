@@ -89,6 +89,9 @@ class Level:
     ratio: Ratios
     match: Match
     request_rate: Optional[float] = None  # open loop: Poisson arrivals at this many requests/s
+    stages: dict = dataclasses.field(default_factory=dict)  # ours, per generating stage over the level: steps,
+    #   mean_batch (requests per step), busy_s (seconds in steps), busy_share (busy_s / the level's wall time),
+    #   mean_queue_ms (input ready -> the step serving it); over HTTP from /metrics (the Ray app refreshes every 2 s)
 
     @property
     def label(self) -> str:

@@ -308,6 +308,27 @@ def make_backends(pipeline, media: Media, config: BenchConfig, http=None) -> dic
     return {"ours": ours, "official": lambda i, speak: official(make_request(media, i, speak, config))}
 
 
+async def stage_counters(pipeline, http=None) -> dict[str, dict]:
+    """Ours' per-stage loop counters now (omni.loop.LoopStats fields), in process or from the server's /metrics."""
+    if http is not None:
+        return await http.stage_counters()
+    return {k: dict(v) for k, v in pipeline.stage_stats().items()}
+
+
+def stage_profile(before: dict, after: dict, wall_s: float) -> dict[str, dict]:
+    """Where a level's time went, per stage: the counters' change over it."""
+    out = {}
+    for stage, a in after.items():
+        b = before.get(stage, {})
+        d = {k: a.get(k, 0) - b.get(k, 0) for k in ("steps", "step_items", "step_s", "queued", "queue_s")}
+        if d["steps"] <= 0:
+            continue
+        out[stage] = {"steps": int(d["steps"]), "mean_batch": d["step_items"] / d["steps"], "busy_s": d["step_s"],
+                      "busy_share": d["step_s"] / wall_s if wall_s > 0 else None,
+                      "mean_queue_ms": 1000 * d["queue_s"] / d["queued"] if d["queued"] else None}
+    return out
+
+
 def levels_of(config: BenchConfig) -> list[tuple[int, Optional[float]]]:
     """(concurrency, None) per closed-loop level, then (0, rate) per open-loop one."""
     return [(c, None) for c in config.concurrency] + [(0, r) for r in config.request_rate]
@@ -327,6 +348,7 @@ async def load_sweep(pipeline, media: Media, config: BenchConfig, progress: Prog
         for c, rate in levels_of(config):
             n = max(c, config.requests) if rate is None else config.requests
             samples, summary = {}, {}
+            before = await stage_counters(pipeline, http)
             for name, one in backends.items():
                 def send(i, one=one):
                     return one(i, speak)
@@ -336,9 +358,11 @@ async def load_sweep(pipeline, media: Media, config: BenchConfig, progress: Prog
                     samples[name], wall = await open_loop(send, n, rate, config.seed,
                                                           progress.phase(f"{mode} {rate:g}/s {name}", n))
                 summary[name] = summarize(samples[name], wall)
+                if name == "ours":
+                    stages = stage_profile(before, await stage_counters(pipeline, http), wall)
             levels.append(Level(mode, c, n, summary["ours"], summary["official"],
                                 Ratios.of(summary["ours"], summary["official"]),
-                                matches(samples["ours"], samples["official"]), request_rate=rate))
+                                matches(samples["ours"], samples["official"]), request_rate=rate, stages=stages))
     return levels
 
 

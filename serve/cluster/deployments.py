@@ -109,6 +109,7 @@ class AudioEncoderDeployment(_EncoderDeployment):
 class _GenerationDeployment:
     """A generating stage over its upstream deployment's stream (None: the Thinker, the root)."""
     stage: object
+    name: str = ""  # the stage's name in /metrics (thinker, talker, vocoder)
     upstream: Optional[object] = None  # DeploymentHandle
 
     async def generate(self, gen: Generation, prompt: PreparedPrompt, media: MediaEmbeddings) -> AsyncIterator:
@@ -129,8 +130,17 @@ class _GenerationDeployment:
 
         return {**self.stage.stats(), "rss_mb": psutil.Process().memory_info().rss / 2**20}
 
+    async def chain_stats(self) -> dict[str, dict]:
+        """This stage's stats and those of every stage upstream of it, by stage name (one replica of each)."""
+        out = {self.name: self.stats()}
+        if self.upstream is not None:
+            out.update(await self.upstream.chain_stats.remote())
+        return out
+
 
 class ThinkerDeployment(_GenerationDeployment):
+    name = "thinker"
+
     def __init__(self, model: str, cfg: ServeConfig):
         from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration
 
@@ -142,6 +152,8 @@ class ThinkerDeployment(_GenerationDeployment):
 
 
 class TalkerDeployment(_GenerationDeployment):
+    name = "talker"
+
     def __init__(self, model: str, cfg: ServeConfig, upstream):
         _replica_process(cfg, cfg.deployments.talker)
         loaded = load_model(model, device=cfg.device, dtype=cfg.torch_dtype)
@@ -153,6 +165,8 @@ class TalkerDeployment(_GenerationDeployment):
 
 
 class VocoderDeployment(_GenerationDeployment):
+    name = "vocoder"
+
     def __init__(self, model: str, cfg: ServeConfig, upstream):
         from omni.decoders import Token2Wav, VocoderLoop
 
@@ -262,6 +276,7 @@ class HandleStages:
 
 
 DRAIN_FLAG = "omni-drain"  # named actor (namespace "serve") through which `omni serve` drains every ingress replica
+STAGE_STATS_S = 2.0  # how often an ingress replica reads the stages' stats for /metrics
 DRAIN_POLL_S = 0.25  # how often an ingress replica reads the flag and reports its requests in flight
 
 
@@ -298,6 +313,9 @@ class Ingress:
         self.backend = Composition(stages)
         self.routes = None
         self._watch = asyncio.get_running_loop().create_task(self._watch_drain())
+        self._stage_stats: dict[str, dict] = {}  # the chain's stage stats, refreshed by _watch_stages
+        self.metrics.watch_stages(lambda: self._stage_stats)
+        self._watch_stats = asyncio.get_running_loop().create_task(self._watch_stages(speech))
 
     def __serve_build_asgi_app__(self):
         from omni.serve.api.server import build_fastapi
@@ -305,6 +323,16 @@ class Ingress:
         app = build_fastapi(self.backend, self.settings, self.metrics)
         self.routes = app.state.routes
         return app
+
+    async def _watch_stages(self, tail) -> None:
+        """Every STAGE_STATS_S, the generating stages' stats through the chain's last stage (for /metrics; one
+        replica per stage answers)."""
+        while True:
+            await asyncio.sleep(STAGE_STATS_S)
+            try:
+                self._stage_stats = await tail.chain_stats.remote()
+            except Exception:  # noqa: BLE001 - a stage restarting: keep the last numbers
+                log.debug("stage stats unreachable", exc_info=True)
 
     async def _watch_drain(self) -> None:
         """Poll the drain flag (when `omni serve` made one): once set, this replica refuses new requests (503)."""

@@ -94,6 +94,9 @@ def test_quick_bench_on_tiny(tmp_path, capsys):
         else:
             assert r["ttfap"] is None and r["rtf"] is None
 
+    for lv in results["levels"]:  # the in-process pipeline's stage counters over each level
+        assert "thinker" in lv["stages"] and lv["stages"]["thinker"]["steps"] >= 1
+        assert ("vocoder" in lv["stages"]) == (lv["mode"] != "text")
     for name in ("image", "audio"):
         e = results["encoders"][name]
         assert e["items"] == e["batch_size"] == QUICK["encoder_items"]
@@ -179,6 +182,10 @@ def test_bench_via_http_reads_streams_as_a_client_and_matches_the_official_path(
         assert lv.official.continuity_ok == 1.0  # one packet: never stalls
         if lv.mode == "text+speech":
             assert o.ttft_s is not None and o.ttft_s.p50 <= o.ttfap_s.p50
+        # where the time went, from the server's /metrics: every generating stage stepped, with plausible batches
+        assert set(lv.stages) == {"thinker", "talker", "vocoder"}, lv.stages
+        for st in lv.stages.values():
+            assert st["steps"] >= 1 and 1 <= st["mean_batch"] <= 2 * max(cfg.concurrency) and st["busy_s"] > 0
     md = write_report(results, tmp_path, plot=False)
     assert "over streaming HTTP" in md and "| text+speech | 4/s | 2 |" in md and "## Goals" in md
-    assert "streams without a stall > 50 ms" in md
+    assert "streams without a stall > 50 ms" in md and "## Where the time goes" in md and "| vocoder |" in md
