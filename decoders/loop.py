@@ -5,14 +5,15 @@ Deadline: each stream's audio is taken to play in real time from its first chunk
 sent so far runs out. A stream that has sent nothing yet (its first chunk is pending) comes first: when first chunks
 are ready, a step serves them and only the started streams whose deadline falls within `urgent_s` (they would stall
 if they waited one more step); the others follow in the next step. Otherwise a step serves every ready stream, the
-earliest deadline first. Which chunks a stream's step computes never depends on the others, so the order changes
+earliest deadline first. A step computes one chunk of each stream it serves (`chunks_per_step`), so steps stay short
+and a stream behind by several chunks does not hold a first chunk up. Which chunks a stream's step computes never depends on the others, so the order changes
 when audio comes, never what it is.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 import numpy as np
 
@@ -25,10 +26,12 @@ __all__ = ["VocoderLoop"]
 
 
 class VocoderLoop(WorkerLoop):
-    def __init__(self, vocoder: Token2Wav, urgent_s: float = 0.25):
+    def __init__(self, vocoder: Token2Wav, urgent_s: float = 0.25, chunks_per_step: Optional[int] = 1):
         super().__init__("vocoder")
         self.vocoder = vocoder
         self.urgent_s = urgent_s  # a started stream whose audio runs out sooner than this is served with first chunks
+        self.chunks_per_step = chunks_per_step  # chunks of one stream per step (None: all it has ready): short steps,
+        #                                         so a first chunk or a stream about to run dry waits less
         self._streams: dict[int, VocoderStream] = {}
         self._play_end: dict[int, float] = {}  # key -> when its audio sent so far has played (perf_counter)
         self.num_calls = 0  # batched step calls so far
@@ -63,7 +66,7 @@ class VocoderLoop(WorkerLoop):
         return len(self._streams), sum(1 for s in self._streams.values() if s.ready)
 
     def _step(self, streams: list[VocoderStream]) -> list[list[np.ndarray]]:
-        return self.vocoder.step(streams)
+        return self.vocoder.step(streams, self.chunks_per_step)
 
     def _deliver(self, streams: list[VocoderStream], chunks: list[list[np.ndarray]]) -> None:
         self.num_calls += 1

@@ -215,17 +215,18 @@ class Token2Wav:
         return VocoderStream(self, voice, seed, max_codes)
 
     # ------------------------------------------------------------------------------------------------ batched steps
-    def step(self, streams: list["VocoderStream"]) -> list[list[np.ndarray]]:
-        """Run every chunk that is ready in `streams`: all their DiT windows in one batched call (per reference-mel
-        length and max_batch), then all their BigVGAN segments batched by length. Returns per stream its new PCM
-        chunks in order (float32, 24 kHz); [] for a stream that has nothing ready."""
+    def step(self, streams: list["VocoderStream"], chunks_per_stream: Optional[int] = None) -> list[list[np.ndarray]]:
+        """Run every chunk that is ready in `streams` (at most `chunks_per_stream` of each, its earliest): all their DiT
+        windows in one batched call (per reference-mel length and max_batch), then all their BigVGAN segments batched
+        by length. Returns per stream its new PCM chunks in order (float32, 24 kHz); [] for a stream that has nothing
+        ready. The chunks themselves never depend on how they were grouped into steps."""
         if len({id(s) for s in streams}) != len(streams):
             raise ValueError("step: a stream appears twice")
         for s in streams:
             if s._owner is not self:
                 raise ValueError("step: a stream opened by another Token2Wav")
         with self._lock, torch.inference_mode():
-            plans = [(s, w) for s in streams for w in s._windows()]  # w = (s, e, ws, we) in mel frames
+            plans = [(s, w) for s in streams for w in s._windows(chunks_per_stream)]  # w = (s, e, ws, we), mel frames
             mels = self._run_windows(plans)
             segments = []  # (stream, mel_in [mel, L], skip frames, keep frames)
             for (stream, (start, end, _, _)), mel in zip(plans, mels):

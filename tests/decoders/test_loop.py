@@ -76,3 +76,20 @@ def test_concurrent_streams_equal_their_solo_runs(vocoder):
         assert wav.shape == (n * 480,) and np.abs(wav - solo(n, v, s)).max() <= BATCH_TOL
     stats = loop.loop_stats()
     assert stats["steps"] == loop.num_calls and stats["queued"] >= stats["steps"] and stats["running"] == 0
+
+
+def test_one_chunk_per_stream_per_step_gives_the_same_audio(vocoder):
+    """A stream four chunks behind: with chunks_per_stream=1 it takes four steps, and the audio equals one step that
+    runs all four (the chunks never depend on their grouping; only the batch kernels do, within BATCH_TOL)."""
+    c = codes(150, 4)
+    whole, split = vocoder.open_stream("Ethan", 4), vocoder.open_stream("Ethan", 4)
+    whole.push(c[:140])
+    split.push(c[:140])
+    assert len(whole._windows()) == 4
+    all_at_once = vocoder.step([whole])[0]
+    one_by_one = []
+    for _ in range(4):
+        assert split.ready
+        one_by_one += vocoder.step([split], chunks_per_stream=1)[0]
+    assert not split.ready and len(one_by_one) == len(all_at_once) == 4
+    assert np.abs(np.concatenate(one_by_one) - np.concatenate(all_at_once)).max() <= BATCH_TOL
