@@ -337,7 +337,7 @@ def levels_of(config: BenchConfig) -> list[tuple[int, Optional[float]]]:
 async def load_sweep(pipeline, media: Media, config: BenchConfig, progress: Progress, http=None) -> list[Level]:
     """Every (mode, level): ours, then the official path, on the same requests."""
     backends = make_backends(pipeline, media, config, http)
-    progress.note(f"warm-up: one short text+speech request per input kind through ours, one through the official path")
+    progress.note("warm-up: one short text+speech request per input kind through ours, one through the official path")
     short = make_backends(pipeline, media, replace(config, max_tokens=8, speech_tokens=48), http)
     for i in range(len(config.inputs)):
         await short["ours"](i, True)

@@ -242,6 +242,15 @@ def test_concurrent_streams_complete_and_encoder_batches(client, server, uris):
     assert total >= 8 and ones < total, "no vision encoder batch larger than 1 formed"
     assert 'omni_time_to_first_audio_seconds_count' in metrics
     assert re.search(r'omni_stage_latency_seconds_count\{stage="thinker"\} [1-9]', metrics)
+    # the generating stages' loop counters, polled by the ingress from the chain (STAGE_STATS_S): 4 speech requests
+    time.sleep(2.5)
+    metrics = httpx.get(f"{server}/metrics", headers={"Authorization": "Bearer sk-test"}).text
+    for stage in ("thinker", "talker", "vocoder"):
+        steps = float(re.search(rf'omni_stage_batch_size_count\{{stage="{stage}"\}} (\S+)', metrics).group(1))
+        items = float(re.search(rf'omni_stage_batch_size_sum\{{stage="{stage}"\}} (\S+)', metrics).group(1))
+        assert steps >= 1 and 1 <= items / steps <= 8, (stage, steps, items)
+        assert re.search(rf'omni_stage_queue_seconds_count\{{stage="{stage}"\}} [1-9]', metrics), stage
+        assert re.search(rf'omni_stage_requests_running\{{stage="{stage}"\}} ', metrics), stage
 
 
 def test_client_disconnect_cancels_in_every_stage(server):
