@@ -21,7 +21,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Optional, Protocol
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -31,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omni.types import ChatRequest, Event, InvalidRequest, SamplingParams, StageUnavailable
 from omni.encoders.sources import MediaLimits, MediaPolicy
-from omni.serve.api.metrics import CONTENT_TYPE_LATEST, Metrics, RequestTrack
+from omni.serve.api.metrics import CONTENT_TYPE_LATEST, Metrics
+from omni.serve.api.admission import Admission, Admitted, SpeechGate
 from omni.serve.api.convert import SSE_DONE, Completion, ConvertOptions, error_response, sse, to_chat_request
 from omni.serve.api.protocol import ChatCompletionRequest, ModelCard, ModelList
 from omni.serve.api.speech import speech
@@ -67,6 +67,8 @@ class ServerSettings:
     default_sampling: SamplingParams = SamplingParams()  # the Thinker's defaults (the checkpoint's generation config)
     default_speech_tokens: int = 2048  # the Talker's max codec tokens unless sampling_params_list[1] sets them
     max_concurrent_requests: int = 64  # chat completions in flight per app (replica); 503 past it
+    max_speech_streams: Optional[int] = None  # chat completions with speech in flight; more wait (None: no limit)
+    speech_wait_s: float = 30.0  # how long one waits for a speech slot before its 503
     media_limits: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames
     media_policy: MediaPolicy = MediaPolicy()  # local paths / file:// only under its allowed_local_media_path; http(s)
     api_dialect: str = "openai"  # response shapes: "openai", or "vllm-omni" (its example clients work unchanged)
@@ -150,48 +152,6 @@ def _error_json(err: HTTPError) -> JSONResponse:
     if err.status == 503:
         headers["Retry-After"] = str(RETRY_AFTER_S)
     return JSONResponse(body.model_dump(), status_code=err.status, headers=headers)
-
-
-class _Admission:
-    """Counts chat completions in flight on this app; refuses past the limit."""
-
-    def __init__(self, limit: int):
-        self.limit, self.active = limit, 0
-
-    def try_acquire(self) -> bool:
-        if self.active >= self.limit:
-            return False
-        self.active += 1
-        return True
-
-    def release(self) -> None:
-        self.active -= 1
-
-
-class _Admitted:
-    """One admitted chat completion's resources: its concurrency slot, its metrics track and the backend stream.
-    `release` is idempotent and runs on every path (error, success, cancellation, a response never sent)."""
-
-    def __init__(self, admission: _Admission, track: RequestTrack):
-        self.admission, self.track = admission, track
-        self.request_id = ""  # set once known
-        self.events: Optional[AsyncIterator[Event]] = None
-        self._released = False
-
-    async def release(self, ok: bool) -> None:
-        if self._released:
-            return
-        self._released = True
-        try:
-            aclose = getattr(self.events, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):  # runs even while the request's scope is being cancelled
-                    await aclose()
-        except Exception:
-            log.exception("closing the backend stream failed")
-        finally:
-            self.admission.release()
-            self.track.close(ok)
 
 
 def _check_auth(request: Request, settings: ServerSettings) -> None:
@@ -285,7 +245,7 @@ class _StreamResponse(StreamingResponse):
     """A StreamingResponse that releases its request however the response ends, even when its body never starts
     (a client gone before the first byte)."""
 
-    def __init__(self, body: AsyncIterator, admitted: _Admitted, media_type: str = "text/event-stream"):
+    def __init__(self, body: AsyncIterator, admitted: Admitted, media_type: str = "text/event-stream"):
         super().__init__(body, media_type=media_type,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                   "X-Request-Id": admitted.request_id})
@@ -298,7 +258,7 @@ class _StreamResponse(StreamingResponse):
             await self.admitted.release(ok=False)  # a no-op when the body finished and released already
 
 
-async def _sse_body(first: Event, comp: Completion, admitted: _Admitted, metrics: Metrics) -> AsyncIterator[str]:
+async def _sse_body(first: Event, comp: Completion, admitted: Admitted, metrics: Metrics) -> AsyncIterator[str]:
     """The SSE stream after the first event has arrived: role chunk, content/audio deltas, finish chunk, usage
     chunk, [DONE]. An error is one `data: {"error": ...}` event, then [DONE]."""
     ok, events = False, admitted.events
@@ -336,7 +296,8 @@ class _Routes:
 
     def __init__(self, backend: Backend, settings: ServerSettings, metrics: Metrics):
         self.backend, self.settings, self.metrics = backend, settings, metrics
-        self.admission = _Admission(settings.max_concurrent_requests)
+        self.admission = Admission(settings.max_concurrent_requests)
+        self.speech_gate = SpeechGate(settings.max_speech_streams, settings.speech_wait_s)
         self.draining = False  # set by drain(): shutting down, refuse new requests
         self.served_name = settings.served_model_name or backend.model_name
         limit = min(settings.max_tokens or backend.max_model_len, backend.max_model_len)
@@ -362,7 +323,7 @@ class _Routes:
         self.draining = True
         return self.admission.active
 
-    def admit(self, request: Request, speech: bool = False) -> _Admitted:
+    def admit(self, request: Request, speech: bool = False) -> Admitted:
         """Auth, then a concurrency slot; raises HTTPError (401, 503)."""
         _check_auth(request, self.settings)
         if self.draining:
@@ -370,7 +331,7 @@ class _Routes:
         if not self.admission.try_acquire():
             raise HTTPError(503, f"server is at its limit of {self.admission.limit} concurrent requests; retry later",
                             code="overloaded")
-        return _Admitted(self.admission, self.metrics.track(speech))
+        return Admitted(self.admission, self.metrics.track(speech))
 
     async def _convert(self, request: Request, request_id: str) -> tuple[ChatCompletionRequest, ChatRequest]:
         """Body -> the wire request -> a checked ChatRequest (media decoded off the event loop)."""
@@ -384,7 +345,7 @@ class _Routes:
         self.backend.validate(chat)
         return req, chat
 
-    async def _stream_response(self, request: Request, comp: Completion, admitted: _Admitted) -> Response:
+    async def _stream_response(self, request: Request, comp: Completion, admitted: Admitted) -> Response:
         try:  # the first event before the headers: an InvalidRequest raised late still gets its 400
             first = await _until_disconnect(request, admitted.events.__anext__())
         except StopAsyncIteration:
@@ -392,7 +353,7 @@ class _Routes:
         self.metrics.count(200)
         return _StreamResponse(_sse_body(first, comp, admitted, self.metrics), admitted)
 
-    async def _whole_response(self, request: Request, comp: Completion, admitted: _Admitted) -> Response:
+    async def _whole_response(self, request: Request, comp: Completion, admitted: Admitted) -> Response:
         async def collect():
             async for ev in admitted.events:
                 admitted.track.on_event(ev)
@@ -419,6 +380,11 @@ class _Routes:
                               audio_format=req.audio.format if req.audio else "wav",
                               include_usage=bool(req.stream_options and req.stream_options.include_usage),
                               stop=req.stop_strings, dialect=self.settings.api_dialect)
+            if chat.speak:
+                if not await _until_disconnect(request, self.speech_gate.acquire()):
+                    raise HTTPError(503, f"all {self.speech_gate.limit} speech streams of this server are busy; "
+                                         "retry later", code="overloaded")
+                admitted.on_release = self.speech_gate.release
             admitted.events = self.backend.stream(chat)
             if req.stream:
                 return await self._stream_response(request, comp, admitted)

@@ -51,6 +51,7 @@ def server_settings(cfg: ServeConfig, args: AppArgs, model: str):
     return ServerSettings(served_model_name=args.served_model_name, api_key=args.api_key, api_dialect=args.api_dialect,
                           max_body_bytes=cfg.max_body_bytes, max_tokens=cfg.max_tokens,
                           max_concurrent_requests=cfg.max_concurrent_requests,
+                          max_speech_streams=cfg.max_speech_streams, speech_wait_s=cfg.speech_wait_s,
                           default_max_tokens=cfg.default_max_tokens, default_sampling=generation_defaults(model),
                           default_speech_tokens=cfg.default_speech_tokens, media_limits=cfg.media,
                           media_policy=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,

@@ -354,6 +354,37 @@ def _body(stream):
     return {"model": "gated", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
 
 
+def test_speech_streams_past_the_limit_wait_their_turn_or_get_503():
+    """max_speech_streams=1: while one speech stream runs, a text request is served at once, a speech request waits
+    and gets the slot when the stream ends, and one that waits past speech_wait_s gets 503 + Retry-After."""
+    import concurrent.futures
+
+    backend = GatedBackend()
+    settings = ServerSettings(max_concurrent_requests=8, max_speech_streams=1, speech_wait_s=2.0)
+    speak = {"modalities": ["text", "audio"], "audio": {"voice": "Chelsie", "format": "wav"}}
+    app = build_fastapi(backend, settings)
+    with Server(app) as server, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        url = f"{server.url}/v1/chat/completions"
+        with httpx.stream("POST", url, json={**_body(True), **speak}, timeout=30) as first:
+            lines = first.iter_lines()
+            assert next(lines).startswith("data: ")  # the speech slot is taken
+            t0 = time.monotonic()
+            refused = httpx.post(url, json={**_body(False), **speak}, timeout=30)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+            assert refused.headers["retry-after"] == "1" and time.monotonic() - t0 >= 1.9  # it waited its turn
+            with httpx.stream("POST", url, json=_body(True), timeout=30) as text:  # text never waits for speech
+                assert next(text.iter_lines()).startswith("data: ")
+                queued = pool.submit(httpx.post, url, json={**_body(False), **speak}, timeout=30)
+                time.sleep(0.3)
+                assert not queued.done()  # waiting for the slot
+                backend.release.set()
+                rest = [line for line in lines if line]
+            assert rest[-1] == "data: [DONE]"
+            assert queued.result().status_code == 200  # got the slot when the first stream ended
+        gate = app.state.routes.speech_gate
+        assert gate.active == 0 and gate.waiting == 0  # every slot given back
+
+
 def test_over_the_concurrency_limit_is_503_then_serves_again(gated):
     server, backend = gated
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=_body(True), timeout=30) as first:
