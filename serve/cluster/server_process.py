@@ -81,18 +81,27 @@ class ServeProcess:
         environ.update(env or {})  # ... unless `env` names a cluster
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=environ)
         t0 = time.monotonic()
-        while True:
-            text = log_path.read_text(errors="replace")
-            if _READY in text:
-                break
-            if proc.poll() is not None or time.monotonic() - t0 > timeout_s:
-                why = f"exited with {proc.returncode}" if proc.returncode is not None else "did not get ready"
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(30)
-                log.close()
-                raise ServeStartError(f"omni serve {why} after {time.monotonic() - t0:.0f} s:\n{text[-4000:]}")
-            time.sleep(0.5)
+        try:
+            while True:
+                text = log_path.read_text(errors="replace")
+                if _READY in text:
+                    break
+                if proc.poll() is not None or time.monotonic() - t0 > timeout_s:
+                    why = f"exited with {proc.returncode}" if proc.returncode is not None else "did not get ready"
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait(30)
+                    log.close()
+                    raise ServeStartError(f"omni serve {why} after {time.monotonic() - t0:.0f} s:\n{text[-4000:]}")
+                time.sleep(0.5)
+        except KeyboardInterrupt:  # Ctrl-C while it starts: SIGTERM stops it and its Ray, no orphaned server
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+            raise
         found = _RAY_ADDRESS.search(text)
         return cls(proc, f"http://127.0.0.1:{port}", found.group(1) if found else "", log_path, log)
 

@@ -184,6 +184,19 @@ def test_first_audio_after_first_chunk_plus_its_lookahead(vocoder, offline_refs,
     assert snr_db(offline_refs[n], np.concatenate(got)) >= bound
 
 
+def test_first_window_codes_is_what_the_first_audio_waits_for(vocoder):
+    """VocoderConfig.first_window_codes() (the Talker's first_audio_codes: no batch timer until a stream has them)
+    counts the codes the first chunk becomes ready at."""
+    for kw in (dict(), dict(first_future_blocks=0), dict(first_chunk_codes=24, future_blocks=2)):
+        cfg = VocoderConfig(**kw)
+        s = with_config(vocoder, **kw).open_stream("Chelsie", 0)
+        s.push(make_codes(cfg.first_window_codes() - 1, 0))
+        assert not s.ready
+        s.push([1])
+        assert s.ready
+    assert VocoderConfig().first_window_codes() == 24
+
+
 def test_a_first_window_without_lookahead_is_the_30_db_schedule(vocoder, offline_refs):
     """first_future_blocks=0: the first audio after first_chunk_codes alone, at ~30 dB there (why it is not the
     default): the DiT never saw the block after it."""
