@@ -333,6 +333,13 @@ class _Routes:
                             code="overloaded")
         return Admitted(self.admission, self.metrics.track(speech))
 
+    async def speech_slot(self, request: Request, admitted: Admitted) -> None:
+        """Wait for one of the speech streams' slots (released with `admitted`); HTTPError 503 past speech_wait_s."""
+        if not await _until_disconnect(request, self.speech_gate.acquire()):
+            raise HTTPError(503, f"all {self.speech_gate.limit} speech streams of this server are busy; retry later",
+                            code="overloaded")
+        admitted.on_release = self.speech_gate.release
+
     async def _convert(self, request: Request, request_id: str) -> tuple[ChatCompletionRequest, ChatRequest]:
         """Body -> the wire request -> a checked ChatRequest (media decoded off the event loop)."""
         req = _parse(await _read_body(request, self.settings.max_body_bytes))
@@ -381,10 +388,7 @@ class _Routes:
                               include_usage=bool(req.stream_options and req.stream_options.include_usage),
                               stop=req.stop_strings, dialect=self.settings.api_dialect)
             if chat.speak:
-                if not await _until_disconnect(request, self.speech_gate.acquire()):
-                    raise HTTPError(503, f"all {self.speech_gate.limit} speech streams of this server are busy; "
-                                         "retry later", code="overloaded")
-                admitted.on_release = self.speech_gate.release
+                await self.speech_slot(request, admitted)
             admitted.events = self.backend.stream(chat)
             if req.stream:
                 return await self._stream_response(request, comp, admitted)
