@@ -144,6 +144,8 @@ class Thinker:
     """The Thinker stage of one model: `generate(...)` streams TextDelta, TalkerPrompt, ThinkerToTalker and a final
     ThinkerDone. Many concurrent calls share one engine (one batched forward per step)."""
 
+    sequence_cls = ThinkerSequence  # Qwen3's Thinker (omni/thinker_qwen3.py) brings its own
+
     def __init__(self, thinker_model, tokenizer, config: EngineConfig = EngineConfig(), max_model_len: int = 32768):
         self.model = thinker_model  # Qwen2_5OmniThinkerForConditionalGeneration
         self.cfg = thinker_model.config
@@ -175,5 +177,5 @@ class Thinker:
     def generate(self, request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings, sampling: SamplingParams,
                  for_talker: bool = False) -> AsyncIterator[ThinkerItem]:
         self.check(prompt, sampling)
-        seq = ThinkerSequence(self, request_id, prompt, media, sampling, for_talker)
+        seq = self.sequence_cls(self, request_id, prompt, media, sampling, for_talker)
         return self.loop.submit(seq)
