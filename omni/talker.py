@@ -35,9 +35,10 @@ class TalkerConfig(EngineConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.emit_every < 1 or self.emit_every_frames < 1:
-            raise ValueError(f"emit_every and emit_every_frames must be >= 1, got {self.emit_every}, "
-                             f"{self.emit_every_frames}")
+        if self.emit_every < 1:
+            raise ValueError(f"emit_every must be >= 1, got {self.emit_every}")
+        if self.emit_every_frames < 1:
+            raise ValueError(f"emit_every_frames must be >= 1, got {self.emit_every_frames}")
 
 
 class TalkerSequence(Sequence):

@@ -30,6 +30,14 @@ def tiny_qwen3():
 
 
 @pytest.fixture(scope="session")
+def pipeline_qwen3(tiny_qwen3):
+    """The in-process pipeline over the shared tiny Qwen3-Omni: the same Pipeline class, Qwen3 stages."""
+    from omni.serve.pipeline import Pipeline
+
+    return Pipeline(tiny_qwen3)
+
+
+@pytest.fixture(scope="session")
 def pipeline(tiny):
     """The in-process pipeline over the shared tiny model (the HTTP tests' backend and the Serve app's oracle)."""
     from omni.serve.pipeline import Pipeline
