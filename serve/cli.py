@@ -174,7 +174,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks against the official transformers path")
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default="tiny", help="a model, or several comma-separated to compare them "
+                                                   "(tiny,tiny-qwen3)")
     p.add_argument("--out", default="out/bench")
     p.add_argument("--concurrency", default=None, help="comma-separated levels (default 1,4,16)")
     p.add_argument("--requests", type=int, default=None, help="requests per level at least (default 2)")
