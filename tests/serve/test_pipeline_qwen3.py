@@ -134,3 +134,21 @@ def test_text_only_variant_serves_text_and_refuses_audio(tmp_path_factory, media
     assert run(p.run(req)).token_ids == reference_generate(p.loaded, req).token_ids
     with pytest.raises(InvalidRequest, match="no speech output"):
         run(p.run(make_request(media, "image", True)))
+
+
+def test_cancel_frees_slots_in_every_engine(pipeline_qwen3, media):
+    req = make_request(media, "audio", True, max_tokens=100, frames=80)
+
+    async def go():
+        events = pipeline_qwen3.stream(req)
+        async for ev in events:
+            if isinstance(ev, AudioChunk):
+                break
+        await events.aclose()  # what the HTTP layer does when the client disconnects
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if pipeline_qwen3.thinker.engine.num_running == pipeline_qwen3.talker.engine.num_running == 0:
+                return True
+        return False
+
+    assert run(go())
