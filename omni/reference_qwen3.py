@@ -68,7 +68,8 @@ def reference_generate_qwen3(loaded, request: ChatRequest, seed: int = 0):
     eos = model.thinker.generation_config.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     kw = dict(use_audio_in_video=request.use_audio_in_video, thinker_max_new_tokens=th.max_tokens,
-              thinker_eos_token_id=eos + [i for i in th.stop_token_ids if i not in eos], **_stage_kwargs("thinker_", th))
+              thinker_eos_token_id=eos + [i for i in th.stop_token_ids if i not in eos],
+              **_stage_kwargs("thinker_", th))
     torch.manual_seed(th.seed if th.seed is not None else seed)
     decode = processor.tokenizer.decode
     if not request.speak:

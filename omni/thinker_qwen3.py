@@ -110,8 +110,7 @@ class Qwen3ThinkerSequence(ThinkerSequence):
 
     def _accept(self, token: int) -> None:
         index = len(self.tokens)
-        finished_before = self.finished
-        if self.for_talker and not finished_before:
+        if self.for_talker and not self.finished:
             # decide `last` as append_token will, before the ThinkerDone it may append
             last = token in self.stop_ids or index + 1 >= self.max_tokens
             e = None if last else self.thinker.embed(torch.tensor([token], device=self.thinker.device))[0]
