@@ -1,5 +1,5 @@
-"""The vocoder's run loop: every open stream of this process is served by one batched `Token2Wav.step` call (in a
-worker thread) whenever some of them have a chunk ready (omni.loop.WorkerLoop)."""
+"""The vocoder's run loop: every open stream of this process is served by one batched `step` call (Token2Wav or
+Code2Wav, in a worker thread) whenever some of them have a chunk ready (omni.loop.WorkerLoop)."""
 from __future__ import annotations
 
 import asyncio

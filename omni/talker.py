@@ -31,11 +31,14 @@ __all__ = ["Talker", "TalkerConfig", "TalkerSequence"]
 class TalkerConfig(EngineConfig):
     batch_wait_s: float = 0.01  # the Talker's rows are fed by Thinker steps: wait this long so they share a forward
     emit_every: int = 4  # codec ids per talker_to_vocoder hand-off (latency vs. per-message overhead)
+    emit_every_frames: int = 1  # Qwen3: frames (80 ms, 16 codebook ids each) per talker_to_vocoder hand-off
 
     def __post_init__(self):
         super().__post_init__()
         if self.emit_every < 1:
             raise ValueError(f"emit_every must be >= 1, got {self.emit_every}")
+        if self.emit_every_frames < 1:
+            raise ValueError(f"emit_every_frames must be >= 1, got {self.emit_every_frames}")
 
 
 class TalkerSequence(Sequence):

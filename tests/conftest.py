@@ -22,6 +22,22 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3():
+    """The tiny random Qwen3-Omni (MoE Thinker, Talker + code predictor, Code2Wav), loaded once."""
+    from omni.checkpoint import load_model
+
+    return load_model("tiny-qwen3")
+
+
+@pytest.fixture(scope="session")
+def pipeline_qwen3(tiny_qwen3):
+    """The in-process pipeline over the shared tiny Qwen3-Omni: the same Pipeline class, Qwen3 stages."""
+    from omni.serve.pipeline import Pipeline
+
+    return Pipeline(tiny_qwen3)
+
+
+@pytest.fixture(scope="session")
 def pipeline(tiny):
     """The in-process pipeline over the shared tiny model (the HTTP tests' backend and the Serve app's oracle)."""
     from omni.serve.pipeline import Pipeline

@@ -3,6 +3,11 @@ checkpoint (the Pipeline and the official `generate` share the loaded model).
 
     omni bench --model tiny --out out/bench        # ~1-2 min on 2 CPU cores; --quick for a smoke run
     omni bench --model small                        # the preset where compute outweighs Python overhead
+    omni bench --model tiny,tiny-qwen3              # Qwen2.5 and Qwen3 side by side: out/<model>/ each, and
+                                                    # out/compare.md with their ratios in one table
+
+Qwen3-Omni counts speech in frames (80 ms, 16 codebook ids each), Qwen2.5 in codec ids (20 ms): `speech_tokens`
+bounds either, so the same setting gives Qwen3 four times the speech.
 
 Phases (progress on stderr):
 1. load sweep: for each output mode (text-only, text+speech) and concurrency c, c closed-loop clients send
@@ -53,12 +58,12 @@ QUESTIONS = [
 
 @dataclass(frozen=True)
 class BenchConfig:
-    model: str = "tiny"  # preset (tiny, small), checkpoint directory or hub id
+    model: str = "tiny"  # preset (tiny, small, tiny-qwen3, small-qwen3), checkpoint directory or hub id
     out: str = "out/bench"  # where results.json / results.md / results.png go
     concurrency: tuple[int, ...] = (1, 4, 16)  # clients sending at once, one load level each
     requests: int = 2  # requests per level at least; a level sends max(c, requests)
     max_tokens: int = 32  # text tokens per reply at most (greedy Thinker)
-    speech_tokens: int = 64  # codec tokens per reply at most (greedy Talker; 50 codes = 1 s of speech)
+    speech_tokens: int = 64  # codec tokens per reply at most (greedy Talker; Qwen2.5: 50 per s, Qwen3: 12.5 frames)
     inputs: tuple[str, ...] = ("image",)  # media in every request, of INPUT_KINDS (audio: ours pads its features to
     #                                       the clip, the official processor to 300 s, ~0.5 s of CPU per request)
     encoder_items: int = 8  # batch size of the batched encoder measurement (vs batch 1)
@@ -350,9 +355,23 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None) -> Bench
 
 
 def main(args) -> int:
-    from omni.serve.bench.report import write_report
+    """One model: its report under `out`. Several (`--model tiny,tiny-qwen3`): one after the other, each under
+    out/<model>/, and out/compare.md with their ratios against the official path side by side."""
+    import dataclasses
+
+    from omni.serve.bench.report import compare_markdown, write_report
 
     config = BenchConfig.from_args(args)
-    results = run_bench(config)
-    print(write_report(results, Path(config.out), plot=config.plot))
+    models = [m.strip() for m in config.model.split(",") if m.strip()]
+    if len(models) == 1:
+        print(write_report(run_bench(config), Path(config.out), plot=config.plot))
+        return 0
+    results = []
+    for model in models:
+        one = dataclasses.replace(config, model=model, out=str(Path(config.out) / Path(model).name))
+        results.append(run_bench(one))
+        print(write_report(results[-1], Path(one.out), plot=config.plot))
+    md = compare_markdown(results)
+    (Path(config.out) / "compare.md").write_text(md)
+    print(md)
     return 0
