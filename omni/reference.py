@@ -116,14 +116,12 @@ def reference_generate(loaded, request: ChatRequest, seed: int = 0,
                        forced_reply_ids: Optional[list[int]] = None) -> ReferenceResult:
     """Run `request` through the official `generate` of the loaded model (Qwen2.5-Omni here, Qwen3-Omni in
     omni/reference_qwen3.py). Sampling draws from the global RNG, seeded with `seed` (or the thinker's seed when
-    set) before the call. forced_reply_ids (speech only, Qwen2.5): the Thinker's reply is these ids (the official
-    Thinker teacher-forced over them), the Talker speaks it."""
+    set) before the call. forced_reply_ids (speech only): the Thinker's reply is these ids (the official Thinker
+    teacher-forced over them), the Talker speaks it."""
     if loaded.arch == "qwen3-omni":
-        if forced_reply_ids is not None:
-            raise NotImplementedError("forced_reply_ids: Qwen2.5-Omni only")
         from omni.reference_qwen3 import reference_generate_qwen3
 
-        return reference_generate_qwen3(loaded, request, seed)
+        return reference_generate_qwen3(loaded, request, seed, forced_reply_ids)
     model, processor = loaded.model, loaded.processor
     check_voice(request.voice, model.speaker_map)
     inputs = processor_inputs(processor, request).to(model.device)

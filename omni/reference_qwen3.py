@@ -56,10 +56,12 @@ def _capture_frames(model, sink: list):
 
 
 @torch.inference_mode()
-def reference_generate_qwen3(loaded, request: ChatRequest, seed: int = 0):
+def reference_generate_qwen3(loaded, request: ChatRequest, seed: int = 0, forced_reply_ids=None):
     """Run `request` through the official Qwen3-Omni generate. Sampling draws from the global RNG, seeded with `seed`
-    (or the thinker's seed when set) before the call. -> omni.reference.ReferenceResult (codec_ids: frames)."""
-    from omni.reference import ReferenceResult
+    (or the thinker's seed when set) before the call. forced_reply_ids (speech only): the Thinker's reply is these
+    ids (the official Thinker teacher-forced over them, omni.reference), the Talker speaks it.
+    -> omni.reference.ReferenceResult (codec_ids: frames)."""
+    from omni.reference import ReferenceResult, _teacher_forced_thinker
 
     model, processor = loaded.model, loaded.processor
     inputs = processor_inputs(processor, request).to(model.device)
@@ -84,7 +86,9 @@ def reference_generate_qwen3(loaded, request: ChatRequest, seed: int = 0):
     if tk.stop_token_ids:
         kw["talker_eos_token_id"] = [model.config.talker_config.codec_eos_token_id] + list(tk.stop_token_ids)
     frames: list = []
-    with _capture_frames(model, frames):
+    forced = (_teacher_forced_thinker(model, inputs, forced_reply_ids) if forced_reply_ids is not None
+              else contextlib.nullcontext())
+    with _capture_frames(model, frames), forced:
         seqs, wav = model.generate(**inputs, **kw)
     ids = seqs[0, prompt_len:].tolist()
     return ReferenceResult(ids, decode(ids, skip_special_tokens=True), frames[0],

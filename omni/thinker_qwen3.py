@@ -22,7 +22,7 @@ from omni.engine import EngineConfig
 from omni.thinker import Thinker, ThinkerSequence
 from omni.types import InvalidRequest, Qwen3TalkerPrompt, ThinkerToTalker
 
-__all__ = ["Qwen3Thinker", "Qwen3ThinkerSequence"]
+__all__ = ["Qwen3Thinker", "Qwen3ThinkerSequence", "Qwen3ForcedReplySequence"]
 
 
 class Qwen3ThinkerSequence(ThinkerSequence):
@@ -122,11 +122,32 @@ class Qwen3ThinkerSequence(ThinkerSequence):
             self.for_talker = for_talker
 
 
+class Qwen3ForcedReplySequence(Qwen3ThinkerSequence):
+    """A reply known in advance (the speech endpoint) for Qwen3: the Talker reads the reply only as input embeddings
+    e(g_k) (no Thinker hidden state of the reply), so one prefill over the prompt gives the talker prompt, and every
+    hand-off follows at once; the sequence finishes at its prefill and never takes a decode row. The official path,
+    teacher-forced over the same ids, gives the Talker the same inputs (omni.reference_qwen3)."""
+
+    def __init__(self, thinker, request_id, prompt, media, sampling, for_talker, reply_ids: list[int]):
+        super().__init__(thinker, request_id, prompt, media, sampling, for_talker)
+        self.reply_ids = reply_ids  # g_0 .. g_{N-1}, N >= 2, the last one the end-of-turn id
+        self.max_tokens = len(reply_ids)
+
+    def on_prefill(self, hidden, logits):
+        if self.for_talker:
+            self.outbox.append(self._talker_prompt())
+        del self._embeds, self._media_mask
+        self._captured = None
+        for token in self.reply_ids:
+            self._accept(token)  # the hand-off, the text and, at the last, ThinkerDone
+
+
 class Qwen3Thinker(Thinker):
     """The Thinker stage of a Qwen3-Omni model (Qwen3OmniMoeThinkerForConditionalGeneration); the same `generate`
     interface as omni.thinker.Thinker."""
 
     sequence_cls = Qwen3ThinkerSequence
+    forced_reply_cls = Qwen3ForcedReplySequence
 
     def __init__(self, thinker_model, tokenizer, config: EngineConfig = EngineConfig(), max_model_len: int = 32768,
                  talker_config=None, im_start_id: int | None = None, assistant_id: int | None = None):

@@ -70,3 +70,25 @@ def test_text_only_model_serves_text_and_refuses_audio(tmp_path_factory):
         r = client.post("/v1/chat/completions", json={"model": "q3-text", "max_tokens": 4, **SPEAK,
                                                       "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "no speech output" in r.json()["error"]["message"]
+
+
+def test_speech_endpoint_frames_equal_the_official_talker_on_the_forced_reply(http, pipeline_qwen3, tiny_qwen3):
+    """POST /v1/audio/speech on Qwen3: the reply forced to `input` (one prefill, then every hand-off); its frames (all
+    16 codebooks) are the official generate's, teacher-forced over the same ids, and the endpoint's PCM is the
+    pipeline run's."""
+    from omni.reference import reference_generate
+    from omni.serve.api.convert import ConvertOptions, to_speech_request
+    from omni.serve.api.protocol import SpeechRequest
+
+    text = "Hello there, how are you today?"
+    greedy = {"sampling_params_list": [None, {"temperature": 0.0, "max_tokens": 40}]}
+    r = http.post("/v1/audio/speech", json={"model": "tiny-qwen3", "input": text, "voice": "Aiden",
+                                             "response_format": "pcm", **greedy})
+    assert r.status_code == 200, r.text
+    req = to_speech_request(SpeechRequest(input=text, voice="Aiden", response_format="pcm", **greedy), "oracle",
+                            ConvertOptions(voices=tuple(pipeline_qwen3.voices), default_speech_tokens=40))
+    ours = asyncio.run(pipeline_qwen3.run(req))
+    ref = reference_generate(tiny_qwen3, req, forced_reply_ids=pipeline_qwen3.thinker.reply_ids(text))
+    assert ours.text == text and ours.token_ids == ref.token_ids
+    assert ours.codec_ids == ref.codec_ids and len(ours.codec_ids) > 4 and len(ours.codec_ids[0]) == 16
+    assert r.content == pcm16_bytes(ours.waveform)

@@ -6,9 +6,10 @@ joined to it), driven by `omni bench load`'s streaming clients:
 - faults: under load, each stage's replica in turn is `ray.kill`ed: the requests in flight end with an SSE error event
   or a 503 (code stage_unavailable) within FAIL_BOUND_S, none hangs (a call queued for the dead replica gives up
   after the server's stage_timeout_s), Serve starts a new replica, and then the same request gives the same text and
-  codec ids as before the kills.
+  speech bytes as before the kills (over HTTP).
 """
 import asyncio
+import base64
 import threading
 import time
 
@@ -45,48 +46,36 @@ def server(omni_serve, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def probe(server, media_dir, pipeline):
-    """-> ids(): the text and codec ids of one image + audio + speech request (every stage) through the app's
-    deployment handles, as the ingress composes them."""
-    from ray import serve
+def probe(server):
+    """-> ids(): the text and the speech (PCM bytes) of one image + audio + speech request (every stage), over HTTP as
+    a client sees it; greedy with a fixed seed, so the same replicas' weights give the same bytes."""
+    from omni.serve.bench.load import _media_parts
 
-    from omni.encoders.media import MediaPolicy, load_audio, load_image
-    from omni.serve.cluster.deployments import HandleStages
-    from omni.serve.compose import Composition
-    from omni.serve.config import load_serve_config
-    from omni.types import AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart
+    media = _media_parts()
+    body = {"messages": [{"role": "user", "content": [media["image"], media["audio"],
+                                                       {"type": "text", "text": "What do you see and hear?"}]}],
+            "max_tokens": 12, "temperature": 0, "seed": 0, "modalities": ["text", "audio"],
+            "audio": {"voice": "Chelsie", "format": "pcm16"},
+            "sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 60}]}
 
-    policy = MediaPolicy(allowed_local_media_path=str(media_dir))
-    req = ChatRequest([Message("user", [ImagePart(load_image(str(media_dir / "image.png"), policy)),
-                                        AudioPart(load_audio(str(media_dir / "speech.wav"), policy)),
-                                        TextPart("What do you see and hear?")])],
-                      sampling=SamplingParams(max_tokens=12), talker_sampling=SamplingParams(max_tokens=60),
-                      speak=True)
-    handle = lambda name: serve.get_deployment_handle(name, app_name="omni")  # noqa: E731
-    stages = HandleStages("tiny", load_serve_config("tiny"), handle("VisionEncoder"), handle("AudioEncoder"),
-                          handle("Thinker"), handle("Vocoder"), pipeline.voices)
-
-    def ids() -> tuple[list[int], list[int]]:
-        from omni.types import StageUnavailable
-
-        for attempt in range(3):  # this process's handles may not have heard of a new replica yet
-            try:
-                out = asyncio.run(Composition(stages).run(req))
-                return out.token_ids, out.codec_ids
-            except StageUnavailable:
-                if attempt == 2:
-                    raise
-                time.sleep(5)
+    def ids() -> tuple[str, bytes]:
+        for attempt in range(3):  # the app may not route to a new replica yet
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S)
+            if r.status_code == 200:
+                msg = r.json()["choices"][0]["message"]
+                return msg["content"], base64.b64decode(msg["audio"]["data"])
+            assert r.status_code == 503 and attempt < 2, r.text
+            time.sleep(5)
 
     return ids
 
 
 @pytest.fixture(scope="module")
 def before(probe):
-    """The probe's ids before any replica was killed."""
-    token_ids, codec_ids = probe()
-    assert token_ids and len(codec_ids) > 12
-    return token_ids, codec_ids
+    """The probe's text and speech before any replica was killed."""
+    text, pcm = probe()
+    assert text and len(pcm) > 2 * 4800  # > 0.2 s of 16-bit speech
+    return text, pcm
 
 
 def test_32_streaming_clients_no_5xx_503s_with_retry_after_flat_memory(server, tmp_path):
@@ -179,4 +168,4 @@ def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(
             break
         time.sleep(1)
     assert r.status_code == 200, r.text
-    assert probe() == before  # the new replica gives the same greedy tokens as the old one
+    assert probe() == before  # the new replica gives the same greedy text and speech as the old one
