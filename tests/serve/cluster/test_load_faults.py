@@ -28,6 +28,8 @@ STAGE_TIMEOUT_S = 20  # the server's stage_timeout_s: a call waiting for a repli
 FAIL_BOUND_S = STAGE_TIMEOUT_S + 25  # a request in flight when its replica dies ends within this (a loaded machine)
 REQUEST_TIMEOUT_S = 150  # a request not ended by then is a hang (a new replica takes ~30-120 s here to come up)
 STAGES = ["VisionEncoder", "AudioEncoder", "Thinker", "Talker", "Vocoder"]
+# the stages killed: the two encoders are one deployment class (_EncoderDeployment), so the vision one stands for both
+KILLED = ["VisionEncoder", "Thinker", "Talker", "Vocoder"]
 # what the fault load sends per stage: requests that pass through it (long speech for the generating stages, so
 # that streams are in flight when the replica dies)
 FAULT_MIX = {"VisionEncoder": ("image",), "AudioEncoder": ("audio+speech",), "Thinker": ("speech", "text"),
@@ -97,7 +99,7 @@ def test_32_streaming_clients_no_5xx_503s_with_retry_after_flat_memory(server, t
     assert results.passed
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", KILLED)
 def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(server, probe, before, stage):
     from omni.serve.cluster.replicas import kill_replica, list_replicas, wait_for_new_replica
 
@@ -150,8 +152,8 @@ def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(
     if stage == "Vocoder":  # every speech stream comes out of the vocoder: those under way all failed
         under_way = [o for o in in_flight if o.speak and o.ttft is not None and o.start + o.ttft < t_kill]
         assert under_way and all(o.kind != "ok" for o in under_way), in_flight
-    if not speech:  # an encoder call is short: the requests mid-encode, or sent to the dead replica before Serve saw
-        assert any(o.kind != "ok" for o in outcomes if o.end > t_kill), outcomes
+    # an encoder call is short (milliseconds on a quiet machine): whether one was mid-call at the kill is chance, so
+    # for the encoders only the bounds above (no hang, clean errors) and the recovery below are asserted
 
     new = wait_for_new_replica("omni", stage, [old.name])
     assert new.pid != old.pid
