@@ -19,11 +19,11 @@ def results(tmp_path_factory):
 
 def test_quick_bench_on_tiny_qwen3(results):
     assert results.model == "tiny-qwen3"
-    assert {(lv.mode, lv.concurrency) for lv in results.levels} == {(m, c) for m in ("text", "text+speech")
+    assert {(lv.mode, lv.concurrency) for lv in results.levels} == {(m, c) for m in ("text", "text+speech", "speech")
                                                                     for c in QUICK["concurrency"]}
     for lv in results.levels:
         assert lv.match.text_ids == 1.0
-        if lv.mode == "text+speech":
+        if lv.mode != "text":  # chat with speech, or the speech endpoint's forced reply
             ours, official = lv.ours, lv.official
             assert lv.match.codec_ids == 1.0  # frames of 16 codebooks, the same through both paths
             assert ours.codec_tokens == official.codec_tokens == lv.requests * (QUICK["speech_tokens"] - 1)
@@ -48,5 +48,5 @@ def test_several_models_side_by_side(results, tmp_path, monkeypatch, capsys):
     for model in ("tiny", "tiny-qwen3"):
         assert (tmp_path / model / "results.md").exists()
         assert sum(f"| `{model}` | {mode} |" in line for line in table.splitlines()
-                   for mode in ("text", "text+speech")) == 2 * len(QUICK["concurrency"])
+                   for mode in ("text", "text+speech", "speech")) == 3 * len(QUICK["concurrency"])
     assert table in capsys.readouterr().out
