@@ -53,6 +53,17 @@ def stop_codes(tiny) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="session")
+def media(media_dir) -> dict:
+    """The sample media of media_dir, loaded as the API loads them: {"image", "audio", "video"}."""
+    from omni.encoders.media import MediaPolicy, load_audio, load_image, load_video
+
+    policy = MediaPolicy(allowed_local_media_path=str(media_dir))
+    return {"image": load_image(str(media_dir / "image.png"), policy),
+            "audio": load_audio(str(media_dir / "speech.wav"), policy),
+            "video": load_video(str(media_dir / "clip.mp4"), policy)}
+
+
+@pytest.fixture(scope="session")
 def media_dir(tmp_path_factory) -> Path:
     """speech.wav (espeak-ng, 16 kHz mono, ~3 s), clip.mp4 (ffmpeg test pattern 2 s, 8 fps, 112x112, AAC speech),
     image.png (PIL, 112x84)."""

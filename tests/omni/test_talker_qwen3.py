@@ -13,16 +13,6 @@ from omni.types import (AudioPart, ChatRequest, ImagePart, Message, SamplingPara
                         TextPart, VideoPart)
 
 
-@pytest.fixture(scope="module")
-def media(media_dir):
-    from omni.encoders.media import MediaPolicy, load_audio, load_image, load_video
-
-    policy = MediaPolicy(allowed_local_media_path=str(media_dir))
-    return {"image": load_image(str(media_dir / "image.png"), policy),
-            "audio": load_audio(str(media_dir / "speech.wav"), policy),
-            "video": load_video(str(media_dir / "clip.mp4"), policy)}
-
-
 def make_request(media, kind, max_tokens=8, talker=SamplingParams(max_tokens=16)) -> ChatRequest:
     parts = {"text": lambda: [], "image": lambda: [ImagePart(media["image"])],
              "audio": lambda: [AudioPart(media["audio"])],

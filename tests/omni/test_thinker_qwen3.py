@@ -14,16 +14,6 @@ from omni.types import (AudioPart, ChatRequest, ImagePart, Message, Qwen3TalkerP
 KINDS = ["text", "image", "audio", "video", "video+audio", "all"]
 
 
-@pytest.fixture(scope="module")
-def media(media_dir):
-    from omni.encoders.media import MediaPolicy, load_audio, load_image, load_video
-
-    policy = MediaPolicy(allowed_local_media_path=str(media_dir))
-    return {"image": load_image(str(media_dir / "image.png"), policy),
-            "audio": load_audio(str(media_dir / "speech.wav"), policy),
-            "video": load_video(str(media_dir / "clip.mp4"), policy)}
-
-
 def make_request(media, kind: str, max_tokens: int = 12, **kw) -> ChatRequest:
     parts = {"text": [], "image": [ImagePart(media["image"])], "audio": [AudioPart(media["audio"])],
              "video": [VideoPart(media["video"])], "video+audio": [VideoPart(media["video"])],

@@ -18,16 +18,6 @@ OFFLINE_TOL = 1e-4  # offline Code2Wav vs the official generate's waveform, max 
 KINDS = ["text", "image", "audio", "video", "video+audio", "all"]
 
 
-@pytest.fixture(scope="module")
-def media(media_dir):
-    from omni.encoders.media import MediaPolicy, load_audio, load_image, load_video
-
-    policy = MediaPolicy(allowed_local_media_path=str(media_dir))
-    return {"image": load_image(str(media_dir / "image.png"), policy),
-            "audio": load_audio(str(media_dir / "speech.wav"), policy),
-            "video": load_video(str(media_dir / "clip.mp4"), policy)}
-
-
 def make_request(media, kind: str, speak: bool, max_tokens: int = 10, frames: int = 16, **kw) -> ChatRequest:
     parts = {"text": lambda: [], "image": lambda: [ImagePart(media["image"])],
              "audio": lambda: [AudioPart(media["audio"])], "video": lambda: [VideoPart(media["video"])],

@@ -61,16 +61,6 @@ def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="sk-test", timeout=120, max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def media(media_dir):
-    from omni.encoders.media import MediaPolicy, load_audio, load_image, load_video
-
-    policy = MediaPolicy(allowed_local_media_path=str(media_dir))
-    return {"image": load_image(str(media_dir / "image.png"), policy),
-            "audio": load_audio(str(media_dir / "speech.wav"), policy),
-            "video": load_video(str(media_dir / "clip.mp4"), policy)}
-
-
 def uri(media_dir, name, mime):
     return f"data:{mime};base64," + base64.b64encode((media_dir / name).read_bytes()).decode()
 
