@@ -44,7 +44,7 @@ test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/omni bench --model tiny
+	$(BIN)/omni bench --model tiny,tiny-qwen3
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,13 +1,13 @@
-"""The vocoder's run loop: the open streams of this process are served by batched `Token2Wav.step` calls (in a worker
-thread) whenever some of them have a chunk ready (omni.loop.WorkerLoop), by deadline.
+"""The vocoder's run loop: the open streams of this process are served by batched `step` calls (Token2Wav or
+Code2Wav, in a worker thread) whenever some of them have a chunk ready (omni.loop.WorkerLoop), by deadline.
 
 Deadline: each stream's audio is taken to play in real time from its first chunk, so its deadline is when what it has
 sent so far runs out. A stream that has sent nothing yet (its first chunk is pending) comes first: when first chunks
 are ready, a step serves them and only the started streams whose deadline falls within `urgent_s` (they would stall
 if they waited one more step); the others follow in the next step. Otherwise a step serves every ready stream, the
 earliest deadline first. A step computes one chunk of each stream it serves (`chunks_per_step`), so steps stay short
-and a stream behind by several chunks does not hold a first chunk up. Which chunks a stream's step computes never depends on the others, so the order changes
-when audio comes, never what it is.
+and a stream behind by several chunks does not hold a first chunk up. Which chunks a stream's step computes never
+depends on the others, so the order changes when audio comes, never what it is.
 """
 from __future__ import annotations
 

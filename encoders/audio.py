@@ -1,5 +1,6 @@
-"""Audio encoder stage: the Qwen2.5-Omni thinker's audio tower (`thinker.model.audio_tower`) over a batch of audios
-(plain audio parts and videos' own tracks) from different requests, one forward per batch.
+"""Audio encoder stage: the thinker's audio tower (`thinker.model.audio_tower`) over a batch of audios (plain audio
+parts and videos' own tracks) from different requests, one forward per batch. Qwen2.5-Omni's here; Qwen3-Omni's in
+encoders/qwen3.py (picked by `AudioEncoder.for_tower` / `from_pretrained`).
 
 The tower takes the valid feature frames of several audios concatenated ([128, sum n_frames]) with their lengths, as
 `Qwen2_5OmniThinkerModel.get_audio_features` calls it. It cuts each audio into windows of 2 * n_window frames (1 s)
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from omni.encoders.vision import EncoderConfig, detach_chunks, load_thinker, place, plan_batches
+from omni.encoders.vision import EncoderConfig, detach_chunks, is_qwen3_tower, load_thinker, place, plan_batches
 from omni.types import AudioItem
 
 __all__ = ["AudioEncoder"]
@@ -27,10 +28,24 @@ class AudioEncoder:
         self.num_mel_bins: int = audio_tower.config.num_mel_bins  # 128
         self.out_hidden_size: int = audio_tower.config.output_dim  # H, the thinker's hidden size
 
+    @staticmethod
+    def for_tower(audio_tower: torch.nn.Module, config: EncoderConfig = EncoderConfig()) -> "AudioEncoder":
+        """The encoder class for this tower (Qwen3-Omni's in encoders/qwen3.py)."""
+        if is_qwen3_tower(audio_tower):
+            from omni.encoders.qwen3 import Qwen3AudioEncoder
+
+            return Qwen3AudioEncoder(audio_tower, config)
+        return AudioEncoder(audio_tower, config)
+
     @classmethod
     def from_pretrained(cls, model: str, config: EncoderConfig = EncoderConfig()) -> "AudioEncoder":
-        """`tiny`/`small`, a checkpoint directory or a hub id; keeps `thinker.model.audio_tower`, drops the rest."""
-        return cls(load_thinker(model, config).model.audio_tower, config)
+        """A preset, a checkpoint directory or a hub id; keeps `thinker.model.audio_tower`, drops the rest."""
+        return cls.for_tower(load_thinker(model, config).model.audio_tower, config)
+
+    def _forward(self, features: torch.Tensor, feature_lens: torch.Tensor) -> torch.Tensor:
+        """features [128, sum n_frames], feature_lens [n_items] -> [sum n_tokens, H]."""
+        aftercnn_lens, _ = self.lengths(feature_lens)
+        return self.audio_tower(features, feature_lens=feature_lens, aftercnn_lens=aftercnn_lens).last_hidden_state
 
     def lengths(self, n_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[n] feature frames -> ([n] frames after the convolutions, [n] output tokens), the tower's own formula."""
@@ -55,9 +70,8 @@ class AudioEncoder:
             # features: [128, sum n_frames]; feature_lens: [n_items]
             features = torch.cat([items[i].features for i in group], dim=1).to(self.config.device)
             feature_lens = torch.tensor([frames[i] for i in group], dtype=torch.long, device=self.config.device)
-            aftercnn_lens, n_tokens = self.lengths(feature_lens)
-            embeds = self.audio_tower(features, feature_lens=feature_lens,
-                                      aftercnn_lens=aftercnn_lens).last_hidden_state  # [sum n_tokens, H]
+            n_tokens = self.lengths(feature_lens)[1]
+            embeds = self._forward(features, feature_lens)  # [sum n_tokens, H]
             if embeds.shape[0] != int(n_tokens.sum()):
                 raise RuntimeError(f"audio tower returned {embeds.shape[0]} tokens, expected {int(n_tokens.sum())}")
             out += detach_chunks(embeds, n_tokens.tolist())

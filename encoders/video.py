@@ -27,7 +27,7 @@ class VideoEncoder:
     def from_pretrained(cls, model: str, config: EncoderConfig = EncoderConfig()) -> "VideoEncoder":
         """Loads the thinker once and keeps both towers."""
         towers = load_thinker(model, config).model
-        return cls(VisionEncoder(towers.visual, config), AudioEncoder(towers.audio_tower, config))
+        return cls(VisionEncoder.for_tower(towers.visual, config), AudioEncoder.for_tower(towers.audio_tower, config))
 
     def encode(self, videos: list[VisionItem],
                audios: list[Optional[AudioItem]]) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -42,6 +42,10 @@ class VideoEncoder:
 def encode_prompt(prompt: PreparedPrompt, vision: VisionEncoder, audio: AudioEncoder) -> MediaEmbeddings:
     """All media of one request, in prompt order. Images, videos and audios go in separate calls, as the official
     thinker encodes them, so the embeddings are the ones `thinker.generate` places (videos' tracks, with
-    use_audio_in_video, are among `prompt.audios` already, at their videos' places)."""
-    return MediaEmbeddings(images=vision.encode(prompt.images), videos=vision.encode(prompt.videos),
-                           audios=audio.encode(prompt.audios))
+    use_audio_in_video, are among `prompt.audios` already, at their videos' places). Qwen3's deepstack features come
+    along (MediaEmbeddings.image_deepstack / video_deepstack)."""
+    images, videos = vision.encode_with_deepstack(prompt.images), vision.encode_with_deepstack(prompt.videos)
+    return MediaEmbeddings(images=[e for e, _ in images], videos=[e for e, _ in videos],
+                           audios=audio.encode(prompt.audios),
+                           image_deepstack=[d for _, d in images if d is not None],
+                           video_deepstack=[d for _, d in videos if d is not None])

@@ -1,5 +1,6 @@
-"""Vision encoder stage: the Qwen2.5-Omni thinker's vision tower (`thinker.model.visual`) over a batch of images or
-video frames from different requests, one forward per batch.
+"""Vision encoder stage: the thinker's vision tower (`thinker.model.visual`) over a batch of images or video frames
+from different requests, one forward per batch. Qwen2.5-Omni's here; Qwen3-Omni's (with its deepstack features) in
+encoders/qwen3.py, picked by `VisionEncoder.for_tower` / `from_pretrained` from the tower (or checkpoint) itself.
 
 The tower takes packed inputs: several items' patches concatenated, their grids stacked. Attention is restricted to
 each item (cu_seqlens over `grid_thw`), so an item's embeddings do not depend on what it is batched with, up to the
@@ -54,13 +55,21 @@ def plan_batches(sizes: list[int], max_items: int, max_tokens: int) -> list[rang
 
 
 def load_thinker(model: str, config: EncoderConfig):
-    """The thinker alone (no talker, no token2wav), in `config.dtype`, on the CPU: the caller keeps the tower it
-    needs and moves only that to `config.device`, so the language model never touches the accelerator."""
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+    """The thinker alone (no talker, no token2wav / code2wav), of the checkpoint's architecture, in `config.dtype`, on
+    the CPU: the caller keeps the tower it needs and moves only that to `config.device`, so the language model never
+    touches the accelerator."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration, Qwen3OmniMoeThinkerForConditionalGeneration
 
-    thinker = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(resolve_model(model),
-                                                                         dtype=config.torch_dtype)
-    return thinker.eval()
+    from omni.checkpoint import model_arch
+
+    path = resolve_model(model)
+    cls = (Qwen3OmniMoeThinkerForConditionalGeneration if model_arch(path) == "qwen3-omni"
+           else Qwen2_5OmniThinkerForConditionalGeneration)
+    return cls.from_pretrained(path, dtype=config.torch_dtype).eval()
+
+
+def is_qwen3_tower(module: torch.nn.Module) -> bool:
+    return type(module).__name__.startswith("Qwen3OmniMoe")
 
 
 def place(module: torch.nn.Module, config: EncoderConfig) -> torch.nn.Module:
@@ -91,10 +100,19 @@ class VisionEncoder:
         self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2  # 3 * 2 * 14 * 14 = 1176
         self.out_hidden_size: int = vc.out_hidden_size  # H, the thinker's hidden size
 
+    @staticmethod
+    def for_tower(visual: torch.nn.Module, config: EncoderConfig = EncoderConfig()) -> "VisionEncoder":
+        """The encoder class for this tower: Qwen3-Omni's keeps its deepstack features (encoders/qwen3.py)."""
+        if is_qwen3_tower(visual):
+            from omni.encoders.qwen3 import Qwen3VisionEncoder
+
+            return Qwen3VisionEncoder(visual, config)
+        return VisionEncoder(visual, config)
+
     @classmethod
     def from_pretrained(cls, model: str, config: EncoderConfig = EncoderConfig()) -> "VisionEncoder":
-        """`tiny`/`small`, a checkpoint directory or a hub id; keeps `thinker.model.visual` and drops the rest."""
-        return cls(load_thinker(model, config).model.visual, config)
+        """A preset, a checkpoint directory or a hub id; keeps `thinker.model.visual` and drops the rest."""
+        return cls.for_tower(load_thinker(model, config).model.visual, config)
 
     def num_tokens(self, item: VisionItem) -> int:
         return int(item.grid_thw.prod()) // self.merge_unit
@@ -121,3 +139,7 @@ class VisionEncoder:
             embeds = self.visual(pixel_values, grid_thw=grid_thw).pooler_output  # [sum n_tokens, H]
             out += detach_chunks(embeds, [patches[i] // self.merge_unit for i in group])
         return out
+
+    def encode_with_deepstack(self, items: list[VisionItem]) -> list[tuple[torch.Tensor, "torch.Tensor | None"]]:
+        """-> per item (embeds [n_tokens, H], deepstack [n_levels, n_tokens, H] or None: Qwen2.5 has none)."""
+        return [(e, None) for e in self.encode(items)]

@@ -1,8 +1,11 @@
-"""Resolving and loading checkpoints: `tiny` / `small` (built on first use into a cache), a local directory, or a
-hub id of the real Qwen2.5-Omni-3B/7B (`Qwen/Qwen2.5-Omni-7B`), loaded with transformers' own classes."""
+"""Resolving and loading checkpoints: `tiny` / `small` / `tiny-qwen3` / `small-qwen3` (built on first use into a
+cache), a local directory, or a hub id of a real one (`Qwen/Qwen2.5-Omni-7B`, `Qwen/Qwen3-Omni-30B-A3B-Instruct`),
+loaded with transformers' own classes. The architecture is read from the checkpoint's config.json (`model_type`,
+else `architectures`), never from a flag: `model_arch(path)` -> "qwen2.5-omni" | "qwen3-omni"."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -12,11 +15,20 @@ from pathlib import Path
 import torch
 
 from omni.tiny import PRESETS, build_checkpoint
+from omni.tiny_qwen3 import QWEN3_PRESETS, build_qwen3_checkpoint
 from omni.types import SamplingParams
 
-__all__ = ["LoadedModel", "resolve_model", "load_model", "list_voices", "generation_defaults", "cache_dir", "RECIPE_VERSION"]
+__all__ = ["LoadedModel", "resolve_model", "load_model", "list_voices", "generation_defaults", "cache_dir",
+           "model_arch", "model_config", "ARCHS", "ALL_PRESETS", "RECIPE_VERSION", "QWEN3_RECIPE_VERSION"]
 
 RECIPE_VERSION = 2  # bump when tiny.py changes what it writes: the cached copies are rebuilt
+QWEN3_RECIPE_VERSION = 1  # the same for tiny_qwen3.py
+ARCHS = ("qwen2.5-omni", "qwen3-omni")
+_MODEL_TYPES = {"qwen2_5_omni": "qwen2.5-omni", "qwen3_omni_moe": "qwen3-omni"}  # config.json model_type -> arch
+_ARCHITECTURES = {"Qwen2_5OmniForConditionalGeneration": "qwen2.5-omni",
+                  "Qwen3OmniMoeForConditionalGeneration": "qwen3-omni"}
+ALL_PRESETS = {**{name: ("qwen2.5-omni", RECIPE_VERSION) for name in PRESETS},
+               **{name: ("qwen3-omni", QWEN3_RECIPE_VERSION) for name in QWEN3_PRESETS}}
 
 
 def cache_dir() -> Path:
@@ -24,17 +36,18 @@ def cache_dir() -> Path:
 
 
 def resolve_model(model: str) -> str:
-    """`tiny`/`small` -> a cached checkpoint directory (built once, under a file lock); an existing directory -> itself;
-    anything else is passed on as a hub id."""
-    if model in PRESETS:
+    """A preset (`tiny`, `small`, `tiny-qwen3`, `small-qwen3`) -> a cached checkpoint directory (built once, under a
+    file lock); an existing directory -> itself; anything else is passed on as a hub id."""
+    if model in ALL_PRESETS:
+        arch, version = ALL_PRESETS[model]
         root = cache_dir()
         root.mkdir(parents=True, exist_ok=True)
-        target = root / f"{model}-v{RECIPE_VERSION}"
+        target = root / f"{model}-v{version}"
         with open(root / f".{model}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # several processes (Ray replicas, pytest workers) may ask at once
             if not (target / "model.safetensors").exists():
                 tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{model}-"))
-                build_checkpoint(tmp, preset=model)
+                (build_qwen3_checkpoint if arch == "qwen3-omni" else build_checkpoint)(tmp, preset=model)
                 if target.exists():
                     shutil.rmtree(target)
                 tmp.rename(target)
@@ -42,22 +55,61 @@ def resolve_model(model: str) -> str:
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} has no config.json: not a Qwen2.5-Omni checkpoint directory")
+            raise FileNotFoundError(f"{path} has no config.json: not a Qwen-Omni checkpoint directory")
         return str(path)
     if os.sep in model and not model.count("/") == 1:
-        raise FileNotFoundError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}), a directory nor a hub id")
+        raise FileNotFoundError(f"model {model!r} is neither a preset ({', '.join(ALL_PRESETS)}), a directory nor a "
+                                f"hub id")
     return model  # hub id, e.g. Qwen/Qwen2.5-Omni-7B
+
+
+def model_config(model: str) -> dict:
+    """The checkpoint's config.json as a dict (a preset is built first; a hub id is fetched)."""
+    from transformers.utils import cached_file
+
+    with open(cached_file(resolve_model(model), "config.json")) as f:
+        return json.load(f)
+
+
+def model_arch(model: str | dict) -> str:
+    """"qwen2.5-omni" or "qwen3-omni", from config.json's `model_type` (else `architectures`); ValueError for
+    anything else. `model`: a preset, a directory, a hub id, or a config dict already read."""
+    cfg = model if isinstance(model, dict) else model_config(model)
+    arch = _MODEL_TYPES.get(cfg.get("model_type", ""))
+    for name in cfg.get("architectures") or []:
+        arch = arch or _ARCHITECTURES.get(name)
+    if arch is None:
+        raise ValueError(f"not a Qwen-Omni checkpoint (model_type {cfg.get('model_type')!r}, architectures "
+                         f"{cfg.get('architectures')}); supported: {', '.join(_ARCHITECTURES)}")
+    return arch
+
+
+def _config_voices(cfg: dict) -> list[str]:
+    """Qwen3-Omni's voices, from config.json (talker_config.speaker_id); [] for a text-only checkpoint."""
+    if not cfg.get("enable_audio_output", True):
+        return []
+    return sorted(name.capitalize() for name in (cfg.get("talker_config") or {}).get("speaker_id") or {})
 
 
 @dataclass
 class LoadedModel:
     name: str  # what the user asked for ("tiny", a path, a hub id)
     path: str  # resolved directory or hub id
-    model: "torch.nn.Module"  # Qwen2_5OmniForConditionalGeneration, eval mode
-    processor: object  # Qwen2_5OmniProcessor
+    model: "torch.nn.Module"  # Qwen2_5OmniForConditionalGeneration or Qwen3OmniMoeForConditionalGeneration, eval
+    processor: object  # Qwen2_5OmniProcessor or Qwen3OmniMoeProcessor
+    arch: str = "qwen2.5-omni"  # one of ARCHS
+
+    @property
+    def has_speech(self) -> bool:
+        return bool(getattr(self.model, "has_talker", False))
 
     @property
     def voices(self) -> list[str]:
+        """The voices this model speaks with; [] when it has no speech output (a text-only checkpoint)."""
+        if not self.has_speech:
+            return []
+        if self.arch == "qwen3-omni":
+            return sorted(name.capitalize() for name in self.model.config.talker_config.speaker_id)
         return sorted(self.model.speaker_map)
 
     @property
@@ -66,8 +118,14 @@ class LoadedModel:
 
 
 def list_voices(model: str) -> list[str]:
-    """The voices of a checkpoint (keys of its spk_dict.pt), without loading the model."""
+    """The voices of a checkpoint without loading the model: Qwen2.5 the keys of its spk_dict.pt, Qwen3 its config's
+    talker_config.speaker_id (capitalised); [] for a text-only checkpoint."""
     path = resolve_model(model)
+    cfg = model_config(path)
+    if model_arch(cfg) == "qwen3-omni":
+        return _config_voices(cfg)
+    if not cfg.get("enable_audio_output", True):
+        return []
     local = Path(path) / "spk_dict.pt"
     if not local.exists():
         from huggingface_hub import hf_hub_download
@@ -97,17 +155,26 @@ def default_device() -> str:
 
 def load_model(model: str = "tiny", device: str | None = None, dtype: str | torch.dtype | None = None,
                enable_audio_output: bool = True) -> LoadedModel:
-    """Load model + processor. dtype defaults to float32 on CPU and bfloat16 on CUDA (the real weights' dtype)."""
-    from transformers import AutoProcessor, Qwen2_5OmniForConditionalGeneration
+    """Load model + processor, of the architecture the checkpoint's config names. dtype defaults to float32 on CPU and
+    bfloat16 on CUDA (the real weights' dtype). A text-only checkpoint (`enable_audio_output: false`, as Qwen3-Omni's
+    Thinking and Captioner releases) loads without its talker whatever `enable_audio_output` says."""
+    from transformers import AutoProcessor, Qwen2_5OmniForConditionalGeneration, Qwen3OmniMoeForConditionalGeneration
 
     path = resolve_model(model)
+    cfg = model_config(path)
+    arch = model_arch(cfg)
+    enable_audio_output = enable_audio_output and bool(cfg.get("enable_audio_output", True))
     device = device or default_device()
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    net = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=dtype,
-                                                              enable_audio_output=enable_audio_output)
+    cls = Qwen3OmniMoeForConditionalGeneration if arch == "qwen3-omni" else Qwen2_5OmniForConditionalGeneration
+    net = cls.from_pretrained(path, dtype=dtype, enable_audio_output=enable_audio_output)
+    if arch == "qwen3-omni" and getattr(net, "has_talker", False):
+        # transformers 5.23/5.24 gap: with audio in the prompt talker.get_rope_index reads
+        # talker_config.audio_config.n_window, a sub-config the talker config never declares: it is the thinker's
+        net.talker.config.audio_config = net.config.thinker_config.audio_config
     net = net.to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
-    return LoadedModel(name=model, path=path, model=net, processor=processor)
+    return LoadedModel(name=model, path=path, model=net, processor=processor, arch=arch)

@@ -49,12 +49,15 @@ class EngineConfig:
 
 @dataclass
 class DecoderModel:
-    """How to run one decoder: forward(embeds [B, T, H_in], positions [3, B, T], mask [B, kv + T], cache) -> hidden
-    [B, T, H]; head(hidden [B, T, H]) -> float logits [B, V] of the last position; config for DynamicCache."""
+    """How to run one decoder: forward(embeds [B, T, H_in], positions [3, B, T], mask [B, kv + T], cache, **prefill
+    kwargs) -> hidden [B, T, H]; head(hidden [B, T, H]) -> float logits [B, V] of the last position; config for
+    DynamicCache. `after_step(seqs)`, when set, runs once per engine step on the sequences that produced output (a
+    batched post-step such as Qwen3's code predictor)."""
     forward: Callable
     head: Callable
     config: object
     device: torch.device
+    after_step: Optional[Callable] = None
 
 
 class Sampler:
@@ -127,13 +130,14 @@ class Sequence:
     def ready_to_prefill(self) -> bool:
         return True
 
-    def prefill_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:  # embeds [L, H_in], positions [3, L]
+    def prefill_inputs(self) -> tuple:
+        """(embeds [L, H_in], positions [3, L]) or (embeds, positions, kwargs for this prefill's model.forward)."""
         raise NotImplementedError
 
     def on_prefill(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def next_input(self) -> Optional[tuple[torch.Tensor, int]]:  # (embed [H_in], position) or None
+    def next_input(self) -> Optional[tuple[torch.Tensor, "int | float"]]:  # (embed [H_in], position) or None
         raise NotImplementedError
 
     def has_input(self) -> bool:
@@ -241,6 +245,8 @@ class Engine:
         touched: list[Sequence] = []
         self._admit(touched)
         self._decode(touched)
+        if self.model.after_step is not None and touched:
+            self.model.after_step(touched)
         self._retire()
         return touched
 
@@ -255,13 +261,16 @@ class Engine:
             if len(self._rows) >= self.config.max_num_seqs or not seq.ready_to_prefill():
                 waiting.append(seq)
                 continue
+            if seq.finished:  # it ended before its prefill (a Qwen3 Talker with nothing to say)
+                touched.append(seq)
+                continue
             touched.append(seq)
             try:
-                embeds, pos = seq.prefill_inputs()  # [L, H_in], [3, L]
+                embeds, pos, *extra = seq.prefill_inputs()  # [L, H_in], [3, L], optional forward kwargs
                 L = embeds.shape[0]
                 cache = DynamicCache(config=self.model.config)
                 mask = torch.ones(1, L, dtype=torch.long, device=self.model.device)
-                hidden = self.model.forward(embeds[None], pos[:, None], mask, cache)  # [1, L, H]
+                hidden = self.model.forward(embeds[None], pos[:, None], mask, cache, **(extra[0] if extra else {}))
                 seq.on_prefill(hidden, self.model.head(hidden))
             except Exception as exc:  # this request's inputs are bad: fail it alone, the batch goes on
                 seq.outbox.append(exc)
@@ -282,7 +291,9 @@ class Engine:
         B, H = len(self._rows), next(x for x in inputs if x is not None)[0].shape[-1]
         dev = self.model.device
         x = torch.zeros(B, 1, H, device=dev, dtype=inputs[active[0]][0].dtype)
-        pos = torch.ones(3, B, 1, dtype=torch.long, device=dev)
+        # M-RoPE positions are integers for Qwen2.5, float32 for Qwen3 (video time steps of seconds_per_grid * 13)
+        fractional = any(isinstance(inputs[i][1], float) for i in active)
+        pos = torch.ones(3, B, 1, dtype=torch.float32 if fractional else torch.long, device=dev)
         col = torch.zeros(B, 1, dtype=torch.long, device=dev)
         for i in active:
             emb, p = inputs[i]

@@ -24,7 +24,7 @@ __all__ = ["ReferenceResult", "reference_generate", "keep_talker_mask"]
 class ReferenceResult:
     token_ids: list[int]  # generated text ids (EOS included when generated)
     text: str  # decoded, special tokens skipped
-    codec_ids: list[int]  # generated codec ids (stop code included when generated); [] for text only
+    codec_ids: list  # Qwen2.5: codec ids (stop code included when generated); Qwen3: frames [n][16]; [] for text only
     waveform: Optional[np.ndarray]  # [n] float32, 24 kHz; None for text only
     prompt_ids: list[int]
     sample_rate: int = AUDIO_SAMPLE_RATE
@@ -114,9 +114,14 @@ def _teacher_forced_thinker(model, inputs, reply_ids: list[int]):
 @torch.inference_mode()
 def reference_generate(loaded, request: ChatRequest, seed: int = 0,
                        forced_reply_ids: Optional[list[int]] = None) -> ReferenceResult:
-    """Run `request` through `Qwen2_5OmniForConditionalGeneration.generate`. Sampling draws from the global RNG,
-    seeded with `seed` (or the thinker's seed when set) before the call. forced_reply_ids (speech only): the
-    Thinker's reply is these ids (the official Thinker teacher-forced over them), the Talker speaks it."""
+    """Run `request` through the official `generate` of the loaded model (Qwen2.5-Omni here, Qwen3-Omni in
+    omni/reference_qwen3.py). Sampling draws from the global RNG, seeded with `seed` (or the thinker's seed when
+    set) before the call. forced_reply_ids (speech only): the Thinker's reply is these ids (the official Thinker
+    teacher-forced over them), the Talker speaks it."""
+    if loaded.arch == "qwen3-omni":
+        from omni.reference_qwen3 import reference_generate_qwen3
+
+        return reference_generate_qwen3(loaded, request, seed, forced_reply_ids)
     model, processor = loaded.model, loaded.processor
     check_voice(request.voice, model.speaker_map)
     inputs = processor_inputs(processor, request).to(model.device)

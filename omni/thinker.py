@@ -186,6 +186,9 @@ class Thinker:
     """The Thinker stage of one model: `generate(...)` streams TextDelta, TalkerPrompt, ThinkerToTalker and a final
     ThinkerDone. Many concurrent calls share one engine (one batched forward per step)."""
 
+    sequence_cls = ThinkerSequence  # Qwen3's Thinker (omni/thinker_qwen3.py) brings its own
+    forced_reply_cls = ForcedReplySequence  # the reply given in advance (the speech endpoint)
+
     def __init__(self, thinker_model, tokenizer, config: EngineConfig = EngineConfig(), max_model_len: int = 32768):
         self.model = thinker_model  # Qwen2_5OmniThinkerForConditionalGeneration
         self.cfg = thinker_model.config
@@ -225,10 +228,12 @@ class Thinker:
         """forced_reply: the reply's text, known in advance (speech of a given text): one prefill, no decoding."""
         if forced_reply is None:
             self.check(prompt, sampling)
-            return self.loop.submit(ThinkerSequence(self, request_id, prompt, media, sampling, for_talker))
+            return self.loop.submit(self.sequence_cls(self, request_id, prompt, media, sampling, for_talker))
+        if self.forced_reply_cls is None:
+            raise InvalidRequest("speech of a given text is not served for this model yet", "model")
         ids = self.reply_ids(forced_reply)
         if len(ids) < 2:
             raise InvalidRequest("the text to speak is empty", "input")
         check_context(int(prompt.input_ids.shape[0]), dataclasses.replace(sampling, max_tokens=len(ids)),
                       self.max_model_len)
-        return self.loop.submit(ForcedReplySequence(self, request_id, prompt, media, sampling, for_talker, ids))
+        return self.loop.submit(self.forced_reply_cls(self, request_id, prompt, media, sampling, for_talker, ids))

@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "SamplingParams", "TALKER_DEFAULT_SAMPLING", "Video", "TextPart", "ImagePart", "AudioPart", "VideoPart", "Part",
     "Message", "ChatRequest", "VisionItem", "AudioItem", "PreparedPrompt", "MediaEmbeddings", "TalkerPrompt",
+    "Qwen3TalkerPrompt",
     "ThinkerToTalker", "TalkerToVocoder", "ThinkerDone", "TalkerDone", "ThinkerItem", "TalkerItem", "Generation",
     "TextDelta", "AudioChunk", "Finished", "Event", "ChatResult", "OmniError", "InvalidRequest", "StageUnavailable",
     "check_voice", "AUDIO_SAMPLE_RATE", "INPUT_AUDIO_SAMPLE_RATE", "DEFAULT_VOICE",
@@ -200,6 +201,10 @@ class MediaEmbeddings:
     images: list[torch.Tensor] = field(default_factory=list)  # each [n_tokens_i, H], prompt order
     videos: list[torch.Tensor] = field(default_factory=list)  # each [n_tokens_i, H]
     audios: list[torch.Tensor] = field(default_factory=list)  # each [n_tokens_i, H]
+    # Qwen3-Omni's deepstack: features of early vision-tower layers, added to the Thinker's first n_levels layers at
+    # the same placeholder tokens; [] for Qwen2.5
+    image_deepstack: list[torch.Tensor] = field(default_factory=list)  # each [n_levels, n_tokens_i, H]
+    video_deepstack: list[torch.Tensor] = field(default_factory=list)  # each [n_levels, n_tokens_i, H]
 
 
 # ---------------------------------------------------------------------------------------------------- hand-offs
@@ -217,18 +222,36 @@ class TalkerPrompt:
 
 
 @dataclass
+class Qwen3TalkerPrompt:
+    """thinker_to_talker for Qwen3-Omni, once per request after the Thinker's prefill: what its talker's prompt is made
+    of (omni/talker_qwen3.py). The system turn is not voiced; U = positions of the user turns (each from its
+    <|im_start|> to the newline after its <|im_end|>)."""
+    user_ids: torch.Tensor  # [U] long: the user turns' prompt ids (the talker's M-RoPE reads them)
+    user_embeds: torch.Tensor  # [U, H] the Thinker's accept_hidden_layer output at media tokens, its input embedding
+    #                            elsewhere
+    user_media: torch.Tensor  # [U] bool: media tokens (talker.hidden_projection) vs text (talker.text_projection)
+    assistant_embeds: torch.Tensor  # [t, H] input embeddings of the prompt's tail from its last <|im_start|>assistant
+    image_grid_thw: Optional[torch.Tensor]  # [n_images, 3]
+    video_grid_thw: Optional[torch.Tensor]  # [n_videos, 3]
+    audio_seqlens: Optional[torch.Tensor]  # [n_audios] feature frames
+    video_second_per_grid: Optional[torch.Tensor]  # [n_videos]
+
+
+@dataclass
 class ThinkerToTalker:
     """thinker_to_talker, once per generated text token g_k (k >= 0), in order."""
     index: int  # k
     token_id: int  # g_k
-    reply: Optional[torch.Tensor]  # [H] R_k = h(g_k) + e(g_k); None when g_k is the last token (it is never fed)
+    reply: Optional[torch.Tensor]  # [H] Qwen2.5: R_k = h(g_k) + e(g_k), sent once g_k is fed; Qwen3: e(g_k), sent
+    #                                once g_k is sampled. None when g_k is the last token (the talker never reads it)
     last: bool  # g_k ends the reply (EOS, stop id or max_tokens)
 
 
 @dataclass
 class TalkerToVocoder:
     """talker_to_vocoder: new codec ids of one request, in order."""
-    codes: list[int]  # new codec ids (the final stop code excluded)
+    codes: list  # new codes, the final stop code excluded: Qwen2.5 codec ids (one per 20 ms); Qwen3 frames, each
+    #              [num_code_groups] ids (one frame per 80 ms)
     last: bool  # no more codes will come
 
 
@@ -242,7 +265,8 @@ class ThinkerDone:
 @dataclass
 class TalkerDone:
     """The Talker's last item for a request."""
-    codes: list[int]  # all generated codec ids (the stop code included when generated)
+    codes: list  # Qwen2.5: all generated codec ids (the stop code included when generated); Qwen3: all frames
+    #              [n_frames][num_code_groups] (its stop code 2150 is no frame)
     finish_reason: Literal["stop", "length"]
 
 
@@ -266,12 +290,13 @@ class Finished:
     completion_tokens: int
     codec_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)  # generated text ids (EOS included when generated)
-    codec_ids: list[int] = field(default_factory=list)  # generated codec ids (stop code included when generated)
+    codec_ids: list = field(default_factory=list)  # generated codec ids (stop code included when generated); Qwen3:
+    #                                                frames [n][16]
     stage_seconds: dict[str, float] = field(default_factory=dict)  # per-stage latency of this request
 
 
 Event = Union[TextDelta, AudioChunk, Finished]
-ThinkerItem = Union[TextDelta, TalkerPrompt, ThinkerToTalker, ThinkerDone]  # what Thinker.generate yields
+ThinkerItem = Union[TextDelta, TalkerPrompt, Qwen3TalkerPrompt, ThinkerToTalker, ThinkerDone]  # Thinker.generate
 TalkerItem = Union[TalkerToVocoder, TalkerDone]  # what the Talker adds to the stream (the rest passes through)
 
 
@@ -279,7 +304,7 @@ TalkerItem = Union[TalkerToVocoder, TalkerDone]  # what the Talker adds to the s
 class ChatResult:
     text: str
     token_ids: list[int]  # generated text ids, EOS included when it was generated
-    codec_ids: list[int]  # generated codec ids, stop code included when it was generated
+    codec_ids: list  # generated codec ids, stop code included when it was generated; Qwen3: frames [n][16]
     waveform: Optional[np.ndarray]  # [n] float32 at 24 kHz, None for text only
     finish_reason: str
     prompt_tokens: int

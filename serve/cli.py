@@ -14,10 +14,19 @@ __all__ = ["main"]
 
 
 def _cmd_make_tiny(args) -> int:
-    from omni.tiny import build_checkpoint
+    if args.arch == "qwen3-omni":
+        from omni.tiny_qwen3 import build_qwen3_checkpoint
 
-    out = build_checkpoint(args.dir, preset=args.preset, seed=args.seed)
-    print(f"wrote the {args.preset} checkpoint to {out}")
+        preset = f"{args.preset}-qwen3"
+        out = build_qwen3_checkpoint(args.dir, preset=preset, seed=args.seed, audio_output=not args.text_only)
+    else:
+        from omni.tiny import build_checkpoint
+
+        if args.text_only:
+            raise SystemExit("omni make-tiny: --text-only is for --arch qwen3-omni (its Thinking/Captioner shape)")
+        preset = args.preset
+        out = build_checkpoint(args.dir, preset=preset, seed=args.seed)
+    print(f"wrote the {preset} checkpoint ({args.arch}{', text only' if args.text_only else ''}) to {out}")
     return 0
 
 
@@ -237,13 +246,17 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="write the tiny random checkpoint (model, processor, speakers)")
     p.add_argument("dir")
+    p.add_argument("--arch", default="qwen2.5-omni", choices=["qwen2.5-omni", "qwen3-omni"])
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--text-only", action="store_true", help="qwen3-omni without talker and code2wav (like the "
+                                                             "Thinking and Captioner releases)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny)
 
     p = sub.add_parser("chat", help="one request in process (no Ray), text streamed to the terminal")
     p.add_argument("prompt")
-    p.add_argument("--model", default="tiny", help="tiny | small | a checkpoint directory | a hub id")
+    p.add_argument("--model", default="tiny", help="tiny | small | tiny-qwen3 | small-qwen3 | a checkpoint "
+                                                   "directory | a hub id")
     p.add_argument("--image", action="append", help="image file (repeatable)")
     p.add_argument("--audio", action="append", help="audio file (repeatable)")
     p.add_argument("--video", action="append", help="video file (repeatable)")
@@ -317,7 +330,8 @@ def parser() -> argparse.ArgumentParser:
                    help="caption: `omni caption` vs a sequential loop over the official path; load: streaming HTTP "
                         "clients against the Serve app (statuses, latencies, 503s, replica memory)")
     p.add_argument("--files", type=int, default=64, help="bench caption: media files to caption")
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default="tiny", help="a model, or several comma-separated to compare them "
+                                                   "(tiny,tiny-qwen3)")
     p.add_argument("--out", default=None, help="results folder (default out/bench, out/bench-load for load)")
     p.add_argument("--via", default=None, choices=["pipeline", "http"],
                    help="ours in process (pipeline, default) or the Serve app over streaming HTTP (http: starts "

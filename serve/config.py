@@ -2,7 +2,8 @@
 beside the code it configures, range-checked in its `__post_init__`); this module composes them:
 
     PipelineConfig   the stages, in process or on Ray: context, Thinker and Talker engines, the Talker hand-off,
-                     the vocoder schedule, encoder batching
+                     the vocoder schedule (Qwen2.5's token2wav: `vocoder`; Qwen3's Code2Wav: `code2wav`), encoder
+                     batching; the checkpoint's architecture picks the implementations, one section each
     ServeConfig      a PipelineConfig plus the model, the HTTP limits, media limits and the Ray Serve resources per
                      deployment; loaded from YAML (configs/serve/*.yaml, package data)
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from omni.engine import EngineConfig
 from omni.talker import TalkerConfig
+from omni.decoders.code2wav import Code2WavConfig
 from omni.decoders.token2wav import VocoderConfig
 from omni.encoders.media import MediaLimits
 from omni.encoders.vision import EncoderConfig
@@ -42,7 +44,8 @@ class PipelineConfig(_Strict):
     max_model_len: int = Field(32768, ge=1)  # prompt + max_tokens at most
     thinker: EngineConfig = EngineConfig()  # the Thinker's running batch (max_num_seqs, batch_wait_s)
     talker: TalkerConfig = TalkerConfig()  # the Talker's running batch and its hand-off to the vocoder (emit_every)
-    vocoder: VocoderConfig = VocoderConfig()  # chunk schedule and context (device: the top-level one)
+    vocoder: VocoderConfig = VocoderConfig()  # Qwen2.5 token2wav: chunk schedule and context (device: top-level)
+    code2wav: Code2WavConfig = Code2WavConfig()  # Qwen3 Code2Wav: first and later chunk frames (device: top-level)
     encoder: EncoderConfig = EncoderConfig()  # items and tokens per tower forward (device/dtype: the top-level ones)
     cpu_threads: Optional[int] = Field(None, ge=1)  # torch threads on CPU; None: in process cores // 3 (three stages
     #                                                 run at once), on Ray each replica's num_cpus

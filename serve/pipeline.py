@@ -21,20 +21,20 @@ from typing import AsyncIterator, Optional
 import torch
 
 from omni.checkpoint import LoadedModel, load_model
-from omni.talker import Talker
-from omni.thinker import Thinker
 from omni.types import ChatRequest, Generation, MediaEmbeddings, PreparedPrompt
-from omni.decoders import Token2Wav, VocoderLoop
+from omni.decoders import VocoderLoop
 from omni.encoders import AudioEncoder, VisionEncoder, encode_prompt
 from omni.serve.compose import SPEECH_CHAIN, Composition, prepare_checked
 from omni.serve.config import PipelineConfig
+from omni.serve.models import talker_of, thinker_of, vocoder_of
 from omni.serve.stages import TalkerStage, ThinkerStage, VocoderStage
 
 __all__ = ["Pipeline", "LocalStages", "PipelineConfig"]
 
 
 class LocalStages:
-    """Every stage as an object of this process (serve/compose.py's `Stages`)."""
+    """Every stage as an object of this process (serve/compose.py's `Stages`), the implementations of the loaded
+    checkpoint's architecture (serve/models.py)."""
 
     def __init__(self, loaded: LoadedModel, config: PipelineConfig):
         self.loaded, self.config = loaded, config
@@ -43,17 +43,14 @@ class LocalStages:
         # the towers are shared with the loaded model: keep them on its device and dtype
         enc = dataclasses.replace(config.encoder, device=str(loaded.device),
                                   dtype=str(model.thinker.dtype).removeprefix("torch."))
-        self.vision = VisionEncoder(model.thinker.model.visual, enc)
-        self.audio = AudioEncoder(model.thinker.model.audio_tower, enc)
-        self.thinker = Thinker(model.thinker, loaded.processor.tokenizer, config.thinker, config.max_model_len)
+        self.vision = VisionEncoder.for_tower(model.thinker.model.visual, enc)
+        self.audio = AudioEncoder.for_tower(model.thinker.model.audio_tower, enc)
+        self.thinker = thinker_of(loaded, config.thinker, config.max_model_len)
         self.chain: dict[str, object] = {}
-        self.has_speech = getattr(model, "has_talker", False)
+        self.has_speech = loaded.has_speech
         if self.has_speech:
-            self.talker = Talker.from_model(model, dataclasses.replace(
-                config.talker, first_audio_codes=config.vocoder.first_window_codes()))
-            vocoder = Token2Wav(model.token2wav, model.speaker_map,
-                                dataclasses.replace(config.vocoder, device=str(loaded.device)))
-            self.vocoder_loop = VocoderLoop(vocoder)
+            self.talker = talker_of(loaded, config)
+            self.vocoder_loop = VocoderLoop(vocoder_of(loaded, config, str(loaded.device)))
             self.chain = {"talker": TalkerStage(self.talker), "vocoder": VocoderStage(self.vocoder_loop)}
         self.root = ThinkerStage(self.thinker)
 
@@ -70,7 +67,7 @@ class LocalStages:
         return self.config.max_model_len
 
     @property
-    def vocoder(self) -> Token2Wav:
+    def vocoder(self):  # Token2Wav (Qwen2.5) or Code2Wav (Qwen3)
         return self.vocoder_loop.vocoder
 
     async def prepare(self, request: ChatRequest) -> PreparedPrompt:

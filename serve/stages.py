@@ -3,7 +3,7 @@ and yields its own outputs as they come. In process, `Pipeline` chains them dire
 deployment runs one of them over its upstream deployment's handle stream (serve/cluster/deployments.py). No ray here.
 
     ThinkerStage:  the root: TextDelta, TalkerPrompt, ThinkerToTalker, ThinkerDone (omni.types.ThinkerItem)
-    TalkerStage:   consumes TalkerPrompt / ThinkerToTalker; adds TalkerToVocoder, TalkerDone (omni.types.TalkerItem)
+    TalkerStage:   consumes TalkerPrompt (Qwen3TalkerPrompt) / ThinkerToTalker; adds TalkerToVocoder, TalkerDone
     VocoderStage:  consumes TalkerToVocoder; adds AudioChunk
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import AsyncIterator, Callable
 
 from omni.talker import Talker
 from omni.thinker import Thinker
-from omni.types import (AudioChunk, Generation, MediaEmbeddings, PreparedPrompt, TalkerPrompt, TalkerToVocoder,
-                        ThinkerItem, ThinkerToTalker)
+from omni.types import (AudioChunk, Generation, MediaEmbeddings, PreparedPrompt, Qwen3TalkerPrompt, TalkerPrompt,
+                        TalkerToVocoder, ThinkerItem, ThinkerToTalker)
 from omni.decoders.loop import VocoderLoop
 
 __all__ = ["merge_with_upstream", "ThinkerStage", "TalkerStage", "VocoderStage"]
@@ -85,7 +85,7 @@ class TalkerStage:
         seq, own = self.talker.generate(gen.request_id, gen.voice, gen.talker_sampling)
 
         def consume(item) -> bool:
-            if isinstance(item, (TalkerPrompt, ThinkerToTalker)):
+            if isinstance(item, (TalkerPrompt, Qwen3TalkerPrompt, ThinkerToTalker)):
                 seq.feed(item)
                 self.talker.loop.wake()
                 return True

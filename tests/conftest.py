@@ -22,6 +22,22 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3():
+    """The tiny random Qwen3-Omni (MoE Thinker, Talker + code predictor, Code2Wav), loaded once."""
+    from omni.checkpoint import load_model
+
+    return load_model("tiny-qwen3")
+
+
+@pytest.fixture(scope="session")
+def pipeline_qwen3(tiny_qwen3):
+    """The in-process pipeline over the shared tiny Qwen3-Omni: the same Pipeline class, Qwen3 stages."""
+    from omni.serve.pipeline import Pipeline
+
+    return Pipeline(tiny_qwen3)
+
+
+@pytest.fixture(scope="session")
 def pipeline(tiny):
     """The in-process pipeline over the shared tiny model (the HTTP tests' backend and the Serve app's oracle)."""
     from omni.serve.pipeline import Pipeline
@@ -34,6 +50,17 @@ def stop_codes(tiny) -> tuple[int, int]:
     """The Talker's stop codes (codec pad, codec end), from the model config."""
     talker = tiny.model.talker
     return talker.codec_pad_token, talker.codec_eos_token
+
+
+@pytest.fixture(scope="session")
+def media(media_dir) -> dict:
+    """The sample media of media_dir, loaded as the API loads them: {"image", "audio", "video"}."""
+    from omni.encoders.media import MediaPolicy, load_audio, load_image, load_video
+
+    policy = MediaPolicy(allowed_local_media_path=str(media_dir))
+    return {"image": load_image(str(media_dir / "image.png"), policy),
+            "audio": load_audio(str(media_dir / "speech.wav"), policy),
+            "video": load_video(str(media_dir / "clip.mp4"), policy)}
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from typing import Optional
 from omni.serve.bench.goals import goals
 from omni.serve.bench.results import BenchResults, EncoderResult, Level, Stats, Summary
 
-__all__ = ["markdown", "write_report", "plot_png"]
+__all__ = ["markdown", "write_report", "plot_png", "compare_markdown"]
 
 _HIGHER, _LOWER = "higher is better", "lower is better"
 
@@ -241,3 +241,20 @@ def write_report(results: BenchResults, out: Path, plot: bool = True) -> str:
     if plot and not plot_png(results, out / "results.png"):
         print("[bench] matplotlib is not installed: no results.png (pip install -e '.[bench]')", file=sys.stderr)
     return md
+
+
+def compare_markdown(results: list[BenchResults]) -> str:
+    """Several models' runs in one table: per model and level, ours / official and whether the ids agreed."""
+    lines = ["# omni bench: models side by side", "",
+             "Each row: one model at one load level, ours / official from that model's own run (the same requests "
+             "through both paths). req/s: higher is better; TTFT, TTFAP, RTF: lower is better.", "",
+             "| model | output | c | req/s | TTFT | TTFAP | RTF | same ids (text, codec) |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        for lv in r.levels:
+            speech = lv.mode == "text+speech"
+            lines.append(f"| `{r.model}` | {lv.mode} | {lv.concurrency} | {_ratio(lv.ratio.req_per_s)} | "
+                         f"{_ratio(lv.ratio.ttft)} | {_ratio(lv.ratio.ttfap) if speech else '-'} | "
+                         f"{_ratio(lv.ratio.rtf) if speech else '-'} | {lv.match.text_ids:.0%}, "
+                         f"{f'{lv.match.codec_ids:.0%}' if speech else '-'} |")
+    return "\n".join(lines) + "\n"

@@ -2,12 +2,17 @@
 checkpoint.
 
     omni bench --model tiny --quick                 # a smoke run, in process
+    omni bench --model tiny,tiny-qwen3 --quick      # Qwen2.5 and Qwen3 side by side: out/<model>/ each, and
+                                                    # out/compare.md with their ratios in one table
     omni bench --via http --model small             # `omni serve --model small` started here, streaming HTTP clients
     omni bench --via http --url http://HOST:8000 --model small --request-rate 0.5,1   # a running server, open loop
 
 Ours is driven `--via pipeline` (the in-process pipeline: the same stages, no HTTP, no Ray) or `--via http` (the Serve
 app, started here as `omni serve --model --config` unless `--url` names a running one, read through its SSE streams as
 a client reads them: serve/bench/http.py). The official path always runs in this process on the same checkpoint.
+
+Qwen3-Omni counts speech in frames (80 ms, 16 codebook ids each), Qwen2.5 in codec ids (20 ms): `speech_tokens`
+bounds either, so the same setting gives Qwen3 four times the speech.
 
 Phases (progress on stderr):
 1. load sweep: for each output mode (text-only, text+speech, the speech endpoint) and load level, the same requests
@@ -57,7 +62,7 @@ VIAS = ("pipeline", "http")
 
 @dataclass(frozen=True)
 class BenchConfig:
-    model: str = "tiny"  # preset (tiny, small), checkpoint directory or hub id
+    model: str = "tiny"  # preset (tiny, small, tiny-qwen3, small-qwen3), checkpoint directory or hub id
     out: str = "out/bench"  # where results.json / results.md / results.png go
     via: str = "pipeline"  # ours in process ("pipeline") or the Serve app over HTTP ("http")
     url: Optional[str] = None  # with via http: a running server; None: start `omni serve --model --config` here
@@ -67,7 +72,7 @@ class BenchConfig:
     requests: int = 4  # requests per level at least; a closed-loop level sends max(c, requests)
     modes: tuple[str, ...] = ("text", "text+speech", "speech")  # of MODES
     max_tokens: int = 100  # text tokens per reply at most (greedy Thinker; a random checkpoint rarely stops early)
-    speech_tokens: int = 300  # codec tokens per reply at most (greedy Talker; 50 codes = 1 s: 6 s of speech)
+    speech_tokens: int = 300  # codec tokens per reply at most (greedy Talker; Qwen2.5: 50 per s: 6 s; Qwen3: frames)
     inputs: tuple[str, ...] = INPUT_KINDS  # request i carries inputs[i % len]; of INPUT_KINDS (audio: ours pads its
     #                                       features to the clip, the official processor to 300 s, ~0.5 s of CPU)
     seed: int = 0  # the open-loop arrivals' seed
@@ -450,9 +455,23 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None, transpor
 
 
 def main(args) -> int:
-    from omni.serve.bench.report import write_report
+    """One model: its report under `out`. Several (`--model tiny,tiny-qwen3`): one after the other, each under
+    out/<model>/, and out/compare.md with their ratios against the official path side by side."""
+    import dataclasses
+
+    from omni.serve.bench.report import compare_markdown, write_report
 
     config = BenchConfig.from_args(args)
-    results = run_bench(config)
-    print(write_report(results, Path(config.out), plot=config.plot))
+    models = [m.strip() for m in config.model.split(",") if m.strip()]
+    if len(models) == 1:
+        print(write_report(run_bench(config), Path(config.out), plot=config.plot))
+        return 0
+    results = []
+    for model in models:
+        one = dataclasses.replace(config, model=model, out=str(Path(config.out) / Path(model).name))
+        results.append(run_bench(one))
+        print(write_report(results[-1], Path(one.out), plot=config.plot))
+    md = compare_markdown(results)
+    (Path(config.out) / "compare.md").write_text(md)
+    print(md)
     return 0

@@ -75,11 +75,11 @@ def build_app(args: dict[str, Any]) -> Application:
     vision = _deployment(VisionEncoderDeployment, cfg, "VisionEncoder").bind(model, cfg)
     audio = _deployment(AudioEncoderDeployment, cfg, "AudioEncoder").bind(model, cfg)
     thinker = _deployment(ThinkerDeployment, cfg, "Thinker").bind(model, cfg)
-    speech = thinker
-    for stage in SPEECH_CHAIN:  # each stage pulls from the one before it
+    speech, voices = thinker, list_voices(model)
+    for stage in SPEECH_CHAIN if voices else ():  # each stage pulls from the one before it; none without speech output
         speech = _deployment(CHAIN_DEPLOYMENTS[stage], cfg, stage.capitalize()).bind(model, cfg, speech)
     return _deployment(Ingress, cfg, "Ingress").bind(model, cfg, server_settings(cfg, a, model), vision, audio,
-                                                     thinker, speech, list_voices(model))
+                                                     thinker, speech, voices)
 
 
 def _drain(flag, timeout_s: float) -> tuple[int, float]:

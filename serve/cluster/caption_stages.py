@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from omni.thinker import Thinker, ThinkerDone
+from omni.thinker import ThinkerDone
 from omni.types import TextDelta
 from omni.serve.caption_io import DEFAULT_PROMPTS, caption_request, load_file, one_line
 
@@ -98,13 +98,17 @@ class EncoderStage:
         """[PreparedPrompt] -> [MediaEmbeddings], three batched calls in all."""
         from omni.types import MediaEmbeddings
 
-        images = self.vision.encode([it for p in prompts for it in p.images])
-        videos = self.vision.encode([it for p in prompts for it in p.videos])
+        # (embeddings, Qwen3's deepstack features or None) per item
+        images = self.vision.encode_with_deepstack([it for p in prompts for it in p.images])
+        videos = self.vision.encode_with_deepstack([it for p in prompts for it in p.videos])
         audios = self.audio.encode([it for p in prompts for it in p.audios])
         out, i, v, a = [], 0, 0, 0
         for p in prompts:
             ni, nv, na = len(p.images), len(p.videos), len(p.audios)
-            out.append(MediaEmbeddings(images[i:i + ni], videos[v:v + nv], audios[a:a + na]))
+            im, vi = images[i:i + ni], videos[v:v + nv]
+            out.append(MediaEmbeddings([e for e, _ in im], [e for e, _ in vi], audios[a:a + na],
+                                       image_deepstack=[d for _, d in im if d is not None],
+                                       video_deepstack=[d for _, d in vi if d is not None]))
             i, v, a = i + ni, v + nv, a + na
         return out
 
@@ -140,7 +144,6 @@ class ThinkerStage:
     the same actor (the hand-offs stay in process) and each row carries its speech as 16-bit PCM."""
 
     def __init__(self, opts: CaptionOptions):
-        from omni.checkpoint import resolve_model
         from omni.engine import EngineConfig
 
         self.opts = opts
@@ -152,13 +155,10 @@ class ThinkerStage:
             self.pipeline = Pipeline(load_model(opts.model, device=opts.device, dtype=opts.dtype),
                                      PipelineConfig(thinker=ec))
             self.thinker = self.pipeline.thinker
-        else:
-            import torch
-            from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration
+        else:  # the thinker's weights only, of the checkpoint's architecture
+            from omni.serve.models import load_thinker
 
-            path = resolve_model(opts.model)
-            net = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, opts.dtype))
-            self.thinker = Thinker(net.to(opts.device).eval(), AutoTokenizer.from_pretrained(path), ec)
+            self.thinker = load_thinker(opts.model, ec, 32768, opts.device, opts.dtype)
         if not opts.device.startswith("cuda"):
             _set_threads(opts.thinker_threads or max(1, (os.cpu_count() or 2) // 2))
         self.node, self.pid = _node(), os.getpid()

@@ -23,11 +23,10 @@ import torch
 from ray import serve
 
 from omni.checkpoint import load_model, resolve_model
-from omni.talker import Talker
-from omni.thinker import Thinker
 from omni.types import ChatRequest, Generation, MediaEmbeddings, PreparedPrompt, StageUnavailable
 from omni.serve.compose import SPEECH_CHAIN, Composition, prepare_checked
 from omni.serve.config import DeploymentOptions, ServeConfig
+from omni.serve.models import load_thinker, load_vocoder, talker_of
 from omni.serve.stages import TalkerStage, ThinkerStage, VocoderStage
 
 __all__ = ["VisionEncoderDeployment", "AudioEncoderDeployment", "ThinkerDeployment", "TalkerDeployment",
@@ -73,6 +72,7 @@ class Encoded:
     """An encoder deployment's answer for one item."""
     embeds: torch.Tensor  # [n_tokens, H] float32, CPU
     batch_size: int  # items in the forward that computed it (the batching metric)
+    deepstack: Optional[torch.Tensor] = None  # [n_levels, n_tokens, H]: Qwen3 vision only
 
 
 class _EncoderDeployment:
@@ -88,8 +88,10 @@ class _EncoderDeployment:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def encode(self, items: list) -> list[Encoded]:
         """One item per call from the caller's side; a list here."""
-        out = await asyncio.to_thread(self.encoder.encode, items)
-        return [Encoded(o, len(items)) for o in out]
+        run = getattr(self.encoder, "encode_with_deepstack", None)  # vision: (embeds, deepstack or None) per item
+        if run is None:
+            return [Encoded(o, len(items)) for o in await asyncio.to_thread(self.encoder.encode, items)]
+        return [Encoded(e, len(items), d) for e, d in await asyncio.to_thread(run, items)]
 
 
 class VisionEncoderDeployment(_EncoderDeployment):
@@ -142,13 +144,9 @@ class ThinkerDeployment(_GenerationDeployment):
     name = "thinker"
 
     def __init__(self, model: str, cfg: ServeConfig):
-        from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration
-
         _replica_process(cfg, cfg.deployments.thinker)
-        path = resolve_model(model)
-        net = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, cfg.torch_dtype))
-        net = net.to(cfg.device).eval()
-        self.stage = ThinkerStage(Thinker(net, AutoTokenizer.from_pretrained(path), cfg.thinker, cfg.max_model_len))
+        # the thinker's weights only, of the checkpoint's architecture (serve/models.py)
+        self.stage = ThinkerStage(load_thinker(model, cfg.thinker, cfg.max_model_len, cfg.device, cfg.torch_dtype))
 
 
 class TalkerDeployment(_GenerationDeployment):
@@ -157,9 +155,8 @@ class TalkerDeployment(_GenerationDeployment):
     def __init__(self, model: str, cfg: ServeConfig, upstream):
         _replica_process(cfg, cfg.deployments.talker)
         loaded = load_model(model, device=cfg.device, dtype=cfg.torch_dtype)
-        # keeps the talker, the voices and the thinker's embedding table; the rest of the model is dropped
-        talker_cfg = dataclasses.replace(cfg.talker, first_audio_codes=cfg.vocoder.first_window_codes())
-        self.stage = TalkerStage(Talker.from_model(loaded.model, talker_cfg))
+        # keeps the talker, the voices and what it needs of the thinker's embedding table; the rest is dropped
+        self.stage = TalkerStage(talker_of(loaded, cfg))
         del loaded
         self.upstream = upstream
 
@@ -168,11 +165,10 @@ class VocoderDeployment(_GenerationDeployment):
     name = "vocoder"
 
     def __init__(self, model: str, cfg: ServeConfig, upstream):
-        from omni.decoders import Token2Wav, VocoderLoop
+        from omni.decoders import VocoderLoop
 
         _replica_process(cfg, cfg.deployments.vocoder)
-        vc = dataclasses.replace(cfg.vocoder, device=cfg.device)
-        self.stage = VocoderStage(VocoderLoop(Token2Wav.from_pretrained(model, vc)))
+        self.stage = VocoderStage(VocoderLoop(load_vocoder(model, cfg, cfg.device, cfg.torch_dtype)))
         self.upstream = upstream
 
 
@@ -255,8 +251,11 @@ class HandleStages:
             for i, r in enumerate(results):
                 self.observe_batch("vision" if i < n_img + n_vid else "audio", r.batch_size)
         embeds = [r.embeds for r in results]
+        deep = [r.deepstack for r in results[:n_img + n_vid]]  # Qwen3's vision deepstack features, else None
         return MediaEmbeddings(images=embeds[:n_img], videos=embeds[n_img:n_img + n_vid],
-                               audios=embeds[n_img + n_vid:])
+                               audios=embeds[n_img + n_vid:],
+                               image_deepstack=[d for d in deep[:n_img] if d is not None],
+                               video_deepstack=[d for d in deep[n_img:] if d is not None])
 
     async def generate(self, gen: Generation, prompt: PreparedPrompt, media: MediaEmbeddings) -> AsyncIterator:
         head = self.speech if gen.speak else self.thinker

@@ -1,4 +1,4 @@
-"""The typed config tree: both shipped YAML files load; unknown keys and bad values are refused with their path;
+"""The typed config tree: the shipped YAML files load; unknown keys and bad values are refused with their path;
 `build_app` validates its arguments and gives each deployment the options its YAML section says."""
 import pytest
 import yaml
@@ -35,6 +35,28 @@ def test_7b_config_places_stages_on_gpu_fractions():
     assert cfg.media == MediaLimits(max_video_seconds=300, max_video_frames=384)
 
 
+def test_qwen3_config_gives_the_thinker_a_gpu_and_shares_another():
+    from omni.decoders import Code2WavConfig
+
+    cfg = load_serve_config("qwen3-omni-30b-a3b")
+    assert cfg.device == "cuda" and cfg.dtype == "bfloat16" and cfg.model == "Qwen/Qwen3-Omni-30B-A3B-Instruct"
+    d = cfg.deployments
+    assert d.thinker.num_gpus == 1.0  # its own GPU
+    shared = [d.talker, d.vocoder, d.vision_encoder, d.audio_encoder]
+    assert all(0 < x.num_gpus < 1 for x in shared) and abs(sum(x.num_gpus for x in shared) - 1.0) < 1e-9
+    assert cfg.code2wav == Code2WavConfig(first_chunk_frames=2, chunk_frames=8) and cfg.talker.emit_every_frames == 1
+
+
+def test_build_app_for_a_text_only_checkpoint_has_no_speech_chain(tmp_path):
+    from omni.serve.app import build_app
+    from omni.tiny_qwen3 import build_qwen3_checkpoint
+
+    path = build_qwen3_checkpoint(tmp_path / "captioner", audio_output=False)
+    deps = _deployments(build_app({"model": str(path), "config": "tiny"}))
+    assert set(deps) == {"Ingress", "VisionEncoder", "AudioEncoder", "Thinker"}
+    assert deps["Ingress"].init_args[-1] == []  # no voices: a request for audio is a 400
+
+
 def test_each_default_lives_with_its_stage():
     cfg = ServeConfig()
     assert cfg.thinker == EngineConfig() and cfg.talker == TalkerConfig() and cfg.vocoder == VocoderConfig()
@@ -62,7 +84,7 @@ def test_bad_keys_and_values_are_refused_with_their_path(tmp_path, text, message
 
 
 def test_unknown_config_name_lists_the_shipped_ones(tmp_path):
-    with pytest.raises(FileNotFoundError, match="'qwen2.5-omni-7b', 'tiny'"):
+    with pytest.raises(FileNotFoundError, match="'qwen2.5-omni-7b', 'qwen3-omni-30b-a3b', 'tiny'"):
         load_serve_config("no-such-config")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
@@ -87,7 +109,7 @@ def _deployments(app) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["tiny", "qwen2.5-omni-7b"])
+@pytest.mark.parametrize("name", ["tiny", "qwen2.5-omni-7b", "qwen3-omni-30b-a3b"])
 def test_build_app_gives_each_deployment_its_yaml_options(name):
     from omni.serve.app import build_app
     from omni.serve.cluster.builder import DEPLOYMENT_NAMES

@@ -16,18 +16,6 @@ GREEDY_TALKER = SamplingParams(max_tokens=48)
 OFFLINE_TOL = 1e-4  # whole-utterance vocoder vs the reference waveform, max abs
 
 
-@pytest.fixture(scope="module")
-def media(media_dir):
-    from omni.encoders.media import MediaPolicy, load_audio, load_image, load_video
-
-    policy = MediaPolicy(allowed_local_media_path=str(media_dir))
-    return {
-        "image": load_image(str(media_dir / "image.png"), policy),
-        "audio": load_audio(str(media_dir / "speech.wav"), policy),
-        "video": load_video(str(media_dir / "clip.mp4"), policy),
-    }
-
-
 def make_request(media, kind: str, speak: bool, max_tokens: int = 12, **kw) -> ChatRequest:
     parts = {
         "text": [],

@@ -6,9 +6,10 @@ joined to it), driven by `omni bench load`'s streaming clients:
 - faults: under load, each stage's replica in turn is `ray.kill`ed: the requests in flight end with an SSE error event
   or a 503 (code stage_unavailable) within FAIL_BOUND_S, none hangs (a call queued for the dead replica gives up
   after the server's stage_timeout_s), Serve starts a new replica, and then the same request gives the same text and
-  codec ids as before the kills.
+  speech bytes as before the kills (over HTTP).
 """
 import asyncio
+import base64
 import threading
 import time
 
@@ -27,6 +28,8 @@ STAGE_TIMEOUT_S = 20  # the server's stage_timeout_s: a call waiting for a repli
 FAIL_BOUND_S = STAGE_TIMEOUT_S + 25  # a request in flight when its replica dies ends within this (a loaded machine)
 REQUEST_TIMEOUT_S = 150  # a request not ended by then is a hang (a new replica takes ~30-120 s here to come up)
 STAGES = ["VisionEncoder", "AudioEncoder", "Thinker", "Talker", "Vocoder"]
+# the stages killed: the two encoders are one deployment class (_EncoderDeployment), so the vision one stands for both
+KILLED = ["VisionEncoder", "Thinker", "Talker", "Vocoder"]
 # what the fault load sends per stage: requests that pass through it (long speech for the generating stages, so
 # that streams are in flight when the replica dies)
 FAULT_MIX = {"VisionEncoder": ("image",), "AudioEncoder": ("audio+speech",), "Thinker": ("speech", "text"),
@@ -45,48 +48,36 @@ def server(omni_serve, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def probe(server, media_dir, pipeline):
-    """-> ids(): the text and codec ids of one image + audio + speech request (every stage) through the app's
-    deployment handles, as the ingress composes them."""
-    from ray import serve
+def probe(server):
+    """-> ids(): the text and the speech (PCM bytes) of one image + audio + speech request (every stage), over HTTP as
+    a client sees it; greedy with a fixed seed, so the same replicas' weights give the same bytes."""
+    from omni.serve.bench.load import _media_parts
 
-    from omni.encoders.media import MediaPolicy, load_audio, load_image
-    from omni.serve.cluster.deployments import HandleStages
-    from omni.serve.compose import Composition
-    from omni.serve.config import load_serve_config
-    from omni.types import AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart
+    media = _media_parts()
+    body = {"messages": [{"role": "user", "content": [media["image"], media["audio"],
+                                                       {"type": "text", "text": "What do you see and hear?"}]}],
+            "max_tokens": 12, "temperature": 0, "seed": 0, "modalities": ["text", "audio"],
+            "audio": {"voice": "Chelsie", "format": "pcm16"},
+            "sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 60}]}
 
-    policy = MediaPolicy(allowed_local_media_path=str(media_dir))
-    req = ChatRequest([Message("user", [ImagePart(load_image(str(media_dir / "image.png"), policy)),
-                                        AudioPart(load_audio(str(media_dir / "speech.wav"), policy)),
-                                        TextPart("What do you see and hear?")])],
-                      sampling=SamplingParams(max_tokens=12), talker_sampling=SamplingParams(max_tokens=60),
-                      speak=True)
-    handle = lambda name: serve.get_deployment_handle(name, app_name="omni")  # noqa: E731
-    stages = HandleStages("tiny", load_serve_config("tiny"), handle("VisionEncoder"), handle("AudioEncoder"),
-                          handle("Thinker"), handle("Vocoder"), pipeline.voices)
-
-    def ids() -> tuple[list[int], list[int]]:
-        from omni.types import StageUnavailable
-
-        for attempt in range(3):  # this process's handles may not have heard of a new replica yet
-            try:
-                out = asyncio.run(Composition(stages).run(req))
-                return out.token_ids, out.codec_ids
-            except StageUnavailable:
-                if attempt == 2:
-                    raise
-                time.sleep(5)
+    def ids() -> tuple[str, bytes]:
+        for attempt in range(3):  # the app may not route to a new replica yet
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S)
+            if r.status_code == 200:
+                msg = r.json()["choices"][0]["message"]
+                return msg["content"], base64.b64decode(msg["audio"]["data"])
+            assert r.status_code == 503 and attempt < 2, r.text
+            time.sleep(5)
 
     return ids
 
 
 @pytest.fixture(scope="module")
 def before(probe):
-    """The probe's ids before any replica was killed."""
-    token_ids, codec_ids = probe()
-    assert token_ids and len(codec_ids) > 12
-    return token_ids, codec_ids
+    """The probe's text and speech before any replica was killed."""
+    text, pcm = probe()
+    assert text and len(pcm) > 2 * 4800  # > 0.2 s of 16-bit speech
+    return text, pcm
 
 
 def test_32_streaming_clients_no_5xx_503s_with_retry_after_flat_memory(server, tmp_path):
@@ -108,7 +99,7 @@ def test_32_streaming_clients_no_5xx_503s_with_retry_after_flat_memory(server, t
     assert results.passed
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", KILLED)
 def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(server, probe, before, stage):
     from omni.serve.cluster.replicas import kill_replica, list_replicas, wait_for_new_replica
 
@@ -161,8 +152,8 @@ def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(
     if stage == "Vocoder":  # every speech stream comes out of the vocoder: those under way all failed
         under_way = [o for o in in_flight if o.speak and o.ttft is not None and o.start + o.ttft < t_kill]
         assert under_way and all(o.kind != "ok" for o in under_way), in_flight
-    if not speech:  # an encoder call is short: the requests mid-encode, or sent to the dead replica before Serve saw
-        assert any(o.kind != "ok" for o in outcomes if o.end > t_kill), outcomes
+    # an encoder call is short (milliseconds on a quiet machine): whether one was mid-call at the kill is chance, so
+    # for the encoders only the bounds above (no hang, clean errors) and the recovery below are asserted
 
     new = wait_for_new_replica("omni", stage, [old.name])
     assert new.pid != old.pid
@@ -179,4 +170,4 @@ def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(
             break
         time.sleep(1)
     assert r.status_code == 200, r.text
-    assert probe() == before  # the new replica gives the same greedy tokens as the old one
+    assert probe() == before  # the new replica gives the same greedy text and speech as the old one
