@@ -51,12 +51,19 @@ def _token_auth_like_auto() -> None:
 
 def connect_ray(address: str) -> None:
     """`ray.init(address)` as a quiet driver, with the token authentication a local `omni serve` uses; a no-op when
-    this process is already connected."""
+    this process is already connected to that Ray. Connected to another one (a test module before left its Ray up),
+    it disconnects first, and forgets that Ray's Serve controller: deployment handles got after this must reach this
+    Ray's app (a stale controller answers no call, and handle calls then wait forever)."""
     import ray
+    from ray.serve import context as serve_context
 
-    if not ray.is_initialized():
-        _token_auth_like_auto()
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    if ray.is_initialized():
+        if ray.get_runtime_context().gcs_address == address:
+            return
+        ray.shutdown()
+    serve_context._set_global_client(None)
+    _token_auth_like_auto()
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
 
 
 @dataclass

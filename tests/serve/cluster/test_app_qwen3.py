@@ -6,12 +6,6 @@ mix, the streamed waveform within MAX_STREAM_ERROR (+ the official's 1e-4) of th
 import asyncio
 import base64
 import dataclasses
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,38 +14,14 @@ import pytest
 from omni.decoders import MAX_STREAM_ERROR
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[3]
 KINDS = ["text", "image", "audio", "video", "video+audio", "all"]
 FRAMES = 12  # Talker steps per reply (11 frames)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_qwen3):
-    import ray
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "omni.serve.cli", "serve", "--model", "tiny-qwen3", "--config",
-                             "tiny", "--port", str(port), "--api-key", "sk-test"], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=REPO)
-    deadline = time.time() + 420
-    while "ready in" not in log_path.read_text():
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("omni serve did not start:\n" + log_path.read_text()[-4000:])
-        time.sleep(1)
-    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-    yield f"http://127.0.0.1:{port}"
-    ray.shutdown()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+def server(omni_serve, tiny_qwen3):
+    """`omni serve --model tiny-qwen3` for the module (its own Ray, this process joined to it)."""
+    return omni_serve("--model", "tiny-qwen3", "--config", "tiny", "--api-key", "sk-test").url
 
 
 @pytest.fixture(scope="module")
