@@ -19,7 +19,7 @@ import omni, omni.serve.config as config, omni.assets
 assert Path(omni.__file__).resolve().is_relative_to(site), omni.__file__  # the installed copy, not the checkout
 assert config.CONFIG_DIR.resolve().is_relative_to(site), config.CONFIG_DIR
 names = sorted(p.stem for p in config.CONFIG_DIR.glob("*.yaml"))
-assert names == ["qwen2.5-omni-7b", "tiny"], names
+assert names == ["qwen2.5-omni-7b", "qwen3-omni-30b-a3b", "tiny"], names
 cfg = config.load_serve_config("tiny")
 assert cfg.model == "tiny" and cfg.deployments.thinker.num_cpus == 0.2
 samples = omni.assets.samples_dir()
