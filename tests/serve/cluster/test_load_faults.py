@@ -28,8 +28,10 @@ STAGE_TIMEOUT_S = 20  # the server's stage_timeout_s: a call waiting for a repli
 FAIL_BOUND_S = STAGE_TIMEOUT_S + 25  # a request in flight when its replica dies ends within this (a loaded machine)
 REQUEST_TIMEOUT_S = 150  # a request not ended by then is a hang (a new replica takes ~30-120 s here to come up)
 STAGES = ["VisionEncoder", "AudioEncoder", "Thinker", "Talker", "Vocoder"]
-# the stages killed: the two encoders are one deployment class (_EncoderDeployment), so the vision one stands for both
-KILLED = ["VisionEncoder", "Thinker", "Talker", "Vocoder"]
+# the stages killed (each kill costs a replica restart, ~40 s here): the two encoders are one deployment class
+# (_EncoderDeployment), so the vision one stands for both; the Talker is the same _GenerationDeployment as the
+# Thinker (upstream) and the Vocoder (downstream), both killed
+KILLED = ["VisionEncoder", "Thinker", "Vocoder"]
 # what the fault load sends per stage: requests that pass through it (long speech for the generating stages, so
 # that streams are in flight when the replica dies)
 FAULT_MIX = {"VisionEncoder": ("image",), "AudioEncoder": ("audio+speech",), "Thinker": ("speech", "text"),
