@@ -3,7 +3,11 @@
 
 Requests join and leave a running batch at step boundaries. Each request owns a row ("slot") of one batched KV
 cache; rows are left-padded to a common length and a 0/1 attention mask hides the padding. A request is prefilled
-alone (bit-identical to the official path), then its cache is merged into the batch. Every decode step is one
+alone (bit-identical to the official path), then its cache is merged into the batch. So that arrivals do not stall
+the running decodes, a step prefills at most `max_prefill_tokens` prompt tokens (whole prompts, first come first
+served; the first always goes) and, with `prefill_chunk_tokens`, a long prompt is prefilled that many tokens per step
+over its own growing cache, between the decode steps (attention over the earlier chunks' cache: the same
+computation in other kernel shapes, logits within ~1e-6, tokens equal in the golden tests). Every decode step is one
 batched forward over all rows; a row whose next input is not known yet (a Talker waiting for its Thinker) idles in a
 masked column and does not advance. Positions are each row's solo positions, so a row computes what it computes
 alone (tokens equal; logits within ~1e-7, from batch-size-dependent matmul kernels).
@@ -16,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Optional
 
 import torch
@@ -38,11 +43,18 @@ class EngineConfig:
     max_dead_columns: int = 64  # compact the cache once this many columns are padding for every row
     batch_wait_s: float = 0.0  # when some running rows wait for input (a Talker behind its Thinker), wait this long
     #                            for them before stepping, so the rows fed by one upstream step share one forward
+    max_prefill_tokens: int = 8192  # prompt tokens prefilled per step at most (the first prompt or chunk always goes;
+    #                                 the rest wait for the next step, after a decode); 0: no limit
+    prefill_chunk_tokens: int = 0  # > 0: a longer prompt is prefilled this many tokens per step, interleaved with the
+    #                                decode steps; 0: every prompt in one forward (bit-identical to the official path)
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_dead_columns < 1:
             raise ValueError(f"max_num_seqs and max_dead_columns must be >= 1, got {self.max_num_seqs}, "
                              f"{self.max_dead_columns}")
+        if self.max_prefill_tokens < 0 or self.prefill_chunk_tokens < 0:
+            raise ValueError(f"max_prefill_tokens and prefill_chunk_tokens must be >= 0, got "
+                             f"{self.max_prefill_tokens}, {self.prefill_chunk_tokens}")
         if not 0 <= self.batch_wait_s <= 1:
             raise ValueError(f"batch_wait_s must be in [0, 1] seconds, got {self.batch_wait_s}")
 
@@ -134,6 +146,11 @@ class Sequence:
         """(embeds [L, H_in], positions [3, L]) or (embeds, positions, kwargs for this prefill's model.forward)."""
         raise NotImplementedError
 
+    def prefill_chunk_kwargs(self, kwargs: dict, start: int, end: int) -> Optional[dict]:
+        """The forward kwargs for prompt positions [start, end) of a chunked prefill, from the whole prompt's
+        `kwargs`; None: this prefill cannot be chunked (it runs in one forward). Without kwargs any prompt can."""
+        return {} if not kwargs else None
+
     def on_prefill(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -196,6 +213,22 @@ class _BatchKV:
         self.mask = self.mask[:, cols]
 
 
+@dataclass
+class _Prefill:
+    """A prompt being prefilled (it holds a slot): its inputs, its own cache, the hidden states of the chunks done."""
+    seq: Sequence
+    embeds: torch.Tensor  # [L, H_in]
+    pos: torch.Tensor  # [3, L]
+    kwargs: dict
+    cache: DynamicCache
+    done: int = 0  # prompt positions prefilled so far
+    hidden: list = field(default_factory=list)  # [1, n, H] per chunk
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[0]
+
+
 class Engine:
     """Synchronous continuous-batching engine. Thread-compatible: `add` from any thread, `step` from one thread."""
 
@@ -203,10 +236,13 @@ class Engine:
         self.model, self.config, self.name = model, config, name
         self._pending: collections.deque = collections.deque()
         self._rows: list[Sequence] = []
+        self._prefilling: list[_Prefill] = []  # started, not complete (chunked)
         self._kv = _BatchKV(model.config)
         self.num_steps = 0  # batched decode forwards so far
         self.num_prefills = 0
+        self.num_prefill_chunks = 0  # prefill forwards (one per prompt without chunking)
         self.max_rows_seen = 0
+        self.max_prefill_tokens_seen = 0  # most prompt tokens prefilled in one step
 
     # ------------------------------------------------------------------------------------------------ public
     def add(self, seq: Sequence) -> None:
@@ -214,17 +250,20 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._rows)
+        """Requests holding a slot: decoding rows and prompts part-way through a chunked prefill."""
+        return len(self._rows) + len(self._prefilling)
 
     def reset(self) -> None:
         """Drop every request (after a failed step: the batch's cache is in an unknown state); each is finished."""
-        for s in list(self._rows) + list(self._pending):
+        for s in list(self._rows) + [p.seq for p in self._prefilling] + list(self._pending):
             s.finished = True
         self._rows, self._pending, self._kv = [], collections.deque(), _BatchKV(self.model.config)
+        self._prefilling = []
 
     def stats(self) -> dict:
         return {"steps": self.num_steps, "prefills": self.num_prefills, "running": self.num_running,
-                "max_rows": self.max_rows_seen}
+                "max_rows": self.max_rows_seen, "prefill_chunks": self.num_prefill_chunks,
+                "max_prefill_tokens_per_step": self.max_prefill_tokens_seen}
 
     def waiting_rows(self) -> int:
         """Running rows that have no input yet (they would idle in this step)."""
@@ -232,9 +271,9 @@ class Engine:
 
     def can_progress(self) -> bool:
         """True if a step would do something: a prefill, a decode, or dropping a cancelled request."""
-        if any(s.cancelled for s in self._pending):
+        if self._prefilling or any(s.cancelled for s in self._pending):
             return True
-        if len(self._rows) < self.config.max_num_seqs and any(s.ready_to_prefill() for s in self._pending):
+        if self.num_running < self.config.max_num_seqs and any(s.ready_to_prefill() for s in self._pending):
             return True
         return any(s.cancelled or s.finished or s.has_input() for s in self._rows)
 
@@ -252,36 +291,96 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ internals
     def _admit(self, touched: list) -> None:
+        """Prefill within this step's token budget: prompts part-way through first, then arrivals in order."""
+        budget = self.config.max_prefill_tokens or math.inf
+        used = 0
+        for p in list(self._prefilling):
+            if used >= budget:
+                break
+            if p.seq.cancelled:
+                p.seq.finished = True
+                self._prefilling.remove(p)
+                continue
+            if self._over_budget(p, used, budget):
+                break
+            used += self._prefill_chunk(p, budget - used, touched)
         waiting = collections.deque()
         while self._pending:
             seq = self._pending.popleft()
             if seq.cancelled:
                 seq.finished = True
                 continue
-            if len(self._rows) >= self.config.max_num_seqs or not seq.ready_to_prefill():
+            if used >= budget:  # this step's prefill budget is spent: the rest wait for the next (FIFO)
+                waiting.append(seq)
+                waiting.extend(self._pending)
+                self._pending.clear()
+                break
+            if self.num_running >= self.config.max_num_seqs or not seq.ready_to_prefill():
                 waiting.append(seq)
                 continue
-            if seq.finished:  # it ended before its prefill (a Qwen3 Talker with nothing to say)
-                touched.append(seq)
-                continue
             touched.append(seq)
+            if seq.finished:  # it ended before its prefill (a Qwen3 Talker with nothing to say)
+                continue
             try:
                 embeds, pos, *extra = seq.prefill_inputs()  # [L, H_in], [3, L], optional forward kwargs
-                L = embeds.shape[0]
-                cache = DynamicCache(config=self.model.config)
-                mask = torch.ones(1, L, dtype=torch.long, device=self.model.device)
-                hidden = self.model.forward(embeds[None], pos[:, None], mask, cache, **(extra[0] if extra else {}))
-                seq.on_prefill(hidden, self.model.head(hidden))
             except Exception as exc:  # this request's inputs are bad: fail it alone, the batch goes on
                 seq.outbox.append(exc)
                 seq.finished = True
                 continue
-            self.num_prefills += 1
-            if seq.finished:
-                continue
-            self._kv.add(cache, L, self.model.device)
-            self._rows.append(seq)
+            p = _Prefill(seq, embeds, pos, extra[0] if extra else {}, DynamicCache(config=self.model.config))
+            self._prefilling.append(p)  # it holds its slot from here
+            if self._over_budget(p, used, budget):  # a whole prompt past this step's budget: first in the next
+                waiting.extend(self._pending)
+                self._pending.clear()
+                break
+            used += self._prefill_chunk(p, budget - used, touched)
         self._pending.extendleft(reversed(waiting))
+        self.max_prefill_tokens_seen = max(self.max_prefill_tokens_seen, used)
+
+    def _over_budget(self, p: _Prefill, used: int, budget: float) -> bool:
+        """Without chunking a prompt runs whole: past the budget it waits, unless it is the step's first."""
+        return bool(used) and not self.config.prefill_chunk_tokens and used + p.length - p.done > budget
+
+    def _prefill_chunk(self, p: _Prefill, allowance: float, touched: list) -> int:
+        """One forward over the next chunk of `p`'s prompt (at most `allowance` tokens when chunking; the whole rest
+        otherwise); on the last chunk the sequence sees its prefill and takes a row. -> prompt tokens run."""
+        seq, L, a = p.seq, p.length, p.done
+        n = L - a
+        chunk = self.config.prefill_chunk_tokens
+        kwargs = p.kwargs
+        if chunk and n > 1:
+            n = max(1, int(min(n, chunk, allowance)))
+            if n < L - a or a > 0:
+                kwargs = seq.prefill_chunk_kwargs(p.kwargs, a, a + n)
+                if kwargs is None:  # this prompt cannot be chunked: the rest in one forward
+                    if a > 0:
+                        raise RuntimeError(f"{type(seq).__name__} refused a chunk after chunking began")
+                    n, kwargs = L - a, p.kwargs
+        if seq not in touched:
+            touched.append(seq)
+        try:
+            mask = torch.ones(1, a + n, dtype=torch.long, device=self.model.device)
+            hidden = self.model.forward(p.embeds[None, a:a + n], p.pos[:, None, a:a + n], mask, p.cache, **kwargs)
+            p.hidden.append(hidden)
+            p.done += n
+            self.num_prefill_chunks += 1
+            if p.done < L:
+                return n
+            self._prefilling.remove(p)
+            hidden = p.hidden[0] if len(p.hidden) == 1 else torch.cat(p.hidden, dim=1)  # [1, L, H]
+            p.hidden = []
+            seq.on_prefill(hidden, self.model.head(hidden))
+        except Exception as exc:  # this request's inputs are bad: fail it alone, the batch goes on
+            if p in self._prefilling:
+                self._prefilling.remove(p)
+            seq.outbox.append(exc)
+            seq.finished = True
+            return n
+        self.num_prefills += 1
+        if not seq.finished:
+            self._kv.add(p.cache, L, self.model.device)
+            self._rows.append(seq)
+        return n
 
     def _decode(self, touched: list) -> None:
         inputs = [None if (s.finished or s.cancelled) else s.next_input() for s in self._rows]
@@ -356,13 +455,14 @@ class EngineLoop(WorkerLoop):
         """Requests the next step would serve: pending ones ready to prefill, running ones with their input."""
         e = self.engine
         pending = [s for s in e._pending if not s.cancelled and s.ready_to_prefill()][:max(0, e.config.max_num_seqs -
-                                                                                              len(e._rows))]
-        return [id(s) for s in pending] + [id(s) for s in e._rows if not (s.cancelled or s.finished) and s.has_input()]
+                                                                                              e.num_running)]
+        return ([id(p.seq) for p in e._prefilling] + [id(s) for s in pending] +
+                [id(s) for s in e._rows if not (s.cancelled or s.finished) and s.has_input()])
 
     def _load(self) -> tuple[int, int]:
-        """(rows in the batch, requests ready to prefill and not yet in it)."""
+        """(rows in the batch, requests ready to prefill or part-way through their prefill)."""
         e = self.engine
-        return e.num_running, sum(1 for s in e._pending if not s.cancelled and s.ready_to_prefill())
+        return len(e._rows), len(e._prefilling) + sum(1 for s in e._pending if not s.cancelled and s.ready_to_prefill())
 
     def _deliver(self, work, touched: list[Sequence]) -> None:
         for seq in touched:

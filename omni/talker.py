@@ -34,6 +34,8 @@ class TalkerConfig(EngineConfig):
     first_audio_codes: int = 24  # codes the vocoder's first window needs (VocoderConfig.first_window_codes()): until a
     #                              stream has them, no step waits batch_wait_s (its first audio is pending)
     emit_every_frames: int = 1  # Qwen3: frames (80 ms, 16 codebook ids each) per talker_to_vocoder hand-off
+    first_audio_frames: int = 2  # Qwen3: frames Code2Wav's first chunk needs (Code2WavConfig.first_chunk_frames):
+    #                              until a stream has them, no step waits batch_wait_s
 
     def __post_init__(self):
         super().__post_init__()
@@ -41,6 +43,8 @@ class TalkerConfig(EngineConfig):
             raise ValueError(f"emit_every must be >= 1, got {self.emit_every}")
         if self.first_audio_codes < 0:
             raise ValueError(f"first_audio_codes must be >= 0, got {self.first_audio_codes}")
+        if self.first_audio_frames < 0:
+            raise ValueError(f"first_audio_frames must be >= 0, got {self.first_audio_frames}")
         if self.emit_every_frames < 1:
             raise ValueError(f"emit_every_frames must be >= 1, got {self.emit_every_frames}")
 

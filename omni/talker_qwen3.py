@@ -41,6 +41,11 @@ _PROMPT_TAIL = 3  # <|im_start|> assistant \n: A_0..A_2 go in before the codec s
 
 
 class Qwen3TalkerSequence(Sequence):
+    @property
+    def urgent(self) -> bool:
+        """Code2Wav's first chunk still lacks frames of this stream: its first audio waits on each step."""
+        return not self.finished and len(self.frames) < self.first_audio_frames
+
     def __init__(self, talker: "Qwen3Talker", request_id: str, voice: str, sampling: SamplingParams, emit_every: int):
         super().__init__(request_id, sampling.max_tokens, {talker.codec_eos} | set(sampling.stop_token_ids),
                          history=torch.zeros(1, 0, dtype=torch.long, device=talker.device))  # generated code0 only
@@ -59,6 +64,7 @@ class Qwen3TalkerSequence(Sequence):
         self.code0: list[int] = []  # codebook-0 ids sampled so far (the stop id included)
         self.frames: list[list[int]] = []  # complete frames, [num_code_groups] ids each
         self.emit_every = max(1, emit_every)
+        self.first_audio_frames = talker.first_audio_frames
         self._unsent = 0
         self.pending: Optional[int] = None  # a code0 waiting for its residual codebooks (the code predictor)
         self.hidden: Optional[torch.Tensor] = None  # [H_talker] the talker output that produced `pending`
@@ -220,6 +226,7 @@ class Qwen3Talker:
         self.tts_pad_id = tts_pad_id
         self.rope_index = tk.get_rope_index
         self.emit_every = config.emit_every_frames
+        self.first_audio_frames = config.first_audio_frames
         with torch.inference_mode():
             e = tts_embeds.to(self.device, self.dtype)
             self.tts_bos, self.tts_eos, self.tts_pad = e  # thinker space [H_thinker] each

@@ -54,9 +54,26 @@ class Qwen3ThinkerSequence(ThinkerSequence):
         self.rope_delta = float(delta.reshape(-1)[0])  # float32: video time positions are fractional
         self._embeds, self._media_mask = embeds, masks["audio"] | visual
         if self.for_talker:
-            self._captured = {}
+            self._captured, self._capture_parts = {}, []
             extra["capture"] = self._captured  # the forward fills "hidden": [1, L, H] of the accept layer
+            #                                    (per chunk in _capture_parts when the prefill is chunked)
         return embeds[0], pos3d[:, 0].to(t.device), extra  # positions: float32, as the official
+
+    def prefill_chunk_kwargs(self, kwargs: dict, start: int, end: int) -> dict:
+        """A chunk's deepstack rows (the vision tokens in [start, end)) and its own capture of the accept layer
+        (joined in on_prefill)."""
+        out = {}
+        if "visual_pos_masks" in kwargs:
+            m = kwargs["visual_pos_masks"]  # [1, L]
+            before, inside = int(m[0, :start].sum()), int(m[0, start:end].sum())
+            if inside:
+                out["visual_pos_masks"] = m[:, start:end]
+                out["deepstack_visual_embeds"] = [lvl[before:before + inside]
+                                                  for lvl in kwargs["deepstack_visual_embeds"]]
+        if "capture" in kwargs:
+            out["capture"] = {}
+            self._capture_parts.append(out["capture"])
+        return out
 
     def _deepstack(self, masks, visual) -> list[torch.Tensor]:
         """Per level [n_visual, H]: image rows at image tokens, video rows at video tokens, in prompt order."""
@@ -87,6 +104,9 @@ class Qwen3ThinkerSequence(ThinkerSequence):
     def _talker_prompt(self) -> Qwen3TalkerPrompt:
         """The talker's prompt, as `Qwen3OmniMoeForConditionalGeneration.generate` builds it from the prompt part."""
         t, p = self.thinker, self.prompt
+        if self._capture_parts:  # a chunked prefill: the accept layer's output chunk by chunk
+            self._captured["hidden"] = torch.cat([part["hidden"] for part in self._capture_parts], dim=1)
+            self._capture_parts = []
         ids = p.input_ids.to(t.device)  # [L]
         L = ids.shape[0]
         pos = torch.arange(L, device=t.device)

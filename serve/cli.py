@@ -161,6 +161,10 @@ def _cmd_serve(args) -> int:
 def _cmd_bench(args) -> int:
     if getattr(args, "suite", None) == "load":
         return _cmd_bench_load(args)
+    if getattr(args, "suite", None) == "prefill":
+        from omni.serve.bench.prefill import main as prefill_bench_main
+
+        return prefill_bench_main(args)
     if getattr(args, "suite", None) == "caption":
         from omni.serve.bench.caption import main as caption_bench_main
 
@@ -326,10 +330,16 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_caption)
 
     p = sub.add_parser("bench", help="benchmarks against the official transformers path")
-    p.add_argument("suite", nargs="?", choices=["caption", "load"], default=None,
+    p.add_argument("suite", nargs="?", choices=["caption", "load", "prefill"], default=None,
                    help="caption: `omni caption` vs a sequential loop over the official path; load: streaming HTTP "
-                        "clients against the Serve app (statuses, latencies, 503s, replica memory)")
+                        "clients against the Serve app (statuses, latencies, 503s, replica memory); prefill: how "
+                        "long prompts arriving at once stall a decoding request, per prefill policy")
     p.add_argument("--files", type=int, default=64, help="bench caption: media files to caption")
+    p.add_argument("--arrivals", type=int, default=None, help="bench prefill: long prompts arriving at once (8)")
+    p.add_argument("--prompt-tokens", dest="prompt_tokens", type=int, default=None,
+                   help="bench prefill: tokens per arriving prompt (2000)")
+    p.add_argument("--chunk", type=int, default=None, help="bench prefill: the chunked policy's prefill_chunk_tokens "
+                                                           "(256)")
     p.add_argument("--model", default="tiny", help="a model, or several comma-separated to compare them "
                                                    "(tiny,tiny-qwen3)")
     p.add_argument("--out", default=None, help="results folder (default out/bench, out/bench-load for load)")

@@ -56,12 +56,14 @@ def load_thinker(model: str, config: EngineConfig, max_model_len: int, device: s
 
 
 def talker_of(loaded: LoadedModel, config: PipelineConfig):
-    """The Talker stage (keeps the talker, the voices and what it needs of the thinker's embedding table). Qwen2.5's
-    skips its batch timer until a stream has the codes of the vocoder's first window (its first audio pending)."""
+    """The Talker stage (keeps the talker, the voices and what it needs of the thinker's embedding table). It skips
+    its batch timer until a stream has what the vocoder's first window needs (its first audio pending): codes for
+    Qwen2.5's Token2Wav, frames for Qwen3's Code2Wav."""
     if loaded.arch == "qwen3-omni":
         from omni.talker_qwen3 import Qwen3Talker
 
-        return Qwen3Talker.from_model(loaded.model, config.talker)
+        talker = dataclasses.replace(config.talker, first_audio_frames=config.code2wav.first_chunk_frames)
+        return Qwen3Talker.from_model(loaded.model, talker)
     talker = dataclasses.replace(config.talker, first_audio_codes=config.vocoder.first_window_codes())
     return Talker.from_model(loaded.model, talker)
 

@@ -67,7 +67,8 @@ class ServerSettings:
     default_sampling: SamplingParams = SamplingParams()  # the Thinker's defaults (the checkpoint's generation config)
     default_speech_tokens: int = 2048  # the Talker's max codec tokens unless sampling_params_list[1] sets them
     max_concurrent_requests: int = 64  # chat completions in flight per app (replica); 503 past it
-    max_speech_streams: Optional[int] = None  # chat completions with speech in flight; more wait (None: no limit)
+    max_speech_streams: Optional[int] = None  # speech streams in flight (chat with audio, /v1/audio/speech); more
+    #                                           wait their turn (None: no limit)
     speech_wait_s: float = 30.0  # how long one waits for a speech slot before its 503
     media_limits: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames
     media_policy: MediaPolicy = MediaPolicy()  # local paths / file:// only under its allowed_local_media_path; http(s)

@@ -83,7 +83,8 @@ async def _body(first: Event, events: AsyncIterator[Event], req: SpeechRequest, 
 
 async def speech(routes, request: Request) -> Response:
     """The handler, over server.py's `_Routes` (auth, admission, parsing, the backend)."""
-    from omni.serve.api.server import HTTPError, _error_json, _parse, _read_body, _StreamResponse, classify_error
+    from omni.serve.api.server import (HTTPError, _ClientGone, _error_json, _parse, _read_body, _StreamResponse,
+                                       classify_error)
 
     metrics = routes.metrics
     try:
@@ -98,6 +99,7 @@ async def speech(routes, request: Request) -> Response:
             raise HTTPError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
         chat = await run_in_threadpool(to_speech_request, req, admitted.request_id, routes.convert_options)
         routes.backend.validate(chat)
+        await routes.speech_slot(request, admitted)  # the speech streams' gate, shared with chat completions
         t0 = time.perf_counter()
         admitted.events = events = routes.backend.stream(chat)
         try:  # the first event before the headers: a late 4xx still gets its status
@@ -108,6 +110,11 @@ async def speech(routes, request: Request) -> Response:
         metrics.speech_requests.labels(status="200").inc()
         media_type = "text/event-stream" if req.stream_format == "sse" else AUDIO_FORMATS[req.response_format][0]
         return _StreamResponse(_body(first, events, req, admitted, metrics), admitted, media_type)
+    except _ClientGone:  # it went away while waiting for a speech slot
+        await admitted.release(ok=False)
+        metrics.cancelled.inc()
+        metrics.speech_requests.labels(status="499").inc()
+        return Response(status_code=499)
     except BaseException as e:
         await admitted.release(ok=False)
         if not isinstance(e, Exception):

@@ -127,3 +127,85 @@ def test_a_failing_prefill_fails_only_its_request(tiny, thinker):
     assert isinstance(err, InvalidRequest) and "placeholder" in str(err)
     assert ok[0] == _official(tiny, PROMPTS[0], SamplingParams(max_tokens=8))
     assert thinker.engine.num_running == 0
+
+
+# ---------------------------------------------------------------------------------------------------- prefill budget
+def _steps_with_arrivals(tiny, config: EngineConfig):
+    """Drives an engine step by step: one request decoding, then three arrivals at once. -> (the running request's
+    new tokens per step while the arrivals prefill, prompt tokens prefilled per step, every request's ids)."""
+    from omni.thinker import ThinkerSequence
+
+    th = Thinker(tiny.model.thinker, tiny.processor.tokenizer, config)
+    mk = lambda text, n: ThinkerSequence(th, text, _prompt(tiny, text), MediaEmbeddings(), SamplingParams(max_tokens=n),
+                                         for_talker=False)
+    running = mk(PROMPTS[0], 60)
+    th.engine.add(running)
+    while len(running.tokens) < 2:  # prefilled (in chunks or not) and decoding
+        th.engine.step()
+    arrivals = [mk(p, 6) for p in PROMPTS[1:]]
+    for s in arrivals:
+        th.engine.add(s)
+    gained, prefilled = [], []
+    while any(not s.finished for s in arrivals):
+        before, chunks = len(running.tokens), th.engine.num_prefill_chunks
+        th.engine.max_prefill_tokens_seen = 0
+        th.engine.step()
+        if not running.finished:
+            gained.append(len(running.tokens) - before)
+        prefilled.append(th.engine.max_prefill_tokens_seen)
+    while not running.finished:
+        th.engine.step()
+    return gained, prefilled, [s.tokens for s in [running] + arrivals]
+
+
+def test_prefill_budget_and_chunks_keep_decoding_between_arrivals_and_tokens_exact(tiny):
+    """Three prompts arriving at once: with no budget they prefill in one step; with max_prefill_tokens each step
+    prefills at most its budget (a whole prompt, or a chunk of one with prefill_chunk_tokens) and the running request
+    still gets one token per step; every request's ids equal the official generate's."""
+    lengths = [int(_prompt(tiny, p).input_ids.shape[0]) for p in PROMPTS[1:]]
+    refs = [_official(tiny, PROMPTS[0], SamplingParams(max_tokens=60))] + [
+        _official(tiny, p, SamplingParams(max_tokens=6)) for p in PROMPTS[1:]]
+
+    gained, prefilled, ids = _steps_with_arrivals(tiny, EngineConfig(max_prefill_tokens=0))
+    assert prefilled[0] == sum(lengths) and ids == refs  # all three in the first step, before its decode
+
+    gained, prefilled, ids = _steps_with_arrivals(tiny, EngineConfig(max_prefill_tokens=max(lengths)))
+    assert prefilled[:3] == lengths and ids == refs  # one whole prompt per step (they do not fit two at once)
+    assert all(g == 1 for g in gained)
+
+    chunk = 16
+    gained, prefilled, ids = _steps_with_arrivals(tiny, EngineConfig(max_prefill_tokens=chunk,
+                                                                     prefill_chunk_tokens=chunk))
+    assert max(prefilled) == chunk and len([p for p in prefilled if p]) >= sum(lengths) // chunk
+    assert len(gained) >= sum(lengths) // chunk and all(g == 1 for g in gained)  # a decode between two chunks
+    assert ids == refs  # chunked attention over the earlier chunks' cache: the same tokens
+
+
+def test_engine_config_refuses_negative_prefill_limits():
+    with pytest.raises(ValueError, match="max_prefill_tokens and prefill_chunk_tokens"):
+        EngineConfig(prefill_chunk_tokens=-1)
+
+
+def test_no_batch_timer_while_a_running_row_is_urgent():
+    """batch_wait_s holds a step for rows still waiting on their input, unless some row is urgent (its first output
+    downstream pending: the Talker before the vocoder's first window)."""
+    from omni.engine import DecoderModel, Engine, EngineLoop, Sequence
+
+    class Waiting(Sequence):
+        def has_input(self):
+            return False
+
+    engine = Engine(DecoderModel(None, None, None, torch.device("cpu")), EngineConfig(batch_wait_s=0.5))
+    loop = EngineLoop(engine)
+
+    async def gather_seconds(urgent: bool) -> float:
+        seq = Waiting("r", 8, set())
+        seq.urgent = urgent
+        engine._rows = [seq]
+        loop._wake = asyncio.Event()  # what the loop's start creates
+        t0 = asyncio.get_running_loop().time()
+        await loop._gather(True)
+        return asyncio.get_running_loop().time() - t0
+
+    assert asyncio.run(gather_seconds(False)) >= 0.45  # waited for the row's input
+    assert asyncio.run(gather_seconds(True)) < 0.05  # stepped at once

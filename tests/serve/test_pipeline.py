@@ -156,3 +156,22 @@ def test_cancel_frees_slots(pipeline, media):
     assert run(go()) == 1
     assert pipeline.thinker.engine.num_running == 0
     assert pipeline.talker.engine.num_running == 0
+
+
+def test_chunked_prefills_in_both_engines_keep_every_token(tiny, media, stop_codes):
+    """Thinker and Talker prefilling 16 prompt tokens per step (media included): text and codec ids still equal the
+    official path's."""
+    from omni.engine import EngineConfig
+    from omni.serve.config import PipelineConfig
+    from omni.serve.pipeline import Pipeline
+    from omni.talker import TalkerConfig
+
+    cfg = PipelineConfig(thinker=EngineConfig(prefill_chunk_tokens=16, max_prefill_tokens=16),
+                         talker=TalkerConfig(prefill_chunk_tokens=16, max_prefill_tokens=16))
+    chunked = Pipeline(tiny, cfg)
+    req = make_request(media, "all", True)
+    ref = reference_generate(chunked.loaded, req)
+    out = run(chunked.run(req))
+    assert out.token_ids == ref.token_ids and out.codec_ids == ref.codec_ids and len(out.codec_ids) > 0
+    for engine in (chunked.thinker.engine, chunked.talker.engine):
+        assert engine.num_prefill_chunks >= out.prompt_tokens // 16 and engine.max_prefill_tokens_seen == 16

@@ -142,3 +142,37 @@ def test_cancel_frees_slots_in_every_engine(pipeline_qwen3, media):
         return False
 
     assert run(go())
+
+
+def test_chunked_prefills_keep_deepstack_and_the_talker_prompt_exact(tiny_qwen3, media):
+    """Thinker and Talker prefilling 16 prompt tokens per step: the deepstack rows of each chunk's vision tokens and
+    the accept layer's output chunk by chunk give the same text ids and all 16 codebooks of every frame."""
+    from omni.engine import EngineConfig
+    from omni.serve.config import PipelineConfig
+    from omni.serve.pipeline import Pipeline
+    from omni.talker import TalkerConfig
+
+    cfg = PipelineConfig(thinker=EngineConfig(prefill_chunk_tokens=16, max_prefill_tokens=16),
+                         talker=TalkerConfig(prefill_chunk_tokens=16, max_prefill_tokens=16))
+    chunked = Pipeline(tiny_qwen3, cfg)
+    req = make_request(media, "all", True, voice="Ethan")
+    ref = reference_generate(chunked.loaded, req)
+    out = run(chunked.run(req))
+    assert out.token_ids == ref.token_ids and out.codec_ids == ref.codec_ids and len(out.codec_ids) == 15
+    for engine in (chunked.thinker.engine, chunked.talker.engine):
+        assert engine.num_prefill_chunks >= 2 and engine.max_prefill_tokens_seen == 16
+
+
+def test_the_talker_skips_its_batch_timer_until_the_first_chunk_has_its_frames(pipeline_qwen3):
+    """Code2Wav's first chunk needs first_chunk_frames frames: until a stream has them it is urgent (no step waits
+    batch_wait_s for it), after them it is not."""
+    from omni.talker_qwen3 import Qwen3TalkerSequence
+
+    talker = pipeline_qwen3.talker
+    assert talker.first_audio_frames == pipeline_qwen3.vocoder.config.first_chunk_frames == 2
+    seq = Qwen3TalkerSequence(talker, "r", "Ethan", SamplingParams(max_tokens=8), 1)
+    assert seq.urgent
+    seq.frames = [[0] * 16]
+    assert seq.urgent
+    seq.frames.append([0] * 16)
+    assert not seq.urgent

@@ -355,8 +355,9 @@ def _body(stream):
 
 
 def test_speech_streams_past_the_limit_wait_their_turn_or_get_503():
-    """max_speech_streams=1: while one speech stream runs, a text request is served at once, a speech request waits
-    and gets the slot when the stream ends, and one that waits past speech_wait_s gets 503 + Retry-After."""
+    """max_speech_streams=1: while one speech stream runs, a text request is served at once, a speech request (chat
+    with audio, or /v1/audio/speech) waits and gets the slot when the stream ends, and one that waits past
+    speech_wait_s gets 503 + Retry-After."""
     import concurrent.futures
 
     backend = GatedBackend()
@@ -372,6 +373,11 @@ def test_speech_streams_past_the_limit_wait_their_turn_or_get_503():
             refused = httpx.post(url, json={**_body(False), **speak}, timeout=30)
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
             assert refused.headers["retry-after"] == "1" and time.monotonic() - t0 >= 1.9  # it waited its turn
+            t0 = time.monotonic()
+            tts = httpx.post(f"{server.url}/v1/audio/speech", json={"model": "gated", "input": "hello",
+                                                                     "voice": "Chelsie"}, timeout=30)
+            assert tts.status_code == 503 and tts.json()["error"]["code"] == "overloaded", tts.text
+            assert tts.headers["retry-after"] == "1" and time.monotonic() - t0 >= 1.9  # the same gate
             with httpx.stream("POST", url, json=_body(True), timeout=30) as text:  # text never waits for speech
                 assert next(text.iter_lines()).startswith("data: ")
                 queued = pool.submit(httpx.post, url, json={**_body(False), **speak}, timeout=30)
