@@ -10,6 +10,26 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+_EXIT = {}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT["status"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Every report is written by now (terminal summary, junit XML): leave without the interpreter's teardown. Once
+    in a full run (448 passed) the process segfaulted there, in the finalizers of the worker threads, Ray drivers and
+    torch state that the session's modules leave behind, and make saw exit 139 for a green run."""
+    if "status" in _EXIT and os.environ.get("OMNI_TEST_HARD_EXIT", "1") == "1":
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT["status"])
+
+
 def _run(cmd):
     subprocess.run(cmd, check=True, capture_output=True)
 
