@@ -1,6 +1,6 @@
 """`omni bench load`'s parts without Ray: its flags, its request mix, its clients against the HTTP app over the
 in-process pipeline (real SSE streams, 503s past the app's limit), and the typed results and their table. The run
-against `omni serve` (32 clients, replica memory) is tests/serve/cluster/test_load_faults.py."""
+against `omni serve` (32 clients, replica memory) is tests/serve/cluster/test_app_faults.py."""
 import asyncio
 import json
 

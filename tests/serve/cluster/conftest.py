@@ -5,8 +5,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from omni.serve.caption_io import DEFAULT_PROMPTS, ROW_FIELDS
+from omni.serve.config import CONFIG_DIR
 
 MAX_TOKENS = 8  # caption tokens in the golden runs
 
@@ -116,3 +118,66 @@ def omni_serve(tmp_path_factory):
     yield start
     for server in started:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------------------- shared server
+APP_KEY = "sk-test"  # the shared server's --api-key
+APP_LIMIT = 24  # its max_concurrent_requests: below test_app_faults' 32 load clients, so 503s happen
+APP_STAGE_TIMEOUT_S = 30  # its stage_timeout_s: a call waiting for a replica that died gives up after this
+
+
+class SharedServer:
+    """One `omni serve --model tiny` for the modules that only talk to it over HTTP and handles (test_app,
+    test_app_faults, then test_app_shutdown, which stops it): a server start costs ~1-2 min here. Started on first
+    use, started again if a user stopped it, stopped as soon as the next test does not use it (so no other module's
+    Ray finds it running)."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp, self.server = tmp_path_factory, None
+
+    def get(self):
+        """The running server, this process joined to its Ray."""
+        from omni.serve.cluster.server_process import ServeProcess, ServeStartError
+
+        if self.server is None or self.server.proc.poll() is not None:
+            cfg = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
+            cfg.update(max_concurrent_requests=APP_LIMIT, stage_timeout_s=APP_STAGE_TIMEOUT_S)
+            path = self.tmp.mktemp("config") / "app.yaml"
+            path.write_text(yaml.safe_dump(cfg))
+            args = ["--model", "tiny", "--config", str(path), "--api-key", APP_KEY, "--drain-timeout", "60"]
+            try:
+                self.server = ServeProcess.start(args, self.tmp.mktemp("serve") / "serve.log", cwd=str(REPO))
+            except ServeStartError as exc:
+                pytest.fail(str(exc))
+        self.server.connect_ray()
+        return self.server
+
+    def take(self):
+        """The running server, handed over to a caller that stops it itself (this process leaves its Ray first)."""
+        import ray
+
+        server = self.get()
+        self.server = None
+        ray.shutdown()
+        return server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+_SHARED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_app(tmp_path_factory) -> SharedServer:
+    _SHARED["app"] = SharedServer(tmp_path_factory)
+    yield _SHARED["app"]
+    _SHARED.pop("app").stop()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    shared = _SHARED.get("app")
+    if shared is not None and (nextitem is None or "tiny_app" not in nextitem.fixturenames):
+        shared.stop()

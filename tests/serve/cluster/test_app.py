@@ -1,5 +1,6 @@
-"""The Ray Serve app on the tiny checkpoint, with the official `openai` SDK as its client: one app for the module
-(Ray with 2 CPUs, fractional CPUs per replica from configs/serve/tiny.yaml), shut down after."""
+"""The Ray Serve app on the tiny checkpoint, with the official `openai` SDK as its client: `omni serve` in a
+subprocess (its own Ray with 2 CPUs, fractional CPUs per replica from configs/serve/tiny.yaml), shared with
+test_app_faults and test_app_shutdown (conftest.SharedServer)."""
 import asyncio
 import base64
 import concurrent.futures
@@ -26,9 +27,10 @@ SPEECH = {"sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 40}]} 
 
 
 @pytest.fixture(scope="module")
-def server(omni_serve):
-    """`omni serve` itself, in a subprocess (its own local Ray); this process joins that Ray for handles."""
-    return omni_serve("--model", "tiny", "--config", "tiny", "--api-key", "sk-test").url
+def server(tiny_app):
+    """`omni serve` itself, in a subprocess (its own local Ray, --api-key sk-test); this process joins that Ray for
+    handles."""
+    return tiny_app.get().url
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """A replica that dies mid-request, or a stage that does not answer within stage_timeout_s, is StageUnavailable: a 503
 with Retry-After (or an SSE error event with code stage_unavailable), not a 500; other failures stay 500s. The real
-replica kills are in test_load_faults.py."""
+replica kills are in test_app_faults.py."""
 import asyncio
 
 import pytest

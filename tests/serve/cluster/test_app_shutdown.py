@@ -1,4 +1,5 @@
-"""Graceful shutdown of `omni serve`: on SIGTERM it refuses new requests (503 + Retry-After), lets the stream in
+"""Graceful shutdown of `omni serve` (the server test_app and test_app_faults used, last: conftest.SharedServer,
+--drain-timeout 60): on SIGTERM it refuses new requests (503 + Retry-After), lets the stream in
 flight finish, shuts Serve and Ray down and exits 0 with one log line, no crash dump."""
 import json
 import signal
@@ -11,8 +12,13 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_sigterm_drains_in_flight_streams_then_exits_0(omni_serve):
-    server = omni_serve("--model", "tiny", "--config", "tiny", "--drain-timeout", "60", connect=False)
+from .conftest import APP_KEY
+
+AUTH = {"Authorization": f"Bearer {APP_KEY}"}
+
+
+def test_sigterm_drains_in_flight_streams_then_exits_0(tiny_app):
+    server = tiny_app.take()  # this test stops it
     proc, log_path = server.proc, server.log_path
     try:
         url = server.url
@@ -21,7 +27,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(omni_serve):
         events, started = [], threading.Event()
 
         def stream():
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120, headers=AUTH) as r:
                 for line in r.iter_lines():
                     if line:
                         events.append(line)
@@ -30,11 +36,12 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(omni_serve):
         t = threading.Thread(target=stream)
         t.start()
         assert started.wait(60)
+        offset = log_path.stat().st_size  # what the server logged before (earlier modules' replica kills) is theirs
         proc.send_signal(signal.SIGTERM)
         refused = None
         for _ in range(40):  # new requests are refused while the stream is still running
             time.sleep(0.25)
-            r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=30, headers=AUTH,
                            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
             if r.status_code == 503:
                 refused = r
@@ -51,7 +58,8 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(omni_serve):
     finally:
         if proc.poll() is None:
             proc.kill()
-    out = log_path.read_text()
+        server.stop()
+    out = log_path.read_bytes()[offset:].decode(errors="replace")
     assert "*** SIGTERM received" not in out and "Traceback" not in out, out[-3000:]
     lines = [line for line in out.splitlines() if line.startswith("omni serve: SIGTERM received: drained")]
     assert len(lines) == 1 and lines[0].endswith("; stopped"), out[-2000:]

@@ -1,5 +1,5 @@
-"""Load and faults against `omni serve` on the tiny checkpoint (one server for the module, its own Ray, this process
-joined to it), driven by `omni bench load`'s streaming clients:
+"""Load and faults against `omni serve` on the tiny checkpoint (the server test_app used, conftest.SharedServer: its own
+Ray, this process joined to it), driven by `omni bench load`'s streaming clients:
 
 - load: 32 clients for LOAD_S seconds, over a server whose concurrency limit is below 32: no 5xx, every request
   completes or is refused with 503 + Retry-After, every replica's RSS flat within 10%;
@@ -15,16 +15,17 @@ import time
 
 import httpx
 import pytest
-import yaml
 
 from omni.serve.bench.load import LoadConfig, drive, run_load
 from omni.serve.bench.load_results import markdown
 
 pytestmark = pytest.mark.slow
 
-LIMIT = 24  # the module's server's max_concurrent_requests: below the load's 32 clients, so 503s happen
+from .conftest import APP_KEY, APP_LIMIT, APP_STAGE_TIMEOUT_S
+
+LIMIT = APP_LIMIT  # the server's max_concurrent_requests: below the load's 32 clients, so 503s happen
 LOAD_S = 20  # seconds of measured load (the bench's default is 60: `omni bench load`)
-STAGE_TIMEOUT_S = 20  # the server's stage_timeout_s: a call waiting for a replica that died gives up after this
+STAGE_TIMEOUT_S = APP_STAGE_TIMEOUT_S  # the server's stage_timeout_s: a call waiting for a dead replica gives up
 FAIL_BOUND_S = STAGE_TIMEOUT_S + 25  # a request in flight when its replica dies ends within this (a loaded machine)
 REQUEST_TIMEOUT_S = 150  # a request not ended by then is a hang (a new replica takes ~30-120 s here to come up)
 STAGES = ["VisionEncoder", "AudioEncoder", "Thinker", "Talker", "Vocoder"]
@@ -39,14 +40,8 @@ FAULT_MIX = {"VisionEncoder": ("image",), "AudioEncoder": ("audio+speech",), "Th
 
 
 @pytest.fixture(scope="module")
-def server(omni_serve, tmp_path_factory):
-    from omni.serve.config import CONFIG_DIR
-
-    cfg = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
-    cfg.update(max_concurrent_requests=LIMIT, stage_timeout_s=STAGE_TIMEOUT_S)
-    path = tmp_path_factory.mktemp("config") / "load.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return omni_serve("--model", "tiny", "--config", str(path))
+def server(tiny_app):
+    return tiny_app.get()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +59,8 @@ def probe(server):
 
     def ids() -> tuple[str, bytes]:
         for attempt in range(3):  # the app may not route to a new replica yet
-            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S)
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S,
+                           headers={"Authorization": f"Bearer {APP_KEY}"})
             if r.status_code == 200:
                 msg = r.json()["choices"][0]["message"]
                 return msg["content"], base64.b64decode(msg["audio"]["data"])
@@ -84,7 +80,7 @@ def before(probe):
 
 def test_32_streaming_clients_no_5xx_503s_with_retry_after_flat_memory(server, tmp_path):
     cfg = LoadConfig(url=server.url, ray_address=server.ray_address, clients=32, duration=LOAD_S, warmup=8,
-                     request_timeout=REQUEST_TIMEOUT_S, out=str(tmp_path))
+                     request_timeout=REQUEST_TIMEOUT_S, out=str(tmp_path), api_key=APP_KEY)
     results = run_load(cfg)
     print(markdown(results))
     for phase in (results.warmup, results.load):
@@ -108,7 +104,7 @@ def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(
     [old] = list_replicas("omni", stage)
     speech = stage in ("Thinker", "Talker", "Vocoder")
     cfg = LoadConfig(url=server.url, clients=6, mix=FAULT_MIX[stage], max_tokens=48 if speech else 8,
-                     speech_tokens=120 if speech else 24, request_timeout=REQUEST_TIMEOUT_S)
+                     speech_tokens=120 if speech else 24, request_timeout=REQUEST_TIMEOUT_S, api_key=APP_KEY)
     t0, warm, stop = time.monotonic(), threading.Event(), threading.Event()
     oks = []
 
@@ -167,6 +163,7 @@ def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(
     deadline = time.monotonic() + 120
     while True:  # the app serves again
         r = httpx.post(f"{server.url}/v1/chat/completions", timeout=REQUEST_TIMEOUT_S,
+                       headers={"Authorization": f"Bearer {APP_KEY}"},
                        json={"messages": [{"role": "user", "content": "Are you back?"}], "max_tokens": 4})
         if r.status_code == 200 or time.monotonic() > deadline:
             break
