@@ -305,16 +305,11 @@ class Engine:
                 break
             used += self._prefill_chunk(p, budget - used, touched)
         waiting = collections.deque()
-        while self._pending:
+        while self._pending and used < budget:  # once the budget is spent the rest wait for the next step (FIFO)
             seq = self._pending.popleft()
             if seq.cancelled:
                 seq.finished = True
                 continue
-            if used >= budget:  # this step's prefill budget is spent: the rest wait for the next (FIFO)
-                waiting.append(seq)
-                waiting.extend(self._pending)
-                self._pending.clear()
-                break
             if self.num_running >= self.config.max_num_seqs or not seq.ready_to_prefill():
                 waiting.append(seq)
                 continue
@@ -330,11 +325,9 @@ class Engine:
             p = _Prefill(seq, embeds, pos, extra[0] if extra else {}, DynamicCache(config=self.model.config))
             self._prefilling.append(p)  # it holds its slot from here
             if self._over_budget(p, used, budget):  # a whole prompt past this step's budget: first in the next
-                waiting.extend(self._pending)
-                self._pending.clear()
                 break
             used += self._prefill_chunk(p, budget - used, touched)
-        self._pending.extendleft(reversed(waiting))
+        self._pending.extendleft(reversed(waiting))  # the skipped ones keep their place before the rest
         self.max_prefill_tokens_seen = max(self.max_prefill_tokens_seen, used)
 
     def _over_budget(self, p: _Prefill, used: int, budget: float) -> bool:

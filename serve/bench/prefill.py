@@ -16,7 +16,7 @@ import asyncio
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 __all__ = ["PrefillBenchConfig", "POLICIES", "run_prefill_bench", "markdown", "main"]
@@ -110,13 +110,15 @@ async def _measure(thinker, running, long, cfg: PrefillBenchConfig) -> dict:
     (ids, _), rest = await asyncio.gather(run(0, running, cfg.running_tokens, stamps), arrivals())
     t0 = t_arrive["t"]
     last_first = max(first for _, first in rest)
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    during = [b - a for a, b in zip(stamps, stamps[1:]) if b >= t0 and a <= last_first] or gaps
+    pairs = list(zip(stamps, stamps[1:]))
+    gaps = [b - a for a, b in pairs]
+    during = [b - a for a, b in pairs if b >= t0 and a <= last_first] or gaps  # while the arrivals prefill
     return {"ids": [ids] + [r[0] for r in rest], "stall_max": max(during), "gap_p50": statistics.median(gaps),
             "ttft": sorted(first - t0 for _, first in rest)}
 
 
-def run_prefill_bench(cfg: PrefillBenchConfig, loaded=None, log=print) -> list[PolicyResult]:
+def run_prefill_bench(cfg: PrefillBenchConfig, loaded=None, log=print) -> tuple[int, list[PolicyResult]]:
+    """-> (the arriving prompts' length in tokens, one result per policy)."""
     from omni.checkpoint import load_model
     from omni.serve.models import thinker_of
 
@@ -127,18 +129,17 @@ def run_prefill_bench(cfg: PrefillBenchConfig, loaded=None, log=print) -> list[P
     for name in POLICIES:
         ec = _policy_config(name, cfg, prompt_len)
         thinker = thinker_of(loaded, ec, max_model_len=prompt_len + 1024)
-        asyncio.run(_measure(thinker, running, long[:1], PrefillBenchConfig(**{**asdict(cfg), "arrivals": 1,
-                                                                               "running_tokens": 8})))  # warm-up
-        thinker.engine.num_prefill_chunks = 0
+        asyncio.run(_measure(thinker, running, long[:1], replace(cfg, arrivals=1, running_tokens=8)))  # warm-up
+        forwards = thinker.engine.num_prefill_chunks
         m = asyncio.run(_measure(thinker, running, long, cfg))
         r = PolicyResult(name, ec.max_prefill_tokens, ec.prefill_chunk_tokens, m["stall_max"] * 1e3,
                          m["gap_p50"] * 1e3, statistics.median(m["ttft"]) * 1e3, m["ttft"][-1] * 1e3,
-                         thinker.engine.num_prefill_chunks, m["ids"])
+                         thinker.engine.num_prefill_chunks - forwards, m["ids"])
         log(f"  {name:10s} stall {r.stall_max_ms:8.1f} ms   gap p50 {r.gap_p50_ms:6.1f} ms   arrivals TTFT p50 "
             f"{r.arrival_ttft_p50_ms:8.1f} ms max {r.arrival_ttft_max_ms:8.1f} ms   ({r.prefill_forwards} prefill "
             f"forwards)")
         results.append(r)
-    return results
+    return prompt_len, results
 
 
 def markdown(results: list[PolicyResult], cfg: PrefillBenchConfig, prompt_len: int) -> str:
@@ -162,8 +163,7 @@ def main(args) -> int:
 
     loaded = load_model(cfg.model)
     print(f"omni bench prefill: {cfg.model}, {cfg.arrivals} arrivals of ~{cfg.prompt_tokens} tokens, chunk {cfg.chunk}")
-    results = run_prefill_bench(cfg, loaded)
-    prompt_len = int(_prompts(loaded, cfg)[1][0].input_ids.shape[0])
+    prompt_len, results = run_prefill_bench(cfg, loaded)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prefill.json").write_text(json.dumps({"config": asdict(cfg), "prompt_tokens": prompt_len,

@@ -97,19 +97,26 @@ def check_rows(rows, folder, oracle, max_tokens=MAX_TOKENS, prompt=None, names=M
 REPO = Path(__file__).resolve().parents[3]
 
 
+def _start_serve(args, tmp_path_factory):
+    """`omni serve ARGS` on a free port, once its ready line is out (the test fails with its log's tail if not)."""
+    from omni.serve.cluster.server_process import ServeProcess, ServeStartError
+
+    try:
+        return ServeProcess.start(list(args), tmp_path_factory.mktemp("serve") / "serve.log", cwd=str(REPO))
+    except ServeStartError as exc:
+        pytest.fail(str(exc))
+
+
 @pytest.fixture(scope="module")
 def omni_serve(tmp_path_factory):
     """`omni_serve(*args, connect=True) -> ServeProcess`: start `omni serve ARGS` on a free port, wait for its ready
     line and (with connect) join its Ray; every server the module started is stopped (SIGTERM) after the module."""
-    from omni.serve.cluster.server_process import ServeProcess, ServeStartError
+    from omni.serve.cluster.server_process import ServeProcess
 
     started = []
 
     def start(*args: str, connect: bool = True) -> ServeProcess:
-        try:
-            server = ServeProcess.start(list(args), tmp_path_factory.mktemp("serve") / "serve.log", cwd=str(REPO))
-        except ServeStartError as exc:
-            pytest.fail(str(exc))
+        server = _start_serve(args, tmp_path_factory)
         started.append(server)
         if connect:
             server.connect_ray()
@@ -137,18 +144,13 @@ class SharedServer:
 
     def get(self):
         """The running server, this process joined to its Ray."""
-        from omni.serve.cluster.server_process import ServeProcess, ServeStartError
-
         if self.server is None or self.server.proc.poll() is not None:
             cfg = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
             cfg.update(max_concurrent_requests=APP_LIMIT, stage_timeout_s=APP_STAGE_TIMEOUT_S)
             path = self.tmp.mktemp("config") / "app.yaml"
             path.write_text(yaml.safe_dump(cfg))
             args = ["--model", "tiny", "--config", str(path), "--api-key", APP_KEY, "--drain-timeout", "60"]
-            try:
-                self.server = ServeProcess.start(args, self.tmp.mktemp("serve") / "serve.log", cwd=str(REPO))
-            except ServeStartError as exc:
-                pytest.fail(str(exc))
+            self.server = _start_serve(args, self.tmp)
         self.server.connect_ray()
         return self.server
 

@@ -19,14 +19,14 @@ import pytest
 from omni.serve.bench.load import LoadConfig, drive, run_load
 from omni.serve.bench.load_results import markdown
 
+from .conftest import APP_KEY, APP_STAGE_TIMEOUT_S
+
 pytestmark = pytest.mark.slow
 
-from .conftest import APP_KEY, APP_LIMIT, APP_STAGE_TIMEOUT_S
-
-LIMIT = APP_LIMIT  # the server's max_concurrent_requests: below the load's 32 clients, so 503s happen
+# the server (conftest.SharedServer) admits APP_LIMIT = 24 requests at once: below the load's 32 clients, so 503s
+# happen; a call waiting for a replica that died gives up after its stage_timeout_s (APP_STAGE_TIMEOUT_S)
 LOAD_S = 20  # seconds of measured load (the bench's default is 60: `omni bench load`)
-STAGE_TIMEOUT_S = APP_STAGE_TIMEOUT_S  # the server's stage_timeout_s: a call waiting for a dead replica gives up
-FAIL_BOUND_S = STAGE_TIMEOUT_S + 25  # a request in flight when its replica dies ends within this (a loaded machine)
+FAIL_BOUND_S = APP_STAGE_TIMEOUT_S + 25  # a request in flight when its replica dies ends within this (a loaded machine)
 REQUEST_TIMEOUT_S = 150  # a request not ended by then is a hang (a new replica takes ~30-120 s here to come up)
 STAGES = ["VisionEncoder", "AudioEncoder", "Thinker", "Talker", "Vocoder"]
 # the stages killed (each kill costs a replica restart, ~40 s here): the two encoders are one deployment class
