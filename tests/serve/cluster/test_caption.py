@@ -59,12 +59,13 @@ def test_killed_thinker_worker_loses_no_row(mixed_dir, tmp_path, oracle):
             killed.append(pid)
 
     out = tmp_path / "captions.jsonl"
-    # one row per Thinker call, one call at a time, 48 tokens each: rows are still to do when the first one lands
-    opts = CaptionOptions(max_tokens=48, batch_size=1, thinker_calls=1)
+    # one row per Thinker call, one call at a time, 160 tokens each: rows are still to do when the first one lands
+    # (with 48 a quiet machine had written every row before the kill landed: one Thinker pid, the test failed)
+    opts = CaptionOptions(max_tokens=160, batch_size=1, thinker_calls=1)
     report = run_caption([str(mixed_dir)], str(out), opts, on_batch=kill_once)
     assert killed and len(report.thinker_pids) >= 2, report.thinker_pids  # rows came from the restarted actor too
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    check_rows(rows, mixed_dir, oracle, max_tokens=48)
+    check_rows(rows, mixed_dir, oracle, max_tokens=160)
 
 
 def test_speak_and_use_audio_in_video(media_dir, tmp_path, oracle, tiny):
