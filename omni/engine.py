@@ -1,16 +1,27 @@
 """The decode engine shared by the Thinker and the Talker: continuous batching over a transformers decoder fed with
 `inputs_embeds` and explicit 3-D (M-RoPE) positions, which transformers' own continuous batching cannot take.
 
-Requests join and leave a running batch at step boundaries. Each request owns a row ("slot") of one batched KV
-cache; rows are left-padded to a common length and a 0/1 attention mask hides the padding. A request is prefilled
-alone (bit-identical to the official path), then its cache is merged into the batch. So that arrivals do not stall
-the running decodes, a step prefills at most `max_prefill_tokens` prompt tokens (whole prompts, first come first
-served; the first always goes) and, with `prefill_chunk_tokens`, a long prompt is prefilled that many tokens per step
-over its own growing cache, between the decode steps (attention over the earlier chunks' cache: the same
-computation in other kernel shapes, logits within ~1e-6, tokens equal in the golden tests). Every decode step is one
-batched forward over all rows; a row whose next input is not known yet (a Talker waiting for its Thinker) idles in a
-masked column and does not advance. Positions are each row's solo positions, so a row computes what it computes
-alone (tokens equal; logits within ~1e-7, from batch-size-dependent matmul kernels).
+Requests join and leave a running batch at step boundaries. Each request owns a slot of a preallocated KV cache
+(omni/kv.py): a prompt is prefilled alone (bit-identical to the official path) and its KV written into a free slot;
+a decode step writes one position per row in place and attends over a view of the storage; a finished request frees
+its slot without a copy. Admission is bounded by KV memory: a request reserves prompt + max_tokens positions; one that
+does not fit now waits (past `max_waiting` waiting requests: StageUnavailable, a 503), one that could never fit is an
+InvalidRequest naming `kv_cache_tokens`. An out-of-memory error fails the request that caused it (the prefill's, or
+the newest row's in a decode step), never the batch.
+
+So that arrivals do not stall the running decodes, a step prefills at most `max_prefill_tokens` prompt tokens (whole
+prompts, first come first served; the first always goes) and, with `prefill_chunk_tokens`, a long prompt is
+prefilled that many tokens per step over its own growing cache, between the decode steps (attention over the earlier
+chunks' cache: the same computation in other kernel shapes, logits within ~1e-6, tokens equal in the golden tests).
+Every decode step is one batched forward over the slots in use; a row whose next input is not known yet (a Talker
+waiting for its Thinker) idles: its query is computed and dropped, its length does not advance. Positions are each
+row's solo positions, so a row computes what it computes alone (tokens equal; logits within ~1e-7, from
+batch-size-dependent matmul kernels).
+
+Sampling runs on the device for the whole step (omni/sampling.py); the step's ids come to the host in one transfer
+(one more in a step that completes prefills). `compile=True` runs the decode forward through `torch.compile`
+(CUDA graphs via mode="reduce-overhead" on CUDA), with the batch rounded up to a power of two and the attended
+length to a multiple of 64 so that few shapes are compiled.
 
 Stage-specific logic lives in `Sequence` subclasses (omni/thinker.py, omni/talker.py); the engine knows nothing of
 text or speech. The engine is synchronous and single-threaded; `EngineLoop` (on omni.loop.WorkerLoop) runs it in a
@@ -20,33 +31,40 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                    SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
 
+from omni.kv import SlotKV, StepCache, kv_bytes_per_token, memory_budget_tokens
 from omni.loop import WorkerLoop
-from omni.types import SamplingParams
+from omni.sampling import Sampler, TokenHistory, sample_rows
+from omni.types import InvalidRequest, StageUnavailable
 
 __all__ = ["DecoderModel", "Sequence", "Engine", "EngineConfig", "EngineLoop", "Sampler"]
+
+T_BUCKET = 64  # compile: attended lengths rounded up to a multiple of this (one compiled shape per 64 positions)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     max_num_seqs: int = 64  # rows in the running batch at most; more requests wait for a free slot
-    max_dead_columns: int = 64  # compact the cache once this many columns are padding for every row
+    max_dead_columns: int = 64  # unused since the slot KV cache (it has no padding columns); accepted in configs
     batch_wait_s: float = 0.0  # when some running rows wait for input (a Talker behind its Thinker), wait this long
     #                            for them before stepping, so the rows fed by one upstream step share one forward
     max_prefill_tokens: int = 8192  # prompt tokens prefilled per step at most (the first prompt or chunk always goes;
     #                                 the rest wait for the next step, after a decode); 0: no limit
     prefill_chunk_tokens: int = 0  # > 0: a longer prompt is prefilled this many tokens per step, interleaved with the
     #                                decode steps; 0: every prompt in one forward (bit-identical to the official path)
+    kv_cache_tokens: int = 0  # KV budget in token positions (slots x positions per slot); a request reserves its
+    #                           prompt + max_tokens. 0: computed at start from the free device memory (host memory on
+    #                           CPU) x gpu_memory_utilization
+    gpu_memory_utilization: float = 0.9  # share of the free memory the KV may take when kv_cache_tokens is 0
+    max_waiting: int = 0  # requests waiting for a slot or KV room at most; one more is refused (503); 0: no bound
+    compile: bool = False  # torch.compile the decode step (mode "reduce-overhead", i.e. CUDA graphs, on CUDA)
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_dead_columns < 1:
@@ -57,66 +75,44 @@ class EngineConfig:
                              f"{self.max_prefill_tokens}, {self.prefill_chunk_tokens}")
         if not 0 <= self.batch_wait_s <= 1:
             raise ValueError(f"batch_wait_s must be in [0, 1] seconds, got {self.batch_wait_s}")
+        if self.kv_cache_tokens < 0 or self.max_waiting < 0:
+            raise ValueError(f"kv_cache_tokens and max_waiting must be >= 0, got {self.kv_cache_tokens}, "
+                             f"{self.max_waiting}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass
 class DecoderModel:
-    """How to run one decoder: forward(embeds [B, T, H_in], positions [3, B, T], mask [B, kv + T], cache, **prefill
-    kwargs) -> hidden [B, T, H]; head(hidden [B, T, H]) -> float logits [B, V] of the last position; config for
-    DynamicCache. `after_step(seqs)`, when set, runs once per engine step on the sequences that produced output (a
-    batched post-step such as Qwen3's code predictor)."""
+    """How to run one decoder: forward(embeds [B, T, H_in], positions [3, B, T], mask, cache, **prefill kwargs) ->
+    hidden [B, T, H], where mask is [B, kv + T] 0/1 with a DynamicCache (prefill) or a [B, 1, 1, kv] bool mask with
+    the slot cache's StepCache (decode); head(hidden [B, T, H]) -> float logits [B, V] of the last position; config
+    (a decoder config: layers, heads, head_dim) and dtype size the KV budget. `after_step(seqs)`, when set, runs once
+    per engine step on the sequences that produced output (a batched post-step such as Qwen3's code predictor)."""
     forward: Callable
     head: Callable
     config: object
     device: torch.device
     after_step: Optional[Callable] = None
-
-
-class Sampler:
-    """Per-request sampling, in the order transformers' generate applies it: repetition penalty, suppressed tokens,
-    then (when sampling) temperature, top-k, top-p; a per-request torch.Generator (never the global RNG)."""
-
-    def __init__(self, params: SamplingParams, suppress: tuple[int, ...] = (), device="cpu"):
-        self.params = params
-        procs = []
-        if params.repetition_penalty != 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(penalty=params.repetition_penalty))
-        if suppress:
-            procs.append(SuppressTokensLogitsProcessor(list(suppress), device=device))
-        if not params.greedy:
-            procs.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_k > 0:
-                procs.append(TopKLogitsWarper(params.top_k))
-            if params.top_p < 1.0:
-                procs.append(TopPLogitsWarper(params.top_p))
-        self.processors = LogitsProcessorList(procs)
-        self.generator = None
-        if not params.greedy:
-            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            self.generator = torch.Generator(device=device).manual_seed(seed)
-
-    def __call__(self, history: torch.Tensor, logits: torch.Tensor) -> int:
-        """history [1, n] long (what the repetition penalty sees), logits [1, V] float -> the next id."""
-        scores = self.processors(history, logits)
-        if self.generator is None:
-            return int(scores.argmax(-1))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    dtype: Optional[torch.dtype] = None  # the KV's dtype (the model's); None: float32
 
 
 class Sequence:
-    urgent = False  # True while the request's first output downstream is pending: no batch timer waits for it
-
     """One request in an engine. Subclasses define the inputs and what happens with each output.
 
     The engine calls, from its worker thread: `prefill_inputs()` once when `ready_to_prefill()`, then
-    `on_prefill(hidden [1, L, H], logits [1, V])`; each step, `next_input()` (None: idle this step) and
-    `on_step(hidden [1, H], logits [1, V])`. Outputs for the consumer go to `self.outbox` (thread-safe deque).
-    Other threads may call `cancel()` and subclass feed methods, which must only append to deques.
+    `on_prefill(hidden [1, L, H], token)` with the id sampled from the prefill's logits by `self.sampler`; each step,
+    `next_input()` (None: idle this step) and `on_step(hidden [1, H], token)`. Before each call with a token the engine
+    sets `self.last_token` (long [1], on the device: the same id, for the next input's embedding without a host
+    round trip). Outputs for the consumer go to `self.outbox` (thread-safe deque). Other threads may call `cancel()`
+    and subclass feed methods, which must only append to deques.
 
     What `append_token` needs is given here: the id limit, the stop ids, and the repetition-penalty history (a
     subclass whose history is known only at prefill, like the Talker's, sets `self.history` in `prefill_inputs`).
     """
+
+    urgent = False  # True while the request's first output downstream is pending: no batch timer waits for it
+    samples_prefill = True  # False: the reply is known in advance (no id is sampled from the prefill)
 
     def __init__(self, request_id: str, max_tokens: int, stop_ids: set[int],
                  history: Optional[torch.Tensor] = None):
@@ -124,18 +120,31 @@ class Sequence:
         self.max_tokens = max_tokens  # generated ids at most (the stop id counts)
         self.stop_ids = stop_ids  # ids that end the sequence (kept in the output)
         self.history = history  # [1, n] long: what the repetition penalty sees (prompt ids + generated)
+        self.sampler: Optional[Sampler] = None  # set by the subclass
+        self.last_token: Optional[torch.Tensor] = None  # long [1] on the device: the id given to on_prefill/on_step
         self.finished = False
         self.cancelled = False
         self.outbox: collections.deque = collections.deque()
+        self.slot: Optional[int] = None  # the engine's KV slot while it holds one
+        self.prepared: Optional["_Prefill"] = None  # inputs computed, waiting for KV room
+
+    @property
+    def history(self) -> Optional[torch.Tensor]:
+        return None if self._history is None else self._history.ids
+
+    @history.setter
+    def history(self, ids: Optional[torch.Tensor]) -> None:
+        self._history = None if ids is None else TokenHistory(ids, self.max_tokens)
 
     def cancel(self) -> None:
         self.cancelled = True
 
     def append_token(self, token: int, generated: list[int]) -> tuple[bool, bool]:
-        """Record a sampled id (in `generated` and the repetition-penalty history `self.history` [1, n]);
-        -> (stop: a stop id, last: stop or `self.max_tokens` reached)."""
+        """Record a sampled id (in `generated` and the repetition-penalty history); -> (stop: a stop id, last: stop or
+        `self.max_tokens` reached)."""
         generated.append(token)
-        self.history = torch.cat([self.history, self.history.new_tensor([[token]])], dim=1)
+        if self._history is not None:
+            self._history.append(token)  # a scalar write on the device: no host sync
         stop = token in self.stop_ids
         return stop, stop or len(generated) >= self.max_tokens
 
@@ -151,7 +160,7 @@ class Sequence:
         `kwargs`; None: this prefill cannot be chunked (it runs in one forward). Without kwargs any prompt can."""
         return {} if not kwargs else None
 
-    def on_prefill(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+    def on_prefill(self, hidden: torch.Tensor, token: Optional[int]) -> None:
         raise NotImplementedError
 
     def next_input(self) -> Optional[tuple[torch.Tensor, "int | float"]]:  # (embed [H_in], position) or None
@@ -161,56 +170,8 @@ class Sequence:
         """Cheap check that next_input() would not be None (called from the event loop between steps)."""
         return self.next_input() is not None
 
-    def on_step(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+    def on_step(self, hidden: torch.Tensor, token: int) -> None:
         raise NotImplementedError
-
-
-class _BatchKV:
-    """One left-padded DynamicCache for all rows, plus its 0/1 mask [B, T]."""
-
-    def __init__(self, config):
-        self.config = config
-        self.cache: Optional[DynamicCache] = None
-        self.mask: Optional[torch.Tensor] = None
-
-    @property
-    def rows(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[0]
-
-    def add(self, cache: DynamicCache, length: int, device) -> None:
-        """Append one prefilled request's cache (batch 1, `length` real columns) as a new row."""
-        new_mask = torch.ones(1, length, dtype=torch.long, device=device)
-        if self.cache is None:
-            self.cache, self.mask = cache, new_mask
-            return
-        T = max(self.mask.shape[1], length)
-        layers = []
-        for old, new in zip(self.cache.layers, cache.layers):
-            pad_old, pad_new = T - old.keys.shape[-2], T - new.keys.shape[-2]
-            # keys/values: [b, kv_heads, t, head_dim]; pad dim -2 on the left
-            k = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
-            v = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
-            layers.append((k, v))
-        self.cache = DynamicCache(ddp_cache_data=layers, config=self.config)
-        self.mask = torch.cat([F.pad(self.mask, (T - self.mask.shape[1], 0)), F.pad(new_mask, (T - length, 0))])
-
-    def select(self, keep: list[int]) -> None:
-        if not keep:
-            self.cache, self.mask = None, None
-            return
-        idx = torch.tensor(keep, device=self.mask.device)
-        self.cache.batch_select_indices(idx)
-        self.mask = self.mask[idx]
-
-    def compact(self, threshold: int) -> None:
-        """Drop columns that are padding for every row (left padding after rows left, idle columns)."""
-        live = self.mask.sum(0) > 0
-        if int((~live).sum()) < threshold:
-            return
-        cols = torch.nonzero(live).flatten()
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
-        self.mask = self.mask[:, cols]
 
 
 @dataclass
@@ -220,7 +181,7 @@ class _Prefill:
     embeds: torch.Tensor  # [L, H_in]
     pos: torch.Tensor  # [3, L]
     kwargs: dict
-    cache: DynamicCache
+    cache: Optional[DynamicCache] = None
     done: int = 0  # prompt positions prefilled so far
     hidden: list = field(default_factory=list)  # [1, n, H] per chunk
 
@@ -229,24 +190,56 @@ class _Prefill:
         return self.embeds.shape[0]
 
 
+@dataclass
+class _Output:
+    """A forward's output for one sequence, waiting for its sampled id."""
+    seq: Sequence
+    hidden: torch.Tensor  # [1, L, H] (prefill) or [1, H] (decode)
+    logits: torch.Tensor  # [1, V]
+    prefill: Optional[_Prefill] = None  # set for a completed prefill
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
 class Engine:
     """Synchronous continuous-batching engine. Thread-compatible: `add` from any thread, `step` from one thread."""
 
     def __init__(self, model: DecoderModel, config: EngineConfig = EngineConfig(), name: str = "engine"):
         self.model, self.config, self.name = model, config, name
         self._pending: collections.deque = collections.deque()
-        self._rows: list[Sequence] = []
+        self._rows: list[Sequence] = []  # sequences holding a slot and decoding
         self._prefilling: list[_Prefill] = []  # started, not complete (chunked)
-        self._kv = _BatchKV(model.config)
+        dtype = model.dtype or torch.float32
+        self.kv_bytes_per_token = kv_bytes_per_token(model.config, dtype)
+        self.kv_budget_tokens = config.kv_cache_tokens or memory_budget_tokens(
+            self.kv_bytes_per_token, torch.device(model.device), config.gpu_memory_utilization)
+        self.kv = SlotKV(config.max_num_seqs, self.kv_budget_tokens, model.device)
+        self._compiled: Optional[Callable] = None  # the decode forward through torch.compile (config.compile)
+        self._order = itertools.count()  # admission order (the newest row fails first on an out-of-memory step)
         self.num_steps = 0  # batched decode forwards so far
         self.num_prefills = 0
         self.num_prefill_chunks = 0  # prefill forwards (one per prompt without chunking)
         self.max_rows_seen = 0
         self.max_prefill_tokens_seen = 0  # most prompt tokens prefilled in one step
+        self.host_syncs = 0  # transfers of sampled ids to the host (one per step, one more with prefills)
+        self.oom_failures = 0  # requests failed by an out-of-memory error
 
     # ------------------------------------------------------------------------------------------------ public
     def add(self, seq: Sequence) -> None:
+        """Queue a request; StageUnavailable (a 503) when `max_waiting` requests already wait."""
+        if self.config.max_waiting and len(self._pending) >= self.config.max_waiting:
+            raise StageUnavailable(f"the {self.name} is full: {len(self._pending)} requests wait for a slot or KV "
+                                   f"room (max_waiting); retry later")
         self._pending.append(seq)
+
+    def check_fits(self, tokens: int, what: str = "the request") -> None:
+        """InvalidRequest (a 400) when `tokens` KV positions exceed the whole budget: such a request never runs."""
+        if not self.kv.fits_ever(tokens):
+            raise InvalidRequest(f"{what} needs {tokens} KV positions (prompt + max_tokens), more than the "
+                                 f"{self.name}'s KV budget of {self.kv_budget_tokens} (kv_cache_tokens)",
+                                 "max_tokens", "context_length_exceeded")
 
     @property
     def num_running(self) -> int:
@@ -254,28 +247,49 @@ class Engine:
         return len(self._rows) + len(self._prefilling)
 
     def reset(self) -> None:
-        """Drop every request (after a failed step: the batch's cache is in an unknown state); each is finished."""
+        """Drop every request (after a failed step); each is finished."""
         for s in list(self._rows) + [p.seq for p in self._prefilling] + list(self._pending):
             s.finished = True
-        self._rows, self._pending, self._kv = [], collections.deque(), _BatchKV(self.model.config)
-        self._prefilling = []
+        self._rows, self._pending, self._prefilling = [], collections.deque(), []
+        self.kv = SlotKV(self.config.max_num_seqs, self.kv_budget_tokens, self.model.device)
 
     def stats(self) -> dict:
         return {"steps": self.num_steps, "prefills": self.num_prefills, "running": self.num_running,
                 "max_rows": self.max_rows_seen, "prefill_chunks": self.num_prefill_chunks,
-                "max_prefill_tokens_per_step": self.max_prefill_tokens_seen}
+                "max_prefill_tokens_per_step": self.max_prefill_tokens_seen, "host_syncs": self.host_syncs,
+                "kv_budget_tokens": self.kv_budget_tokens, "kv_slots": self.kv.slots,
+                "kv_capacity": self.kv.capacity, "kv_bytes": self.kv.nbytes(), "kv_grows": self.kv.grows,
+                "oom_failures": self.oom_failures}
 
     def waiting_rows(self) -> int:
         """Running rows that have no input yet (they would idle in this step)."""
         return sum(1 for s in self._rows if not (s.cancelled or s.finished or s.has_input()))
 
+    def ready(self, seq: Sequence) -> bool:
+        """A pending sequence can start its prefill (its inputs are there)."""
+        return seq.prepared is not None or seq.ready_to_prefill()
+
     def can_progress(self) -> bool:
         """True if a step would do something: a prefill, a decode, or dropping a cancelled request."""
         if self._prefilling or any(s.cancelled for s in self._pending):
             return True
-        if self.num_running < self.config.max_num_seqs and any(s.ready_to_prefill() for s in self._pending):
+        if self.num_running < self.config.max_num_seqs and self._pending_head_ready():
             return True
         return any(s.cancelled or s.finished or s.has_input() for s in self._rows)
+
+    def _admissible(self, seq: Sequence) -> bool:
+        p = seq.prepared
+        return p is None or self.kv.can_reserve(p.length + seq.max_tokens) or not self.kv.fits_ever(
+            p.length + seq.max_tokens)
+
+    def _pending_head_ready(self) -> bool:
+        """Some pending request can be served now: the first one with inputs, if it has KV room (FIFO)."""
+        for s in self._pending:
+            if s.cancelled:
+                return True
+            if self.ready(s):
+                return self._admissible(s)
+        return False
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
@@ -289,54 +303,95 @@ class Engine:
         self._retire()
         return touched
 
-    # ------------------------------------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------------------------------------ admission
     def _admit(self, touched: list) -> None:
-        """Prefill within this step's token budget: prompts part-way through first, then arrivals in order."""
+        """Prefill within this step's token budget: prompts part-way through first, then arrivals in order (an
+        arrival without KV room stops the arrivals: first come, first served)."""
         budget = self.config.max_prefill_tokens or math.inf
         used = 0
+        done: list[_Output] = []
         for p in list(self._prefilling):
             if used >= budget:
                 break
             if p.seq.cancelled:
-                p.seq.finished = True
-                self._prefilling.remove(p)
+                self._drop_prefill(p)
                 continue
             if self._over_budget(p, used, budget):
                 break
-            used += self._prefill_chunk(p, budget - used, touched)
+            used += self._prefill_chunk(p, budget - used, touched, done)
         waiting = collections.deque()
         while self._pending and used < budget:  # once the budget is spent the rest wait for the next step (FIFO)
             seq = self._pending.popleft()
             if seq.cancelled:
                 seq.finished = True
                 continue
-            if self.num_running >= self.config.max_num_seqs or not seq.ready_to_prefill():
+            if self.num_running >= self.config.max_num_seqs or not self.ready(seq):
                 waiting.append(seq)
                 continue
-            touched.append(seq)
             if seq.finished:  # it ended before its prefill (a Qwen3 Talker with nothing to say)
+                touched.append(seq)
                 continue
+            p = seq.prepared or self._prepare(seq, touched)
+            if p is None:
+                continue
+            tokens = p.length + seq.max_tokens
+            if not self.kv.fits_ever(tokens):
+                self._fail(seq, InvalidRequest(
+                    f"the request needs {tokens} KV positions (prompt + max_tokens), more than the {self.name}'s KV "
+                    f"budget of {self.kv_budget_tokens} (kv_cache_tokens)", "max_tokens", "context_length_exceeded"),
+                    touched)
+                continue
+            if not self.kv.can_reserve(tokens):  # no room now: it waits, and so do the ones after it
+                seq.prepared = p
+                waiting.append(seq)
+                break
             try:
-                embeds, pos, *extra = seq.prefill_inputs()  # [L, H_in], [3, L], optional forward kwargs
-            except Exception as exc:  # this request's inputs are bad: fail it alone, the batch goes on
-                seq.outbox.append(exc)
-                seq.finished = True
+                seq.slot = self.kv.reserve(tokens)
+            except Exception as exc:  # growing the storage failed (out of memory): this request alone fails
+                self.oom_failures += _is_oom(exc)
+                self._fail(seq, exc, touched)
                 continue
-            p = _Prefill(seq, embeds, pos, extra[0] if extra else {}, DynamicCache(config=self.model.config))
+            seq.prepared, seq._order = None, next(self._order)
+            p.cache = DynamicCache(config=self.model.config)
             self._prefilling.append(p)  # it holds its slot from here
             if self._over_budget(p, used, budget):  # a whole prompt past this step's budget: first in the next
                 break
-            used += self._prefill_chunk(p, budget - used, touched)
+            used += self._prefill_chunk(p, budget - used, touched, done)
         self._pending.extendleft(reversed(waiting))  # the skipped ones keep their place before the rest
         self.max_prefill_tokens_seen = max(self.max_prefill_tokens_seen, used)
+        self._emit(done, touched)
+
+    def _prepare(self, seq: Sequence, touched: list) -> Optional[_Prefill]:
+        try:
+            embeds, pos, *extra = seq.prefill_inputs()  # [L, H_in], [3, L], optional forward kwargs
+        except Exception as exc:  # this request's inputs are bad: fail it alone, the batch goes on
+            self._fail(seq, exc, touched)
+            return None
+        return _Prefill(seq, embeds, pos, extra[0] if extra else {})
+
+    def _fail(self, seq: Sequence, exc: Exception, touched: list) -> None:
+        seq.outbox.append(exc)
+        seq.finished = True
+        if seq.slot is not None:
+            self.kv.release(seq.slot)
+            seq.slot = None
+        if seq not in touched:
+            touched.append(seq)
+
+    def _drop_prefill(self, p: _Prefill) -> None:
+        self._prefilling.remove(p)
+        p.seq.finished = True
+        if p.seq.slot is not None:
+            self.kv.release(p.seq.slot)
+            p.seq.slot = None
 
     def _over_budget(self, p: _Prefill, used: int, budget: float) -> bool:
         """Without chunking a prompt runs whole: past the budget it waits, unless it is the step's first."""
         return bool(used) and not self.config.prefill_chunk_tokens and used + p.length - p.done > budget
 
-    def _prefill_chunk(self, p: _Prefill, allowance: float, touched: list) -> int:
+    def _prefill_chunk(self, p: _Prefill, allowance: float, touched: list, done: list) -> int:
         """One forward over the next chunk of `p`'s prompt (at most `allowance` tokens when chunking; the whole rest
-        otherwise); on the last chunk the sequence sees its prefill and takes a row. -> prompt tokens run."""
+        otherwise); the last chunk's output joins `done` (sampled after this step's prefills). -> tokens run."""
         seq, L, a = p.seq, p.length, p.done
         n = L - a
         chunk = self.config.prefill_chunk_tokens
@@ -362,54 +417,127 @@ class Engine:
             self._prefilling.remove(p)
             hidden = p.hidden[0] if len(p.hidden) == 1 else torch.cat(p.hidden, dim=1)  # [1, L, H]
             p.hidden = []
-            seq.on_prefill(hidden, self.model.head(hidden))
-        except Exception as exc:  # this request's inputs are bad: fail it alone, the batch goes on
+            logits = self.model.head(hidden)
+            self.kv.write_prompt(seq.slot, [(layer.keys, layer.values) for layer in p.cache.layers])
+            p.cache = None  # the prompt's KV lives in the slot now
+        except Exception as exc:  # this request's inputs are bad, or it ran out of memory: it fails alone
             if p in self._prefilling:
                 self._prefilling.remove(p)
-            seq.outbox.append(exc)
-            seq.finished = True
+            self.oom_failures += _is_oom(exc)
+            self._fail(seq, exc, touched)
             return n
         self.num_prefills += 1
-        if not seq.finished:
-            self._kv.add(p.cache, L, self.model.device)
-            self._rows.append(seq)
+        done.append(_Output(seq, hidden, logits, p))
         return n
 
+    # ------------------------------------------------------------------------------------------------ outputs
+    def _emit(self, outs: list[_Output], touched: list) -> None:
+        """Sample every output's id on the device, bring the ids to the host at once, hand each to its sequence."""
+        if not outs:
+            return
+        sampled = [o for o in outs if o.prefill is None or o.seq.samples_prefill]
+        ids_dev = sample_rows([o.seq.sampler for o in sampled], [o.seq.history for o in sampled],
+                              [o.logits for o in sampled])
+        ids = ids_dev.tolist() if sampled else []  # the step's host transfer
+        self.host_syncs += bool(sampled)
+        token = {id(o): (ids[i], ids_dev[i:i + 1]) for i, o in enumerate(sampled)}
+        for o in outs:
+            seq = o.seq
+            tok, seq.last_token = token.get(id(o), (None, None))
+            if o.prefill is None:
+                seq.on_step(o.hidden, tok)
+                continue
+            try:
+                seq.on_prefill(o.hidden, tok)
+            except Exception as exc:
+                self._fail(seq, exc, touched)
+                continue
+            if seq.finished:
+                self.kv.release(seq.slot)
+                seq.slot = None
+            else:
+                self._rows.append(seq)
+
+    # ------------------------------------------------------------------------------------------------ decode
     def _decode(self, touched: list) -> None:
-        inputs = [None if (s.finished or s.cancelled) else s.next_input() for s in self._rows]
-        active = [i for i, x in enumerate(inputs) if x is not None]
+        inputs = {id(s): s.next_input() for s in self._rows if not (s.finished or s.cancelled)}
+        active = [s for s in self._rows if inputs.get(id(s)) is not None]
         if not active:
             return
-        B, H = len(self._rows), next(x for x in inputs if x is not None)[0].shape[-1]
-        dev = self.model.device
-        x = torch.zeros(B, 1, H, device=dev, dtype=inputs[active[0]][0].dtype)
-        # M-RoPE positions are integers for Qwen2.5, float32 for Qwen3 (video time steps of seconds_per_grid * 13)
-        fractional = any(isinstance(inputs[i][1], float) for i in active)
-        pos = torch.ones(3, B, 1, dtype=torch.float32 if fractional else torch.long, device=dev)
-        col = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        for i in active:
-            emb, p = inputs[i]
-            x[i, 0], pos[:, i, 0], col[i, 0] = emb, p, 1
-        self._kv.mask = torch.cat([self._kv.mask, col], dim=1)
-        hidden = self.model.forward(x, pos, self._kv.mask, self._kv.cache)  # [B, 1, H]
-        logits = self.model.head(hidden)  # [B, V]
+        kv, dev = self.kv, self.model.device
+        by_slot = {s.slot: s for s in active}
+        rows = kv.hi
+        t = max(kv.lengths[s.slot] for s in active) + 1  # attended positions: the longest row's, with its new one
+        if self.config.compile:  # few shapes: rows to a power of two, positions to a multiple of T_BUCKET
+            rows = min(kv.slots, 1 << (rows - 1).bit_length())
+            t = min(kv.capacity, -(-t // T_BUCKET) * T_BUCKET)
+        first = inputs[id(active[0])][0]
+        zero = torch.zeros_like(first)
+        embeds, cols, pos = [], [], []
+        fractional = False
+        for r in range(rows):
+            s = by_slot.get(r)
+            length = kv.lengths[r] if r < len(kv.lengths) else 0
+            if s is None:  # a free slot or an idle row: a dummy query, written where the row's next position is
+                embeds.append(zero)
+                cols.append(length)
+                pos.append(0)
+                continue
+            emb, p = inputs[id(s)]
+            embeds.append(emb)
+            cols.append(length)
+            pos.append(p)
+            fractional |= isinstance(p, float)
+        # one upload per step: [2, rows] = write positions, M-RoPE positions (float32 for Qwen3's fractional ones)
+        meta = torch.tensor([cols, pos], dtype=torch.float32 if fractional else torch.long)
+        meta = meta.pin_memory() if torch.device(dev).type == "cuda" else meta
+        meta = meta.to(dev, non_blocking=True)
+        cols_dev = meta[0].long()
+        positions = meta[1].view(1, rows, 1).expand(3, rows, 1)  # [3, rows, 1], all three axes alike
+        x = torch.stack(embeds)[:, None]  # [rows, 1, H_in]
+        mask = (torch.arange(t, device=dev)[None] <= cols_dev[:, None])[:, None, None, :]  # [rows, 1, 1, t]
+        try:
+            hidden = self._decode_forward()(x, positions, mask, StepCache(kv, rows, cols_dev, t))  # [rows, 1, H]
+            logits = self.model.head(hidden)  # [rows, V]
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            if torch.device(dev).type == "cuda":
+                torch.cuda.empty_cache()
+            newest = max(active, key=lambda s: s._order)  # nothing was committed: the others retry next step
+            self.oom_failures += 1
+            self._fail(newest, exc, touched)
+            return
         self.num_steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(active))
-        for i in active:
-            seq = self._rows[i]
-            seq.on_step(hidden[i:i + 1, 0], logits[i:i + 1])
-            touched.append(seq)
+        for s in active:
+            kv.lengths[s.slot] += 1
+        outs = [_Output(s, hidden[s.slot:s.slot + 1, 0], logits[s.slot:s.slot + 1]) for s in active]
+        for s in active:
+            if s not in touched:
+                touched.append(s)
+        self._emit(outs, touched)
+
+    def _decode_forward(self) -> Callable:
+        if not self.config.compile:
+            return self.model.forward
+        if self._compiled is None:  # compiled at the first decode (a stage may wrap its forward after __init__)
+            mode = "reduce-overhead" if torch.device(self.model.device).type == "cuda" else None
+            self._compiled = torch.compile(self.model.forward, mode=mode, dynamic=True)
+        return self._compiled
 
     def _retire(self) -> None:
-        keep = [i for i, s in enumerate(self._rows) if not (s.finished or s.cancelled)]
-        for i, s in enumerate(self._rows):
+        keep = []
+        for s in self._rows:
             if s.cancelled:
                 s.finished = True
-        if len(keep) != len(self._rows):
-            self._kv.select(keep)
-            self._rows = [self._rows[i] for i in keep]
-        if self._rows:
-            self._kv.compact(self.config.max_dead_columns)
+            if s.finished:
+                if s.slot is not None:
+                    self.kv.release(s.slot)
+                    s.slot = None
+            else:
+                keep.append(s)
+        self._rows = keep
 
 
 class EngineLoop(WorkerLoop):
@@ -447,7 +575,7 @@ class EngineLoop(WorkerLoop):
     def _ready_keys(self) -> list[int]:
         """Requests the next step would serve: pending ones ready to prefill, running ones with their input."""
         e = self.engine
-        pending = [s for s in e._pending if not s.cancelled and s.ready_to_prefill()][:max(0, e.config.max_num_seqs -
+        pending = [s for s in e._pending if not s.cancelled and e.ready(s)][:max(0, e.config.max_num_seqs -
                                                                                               e.num_running)]
         return ([id(p.seq) for p in e._prefilling] + [id(s) for s in pending] +
                 [id(s) for s in e._rows if not (s.cancelled or s.finished) and s.has_input()])
@@ -455,7 +583,7 @@ class EngineLoop(WorkerLoop):
     def _load(self) -> tuple[int, int]:
         """(rows in the batch, requests ready to prefill or part-way through their prefill)."""
         e = self.engine
-        return len(e._rows), len(e._prefilling) + sum(1 for s in e._pending if not s.cancelled and s.ready_to_prefill())
+        return len(e._rows), len(e._prefilling) + sum(1 for s in e._pending if not s.cancelled and e.ready(s))
 
     def _deliver(self, work, touched: list[Sequence]) -> None:
         for seq in touched:

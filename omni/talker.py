@@ -119,8 +119,8 @@ class TalkerSequence(Sequence):
         self.prompt = None  # the prompt embeddings are in the KV cache now
         return x, pos3d[:, 0]
 
-    def on_prefill(self, hidden, logits):
-        self._accept(self.sampler(self.history, logits))
+    def on_prefill(self, hidden, token):
+        self._accept(token)
 
     def next_input(self):
         if self.finished:
@@ -129,16 +129,19 @@ class TalkerSequence(Sequence):
         R = self._reply(len(self.codes))
         if R is None:
             return None
-        x = self.talker.codec_embed(torch.tensor([self.codes[-1]], device=self.talker.device))[0] + R
+        last = self.last_token  # long [1] on the device: the last code as sampled (no host round trip)
+        if last is None:
+            last = torch.tensor([self.codes[-1]], device=self.talker.device)
+        x = self.talker.codec_embed(last)[0] + R
         return x, self.kv_len + self.rope_delta
 
     def has_input(self):
         self._drain()
         return not self.finished and self._reply(len(self.codes)) is not None
 
-    def on_step(self, hidden, logits):
+    def on_step(self, hidden, token):
         self.kv_len += 1
-        self._accept(self.sampler(self.history, logits))
+        self._accept(token)
 
     def _accept(self, code: int) -> None:
         stop, last = self.append_token(code, self.codes)
@@ -181,12 +184,13 @@ class Talker:
 
         def forward(x, pos, mask, cache):
             return tk.model(inputs_embeds=tk.thinker_to_talker_proj(x), position_ids=pos, attention_mask=mask,
-                            past_key_values=cache, use_cache=True).last_hidden_state
+                            cache=cache, use_cache=True).last_hidden_state
 
         def last_logits(hidden):  # the head over all positions, then the last one: as the talker's forward does
             return tk.codec_head(hidden).float()[:, -1]
 
-        self.engine = Engine(DecoderModel(forward, last_logits, tk.config, self.device), config, "talker")
+        self.engine = Engine(DecoderModel(forward, last_logits, tk.config, self.device,
+                                          dtype=next(tk.parameters()).dtype), config, "talker")
         self.loop = EngineLoop(self.engine)
 
     @classmethod

@@ -31,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from omni.engine import DecoderModel, Engine, EngineLoop, Sampler, Sequence
+from omni.sampling import sample_rows
 from omni.talker import TalkerConfig
 from omni.types import (InvalidRequest, Qwen3TalkerPrompt, SamplingParams, TalkerDone, TalkerItem, TalkerToVocoder,
                         ThinkerToTalker, check_voice)
@@ -143,8 +144,8 @@ class Qwen3TalkerSequence(Sequence):
         self.prompt = None  # the prompt is in the KV cache now
         return x, pos3d[:, 0]
 
-    def on_prefill(self, hidden, logits):
-        self._accept(self.sampler(self.history, logits), hidden[0, -1])
+    def on_prefill(self, hidden, token):
+        self._accept(token, hidden[0, -1])
 
     def next_input(self):
         if self.finished or self.pending is not None or self.frame_embed is None:
@@ -162,9 +163,9 @@ class Qwen3TalkerSequence(Sequence):
         return (not self.finished and self.pending is None and self.frame_embed is not None
                 and self._slot(_PROMPT_TAIL + len(self.code0)) is not None)
 
-    def on_step(self, hidden, logits):
+    def on_step(self, hidden, token):
         self.kv_len += 1
-        self._accept(self.sampler(self.history, logits), hidden[0])
+        self._accept(token, hidden[0])
 
     # -------------------------------------------------------------------------------------------- frames
     def _accept(self, code0: int, hidden: torch.Tensor) -> None:
@@ -240,7 +241,7 @@ class Qwen3Talker:
             return tk.codec_head(hidden).float()[:, -1]
 
         self.engine = Engine(DecoderModel(forward, last_logits, tk.config.text_config, self.device,
-                                          after_step=self._predict), config, "talker")
+                                          after_step=self._predict, dtype=self.dtype), config, "talker")
         self.predictor_runs = 0  # batched code-predictor runs (15 forwards each)
         self.predictor_max_batch = 0  # most frames in one run
         self.loop = EngineLoop(self.engine)
@@ -278,8 +279,7 @@ class Qwen3Talker:
         self.predictor_max_batch = max(self.predictor_max_batch, len(rows))
         cp = self.model.code_predictor
         embed0 = self.model.get_input_embeddings()
-        dev = self.device
-        code0 = torch.tensor([s.pending for s in rows], device=dev)  # [B]
+        code0 = torch.cat([s.last_token for s in rows])  # [B] on the device: the code0 each row sampled
         e0 = embed0(code0)  # [B, H]
         x = torch.stack([torch.stack([s.hidden.to(self.dtype), e]) for s, e in zip(rows, e0)])  # [B, 2, H]
         cache = DynamicCache(config=cp.config)
@@ -288,11 +288,12 @@ class Qwen3Talker:
         for j in range(1, self.groups):
             hidden = cp.model(inputs_embeds=x, cache=cache, use_cache=True).last_hidden_state  # [B, T, H]
             logits = cp.lm_head[j - 1](hidden[:, -1]).float()  # [B, codebook]
-            cj = torch.tensor([s.predictor_sampler(None, logits[i:i + 1]) for i, s in enumerate(rows)], device=dev)
+            cj = sample_rows([s.predictor_sampler for s in rows], [None] * len(rows),
+                             [logits[i:i + 1] for i in range(len(rows))])  # [B] on the device
             codes.append(cj)
             embeds.append(cp.model.get_input_embeddings()[j - 1](cj))  # [B, H]
             x = embeds[-1][:, None]
         frame_sum = torch.stack(embeds, dim=1).sum(1)  # [B, H]: the 16 embeddings summed, as generate sums them
-        frames = torch.stack(codes, dim=1).tolist()  # [B, 16]
+        frames = torch.stack(codes, dim=1).tolist()  # [B, 16]: the run's one host transfer
         for i, s in enumerate(rows):
             s.add_frame(frames[i], frame_sum[i])

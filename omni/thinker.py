@@ -86,8 +86,7 @@ class ThinkerSequence(Sequence):
         self.rope_delta = int(delta.reshape(-1)[0])
         return embeds[0], pos3d[:, 0].to(t.device)
 
-    def on_prefill(self, hidden, logits):
-        token = self.sampler(self.history, logits)
+    def on_prefill(self, hidden, token):
         if self.for_talker:  # P = h + e, e zeroed at the media placeholders
             prompt_embeds = hidden[0] + self._embeds[0].masked_fill(self._media_mask[0, :, None], 0.0)
             p = self.prompt
@@ -101,19 +100,21 @@ class ThinkerSequence(Sequence):
     def next_input(self):
         if self.finished or not self.tokens:
             return None
-        g = self.tokens[-1]
+        last = self.last_token  # long [1] on the device: g_k as sampled (no host round trip)
+        if last is None:
+            last = torch.tensor([self.tokens[-1]], device=self.thinker.device)
         L = self.prompt.input_ids.shape[0]
-        self._fed = self.thinker.embed(torch.tensor([g], device=self.thinker.device))[0]  # e(g_k) [H]
+        self._fed = self.thinker.embed(last)[0]  # e(g_k) [H]
         return self._fed, L + len(self.tokens) - 1 + self.rope_delta
 
     def has_input(self):
         return not self.finished and bool(self.tokens)
 
-    def on_step(self, hidden, logits):
+    def on_step(self, hidden, token):
         k = len(self.tokens) - 1
         if self.for_talker:
             self.outbox.append(ThinkerToTalker(k, self.tokens[k], hidden[0] + self._fed, last=False))
-        self._accept(self.sampler(self.history, logits))
+        self._accept(token)
 
     # -------------------------------------------------------------------------------------------- internals
     def _accept(self, token: int) -> None:
@@ -140,6 +141,8 @@ class ForcedReplySequence(ThinkerSequence):
     the Talker never waits for a Thinker step. g_{N-1} is the end of turn, never fed, as in generation. The sequence
     finishes at its prefill and never takes a decode row."""
 
+    samples_prefill = False
+
     def __init__(self, thinker: "Thinker", request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings,
                  sampling: SamplingParams, for_talker: bool, reply_ids: list[int]):
         super().__init__(thinker, request_id, prompt, media, sampling, for_talker)
@@ -155,7 +158,7 @@ class ForcedReplySequence(ThinkerSequence):
         finally:
             self.prompt, self._prompt_len = prompt, L
 
-    def on_prefill(self, hidden, logits):
+    def on_prefill(self, hidden, token):
         L, N, p = self._prompt_len, len(self.reply_ids), self.prompt
         e = self._embeds[0]  # [L + N - 1, H]
         if self.for_talker:
@@ -204,18 +207,20 @@ class Thinker:
         lm, head = thinker_model.model.language_model, thinker_model.lm_head
 
         def forward(x, pos, mask, cache):
-            return lm(inputs_embeds=x, position_ids=pos, attention_mask=mask, past_key_values=cache,
+            return lm(inputs_embeds=x, position_ids=pos, attention_mask=mask, cache=cache,
                       use_cache=True).last_hidden_state
 
         def last_logits(hidden):  # like generate (logits_to_keep=1): the head on the last position only
             return head(hidden[:, -1, :]).float()
 
-        self.engine = Engine(DecoderModel(forward, last_logits, self.cfg.text_config, self.device), config, "thinker")
+        self.engine = Engine(DecoderModel(forward, last_logits, self.cfg.text_config, self.device,
+                                          dtype=self.embed.weight.dtype), config, "thinker")
         self.loop = EngineLoop(self.engine)
 
     def check(self, prompt: PreparedPrompt, sampling: SamplingParams) -> None:
         sampling.validate()
         check_context(int(prompt.input_ids.shape[0]), sampling, self.max_model_len)
+        self.engine.check_fits(int(prompt.input_ids.shape[0]) + sampling.max_tokens)
 
     def reply_ids(self, text: str) -> list[int]:
         """A reply's ids as the Thinker would end it: the text's tokens, then the end-of-turn id."""

@@ -93,8 +93,7 @@ class Qwen3ThinkerSequence(ThinkerSequence):
     def _dtype(self):
         return self.thinker.embed.weight.dtype
 
-    def on_prefill(self, hidden, logits):
-        token = self.sampler(self.history, logits)
+    def on_prefill(self, hidden, token):
         if self.for_talker:
             self.outbox.append(self._talker_prompt())
         del self._embeds, self._media_mask
@@ -125,15 +124,16 @@ class Qwen3ThinkerSequence(ThinkerSequence):
             assistant_embeds=e[a0:], image_grid_thw=p.image_grid_thw, video_grid_thw=p.video_grid_thw,
             audio_seqlens=p.audio_seqlens, video_second_per_grid=p.video_second_per_grid)
 
-    def on_step(self, hidden, logits):
-        self._accept(self.sampler(self.history, logits))
+    def on_step(self, hidden, token):
+        self._accept(token)
 
     def _accept(self, token: int) -> None:
         index = len(self.tokens)
         if self.for_talker and not self.finished:
             # decide `last` as append_token will, before the ThinkerDone it may append
             last = token in self.stop_ids or index + 1 >= self.max_tokens
-            e = None if last else self.thinker.embed(torch.tensor([token], device=self.thinker.device))[0]
+            ids = self.last_token if self.last_token is not None else torch.tensor([token], device=self.thinker.device)
+            e = None if last else self.thinker.embed(ids)[0]
             self.outbox.append(ThinkerToTalker(index, token, e, last=last))
         for_talker, self.for_talker = self.for_talker, False  # the base class must not emit its own hand-offs
         try:
@@ -153,7 +153,9 @@ class Qwen3ForcedReplySequence(Qwen3ThinkerSequence):
         self.reply_ids = reply_ids  # g_0 .. g_{N-1}, N >= 2, the last one the end-of-turn id
         self.max_tokens = len(reply_ids)
 
-    def on_prefill(self, hidden, logits):
+    samples_prefill = False
+
+    def on_prefill(self, hidden, token):
         if self.for_talker:
             self.outbox.append(self._talker_prompt())
         del self._embeds, self._media_mask
