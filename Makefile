@@ -40,8 +40,9 @@ run: setup
 serve: setup
 	$(BIN)/omni serve --model tiny
 
+# -q prints the skip count in the summary line, -rs each skip's reason (the gpu tests where no CUDA device is present)
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/omni bench --model tiny,tiny-qwen3
