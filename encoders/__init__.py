@@ -4,7 +4,7 @@ The media loader (encoders/media.py) is imported on its own: `from omni.encoders
 """
 from omni.encoders.audio import AudioEncoder
 from omni.encoders.video import VideoEncoder, encode_prompt
-from omni.encoders.vision import EncoderConfig, VisionEncoder, load_thinker, plan_batches
+from omni.encoders.vision import EncoderConfig, VisionEncoder, load_thinker, load_tower, plan_batches
 
 __all__ = ["EncoderConfig", "VisionEncoder", "AudioEncoder", "VideoEncoder", "encode_prompt", "plan_batches",
-           "load_thinker"]
+           "load_tower", "load_thinker"]

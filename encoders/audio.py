@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from omni.encoders.vision import EncoderConfig, detach_chunks, is_qwen3_tower, load_thinker, place, plan_batches
+from omni.encoders.vision import EncoderConfig, detach_chunks, is_qwen3_tower, load_tower, place, plan_batches
 from omni.types import AudioItem
 
 __all__ = ["AudioEncoder"]
@@ -39,8 +39,8 @@ class AudioEncoder:
 
     @classmethod
     def from_pretrained(cls, model: str, config: EncoderConfig = EncoderConfig()) -> "AudioEncoder":
-        """A preset, a checkpoint directory or a hub id; keeps `thinker.model.audio_tower`, drops the rest."""
-        return cls.for_tower(load_thinker(model, config).model.audio_tower, config)
+        """A preset, a checkpoint directory or a hub id; loads `thinker.model.audio_tower` only."""
+        return cls.for_tower(load_tower(model, "audio_tower", config), config)
 
     def _forward(self, features: torch.Tensor, feature_lens: torch.Tensor) -> torch.Tensor:
         """features [128, sum n_frames], feature_lens [n_items] -> [sum n_tokens, H]."""

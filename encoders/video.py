@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from omni.encoders.audio import AudioEncoder
-from omni.encoders.vision import EncoderConfig, VisionEncoder, load_thinker
+from omni.encoders.vision import EncoderConfig, VisionEncoder, load_tower
 from omni.types import AudioItem, MediaEmbeddings, PreparedPrompt, VisionItem
 
 __all__ = ["VideoEncoder", "encode_prompt"]
@@ -25,9 +25,9 @@ class VideoEncoder:
 
     @classmethod
     def from_pretrained(cls, model: str, config: EncoderConfig = EncoderConfig()) -> "VideoEncoder":
-        """Loads the thinker once and keeps both towers."""
-        towers = load_thinker(model, config).model
-        return cls(VisionEncoder.for_tower(towers.visual, config), AudioEncoder.for_tower(towers.audio_tower, config))
+        """Loads the two towers (and nothing else of the thinker)."""
+        return cls(VisionEncoder.for_tower(load_tower(model, "visual", config), config),
+                   AudioEncoder.for_tower(load_tower(model, "audio_tower", config), config))
 
     def encode(self, videos: list[VisionItem],
                audios: list[Optional[AudioItem]]) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:

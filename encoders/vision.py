@@ -6,7 +6,8 @@ The tower takes packed inputs: several items' patches concatenated, their grids 
 each item (cu_seqlens over `grid_thw`), so an item's embeddings do not depend on what it is batched with, up to the
 matmul kernels' batch-size dependence (see tests/encoders/test_encoders.py for the measured difference).
 
-Also home of what the three encoders share: `EncoderConfig`, `plan_batches` and `load_thinker`.
+Also home of what the three encoders share: `EncoderConfig`, `plan_batches`, `load_tower` (one tower's weights only)
+and `load_thinker`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from omni.checkpoint import resolve_model
 from omni.types import VisionItem
 
-__all__ = ["EncoderConfig", "VisionEncoder", "plan_batches", "load_thinker"]
+__all__ = ["EncoderConfig", "VisionEncoder", "plan_batches", "load_tower", "load_thinker"]
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,18 @@ def plan_batches(sizes: list[int], max_items: int, max_tokens: int) -> list[rang
     return groups
 
 
+def load_tower(model: str, name: str, config: EncoderConfig) -> torch.nn.Module:
+    """One tower of the checkpoint's thinker, `name` "visual" or "audio_tower", and nothing else of it (no language
+    model, no other tower), in `config.dtype`, on the CPU; the encoder moves it to `config.device` (omni.parts)."""
+    from omni.parts import load_tower as load
+
+    return load(model, name, config.torch_dtype)
+
+
 def load_thinker(model: str, config: EncoderConfig):
-    """The thinker alone (no talker, no token2wav / code2wav), of the checkpoint's architecture, in `config.dtype`, on
-    the CPU: the caller keeps the tower it needs and moves only that to `config.device`, so the language model never
-    touches the accelerator."""
+    """The whole thinker (language model and both towers; no talker, no token2wav / code2wav), of the checkpoint's
+    architecture, in `config.dtype`, on the CPU. The encoders load their tower alone (`load_tower`); this is for
+    comparing against the thinker's own encoder paths."""
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration, Qwen3OmniMoeThinkerForConditionalGeneration
 
     from omni.checkpoint import model_arch
@@ -111,8 +120,8 @@ class VisionEncoder:
 
     @classmethod
     def from_pretrained(cls, model: str, config: EncoderConfig = EncoderConfig()) -> "VisionEncoder":
-        """A preset, a checkpoint directory or a hub id; keeps `thinker.model.visual` and drops the rest."""
-        return cls.for_tower(load_thinker(model, config).model.visual, config)
+        """A preset, a checkpoint directory or a hub id; loads `thinker.model.visual` only."""
+        return cls.for_tower(load_tower(model, "visual", config), config)
 
     def num_tokens(self, item: VisionItem) -> int:
         return int(item.grid_thw.prod()) // self.merge_unit

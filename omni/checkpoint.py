@@ -19,7 +19,9 @@ from omni.tiny_qwen3 import QWEN3_PRESETS, build_qwen3_checkpoint
 from omni.types import SamplingParams
 
 __all__ = ["LoadedModel", "resolve_model", "load_model", "list_voices", "generation_defaults", "cache_dir",
-           "model_arch", "model_config", "ARCHS", "ALL_PRESETS", "RECIPE_VERSION", "QWEN3_RECIPE_VERSION"]
+           "model_arch", "model_config", "check_model", "check_versions", "ModelLoadError", "ModelNotFoundError",
+           "NotOmniModelError", "VersionError", "ARCHS", "ALL_PRESETS", "RECIPE_VERSION", "QWEN3_RECIPE_VERSION",
+           "TRANSFORMERS_REQUIREMENT"]
 
 RECIPE_VERSION = 2  # bump when tiny.py changes what it writes: the cached copies are rebuilt
 QWEN3_RECIPE_VERSION = 1  # the same for tiny_qwen3.py
@@ -29,6 +31,51 @@ _ARCHITECTURES = {"Qwen2_5OmniForConditionalGeneration": "qwen2.5-omni",
                   "Qwen3OmniMoeForConditionalGeneration": "qwen3-omni"}
 ALL_PRESETS = {**{name: ("qwen2.5-omni", RECIPE_VERSION) for name in PRESETS},
                **{name: ("qwen3-omni", QWEN3_RECIPE_VERSION) for name in QWEN3_PRESETS}}
+
+
+TRANSFORMERS_REQUIREMENT = ">=5.24,<6"  # as pyproject.toml: the Omni classes' 5.x layout, get_rope_index, cache API
+
+
+class VersionError(RuntimeError):
+    """An installed package outside the versions omni is built for (one line: which, what is installed, the fix)."""
+
+
+def check_versions() -> None:
+    """Raise VersionError unless the installed transformers satisfies TRANSFORMERS_REQUIREMENT. Every loader calls it
+    (through check_model), and the CLI before anything else."""
+    import transformers
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    found = str(getattr(transformers, "__version__", "unknown"))
+    try:
+        ok = Version(found) in SpecifierSet(TRANSFORMERS_REQUIREMENT, prereleases=True)
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        raise VersionError(f"transformers {found} is installed but omni needs transformers{TRANSFORMERS_REQUIREMENT}: "
+                           f"pip install 'transformers{TRANSFORMERS_REQUIREMENT}'")
+
+
+class ModelLoadError(Exception):
+    """A model that cannot be loaded, said in one line: `cannot load model 'X': <the cause>`."""
+
+    def __init__(self, model: str, reason: str):
+        self.model, self.reason = model, reason
+        super().__init__(f"cannot load model {model!r}: {reason}")
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """No such directory, a directory without config.json or weights, or a hub id that cannot be fetched."""
+
+
+class NotOmniModelError(ModelLoadError, ValueError):
+    """A checkpoint that is not a Qwen2.5-Omni / Qwen3-Omni (its config.json says another architecture)."""
+
+
+def _looks_like_path(model: str) -> bool:
+    """A hub id is `name` or `org/name`; anything absolute, relative (./, ../, ~) or deeper is a local path."""
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
 
 
 def cache_dir() -> Path:
@@ -55,19 +102,108 @@ def resolve_model(model: str) -> str:
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} has no config.json: not a Qwen-Omni checkpoint directory")
+            raise ModelNotFoundError(model, f"{path} has no config.json: not a checkpoint directory")
         return str(path)
-    if os.sep in model and not model.count("/") == 1:
-        raise FileNotFoundError(f"model {model!r} is neither a preset ({', '.join(ALL_PRESETS)}), a directory nor a "
-                                f"hub id")
+    if path.exists():
+        raise ModelNotFoundError(model, f"{path} is a file, not a checkpoint directory")
+    if _looks_like_path(model):
+        raise ModelNotFoundError(model, f"not found locally (no such directory {path}); pass a checkpoint directory, "
+                                        f"a preset ({', '.join(ALL_PRESETS)}) or a hub id (Qwen/Qwen2.5-Omni-7B)")
     return model  # hub id, e.g. Qwen/Qwen2.5-Omni-7B
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str:
+    """'' when the hub's host answers a TCP connection within `timeout`, else why not (one short phrase): a quick
+    probe instead of huggingface_hub's five retries (~25 s) before it says the same."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return ""  # the proxy decides: let the download say
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host}: {exc.strerror or exc}"
+    return ""
+
+
+def _config_path(model: str, path: str) -> str:
+    """config.json of a resolved checkpoint (a directory, or a hub id: from the local HF cache, else fetched), or a
+    ModelNotFoundError that says why not."""
+    if Path(path).is_dir():
+        return str(Path(path) / "config.json")
+    from huggingface_hub import errors, hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json")
+    if isinstance(cached, str):
+        return cached
+    hint = "pass a local checkpoint path"
+    if _hub_offline():
+        raise ModelNotFoundError(model, f"not found locally (no such directory) nor in the Hugging Face cache, and "
+                                        f"the hub is offline (HF_HUB_OFFLINE=1); {hint}")
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise ModelNotFoundError(model, f"not found locally (no such directory) nor in the Hugging Face cache, and "
+                                        f"the hub is unreachable ({unreachable}); {hint}")
+    try:
+        return hf_hub_download(path, "config.json")
+    except errors.LocalEntryNotFoundError:  # the transport failed after the probe (a subclass of EntryNotFoundError)
+        raise ModelNotFoundError(model, f"not found locally (no such directory) nor in the Hugging Face cache, and "
+                                        f"the hub is unreachable; {hint}") from None
+    except errors.GatedRepoError:
+        raise ModelNotFoundError(model, "a gated repository on the hub: accept its terms and log in "
+                                        "(hf auth login), or pass a local checkpoint path") from None
+    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.HFValidationError):
+        raise ModelNotFoundError(model, f"not found locally (no such directory) nor on the Hugging Face hub; "
+                                        f"{hint}") from None
+    except errors.EntryNotFoundError:
+        raise ModelNotFoundError(model, "the hub repository has no config.json: not a checkpoint") from None
+    except Exception as exc:  # connection refused, DNS, timeouts, proxies: whatever the transport raises
+        cause = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(model, f"not found locally (no such directory) and the hub is unreachable "
+                                        f"({cause}); {hint}") from None
+
+
+def check_model(model: str) -> tuple[str, dict, str]:
+    """Resolve `model` and read its config, before anything heavy starts: -> (path, config.json as a dict, arch).
+    Raises VersionError (transformers outside TRANSFORMERS_REQUIREMENT) or a ModelLoadError whose message is the one
+    line to show: no such directory, no config.json or weights, a hub id not cached while the hub is offline or
+    unreachable, a config of another architecture."""
+    check_versions()
+    path = resolve_model(model)
+    config_file = _config_path(model, path)
+    try:
+        with open(config_file) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(model, f"cannot read {config_file}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise NotOmniModelError(model, f"{config_file} is not a JSON object")
+    try:
+        arch = model_arch(cfg)
+    except ValueError as exc:
+        raise NotOmniModelError(model, str(exc)) from None
+    if Path(path).is_dir() and not any((Path(path) / f).exists() for f in _WEIGHT_FILES):
+        raise ModelNotFoundError(model, f"{path} has config.json but no weights ({' or '.join(_WEIGHT_FILES)})")
+    return path, cfg, arch
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 def model_config(model: str) -> dict:
     """The checkpoint's config.json as a dict (a preset is built first; a hub id is fetched)."""
-    from transformers.utils import cached_file
-
-    with open(cached_file(resolve_model(model), "config.json")) as f:
+    with open(_config_path(model, resolve_model(model))) as f:
         return json.load(f)
 
 
@@ -160,9 +296,7 @@ def load_model(model: str = "tiny", device: str | None = None, dtype: str | torc
     Thinking and Captioner releases) loads without its talker whatever `enable_audio_output` says."""
     from transformers import AutoProcessor, Qwen2_5OmniForConditionalGeneration, Qwen3OmniMoeForConditionalGeneration
 
-    path = resolve_model(model)
-    cfg = model_config(path)
-    arch = model_arch(cfg)
+    path, cfg, arch = check_model(model)
     enable_audio_output = enable_audio_output and bool(cfg.get("enable_audio_output", True))
     device = device or default_device()
     if dtype is None:

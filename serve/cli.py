@@ -374,13 +374,40 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _models_to_load(args) -> list[str]:
+    """The models a command will load in this process or the cluster it starts: none for make-tiny and demo (its
+    own server is the tiny default), none for a benchmark of a running server (--url: the model is the server's)."""
+    if args.cmd == "bench":
+        if getattr(args, "url", None):
+            return []
+        return [m.strip() for m in (args.model or "").split(",") if m.strip()]
+    model = getattr(args, "model", None)
+    return [model] if model else []
+
+
+def check_start(args) -> int:
+    """Fail at start, in one line and with exit code 2, when transformers is outside the supported versions or a
+    model cannot be loaded (no such directory, no config.json, a hub id while the hub is offline or unreachable,
+    not a Qwen-Omni checkpoint): before Ray starts or anything is loaded. 0 when all is well."""
+    from omni.checkpoint import ModelLoadError, VersionError, check_model, check_versions
+
+    try:
+        check_versions()
+        for model in _models_to_load(args):
+            check_model(model)
+    except (VersionError, ModelLoadError) as exc:
+        print(f"omni: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers warns about the tiny checkpoint's unused default sub-config ids and a video-processor default that
     # omni's own frame sampling already handles: noise for a terminal user
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = parser().parse_args(argv)
-    return args.func(args) or 0
+    return check_start(args) or args.func(args) or 0
 
 
 if __name__ == "__main__":

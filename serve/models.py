@@ -20,7 +20,7 @@ from omni.talker import Talker
 from omni.thinker import Thinker
 from omni.serve.config import PipelineConfig
 
-__all__ = ["thinker_of", "talker_of", "vocoder_of", "load_thinker", "load_vocoder"]
+__all__ = ["thinker_of", "talker_of", "vocoder_of", "load_thinker", "load_talker", "load_vocoder"]
 
 
 def thinker_of(loaded: LoadedModel, config: EngineConfig, max_model_len: int) -> Thinker:
@@ -66,6 +66,21 @@ def talker_of(loaded: LoadedModel, config: PipelineConfig):
         return Qwen3Talker.from_model(loaded.model, talker)
     talker = dataclasses.replace(config.talker, first_audio_codes=config.vocoder.first_window_codes())
     return Talker.from_model(loaded.model, talker)
+
+
+def load_talker(model: str, config: PipelineConfig, device: str, dtype: str):
+    """The Talker stage from a checkpoint, loading the talker's weights only (a Ray replica of its own): no thinker
+    (but the few rows of its input embedding the Talker reads), no token2wav / code2wav (omni.parts)."""
+    from omni.parts import load_talker_part
+
+    part = load_talker_part(model, device=device, dtype=dtype)
+    if part.arch == "qwen3-omni":
+        from omni.talker_qwen3 import Qwen3Talker
+
+        talker = dataclasses.replace(config.talker, first_audio_frames=config.code2wav.first_chunk_frames)
+        return Qwen3Talker(part.talker, part.tts_embeds, part.tts_pad_id, talker)
+    talker = dataclasses.replace(config.talker, first_audio_codes=config.vocoder.first_window_codes())
+    return Talker(part.talker, part.speakers, part.thinker_embed, talker)
 
 
 def vocoder_of(loaded: LoadedModel, config: PipelineConfig, device: str):

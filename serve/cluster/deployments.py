@@ -22,11 +22,11 @@ import ray
 import torch
 from ray import serve
 
-from omni.checkpoint import load_model, resolve_model
+from omni.checkpoint import resolve_model
 from omni.types import ChatRequest, Generation, MediaEmbeddings, PreparedPrompt, StageUnavailable
 from omni.serve.compose import SPEECH_CHAIN, Composition, prepare_checked
 from omni.serve.config import DeploymentOptions, ServeConfig
-from omni.serve.models import load_thinker, load_vocoder, talker_of
+from omni.serve.models import load_talker, load_thinker, load_vocoder
 from omni.serve.stages import TalkerStage, ThinkerStage, VocoderStage
 
 __all__ = ["VisionEncoderDeployment", "AudioEncoderDeployment", "ThinkerDeployment", "TalkerDeployment",
@@ -154,10 +154,8 @@ class TalkerDeployment(_GenerationDeployment):
 
     def __init__(self, model: str, cfg: ServeConfig, upstream):
         _replica_process(cfg, cfg.deployments.talker)
-        loaded = load_model(model, device=cfg.device, dtype=cfg.torch_dtype)
-        # keeps the talker, the voices and what it needs of the thinker's embedding table; the rest is dropped
-        self.stage = TalkerStage(talker_of(loaded, cfg))
-        del loaded
+        # the talker's weights, the voices and the few rows of the thinker's embedding table it reads (serve/models.py)
+        self.stage = TalkerStage(load_talker(model, cfg, cfg.device, cfg.torch_dtype))
         self.upstream = upstream
 
 
