@@ -2,6 +2,7 @@
 #   make serve  the OpenAI-compatible Serve app on the tiny default (127.0.0.1:8000)
 #   make test   every test (.ci/run calls this)
 #   make run    a one-shot demo: omni chat on the bundled sample media, writes out/answer.wav
+#   make gpu-wheels  the wheels the GPU check carries to a bare GPU host (.gpu-wheels/; see tools/gpu_check.sh)
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -9,7 +10,11 @@ DEBS    := ffmpeg espeak-ng
 DEBS    += chromium chromium-driver  # the demo's browser test (headless Chromium through Selenium)
 PYTEST_ARGS ?=
 
-.PHONY: setup debs venv run serve test bench clean
+GPU_WHEELS ?= .gpu-wheels
+# the bare GPU host's Python (the binary wheels are picked for it)
+GPU_PY      ?= 3.12
+
+.PHONY: setup debs venv run serve test bench gpu-wheels clean
 
 setup: debs venv
 
@@ -46,6 +51,14 @@ test: setup
 
 bench: setup
 	$(BIN)/omni bench --model tiny,tiny-qwen3
+
+# Downloads only (no install here): pure-Python wheels plus the few abi3/cp312 ones, for manylinux x86_64.
+gpu-wheels: | $(BIN)/python
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(BIN)/pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+	  --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	  -r tools/gpu_wheels.txt -d $(GPU_WHEELS)
+	@du -sh $(GPU_WHEELS); ls $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

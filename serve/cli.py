@@ -159,12 +159,22 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if getattr(args, "suite", None) not in ("engine", "gpu") and getattr(args, "model", None) is None:
+        args.model = "tiny"  # bench engine's default is small
     if getattr(args, "suite", None) == "load":
         return _cmd_bench_load(args)
     if getattr(args, "suite", None) == "prefill":
         from omni.serve.bench.prefill import main as prefill_bench_main
 
         return prefill_bench_main(args)
+    if getattr(args, "suite", None) == "engine":
+        from omni.serve.bench.engine import main as engine_bench_main
+
+        return engine_bench_main(args)
+    if getattr(args, "suite", None) == "gpu":
+        from omni.serve.bench.gpu import main as gpu_check_main
+
+        return gpu_check_main(args)
     if getattr(args, "suite", None) == "caption":
         from omni.serve.bench.caption import main as caption_bench_main
 
@@ -330,19 +340,33 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_caption)
 
     p = sub.add_parser("bench", help="benchmarks against the official transformers path")
-    p.add_argument("suite", nargs="?", choices=["caption", "load", "prefill"], default=None,
+    p.add_argument("suite", nargs="?", choices=["caption", "load", "prefill", "engine", "gpu"], default=None,
                    help="caption: `omni caption` vs a sequential loop over the official path; load: streaming HTTP "
                         "clients against the Serve app (statuses, latencies, 503s, replica memory); prefill: how "
-                        "long prompts arriving at once stall a decoding request, per prefill policy")
+                        "long prompts arriving at once stall a decoding request, per prefill policy; engine: the "
+                        "decode engine alone (step vs batch and context, admission, memory per step); gpu: the GPU "
+                        "check with random 7B-shaped weights (serve/bench/gpu.py, runs on a bare GPU host)")
     p.add_argument("--files", type=int, default=64, help="bench caption: media files to caption")
     p.add_argument("--arrivals", type=int, default=None, help="bench prefill: long prompts arriving at once (8)")
     p.add_argument("--prompt-tokens", dest="prompt_tokens", type=int, default=None,
                    help="bench prefill: tokens per arriving prompt (2000)")
     p.add_argument("--chunk", type=int, default=None, help="bench prefill: the chunked policy's prefill_chunk_tokens "
                                                            "(256)")
-    p.add_argument("--model", default="tiny", help="a model, or several comma-separated to compare them "
-                                                   "(tiny,tiny-qwen3)")
-    p.add_argument("--out", default=None, help="results folder (default out/bench, out/bench-load for load)")
+    p.add_argument("--batches", default=None, help="bench engine: rows in the running batch, comma-separated (1,8,32)")
+    p.add_argument("--contexts", default=None, help="bench engine: prompt tokens per row, comma-separated (256,2048)")
+    p.add_argument("--steps", type=int, default=None, help="bench engine: decode steps timed per cell (6)")
+    p.add_argument("--admit-tokens", dest="admit_tokens", type=int, default=None,
+                   help="bench engine: the admitted prompt's tokens (256)")
+    p.add_argument("--goal-contexts", dest="goal_contexts", default=None,
+                   help="bench engine: short,long contexts of the step and allocation goals at 8 rows (100,1500)")
+    p.add_argument("--compile", action="store_true", help="bench engine: EngineConfig.compile, where the engine has it")
+    p.add_argument("--threads", type=int, default=None, help="bench engine: torch threads on a CPU (cores // 3)")
+    p.add_argument("--shape", default="7b", choices=["7b", "tiny"], help="bench gpu: the random model's shape")
+    p.add_argument("--stages", default=None, help="bench gpu: a subset of S0,S1,S2,S3,S4,S5")
+    p.add_argument("--model", default=None, help="a model, or several comma-separated to compare them "
+                                                 "(default tiny: tiny,tiny-qwen3); bench engine: default small")
+    p.add_argument("--out", default=None, help="results folder (default out/bench, out/bench-load for load, "
+                                               "out/bench-engine, out/gpu-check)")
     p.add_argument("--via", default=None, choices=["pipeline", "http"],
                    help="ours in process (pipeline, default) or the Serve app over streaming HTTP (http: starts "
                         "omni serve --model --config here unless --url names a running server)")
