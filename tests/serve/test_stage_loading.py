@@ -67,6 +67,20 @@ def test_tower_loads_alone(full, name):
     print(f"{full.name}: {name} {_count(tower)} parameters, whole model {_count(full.model)}")
 
 
+def test_thinker_replica_loads_no_tower(full):
+    """The Thinker deployment's stage: the language model and head, no encoder tower, the same weights."""
+    from omni.engine import EngineConfig
+    from omni.serve.models import load_thinker
+
+    thinker = load_thinker(full.name, EngineConfig(), 4096, "cpu", "float32")
+    lm = full.model.thinker
+    towers = _count(lm.model.visual) + _count(lm.model.audio_tower)
+    assert thinker.model.model.visual is None and thinker.model.model.audio_tower is None
+    assert _count(thinker.model) == _count(lm) - towers
+    _assert_same(thinker.model.model.language_model, lm.model.language_model)
+    _assert_same(thinker.model.lm_head, lm.lm_head)
+
+
 def _vocoder_of(full) -> torch.nn.Module:
     return full.model.code2wav if full.arch == "qwen3-omni" else full.model.token2wav
 
