@@ -17,6 +17,7 @@ Chunks of one stream are independent given its codes, so a burst of codes become
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -32,6 +33,7 @@ from omni.types import check_voice
 from omni.decoders.dit import draw_noise, sample_mel
 
 __all__ = ["VocoderConfig", "VocoderStats", "MIN_STREAM_SNR_DB", "FIRST_CHUNK_SNR_DB", "LOOKAHEAD_STREAM_SNR_DB",
+           "BF16_VOCODER_SNR_DB", "PRECISIONS",
            "snr_db", "Token2Wav", "VocoderStream"]
 
 # Streamed vs offline waveform, 10*log10(|offline|^2 / |streamed - offline|^2), for every schedule VocoderConfig
@@ -42,6 +44,12 @@ MIN_STREAM_SNR_DB = 60.0
 # default) 57-72 dB; with first_chunk_right_context="lookahead" 40-50 dB for the first packet and 50-61 dB for the
 # whole stream (its last frames were vocoded against a look-ahead mel the DiT had no future for); first_future_blocks=0
 # 30-35 dB ("hold") and ~12 dB ("lookahead": no right context at all). tests/decoders/test_token2wav.py holds them.
+PRECISIONS = ("float32", "tf32", "bfloat16")
+# bfloat16 DiT + BigVGAN against float32, offline, the same codes and noise: measured 26.5-27.6 dB on tiny (7, 50 and
+# 173 codes; tests/decoders/test_token2wav.py). bf16 keeps 8 bits of mantissa (~48 dB per op); the 36 sequential DiT
+# evaluations and BigVGAN's ~30 convolutions accumulate it. A quality bound, not an exactness one: float32 stays the
+# default, "tf32" is the GPU's faster choice at float32's range.
+BF16_VOCODER_SNR_DB = 24.0
 FIRST_CHUNK_SNR_DB = {"hold": 50.0, "lookahead": 38.0}
 LOOKAHEAD_STREAM_SNR_DB = 48.0
 
@@ -71,6 +79,9 @@ class VocoderConfig:
     sway_coefficient: float = -1.0  # sway sampling of the ODE time points (official default)
     max_batch: int = 64  # DiT windows (or BigVGAN segments) per batched call at most
     device: str = "cpu"  # where the DiT and BigVGAN run; the noise is drawn on the CPU either way
+    precision: str = "float32"  # the DiT's and BigVGAN's math: "float32" (the official path's), "tf32" (float32
+    #   weights, TensorFloat-32 matmuls and convolutions on CUDA; float32 elsewhere), "bfloat16" (autocast: bf16 matmuls
+    #   and convolutions, float32 weights; BF16_VOCODER_SNR_DB against float32)
 
     def first_window_codes(self, block_codes: int = 12) -> int:
         """Codes the first audio waits for: the first chunk and its look-ahead (block_codes: the DiT block, 24 mel
@@ -100,6 +111,8 @@ class VocoderConfig:
         need(0 <= self.guidance_scale <= 1, f"guidance_scale must be in [0, 1] for streaming, got "
                                             f"{self.guidance_scale}")
         need(self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}")
+        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got "
+                                           f"{self.precision!r}")
         try:
             torch.device(self.device)
         except RuntimeError as e:
@@ -292,14 +305,37 @@ class Token2Wav:
         self.stats.dit_calls += 1
         self.stats.dit_windows += codes.shape[0]
         self.stats.dit_frames += noise.shape[0] * noise.shape[1]
-        return sample_mel(self.dit, cond, ref_mel, codes, noise, lengths, num_steps=c.num_steps,
-                          guidance_scale=c.guidance_scale, sway_coefficient=c.sway_coefficient)
+        with self._precision():
+            mel = sample_mel(self.dit, cond, ref_mel, codes, noise, lengths, num_steps=c.num_steps,
+                             guidance_scale=c.guidance_scale, sway_coefficient=c.sway_coefficient)
+        return mel.float()
+
+    def _precision(self):
+        """The configured math for a DiT or BigVGAN call (VocoderConfig.precision)."""
+        p = self.config.precision
+        if p == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if p == "tf32" and self.device.type == "cuda":
+            return _tf32()
+        return contextlib.nullcontext()
 
     def _vocode(self, mel: torch.Tensor) -> torch.Tensor:
         """mel: [B, mel_dim, L] -> wav [B, L * hop] float32 on the CPU (BigVGAN squeezes and moves to the CPU)."""
         self.stats.vocoder_calls += 1
         self.stats.vocoder_frames += mel.shape[0] * mel.shape[2]
-        return self.bigvgan(mel).reshape(mel.shape[0], -1).float()
+        with self._precision():
+            return self.bigvgan(mel).reshape(mel.shape[0], -1).float()
+
+
+@contextlib.contextmanager
+def _tf32():
+    """TensorFloat-32 matmuls and convolutions for the duration of a call (restored after: process-wide flags)."""
+    m, c = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = m, c
 
 
 class VocoderStream:

@@ -101,6 +101,18 @@ def test_offline_equals_official_token2wav(tiny, vocoder, n, voice, seed):
     assert np.abs(ref).max() > 0.1  # audible: the comparison is not between two silences
 
 
+@pytest.mark.parametrize("n, voice, seed", UTTERANCES)
+def test_bfloat16_vocoder_snr_against_float32(vocoder, offline_refs, n, voice, seed):
+    """precision="bfloat16": the DiT and BigVGAN under bf16 autocast, BF16_VOCODER_SNR_DB (24 dB; 26.5-27.6 measured)
+    against float32 offline, and really not float32 (below 40 dB); "tf32" on the CPU is float32 exactly."""
+    from omni.decoders.token2wav import BF16_VOCODER_SNR_DB
+
+    wav = with_config(vocoder, precision="bfloat16").offline(make_codes(n, seed), voice, seed)
+    assert BF16_VOCODER_SNR_DB <= snr_db(offline_refs[n], wav) < 40
+    tf32 = with_config(vocoder, precision="tf32").offline(make_codes(n, seed), voice, seed)
+    assert np.array_equal(tf32, offline_refs[n])
+
+
 def test_from_pretrained_loads_token2wav_and_voices(tiny, vocoder):
     t2w = Token2Wav.from_pretrained("tiny")
     assert t2w.voices == ["Chelsie", "Ethan"]
