@@ -395,6 +395,7 @@ class Engine:
         if self.config.compile:  # few shapes: rows to a power of two, positions to a multiple of T_BUCKET
             rows = min(kv.slots, 1 << (rows - 1).bit_length())
             t = min(kv.capacity, -(-t // T_BUCKET) * T_BUCKET)
+            kv.clean_rows(rows)  # the bucket's spare rows are dummies: finite values
         first = inputs[id(active[0])][0]
         zero = torch.zeros_like(first)
         embeds, cols, pos = [], [], []

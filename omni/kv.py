@@ -8,10 +8,12 @@ running request owns a slot (a row) and its positions 0 .. length-1.
 - Memory is bounded by a budget in tokens (`slots x capacity <= budget`). A request reserves its prompt plus its
   max_tokens at admission, so a running request never runs out of room; one that does not fit now waits, one that
   could never fit is refused (`fits_ever`).
-- The geometry grows on demand (slots and capacity rounded up to powers of two, within the budget; growing copies
-  the KV once) and is dropped when the engine empties, so an idle engine holds no KV memory. In steady state
-  (the geometry reached) admission, decode and retirement allocate nothing that scales with the batch's KV.
-Unwritten storage is zero, and stale values of a former owner are finite: masked positions contribute exactly 0.
+- The geometry is chosen when the first request arrives at an empty engine: a capacity for its reservation (a power
+  of two within the budget) and as many rows as the budget holds at it (up to max_num_seqs); a longer request later
+  grows the capacity if the budget allows (one copy), else waits until the engine empties, when the storage is
+  dropped and the next request chooses again. In steady state admission, decode and retirement allocate nothing
+  that scales with the batch's KV.
+Rows in use hold zeros or a former owner's finite values where unwritten: masked positions contribute exactly 0.
 """
 from __future__ import annotations
 
@@ -77,6 +79,7 @@ class SlotKV:
         self.reserved: list[int] = []  # per allocated slot: positions reserved (0: free)
         self.grows = 0  # storage (re)allocations, each a copy of the KV held then
         self._layout: Optional[tuple] = None  # (layers, kv_heads, head_dim, dtype), from the first prompt
+        self._clean = 0  # rows [0, _clean) hold finite values
 
     # ------------------------------------------------------------------------------------------------ geometry
     @property
@@ -98,18 +101,27 @@ class SlotKV:
         return len(self.reserved)
 
     def _geometry(self, tokens: int) -> Optional[tuple[int, int]]:
-        """(slots, capacity) the storage needs to give a new request `tokens` positions; None if over the budget.
-        Rows and capacity grow to powers of two where the budget allows, else to what is needed."""
-        slot = self._free_slot()
-        if slot >= self.max_slots:
+        """(slots, capacity) the storage needs to give a new request `tokens` positions; None if it must wait.
+        From empty: capacity for `tokens` (a power of two where the budget allows) and as many rows as the budget
+        holds at it (up to max_slots), so that later admissions find their row allocated. Later: the rows stay;
+        the capacity grows (one copy) if a longer request fits the budget with them, else the request waits (the
+        geometry is chosen anew when the engine empties)."""
+        caps = [_pow2(max(tokens, MIN_CAPACITY)), -(-tokens // 16) * 16, tokens]
+        if self.slots == 0:  # the largest capacity that still gives every row, else the most rows there can be
+            for cap in caps:
+                if self.budget // cap >= self.max_slots:
+                    return self.max_slots, cap
+            for cap in caps[1:]:
+                if self.budget // cap >= 1:
+                    return self.budget // cap, cap
             return None
-        rows_options = [self.slots] if slot < self.slots else [min(self.max_slots, _pow2(slot + 1)), slot + 1]
-        cap_options = [max(self.capacity, _pow2(max(tokens, MIN_CAPACITY))),
-                       max(self.capacity, -(-tokens // 16) * 16), max(self.capacity, tokens)]
-        for rows in rows_options:
-            for cap in cap_options:
-                if rows * cap <= self.budget:
-                    return rows, cap
+        if self._free_slot() >= self.slots:
+            return None
+        if tokens <= self.capacity:
+            return self.slots, self.capacity
+        for cap in caps:
+            if self.slots * cap <= self.budget:
+                return self.slots, cap
         return None
 
     def fits_ever(self, tokens: int) -> bool:
@@ -135,7 +147,19 @@ class SlotKV:
             self.reserved.append(0)
             self.lengths.append(0)
         self.reserved[slot], self.lengths[slot] = tokens, 0
+        self.clean_rows(slot + 1)
         return slot
+
+    def clean_rows(self, rows: int) -> None:
+        """Rows below `rows` hold finite values (zeroed once since the allocation; a former owner's are finite):
+        a masked position contributes exactly 0 only if its value is finite. On the CPU the storage is allocated
+        uninitialised, so memory is touched only for the rows in use."""
+        if self.keys and self._clean < rows:
+            for K, V in zip(self.keys, self.values):
+                K[self._clean:rows].zero_()
+                V[self._clean:rows].zero_()
+        if self.keys:
+            self._clean = max(self._clean, rows)
 
     def write_prompt(self, slot: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The prompt KV of one request, per layer (keys, values) [1, kv_heads, L, head_dim], into `slot`."""
@@ -143,6 +167,7 @@ class SlotKV:
             k0 = layers[0][0]
             self._layout = (len(layers), k0.shape[1], k0.shape[3], k0.dtype)
             self._grow(self.slots, self.capacity)
+            self.clean_rows(len(self.reserved))
         L = layers[0][0].shape[2]
         for (k, v), K, V in zip(layers, self.keys, self.values):
             K[slot, :, :L] = k[0]
@@ -156,22 +181,27 @@ class SlotKV:
             self.lengths.pop()
         if not self.reserved:  # the engine is empty: give the memory back; the next request allocates afresh
             self.keys, self.values, self.slots, self.capacity = [], [], 0, 0
-            self._layout = None
+            self._layout, self._clean = None, 0
 
     def _grow(self, slots: int, capacity: int) -> None:
-        """Allocate the storage at (slots, capacity), zeroed, keeping what the old one held (a copy: rare)."""
+        """Allocate the storage at (slots, capacity), keeping what the old one held (a copy: rare). Zeroed on CUDA
+        (committed memory anyway); uninitialised on the CPU, rows zeroed as they are first used (`clean_rows`)."""
         n_layers, kv_heads, head_dim, dtype = self._layout
         old_k, old_v = self.keys, self.values
         old_s, old_c = (old_k[0].shape[0], old_k[0].shape[2]) if old_k else (0, 0)
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
         self.keys, self.values = [], []
         for i in range(n_layers):
-            k = torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype, device=self.device)
-            v = torch.zeros_like(k)
+            k = alloc(slots, kv_heads, capacity, head_dim, dtype=dtype, device=self.device)
+            v = alloc(slots, kv_heads, capacity, head_dim, dtype=dtype, device=self.device)
             if old_k:
                 k[:old_s, :, :old_c] = old_k[i]
                 v[:old_s, :, :old_c] = old_v[i]
+                k[:old_s, :, old_c:] = 0
+                v[:old_s, :, old_c:] = 0
             self.keys.append(k)
             self.values.append(v)
+        self._clean = slots if self.device.type == "cuda" else min(self._clean, old_s)
         self.slots, self.capacity = slots, capacity
         self.grows += 1
 
