@@ -89,7 +89,7 @@ def chelsie_pcm(server) -> np.ndarray:
     return np.frombuffer(r.content, "<i2").astype(np.float32) / 32767
 
 
-MAX_CODEC_DELAY = 4096  # samples at 24 kHz searched for the encoder + decoder delay (measured: mp3 576, aac 1024, opus 0)
+MAX_CODEC_DELAY = 4096  # samples at 24 kHz searched for the codec delay (measured: mp3 576, aac 1024, opus 0)
 # Correlation of each lossy decode with the lossless speech at its delay, on this test's utterance (Chelsie, tiny):
 # measured mp3 0.759 (delay 576), opus 0.994 (delay 0, 48 kHz resampled to 24), aac 0.858 (delay 1024), with
 # libmp3lame / libopus / FFmpeg's aac through PyAV. Bound = measured - 0.02 (other codec builds move it a little).
