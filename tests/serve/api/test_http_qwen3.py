@@ -88,7 +88,10 @@ def test_speech_endpoint_frames_equal_the_official_talker_on_the_forced_reply(ht
     req = to_speech_request(SpeechRequest(input=text, voice="Aiden", response_format="pcm", **greedy), "oracle",
                             ConvertOptions(voices=tuple(pipeline_qwen3.voices), default_speech_tokens=40))
     ours = asyncio.run(pipeline_qwen3.run(req))
-    ref = reference_generate(tiny_qwen3, req, forced_reply_ids=pipeline_qwen3.thinker.reply_ids(text))
-    assert ours.text == text and ours.token_ids == ref.token_ids
+    tok = tiny_qwen3.processor.tokenizer  # the forced reply from the tokenizer, not from the code under test
+    reply = list(tok(text, add_special_tokens=False).input_ids) + [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert pipeline_qwen3.thinker.reply_ids(text) == reply
+    ref = reference_generate(tiny_qwen3, req, forced_reply_ids=reply)  # tests/omni/test_reference_forced.py checks it
+    assert ours.text == text and ours.token_ids == ref.token_ids == reply
     assert ours.codec_ids == ref.codec_ids and len(ours.codec_ids) > 4 and len(ours.codec_ids[0]) == 16
     assert r.content == pcm16_bytes(ours.waveform)
