@@ -362,10 +362,17 @@ def run_demo(api_url: Optional[str] = None, api_key: Optional[str] = None, host:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python demos/gradio_app.py [--api-url URL] ...`: the same as `omni demo ...`."""
-    from omni.serve.cli import main as omni_main
+    """`python -m omni.demos.gradio_app [--api-url URL] ...`: what `omni demo ...` runs (the flags are the same)."""
+    import argparse
 
-    return omni_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+    ap = argparse.ArgumentParser(prog="omni demo", description="the Gradio web demo against an omni server")
+    ap.add_argument("--api-url", default=None, help="the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1 "
+                                                    "(default: start omni serve --model tiny as a child process)")
+    ap.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"))
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=7860)
+    args = ap.parse_args(argv)
+    return run_demo(args.api_url, args.api_key, args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Vision encoder stage: the thinker's vision tower (`thinker.model.visual`) over a batch of images or video frames
 from different requests, one forward per batch. Qwen2.5-Omni's here; Qwen3-Omni's (with its deepstack features) in
-encoders/qwen3.py, picked by `VisionEncoder.for_tower` / `from_pretrained` from the tower (or checkpoint) itself.
+encoders/qwen3.py, a subclass that `VisionEncoder.for_tower` / `from_pretrained` pick from the tower (or checkpoint).
 
 The tower takes packed inputs: several items' patches concatenated, their grids stacked. Attention is restricted to
 each item (cu_seqlens over `grid_thw`), so an item's embeddings do not depend on what it is batched with, up to the
@@ -81,6 +81,16 @@ def is_qwen3_tower(module: torch.nn.Module) -> bool:
     return type(module).__name__.startswith("Qwen3OmniMoe")
 
 
+def subclasses_of(base: type) -> list[type]:
+    """`base`'s subclasses, most derived first (each encoder picks its class for a tower among them)."""
+    out, todo = [], list(base.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        out.append(cls)
+        todo += cls.__subclasses__()
+    return out[::-1]
+
+
 def place(module: torch.nn.Module, config: EncoderConfig) -> torch.nn.Module:
     """Move a tower to `config.device` and cast its parameters (not its buffers) to `config.dtype`, in place.
     Buffers keep their dtype, as from_pretrained(dtype=...) leaves them: the rotary `inv_freq` stays float32, and
@@ -110,12 +120,18 @@ class VisionEncoder:
         self.out_hidden_size: int = vc.out_hidden_size  # H, the thinker's hidden size
 
     @staticmethod
-    def for_tower(visual: torch.nn.Module, config: EncoderConfig = EncoderConfig()) -> "VisionEncoder":
-        """The encoder class for this tower: Qwen3-Omni's keeps its deepstack features (encoders/qwen3.py)."""
-        if is_qwen3_tower(visual):
-            from omni.encoders.qwen3 import Qwen3VisionEncoder
+    def claims(visual: torch.nn.Module) -> bool:
+        """Whether this class encodes `visual`; a subclass for another architecture claims its own towers."""
+        return not is_qwen3_tower(visual)
 
-            return Qwen3VisionEncoder(visual, config)
+    @staticmethod
+    def for_tower(visual: torch.nn.Module, config: EncoderConfig = EncoderConfig()) -> "VisionEncoder":
+        """The encoder class for this tower: the subclass that claims it (Qwen3-Omni's, which keeps its deepstack
+        features, is encoders/qwen3.py's; the package imports it), else this one. Subclasses are looked up, not
+        imported, so the dependency points one way: qwen3 -> vision."""
+        for cls in subclasses_of(VisionEncoder):
+            if cls.claims(visual):
+                return cls(visual, config)
         return VisionEncoder(visual, config)
 
     @classmethod

@@ -94,7 +94,11 @@ def processor_inputs(processor, request: ChatRequest, fast_audio: bool = False):
 
 
 def prepare_prompt(processor, request: ChatRequest) -> PreparedPrompt:
-    """processor_inputs split into per-item encoder inputs, in prompt order."""
+    """processor_inputs split into per-item encoder inputs, in prompt order.
+
+    Each item's tensors are copies (`.clone()`), not views of the processor's batch: a pickled view carries its whole
+    storage, so an item sent alone (to an encoder replica, through a Ray Data stage) would carry every item's
+    pixels or features."""
     x = processor_inputs(processor, request, fast_audio=True)
     merge = int(getattr(processor.image_processor, "merge_size", 2))
     images, videos, audios = [], [], []
@@ -103,10 +107,10 @@ def prepare_prompt(processor, request: ChatRequest) -> PreparedPrompt:
         if key in x:
             sizes = x[grid_key].prod(-1).tolist()  # patches per item
             for pv, grid in zip(torch.split(x[key], sizes), x[grid_key]):
-                out.append(VisionItem(pixel_values=pv, grid_thw=grid, merge_size=merge))
+                out.append(VisionItem(pixel_values=pv.clone(), grid_thw=grid.clone(), merge_size=merge))
     if "input_features" in x:
         for feats, mask in zip(x["input_features"], x["feature_attention_mask"]):
-            audios.append(AudioItem(features=feats[:, : int(mask.sum())]))
+            audios.append(AudioItem(features=feats[:, : int(mask.sum())].clone()))
     spg = x.get("video_second_per_grid")
     if spg is not None and not torch.is_tensor(spg):
         spg = torch.tensor(spg, dtype=torch.float)

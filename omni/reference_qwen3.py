@@ -21,6 +21,7 @@ import contextlib
 import torch
 
 from omni.prompt import processor_inputs
+from omni.reference_base import ReferenceResult, teacher_forced_thinker
 from omni.types import ChatRequest, SamplingParams, check_voice
 
 __all__ = ["reference_generate_qwen3"]
@@ -59,10 +60,8 @@ def _capture_frames(model, sink: list):
 def reference_generate_qwen3(loaded, request: ChatRequest, seed: int = 0, forced_reply_ids=None):
     """Run `request` through the official Qwen3-Omni generate. Sampling draws from the global RNG, seeded with `seed`
     (or the thinker's seed when set) before the call. forced_reply_ids (speech only): the Thinker's reply is these
-    ids (the official Thinker teacher-forced over them, omni.reference), the Talker speaks it.
-    -> omni.reference.ReferenceResult (codec_ids: frames)."""
-    from omni.reference import ReferenceResult, _teacher_forced_thinker
-
+    ids (the official Thinker teacher-forced over them, omni.reference_base), the Talker speaks it.
+    -> omni.reference_base.ReferenceResult (codec_ids: frames)."""
     model, processor = loaded.model, loaded.processor
     inputs = processor_inputs(processor, request).to(model.device)
     prompt_len = inputs["input_ids"].shape[1]
@@ -86,7 +85,7 @@ def reference_generate_qwen3(loaded, request: ChatRequest, seed: int = 0, forced
     if tk.stop_token_ids:
         kw["talker_eos_token_id"] = [model.config.talker_config.codec_eos_token_id] + list(tk.stop_token_ids)
     frames: list = []
-    forced = (_teacher_forced_thinker(model, inputs, forced_reply_ids) if forced_reply_ids is not None
+    forced = (teacher_forced_thinker(model, inputs, forced_reply_ids) if forced_reply_ids is not None
               else contextlib.nullcontext())
     with _capture_frames(model, frames), forced:
         seqs, wav = model.generate(**inputs, **kw)

@@ -184,14 +184,25 @@ def _cmd_bench(args) -> int:
     return bench_main(args)
 
 
+DEMO_MODULE = "omni.demos.gradio_app"  # run, never imported: nothing imports demos (DESIGN.md, "Layout")
+
+
 def _cmd_demo(args) -> int:
-    try:
-        from omni.demos.gradio_app import run_demo
-    except ImportError as e:
-        print(f"omni demo: {e.name or e} is missing: pip install 'omni[demo]' (make setup installs it)",
-              file=sys.stderr)
-        return 2
-    return run_demo(args.api_url, args.api_key, args.host, args.port)
+    """`omni demo`: this process becomes `python -m omni.demos.gradio_app ...` (exec: same pid, so SIGTERM/SIGINT
+    reach the demo, which stops its child server)."""
+    import importlib.util
+
+    for need in ("gradio", "openai"):
+        if importlib.util.find_spec(need) is None:
+            print(f"omni demo: {need} is missing: pip install 'omni[demo]' (make setup installs it)", file=sys.stderr)
+            return 2
+    argv = [sys.executable, "-m", DEMO_MODULE, "--host", args.host, "--port", str(args.port)]
+    argv += ["--api-url", args.api_url] if args.api_url else []
+    argv += ["--api-key", args.api_key] if args.api_key else []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    return 0  # not reached
 
 
 def _resources(text):

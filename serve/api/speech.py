@@ -24,6 +24,8 @@ from starlette.concurrency import run_in_threadpool
 
 from omni.types import AudioChunk, Event, Finished
 from omni.serve.api.audio_io import AUDIO_FORMATS, AudioStreamEncoder
+from omni.serve.api.common import (ClientGone, HTTPError, StreamResponse, classify_error, error_json, parse_body,
+                                   read_body)
 from omni.serve.api.convert import error_response, to_speech_request
 from omni.serve.api.protocol import SpeechRequest
 
@@ -39,8 +41,6 @@ def _sse(obj: dict) -> bytes:
 async def _body(first: Event, events: AsyncIterator[Event], req: SpeechRequest, admitted,
                 metrics) -> AsyncIterator[bytes]:
     """Encoded audio (or SSE events) from the first event on; releases the request however it ends."""
-    from omni.serve.api.server import classify_error
-
     enc = AudioStreamEncoder(req.response_format)
     sse, ok, fin = req.stream_format == "sse", False, None
 
@@ -83,18 +83,15 @@ async def _body(first: Event, events: AsyncIterator[Event], req: SpeechRequest, 
 
 async def speech(routes, request: Request) -> Response:
     """The handler, over server.py's `_Routes` (auth, admission, parsing, the backend)."""
-    from omni.serve.api.server import (HTTPError, _ClientGone, _error_json, _parse, _read_body, _StreamResponse,
-                                       classify_error)
-
     metrics = routes.metrics
     try:
         admitted = routes.admit(request, speech=True)
     except HTTPError as e:
         metrics.speech_requests.labels(status=str(e.status)).inc()
-        return _error_json(e)
+        return error_json(e)
     admitted.request_id = uuid.uuid4().hex
     try:
-        req = _parse(await _read_body(request, routes.settings.max_body_bytes), SpeechRequest)
+        req = parse_body(await read_body(request, routes.settings.max_body_bytes), SpeechRequest)
         if req.model and req.model != routes.served_name:
             raise HTTPError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
         chat = await run_in_threadpool(to_speech_request, req, admitted.request_id, routes.convert_options)
@@ -109,8 +106,8 @@ async def speech(routes, request: Request) -> Response:
         metrics.observe_stage("speech_first_event", time.perf_counter() - t0)
         metrics.speech_requests.labels(status="200").inc()
         media_type = "text/event-stream" if req.stream_format == "sse" else AUDIO_FORMATS[req.response_format][0]
-        return _StreamResponse(_body(first, events, req, admitted, metrics), admitted, media_type)
-    except _ClientGone:  # it went away while waiting for a speech slot
+        return StreamResponse(_body(first, events, req, admitted, metrics), admitted, media_type)
+    except ClientGone:  # it went away while waiting for a speech slot
         await admitted.release(ok=False)
         metrics.cancelled.inc()
         metrics.speech_requests.labels(status="499").inc()
@@ -123,5 +120,5 @@ async def speech(routes, request: Request) -> Response:
         if err.status >= 500:
             log.exception("speech %s failed", admitted.request_id)
         metrics.speech_requests.labels(status=str(err.status)).inc()
-        return _error_json(err)
+        return error_json(err)
 

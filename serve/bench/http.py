@@ -15,6 +15,7 @@ import time
 from typing import Optional
 
 from omni.serve.bench.load import one_request
+from omni.serve.bench.results import Sample
 
 __all__ = ["HttpClient", "media_parts", "chat_body", "speech_body"]
 
@@ -61,7 +62,7 @@ def speech_body(text: str, speech_tokens: int) -> dict:
 
 
 class HttpClient:
-    """One httpx client for a level's streams; `chat(body)` and `speech(body)` -> run.Sample."""
+    """One httpx client for a level's streams; `chat(body)` and `speech(body)` -> results.Sample."""
 
     def __init__(self, url: str, clients: int, parts: dict, timeout: float = 600.0, transport=None,
                  api_key: Optional[str] = None):
@@ -95,8 +96,6 @@ class HttpClient:
         return out
 
     async def chat(self, body: dict):
-        from omni.serve.bench.run import Sample
-
         o = await one_request(self.client, self.url, body, time.monotonic(), self.timeout, self.headers)
         if o.kind != "ok":
             raise RuntimeError(f"bench over HTTP: a request ended {o.kind} (status {o.status}, {o.error_code})")
@@ -107,8 +106,6 @@ class HttpClient:
 
     async def speech(self, body: dict):
         """The speech endpoint's raw PCM stream: each body chunk is an audio packet."""
-        from omni.serve.bench.run import Sample
-
         t0 = time.perf_counter()
         chunks, n_bytes = [], 0
         async with self.client.stream("POST", f"{self.url}/v1/audio/speech", json=body, headers=self.headers) as r:

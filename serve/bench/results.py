@@ -2,12 +2,39 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
-__all__ = ["Stats", "Summary", "Ratios", "Match", "Level", "EncoderResult", "Encoders", "BenchResults"]
+__all__ = ["Sample", "Stats", "Summary", "Ratios", "Match", "Level", "EncoderResult", "Encoders", "BenchResults"]
+
+
+@dataclass
+class Sample:
+    """One request's measurements; times in seconds from its submission."""
+    ttft: Optional[float]  # first visible text (a non-empty TextDelta); None when the reply's text is empty
+    ttfap: Optional[float]  # first audio packet; None for text-only (or no speech produced)
+    e2e: float  # last event
+    text_tokens: int
+    codec_tokens: int
+    audio_s: float  # seconds of speech produced
+    token_ids: Optional[list[int]] = field(repr=False)  # None over HTTP (the client sees text, not ids)
+    codec_ids: Optional[list[int]] = field(repr=False)
+    text: str = field(default="", repr=False)
+    audio_chunks: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (arrival s, audio s) each
+
+    def playback(self):
+        """The stream played in real time from its first packet (metrics.Playback)."""
+        from omni.serve.api.metrics import Playback
+
+        pb = Playback()
+        for t, seconds in self.audio_chunks:
+            pb.add(t, seconds)
+        return pb
+
+
+# ---------------------------------------------------------------------------------------------------- the two paths
 
 
 @dataclass(frozen=True)

@@ -41,14 +41,15 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Awaitable, Callable, Optional
 
 import numpy as np
 import torch
 
-from omni.serve.bench.results import (BenchResults, EncoderResult, Encoders, Level, Match, Ratios, Stats, Summary)
+from omni.serve.bench.results import (BenchResults, EncoderResult, Encoders, Level, Match, Ratios, Sample, Stats,
+                                      Summary)
 from omni.reference import reference_generate
 from omni.serve.bench.workload import (INPUT_KINDS, MODES, QUESTIONS, Media, drawn_image, load_media, make_request,
                                       tone)
@@ -122,31 +123,6 @@ QUICK = dict(concurrency=(1, 2), requests=2, max_tokens=8, speech_tokens=32, inp
              encoder_items=4, encoder_repeats=1)
 
 
-@dataclass
-class Sample:
-    """One request's measurements; times in seconds from its submission."""
-    ttft: Optional[float]  # first visible text (a non-empty TextDelta); None when the reply's text is empty
-    ttfap: Optional[float]  # first audio packet; None for text-only (or no speech produced)
-    e2e: float  # last event
-    text_tokens: int
-    codec_tokens: int
-    audio_s: float  # seconds of speech produced
-    token_ids: Optional[list[int]] = field(repr=False)  # None over HTTP (the client sees text, not ids)
-    codec_ids: Optional[list[int]] = field(repr=False)
-    text: str = field(default="", repr=False)
-    audio_chunks: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (arrival s, audio s) each
-
-    def playback(self):
-        """The stream played in real time from its first packet (metrics.Playback)."""
-        from omni.serve.api.metrics import Playback
-
-        pb = Playback()
-        for t, seconds in self.audio_chunks:
-            pb.add(t, seconds)
-        return pb
-
-
-# ---------------------------------------------------------------------------------------------------- the two paths
 async def ours_one(pipeline, request: ChatRequest) -> Sample:
     t0 = time.perf_counter()
     first_text = first_audio = None

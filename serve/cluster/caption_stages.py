@@ -14,16 +14,13 @@ import functools
 import os
 import pickle
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from omni.thinker import ThinkerDone
 from omni.types import TextDelta
 from omni.serve.caption_io import DEFAULT_PROMPTS, caption_request, load_file, one_line
-
-if TYPE_CHECKING:
-    from omni.serve.cluster.caption import CaptionOptions
+from omni.serve.cluster.caption_options import CaptionOptions
 
 __all__ = ["decode_batch", "EncoderStage", "ThinkerStage"]
 

@@ -21,3 +21,26 @@ def test_short_audio_padding_keeps_the_official_features(tiny, speech, seconds):
         valid = int(mask.sum())
         assert item.features.shape == (128, valid)
         assert torch.equal(item.features, feats[:, :valid])
+
+
+def test_each_item_carries_only_its_own_tensors(tiny, media):
+    """A per-item tensor sliced out of the processor's batch is a view, and a pickled view carries its whole storage:
+    each image would ship every image's pixels to its encoder call. Each item's tensors pickle to their own size."""
+    import pickle
+
+    from omni.types import ImagePart
+
+    clip = media["audio"][:16000]  # 1 s
+    req = ChatRequest([Message("user", [ImagePart(media["image"]), ImagePart(media["image"]), AudioPart(clip),
+                                        TextPart("What do you see and hear?")])])
+    p = prepare_prompt(tiny.processor, req)
+    assert len(p.images) == 2 and len(p.audios) == 1
+    margin = 1024  # pickle's own framing (the tensor's metadata, the storage header)
+    tensors = {f"image {i} {name}": getattr(item, name) for i, item in enumerate(p.images)
+               for name in ("pixel_values", "grid_thw")}
+    tensors["audio 0 features"] = p.audios[0].features
+    for what, t in tensors.items():
+        assert len(pickle.dumps(t)) <= t.nbytes + margin, f"{what}: pickles its whole batch's storage"
+    one = len(pickle.dumps(p.images[0]))
+    assert one <= p.images[0].pixel_values.nbytes + 2 * margin
+    assert len(pickle.dumps(p.images)) <= 2 * one + margin  # N images ~ N x one, not N^2
