@@ -259,11 +259,10 @@ class Engine:
             if p is None:
                 continue
             tokens = p.length + seq.max_tokens
-            if not self.kv.fits_ever(tokens):
-                self._fail(seq, InvalidRequest(
-                    f"the request needs {tokens} KV positions (prompt + max_tokens), more than the {self.name}'s KV "
-                    f"budget of {self.kv_budget_tokens} (kv_cache_tokens)", "max_tokens", "context_length_exceeded"),
-                    touched)
+            try:
+                self.check_fits(tokens)
+            except InvalidRequest as exc:
+                self._fail(seq, exc, touched)
                 continue
             if not self.kv.can_reserve(tokens):  # no room now: it waits, and so do the ones after it
                 seq.prepared = p
