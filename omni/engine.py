@@ -24,23 +24,22 @@ Sampling runs on the device for the whole step (omni/sampling.py); the step's id
 length to a multiple of 64 so that few shapes are compiled.
 
 Stage-specific logic lives in `Sequence` subclasses (omni/thinker.py, omni/talker.py); the engine knows nothing of
-text or speech. The engine is synchronous and single-threaded; `EngineLoop` (on omni.loop.WorkerLoop) runs it in a
-worker thread for asyncio.
+text or speech. The engine is synchronous and single-threaded; `EngineLoop` (omni/engine_loop.py) runs it in a worker
+thread for asyncio.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from transformers import DynamicCache
 
+from omni.engine_loop import EngineLoop  # re-exported: the stages import it from here
 from omni.kv import SlotKV, StepCache, kv_bytes_per_token, memory_budget_tokens
-from omni.loop import WorkerLoop
 from omni.sampling import Sampler, sample_rows
 from omni.sequence import Sequence
 from omni.types import InvalidRequest, StageUnavailable
@@ -188,6 +187,23 @@ class Engine:
     def waiting_rows(self) -> int:
         """Running rows that have no input yet (they would idle in this step)."""
         return sum(1 for s in self._rows if not (s.cancelled or s.finished or s.has_input()))
+
+    def has_urgent_row(self) -> bool:
+        """A running row asks for its step now (no batching wait)."""
+        return any(s.urgent for s in self._rows)
+
+    def ready_sequences(self) -> list[Sequence]:
+        """The requests the next step would serve: prompts part-way through a prefill, pending ones ready to start
+        (as many as free rows allow), running rows whose input is there."""
+        free = max(0, self.config.max_num_seqs - self.num_running)
+        pending = [s for s in self._pending if not s.cancelled and self.ready(s)][:free]
+        return ([p.seq for p in self._prefilling] + pending +
+                [s for s in self._rows if not (s.cancelled or s.finished) and s.has_input()])
+
+    def load(self) -> tuple[int, int]:
+        """(rows in the batch, requests ready to prefill or part-way through their prefill)."""
+        return len(self._rows), len(self._prefilling) + sum(1 for s in self._pending if not s.cancelled and
+                                                            self.ready(s))
 
     def ready(self, seq: Sequence) -> bool:
         """A pending sequence can start its prefill (its inputs are there)."""
@@ -462,77 +478,3 @@ class Engine:
             else:
                 keep.append(s)
         self._rows = keep
-
-
-class EngineLoop(WorkerLoop):
-    """Runs an Engine in one worker thread, driven from an asyncio loop. `submit(seq)` returns an async iterator over
-    the sequence's outputs; breaking out of it (or cancelling the consuming task) cancels the sequence, which frees
-    its slot at the next step boundary. A step that raises fails every sequence the engine holds and resets it."""
-
-    def __init__(self, engine: Engine):
-        super().__init__(engine.name)
-        self.engine = engine
-        self._seqs: dict[int, Sequence] = {}
-
-    def _next_work(self):
-        return True if self.engine.can_progress() else None
-
-    async def _gather(self, work):
-        """With `batch_wait_s`, wait (briefly) for running rows whose input is not there yet, so that rows fed by
-        one upstream step share one forward."""
-        wait = self.engine.config.batch_wait_s
-        if wait <= 0 or not self.engine.waiting_rows() or any(s.urgent for s in self.engine._rows):
-            return work
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while self.engine.waiting_rows() and (left := deadline - loop.time()) > 0:
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), left)
-            except asyncio.TimeoutError:
-                break
-        return work
-
-    def _step(self, work) -> list[Sequence]:
-        return self.engine.step()
-
-    def _ready_keys(self) -> list[int]:
-        """Requests the next step would serve: pending ones ready to prefill, running ones with their input."""
-        e = self.engine
-        pending = [s for s in e._pending if not s.cancelled and e.ready(s)][:max(0, e.config.max_num_seqs -
-                                                                                              e.num_running)]
-        return ([id(p.seq) for p in e._prefilling] + [id(s) for s in pending] +
-                [id(s) for s in e._rows if not (s.cancelled or s.finished) and s.has_input()])
-
-    def _load(self) -> tuple[int, int]:
-        """(rows in the batch, requests ready to prefill or part-way through their prefill)."""
-        e = self.engine
-        return len(e._rows), len(e._prefilling) + sum(1 for s in e._pending if not s.cancelled and e.ready(s))
-
-    def _deliver(self, work, touched: list[Sequence]) -> None:
-        for seq in touched:
-            key = id(seq)
-            while seq.outbox:
-                self._publish(key, seq.outbox.popleft())
-            if seq.finished:
-                self._end(key)
-
-    def _failed(self, work, exc: Exception) -> None:
-        super()._failed(work, exc)
-        self.engine.reset()
-
-    def _closed(self, key) -> None:
-        seq = self._seqs.pop(key, None)
-        if seq is not None and not seq.finished:
-            seq.cancel()
-            self.wake()
-
-    def submit(self, seq: Sequence) -> AsyncIterator:
-        """Async iterator over `seq`'s outputs, in order; raises if the engine failed."""
-        key = id(seq)
-
-        def start():
-            self._seqs[key] = seq
-            self.engine.add(seq)
-
-        return self._subscribe(key, start)
