@@ -248,12 +248,8 @@ class HandleStages:
         if self.observe_batch is not None:
             for i, r in enumerate(results):
                 self.observe_batch("vision" if i < n_img + n_vid else "audio", r.batch_size)
-        embeds = [r.embeds for r in results]
-        deep = [r.deepstack for r in results[:n_img + n_vid]]  # Qwen3's vision deepstack features, else None
-        return MediaEmbeddings(images=embeds[:n_img], videos=embeds[n_img:n_img + n_vid],
-                               audios=embeds[n_img + n_vid:],
-                               image_deepstack=[d for d in deep[:n_img] if d is not None],
-                               video_deepstack=[d for d in deep[n_img:] if d is not None])
+        pairs = [(r.embeds, r.deepstack) for r in results]  # deepstack: Qwen3's vision features, else None
+        return MediaEmbeddings.assemble(pairs[:n_img], pairs[n_img:n_img + n_vid], [e for e, _ in pairs[n_img + n_vid:]])
 
     async def generate(self, gen: Generation, prompt: PreparedPrompt, media: MediaEmbeddings) -> AsyncIterator:
         head = self.speech if gen.speak else self.thinker
