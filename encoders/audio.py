@@ -60,6 +60,11 @@ class AudioEncoder:
                              f"got {tuple(f.shape)}")
         return int(f.shape[1])
 
+    def encode_with_deepstack(self, items: list[AudioItem]) -> list[tuple[torch.Tensor, None]]:
+        """The vision encoders' interface (omni.serve.cluster's encoder deployments call either the same way): per
+        item (embeds, None), audio has no deepstack features."""
+        return [(e, None) for e in self.encode(items)]
+
     @torch.no_grad()
     def encode(self, items: list[AudioItem]) -> list[torch.Tensor]:
         """-> per item [n_audio_tokens_i, H] float32 on the CPU, in input order."""

@@ -9,10 +9,11 @@ at most the rows in flight. A file that cannot be read or decoded is a row with 
 later stages pass such rows through, so every input file gives exactly one row. Ray Data restarts a killed actor and
 retries its tasks, so a killed worker costs time, not rows.
 
-The stages are in serve/cluster/caption_stages.py. What crosses a stage boundary is arrow-friendly: strings, numbers and one binary column. `payload` holds a pickled
-PreparedPrompt after decoding (token ids [L], per-item pixel patches / Whisper features, torch tensors), then a
-pickled (PreparedPrompt, MediaEmbeddings) after the encoders (embeddings [n_tokens, H] per item); the Thinker stage
-drops it, so only rows travel back to the driver (plus 16-bit PCM in `speech` with --speak).
+The stages are in serve/cluster/caption_stages.py. What crosses a stage boundary is arrow-friendly: strings, numbers
+and one binary column. `payload` holds a pickled (PreparedPrompt, Generation) after decoding (token ids [L], per-item
+pixel patches / Whisper features, torch tensors; the request's sampling, voice and speech limits), then a pickled
+(PreparedPrompt, Generation, MediaEmbeddings) after the encoders (embeddings [n_tokens, H] per item); the generator
+drops it, so only rows travel back to the driver (plus 16-bit PCM in `speech` with --speak), written as CaptionRow.
 
 Runs where Ray runs: a local Ray started here, or the cluster in RAY_ADDRESS. `encoder_resources` /
 `thinker_resources` (custom Ray resources) pin each actor pool to the nodes that have them.

@@ -88,10 +88,8 @@ class _EncoderDeployment:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def encode(self, items: list) -> list[Encoded]:
         """One item per call from the caller's side; a list here."""
-        run = getattr(self.encoder, "encode_with_deepstack", None)  # vision: (embeds, deepstack or None) per item
-        if run is None:
-            return [Encoded(o, len(items)) for o in await asyncio.to_thread(self.encoder.encode, items)]
-        return [Encoded(e, len(items), d) for e, d in await asyncio.to_thread(run, items)]
+        pairs = await asyncio.to_thread(self.encoder.encode_with_deepstack, items)  # (embeds, Qwen3's deepstack or None)
+        return [Encoded(e, len(items), d) for e, d in pairs]
 
 
 class VisionEncoderDeployment(_EncoderDeployment):
