@@ -111,6 +111,11 @@ class Code2Wav:
         self.stats = Code2WavStats()
 
     @classmethod
+    def from_model(cls, model, config: Code2WavConfig = Code2WavConfig()) -> "Code2Wav":
+        """From a loaded Qwen3OmniMoeForConditionalGeneration (its code2wav)."""
+        return cls(model.code2wav, config)
+
+    @classmethod
     def from_pretrained(cls, model: str = "tiny-qwen3", config: Code2WavConfig = Code2WavConfig(),
                         dtype: Optional[torch.dtype] = None) -> "Code2Wav":
         """Only the `code2wav.` tensors of the checkpoint (only the shards that hold them). model: a preset, a
@@ -148,9 +153,6 @@ class Code2Wav:
     def voices(self) -> list[str]:
         return []  # Qwen3 speaks in the talker's voice: the vocoder has none of its own
 
-    def check_voice(self, voice: str) -> None:
-        """Any voice: the talker checked it."""
-
     def check_codes(self, frames) -> list[list[int]]:
         """frames [n][num_quantizers] ids in [0, codebook_size) -> list of lists; ValueError otherwise."""
         out = [[int(c) for c in f] for f in frames]
@@ -175,6 +177,8 @@ class Code2Wav:
         return Code2WavStream(self)
 
     # ------------------------------------------------------------------------------------------------ batched steps
+    chunked_steps = False  # step() decodes every ready window of each stream (no chunks_per_stream)
+
     def step(self, streams: list["Code2WavStream"]) -> list[list[np.ndarray]]:
         """Decode every chunk that is ready in `streams`, windows of equal shape batched. -> per stream its new PCM
         chunks in order (float32, 24 kHz); [] for a stream with nothing ready."""
@@ -258,10 +262,6 @@ class Code2WavStream:
         self._frames += self._owner.check_codes(frames)
         self._codes = None
         self._last = bool(last)
-
-    @property
-    def num_codes(self) -> int:
-        return len(self._frames)
 
     @property
     def ready(self) -> bool:

@@ -12,7 +12,6 @@ depends on the others, so the order changes when audio comes, never what it is.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from typing import AsyncIterator, Optional
 
@@ -33,9 +32,9 @@ class VocoderLoop(WorkerLoop):
         self.urgent_s = urgent_s  # a started stream whose audio runs out sooner than this is served with first chunks
         self.chunks_per_step = chunks_per_step  # chunks of one stream per step (None: all it has ready): short steps,
         #                                         so a first chunk or a stream about to run dry waits less
-        # a vocoder whose step() takes no chunk limit (one that steps whole streams) is stepped without one
+        # a vocoder that steps whole streams (chunked_steps False: Code2Wav) is stepped without a chunk limit
         self._limit = ({"chunks_per_stream": chunks_per_step} if chunks_per_step is not None and
-                       "chunks_per_stream" in inspect.signature(vocoder.step).parameters else {})
+                       vocoder.chunked_steps else {})
         self._streams: dict[int, VocoderStream] = {}
         self._play_end: dict[int, float] = {}  # key -> when its audio sent so far has played (perf_counter)
         self.num_calls = 0  # batched step calls so far

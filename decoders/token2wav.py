@@ -164,6 +164,11 @@ class Token2Wav:
         self.stats = VocoderStats()
 
     @classmethod
+    def from_model(cls, model, config: VocoderConfig = VocoderConfig()) -> "Token2Wav":
+        """From a loaded Qwen2_5OmniForConditionalGeneration (its token2wav and voices)."""
+        return cls(model.token2wav, model.speaker_map, config)
+
+    @classmethod
     def from_pretrained(cls, model: str = "tiny", config: VocoderConfig = VocoderConfig()) -> "Token2Wav":
         """Load only the token2wav weights (the `token2wav.` tensors of the checkpoint's safetensors, only the shards
         that hold them) and spk_dict.pt. model: a preset (`tiny`), a checkpoint directory or a hub id."""
@@ -196,9 +201,6 @@ class Token2Wav:
     def voices(self) -> list[str]:
         return sorted(self._speakers)
 
-    def check_voice(self, voice: str) -> None:
-        check_voice(voice, self._speakers)
-
     def check_codes(self, codes) -> list[int]:
         """codes: codec ids without the talker's stop code -> list of int; ValueError if one is out of range."""
         codes = [int(c) for c in codes]
@@ -210,8 +212,9 @@ class Token2Wav:
 
     def offline(self, codes: list[int], voice: str, seed: int) -> np.ndarray:
         """The whole utterance at once: wav [480 * len(codes)] float32 at 24 kHz. On the CPU, equal to the official
-        `model.token2wav(codes, conditioning=cond, reference_mel=ref_mel)` run right after torch.manual_seed(seed)."""
-        self.check_voice(voice)
+        `model.token2wav(codes, conditioning=cond, reference_mel=ref_mel)` run right after torch.manual_seed(seed).
+        A standalone entry point, so it checks the voice (a stream trusts the composition's one check)."""
+        check_voice(voice, self._speakers)
         codes = self.check_codes(codes)
         if not codes:
             return np.zeros(0, dtype=np.float32)
@@ -223,11 +226,13 @@ class Token2Wav:
             return self._vocode(mel)[0].numpy()
 
     def open_stream(self, voice: str, seed: int, max_codes: int = 4096) -> "VocoderStream":
-        """A new request's streaming state; its noise is drawn now for max_codes codes (regrown identically past it)."""
-        self.check_voice(voice)
+        """A new request's streaming state; its noise is drawn now for max_codes codes (regrown identically past it).
+        `voice` is one of `voices` (the composition checked it where the request entered)."""
         return VocoderStream(self, voice, seed, max_codes)
 
     # ------------------------------------------------------------------------------------------------ batched steps
+    chunked_steps = True  # step() takes chunks_per_stream (omni.decoders.loop)
+
     def step(self, streams: list["VocoderStream"], chunks_per_stream: Optional[int] = None) -> list[list[np.ndarray]]:
         """Run every chunk that is ready in `streams` (at most `chunks_per_stream` of each, its earliest): all their DiT
         windows in one batched call (per reference-mel length and max_batch), then all their BigVGAN segments batched
@@ -360,10 +365,6 @@ class VocoderStream:
             raise RuntimeError("push after the last codes of the stream")
         self._codes += self._owner.check_codes(codes)
         self._last = bool(last)
-
-    @property
-    def num_codes(self) -> int:
-        return len(self._codes)
 
     @property
     def ready(self) -> bool:

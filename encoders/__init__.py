@@ -3,9 +3,8 @@
 The media loader (encoders/media.py) is imported on its own: `from omni.encoders.media import ...`.
 """
 from omni.encoders.audio import AudioEncoder
-from omni.encoders.video import VideoEncoder, encode_prompt
+from omni.encoders.video import encode_prompt, encode_prompts, load_encoders
 from omni.encoders.vision import EncoderConfig, VisionEncoder, load_thinker, load_tower, plan_batches
-from omni.encoders import qwen3  # noqa: F401  Qwen3-Omni's encoders, which `for_tower` finds as subclasses
 
-__all__ = ["EncoderConfig", "VisionEncoder", "AudioEncoder", "VideoEncoder", "encode_prompt", "plan_batches",
-           "load_tower", "load_thinker"]
+__all__ = ["EncoderConfig", "VisionEncoder", "AudioEncoder", "encode_prompt", "encode_prompts", "load_encoders",
+           "plan_batches", "load_tower", "load_thinker"]

@@ -1,6 +1,7 @@
 """Audio encoder stage: the thinker's audio tower (`thinker.model.audio_tower`) over a batch of audios (plain audio
 parts and videos' own tracks) from different requests, one forward per batch. Qwen2.5-Omni's here; Qwen3-Omni's in
-encoders/qwen3.py (a subclass picked by `AudioEncoder.for_tower` / `from_pretrained`).
+encoders/qwen3.py (a subclass picked by `AudioEncoder.for_tower` / `from_pretrained` through the
+architecture's record).
 
 The tower takes the valid feature frames of several audios concatenated ([128, sum n_frames]) with their lengths, as
 `Qwen2_5OmniThinkerModel.get_audio_features` calls it. It cuts each audio into windows of 2 * n_window frames (1 s)
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from omni.encoders.vision import (EncoderConfig, detach_chunks, is_qwen3_tower, load_tower, place, plan_batches,
-                                 subclasses_of)
+from omni.architectures import architecture_of_tower
+from omni.encoders.vision import EncoderConfig, detach_chunks, load_tower, place, plan_batches
 from omni.types import AudioItem
 
 __all__ = ["AudioEncoder"]
@@ -30,18 +31,10 @@ class AudioEncoder:
         self.out_hidden_size: int = audio_tower.config.output_dim  # H, the thinker's hidden size
 
     @staticmethod
-    def claims(audio_tower: torch.nn.Module) -> bool:
-        """Whether this class encodes `audio_tower`; a subclass for another architecture claims its own towers."""
-        return not is_qwen3_tower(audio_tower)
-
-    @staticmethod
     def for_tower(audio_tower: torch.nn.Module, config: EncoderConfig = EncoderConfig()) -> "AudioEncoder":
-        """The encoder class for this tower: the subclass that claims it (Qwen3-Omni's is encoders/qwen3.py's; the
-        package imports it), else this one."""
-        for cls in subclasses_of(AudioEncoder):
-            if cls.claims(audio_tower):
-                return cls(audio_tower, config)
-        return AudioEncoder(audio_tower, config)
+        """The encoder class that the tower's architecture record names (omni.architectures: Qwen3-Omni's is
+        encoders/qwen3.py's), over this tower."""
+        return architecture_of_tower(audio_tower).load("audio_encoder")(audio_tower, config)
 
     @classmethod
     def from_pretrained(cls, model: str, config: EncoderConfig = EncoderConfig()) -> "AudioEncoder":
@@ -66,6 +59,11 @@ class AudioEncoder:
             raise ValueError(f"audio item {i}: features must be [{self.num_mel_bins}, n_frames >= 1], "
                              f"got {tuple(f.shape)}")
         return int(f.shape[1])
+
+    def encode_with_deepstack(self, items: list[AudioItem]) -> list[tuple[torch.Tensor, None]]:
+        """The vision encoders' interface (omni.serve.cluster's encoder deployments call either the same way): per
+        item (embeds, None), audio has no deepstack features."""
+        return [(e, None) for e in self.encode(items)]
 
     @torch.no_grad()
     def encode(self, items: list[AudioItem]) -> list[torch.Tensor]:

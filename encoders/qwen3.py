@@ -16,7 +16,7 @@ import torch
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
 
 from omni.encoders.audio import AudioEncoder
-from omni.encoders.vision import VisionEncoder, detach_chunks, is_qwen3_tower, plan_batches
+from omni.encoders.vision import VisionEncoder, detach_chunks, plan_batches
 from omni.types import VisionItem
 
 __all__ = ["Qwen3VisionEncoder", "Qwen3AudioEncoder"]
@@ -28,10 +28,6 @@ class Qwen3VisionEncoder(VisionEncoder):
     def __init__(self, visual: torch.nn.Module, config):
         super().__init__(visual, config)
         self.deepstack_levels = len(visual.config.deepstack_visual_indexes)
-
-    @staticmethod
-    def claims(visual: torch.nn.Module) -> bool:
-        return is_qwen3_tower(visual)
 
     def encode(self, items: list[VisionItem]) -> list[torch.Tensor]:
         return [e for e, _ in self.encode_with_deepstack(items)]
@@ -58,10 +54,6 @@ class Qwen3VisionEncoder(VisionEncoder):
 
 class Qwen3AudioEncoder(AudioEncoder):
     """Audio features -> embeddings at the thinker's audio placeholder tokens, several items per forward."""
-
-    @staticmethod
-    def claims(audio_tower: torch.nn.Module) -> bool:
-        return is_qwen3_tower(audio_tower)
 
     def lengths(self, n_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[n] feature frames -> ([n] frames, [n] output tokens): the tower has no separate after-conv length."""

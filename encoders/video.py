@@ -1,42 +1,21 @@
-"""Video encoder stage: a video's frames through the vision tower and, with use_audio_in_video, its own audio track
-through the audio tower; one call encodes several videos (two forwards in all, not two per video).
-
-Also `encode_prompt`, the whole media of one request, for the in-process pipeline.
+"""A request's media through both encoders: `encode_prompt` (one request, the in-process pipeline) and
+`encode_prompts` (several, batched: the caption job). A video's frames go through the vision tower and, with
+use_audio_in_video, its own audio track (among the prompt's audios, at the video's place) through the audio tower.
+`load_encoders` loads the two towers alone.
 """
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
-
 from omni.encoders.audio import AudioEncoder
 from omni.encoders.vision import EncoderConfig, VisionEncoder, load_tower
-from omni.types import AudioItem, MediaEmbeddings, PreparedPrompt, VisionItem
+from omni.types import MediaEmbeddings, PreparedPrompt
 
-__all__ = ["VideoEncoder", "encode_prompt"]
+__all__ = ["load_encoders", "encode_prompt", "encode_prompts"]
 
 
-class VideoEncoder:
-    """Frames (VisionItem, temporal grid > 1) plus an optional audio track per video -> (frames, track) embeddings."""
-
-    def __init__(self, vision: VisionEncoder, audio: AudioEncoder):
-        self.vision, self.audio = vision, audio
-        self.out_hidden_size: int = vision.out_hidden_size
-
-    @classmethod
-    def from_pretrained(cls, model: str, config: EncoderConfig = EncoderConfig()) -> "VideoEncoder":
-        """Loads the two towers (and nothing else of the thinker)."""
-        return cls(VisionEncoder.for_tower(load_tower(model, "visual", config), config),
-                   AudioEncoder.for_tower(load_tower(model, "audio_tower", config), config))
-
-    def encode(self, videos: list[VisionItem],
-               audios: list[Optional[AudioItem]]) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """-> per video ([n_video_tokens_i, H], [n_audio_tokens_i, H] or None), in input order."""
-        if len(audios) != len(videos):
-            raise ValueError(f"{len(videos)} videos but {len(audios)} audio tracks (use None for a video without)")
-        frames = self.vision.encode(videos)
-        tracks = iter(self.audio.encode([a for a in audios if a is not None]))
-        return [(f, None if a is None else next(tracks)) for f, a in zip(frames, audios)]
+def load_encoders(model: str, config: EncoderConfig = EncoderConfig()) -> tuple[VisionEncoder, AudioEncoder]:
+    """The vision and audio encoders of a checkpoint, loading the two towers (and nothing else of the thinker)."""
+    return (VisionEncoder.for_tower(load_tower(model, "visual", config), config),
+            AudioEncoder.for_tower(load_tower(model, "audio_tower", config), config))
 
 
 def encode_prompt(prompt: PreparedPrompt, vision: VisionEncoder, audio: AudioEncoder) -> MediaEmbeddings:
@@ -44,8 +23,18 @@ def encode_prompt(prompt: PreparedPrompt, vision: VisionEncoder, audio: AudioEnc
     thinker encodes them, so the embeddings are the ones `thinker.generate` places (videos' tracks, with
     use_audio_in_video, are among `prompt.audios` already, at their videos' places). Qwen3's deepstack features come
     along (MediaEmbeddings.image_deepstack / video_deepstack)."""
-    images, videos = vision.encode_with_deepstack(prompt.images), vision.encode_with_deepstack(prompt.videos)
-    return MediaEmbeddings(images=[e for e, _ in images], videos=[e for e, _ in videos],
-                           audios=audio.encode(prompt.audios),
-                           image_deepstack=[d for _, d in images if d is not None],
-                           video_deepstack=[d for _, d in videos if d is not None])
+    return encode_prompts([prompt], vision, audio)[0]
+
+
+def encode_prompts(prompts: list[PreparedPrompt], vision: VisionEncoder, audio: AudioEncoder) -> list[MediaEmbeddings]:
+    """The media of several requests, three batched calls in all (images, videos, audios across the requests); for
+    one request the very calls of `encode_prompt`."""
+    images = vision.encode_with_deepstack([it for p in prompts for it in p.images])
+    videos = vision.encode_with_deepstack([it for p in prompts for it in p.videos])
+    audios = audio.encode([it for p in prompts for it in p.audios])
+    out, i, v, a = [], 0, 0, 0
+    for p in prompts:
+        ni, nv, na = len(p.images), len(p.videos), len(p.audios)
+        out.append(MediaEmbeddings.assemble(images[i:i + ni], videos[v:v + nv], audios[a:a + na]))
+        i, v, a = i + ni, v + nv, a + na
+    return out

@@ -1,6 +1,7 @@
 """Vision encoder stage: the thinker's vision tower (`thinker.model.visual`) over a batch of images or video frames
 from different requests, one forward per batch. Qwen2.5-Omni's here; Qwen3-Omni's (with its deepstack features) in
-encoders/qwen3.py, a subclass that `VisionEncoder.for_tower` / `from_pretrained` pick from the tower (or checkpoint).
+encoders/qwen3.py, a subclass that `VisionEncoder.for_tower` / `from_pretrained` pick through the architecture's
+record (omni.architectures).
 
 The tower takes packed inputs: several items' patches concatenated, their grids stacked. Attention is restricted to
 each item (cu_seqlens over `grid_thw`), so an item's embeddings do not depend on what it is batched with, up to the
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from omni.checkpoint import resolve_model
+from omni.architectures import architecture_of_tower
+from omni.checkpoint import model_architecture, resolve_model
 from omni.types import VisionItem
 
 __all__ = ["EncoderConfig", "VisionEncoder", "plan_batches", "load_tower", "load_thinker"]
@@ -67,28 +69,9 @@ def load_thinker(model: str, config: EncoderConfig):
     """The whole thinker (language model and both towers; no talker, no token2wav / code2wav), of the checkpoint's
     architecture, in `config.dtype`, on the CPU. The encoders load their tower alone (`load_tower`); this is for
     comparing against the thinker's own encoder paths."""
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration, Qwen3OmniMoeThinkerForConditionalGeneration
-
-    from omni.checkpoint import model_arch
-
     path = resolve_model(model)
-    cls = (Qwen3OmniMoeThinkerForConditionalGeneration if model_arch(path) == "qwen3-omni"
-           else Qwen2_5OmniThinkerForConditionalGeneration)
+    cls = model_architecture(path).load("hf_thinker")
     return cls.from_pretrained(path, dtype=config.torch_dtype).eval()
-
-
-def is_qwen3_tower(module: torch.nn.Module) -> bool:
-    return type(module).__name__.startswith("Qwen3OmniMoe")
-
-
-def subclasses_of(base: type) -> list[type]:
-    """`base`'s subclasses, most derived first (each encoder picks its class for a tower among them)."""
-    out, todo = [], list(base.__subclasses__())
-    while todo:
-        cls = todo.pop(0)
-        out.append(cls)
-        todo += cls.__subclasses__()
-    return out[::-1]
 
 
 def place(module: torch.nn.Module, config: EncoderConfig) -> torch.nn.Module:
@@ -120,19 +103,10 @@ class VisionEncoder:
         self.out_hidden_size: int = vc.out_hidden_size  # H, the thinker's hidden size
 
     @staticmethod
-    def claims(visual: torch.nn.Module) -> bool:
-        """Whether this class encodes `visual`; a subclass for another architecture claims its own towers."""
-        return not is_qwen3_tower(visual)
-
-    @staticmethod
     def for_tower(visual: torch.nn.Module, config: EncoderConfig = EncoderConfig()) -> "VisionEncoder":
-        """The encoder class for this tower: the subclass that claims it (Qwen3-Omni's, which keeps its deepstack
-        features, is encoders/qwen3.py's; the package imports it), else this one. Subclasses are looked up, not
-        imported, so the dependency points one way: qwen3 -> vision."""
-        for cls in subclasses_of(VisionEncoder):
-            if cls.claims(visual):
-                return cls(visual, config)
-        return VisionEncoder(visual, config)
+        """The encoder class that the tower's architecture record names (omni.architectures: Qwen3-Omni's is
+        encoders/qwen3.py's), over this tower."""
+        return architecture_of_tower(visual).load("vision_encoder")(visual, config)
 
     @classmethod
     def from_pretrained(cls, model: str, config: EncoderConfig = EncoderConfig()) -> "VisionEncoder":

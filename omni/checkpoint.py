@@ -14,23 +14,20 @@ from pathlib import Path
 
 import torch
 
-from omni.tiny import PRESETS, build_checkpoint
-from omni.tiny_qwen3 import QWEN3_PRESETS, build_qwen3_checkpoint
+from omni.architectures import ARCHS, QWEN25_OMNI, QWEN3_OMNI, Architecture, architecture
+from omni.tiny import PRESETS
+from omni.tiny_qwen3 import QWEN3_PRESETS
 from omni.types import SamplingParams
 
 __all__ = ["LoadedModel", "resolve_model", "load_model", "list_voices", "generation_defaults", "cache_dir",
-           "model_arch", "model_config", "check_model", "check_versions", "ModelLoadError", "ModelNotFoundError",
-           "NotOmniModelError", "VersionError", "ARCHS", "ALL_PRESETS", "RECIPE_VERSION", "QWEN3_RECIPE_VERSION",
+           "model_arch", "model_architecture", "default_dtype", "model_config", "check_model", "check_versions",
+           "ModelLoadError", "ModelNotFoundError", "NotOmniModelError", "VersionError", "ARCHS", "ALL_PRESETS", "RECIPE_VERSION", "QWEN3_RECIPE_VERSION",
            "TRANSFORMERS_REQUIREMENT"]
 
 RECIPE_VERSION = 2  # bump when tiny.py changes what it writes: the cached copies are rebuilt
 QWEN3_RECIPE_VERSION = 1  # the same for tiny_qwen3.py
-ARCHS = ("qwen2.5-omni", "qwen3-omni")
-_MODEL_TYPES = {"qwen2_5_omni": "qwen2.5-omni", "qwen3_omni_moe": "qwen3-omni"}  # config.json model_type -> arch
-_ARCHITECTURES = {"Qwen2_5OmniForConditionalGeneration": "qwen2.5-omni",
-                  "Qwen3OmniMoeForConditionalGeneration": "qwen3-omni"}
-ALL_PRESETS = {**{name: ("qwen2.5-omni", RECIPE_VERSION) for name in PRESETS},
-               **{name: ("qwen3-omni", QWEN3_RECIPE_VERSION) for name in QWEN3_PRESETS}}
+ALL_PRESETS = {**{name: (QWEN25_OMNI, RECIPE_VERSION) for name in PRESETS},
+               **{name: (QWEN3_OMNI, QWEN3_RECIPE_VERSION) for name in QWEN3_PRESETS}}
 
 
 TRANSFORMERS_REQUIREMENT = ">=5.24,<6"  # as pyproject.toml: the Omni classes' 5.x layout, get_rope_index, cache API
@@ -94,7 +91,7 @@ def resolve_model(model: str) -> str:
             fcntl.flock(lock, fcntl.LOCK_EX)  # several processes (Ray replicas, pytest workers) may ask at once
             if not (target / "model.safetensors").exists():
                 tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{model}-"))
-                (build_qwen3_checkpoint if arch == "qwen3-omni" else build_checkpoint)(tmp, preset=model)
+                arch.load("build_tiny")(tmp, preset=model)
                 if target.exists():
                     shutil.rmtree(target)
                 tmp.rename(target)
@@ -210,14 +207,12 @@ def model_config(model: str) -> dict:
 def model_arch(model: str | dict) -> str:
     """"qwen2.5-omni" or "qwen3-omni", from config.json's `model_type` (else `architectures`); ValueError for
     anything else. `model`: a preset, a directory, a hub id, or a config dict already read."""
-    cfg = model if isinstance(model, dict) else model_config(model)
-    arch = _MODEL_TYPES.get(cfg.get("model_type", ""))
-    for name in cfg.get("architectures") or []:
-        arch = arch or _ARCHITECTURES.get(name)
-    if arch is None:
-        raise ValueError(f"not a Qwen-Omni checkpoint (model_type {cfg.get('model_type')!r}, architectures "
-                         f"{cfg.get('architectures')}); supported: {', '.join(_ARCHITECTURES)}")
-    return arch
+    return model_architecture(model).name
+
+
+def model_architecture(model: str | dict) -> Architecture:
+    """The architecture's record (omni.architectures), from config.json as `model_arch` reads it."""
+    return architecture(model if isinstance(model, dict) else model_config(model))
 
 
 def _config_voices(cfg: dict) -> list[str]:
@@ -233,7 +228,7 @@ class LoadedModel:
     path: str  # resolved directory or hub id
     model: "torch.nn.Module"  # Qwen2_5OmniForConditionalGeneration or Qwen3OmniMoeForConditionalGeneration, eval
     processor: object  # Qwen2_5OmniProcessor or Qwen3OmniMoeProcessor
-    arch: str = "qwen2.5-omni"  # one of ARCHS
+    arch: str = QWEN25_OMNI.name  # one of ARCHS; `architecture` is its record
 
     @property
     def has_speech(self) -> bool:
@@ -244,9 +239,13 @@ class LoadedModel:
         """The voices this model speaks with; [] when it has no speech output (a text-only checkpoint)."""
         if not self.has_speech:
             return []
-        if self.arch == "qwen3-omni":
+        if self.architecture.voices_in_config:
             return sorted(name.capitalize() for name in self.model.config.talker_config.speaker_id)
         return sorted(self.model.speaker_map)
+
+    @property
+    def architecture(self) -> Architecture:
+        return architecture(self.arch)
 
     @property
     def device(self) -> torch.device:
@@ -258,7 +257,7 @@ def list_voices(model: str) -> list[str]:
     talker_config.speaker_id (capitalised); [] for a text-only checkpoint."""
     path = resolve_model(model)
     cfg = model_config(path)
-    if model_arch(cfg) == "qwen3-omni":
+    if model_architecture(cfg).voices_in_config:
         return _config_voices(cfg)
     if not cfg.get("enable_audio_output", True):
         return []
@@ -289,23 +288,25 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_dtype(device: str) -> str:
+    """The weights' dtype when none is asked for: bfloat16 on CUDA (the real weights' dtype), float32 elsewhere."""
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
 def load_model(model: str = "tiny", device: str | None = None, dtype: str | torch.dtype | None = None,
                enable_audio_output: bool = True) -> LoadedModel:
     """Load model + processor, of the architecture the checkpoint's config names. dtype defaults to float32 on CPU and
     bfloat16 on CUDA (the real weights' dtype). A text-only checkpoint (`enable_audio_output: false`, as Qwen3-Omni's
     Thinking and Captioner releases) loads without its talker whatever `enable_audio_output` says."""
-    from transformers import AutoProcessor, Qwen2_5OmniForConditionalGeneration, Qwen3OmniMoeForConditionalGeneration
+    from transformers import AutoProcessor
 
     path, cfg, arch = check_model(model)
     enable_audio_output = enable_audio_output and bool(cfg.get("enable_audio_output", True))
     device = device or default_device()
-    if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    cls = Qwen3OmniMoeForConditionalGeneration if arch == "qwen3-omni" else Qwen2_5OmniForConditionalGeneration
-    net = cls.from_pretrained(path, dtype=dtype, enable_audio_output=enable_audio_output)
-    if arch == "qwen3-omni" and getattr(net, "has_talker", False):
+    dtype = getattr(torch, dtype or default_dtype(device)) if not isinstance(dtype, torch.dtype) else dtype
+    record = architecture(arch)
+    net = record.load("hf_model").from_pretrained(path, dtype=dtype, enable_audio_output=enable_audio_output)
+    if record.talker_reads_thinker_audio_config and enable_audio_output:
         # transformers 5.23/5.24 gap: with audio in the prompt talker.get_rope_index reads
         # talker_config.audio_config.n_window, a sub-config the talker config never declares: it is the thinker's
         net.talker.config.audio_config = net.config.thinker_config.audio_config

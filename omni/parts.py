@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 
-from omni.checkpoint import check_model, default_device
+from omni.architectures import Architecture, architecture
+from omni.checkpoint import check_model, default_device, default_dtype
 
 __all__ = ["TalkerPart", "EmbeddingRows", "load_talker_part", "load_tower", "embedding_rows", "TOWERS"]
 
@@ -77,18 +78,18 @@ def embedding_rows(path: str, ids: list[int], dtype: torch.dtype) -> torch.Tenso
 
 
 @functools.cache
-def _only(cls: type, parts: tuple[str, ...]) -> type:
-    """`cls` (the whole-model class) building only `parts` of itself: the same module paths, config and conversion
-    mapping as the whole model (its class name is kept: transformers looks conversions up by it), the other parts'
-    checkpoint keys expected and skipped."""
-    qwen3 = cls.__name__.startswith("Qwen3")
+def _only(arch: Architecture, parts: tuple[str, ...]) -> type:
+    """The architecture's whole-model class building only `parts` of itself: the same module paths, config and
+    conversion mapping as the whole model (its class name is kept: transformers looks conversions up by it), the
+    other parts' checkpoint keys expected and skipped."""
+    cls = arch.load("hf_model")
 
     def __init__(self, config):
         super(cls, self).__init__(config)  # the PreTrainedModel base, not the whole model's constructor
         self.has_talker = "talker" in parts
         self.speaker_map = {}  # Qwen2.5's from_pretrained fills it from spk_dict.pt
         if "talker" in parts:
-            self.talker = _talker_class(qwen3)._from_config(config.talker_config)
+            self.talker = arch.load("hf_talker")._from_config(config.talker_config)
         self.post_init()
 
     others = tuple(rf"^{p}\." for p in ("thinker", "talker", "token2wav", "code2wav") if p not in parts)
@@ -96,22 +97,14 @@ def _only(cls: type, parts: tuple[str, ...]) -> type:
                                        "_keys_to_ignore_on_load_unexpected": list(others)})
 
 
-def _talker_class(qwen3: bool) -> type:
-    from transformers import Qwen2_5OmniTalkerForConditionalGeneration, Qwen3OmniMoeTalkerForConditionalGeneration
-
-    return Qwen3OmniMoeTalkerForConditionalGeneration if qwen3 else Qwen2_5OmniTalkerForConditionalGeneration
-
-
 def _dtype(device: str, dtype) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype or default_dtype(device))
 
 
 @dataclass
 class TalkerPart:
     """What the Talker stage runs, and nothing else of the checkpoint."""
-    arch: str  # "qwen2.5-omni" | "qwen3-omni"
+    arch: str  # the architecture's name (omni.architectures)
     talker: torch.nn.Module  # Qwen2_5OmniTalkerForConditionalGeneration | Qwen3OmniMoeTalkerForConditionalGeneration
     speakers: dict  # Qwen2.5: spk_dict.pt {voice: {bos_token, cond, ref_mel}}; Qwen3: {} (voices are in its config)
     thinker_embed: Optional[EmbeddingRows]  # Qwen2.5: the Thinker's input-embedding rows it reads; Qwen3: None
@@ -126,25 +119,23 @@ def load_talker_part(model: str, device: Optional[str] = None, dtype=None) -> Ta
         raise ValueError(f"{model} has no speech output (no talker)")
     device = device or default_device()
     dtype = _dtype(device, dtype)
-    from transformers import Qwen2_5OmniForConditionalGeneration, Qwen3OmniMoeForConditionalGeneration
-
-    qwen3 = arch == "qwen3-omni"
-    whole = Qwen3OmniMoeForConditionalGeneration if qwen3 else Qwen2_5OmniForConditionalGeneration
-    net = _only(whole, ("talker",)).from_pretrained(path, dtype=dtype)
+    arch = architecture(arch)
+    net = _only(arch, ("talker",)).from_pretrained(path, dtype=dtype)
     talker = net.talker.to(device).eval()
-    if qwen3:
+    if arch.talker_reads_thinker_audio_config:
         # transformers 5.23-5.25 gap (as omni.checkpoint.load_model): the talker's get_rope_index reads
         # talker_config.audio_config, which only the thinker's config declares
         talker.config.audio_config = net.config.thinker_config.audio_config
+    if arch.talker_rows == "tts_specials":  # Qwen3: the Thinker's rows of tts_bos, tts_eos, tts_pad
         c = net.config
         ids = [int(c.tts_bos_token_id), int(c.tts_eos_token_id), int(c.tts_pad_token_id)]
-        return TalkerPart(arch, talker, {}, None, embedding_rows(path, ids, dtype).to(device), ids[2])
-    tc = talker.config
+        return TalkerPart(arch.name, talker, {}, None, embedding_rows(path, ids, dtype).to(device), ids[2])
+    tc = talker.config  # Qwen2.5: the speakers' bos rows and tts_text_*
     speakers = net.speaker_map
     ids = sorted({int(s["bos_token"]) for s in speakers.values()}
                  | {int(tc.tts_text_start_token_id), int(tc.tts_text_end_token_id), int(tc.tts_text_pad_token_id)})
     rows = EmbeddingRows(ids, embedding_rows(path, ids, dtype)).to(device)
-    return TalkerPart(arch, talker, speakers, rows, None, None)
+    return TalkerPart(arch.name, talker, speakers, rows, None, None)
 
 
 @functools.cache
@@ -160,16 +151,11 @@ def load_tower(model: str, name: str, dtype: torch.dtype = torch.float32) -> tor
         raise ValueError(f"tower must be one of {TOWERS}, got {name!r}")
     path, cfg, arch = check_model(model)
     from transformers import AutoConfig
-    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
-    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
 
     thinker = AutoConfig.from_pretrained(path).thinker_config
-    if arch == "qwen3-omni":
-        cls, sub = (q3.Qwen3OmniMoeVisionEncoder, thinker.vision_config) if name == "visual" else \
-            (q3.Qwen3OmniMoeAudioEncoder, thinker.audio_config)
-    else:
-        cls, sub = (q25.Qwen2_5OmniVisionEncoder, thinker.vision_config) if name == "visual" else \
-            (q25.Qwen2_5OmniAudioEncoder, thinker.audio_config)
+    record = architecture(arch)
+    cls, sub = (record.load("hf_vision_tower"), thinker.vision_config) if name == "visual" else \
+        (record.load("hf_audio_tower"), thinker.audio_config)
     # checkpoint keys thinker.visual.* (original layout) or thinker.model.visual.* (transformers-5 layout) -> visual.*
     return _tower_class(cls).from_pretrained(path, config=sub, dtype=dtype,
                                              key_mapping={rf"^thinker\.(model\.)?{name}\.": ""}).eval()

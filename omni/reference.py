@@ -18,7 +18,6 @@ import torch
 
 from omni.prompt import processor_inputs
 from omni.reference_base import ReferenceResult, teacher_forced_thinker
-from omni.reference_qwen3 import reference_generate_qwen3
 from omni.types import ChatRequest, SamplingParams, check_voice
 
 __all__ = ["ReferenceResult", "reference_generate", "generate_kwargs", "keep_talker_mask"]
@@ -112,12 +111,17 @@ def _capture_talker_codes(model, sink: list):
 @torch.inference_mode()
 def reference_generate(loaded, request: ChatRequest, seed: int = 0,
                        forced_reply_ids: Optional[list[int]] = None) -> ReferenceResult:
-    """Run `request` through the official `generate` of the loaded model (Qwen2.5-Omni here, Qwen3-Omni in
-    omni/reference_qwen3.py). Sampling draws from the global RNG, seeded with `seed` (or the thinker's seed when
-    set) before the call. forced_reply_ids (speech only): the Thinker's reply is these ids (the official Thinker
-    teacher-forced over them), the Talker speaks it."""
-    if loaded.arch == "qwen3-omni":
-        return reference_generate_qwen3(loaded, request, seed, forced_reply_ids)
+    """Run `request` through the official `generate` of the loaded model, the reference function its architecture's
+    record names (Qwen2.5-Omni's below, Qwen3-Omni's in omni/reference_qwen3.py). Sampling draws from the global RNG,
+    seeded with `seed` (or the thinker's seed when set) before the call. forced_reply_ids (speech only): the
+    Thinker's reply is these ids (the official Thinker teacher-forced over them), the Talker speaks it."""
+    return loaded.architecture.load("reference")(loaded, request, seed, forced_reply_ids)
+
+
+@torch.inference_mode()
+def reference_generate_qwen25(loaded, request: ChatRequest, seed: int = 0,
+                              forced_reply_ids: Optional[list[int]] = None) -> ReferenceResult:
+    """Qwen2.5-Omni's official `generate` (see reference_generate)."""
     model, processor = loaded.model, loaded.processor
     check_voice(request.voice, model.speaker_map)
     inputs = processor_inputs(processor, request).to(model.device)

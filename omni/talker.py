@@ -15,14 +15,14 @@ hidden space and go through `talker.thinker_to_talker_proj`:
 from __future__ import annotations
 
 import collections
+import dataclasses
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 import torch
 
 from omni.engine import DecoderModel, Engine, EngineConfig, EngineLoop, Sampler, Sequence
-from omni.types import (SamplingParams, TalkerDone, TalkerItem, TalkerPrompt, TalkerToVocoder, ThinkerToTalker,
-                        check_voice)
+from omni.types import SamplingParams, TalkerDone, TalkerItem, TalkerPrompt, TalkerToVocoder, ThinkerToTalker
 
 __all__ = ["Talker", "TalkerConfig", "TalkerSequence"]
 
@@ -198,13 +198,21 @@ class Talker:
         """From a loaded Qwen2_5OmniForConditionalGeneration."""
         return cls(model.talker, model.speaker_map, model.thinker.get_input_embeddings(), config)
 
+    @classmethod
+    def from_part(cls, part, config: TalkerConfig = TalkerConfig()) -> "Talker":
+        """From the talker's weights alone (omni.parts.TalkerPart: the voices, the Thinker's embedding rows)."""
+        return cls(part.talker, part.speakers, part.thinker_embed, config)
+
+    @staticmethod
+    def configure(config: TalkerConfig, vocoder_config) -> TalkerConfig:
+        """`config` with the first-audio threshold of the vocoder's (omni.decoders.VocoderConfig) first window."""
+        return dataclasses.replace(config, first_audio_codes=vocoder_config.first_window_codes())
+
     @property
     def voices(self) -> list[str]:
         return sorted(self.speakers)
 
     def generate(self, request_id: str, voice: str, sampling: SamplingParams
                  ) -> tuple[TalkerSequence, AsyncIterator[TalkerItem]]:
-        check_voice(voice, self.speakers)
-        sampling.validate("talker")
         seq = TalkerSequence(self, request_id, voice, sampling, self.emit_every)
         return seq, self.loop.submit(seq)

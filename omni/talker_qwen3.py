@@ -25,6 +25,7 @@ A reply of one Thinker token (A ends before A_3) makes the official generate rai
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import AsyncIterator, Optional
 
 import torch
@@ -34,7 +35,7 @@ from omni.engine import DecoderModel, Engine, EngineLoop, Sampler, Sequence
 from omni.sampling import sample_rows
 from omni.talker import TalkerConfig
 from omni.types import (InvalidRequest, Qwen3TalkerPrompt, SamplingParams, TalkerDone, TalkerItem, TalkerToVocoder,
-                        ThinkerToTalker, check_voice)
+                        ThinkerToTalker)
 
 __all__ = ["Qwen3Talker", "Qwen3TalkerSequence"]
 
@@ -256,14 +257,22 @@ class Qwen3Talker:
             tts = model.thinker.get_input_embeddings()(ids)
         return cls(model.talker, tts, int(c.tts_pad_token_id), config)
 
+    @classmethod
+    def from_part(cls, part, config: TalkerConfig = TalkerConfig()) -> "Qwen3Talker":
+        """From the talker's weights alone (omni.parts.TalkerPart: the Thinker's tts_bos/eos/pad rows)."""
+        return cls(part.talker, part.tts_embeds, part.tts_pad_id, config)
+
+    @staticmethod
+    def configure(config: TalkerConfig, vocoder_config) -> TalkerConfig:
+        """`config` with the first-audio threshold of Code2Wav's (omni.decoders.Code2WavConfig) first chunk."""
+        return dataclasses.replace(config, first_audio_frames=vocoder_config.first_chunk_frames)
+
     @property
     def voices(self) -> list[str]:
         return sorted(name.capitalize() for name in self.speaker_ids)
 
     def generate(self, request_id: str, voice: str, sampling: SamplingParams
                  ) -> tuple[Qwen3TalkerSequence, AsyncIterator[TalkerItem]]:
-        check_voice(voice, self.voices)
-        sampling.validate("talker")
         seq = Qwen3TalkerSequence(self, request_id, voice, sampling, self.emit_every)
         return seq, self.loop.submit(seq)
 

@@ -13,7 +13,7 @@ from typing import AsyncIterator, Optional
 import torch
 
 from omni.engine import DecoderModel, Engine, EngineConfig, EngineLoop, Sampler, Sequence
-from omni.types import (Finished, InvalidRequest, MediaEmbeddings, PreparedPrompt, SamplingParams, TalkerPrompt,
+from omni.types import (InvalidRequest, MediaEmbeddings, PreparedPrompt, SamplingParams, TalkerPrompt,
                         TextDelta, ThinkerDone, ThinkerItem, ThinkerToTalker)
 
 __all__ = ["Thinker", "ThinkerSequence", "ForcedReplySequence", "Detokenizer", "check_context"]
@@ -49,6 +49,8 @@ class Detokenizer:
 
 
 class ThinkerSequence(Sequence):
+    hands_off_last = True  # _accept emits the last token's hand-off (Qwen3's sequence emits every hand-off itself)
+
     def __init__(self, thinker: "Thinker", request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings,
                  sampling: SamplingParams, for_talker: bool):
         super().__init__(request_id, sampling.max_tokens, set(thinker.eos_ids) | set(sampling.stop_token_ids),
@@ -127,12 +129,11 @@ class ThinkerSequence(Sequence):
             self.outbox.append(TextDelta(text, self._held))
             self._held = []
         if last:
-            if self.for_talker:
+            if self.for_talker and self.hands_off_last:
                 self.outbox.append(ThinkerToTalker(len(self.tokens) - 1, token, None, last=True))
             self.finish_reason = "stop" if stop else "length"
             self.finished = True
-            self.outbox.append(ThinkerDone(
-                Finished(self.finish_reason, int(self.prompt.input_ids.shape[0]), len(self.tokens)), self.tokens))
+            self.outbox.append(ThinkerDone(self.finish_reason, self.tokens))
 
 
 class ForcedReplySequence(ThinkerSequence):
@@ -175,7 +176,7 @@ class ForcedReplySequence(ThinkerSequence):
         text = "".join(self.detok.push(t) for t in self.reply_ids) + self.detok.flush()
         self.outbox.append(TextDelta(text, list(self.reply_ids)))
         self.finish_reason, self.finished = "stop", True
-        self.outbox.append(ThinkerDone(Finished("stop", L, N), list(self.reply_ids)))
+        self.outbox.append(ThinkerDone("stop", list(self.reply_ids)))
 
 
 def check_context(prompt_tokens: int, sampling: SamplingParams, max_model_len: int) -> None:
@@ -204,23 +205,32 @@ class Thinker:
         if eos is None:
             eos = self.cfg.text_config.eos_token_id
         self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-        lm, head = thinker_model.model.language_model, thinker_model.lm_head
-
-        def forward(x, pos, mask, cache):
-            return lm(inputs_embeds=x, position_ids=pos, attention_mask=mask, cache=cache,
-                      use_cache=True).last_hidden_state
-
-        def last_logits(hidden):  # like generate (logits_to_keep=1): the head on the last position only
-            return head(hidden[:, -1, :]).float()
-
-        self.engine = Engine(DecoderModel(forward, last_logits, self.cfg.text_config, self.device,
+        self.lm = thinker_model.model.language_model
+        self.engine = Engine(DecoderModel(self.forward, self.last_logits, self.cfg.text_config, self.device,
                                           dtype=self.embed.weight.dtype), config, "thinker")
         self.loop = EngineLoop(self.engine)
 
-    def check(self, prompt: PreparedPrompt, sampling: SamplingParams) -> None:
-        sampling.validate()
-        check_context(int(prompt.input_ids.shape[0]), sampling, self.max_model_len)
-        self.engine.check_fits(int(prompt.input_ids.shape[0]) + sampling.max_tokens)
+    @classmethod
+    def from_model(cls, model, tokenizer, config: EngineConfig = EngineConfig(),
+                   max_model_len: int = 32768) -> "Thinker":
+        """From a loaded whole model (Qwen2_5OmniForConditionalGeneration)."""
+        return cls.from_thinker(model.thinker, tokenizer, config, max_model_len, model.config)
+
+    @classmethod
+    def from_thinker(cls, thinker_model, tokenizer, config: EngineConfig, max_model_len: int,
+                     model_config) -> "Thinker":
+        """From the thinker alone and the whole checkpoint's config (a replica of its own: omni.serve.models)."""
+        return cls(thinker_model, tokenizer, config, max_model_len)
+
+    def forward(self, x, pos, mask, cache, **extra):
+        """The engine's forward: inputs_embeds [B, T, H] -> last hidden states [B, T, H]."""
+        return self.lm(inputs_embeds=x, position_ids=pos, attention_mask=mask, cache=cache,
+                       use_cache=True).last_hidden_state
+
+    def last_logits(self, hidden):
+        """Like generate (logits_to_keep=1): the head on the last position only."""
+        return self.model.lm_head(hidden[:, -1, :]).float()
+
 
     def reply_ids(self, text: str) -> list[int]:
         """A reply's ids as the Thinker would end it: the text's tokens, then the end-of-turn id."""
@@ -230,9 +240,11 @@ class Thinker:
 
     def generate(self, request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings, sampling: SamplingParams,
                  for_talker: bool = False, forced_reply: Optional[str] = None) -> AsyncIterator[ThinkerItem]:
-        """forced_reply: the reply's text, known in advance (speech of a given text): one prefill, no decoding."""
+        """forced_reply: the reply's text, known in advance (speech of a given text): one prefill, no decoding.
+        The request was checked where it entered (omni.serve.compose: sampling, context); what is left is this
+        engine's own capacity (its KV cache), and a forced reply's length, known only once it is tokenized."""
         if forced_reply is None:
-            self.check(prompt, sampling)
+            self.engine.check_fits(int(prompt.input_ids.shape[0]) + sampling.max_tokens)
             return self.loop.submit(self.sequence_cls(self, request_id, prompt, media, sampling, for_talker))
         if self.forced_reply_cls is None:
             raise InvalidRequest("speech of a given text is not served for this model yet", "model")

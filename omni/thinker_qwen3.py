@@ -26,6 +26,8 @@ __all__ = ["Qwen3Thinker", "Qwen3ThinkerSequence", "Qwen3ForcedReplySequence"]
 
 
 class Qwen3ThinkerSequence(ThinkerSequence):
+    hands_off_last = False  # every hand-off, the last one included, is emitted by _accept below
+
     def prefill_inputs(self):
         t = self.thinker
         ids = self.prompt.input_ids[None].to(t.device)  # [1, L]
@@ -135,11 +137,7 @@ class Qwen3ThinkerSequence(ThinkerSequence):
             ids = self.last_token if self.last_token is not None else torch.tensor([token], device=self.thinker.device)
             e = None if last else self.thinker.embed(ids)[0]
             self.outbox.append(ThinkerToTalker(index, token, e, last=last))
-        for_talker, self.for_talker = self.for_talker, False  # the base class must not emit its own hand-offs
-        try:
-            super()._accept(token)
-        finally:
-            self.for_talker = for_talker
+        super()._accept(token)
 
 
 class Qwen3ForcedReplySequence(Qwen3ThinkerSequence):
@@ -181,27 +179,24 @@ class Qwen3Thinker(Thinker):
         self.im_start_id = im_start_id if im_start_id is not None else tokenizer.convert_tokens_to_ids("<|im_start|>")
         self.assistant_id = assistant_id if assistant_id is not None else tokenizer.convert_tokens_to_ids("assistant")
         self.accept_layer = None if talker_config is None else int(talker_config.accept_hidden_layer)
-        lm = thinker_model.model.language_model
-        n_layers = len(lm.layers)
-        accept = self.accept_layer
 
-        def forward(x, pos, mask, cache, capture=None, **deepstack):
-            hook = None
-            if capture is not None and accept is not None and 0 < accept < n_layers:
-                def keep(mod, args, out):  # HF hidden_states[k] = output of decoder layer k - 1, pre-deepstack
-                    capture["hidden"] = out[0] if isinstance(out, tuple) else out
-                hook = lm.layers[accept - 1].register_forward_hook(keep)
-            try:
-                out = lm(inputs_embeds=x, position_ids=pos, attention_mask=mask, cache=cache,
-                         use_cache=True, **deepstack)
-            finally:
-                if hook is not None:
-                    hook.remove()
-            if capture is not None and "hidden" not in capture:  # accept_hidden_layer 0 or n: embeddings or final
-                capture["hidden"] = x if accept == 0 else out.last_hidden_state
-            return out.last_hidden_state
-
-        self.engine.model.forward = forward
+    def forward(self, x, pos, mask, cache, capture=None, **deepstack):
+        """The engine's forward with deepstack features; `capture` (a dict) gets "hidden": the output of decoder
+        layer accept_hidden_layer - 1 (HF's hidden_states[accept_hidden_layer], pre-deepstack) for the Talker."""
+        hook, accept, layers = None, self.accept_layer, self.lm.layers
+        if capture is not None and accept is not None and 0 < accept < len(layers):
+            def keep(mod, args, out):
+                capture["hidden"] = out[0] if isinstance(out, tuple) else out
+            hook = layers[accept - 1].register_forward_hook(keep)
+        try:
+            out = self.lm(inputs_embeds=x, position_ids=pos, attention_mask=mask, cache=cache, use_cache=True,
+                          **deepstack)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if capture is not None and "hidden" not in capture:  # accept_hidden_layer 0 or n: embeddings or final
+            capture["hidden"] = x if accept == 0 else out.last_hidden_state
+        return out.last_hidden_state
 
     @classmethod
     def from_model(cls, model, tokenizer, config: EngineConfig = EngineConfig(),
@@ -211,4 +206,14 @@ class Qwen3Thinker(Thinker):
         c = model.config
         talker_config = c.talker_config if getattr(model, "has_talker", False) else None
         return cls(model.thinker, tokenizer, config, max_model_len, talker_config, c.im_start_token_id,
+                   c.assistant_token_id)
+
+    @classmethod
+    def from_thinker(cls, thinker_model, tokenizer, config: EngineConfig, max_model_len: int,
+                     model_config) -> "Qwen3Thinker":
+        """From the thinker alone and the whole checkpoint's config (Qwen3OmniMoeConfig): the talker's accept layer
+        when the checkpoint speaks, the role ids."""
+        c = model_config
+        talker_config = c.talker_config if c.enable_audio_output else None
+        return cls(thinker_model, tokenizer, config, max_model_len, talker_config, c.im_start_token_id,
                    c.assistant_token_id)

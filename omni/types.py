@@ -135,6 +135,9 @@ class ChatRequest:
     vocoder_seed: Optional[int] = None  # seed of the vocoder's noise (None: the Talker's, else the Thinker's, else 0)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     forced_reply: Optional[str] = None  # the reply's text, known in advance (text to speech): the Thinker only reads it
+    # how the one check (omni.serve.compose.check_request) names the Thinker's and the Talker's sampling in its errors:
+    # the HTTP layer sets the wire's names ("sampling", "sampling_params_list[1]")
+    sampling_names: tuple[str, str] = ("sampling", "talker")
 
     @property
     def generation(self) -> "Generation":
@@ -206,6 +209,14 @@ class MediaEmbeddings:
     image_deepstack: list[torch.Tensor] = field(default_factory=list)  # each [n_levels, n_tokens_i, H]
     video_deepstack: list[torch.Tensor] = field(default_factory=list)  # each [n_levels, n_tokens_i, H]
 
+    @classmethod
+    def assemble(cls, images: list, videos: list, audios: list[torch.Tensor]) -> "MediaEmbeddings":
+        """One request's embeddings from its encoders' per-item results in prompt order: images and videos as
+        (embeds, deepstack or None) pairs (the vision encoder's `encode_with_deepstack`), audios as embeds."""
+        return cls(images=[e for e, _ in images], videos=[e for e, _ in videos], audios=list(audios),
+                   image_deepstack=[d for _, d in images if d is not None],
+                   video_deepstack=[d for _, d in videos if d is not None])
+
 
 # ---------------------------------------------------------------------------------------------------- hand-offs
 @dataclass
@@ -257,8 +268,8 @@ class TalkerToVocoder:
 
 @dataclass
 class ThinkerDone:
-    """The Thinker's last item for a request."""
-    finished: "Finished"  # finish reason and token counts
+    """The Thinker's last item for a request (the composition's `finish` makes the request's one Finished of it)."""
+    finish_reason: Literal["stop", "length"]
     token_ids: list[int]  # all generated ids
 
 

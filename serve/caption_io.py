@@ -6,25 +6,59 @@ serve/cluster/caption.py.
     media_type, media = load_file(path, use_audio_in_video)    # sniffed from the bytes; MediaError if it cannot be
     request = caption_request(media_type, media, prompt, ...)  # the conversation `omni chat --image F PROMPT` sends
 
-Output rows, one per input file (ROW_FIELDS): path (absolute), media_type (image|audio|video; null when the content
-is none of them), caption, prompt, num_tokens, seconds, model, error (null, or a one-line reason; caption "" then).
+Output rows, one per input file: `CaptionRow` (its fields are the JSON keys and the Parquet columns, ROW_FIELDS).
 """
 from __future__ import annotations
 
 import io
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Optional
 
-from omni.types import AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart, VideoPart
+from omni.types import DEFAULT_VOICE, AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart, VideoPart
 
-__all__ = ["ROW_FIELDS", "MEDIA_TYPES", "DEFAULT_PROMPTS", "CaptionError", "InputFile", "list_inputs",
+__all__ = ["CaptionRow", "ROW_FIELDS", "DEFAULT_PROMPTS", "CaptionError", "InputFile", "list_inputs",
            "sniff_media_type", "load_file", "caption_request", "one_line"]
 
-ROW_FIELDS = ("path", "media_type", "caption", "prompt", "num_tokens", "seconds", "model", "error")
-MEDIA_TYPES = ("image", "audio", "video")
+@dataclass(frozen=True)
+class CaptionRow:
+    """One output row per input file, as written to JSON lines and Parquet (serve/caption_output.py)."""
+    path: str  # absolute path: the row's key (resume matches on it)
+    media_type: Optional[str]  # image | audio | video; None when the content is none of them
+    caption: str  # "" when error is set
+    prompt: str
+    num_tokens: int  # caption tokens generated
+    seconds: float  # summed per-file seconds of the job's stages
+    model: str
+    error: Optional[str]  # None, or a one-line reason
+
+    @classmethod
+    def of(cls, row: "CaptionRow | dict") -> "CaptionRow":
+        """A row, typed: a dict's keys beyond the fields are dropped, numpy scalars (Ray batches) become Python
+        values, "" is None for media_type and error."""
+        if isinstance(row, CaptionRow):
+            return row
+        r = {k: row.get(k) for k in ROW_FIELDS}
+        text = {k: "" if r[k] is None else str(r[k]) for k in ("path", "caption", "prompt", "model")}
+        optional = {k: None if r[k] is None or r[k] == "" else str(r[k]) for k in ("media_type", "error")}
+        return cls(**text, **optional, num_tokens=int(r["num_tokens"] or 0),
+                   seconds=round(float(r["seconds"] or 0.0), 4))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def arrow_schema():
+        """The Parquet schema, from the fields' types."""
+        import pyarrow as pa
+
+        types = {"str": pa.string(), "Optional[str]": pa.string(), "int": pa.int64(), "float": pa.float64()}
+        return pa.schema([(f.name, types[f.type]) for f in fields(CaptionRow)])
+
+
+ROW_FIELDS = tuple(f.name for f in fields(CaptionRow))
 DEFAULT_PROMPTS = {  # when --prompt is not given
     "image": "Describe this image in one sentence.",
     "audio": "Describe this audio in one sentence.",
@@ -193,7 +227,7 @@ def load_file(path: str, use_audio_in_video: bool = False, limits=None) -> tuple
 
 
 def caption_request(media_type: str, media, prompt: str, max_tokens: int, use_audio_in_video: bool = False,
-                    speak: bool = False, voice: str = "Chelsie", max_speech_tokens: int = 1024) -> ChatRequest:
+                    speak: bool = False, voice: str = DEFAULT_VOICE, max_speech_tokens: int = 1024) -> ChatRequest:
     """The conversation `omni chat --image F "PROMPT"` sends (greedy, Qwen's default system prompt added by the prompt
     builder): one user message with the media part, then the prompt text."""
     part = {"image": ImagePart, "audio": AudioPart, "video": VideoPart}[media_type](media)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from omni.serve.caption_io import ROW_FIELDS, CaptionError, one_line
+from omni.serve.caption_io import CaptionError, CaptionRow, one_line
 
 __all__ = ["CaptionOutput", "Progress", "write_speech", "CommitGuard", "Interrupted"]
 
@@ -52,25 +52,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _clean(row: dict) -> dict:
-    """A row with exactly ROW_FIELDS, typed (numpy scalars from Ray batches become Python values)."""
-    r = {k: row.get(k) for k in ROW_FIELDS}
-    r["num_tokens"] = int(r["num_tokens"] or 0)
-    r["seconds"] = round(float(r["seconds"] or 0.0), 4)
-    for k in ("path", "caption", "prompt", "model"):
-        r[k] = "" if r[k] is None else str(r[k])
-    for k in ("media_type", "error"):
-        r[k] = None if r[k] is None or r[k] == "" else str(r[k])
-    return r
-
-
-def _parquet_table(rows: list[dict]):
+def _parquet_table(rows: list[CaptionRow]):
     import pyarrow as pa
 
-    schema = pa.schema([("path", pa.string()), ("media_type", pa.string()), ("caption", pa.string()),
-                        ("prompt", pa.string()), ("num_tokens", pa.int64()), ("seconds", pa.float64()),
-                        ("model", pa.string()), ("error", pa.string())])
-    return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist([r.to_dict() for r in rows], schema=CaptionRow.arrow_schema())
 
 
 class CaptionOutput:
@@ -101,7 +86,7 @@ class CaptionOutput:
             for line in data[: data.rfind(b"\n") + 1].splitlines():
                 if line.strip():
                     rows.append(json.loads(line))
-        return list({r["path"]: _clean(r) for r in rows}.values())
+        return [r.to_dict() for r in {r["path"]: CaptionRow.of(r) for r in rows}.values()]
 
     # --------------------------------------------------------------------------------------------- writing
     def open(self, resume: bool, retry_errors: bool = False) -> list[dict]:
@@ -137,8 +122,9 @@ class CaptionOutput:
         data = self.path.read_bytes()
         return (not data or data.endswith(b"\n")) and sum(1 for x in data.splitlines() if x.strip()) == len(rows)
 
-    def _rewrite(self, rows: list[dict]) -> None:
+    def _rewrite(self, rows: list[CaptionRow | dict]) -> None:
         """The output holds exactly `rows`, atomically (what was there stays if this fails half way)."""
+        rows = [CaptionRow.of(r) for r in rows]
         if self.parquet:
             import pyarrow.parquet as pq
 
@@ -152,9 +138,9 @@ class CaptionOutput:
         else:
             _atomic_write(self.path, b"".join(_json_line(r) for r in rows))
 
-    def append(self, rows: list[dict]) -> None:
+    def append(self, rows: list[CaptionRow | dict]) -> None:
         """Commit a batch of rows: after this returns they are on disk, whole; an interrupt before leaves none."""
-        rows = [_clean(r) for r in rows]
+        rows = [CaptionRow.of(r) for r in rows]
         if not rows:
             return
         if self.parquet:
@@ -179,8 +165,8 @@ class CaptionOutput:
             self._rewrite(self.read())
 
 
-def _json_line(row: dict) -> bytes:
-    return (json.dumps(row, ensure_ascii=False) + "\n").encode()
+def _json_line(row: CaptionRow) -> bytes:
+    return (json.dumps(row.to_dict(), ensure_ascii=False) + "\n").encode()
 
 
 # ---------------------------------------------------------------------------------------------------- progress

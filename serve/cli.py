@@ -8,24 +8,22 @@ import sys
 import time
 from pathlib import Path
 
+from omni.architectures import ARCHS
 from omni.types import AUDIO_SAMPLE_RATE, DEFAULT_VOICE
 
 __all__ = ["main"]
 
 
 def _cmd_make_tiny(args) -> int:
-    if args.arch == "qwen3-omni":
-        from omni.tiny_qwen3 import build_qwen3_checkpoint
+    from omni.architectures import ARCHITECTURES
 
-        preset = f"{args.preset}-qwen3"
-        out = build_qwen3_checkpoint(args.dir, preset=preset, seed=args.seed, audio_output=not args.text_only)
-    else:
-        from omni.tiny import build_checkpoint
-
-        if args.text_only:
-            raise SystemExit("omni make-tiny: --text-only is for --arch qwen3-omni (its Thinking/Captioner shape)")
-        preset = args.preset
-        out = build_checkpoint(args.dir, preset=preset, seed=args.seed)
+    arch = ARCHITECTURES[args.arch]
+    preset = f"{args.preset}{arch.tiny_suffix}"
+    if args.text_only and not arch.text_only_checkpoints:
+        able = ", ".join(a.name for a in ARCHITECTURES.values() if a.text_only_checkpoints)
+        raise SystemExit(f"omni make-tiny: --text-only is for --arch {able} (its Thinking/Captioner shape)")
+    kw = {"audio_output": False} if args.text_only else {}
+    out = arch.load("build_tiny")(args.dir, preset=preset, seed=args.seed, **kw)
     print(f"wrote the {preset} checkpoint ({args.arch}{', text only' if args.text_only else ''}) to {out}")
     return 0
 
@@ -271,7 +269,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="write the tiny random checkpoint (model, processor, speakers)")
     p.add_argument("dir")
-    p.add_argument("--arch", default="qwen2.5-omni", choices=["qwen2.5-omni", "qwen3-omni"])
+    p.add_argument("--arch", default=ARCHS[0], choices=ARCHS)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     p.add_argument("--text-only", action="store_true", help="qwen3-omni without talker and code2wav (like the "
                                                              "Thinking and Captioner releases)")

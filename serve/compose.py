@@ -1,7 +1,11 @@
 """The one composition of the stages: the recipe every backend runs, written once over a small stage interface.
 
-    validate -> prepare (chat template, processor) -> encode (vision/audio towers) -> generate -> finish
+    check -> prepare (chat template, processor) -> encode (vision/audio towers) -> generate -> finish
     generate = the Thinker, then, when speech is asked for, each stage of SPEECH_CHAIN over its upstream's stream
+
+The request is checked once, here, where it enters (`check_request`: sampling, voice, limits -> a CheckedRequest,
+which nothing else builds; `prepare_checked`: the context limit once the prompt's length is known). The stages trust
+what they are given: the Thinker, the Talker and the vocoder validate nothing of it again.
 
 Two implementations of `Stages`: in-process objects (serve/pipeline.py, `Pipeline`) and Ray DeploymentHandles
 (serve/cluster/deployments.py). Both wrap their stages with `Composition`, which is the HTTP layer's `Backend`.
@@ -12,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator, Optional, Protocol
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional, Protocol, Union
 
 import numpy as np
 
@@ -21,9 +26,26 @@ from omni.thinker import check_context
 from omni.types import (AudioChunk, ChatRequest, ChatResult, Event, Finished, Generation, InvalidRequest,
                         MediaEmbeddings, PreparedPrompt, TalkerDone, TextDelta, ThinkerDone, check_voice)
 
-__all__ = ["SPEECH_CHAIN", "Stage", "Stages", "Composition", "check_request", "prepare_checked", "finish", "collect"]
+__all__ = ["SPEECH_CHAIN", "Stage", "Stages", "Composition", "CheckedRequest", "check_request", "prepare_checked",
+           "prepare_and_check", "finish", "collect"]
 
 SPEECH_CHAIN: tuple[str, ...] = ("talker", "vocoder")  # the stages after the Thinker when speech is asked for, in order
+
+
+_CHECKED = object()  # only check_request holds it
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request that passed `check_request`, with what its generating stages get (its Generation). Only
+    check_request builds one, so a function that takes it need not (and does not) check again."""
+    request: ChatRequest
+    generation: Generation
+    _by: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self._by is not _CHECKED:
+            raise TypeError("a CheckedRequest is built by omni.serve.compose.check_request only")
 
 
 class Stage(Protocol):
@@ -67,49 +89,59 @@ class Composition:
     def max_model_len(self) -> int:
         return self.stages.max_model_len
 
-    def validate(self, request: ChatRequest) -> None:
-        check_request(request, self.voices, self.max_model_len)
+    def validate(self, request: ChatRequest) -> CheckedRequest:
+        """The one check of a request (the HTTP layer calls it before its response starts, then streams the result)."""
+        return check_request(request, self.voices, self.max_model_len)
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[Event]:
-        self.validate(request)
+    async def stream(self, request: Union[ChatRequest, CheckedRequest]) -> AsyncIterator[Event]:
+        """A CheckedRequest runs as it is; a ChatRequest is checked first."""
+        checked = request if isinstance(request, CheckedRequest) else self.validate(request)
         t0 = time.perf_counter()
-        prompt = await self.stages.prepare(request)
+        prompt = await self.stages.prepare(checked.request)
         t1 = time.perf_counter()
         media = await self.stages.encode(prompt)
         seconds = {"prepare": t1 - t0, "encode": time.perf_counter() - t1}
-        items = self.stages.generate(request.generation, prompt, media)
+        items = self.stages.generate(checked.generation, prompt, media)
         async for event in finish(items, prompt_tokens=int(prompt.input_ids.shape[0]), stage_seconds=seconds):
             yield event
 
-    async def run(self, request: ChatRequest) -> ChatResult:
+    async def run(self, request: Union[ChatRequest, CheckedRequest]) -> ChatResult:
         return await collect(self.stream(request))
 
 
-def check_request(request: ChatRequest, voices: list[str], max_model_len: int) -> None:
-    """Checks that need no model work; raises InvalidRequest."""
+def check_request(request: ChatRequest, voices: list[str], max_model_len: int) -> CheckedRequest:
+    """The one check of a request, before any model work: messages, the Thinker's and (for speech) the Talker's
+    sampling, max_tokens against the context, the voice. Raises InvalidRequest (a 400 for HTTP clients)."""
     if not request.messages:
         raise InvalidRequest("messages must not be empty", "messages")
-    request.sampling.validate("sampling")
+    thinker_name, talker_name = request.sampling_names
+    request.sampling.validate(thinker_name)
     if request.sampling.max_tokens > max_model_len:
         raise InvalidRequest(f"max_tokens ({request.sampling.max_tokens}) exceeds the model's context of "
                              f"{max_model_len} tokens", "max_tokens", "context_length_exceeded")
     if request.speak:
         if not voices:
             raise InvalidRequest("this model has no speech output (talker disabled)", "modalities")
+        request.talker_sampling.validate(talker_name)
         check_voice(request.voice, voices)
-        request.talker_sampling.validate("talker")
+    return CheckedRequest(request, request.generation, _CHECKED)
 
 
-async def prepare_checked(processor, request: ChatRequest, max_model_len: int) -> PreparedPrompt:
-    """The prompt (processor in a worker thread), with processor failures and context overflow as InvalidRequest."""
+def prepare_and_check(processor, request: ChatRequest, max_model_len: int) -> PreparedPrompt:
+    """The prompt, with processor failures and context overflow as InvalidRequest (blocking: the processor)."""
     try:
-        prompt = await asyncio.to_thread(prepare_prompt, processor, request)
+        prompt = prepare_prompt(processor, request)
     except InvalidRequest:
         raise
     except (ValueError, TypeError) as exc:  # the processor rejects what it cannot read
         raise InvalidRequest(f"could not process the request's media: {exc}") from exc
     check_context(int(prompt.input_ids.shape[0]), request.sampling, max_model_len)
     return prompt
+
+
+async def prepare_checked(processor, request: ChatRequest, max_model_len: int) -> PreparedPrompt:
+    """`prepare_and_check` in a worker thread."""
+    return await asyncio.to_thread(prepare_and_check, processor, request, max_model_len)
 
 
 async def finish(items: AsyncIterator, prompt_tokens: int,
@@ -139,7 +171,7 @@ async def finish(items: AsyncIterator, prompt_tokens: int,
     if thinker_done is None:
         raise RuntimeError("the generating stages ended without the Thinker's last item")
     codes = talker_done.codes if talker_done else []
-    yield Finished(thinker_done.finished.finish_reason, prompt_tokens, len(thinker_done.token_ids), len(codes),
+    yield Finished(thinker_done.finish_reason, prompt_tokens, len(thinker_done.token_ids), len(codes),
                    token_ids=thinker_done.token_ids, codec_ids=codes, stage_seconds=stages)
 
 

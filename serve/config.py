@@ -19,6 +19,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from omni.checkpoint import default_dtype
 from omni.engine import EngineConfig
 from omni.talker import TalkerConfig
 from omni.decoders.code2wav import Code2WavConfig
@@ -27,7 +28,7 @@ from omni.encoders.media import MediaLimits
 from omni.encoders.vision import EncoderConfig
 
 __all__ = ["PipelineConfig", "ServeConfig", "DeploymentOptions", "EncoderDeploymentOptions", "Deployments",
-           "ConfigError", "load_serve_config", "config_error", "CONFIG_DIR"]
+           "ConfigError", "load_serve_config", "config_error", "field_path", "CONFIG_DIR"]
 
 CONFIG_DIR = Path(str(files("omni.configs") / "serve"))  # package data: the checkout's configs/serve, or the wheel's
 
@@ -115,10 +116,11 @@ class ServeConfig(PipelineConfig):
 
     @property
     def torch_dtype(self) -> str:
-        return self.dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
+        return self.dtype or default_dtype(self.device)
 
 
-def _loc(loc) -> str:
+def field_path(loc) -> str:
+    """pydantic's ('messages', 0, 'content') -> 'messages[0].content'."""
     out = ""
     for x in loc:
         out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
@@ -132,7 +134,7 @@ def config_error(exc: ValidationError, what: str) -> ConfigError:
         kind = err.get("type", "")
         msg = "unknown field" if kind in ("extra_forbidden", "unexpected_keyword_argument") else \
             str(err.get("msg", "")).removeprefix("Value error, ")
-        lines.append(f"{_loc(err.get('loc', ()))}: {msg}")
+        lines.append(f"{field_path(err.get('loc', ()))}: {msg}")
     return ConfigError(f"{what}: " + "; ".join(lines))
 
 

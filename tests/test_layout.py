@@ -172,3 +172,33 @@ def test_cycle_finder_finds_a_cycle():
 def test_no_import_cycles():
     found = _cycles(GRAPH)
     assert not found, f"{len(found)} import cycle(s), lazy imports included:\n" + "\n".join(map(_describe, found))
+
+
+RECORD = "omni.architectures"
+
+
+def _architecture_names() -> set[str]:
+    """The `name=` and `model_type=` of every Architecture(...) record in omni/architectures.py."""
+    tree = ast.parse(MODULES[RECORD].read_text())
+    return {kw.value.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and getattr(node.func, "id", None) == "Architecture" for kw in node.keywords
+            if kw.arg in ("name", "model_type") and isinstance(kw.value, ast.Constant)}
+
+
+def test_only_the_record_names_an_architecture():
+    """No module but omni/architectures.py spells an architecture's name or model_type as a value (so none compares
+    against one): every difference between the generations is a field of their record. Docstrings may mention them
+    (they are longer strings, never equal to a name)."""
+    names = _architecture_names()
+    assert {"qwen2.5-omni", "qwen3-omni", "qwen2_5_omni", "qwen3_omni_moe"} <= names
+    bad = []
+    for mod, path in MODULES.items():
+        if mod == RECORD or _under(mod, "omni.demos"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                bad.append(f"{_where(mod, node.lineno)}: {node.value!r}")
+            elif isinstance(node, ast.Attribute) and node.attr == "signature" and \
+                    getattr(node.value, "id", None) == "inspect":
+                bad.append(f"{_where(mod, node.lineno)}: inspect.signature (say it in the record or the class)")
+    assert not bad, "architecture names outside omni/architectures.py (read the record instead):\n" + "\n".join(bad)

@@ -8,7 +8,8 @@ import numpy as np
 
 from omni.types import AUDIO_SAMPLE_RATE
 
-__all__ = ["pcm16_bytes", "wav_bytes", "wav_header", "AUDIO_FORMATS", "AudioStreamEncoder", "encode_audio"]
+__all__ = ["pcm16_bytes", "wav_bytes", "wav_header", "AUDIO_FORMATS", "ACCEPTED_FORMATS", "FORMAT_ALIASES",
+           "canonical_format", "AudioStreamEncoder", "encode_audio"]
 
 _INT16_SCALE = 32767  # full scale: +1.0 -> 32767, -1.0 -> -32767 (symmetric, so the sign never overflows)
 
@@ -43,6 +44,16 @@ AUDIO_FORMATS = {
     "flac": ("audio/flac", "flac", "flac"),
     "aac": ("audio/aac", "adts", "aac"),  # AAC-LC in ADTS frames (streamable)
 }
+FORMAT_ALIASES = {"pcm16": "pcm"}  # other names a chat completion's audio.format may use
+# every name audio.format accepts, each alias before its format
+ACCEPTED_FORMATS = tuple(n for f in AUDIO_FORMATS for n in (*[a for a, c in FORMAT_ALIASES.items() if c == f], f))
+
+
+def canonical_format(name: str) -> str:
+    """An accepted audio format name -> its AUDIO_FORMATS key (pcm16 -> pcm)."""
+    return FORMAT_ALIASES.get(name, name)
+
+
 _STREAM_WAV_SIZE = 0xFFFFFFFF - 36  # a streamed WAV's data size is unknown: the largest, as streaming servers write
 
 
@@ -114,7 +125,7 @@ def encode_audio(pcm: np.ndarray, fmt: str, sample_rate: int = AUDIO_SAMPLE_RATE
     """A whole utterance in `fmt`: wav with exact sizes, pcm raw, the rest through AudioStreamEncoder."""
     if fmt == "wav":
         return wav_bytes(pcm, sample_rate)
-    if fmt in ("pcm", "pcm16"):
+    if fmt == "pcm":
         return pcm16_bytes(pcm)
     enc = AudioStreamEncoder(fmt, sample_rate)
     return enc.feed(pcm) + enc.close()

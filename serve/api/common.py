@@ -15,6 +15,7 @@ from omni.types import InvalidRequest, StageUnavailable
 from omni.serve.api.admission import Admitted
 from omni.serve.api.convert import error_response
 from omni.serve.api.protocol import ChatCompletionRequest
+from omni.serve.config import field_path
 
 __all__ = ["HTTPError", "ClientGone", "classify_error", "error_json", "read_body", "check_json_nesting", "parse_body",
            "StreamResponse", "RETRY_AFTER_S", "MAX_JSON_DEPTH", "MAX_JSON_CONTAINERS"]
@@ -36,21 +37,13 @@ class ClientGone(Exception):
     pass
 
 
-def _loc(loc) -> str:
-    """pydantic's ('messages', 0, 'content') -> 'messages[0].content'."""
-    out = ""
-    for x in loc:
-        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
-    return out
-
-
 def _from_validation(e: ValidationError) -> HTTPError:
     errors = e.errors()
     parts = []
     for err in errors[:5]:
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
-        parts.append(f"{_loc(err['loc'])}: {msg}" if err.get("loc") else msg)
-    param = _loc(errors[0]["loc"]) if errors and errors[0].get("loc") else None
+        parts.append(f"{field_path(err['loc'])}: {msg}" if err.get("loc") else msg)
+    param = field_path(errors[0]["loc"]) if errors and errors[0].get("loc") else None
     return HTTPError(400, "invalid request: " + "; ".join(parts), param, "invalid_request")
 
 

@@ -23,8 +23,8 @@ from omni.types import (AUDIO_SAMPLE_RATE, DEFAULT_VOICE, TALKER_DEFAULT_SAMPLIN
                         ChatRequest, Event, Finished, ImagePart, InvalidRequest, Message, SamplingParams, TextDelta,
                         TextPart, VideoPart)
 from omni.encoders.sources import MediaLimits, MediaPolicy
-from omni.serve.api.audio_io import AudioStreamEncoder, encode_audio, pcm16_bytes
-from omni.serve.api.protocol import (AUDIO_FORMATS, AssistantMessage, AudioURLContent, ChatCompletionAudio,
+from omni.serve.api.audio_io import ACCEPTED_FORMATS, AudioStreamEncoder, canonical_format, encode_audio, pcm16_bytes
+from omni.serve.api.protocol import (AssistantMessage, AudioURLContent, ChatCompletionAudio,
                                  ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, Delta,
                                  DeltaAudio, ErrorInfo, ErrorResponse, ImageContent, InputAudioContent,
                                  SpeechRequest, StageSamplingParams, StreamChoice, TextContent, Usage,
@@ -62,7 +62,8 @@ def _override(base: SamplingParams, over: Optional[StageSamplingParams]) -> Samp
 
 def resolve_sampling(req: ChatCompletionRequest, opts: ConvertOptions
                      ) -> tuple[SamplingParams, SamplingParams, Optional[int]]:
-    """-> (thinker, talker, vocoder seed), validated; max_tokens past the limit raises InvalidRequest."""
+    """-> (thinker, talker, vocoder seed); max_tokens past the server's limit raises InvalidRequest. The values are
+    range-checked by the wire's types (protocol.py) and by the composition's one check (omni.serve.compose)."""
     stages = list(req.sampling_params_list or []) + [None, None, None]
     top = StageSamplingParams(
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
@@ -73,8 +74,6 @@ def resolve_sampling(req: ChatCompletionRequest, opts: ConvertOptions
     talker = _override(replace(TALKER_DEFAULT_SAMPLING, seed=thinker.seed, max_tokens=opts.default_speech_tokens),
                        stages[1])
     vocoder_seed = stages[2].seed if stages[2] is not None else None
-    thinker.validate("sampling")
-    talker.validate("sampling_params_list[1]")
     if thinker.max_tokens > opts.max_tokens_limit:
         raise InvalidRequest(f"max_tokens={thinker.max_tokens} is more than this server allows "
                              f"({opts.max_tokens_limit})", "max_tokens", "max_tokens_too_large")
@@ -112,6 +111,9 @@ def _convert_part(part, param: str, use_audio_in_video: bool, opts: ConvertOptio
     raise InvalidRequest(f"unsupported content part {type(part).__name__} at {param}", param)
 
 
+SAMPLING_NAMES = ("sampling", "sampling_params_list[1]")  # the Thinker's and the Talker's sampling, as the wire says
+
+
 def resolve_voice(voice: Optional[str], voices: Sequence[str]) -> str:
     """The model's spelling of a voice ("chelsie" -> "Chelsie"); unknown voices go on: the backend rejects them,
     listing the valid ones."""
@@ -136,21 +138,20 @@ def to_speech_request(req: SpeechRequest, request_id: str, opts: ConvertOptions 
     stages = list(req.sampling_params_list or []) + [None, None, None]
     talker = _override(replace(TALKER_DEFAULT_SAMPLING, seed=req.seed, max_tokens=opts.default_speech_tokens),
                        stages[1])
-    talker.validate("sampling_params_list[1]")
     ask = f"{req.instructions.strip()}\n{SPEECH_PROMPT}" if req.instructions and req.instructions.strip() else \
         SPEECH_PROMPT
     return ChatRequest(messages=[Message("user", f"{ask}\n\n{req.input}")], sampling=SamplingParams(max_tokens=1),
                        talker_sampling=talker, speak=True, voice=resolve_voice(req.voice, opts.voices),
                        vocoder_seed=stages[2].seed if stages[2] is not None else None, request_id=request_id,
-                       forced_reply=req.input)
+                       forced_reply=req.input, sampling_names=SAMPLING_NAMES)
 
 
 def to_chat_request(req: ChatCompletionRequest, request_id: str, opts: ConvertOptions = ConvertOptions()
                     ) -> ChatRequest:
     """Decode the media and resolve sampling. Blocking (decoding, fetching): call it off the event loop.
     Raises InvalidRequest (or MediaError, a subclass with .status_code 400/413)."""
-    if req.speak and req.audio is not None and req.audio.format not in AUDIO_FORMATS:
-        raise InvalidRequest(f"unsupported audio format {req.audio.format!r}; supported: {', '.join(AUDIO_FORMATS)}",
+    if req.speak and req.audio is not None and req.audio.format not in ACCEPTED_FORMATS:
+        raise InvalidRequest(f"unsupported audio format {req.audio.format!r}; supported: {', '.join(ACCEPTED_FORMATS)}",
                              "audio.format", "unsupported_audio_format")
     thinker, talker, vocoder_seed = resolve_sampling(req, opts)
     messages = []
@@ -173,7 +174,7 @@ def to_chat_request(req: ChatCompletionRequest, request_id: str, opts: ConvertOp
         messages.append(Message(role, parts))
     return ChatRequest(messages=messages, sampling=thinker, talker_sampling=talker, speak=req.speak,
                        voice=_voice(req, opts.voices), use_audio_in_video=req.use_audio_in_video,
-                       vocoder_seed=vocoder_seed, request_id=request_id)
+                       vocoder_seed=vocoder_seed, request_id=request_id, sampling_names=SAMPLING_NAMES)
 
 
 # ---------------------------------------------------------------------------------------------------- response
@@ -208,13 +209,14 @@ class Completion:
 
     def __init__(self, request_id: str, model: str, speak: bool = False, audio_format: str = "wav",
                  include_usage: bool = False, stop: Sequence[str] = (), dialect: str = "openai"):
+        self.request_id = request_id
         self.id, self.model, self.created = f"chatcmpl-{request_id}", model, int(time.time())
         self.audio_id = f"audio_{request_id}"
         self.speak, self.include_usage = speak, include_usage
         # vllm-omni's dialect: chunks carry `modality`, audio is a base64 WAV per chunk in delta.content, and a
         # whole reply has its text and its audio as two choices
         self.vllm = dialect == "vllm-omni"
-        self.audio_format = "pcm" if audio_format == "pcm16" else ("wav" if self.vllm else audio_format)
+        self.audio_format = "wav" if self.vllm else canonical_format(audio_format)
         # streamed deltas: PCM16 for wav and pcm (OpenAI's streaming shape), else the format's own bytes
         self._encoder = AudioStreamEncoder(self.audio_format) if self.audio_format not in ("wav", "pcm") else None
         self.text: list[str] = []

@@ -17,8 +17,7 @@ __all__ = [
     "AudioURLContent", "VideoURLContent", "ContentPart", "ChatMessage", "AudioParams", "StreamOptions",
     "StageSamplingParams", "ChatCompletionRequest", "ChatCompletionAudio", "AssistantMessage", "Choice", "Usage",
     "ChatCompletionResponse", "DeltaAudio", "Delta", "StreamChoice", "ChatCompletionChunk", "ModelCard", "ModelList",
-    "ErrorInfo", "ErrorResponse", "MMProcessorKwargs", "SpeechRequest", "PART_TYPES", "AUDIO_FORMATS",
-    "SPEECH_FORMATS", "MAX_SPEECH_INPUT", "API_DIALECTS",
+    "ErrorInfo", "ErrorResponse", "MMProcessorKwargs", "SpeechRequest", "PART_TYPES", "MAX_SPEECH_INPUT",
 ]
 
 PART_TYPES = ("text", "image_url", "input_audio", "audio_url", "video_url")  # content part types this server reads
@@ -33,9 +32,6 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what torch.Generator.
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_length=256)]
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM more
 MAX_MESSAGES = 1024
-AUDIO_FORMATS = ("wav", "pcm16", "pcm", "mp3", "opus", "flac", "aac")  # audio.format values (pcm16 is pcm)
-SPEECH_FORMATS = ("wav", "pcm", "mp3", "opus", "flac", "aac")
-API_DIALECTS = ("openai", "vllm-omni")  # response shapes: OpenAI's, or vllm-omni's (its clients work unchanged)  # /v1/audio/speech response_format values
 MAX_SPEECH_INPUT = 4096  # characters of /v1/audio/speech `input` (OpenAI's limit)
 
 

@@ -50,9 +50,10 @@ class Backend(Protocol):
     voices: list[str]
     max_model_len: int  # prompt + max_tokens limit
 
-    def validate(self, request: ChatRequest) -> None: ...  # raises InvalidRequest
+    def validate(self, request: ChatRequest) -> object: ...  # the one check: raises InvalidRequest, else -> the
+    #                                                          checked request (compose.CheckedRequest) stream takes
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[Event]: ...  # aclose() cancels the request
+    def stream(self, checked) -> AsyncIterator[Event]: ...  # what validate returned; aclose() cancels the request
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ async def _sse_body(first: Event, comp: Completion, admitted: Admitted, metrics:
             yield sse(chunk)
         ok = True
     except Exception as e:  # noqa: BLE001 - reported to the client inside the stream
-        err = classify_error(e, comp.id.removeprefix("chatcmpl-"))
+        err = classify_error(e, comp.request_id)
         _log_failure(err, "stream", comp.id, e)
         metrics.stream_errors.inc()
         yield sse(error_response(err.status, err.message, err.param, err.code))
@@ -214,8 +215,9 @@ class _Routes:
                             code="overloaded")
         admitted.on_release = self.speech_gate.release
 
-    async def _convert(self, request: Request, request_id: str) -> tuple[ChatCompletionRequest, ChatRequest]:
-        """Body -> the wire request -> a checked ChatRequest (media decoded off the event loop)."""
+    async def _convert(self, request: Request, request_id: str) -> tuple[ChatCompletionRequest, ChatRequest, object]:
+        """Body -> the wire request -> a ChatRequest (media decoded off the event loop) and the backend's checked
+        request."""
         req = _parse(await _read_body(request, self.settings.max_body_bytes))
         if req.model and req.model != self.served_name:
             raise HTTPError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
@@ -223,8 +225,7 @@ class _Routes:
         chat = await _until_disconnect(
             request, run_in_threadpool(to_chat_request, req, request_id, self.convert_options))
         self.metrics.observe_stage("ingress_media", time.perf_counter() - t_media)
-        self.backend.validate(chat)
-        return req, chat
+        return req, chat, self.backend.validate(chat)
 
     async def _stream_response(self, request: Request, comp: Completion, admitted: Admitted) -> Response:
         try:  # the first event before the headers: an InvalidRequest raised late still gets its 400
@@ -256,14 +257,14 @@ class _Routes:
             return _error_json(e)
         request_id = admitted.request_id = uuid.uuid4().hex
         try:
-            req, chat = await self._convert(request, request_id)
+            req, chat, checked = await self._convert(request, request_id)
             comp = Completion(chat.request_id, self.served_name, speak=chat.speak,
                               audio_format=req.audio.format if req.audio else "wav",
                               include_usage=bool(req.stream_options and req.stream_options.include_usage),
                               stop=req.stop_strings, dialect=self.settings.api_dialect)
             if chat.speak:
                 await self.speech_slot(request, admitted)
-            admitted.events = self.backend.stream(chat)
+            admitted.events = self.backend.stream(checked)
             if req.stream:
                 return await self._stream_response(request, comp, admitted)
             return await self._whole_response(request, comp, admitted)

@@ -95,10 +95,10 @@ async def speech(routes, request: Request) -> Response:
         if req.model and req.model != routes.served_name:
             raise HTTPError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
         chat = await run_in_threadpool(to_speech_request, req, admitted.request_id, routes.convert_options)
-        routes.backend.validate(chat)
+        checked = routes.backend.validate(chat)
         await routes.speech_slot(request, admitted)  # the speech streams' gate, shared with chat completions
         t0 = time.perf_counter()
-        admitted.events = events = routes.backend.stream(chat)
+        admitted.events = events = routes.backend.stream(checked)
         try:  # the first event before the headers: a late 4xx still gets its status
             first = await events.__anext__()
         except StopAsyncIteration:

@@ -266,14 +266,14 @@ def _limit(config: Optional[str]) -> Optional[int]:
 
 def run_load(cfg: LoadConfig) -> LoadResults:
     """Start the server when `cfg.url` is None (and stop it after), warm up, run the load, read replica memory."""
-    from omni.serve.cluster.server_process import ServeProcess, connect_ray
+    from omni.serve.cluster.process import ServeProcess, connect_ray
 
     t_run = time.monotonic()
     server, notes = None, []
     if cfg.url is None:
         _say(f"starting omni serve --model {cfg.model} --config {cfg.config} (its log: {cfg.out}/serve.log) ...")
-        server = ServeProcess.start(["--model", cfg.model, "--config", cfg.config] +
-                                    (["--api-key", cfg.api_key] if cfg.api_key else []), Path(cfg.out) / "serve.log")
+        server = ServeProcess(["--model", cfg.model, "--config", cfg.config] +
+                              (["--api-key", cfg.api_key] if cfg.api_key else []), Path(cfg.out) / "serve.log").start()
         url, ray_address = server.url, server.ray_address
     else:
         url, ray_address = cfg.url.rstrip("/"), cfg.ray_address or os.environ.get("RAY_ADDRESS")

@@ -408,11 +408,11 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None, transpor
     media = load_media("video" in config.inputs)
     server, url = None, config.url
     if config.via == "http" and url is None and transport is None:
-        from omni.serve.cluster.server_process import ServeProcess
+        from omni.serve.cluster.process import ServeProcess
 
         log = Path(config.out) / "serve.log"
         progress.note(f"starting omni serve --model {config.model} --config {config.config} (its log: {log})")
-        server = ServeProcess.start(["--model", config.model, "--config", config.config], log)
+        server = ServeProcess(["--model", config.model, "--config", config.config], log).start()
         url = server.url
     try:
         levels = asyncio.run(_sweep(pipeline, media, config, progress, url or "http://app", transport))

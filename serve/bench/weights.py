@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["QWEN25_7B", "QWEN3_30B", "stage_params"]
+from omni.architectures import QWEN3_OMNI, QWEN25_OMNI, architecture
+
+__all__ = ["QWEN25_7B", "QWEN3_30B", "RELEASED", "stage_params"]
 
 QWEN25_7B = {
     "thinker_config": {
@@ -43,6 +45,8 @@ QWEN3_30B = {
     "code2wav_config": dict(hidden_size=1024, num_hidden_layers=8, codebook_size=2048, num_quantizers=16,
                             decoder_dim=1536),
 }
+RELEASED = {QWEN25_OMNI.name: QWEN25_7B, QWEN3_OMNI.name: QWEN3_30B}  # architecture -> its released config
+VOCODER_PART = {QWEN25_OMNI.name: "token2wav", QWEN3_OMNI.name: "code2wav"}  # the vocoder's attribute
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -51,13 +55,9 @@ def _count(module: torch.nn.Module) -> int:
 
 def stage_params(arch: str) -> dict[str, int]:
     """{stage: parameters} of the released checkpoint of `arch`, built on the meta device."""
-    from transformers import Qwen2_5OmniConfig, Qwen3OmniMoeConfig
-    from transformers import Qwen2_5OmniForConditionalGeneration, Qwen3OmniMoeForConditionalGeneration
-
-    if arch == "qwen2.5-omni":
-        cfg, cls, vocoder = Qwen2_5OmniConfig(**QWEN25_7B), Qwen2_5OmniForConditionalGeneration, "token2wav"
-    else:
-        cfg, cls, vocoder = Qwen3OmniMoeConfig(**QWEN3_30B), Qwen3OmniMoeForConditionalGeneration, "code2wav"
+    record = architecture(arch)
+    cls = record.load("hf_model")
+    cfg, vocoder = cls.config_class(**RELEASED[arch]), VOCODER_PART[arch]
     with torch.device("meta"):
         model = cls(cfg)
     towers = model.thinker.model
@@ -67,7 +67,7 @@ def stage_params(arch: str) -> dict[str, int]:
            "vision encoder": _count(towers.visual), "audio encoder": _count(towers.audio_tower),
            "talker": _count(model.talker), vocoder: _count(getattr(model, vocoder)), "total": _count(model)}
     tc = cfg.thinker_config.text_config
-    if arch == "qwen3-omni":
+    if hasattr(tc, "moe_intermediate_size"):  # a mixture of experts (Qwen3-Omni's thinker)
         experts = 3 * tc.hidden_size * tc.moe_intermediate_size * tc.num_hidden_layers
         out["thinker active per token"] = thinker - experts * (tc.num_experts - tc.num_experts_per_tok)
     return out
@@ -75,18 +75,16 @@ def stage_params(arch: str) -> dict[str, int]:
 
 def kv_bytes_per_token(arch: str, dtype_bytes: int = 2) -> dict[str, int]:
     """KV-cache bytes per token of context: the thinker's and the talker's (2 x layers x kv_heads x head_dim)."""
-    if arch == "qwen2.5-omni":
-        t, k = QWEN25_7B["thinker_config"]["text_config"], QWEN25_7B["talker_config"]
-        t_hd = t["hidden_size"] // t["num_attention_heads"]
-        return {"thinker": 2 * t["num_hidden_layers"] * t["num_key_value_heads"] * t_hd * dtype_bytes,
-                "talker": 2 * k["num_hidden_layers"] * k["num_key_value_heads"] * k["head_dim"] * dtype_bytes}
-    t, k = QWEN3_30B["thinker_config"]["text_config"], QWEN3_30B["talker_config"]["text_config"]
-    return {"thinker": 2 * t["num_hidden_layers"] * t["num_key_value_heads"] * t["head_dim"] * dtype_bytes,
+    cfg = RELEASED[arch]
+    t, k = cfg["thinker_config"]["text_config"], cfg["talker_config"]
+    k = k.get("text_config", k)  # Qwen3's talker nests its decoder's config
+    t_hd = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+    return {"thinker": 2 * t["num_hidden_layers"] * t["num_key_value_heads"] * t_hd * dtype_bytes,
             "talker": 2 * k["num_hidden_layers"] * k["num_key_value_heads"] * k["head_dim"] * dtype_bytes}
 
 
 if __name__ == "__main__":
-    for arch in ("qwen2.5-omni", "qwen3-omni"):
+    for arch in RELEASED:
         print(arch)
         for stage, n in stage_params(arch).items():
             print(f"  {stage:28s} {n / 1e9:7.3f} B  {2 * n / 2**30:7.2f} GiB bf16")

@@ -9,10 +9,11 @@ at most the rows in flight. A file that cannot be read or decoded is a row with 
 later stages pass such rows through, so every input file gives exactly one row. Ray Data restarts a killed actor and
 retries its tasks, so a killed worker costs time, not rows.
 
-The stages are in serve/cluster/caption_stages.py. What crosses a stage boundary is arrow-friendly: strings, numbers and one binary column. `payload` holds a pickled
-PreparedPrompt after decoding (token ids [L], per-item pixel patches / Whisper features, torch tensors), then a
-pickled (PreparedPrompt, MediaEmbeddings) after the encoders (embeddings [n_tokens, H] per item); the Thinker stage
-drops it, so only rows travel back to the driver (plus 16-bit PCM in `speech` with --speak).
+The stages are in serve/cluster/caption_stages.py. What crosses a stage boundary is arrow-friendly: strings, numbers
+and one binary column. `payload` holds a pickled (PreparedPrompt, Generation) after decoding (token ids [L], per-item
+pixel patches / Whisper features, torch tensors; the request's sampling, voice and speech limits), then a pickled
+(PreparedPrompt, Generation, MediaEmbeddings) after the encoders (embeddings [n_tokens, H] per item); the generator
+drops it, so only rows travel back to the driver (plus 16-bit PCM in `speech` with --speak), written as CaptionRow.
 
 Runs where Ray runs: a local Ray started here, or the cluster in RAY_ADDRESS. `encoder_resources` /
 `thinker_resources` (custom Ray resources) pin each actor pool to the nodes that have them.
@@ -59,7 +60,7 @@ def build_dataset(files: list[InputFile], opts: CaptionOptions):
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    from omni.serve.cluster.caption_stages import EncoderStage, ThinkerStage, decode_batch
+    from omni.serve.cluster.caption_stages import CaptionEncoders, CaptionGenerator, decode_batch
 
     gpus = opts.gpus_per_actor or None
     decode_tasks = opts.decode_tasks or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
@@ -69,14 +70,27 @@ def build_dataset(files: list[InputFile], opts: CaptionOptions):
     ds = ray.data.from_items([{"path": f.path, "rel": f.rel} for f in files], override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, fn_kwargs={"opts": opts}, batch_size=None, num_cpus=opts.decode_cpus,
                         compute=TaskPoolStrategy(size=decode_tasks), runtime_env=env)
-    ds = ds.map_batches(EncoderStage, fn_constructor_kwargs={"opts": opts}, batch_size=opts.batch_size,
+    ds = ds.map_batches(CaptionEncoders, fn_constructor_kwargs={"opts": opts}, batch_size=opts.batch_size,
                         num_cpus=opts.encoder_cpus, num_gpus=gpus, resources=opts.encoder_resources or None,
                         compute=ActorPoolStrategy(size=opts.concurrency), runtime_env=env)
     calls = max(1, opts.thinker_calls)
-    return ds.map_batches(ThinkerStage, fn_constructor_kwargs={"opts": opts}, batch_size=opts.batch_size,
+    return ds.map_batches(CaptionGenerator, fn_constructor_kwargs={"opts": opts}, batch_size=opts.batch_size,
                           num_cpus=opts.thinker_cpus, num_gpus=gpus, resources=opts.thinker_resources or None,
                           compute=ActorPoolStrategy(size=opts.concurrency, max_tasks_in_flight_per_actor=calls,
                                                     max_concurrent_calls_per_actor=calls), runtime_env=env)
+
+
+def _check_voice(opts: CaptionOptions) -> None:
+    from omni.checkpoint import list_voices
+    from omni.types import InvalidRequest, check_voice
+
+    voices = list_voices(opts.model)
+    if not voices:
+        raise CaptionError(f"--speak: {opts.model} has no speech output")
+    try:
+        check_voice(opts.voice, voices)
+    except InvalidRequest as e:
+        raise CaptionError(f"--voice: {e.message}") from None
 
 
 def _init_ray() -> bool:
@@ -141,6 +155,8 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
                     resolve_model(opts.model)  # a bad --model fails here, clearly, before any worker starts
                 except Exception as e:  # noqa: BLE001
                     raise CaptionError(f"cannot load model {opts.model!r}: {one_line(e)}") from None
+                if speak_dir is not None:  # the job's voice, checked once here (its stages trust it)
+                    _check_voice(opts)
                 try:
                     started = _init_ray()
                 except Exception as e:  # noqa: BLE001 - no Ray, no job: say which Ray

@@ -1,11 +1,12 @@
 """The three stages of `omni caption` (serve/cluster/caption.py composes them as a Ray Data pipeline):
-`decode_batch` (a task: read, sniff, decode, prompt), `EncoderStage` (an actor: the towers, batched) and
-`ThinkerStage` (an actor: the continuous-batching Thinker, and the Talker + vocoder with --speak).
+`decode_batch` (a task: read, sniff, decode, prompt), `CaptionEncoders` (an actor: the towers, batched) and
+`CaptionGenerator` (an actor: the continuous-batching Thinker, and the Talker + vocoder with --speak).
 
 Every stage keeps one row per file: a file that fails gets its `error` set and is passed through by the later
 stages. Columns are arrow-friendly ("" for no error / no type: a column of only None would not stay a string);
-`payload` is the one binary column: a pickled PreparedPrompt after decoding, a pickled (PreparedPrompt,
-MediaEmbeddings) after the encoders, dropped by the Thinker stage.
+`payload` is the one binary column: a pickled (PreparedPrompt, Generation) after decoding, a pickled
+(PreparedPrompt, Generation, MediaEmbeddings) after the encoders, dropped by the generator. The Generation (sampling,
+voice, speech limits) is the request's own, built once by the decode stage from `caption_request`.
 """
 from __future__ import annotations
 
@@ -17,12 +18,10 @@ import time
 
 import numpy as np
 
-from omni.thinker import ThinkerDone
-from omni.types import TextDelta
 from omni.serve.caption_io import DEFAULT_PROMPTS, caption_request, load_file, one_line
 from omni.serve.cluster.caption_options import CaptionOptions
 
-__all__ = ["decode_batch", "EncoderStage", "ThinkerStage"]
+__all__ = ["decode_batch", "CaptionEncoders", "CaptionGenerator"]
 
 
 # ---------------------------------------------------------------------------------------------------- stage 1: decode
@@ -49,8 +48,9 @@ def _set_threads(n: int) -> None:
 
 def decode_batch(batch: dict, opts: CaptionOptions) -> dict:
     """Read, sniff, decode and build the prompt of each file; a file that fails becomes an error row here.
-    batch: {path: [n] str, rel: [n] str} -> + media_type, prompt, error, payload (pickled PreparedPrompt), timing."""
-    from omni.prompt import prepare_prompt
+    batch: {path: [n] str, rel: [n] str} -> + media_type, prompt, error, payload (pickled (PreparedPrompt,
+    Generation)), timing."""
+    from omni.serve.compose import prepare_and_check
 
     _set_threads(1)
     processor, node = _processor(opts.model), _node()
@@ -64,7 +64,8 @@ def decode_batch(batch: dict, opts: CaptionOptions) -> dict:
             request = caption_request(kind, media, prompt, opts.max_tokens, opts.use_audio_in_video,
                                       speak=opts.speak_dir is not None, voice=opts.voice,
                                       max_speech_tokens=opts.max_speech_tokens)
-            payload = pickle.dumps(prepare_prompt(processor, request))
+            prepared = prepare_and_check(processor, request, opts.config.max_model_len)  # the composition's check
+            payload = pickle.dumps((prepared, request.generation))
         except Exception as e:  # noqa: BLE001 - per file: whatever a decoder raises on bad bytes is that file's error
             kind = getattr(e, "media_type", kind) or ""
             prompt = opts.prompt or DEFAULT_PROMPTS.get(kind, "")
@@ -77,43 +78,32 @@ def decode_batch(batch: dict, opts: CaptionOptions) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- stage 2: encode
-class EncoderStage:
+class CaptionEncoders:
     """The vision and audio towers (one thinker load), batched: all images of a batch in one call, all videos in one,
     all audios in one. If a batched call fails, its rows are redone one by one, so only the culprit errs."""
 
     def __init__(self, opts: CaptionOptions):
-        from omni.encoders import EncoderConfig, VideoEncoder
+        from omni.encoders import EncoderConfig, load_encoders
 
         if not opts.device.startswith("cuda"):
             _set_threads(max(1, int(opts.encoder_cpus)))
-        towers = VideoEncoder.from_pretrained(opts.model, EncoderConfig(device=opts.device, dtype=opts.dtype,
+        self.vision, self.audio = load_encoders(opts.model, EncoderConfig(device=opts.device, dtype=opts.dtype,
                                                                          max_batch_items=max(16, opts.batch_size)))
-        self.vision, self.audio, self.node = towers.vision, towers.audio, _node()
+        self.node = _node()
         self.ready_at = time.time()  # wall clock when this actor was set up (process started, model loaded)
 
     def _encode(self, prompts: list) -> list:
         """[PreparedPrompt] -> [MediaEmbeddings], three batched calls in all."""
-        from omni.types import MediaEmbeddings
+        from omni.encoders.video import encode_prompts
 
-        # (embeddings, Qwen3's deepstack features or None) per item
-        images = self.vision.encode_with_deepstack([it for p in prompts for it in p.images])
-        videos = self.vision.encode_with_deepstack([it for p in prompts for it in p.videos])
-        audios = self.audio.encode([it for p in prompts for it in p.audios])
-        out, i, v, a = [], 0, 0, 0
-        for p in prompts:
-            ni, nv, na = len(p.images), len(p.videos), len(p.audios)
-            im, vi = images[i:i + ni], videos[v:v + nv]
-            out.append(MediaEmbeddings([e for e, _ in im], [e for e, _ in vi], audios[a:a + na],
-                                       image_deepstack=[d for _, d in im if d is not None],
-                                       video_deepstack=[d for _, d in vi if d is not None]))
-            i, v, a = i + ni, v + nv, a + na
-        return out
+        return encode_prompts(prompts, self.vision, self.audio)
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
         n = len(batch["path"])
         todo = [j for j in range(n) if not batch["error"][j]]
-        prompts = {j: pickle.loads(batch["payload"][j]) for j in todo}
+        decoded = {j: pickle.loads(batch["payload"][j]) for j in todo}  # (prompt, generation)
+        prompts = {j: prompt for j, (prompt, _) in decoded.items()}
         errors = list(batch["error"])
         payload = list(batch["payload"])
         try:
@@ -126,7 +116,7 @@ class EncoderStage:
                 except Exception as e:  # noqa: BLE001
                     errors[j] = one_line(f"encoder failed: {type(e).__name__}: {e}")
         for j in todo:
-            payload[j] = pickle.dumps((prompts[j], media[j])) if j in media else b""
+            payload[j] = pickle.dumps((*decoded[j], media[j])) if j in media else b""
         per_file = (time.perf_counter() - t0) / max(1, len(todo))
         return {**batch, "error": np.array(errors, dtype=object), "payload": np.array(payload, dtype=object),
                 "encode_s": np.array([per_file if j in media else 0.0 for j in range(n)]),
@@ -135,67 +125,42 @@ class EncoderStage:
 
 
 # ---------------------------------------------------------------------------------------------------- stage 3: Thinker
-class ThinkerStage:
+class CaptionGenerator:
     """The Thinker's continuous-batching engine: every row of a batch (and of up to `thinker_calls` batches at once)
     joins one running batch, one batched forward per decode step. With speak_dir, the Talker and the vocoder run in
-    the same actor (the hand-offs stay in process) and each row carries its speech as 16-bit PCM."""
+    the same actor (the in-process pipeline's stages: the hand-offs stay in process) and each row carries its speech
+    as 16-bit PCM. The stages' items become a ChatResult through the composition's own `finish` and `collect`."""
 
     def __init__(self, opts: CaptionOptions):
-        from omni.engine import EngineConfig
-
         self.opts = opts
-        ec = EngineConfig(max_num_seqs=opts.max_num_seqs)
+        config = opts.config
         if opts.speak_dir is not None:
             from omni.checkpoint import load_model
-            from omni.serve.pipeline import Pipeline, PipelineConfig
+            from omni.serve.pipeline import Pipeline
 
-            self.pipeline = Pipeline(load_model(opts.model, device=opts.device, dtype=opts.dtype),
-                                     PipelineConfig(thinker=ec))
+            self.pipeline = Pipeline(load_model(opts.model, device=opts.device, dtype=opts.dtype), config)
             self.thinker = self.pipeline.thinker
         else:  # the thinker's weights only, of the checkpoint's architecture
             from omni.serve.models import load_thinker
 
-            self.thinker = load_thinker(opts.model, ec, 32768, opts.device, opts.dtype)
+            self.thinker = load_thinker(opts.model, config.thinker, config.max_model_len, opts.device, opts.dtype)
         if not opts.device.startswith("cuda"):
             _set_threads(opts.thinker_threads or max(1, (os.cpu_count() or 2) // 2))
         self.node, self.pid = _node(), os.getpid()
         self.ready_at = time.time()
 
-    async def _one(self, path: str, prompt, media) -> tuple[str, int, bytes]:
+    async def _one(self, prompt, gen, media) -> tuple[str, int, bytes]:
         """-> (caption, generated tokens, speech as 16-bit PCM or b"")."""
-        from omni.types import SamplingParams
-
-        o = self.opts
-        rid = f"caption-{os.getpid()}-{time.monotonic_ns()}-{path}"
-        sampling = SamplingParams(max_tokens=o.max_tokens)
-        if o.speak_dir is None:
-            text, n = [], 0
-            async for item in self.thinker.generate(rid, prompt, media, sampling):
-                if isinstance(item, TextDelta):
-                    text.append(item.text)
-                elif isinstance(item, ThinkerDone):
-                    n = len(item.token_ids)
-            return "".join(text), n, b""
-        return await self._speak(rid, prompt, media, sampling)
-
-    async def _speak(self, rid: str, prompt, media, sampling) -> tuple[str, int, bytes]:
         from omni.serve.api.audio_io import pcm16_bytes
-        from omni.serve.compose import finish
-        from omni.types import AudioChunk, Finished, Generation, SamplingParams
+        from omni.serve.compose import collect, finish
 
-        o = self.opts
-        talker = SamplingParams(max_tokens=o.max_speech_tokens)  # greedy, as `omni chat` without --seed
-        gen = Generation(rid, sampling, speak=True, voice=o.voice, talker_sampling=talker, vocoder_seed=0)  # chat's
-        items = self.pipeline.stages.generate(gen, prompt, media)
-        text, pcm, n = [], [], 0
-        async for ev in finish(items, prompt_tokens=int(prompt.input_ids.shape[0])):
-            if isinstance(ev, TextDelta):
-                text.append(ev.text)
-            elif isinstance(ev, AudioChunk):
-                pcm.append(ev.pcm)
-            elif isinstance(ev, Finished):
-                n = ev.completion_tokens
-        return "".join(text), n, pcm16_bytes(np.concatenate(pcm)) if pcm else b""
+        if gen.speak:
+            items = self.pipeline.stages.generate(gen, prompt, media)
+        else:
+            items = self.thinker.generate(gen.request_id, prompt, media, gen.sampling)
+        result = await collect(finish(items, prompt_tokens=int(prompt.input_ids.shape[0])))
+        speech = pcm16_bytes(result.waveform) if result.waveform is not None and len(result.waveform) else b""
+        return result.text, len(result.token_ids), speech
 
     async def __call__(self, batch: dict) -> dict:
         n = len(batch["path"])
@@ -205,8 +170,7 @@ class ThinkerStage:
         async def run(j: int) -> None:
             t0 = time.perf_counter()
             try:
-                prompt, media = pickle.loads(batch["payload"][j])
-                captions[j], tokens[j], speech[j] = await self._one(str(batch["path"][j]), prompt, media)
+                captions[j], tokens[j], speech[j] = await self._one(*pickle.loads(batch["payload"][j]))
             except Exception as e:  # noqa: BLE001 - per row: a prompt over the context, a failing request
                 errors[j] = one_line(f"{type(e).__name__}: {e}")
             secs[j] = time.perf_counter() - t0

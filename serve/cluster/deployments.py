@@ -88,10 +88,8 @@ class _EncoderDeployment:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def encode(self, items: list) -> list[Encoded]:
         """One item per call from the caller's side; a list here."""
-        run = getattr(self.encoder, "encode_with_deepstack", None)  # vision: (embeds, deepstack or None) per item
-        if run is None:
-            return [Encoded(o, len(items)) for o in await asyncio.to_thread(self.encoder.encode, items)]
-        return [Encoded(e, len(items), d) for e, d in await asyncio.to_thread(run, items)]
+        pairs = await asyncio.to_thread(self.encoder.encode_with_deepstack, items)  # (embeds, Qwen3's deepstack or None)
+        return [Encoded(e, len(items), d) for e, d in pairs]
 
 
 class VisionEncoderDeployment(_EncoderDeployment):
@@ -248,12 +246,8 @@ class HandleStages:
         if self.observe_batch is not None:
             for i, r in enumerate(results):
                 self.observe_batch("vision" if i < n_img + n_vid else "audio", r.batch_size)
-        embeds = [r.embeds for r in results]
-        deep = [r.deepstack for r in results[:n_img + n_vid]]  # Qwen3's vision deepstack features, else None
-        return MediaEmbeddings(images=embeds[:n_img], videos=embeds[n_img:n_img + n_vid],
-                               audios=embeds[n_img + n_vid:],
-                               image_deepstack=[d for d in deep[:n_img] if d is not None],
-                               video_deepstack=[d for d in deep[n_img:] if d is not None])
+        pairs = [(r.embeds, r.deepstack) for r in results]  # deepstack: Qwen3's vision features, else None
+        return MediaEmbeddings.assemble(pairs[:n_img], pairs[n_img:n_img + n_vid], [e for e, _ in pairs[n_img + n_vid:]])
 
     async def generate(self, gen: Generation, prompt: PreparedPrompt, media: MediaEmbeddings) -> AsyncIterator:
         head = self.speech if gen.speak else self.thinker

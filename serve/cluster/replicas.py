@@ -1,6 +1,6 @@
 """The Serve app's replicas as Ray actors: which exist, on which node and process, their resident memory, and killing
 one (fault tests). Call from a driver of the app's cluster (`ray.init(address=...)`,
-omni.serve.cluster.server_process.ServeProcess.connect_ray).
+omni.serve.cluster.process.ServeProcess.connect_ray).
 
 Replica actors are named `SERVE_REPLICA::<app>#<deployment>#<id>` in namespace "serve", of class
 `ServeReplica:<app>:<deployment>` (Ray 2.60). They are read from the GCS actor table: `ray.util.state.list_actors`

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from omni.encoders import AudioEncoder, EncoderConfig, VideoEncoder, VisionEncoder, encode_prompt, plan_batches
+from omni.encoders import (AudioEncoder, EncoderConfig, VisionEncoder, encode_prompt, encode_prompts, load_encoders,
+                           plan_batches)
 from omni.prompt import prepare_prompt, processor_inputs
 from omni.types import (AudioItem, AudioPart, ChatRequest, ImagePart, Message, TextPart, Video, VideoPart,
                         VisionItem)
@@ -171,24 +172,18 @@ def test_batch_limits_split_like_one_call(mixed_prompt, encoders):
         assert close(AudioEncoder(audio.audio_tower, cfg).encode(p.audios), whole)
 
 
-def test_video_encoder_with_audio_tracks(av_request, av_prompt, encoders, official):
+def test_videos_and_their_tracks_through_encode_prompts(av_request, av_prompt, encoders, official):
+    """A request's videos (frames through the vision tower) and their own audio tracks (among its audios, at the
+    videos' places) are the official thinker's; several requests in one batched call get their solo embeddings."""
     vision, audio = encoders
     p = av_prompt
     assert len(p.videos) == 2 and len(p.audios) == 3  # track 0, the plain audio, track 1 (prompt order)
-    tracks = [p.audios[0], p.audios[2]]
-    video = VideoEncoder(vision, audio)
-    out = video.encode(p.videos, tracks)
     _, videos, audios = official(av_request)
-    assert equal([f for f, _ in out], videos)
-    solo_tracks = [audio.encode([t])[0] for t in tracks]
-    assert close([a for _, a in out], solo_tracks) and close([a for _, a in out], [audios[0], audios[2]])
-    # a video without its track, and several videos in one call = one by one
-    mixed = video.encode(p.videos, [None, tracks[1]])
-    assert mixed[0][1] is None and equal([mixed[0][0], mixed[1][0]], videos)
-    assert close([mixed[1][1]], [audios[2]])
-    with pytest.raises(ValueError, match="2 videos but 1 audio tracks"):
-        video.encode(p.videos, [None])
-    assert video.encode([], []) == []
+    one = encode_prompts([p], vision, audio)[0]
+    assert equal(one.videos, videos) and close(one.audios, audios)
+    both = encode_prompts([p, p], vision, audio)
+    assert all(close(m.videos, videos) and close(m.audios, one.audios) for m in both)
+    assert encode_prompts([], vision, audio) == []
 
 
 def test_bad_items_fail_loudly(encoders):
@@ -225,8 +220,8 @@ def test_from_pretrained_loads_only_the_tower(tiny, mixed_prompt):
     towers = tiny.model.thinker.model
     assert equal(vision.encode(p.images), VisionEncoder(towers.visual).encode(p.images))
     assert equal(audio.encode(p.audios), AudioEncoder(towers.audio_tower).encode(p.audios))
-    both = VideoEncoder.from_pretrained("tiny")
-    assert _modules(both.vision)[0] == "Qwen2_5OmniVisionEncoder" and _modules(both.audio)[0] == "Qwen2_5OmniAudioEncoder"
+    both = load_encoders("tiny")
+    assert _modules(both[0])[0] == "Qwen2_5OmniVisionEncoder" and _modules(both[1])[0] == "Qwen2_5OmniAudioEncoder"
 
 
 def test_bfloat16_equals_official_in_bfloat16(tiny, mixed, mixed_prompt):

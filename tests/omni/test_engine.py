@@ -92,11 +92,15 @@ def test_stop_token_ids_end_generation(tiny, thinker):
 
 
 def test_context_limit(tiny):
+    """Prompt + max_tokens past the context is refused by the check the composition runs where a request enters
+    (omni.serve.compose.prepare_checked); the Thinker trusts what it is given."""
+    from omni.thinker import check_context
     from omni.types import InvalidRequest
 
-    small = Thinker(tiny.model.thinker, tiny.processor.tokenizer, max_model_len=64)
+    prompt = _prompt(tiny, PROMPTS[0])
     with pytest.raises(InvalidRequest, match="exceeds the model's context of 64"):
-        small.generate("r", _prompt(tiny, PROMPTS[0]), MediaEmbeddings(), SamplingParams(max_tokens=40))
+        check_context(int(prompt.input_ids.shape[0]), SamplingParams(max_tokens=40), 64)
+    check_context(int(prompt.input_ids.shape[0]), SamplingParams(max_tokens=64 - prompt.input_ids.shape[0]), 64)
 
 
 def test_cache_compaction_keeps_rows_exact(tiny):

@@ -99,10 +99,10 @@ REPO = Path(__file__).resolve().parents[3]
 
 def _start_serve(args, tmp_path_factory):
     """`omni serve ARGS` on a free port, once its ready line is out (the test fails with its log's tail if not)."""
-    from omni.serve.cluster.server_process import ServeProcess, ServeStartError
+    from omni.serve.cluster.process import ServeProcess, ServeStartError
 
     try:
-        return ServeProcess.start(list(args), tmp_path_factory.mktemp("serve") / "serve.log", cwd=str(REPO))
+        return ServeProcess(list(args), tmp_path_factory.mktemp("serve") / "serve.log", cwd=str(REPO)).start()
     except ServeStartError as exc:
         pytest.fail(str(exc))
 
@@ -111,7 +111,7 @@ def _start_serve(args, tmp_path_factory):
 def omni_serve(tmp_path_factory):
     """`omni_serve(*args, connect=True) -> ServeProcess`: start `omni serve ARGS` on a free port, wait for its ready
     line and (with connect) join its Ray; every server the module started is stopped (SIGTERM) after the module."""
-    from omni.serve.cluster.server_process import ServeProcess
+    from omni.serve.cluster.process import ServeProcess
 
     started = []
 

@@ -27,7 +27,7 @@ def app(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     from omni.serve.cluster.builder import build_app
-    from omni.serve.cluster.server_process import free_port
+    from omni.serve.cluster.process import free_port
     from omni.serve.config import CONFIG_DIR
 
     cfg = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
