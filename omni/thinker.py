@@ -13,7 +13,7 @@ from typing import AsyncIterator, Optional
 import torch
 
 from omni.engine import DecoderModel, Engine, EngineConfig, EngineLoop, Sampler, Sequence
-from omni.types import (InvalidRequest, MediaEmbeddings, PreparedPrompt, SamplingParams, TalkerPrompt,
+from omni.types import (InvalidRequest, MediaEmbeddings, PromptLayout, SamplingParams, TalkerPrompt,
                         TextDelta, ThinkerDone, ThinkerItem, ThinkerToTalker)
 
 __all__ = ["Thinker", "ThinkerSequence", "ForcedReplySequence", "Detokenizer", "check_context"]
@@ -51,7 +51,7 @@ class Detokenizer:
 class ThinkerSequence(Sequence):
     hands_off_last = True  # _accept emits the last token's hand-off (Qwen3's sequence emits every hand-off itself)
 
-    def __init__(self, thinker: "Thinker", request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings,
+    def __init__(self, thinker: "Thinker", request_id: str, prompt: PromptLayout, media: MediaEmbeddings,
                  sampling: SamplingParams, for_talker: bool):
         super().__init__(request_id, sampling.max_tokens, set(thinker.eos_ids) | set(sampling.stop_token_ids),
                          history=prompt.input_ids[None].to(thinker.device))  # [1, L + n]
@@ -144,7 +144,7 @@ class ForcedReplySequence(ThinkerSequence):
 
     samples_prefill = False
 
-    def __init__(self, thinker: "Thinker", request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings,
+    def __init__(self, thinker: "Thinker", request_id: str, prompt: PromptLayout, media: MediaEmbeddings,
                  sampling: SamplingParams, for_talker: bool, reply_ids: list[int]):
         super().__init__(thinker, request_id, prompt, media, sampling, for_talker)
         self.reply_ids = reply_ids  # g_0 .. g_{N-1}, N >= 2, the last one the end-of-turn id
@@ -238,7 +238,7 @@ class Thinker:
         end = end if end in self.eos_ids else self.eos_ids[0]
         return list(self.tokenizer(text, add_special_tokens=False).input_ids) + [end]
 
-    def generate(self, request_id: str, prompt: PreparedPrompt, media: MediaEmbeddings, sampling: SamplingParams,
+    def generate(self, request_id: str, prompt: PromptLayout, media: MediaEmbeddings, sampling: SamplingParams,
                  for_talker: bool = False, forced_reply: Optional[str] = None) -> AsyncIterator[ThinkerItem]:
         """forced_reply: the reply's text, known in advance (speech of a given text): one prefill, no decoding.
         The request was checked where it entered (omni.serve.compose: sampling, context); what is left is this

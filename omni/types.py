@@ -14,7 +14,7 @@ import torch
 
 __all__ = [
     "SamplingParams", "TALKER_DEFAULT_SAMPLING", "Video", "TextPart", "ImagePart", "AudioPart", "VideoPart", "Part",
-    "Message", "ChatRequest", "VisionItem", "AudioItem", "PreparedPrompt", "MediaEmbeddings", "TalkerPrompt",
+    "Message", "ChatRequest", "VisionItem", "AudioItem", "PreparedPrompt", "PromptLayout", "MediaEmbeddings", "TalkerPrompt",
     "Qwen3TalkerPrompt",
     "ThinkerToTalker", "TalkerToVocoder", "ThinkerDone", "TalkerDone", "ThinkerItem", "TalkerItem", "Generation",
     "TextDelta", "AudioChunk", "Finished", "Event", "ChatResult", "OmniError", "InvalidRequest", "StageUnavailable",
@@ -197,6 +197,25 @@ class PreparedPrompt:
     @property
     def audio_seqlens(self) -> Optional[torch.Tensor]:  # [n_audios] long: feature frames per audio
         return torch.tensor([a.features.shape[-1] for a in self.audios], dtype=torch.long) if self.audios else None
+
+    @property
+    def layout(self) -> "PromptLayout":
+        """What the generating stages read of this prompt (its encoder inputs stay behind)."""
+        return PromptLayout(self.input_ids, self.image_grid_thw, self.video_grid_thw, self.audio_seqlens,
+                            self.video_second_per_grid, self.use_audio_in_video)
+
+
+@dataclass
+class PromptLayout:
+    """A prepared prompt as the generating stages read it: the ids and the media's shapes (grids, lengths: what the
+    TMRoPE positions are computed from), never the pixels or features; the media enter as MediaEmbeddings. A few
+    hundred bytes beside the prompt's ids, whatever the media."""
+    input_ids: torch.Tensor  # [L] long, placeholders already expanded to one id per media token
+    image_grid_thw: Optional[torch.Tensor]  # [n_images, 3]
+    video_grid_thw: Optional[torch.Tensor]  # [n_videos, 3]
+    audio_seqlens: Optional[torch.Tensor]  # [n_audios] long: feature frames per audio
+    video_second_per_grid: Optional[torch.Tensor]  # [n_videos] float: seconds covered by one temporal grid step
+    use_audio_in_video: bool = False
 
 
 @dataclass

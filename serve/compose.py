@@ -24,7 +24,7 @@ import numpy as np
 from omni.prompt import prepare_prompt
 from omni.thinker import check_context
 from omni.types import (AudioChunk, ChatRequest, ChatResult, Event, Finished, Generation, InvalidRequest,
-                        MediaEmbeddings, PreparedPrompt, TalkerDone, TextDelta, ThinkerDone, check_voice)
+                        MediaEmbeddings, PreparedPrompt, PromptLayout, TalkerDone, TextDelta, ThinkerDone, check_voice)
 
 __all__ = ["SPEECH_CHAIN", "Stage", "Stages", "Composition", "CheckedRequest", "check_request", "prepare_checked",
            "prepare_and_check", "finish", "collect"]
@@ -65,8 +65,9 @@ class Stages(Protocol):
 
     async def encode(self, prompt: PreparedPrompt) -> MediaEmbeddings: ...
 
-    def generate(self, gen: Generation, prompt: PreparedPrompt, media: MediaEmbeddings) -> AsyncIterator:
-        """The Thinker and, for speech, SPEECH_CHAIN over it: TextDelta, AudioChunk and the done-markers."""
+    def generate(self, gen: Generation, prompt: PromptLayout, media: MediaEmbeddings) -> AsyncIterator:
+        """The Thinker and, for speech, SPEECH_CHAIN over it: TextDelta, AudioChunk and the done-markers. `prompt` is
+        the prepared prompt's layout: the encoder inputs never reach the generating stages."""
         ...
 
 
@@ -101,7 +102,7 @@ class Composition:
         t1 = time.perf_counter()
         media = await self.stages.encode(prompt)
         seconds = {"prepare": t1 - t0, "encode": time.perf_counter() - t1}
-        items = self.stages.generate(checked.generation, prompt, media)
+        items = self.stages.generate(checked.generation, prompt.layout, media)
         async for event in finish(items, prompt_tokens=int(prompt.input_ids.shape[0]), stage_seconds=seconds):
             yield event
 

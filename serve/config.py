@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -26,6 +26,7 @@ from omni.decoders.code2wav import Code2WavConfig
 from omni.decoders.token2wav import VocoderConfig
 from omni.encoders.media import MediaLimits
 from omni.encoders.vision import EncoderConfig
+from omni.serve.compose import SPEECH_CHAIN
 
 __all__ = ["PipelineConfig", "ServeConfig", "DeploymentOptions", "EncoderDeploymentOptions", "Deployments",
            "ConfigError", "load_serve_config", "config_error", "field_path", "CONFIG_DIR"]
@@ -106,6 +107,23 @@ class ServeConfig(PipelineConfig):
     #                             and that would otherwise wait in Serve's queue until a new one is up (or for ever)
     media: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames, sampling
     deployments: Deployments = Deployments()  # Ray Serve resources per deployment
+    colocate: Literal["none", "thinker+talker", "talker+vocoder", "thinker+talker+vocoder"] = "none"  # adjacent
+    #   generating stages that run in one replica, the hand-offs between them in process (one deployment named by
+    #   its stages, e.g. ThinkerTalkerVocoder, with the first stage's deployment options and the group's CPUs, GPUs
+    #   and custom resources summed); "none": one deployment per stage. The encoders are always their own.
+
+    @property
+    def generation_groups(self) -> list[tuple[str, ...]]:
+        """The generating stages by replica, in the chain's order: [("thinker",), ("talker",), ("vocoder",)] for
+        "none", [("thinker",), ("talker", "vocoder")] for "talker+vocoder", ..."""
+        together = tuple(self.colocate.split("+")) if self.colocate != "none" else ()
+        groups: list[tuple[str, ...]] = []
+        for stage in ("thinker", *SPEECH_CHAIN):
+            if groups and stage in together and groups[-1][-1] in together:
+                groups[-1] += (stage,)
+            else:
+                groups.append((stage,))
+        return groups
 
     @field_validator("dtype")
     @classmethod

@@ -21,13 +21,13 @@ from typing import AsyncIterator, Optional
 import torch
 
 from omni.checkpoint import LoadedModel, load_model
-from omni.types import ChatRequest, Generation, MediaEmbeddings, PreparedPrompt
+from omni.types import ChatRequest, Generation, MediaEmbeddings, PreparedPrompt, PromptLayout
 from omni.decoders import VocoderLoop
 from omni.encoders import AudioEncoder, VisionEncoder, encode_prompt
-from omni.serve.compose import SPEECH_CHAIN, Composition, prepare_checked
+from omni.serve.compose import Composition, prepare_checked
 from omni.serve.config import PipelineConfig
 from omni.serve.models import talker_of, thinker_of, vocoder_of
-from omni.serve.stages import TalkerStage, ThinkerStage, VocoderStage
+from omni.serve.stages import StageGroup, TalkerStage, ThinkerStage, VocoderStage
 
 __all__ = ["Pipeline", "LocalStages", "PipelineConfig"]
 
@@ -53,6 +53,7 @@ class LocalStages:
             self.vocoder_loop = VocoderLoop(vocoder_of(loaded, config, str(loaded.device)))
             self.chain = {"talker": TalkerStage(self.talker), "vocoder": VocoderStage(self.vocoder_loop)}
         self.root = ThinkerStage(self.thinker)
+        self.group = StageGroup(self.root, self.chain)  # every generating stage, hand-offs in process
 
     @property
     def model_name(self) -> str:
@@ -78,14 +79,10 @@ class LocalStages:
 
     def stage_stats(self) -> dict[str, dict]:
         """Per generating stage: its counters and loop accounting (omni.loop.LoopStats, running, waiting)."""
-        return {"thinker": self.root.stats(), **{name: stage.stats() for name, stage in self.chain.items()}}
+        return self.group.stats()
 
-    def generate(self, gen: Generation, prompt: PreparedPrompt, media: MediaEmbeddings) -> AsyncIterator:
-        items = self.root.run(gen, prompt, media)
-        if gen.speak:
-            for name in SPEECH_CHAIN:
-                items = self.chain[name].run(gen, items)
-        return items
+    def generate(self, gen: Generation, prompt: PromptLayout, media: MediaEmbeddings) -> AsyncIterator:
+        return self.group.run(gen, prompt=prompt, media=media)
 
 
 class Pipeline(Composition):

@@ -5,6 +5,7 @@ Topology (typed Python, here); resources and limits (YAML, configs/serve/, omni.
     Ingress (FastAPI, OpenAI API) -> VisionEncoder, AudioEncoder (@serve.batch)
                                   -> Vocoder -> Talker -> Thinker   (SPEECH_CHAIN as streaming handle calls)
                                   -> Thinker                         (text only)
+With `colocate`, adjacent generating stages are one deployment (ThinkerTalkerVocoder, TalkerVocoder, ThinkerTalker).
 """
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ from ray import serve
 from ray.serve import Application
 
 from omni.checkpoint import generation_defaults, list_voices, resolve_model
-from omni.serve.compose import SPEECH_CHAIN
 from omni.serve.config import ServeConfig, config_error, load_serve_config
-from omni.serve.cluster.deployments import (CHAIN_DEPLOYMENTS, DRAIN_FLAG, DRAIN_POLL_S, AudioEncoderDeployment,
-                                            DrainFlag, Ingress, ThinkerDeployment, VisionEncoderDeployment)
+from omni.serve.cluster.deployments import (DRAIN_FLAG, DRAIN_POLL_S, AudioEncoderDeployment, DrainFlag,
+                                            GenerationDeployment, Ingress, VisionEncoderDeployment, group_name,
+                                            group_options)
 
-__all__ = ["AppArgs", "build_app", "run_server", "server_settings", "DEPLOYMENT_NAMES"]
+__all__ = ["AppArgs", "build_app", "run_server", "server_settings", "DEPLOYMENT_NAMES", "stage_deployments"]
 
-# deployment name -> the ServeConfig.deployments field that holds its resources
+# deployment name -> the ServeConfig.deployments field that holds its resources (colocate: none)
 DEPLOYMENT_NAMES = {"Ingress": "ingress", "VisionEncoder": "vision_encoder", "AudioEncoder": "audio_encoder",
                     "Thinker": "thinker", "Talker": "talker", "Vocoder": "vocoder"}
 
@@ -63,6 +64,12 @@ def _deployment(cls, cfg: ServeConfig, name: str):
     return serve.deployment(cls, name=name).options(**opts.serve_options())
 
 
+def stage_deployments(cfg: ServeConfig, voices: bool = True) -> dict[str, str]:
+    """Generating stage -> the name of the deployment hosting it (voices: the model has speech output)."""
+    groups = cfg.generation_groups if voices else [("thinker",)]
+    return {stage: group_name(group) for group in groups for stage in group}
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """args: see AppArgs (empty strings count as unset, as `serve run key=` gives them)."""
     try:
@@ -74,10 +81,14 @@ def build_app(args: dict[str, Any]) -> Application:
     resolve_model(model)  # build the tiny checkpoint once here, not in every replica at the same time
     vision = _deployment(VisionEncoderDeployment, cfg, "VisionEncoder").bind(model, cfg)
     audio = _deployment(AudioEncoderDeployment, cfg, "AudioEncoder").bind(model, cfg)
-    thinker = _deployment(ThinkerDeployment, cfg, "Thinker").bind(model, cfg)
-    speech, voices = thinker, list_voices(model)
-    for stage in SPEECH_CHAIN if voices else ():  # each stage pulls from the one before it; none without speech output
-        speech = _deployment(CHAIN_DEPLOYMENTS[stage], cfg, stage.capitalize()).bind(model, cfg, speech)
+    voices = list_voices(model)
+    thinker = speech = None
+    # each group pulls from the one before it; without speech output, the Thinker alone
+    for group in cfg.generation_groups if voices else [("thinker",)]:
+        opts = group_options(cfg, group)
+        speech = serve.deployment(GenerationDeployment, name=group_name(group)).options(**opts.serve_options()) \
+            .bind(model, cfg, group, opts, speech)
+        thinker = thinker or speech
     return _deployment(Ingress, cfg, "Ingress").bind(model, cfg, server_settings(cfg, a, model), vision, audio,
                                                      thinker, speech, voices)
 

@@ -12,7 +12,7 @@ retries its tasks, so a killed worker costs time, not rows.
 The stages are in serve/cluster/caption_stages.py. What crosses a stage boundary is arrow-friendly: strings, numbers
 and one binary column. `payload` holds a pickled (PreparedPrompt, Generation) after decoding (token ids [L], per-item
 pixel patches / Whisper features, torch tensors; the request's sampling, voice and speech limits), then a pickled
-(PreparedPrompt, Generation, MediaEmbeddings) after the encoders (embeddings [n_tokens, H] per item); the generator
+(PromptLayout, Generation, MediaEmbeddings) after the encoders (embeddings [n_tokens, H] per item); the generator
 drops it, so only rows travel back to the driver (plus 16-bit PCM in `speech` with --speak), written as CaptionRow.
 
 Runs where Ray runs: a local Ray started here, or the cluster in RAY_ADDRESS. `encoder_resources` /

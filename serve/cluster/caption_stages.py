@@ -5,7 +5,7 @@
 Every stage keeps one row per file: a file that fails gets its `error` set and is passed through by the later
 stages. Columns are arrow-friendly ("" for no error / no type: a column of only None would not stay a string);
 `payload` is the one binary column: a pickled (PreparedPrompt, Generation) after decoding, a pickled
-(PreparedPrompt, Generation, MediaEmbeddings) after the encoders, dropped by the generator. The Generation (sampling,
+(PromptLayout, Generation, MediaEmbeddings) after the encoders, dropped by the generator. The Generation (sampling,
 voice, speech limits) is the request's own, built once by the decode stage from `caption_request`.
 """
 from __future__ import annotations
@@ -116,7 +116,8 @@ class CaptionEncoders:
                 except Exception as e:  # noqa: BLE001
                     errors[j] = one_line(f"encoder failed: {type(e).__name__}: {e}")
         for j in todo:
-            payload[j] = pickle.dumps((*decoded[j], media[j])) if j in media else b""
+            # the generator reads the layout and the embeddings, never the pixels or features
+            payload[j] = pickle.dumps((prompts[j].layout, decoded[j][1], media[j])) if j in media else b""
         per_file = (time.perf_counter() - t0) / max(1, len(todo))
         return {**batch, "error": np.array(errors, dtype=object), "payload": np.array(payload, dtype=object),
                 "encode_s": np.array([per_file if j in media else 0.0 for j in range(n)]),

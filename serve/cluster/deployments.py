@@ -1,12 +1,17 @@
-"""The Ray Serve deployments: plain classes hosting the pipeline's stages, one stage each, and `HandleStages`, the
-composition's `Stages` over their DeploymentHandles (the same recipe as in process: serve/compose.py).
+"""The Ray Serve deployments: plain classes hosting the pipeline's stages, and `HandleStages`, the composition's
+`Stages` over their DeploymentHandles (the same recipe as in process: serve/compose.py).
 
-Speech requests flow as a pull chain of streaming handle calls, so no stage needs sticky routing:
-    Ingress --stream--> Vocoder.generate --stream--> Talker.generate --stream--> Thinker.generate
-Each generation deployment runs its stage (serve/stages.py, the same classes the in-process pipeline chains) over its
-upstream deployment's handle stream. Text-only requests call the Thinker directly. Encoders are called once per media
-item; `@serve.batch` merges items of concurrent requests into one forward. Cancelling a stream (client gone) cancels
-the upstream call, which frees the request's slot in every engine.
+A generation deployment hosts one generating stage or several adjacent ones (ServeConfig.colocate), the hand-offs
+between those in process (serve/stages.py's StageGroup, as in the in-process pipeline). Where the stages are apart,
+speech requests flow as a pull chain of streaming handle calls, so no stage needs sticky routing:
+    Ingress --stream--> Vocoder.generate --stream--> Talker.generate --stream--> Thinker.generate     (colocate: none)
+    Ingress --stream--> ThinkerTalkerVocoder.generate                               (colocate: thinker+talker+vocoder)
+Each stream crosses a process in lists of the items ready at once (several steps and requests per message), and the
+ingress reads one stream, the last deployment's. Text-only requests call the Thinker's deployment directly. The
+generating stages get the prompt's layout (ids, grids, lengths) and the encoders' embeddings, put into the object
+store once by the ingress (`MediaRef`), never the pixels or features. Encoders are called once per media item;
+`@serve.batch` merges items of concurrent requests into one forward. Cancelling a stream (client gone) cancels the
+upstream call, which frees the request's slot in every engine.
 """
 from __future__ import annotations
 
@@ -23,14 +28,14 @@ import torch
 from ray import serve
 
 from omni.checkpoint import resolve_model
-from omni.types import ChatRequest, Generation, MediaEmbeddings, PreparedPrompt, StageUnavailable
-from omni.serve.compose import SPEECH_CHAIN, Composition, prepare_checked
+from omni.types import ChatRequest, Generation, MediaEmbeddings, PreparedPrompt, PromptLayout, StageUnavailable
+from omni.serve.compose import Composition, prepare_checked
 from omni.serve.config import DeploymentOptions, ServeConfig
 from omni.serve.models import load_talker, load_thinker, load_vocoder
-from omni.serve.stages import TalkerStage, ThinkerStage, VocoderStage
+from omni.serve.stages import StageGroup, TalkerStage, ThinkerStage, VocoderStage, batches
 
-__all__ = ["VisionEncoderDeployment", "AudioEncoderDeployment", "ThinkerDeployment", "TalkerDeployment",
-           "VocoderDeployment", "HandleStages", "Ingress", "Encoded", "CHAIN_DEPLOYMENTS", "DrainFlag", "DRAIN_FLAG"]
+__all__ = ["VisionEncoderDeployment", "AudioEncoderDeployment", "GenerationDeployment", "MediaRef", "group_options",
+           "group_name", "HandleStages", "Ingress", "Encoded", "DrainFlag", "DRAIN_FLAG"]
 
 log = logging.getLogger("omni.serve")
 
@@ -106,71 +111,90 @@ class AudioEncoderDeployment(_EncoderDeployment):
         self._setup(AudioEncoder, model, cfg, cfg.deployments.audio_encoder)
 
 
-class _GenerationDeployment:
-    """A generating stage over its upstream deployment's stream (None: the Thinker, the root)."""
-    stage: object
-    name: str = ""  # the stage's name in /metrics (thinker, talker, vocoder)
-    upstream: Optional[object] = None  # DeploymentHandle
+@dataclasses.dataclass(frozen=True)
+class MediaRef:
+    """A request's MediaEmbeddings in the object store (put once by the ingress): the chain's stages before the
+    Thinker pass this ref on, only the replica hosting the Thinker reads the embeddings."""
+    ref: ray.ObjectRef
 
-    async def generate(self, gen: Generation, prompt: PreparedPrompt, media: MediaEmbeddings) -> AsyncIterator:
-        if self.upstream is None:
-            async for item in self.stage.run(gen, prompt, media):
-                yield item
-            return
-        up = self.upstream.options(stream=True).generate.remote(gen, prompt, media)
+
+async def _media(media) -> MediaEmbeddings:
+    return await media.ref if isinstance(media, MediaRef) else media
+
+
+async def _flatten(batches: AsyncIterator[list]) -> AsyncIterator:
+    async for batch in batches:
+        for item in batch:
+            yield item
+
+
+class GenerationDeployment:
+    """Adjacent generating stages in one replica (serve/stages.py's StageGroup; ServeConfig.colocate), the hand-offs
+    between them in process: ("thinker",), ("talker", "vocoder"), ("thinker", "talker", "vocoder"), ... A group without
+    the Thinker pulls its input from the deployment before it (`upstream`). Its stream crosses to the next process in
+    lists (`batches`: every item ready at once in one message)."""
+
+    def __init__(self, model: str, cfg: ServeConfig, stages: tuple[str, ...], opts: DeploymentOptions,
+                 upstream=None):
+        from omni.decoders import VocoderLoop
+
+        _replica_process(cfg, opts)
+        root, chain = None, {}
+        for name in stages:  # each stage's weights only, of the checkpoint's architecture (serve/models.py)
+            if name == "thinker":
+                root = ThinkerStage(load_thinker(model, cfg.thinker, cfg.max_model_len, cfg.device, cfg.torch_dtype))
+            elif name == "talker":  # the talker's weights, the voices and the rows of the thinker's embedding it reads
+                chain[name] = TalkerStage(load_talker(model, cfg, cfg.device, cfg.torch_dtype))
+            else:
+                chain[name] = VocoderStage(VocoderLoop(load_vocoder(model, cfg, cfg.device, cfg.torch_dtype)))
+        self.group, self.upstream = StageGroup(root, chain), upstream
+
+    async def generate(self, gen: Generation, prompt: PromptLayout, media) -> AsyncIterator[list]:
+        """Lists of stream items (TextDelta, hand-offs, done-markers, AudioChunk), in order. media: MediaEmbeddings or
+        a MediaRef to them."""
+        up = None
+        if self.group.root is not None:
+            items = self.group.run(gen, prompt=prompt, media=await _media(media))
+        else:
+            up = self.upstream.options(stream=True).generate.remote(gen, prompt, media)
+            items = self.group.run(gen, upstream=_flatten(up))
         try:
-            async for item in self.stage.run(gen, up):
-                yield item
+            async for batch in batches(items):
+                yield batch
         finally:
-            up.cancel()
+            if up is not None:
+                up.cancel()
 
-    def stats(self) -> dict:
-        """The stage's counters (running rows / open streams) and this replica's resident memory."""
+    def stats(self, stage: Optional[str] = None) -> dict:
+        """A stage's counters (running rows / open streams; default: the group's first stage) and this replica's
+        resident memory."""
         import psutil
 
-        return {**self.stage.stats(), "rss_mb": psutil.Process().memory_info().rss / 2**20}
+        stats = self.group.stats()
+        return {**stats[stage or self.group.names[0]], "rss_mb": psutil.Process().memory_info().rss / 2**20}
 
     async def chain_stats(self) -> dict[str, dict]:
-        """This stage's stats and those of every stage upstream of it, by stage name (one replica of each)."""
-        out = {self.name: self.stats()}
+        """The stats of this group's stages and of every stage upstream of it, by stage name (one replica each)."""
+        out = {name: self.stats(name) for name in self.group.names}
         if self.upstream is not None:
             out.update(await self.upstream.chain_stats.remote())
         return out
 
 
-class ThinkerDeployment(_GenerationDeployment):
-    name = "thinker"
-
-    def __init__(self, model: str, cfg: ServeConfig):
-        _replica_process(cfg, cfg.deployments.thinker)
-        # the thinker's weights only, of the checkpoint's architecture (serve/models.py)
-        self.stage = ThinkerStage(load_thinker(model, cfg.thinker, cfg.max_model_len, cfg.device, cfg.torch_dtype))
-
-
-class TalkerDeployment(_GenerationDeployment):
-    name = "talker"
-
-    def __init__(self, model: str, cfg: ServeConfig, upstream):
-        _replica_process(cfg, cfg.deployments.talker)
-        # the talker's weights, the voices and the few rows of the thinker's embedding table it reads (serve/models.py)
-        self.stage = TalkerStage(load_talker(model, cfg, cfg.device, cfg.torch_dtype))
-        self.upstream = upstream
+def group_options(cfg: ServeConfig, stages: tuple[str, ...]) -> DeploymentOptions:
+    """A group's deployment options: its first stage's, with the CPUs, GPUs and custom resources of all its stages."""
+    each = [getattr(cfg.deployments, name) for name in stages]
+    resources: dict[str, float] = {}
+    for o in each:
+        for k, v in o.resources.items():
+            resources[k] = resources.get(k, 0.0) + v
+    return each[0].model_copy(update={"num_cpus": sum(o.num_cpus for o in each),
+                                      "num_gpus": sum(o.num_gpus for o in each), "resources": resources})
 
 
-class VocoderDeployment(_GenerationDeployment):
-    name = "vocoder"
-
-    def __init__(self, model: str, cfg: ServeConfig, upstream):
-        from omni.decoders import VocoderLoop
-
-        _replica_process(cfg, cfg.deployments.vocoder)
-        self.stage = VocoderStage(VocoderLoop(load_vocoder(model, cfg, cfg.device, cfg.torch_dtype)))
-        self.upstream = upstream
-
-
-# the deployment class of each stage of SPEECH_CHAIN, in the chain's order (each bound over the one before it)
-CHAIN_DEPLOYMENTS = {"talker": TalkerDeployment, "vocoder": VocoderDeployment}
-assert tuple(CHAIN_DEPLOYMENTS) == SPEECH_CHAIN
+def group_name(stages: tuple[str, ...]) -> str:
+    """The deployment name of a group of stages: Thinker, Talker, Vocoder, ThinkerTalkerVocoder, TalkerVocoder, ..."""
+    return "".join(name.capitalize() for name in stages)
 
 
 # what a handle call raises when the replica serving it died or none is up: Ray's actor errors (ActorDiedError,
@@ -249,16 +273,19 @@ class HandleStages:
         pairs = [(r.embeds, r.deepstack) for r in results]  # deepstack: Qwen3's vision features, else None
         return MediaEmbeddings.assemble(pairs[:n_img], pairs[n_img:n_img + n_vid], [e for e, _ in pairs[n_img + n_vid:]])
 
-    async def generate(self, gen: Generation, prompt: PreparedPrompt, media: MediaEmbeddings) -> AsyncIterator:
+    async def generate(self, gen: Generation, prompt: PromptLayout, media: MediaEmbeddings) -> AsyncIterator:
         head = self.speech if gen.speak else self.thinker
+        if media.images or media.videos or media.audios:  # into the object store once; the Thinker's replica reads it
+            media = MediaRef(ray.put(media))
         items = head.options(stream=True).generate.remote(gen, prompt, media)
         try:
             while True:
                 try:
-                    item = await _within(items.__anext__(), self.cfg.stage_timeout_s, "no output")
+                    batch = await _within(items.__anext__(), self.cfg.stage_timeout_s, "no output")
                 except StopAsyncIteration:
                     return
-                yield item
+                for item in batch:
+                    yield item
         except Exception as exc:
             _raise_unavailable(exc)
             raise

@@ -44,3 +44,21 @@ def test_each_item_carries_only_its_own_tensors(tiny, media):
     one = len(pickle.dumps(p.images[0]))
     assert one <= p.images[0].pixel_values.nbytes + 2 * margin
     assert len(pickle.dumps(p.images)) <= 2 * one + margin  # N images ~ N x one, not N^2
+
+
+def test_the_generating_stages_get_the_layout_not_the_media(tiny, media):
+    """What crosses into the Thinker's replica: the ids and the media's shapes (grids, lengths), never pixels or
+    features; the same whatever the media's size."""
+    import pickle
+
+    from omni.types import ImagePart, VideoPart
+
+    req = ChatRequest([Message("user", [ImagePart(media["image"]), VideoPart(media["video"]), AudioPart(media["audio"]),
+                                        TextPart("What do you see and hear?")])])
+    p = prepare_prompt(tiny.processor, req)
+    layout = p.layout
+    assert torch.equal(layout.input_ids, p.input_ids)
+    assert torch.equal(layout.image_grid_thw, p.image_grid_thw) and torch.equal(layout.video_grid_thw, p.video_grid_thw)
+    assert torch.equal(layout.audio_seqlens, p.audio_seqlens) and layout.use_audio_in_video == p.use_audio_in_video
+    media_bytes = sum(i.pixel_values.nbytes for i in p.images + p.videos) + sum(a.features.nbytes for a in p.audios)
+    assert len(pickle.dumps(layout)) <= p.input_ids.nbytes + 4096 < media_bytes / 10

@@ -74,6 +74,7 @@ def test_each_default_lives_with_its_stage():
     ("vocoder: {past_blocks: 1}\n", "vocoder: VocoderConfig: past_blocks must be >= 2"),
     ("dtype: float8\n", "dtype: dtype must be float32, bfloat16 or float16"),
     ("max_model_len: many\n", "max_model_len: Input should be a valid integer"),
+    ("colocate: thinker+vocoder\n", "colocate: Input should be 'none', 'thinker+talker', 'talker+vocoder' or"),
 ])
 def test_bad_keys_and_values_are_refused_with_their_path(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
@@ -111,16 +112,21 @@ def _deployments(app) -> dict:
 
 @pytest.mark.parametrize("name", ["tiny", "qwen2.5-omni-7b", "qwen3-omni-30b-a3b"])
 def test_build_app_gives_each_deployment_its_yaml_options(name):
+    """Each deployment has its YAML options; a group of co-located stages (colocate) its first stage's, with the
+    CPUs and GPUs of all its stages summed."""
     from omni.serve.app import build_app
-    from omni.serve.cluster.builder import DEPLOYMENT_NAMES
+    from omni.serve.cluster.deployments import group_name
 
     raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())["deployments"]
+    groups = load_serve_config(name).generation_groups
+    want_of = {"Ingress": ["ingress"], "VisionEncoder": ["vision_encoder"], "AudioEncoder": ["audio_encoder"],
+               **{group_name(g): list(g) for g in groups}}
     deps = _deployments(build_app({"model": "tiny", "config": name, "served_model_name": "omni-test"}))
-    assert set(deps) == set(DEPLOYMENT_NAMES)
-    for dep_name, key in DEPLOYMENT_NAMES.items():
-        d, want = deps[dep_name], raw[key]
-        assert d.ray_actor_options["num_cpus"] == want["num_cpus"], dep_name
-        assert d.ray_actor_options.get("num_gpus", 0) == want.get("num_gpus", 0), dep_name
+    assert set(deps) == set(want_of)
+    for dep_name, keys in want_of.items():
+        d, want = deps[dep_name], raw[keys[0]]
+        assert d.ray_actor_options["num_cpus"] == pytest.approx(sum(raw[k]["num_cpus"] for k in keys)), dep_name
+        assert d.ray_actor_options.get("num_gpus", 0) == pytest.approx(sum(raw[k].get("num_gpus", 0) for k in keys))
         assert d.max_ongoing_requests == want.get("max_ongoing_requests", 64), dep_name
         if "autoscaling_config" in want:
             auto = d._deployment_config.autoscaling_config
@@ -128,10 +134,33 @@ def test_build_app_gives_each_deployment_its_yaml_options(name):
                                                               want["autoscaling_config"]["max_replicas"])
         else:
             assert d.num_replicas == want["num_replicas"], dep_name
-    # the speech chain is bound in order: Ingress -> Vocoder -> Talker -> Thinker
+    # the speech chain is bound in order: Ingress -> the last group -> ... -> the Thinker's group
     names = lambda d: [a._bound_deployment.name for a in d.init_args if hasattr(a, "_bound_deployment")]  # noqa: E731
-    assert names(deps["Vocoder"]) == ["Talker"] and names(deps["Talker"]) == ["Thinker"]
-    assert names(deps["Ingress"]) == ["VisionEncoder", "AudioEncoder", "Thinker", "Vocoder"]
+    for before, after in zip(groups, groups[1:]):
+        assert names(deps[group_name(after)]) == [group_name(before)]
+    assert names(deps[group_name(groups[0])]) == []
+    assert names(deps["Ingress"]) == ["VisionEncoder", "AudioEncoder", group_name(groups[0]), group_name(groups[-1])]
+
+
+@pytest.mark.parametrize("colocate, groups", [
+    ("none", [("thinker",), ("talker",), ("vocoder",)]),
+    ("thinker+talker", [("thinker", "talker"), ("vocoder",)]),
+    ("talker+vocoder", [("thinker",), ("talker", "vocoder")]),
+    ("thinker+talker+vocoder", [("thinker", "talker", "vocoder")]),
+])
+def test_colocate_groups_adjacent_stages_into_one_deployment(tmp_path, colocate, groups):
+    from omni.serve.app import build_app
+    from omni.serve.cluster.builder import stage_deployments
+
+    path = tmp_path / "layout.yaml"
+    path.write_text(f"colocate: {colocate}\n")
+    cfg = load_serve_config(str(path))
+    assert cfg.generation_groups == groups
+    deps = _deployments(build_app({"model": "tiny", "config": str(path)}))
+    named = stage_deployments(cfg)
+    assert set(deps) == {"Ingress", "VisionEncoder", "AudioEncoder", *named.values()}
+    assert [named[s] for s in ("thinker", "talker", "vocoder")] == \
+        ["".join(x.capitalize() for x in g) for g in groups for _ in g]
 
 
 def test_build_app_refuses_unknown_arguments():

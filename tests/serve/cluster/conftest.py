@@ -146,7 +146,9 @@ class SharedServer:
         """The running server, this process joined to its Ray."""
         if self.server is None or self.server.proc.poll() is not None:
             cfg = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
-            cfg.update(max_concurrent_requests=APP_LIMIT, stage_timeout_s=APP_STAGE_TIMEOUT_S)
+            # one deployment per generating stage (tiny.yaml co-locates them; test_qwen3_app and test_two_nodes run
+            # that layout): the chain of handle calls, and each stage's replica killed on its own in test_app_faults
+            cfg.update(max_concurrent_requests=APP_LIMIT, stage_timeout_s=APP_STAGE_TIMEOUT_S, colocate="none")
             path = self.tmp.mktemp("config") / "app.yaml"
             path.write_text(yaml.safe_dump(cfg))
             args = ["--model", "tiny", "--config", str(path), "--api-key", APP_KEY, "--drain-timeout", "60"]

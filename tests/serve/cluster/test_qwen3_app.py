@@ -44,9 +44,13 @@ def ray_stages(server, tiny_qwen3):
     from omni.serve.compose import Composition
     from omni.serve.config import load_serve_config
 
+    from omni.serve.cluster.builder import stage_deployments
+
+    cfg = load_serve_config("tiny")  # its stages co-located: one ThinkerTalkerVocoder deployment (colocate)
     handle = lambda name: serve.get_deployment_handle(name, app_name="omni")  # noqa: E731
-    return Composition(HandleStages("tiny-qwen3", load_serve_config("tiny"), handle("VisionEncoder"),
-                                    handle("AudioEncoder"), handle("Thinker"), handle("Vocoder"), tiny_qwen3.voices))
+    named = stage_deployments(cfg)
+    return Composition(HandleStages("tiny-qwen3", cfg, handle("VisionEncoder"), handle("AudioEncoder"),
+                                    handle(named["thinker"]), handle(named["vocoder"]), tiny_qwen3.voices))
 
 
 def test_every_mix_through_ray_equals_the_official_generate(ray_stages, tiny_qwen3, media):

@@ -1,7 +1,7 @@
 """The Serve app over two Ray nodes (ray.cluster_utils.Cluster: two raylets on this machine), placed by the serve
 config's custom resources alone: the ingress and the encoders on the head node ("encoders"), the Thinker, Talker and
-vocoder on the other ("generators"). Requests give the in-process pipeline's tokens; a killed encoder replica comes
-back on its node and the app serves the same tokens again."""
+vocoder (co-located in one replica, as tiny.yaml has them) on the other ("generators"). Requests give the in-process
+pipeline's tokens; a killed encoder replica comes back on its node and the app serves the same tokens again."""
 import asyncio
 
 import httpx
@@ -14,8 +14,8 @@ ENCODER_NODE = {"num_cpus": 1, "resources": {"encoders": 1}}  # the head
 GENERATOR_NODE = {"num_cpus": 1, "resources": {"generators": 1}}
 PLACEMENT = {"ingress": "encoders", "vision_encoder": "encoders", "audio_encoder": "encoders",
              "thinker": "generators", "talker": "generators", "vocoder": "generators"}
-NODE_OF = {"Ingress": "encoders", "VisionEncoder": "encoders", "AudioEncoder": "encoders", "Thinker": "generators",
-           "Talker": "generators", "Vocoder": "generators"}
+NODE_OF = {"Ingress": "encoders", "VisionEncoder": "encoders", "AudioEncoder": "encoders",
+           "ThinkerTalkerVocoder": "generators"}  # tiny.yaml co-locates the generating stages (colocate)
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,13 @@ def _through_ray(pipeline, request_):
     from omni.serve.compose import Composition
     from omni.serve.config import load_serve_config
 
+    from omni.serve.cluster.builder import stage_deployments
+
+    cfg = load_serve_config("tiny")
     handle = lambda name: serve.get_deployment_handle(name, app_name="omni")  # noqa: E731
-    stages = HandleStages("tiny", load_serve_config("tiny"), handle("VisionEncoder"), handle("AudioEncoder"),
-                          handle("Thinker"), handle("Vocoder"), pipeline.voices)
+    named = stage_deployments(cfg)
+    stages = HandleStages("tiny", cfg, handle("VisionEncoder"), handle("AudioEncoder"), handle(named["thinker"]),
+                          handle(named["vocoder"]), pipeline.voices)
     return asyncio.run(Composition(stages).run(request_))
 
 
