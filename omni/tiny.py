@@ -196,8 +196,9 @@ def build_processor():
                image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
     fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300,
                                  n_fft=400, padding_value=0.0, return_attention_mask=True)
-    return Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(**vis), video_processor=Qwen2VLVideoProcessor(**vis),
-                                feature_extractor=fe, tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE)
+    return Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(**vis),
+                                video_processor=Qwen2VLVideoProcessor(**vis), feature_extractor=fe,
+                                tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE)
 
 
 def speaker_dict(config) -> dict:
@@ -218,7 +219,8 @@ def _init_token2wav(t2w, seed: int = 0) -> None:
         if isinstance(mod, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
             w = mod.weight
             # ConvTranspose1d weight is [in, out, k]: each output sums in * k / stride taps
-            fan_in = w.shape[0] * w.shape[2] / mod.stride[0] if isinstance(mod, torch.nn.ConvTranspose1d) else w[0].numel()
+            transposed = isinstance(mod, torch.nn.ConvTranspose1d)
+            fan_in = w.shape[0] * w.shape[2] / mod.stride[0] if transposed else w[0].numel()
             w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(fan_in))
             if mod.bias is not None:
                 mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.02)

@@ -35,7 +35,7 @@ MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM more
 MAX_MESSAGES = 1024
 AUDIO_FORMATS = ("wav", "pcm16", "pcm", "mp3", "opus", "flac", "aac")  # audio.format values (pcm16 is pcm)
 SPEECH_FORMATS = ("wav", "pcm", "mp3", "opus", "flac", "aac")
-API_DIALECTS = ("openai", "vllm-omni")  # response shapes: OpenAI's, or vllm-omni's (its clients work unchanged)  # /v1/audio/speech response_format values
+API_DIALECTS = ("openai", "vllm-omni")  # response shapes: OpenAI's, or vllm-omni's (its clients work unchanged)
 MAX_SPEECH_INPUT = 4096  # characters of /v1/audio/speech `input` (OpenAI's limit)
 
 

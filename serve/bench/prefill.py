@@ -147,8 +147,9 @@ def markdown(results: list[PolicyResult], cfg: PrefillBenchConfig, prompt_len: i
     same = all(r.token_ids == results[0].token_ids for r in results)
     lines = [f"`omni bench prefill --model {cfg.model} --arrivals {cfg.arrivals} --prompt-tokens {cfg.prompt_tokens} "
              f"--chunk {cfg.chunk}`: {cfg.arrivals} prompts of {prompt_len} tokens arrive while one request decodes.",
-             "", "| policy | max_prefill_tokens | prefill_chunk_tokens | running request's stall | vs unbounded | "
-             "its gap p50 | arrivals' TTFT p50 | TTFT max | prefill forwards |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| policy | max_prefill_tokens | prefill_chunk_tokens | running request's stall | vs unbounded "
+             "| its gap p50 | arrivals' TTFT p50 | TTFT max | prefill forwards |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.policy} | {r.max_prefill_tokens or 'none'} | {r.prefill_chunk_tokens or 'whole'} | "
                      f"{r.stall_max_ms:.0f} ms | {r.stall_max_ms / base:.2f}x | {r.gap_p50_ms:.1f} ms | "

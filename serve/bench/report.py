@@ -81,8 +81,9 @@ def _pcts(stats: Optional[Stats]) -> str:
 
 def _playback_rows(levels: list[Level]) -> list[str]:
     """Ours per level: latency percentiles, RTF, playback stalls."""
-    rows = ["| output | load | TTFT p50/p95/p99 (ms) | TTFAP p50/p95/p99 (ms) | end to end p50/p95/p99 (ms) | RTF | "
-            "stall per stream mean / max (s) | streams without a stall > 50 ms |", "|---|---|---|---|---|---:|---|---:|"]
+    rows = ["| output | load | TTFT p50/p95/p99 (ms) | TTFAP p50/p95/p99 (ms) | end to end p50/p95/p99 (ms) | RTF "
+            "| stall per stream mean / max (s) | streams without a stall > 50 ms |",
+            "|---|---|---|---|---|---:|---|---:|"]
     for lv in levels:
         o = lv.ours
         stall = "-" if o.stall_s is None else f"{o.stall_s.mean:.2f} / {o.stall_s.max:.2f}"
@@ -170,7 +171,8 @@ def markdown(results: BenchResults) -> str:
         lines += ["", "Over HTTP the ids are not sent: \"same ids\" compares the text and the number of audio "
                       "samples."]
     if results.encoders is not None:
-        lines += ["", "## Encoders", "", "| encoder | items | items/s at batch 1 | items/s batched | batched / batch 1 |",
+        lines += ["", "## Encoders", "",
+                  "| encoder | items | items/s at batch 1 | items/s batched | batched / batch 1 |",
                   "|---|---:|---:|---:|---:|"]
         encoders = _encoders(results)
         for name, e in encoders.items():
