@@ -171,8 +171,10 @@ def build_tokenizer():
     for i in range(len(vocab), BPE_SIZE):  # pad so the special ids never move
         vocab[f"<|reserved_{i}|>"] = i
     vocab.update(TOKEN_IDS)
+    # transformers annotates merges as str | list[str] and unk_token as str; its BPE takes the (a, b) pairs and no
+    # unknown token (Qwen's byte-level vocabulary covers every byte) as the checkpoints' tokenizer.json has them
     tok = Qwen2Tokenizer(
-        vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",  # type: ignore[arg-type]
         extra_special_tokens={  # the processor's __init__ reads these names
             "image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
             "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
@@ -218,9 +220,10 @@ def _init_token2wav(t2w, seed: int = 0) -> None:
     for mod in t2w.modules():
         if isinstance(mod, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
             w = mod.weight
-            # ConvTranspose1d weight is [in, out, k]: each output sums in * k / stride taps
-            transposed = isinstance(mod, torch.nn.ConvTranspose1d)
-            fan_in = w.shape[0] * w.shape[2] / mod.stride[0] if transposed else w[0].numel()
+            if isinstance(mod, torch.nn.ConvTranspose1d):  # weight [in, out, k]: each output sums in * k / stride taps
+                fan_in = w.shape[0] * w.shape[2] / mod.stride[0]
+            else:
+                fan_in = w[0].numel()
             w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(fan_in))
             if mod.bias is not None:
                 mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.02)

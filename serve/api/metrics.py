@@ -210,7 +210,7 @@ class RequestTrack:
         self._started()
         self.m.in_flight.dec()
         pb = self.playback
-        if ok and pb.audio_s > 0:
+        if ok and pb.audio_s > 0 and pb.last is not None:
             self.m.audio_rtf.observe(pb.last / pb.audio_s)
             self.m.audio_underrun.observe(pb.stall_s)
             self.m.audio_streams.inc()

@@ -10,6 +10,7 @@ uses it (`ray.init(address="auto")` is ambiguous when other Ray instances run on
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -63,7 +64,7 @@ def connect_ray(address: str) -> None:
         ray.shutdown()
     serve_context._set_global_client(None)
     _token_auth_like_auto()
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
 
 
 @dataclass
