@@ -2,6 +2,7 @@
 #   make serve  the OpenAI-compatible Serve app on the tiny default (127.0.0.1:8000)
 #   make test   every test (.ci/run calls this, after make lint)
 #   make lint   ruff check, ruff format --check, mypy (pyproject's [tool.ruff] and [tool.mypy])
+#   make format ruff's safe fixes (import order, annotations) and ruff format: what make lint then finds clean
 #   make run    a one-shot demo: omni chat on the bundled sample media, writes out/answer.wav
 #   make gpu-wheels  the wheels the GPU check carries to a bare GPU host (.gpu-wheels/; see tools/gpu_check.sh)
 PY      ?= python3
@@ -15,7 +16,7 @@ GPU_WHEELS ?= .gpu-wheels
 # the bare GPU host's Python (the binary wheels are picked for it)
 GPU_PY      ?= 3.12
 
-.PHONY: setup debs venv links run serve test lint bench gpu-wheels clean
+.PHONY: setup debs venv links run serve test lint format bench gpu-wheels clean
 
 setup: debs venv links
 
@@ -66,6 +67,10 @@ lint: setup
 	$(BIN)/ruff format --check . || rc=1; \
 	$(BIN)/mypy || rc=1; \
 	exit $$rc
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)

@@ -71,8 +71,8 @@ def _latency_rows(levels: list[Level]) -> list[tuple]:
 
 
 def _frac(summary: Summary) -> Optional[float]:
-    ttfap, e2e = _mean(summary.ttfap_s), _mean(summary.e2e_s)
-    return None if ttfap is None else ttfap / e2e
+    ttfap = _mean(summary.ttfap_s)
+    return None if ttfap is None else ttfap / summary.e2e_s.mean
 
 
 def _pcts(stats: Optional[Stats]) -> str:
@@ -164,9 +164,9 @@ def markdown(results: BenchResults) -> str:
               "|---|---|---|---:|---:|---|---:|"]
     for lv in levels:
         for stage, st in lv.stages.items():
-            share = "-" if st["busy_share"] is None else f"{st['busy_share']:.0%}"
+            busy = "-" if st["busy_share"] is None else f"{st['busy_share']:.0%}"
             lines.append(f"| {lv.mode} | {lv.label} | {stage} | {st['steps']} | {st['mean_batch']:.2f} | "
-                         f"{st['busy_s']:.1f} ({share}) | {_num(st['mean_queue_ms'], 1)} |")
+                         f"{st['busy_s']:.1f} ({busy}) | {_num(st['mean_queue_ms'], 1)} |")
     if results.via == "http":
         lines += ["", "Over HTTP the ids are not sent: \"same ids\" compares the text and the number of audio "
                       "samples."]
