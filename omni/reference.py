@@ -12,7 +12,7 @@ row, the patched single request's text ids and codec ids, and its Talker logits 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -25,7 +25,7 @@ __all__ = ["ReferenceResult", "reference_generate", "generate_kwargs", "keep_tal
 
 
 def _stage_kwargs(prefix: str, p: SamplingParams) -> dict:
-    kw = {f"{prefix}do_sample": not p.greedy}
+    kw: dict[str, Any] = {f"{prefix}do_sample": not p.greedy}
     if not p.greedy:
         kw[f"{prefix}temperature"] = p.temperature
         kw[f"{prefix}top_p"] = p.top_p
