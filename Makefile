@@ -64,7 +64,7 @@ serve: setup
 lint: setup
 	@rc=0; \
 	$(BIN)/ruff check . || rc=1; \
-	$(BIN)/ruff format --check . || rc=1; \
+	$(BIN)/ruff format --check --output-format concise . || rc=1; \
 	$(BIN)/mypy || rc=1; \
 	exit $$rc
 
