@@ -59,7 +59,6 @@ run: setup
 serve: setup
 	$(BIN)/omni serve --model tiny
 
-# -q prints the skip count in the summary line, -rs each skip's reason (the gpu tests where no CUDA device is present)
 # every check runs, then the target fails if any did
 lint: setup
 	@rc=0; \
@@ -72,6 +71,7 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# -q prints the skip count in the summary line, -rs each skip's reason (the gpu tests where no CUDA device is present)
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
