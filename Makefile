@@ -1,6 +1,8 @@
 # Each target installs what it needs (Debian packages, then a virtualenv with the project) and runs:
 #   make serve  the OpenAI-compatible Serve app on the tiny default (127.0.0.1:8000)
-#   make test   every test (.ci/run calls this)
+#   make test   every test (.ci/run calls this, after make lint)
+#   make lint   ruff check, ruff format --check, mypy (pyproject's [tool.ruff] and [tool.mypy])
+#   make format ruff's safe fixes (import order, annotations) and ruff format: what make lint then finds clean
 #   make run    a one-shot demo: omni chat on the bundled sample media, writes out/answer.wav
 #   make gpu-wheels  the wheels the GPU check carries to a bare GPU host (.gpu-wheels/; see tools/gpu_check.sh)
 PY      ?= python3
@@ -14,9 +16,9 @@ GPU_WHEELS ?= .gpu-wheels
 # the bare GPU host's Python (the binary wheels are picked for it)
 GPU_PY      ?= 3.12
 
-.PHONY: setup debs venv run serve test bench gpu-wheels clean
+.PHONY: setup debs venv links run serve test lint format bench gpu-wheels clean
 
-setup: debs venv
+setup: debs venv links
 
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -31,11 +33,23 @@ $(BIN)/python:
 
 # (re)installed whenever pyproject.toml changes (new dependencies, new extras)
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --no-compile --disable-pip-version-check -e ".[test,demo]" 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import omni, openai, hypothesis, torch, transformers, ray, gradio, selenium"
+	$(BIN)/pip install -q --no-compile --disable-pip-version-check -e ".[test,demo,lint]" 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import omni, openai, hypothesis, torch, transformers, ray, gradio, selenium, mypy"
+	@$(BIN)/ruff --version >/dev/null
 	@touch $@
 
 venv: $(VENV)/.installed
+
+# omni/encoders -> ../encoders, ... (gitignored): the import names as folders, so that tools which follow an import to
+# a file (mypy, pyright, editors) find omni.serve.config in omni/serve/config.py = serve/config.py. pyproject's
+# package-dir mapping serves the runtime (the editable install's import hook, the wheel); a static tool cannot run
+# that hook. The runtime finds the same files through the links.
+LINKS := encoders decoders serve configs assets demos
+links:
+	@for d in $(LINKS); do \
+	  if [ -e omni/$$d ] && [ ! -L omni/$$d ]; then echo "omni/$$d exists and is not a link to ../$$d" >&2; exit 1; fi; \
+	  [ "$$(readlink omni/$$d)" = "../$$d" ] || ln -sfn ../$$d omni/$$d; \
+	done
 
 run: setup
 	mkdir -p out
@@ -44,6 +58,18 @@ run: setup
 
 serve: setup
 	$(BIN)/omni serve --model tiny
+
+# every check runs, then the target fails if any did
+lint: setup
+	@rc=0; \
+	$(BIN)/ruff check . || rc=1; \
+	$(BIN)/ruff format --check --output-format concise . || rc=1; \
+	$(BIN)/mypy || rc=1; \
+	exit $$rc
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # -q prints the skip count in the summary line, -rs each skip's reason (the gpu tests where no CUDA device is present)
 test: setup
@@ -61,4 +87,4 @@ gpu-wheels: | $(BIN)/python
 	@du -sh $(GPU_WHEELS); ls $(GPU_WHEELS)
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

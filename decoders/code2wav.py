@@ -200,7 +200,7 @@ class Code2Wav:
         for i, (_, w) in enumerate(plans):
             groups.setdefault((w.end - w.start, w.conv_start - w.start), []).append(i)
         spf = self.samples_per_frame
-        for (length, skip), idx in groups.items():
+        for (_length, skip), idx in groups.items():
             for k in range(0, len(idx), self.config.max_batch):
                 rows = idx[k:k + self.config.max_batch]
                 codes = torch.stack([plans[i][0]._codes_tensor(plans[i][1].start, plans[i][1].end)

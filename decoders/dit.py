@@ -101,6 +101,7 @@ def sample_mel(dit, cond: torch.Tensor, ref_mel: torch.Tensor, codes: torch.Tens
     if sway_coefficient is not None:
         t += sway_coefficient * (torch.cos(torch.pi / 2 * t) - 1 + t)
     ragged = lengths is not None and bool((lengths != frames).any())
-    with _key_padding_mask(dit, lengths) if ragged else contextlib.nullcontext(), _speaker_encoder_once(dit):
+    padded = _key_padding_mask(dit, lengths) if ragged and lengths is not None else contextlib.nullcontext()
+    with padded, _speaker_encoder_once(dit):
         x = RungeKutta4ODESolver(function=velocity, initial_value=noise).integrate(t)[-1]  # [B, frames, mel]
     return x.permute(0, 2, 1)

@@ -53,6 +53,8 @@ class MediaPolicy:
 class MediaError(InvalidRequest):
     """A media item could not be loaded: `status_code` 400 (bad, corrupt, wrong type, refused) or 413 (too large)."""
 
+    media_type: str | None = None  # omni caption: the sniffed type of the file that failed (None: unknown)
+
     def __init__(self, message: str, status_code: int = 400, param: str | None = None):
         super().__init__(message, param, "media_too_large" if status_code == 413 else "invalid_media")
         self.status_code = status_code
@@ -164,7 +166,7 @@ def _public_addresses(host: str, port: int) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
         raise MediaError(f"cannot resolve media URL host {host!r}: {e}") from None
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     for a in addresses:
         ip = ipaddress.ip_address(a.split("%")[0])
         ip = getattr(ip, "ipv4_mapped", None) or ip
@@ -189,12 +191,13 @@ class _PinnedHTTP(http.client.HTTPConnection):
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
     def __init__(self, host, port, ip, timeout):
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self.tls = ssl.create_default_context()
+        super().__init__(host, port, timeout=timeout, context=self.tls)
         self.ip = ip
 
     def connect(self):
         sock = socket.create_connection((self.ip, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)
 
 
 def _fetch_http(url: str, policy: MediaPolicy, limits: MediaLimits, resolve=_public_addresses) -> bytes:

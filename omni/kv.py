@@ -186,6 +186,7 @@ class SlotKV:
     def _grow(self, slots: int, capacity: int) -> None:
         """Allocate the storage at (slots, capacity), keeping what the old one held (a copy: rare). Zeroed on CUDA
         (committed memory anyway); uninitialised on the CPU, rows zeroed as they are first used (`clean_rows`)."""
+        assert self._layout is not None, "_grow before the first prompt set the layout"
         n_layers, kv_heads, head_dim, dtype = self._layout
         old_k, old_v = self.keys, self.values
         old_s, old_c = (old_k[0].shape[0], old_k[0].shape[2]) if old_k else (0, 0)

@@ -120,6 +120,7 @@ class WorkerLoop:
         while True:
             work = self._next_work()
             if work is None:
+                assert self._wake is not None  # made with this task, by _ensure_running
                 self._wake.clear()
                 if self._next_work() is None:  # input may have arrived between the check and the clear
                     await self._wake.wait()
@@ -156,6 +157,7 @@ class WorkerLoop:
             if start is not None:
                 start()
             self._ensure_running()
+            assert self._wake is not None
             self._wake.set()
             while True:
                 item = await q.get()

@@ -12,7 +12,7 @@ row, the patched single request's text ids and codec ids, and its Talker logits 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -24,7 +24,7 @@ __all__ = ["ReferenceResult", "reference_generate", "generate_kwargs", "keep_tal
 
 
 def _stage_kwargs(prefix: str, p: SamplingParams) -> dict:
-    kw = {f"{prefix}do_sample": not p.greedy}
+    kw: dict[str, Any] = {f"{prefix}do_sample": not p.greedy}
     if not p.greedy:
         kw[f"{prefix}temperature"] = p.temperature
         kw[f"{prefix}top_p"] = p.top_p
@@ -50,7 +50,8 @@ def generate_kwargs(model, request: ChatRequest, has_pixels: bool = False) -> di
     if tk.greedy:  # generate passes its own sampling defaults to the talker; greedy must override them
         kw.update(talker_top_k=None, talker_top_p=None, talker_temperature=None)
     if tk.stop_token_ids:
-        kw["talker_eos_token_id"] = [model.talker.codec_pad_token, model.talker.codec_eos_token] + list(tk.stop_token_ids)
+        eos = [model.talker.codec_pad_token, model.talker.codec_eos_token]
+        kw["talker_eos_token_id"] = eos + list(tk.stop_token_ids)
     if has_pixels:
         # transformers 5.23 bug: generate forwards pixel values to talker.generate, whose kwarg validation rejects
         # them; a talker_-prefixed None overrides them for the talker only.

@@ -33,7 +33,6 @@ def teacher_forced_thinker(model, inputs, reply_ids: list[int]):
     from transformers.generation.utils import GenerateDecoderOnlyOutput
 
     thinker = model.thinker
-    orig = thinker.generate
     L = inputs["input_ids"].shape[1]
     fed = torch.tensor([reply_ids[:-1]], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
 

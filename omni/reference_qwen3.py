@@ -17,6 +17,7 @@ What the official path does, checked against the transformers 5.23/5.24 code (om
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ __all__ = ["reference_generate_qwen3"]
 
 
 def _stage_kwargs(prefix: str, p: SamplingParams) -> dict:
-    kw = {f"{prefix}do_sample": not p.greedy, f"{prefix}repetition_penalty": p.repetition_penalty}
+    kw: dict[str, Any] = {f"{prefix}do_sample": not p.greedy, f"{prefix}repetition_penalty": p.repetition_penalty}
     if p.greedy:  # generate passes its own sampling defaults; greedy must override them (no warper is built)
         kw.update({f"{prefix}top_k": None, f"{prefix}top_p": None, f"{prefix}temperature": None})
     else:

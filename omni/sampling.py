@@ -71,7 +71,7 @@ class TokenHistory:
     def ids(self) -> torch.Tensor:  # [1, length]
         return self._buf[:, :self.length]
 
-    def append(self, token: torch.Tensor) -> None:
+    def append(self, token: torch.Tensor | int) -> None:
         """token: long [1] (device) or an int."""
         if self.length == self._buf.shape[1]:  # past the room it was made with (never in the engine): grow
             self._buf = torch.cat([self._buf, torch.empty_like(self._buf)], dim=1)

@@ -8,7 +8,7 @@ TalkerPrompt with P = h(p) + e(p) (e zeroed at media placeholders).
 from __future__ import annotations
 
 import dataclasses
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Literal, Optional
 
 import torch
 
@@ -60,7 +60,7 @@ class ThinkerSequence(Sequence):
         self.detok = Detokenizer(thinker.tokenizer)
         self.tokens: list[int] = []
         self._held: list[int] = []  # tokens whose text has not been released yet
-        self.finish_reason = "length"
+        self.finish_reason: Literal["stop", "length", "cancelled"] = "length"
 
     # -------------------------------------------------------------------------------------------- engine hooks
     def prefill_inputs(self):

@@ -171,8 +171,10 @@ def build_tokenizer():
     for i in range(len(vocab), BPE_SIZE):  # pad so the special ids never move
         vocab[f"<|reserved_{i}|>"] = i
     vocab.update(TOKEN_IDS)
+    # transformers annotates merges as str | list[str] and unk_token as str; its BPE takes the (a, b) pairs and no
+    # unknown token (Qwen's byte-level vocabulary covers every byte) as the checkpoints' tokenizer.json has them
     tok = Qwen2Tokenizer(
-        vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",  # type: ignore[arg-type]
         extra_special_tokens={  # the processor's __init__ reads these names
             "image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
             "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
@@ -196,8 +198,9 @@ def build_processor():
                image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
     fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300,
                                  n_fft=400, padding_value=0.0, return_attention_mask=True)
-    return Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(**vis), video_processor=Qwen2VLVideoProcessor(**vis),
-                                feature_extractor=fe, tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE)
+    return Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(**vis),
+                                video_processor=Qwen2VLVideoProcessor(**vis), feature_extractor=fe,
+                                tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE)
 
 
 def speaker_dict(config) -> dict:
@@ -217,8 +220,10 @@ def _init_token2wav(t2w, seed: int = 0) -> None:
     for mod in t2w.modules():
         if isinstance(mod, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
             w = mod.weight
-            # ConvTranspose1d weight is [in, out, k]: each output sums in * k / stride taps
-            fan_in = w.shape[0] * w.shape[2] / mod.stride[0] if isinstance(mod, torch.nn.ConvTranspose1d) else w[0].numel()
+            if isinstance(mod, torch.nn.ConvTranspose1d):  # weight [in, out, k]: each output sums in * k / stride taps
+                fan_in = w.shape[0] * w.shape[2] / mod.stride[0]
+            else:
+                fan_in = w[0].numel()
             w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(fan_in))
             if mod.bias is not None:
                 mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.02)

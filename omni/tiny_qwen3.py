@@ -157,7 +157,7 @@ def _init_talker_experts(talker, seed: int = 0) -> None:
     random memory, different on every build. Draw them as the thinker's are: normal(0, initializer_range)."""
     g = torch.Generator().manual_seed(seed + 1)
     std = talker.config.text_config.initializer_range
-    for name, mod in talker.named_modules():
+    for mod in talker.modules():
         if type(mod).__name__ == "Qwen3OmniMoeTalkerTextExperts":
             for p in (mod.gate_up_proj, mod.down_proj):
                 p.copy_(torch.randn(p.shape, generator=g) * std)

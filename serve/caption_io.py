@@ -70,7 +70,7 @@ class CaptionError(Exception):
     """The job cannot run or finish (bad input argument, output not writable): the CLI prints it and exits non-zero."""
 
 
-def one_line(text: str, limit: int = 400) -> str:
+def one_line(text: object, limit: int = 400) -> str:
     """An error message as one line of at most `limit` characters."""
     s = re.sub(r"\s+", " ", str(text)).strip()
     return s if len(s) <= limit else s[: limit - 3] + "..."
@@ -190,7 +190,7 @@ def sniff_media_type(data: bytes) -> Optional[str]:
 _OBJECT_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")  # PIL names its stream: noise in an error row
 
 
-def load_file(path: str, use_audio_in_video: bool = False, limits=None) -> tuple[Optional[str], object]:
+def load_file(path: str, use_audio_in_video: bool = False, limits=None) -> tuple[str, object]:
     """Read and decode one file -> (media type, decoded media: PIL image | [n] float32 16 kHz | Video). Raises
     MediaError with a one-line reason (and `.media_type`, None when unknown) when it cannot be read or decoded."""
     from omni.encoders.media import MediaError, MediaLimits, load_audio, load_image, load_video

@@ -153,6 +153,7 @@ class CaptionOutput:
             pq.write_table(_parquet_table(rows), buf)
             _atomic_write(self.parts / name, buf.getvalue())
         else:
+            assert self._fd is not None, "JSON lines: open() opened the file"
             _write_all(self._fd, b"".join(_json_line(r) for r in rows))  # one write: a signal cannot split it
             os.fsync(self._fd)
 

@@ -328,7 +328,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("caption", help="caption files, folders or @lists of media into JSONL/Parquet (Ray Data job)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="a file, a folder (recursed) or @list.txt (a path a line)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="a file, a folder (recursed) or @list.txt (a path a line)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl|FILE.parquet")
     p.add_argument("--prompt", default=None, help="default: one per media type (\"Describe this image in one ...\")")
     p.add_argument("--model", default="tiny", help="tiny | small | a checkpoint directory | a hub id")

@@ -95,8 +95,8 @@ class ServeConfig(PipelineConfig):
     max_tokens: Optional[int] = Field(4096, ge=1)  # per-request max_tokens limit (400 past it); None: max_model_len
     max_concurrent_requests: int = Field(64, ge=1)  # chat completions in flight per ingress replica; 503 past it
     max_speech_streams: Optional[int] = Field(None, ge=1)  # speech streams (chat completions with audio and
-    #   /v1/audio/speech) in flight per ingress replica; more wait their turn up to speech_wait_s, then 503 (None: no limit; BENCHMARKS.md: how many the stages
-    #   keep in real time)
+    #   /v1/audio/speech) in flight per ingress replica; more wait their turn up to speech_wait_s, then 503 (None: no
+    #   limit; BENCHMARKS.md: how many the stages keep in real time)
     speech_wait_s: float = Field(30.0, ge=0)  # seconds a speech request waits for its slot before its 503
     default_max_tokens: int = Field(256, ge=1)  # text tokens when a request does not say
     default_speech_tokens: int = Field(2048, ge=1)  # codec tokens (50 per second of speech) when a request does not say

@@ -1,9 +1,9 @@
 """Admission on one app: chat completions in flight (past the limit: 503), each admitted one's resources (slot,
 metrics track, backend stream, speech slot) released exactly once, and the speech streams' gate: at most
-`max_speech_streams` in flight (chat completions with audio and /v1/audio/speech alike), so that a new stream does not make the running ones stall (the machine makes only so
-many streams of real-time speech: BENCHMARKS.md measures it per stage). A speech request past that limit waits its
-turn, first come first served, up to `speech_wait_s`, then gets 503 + Retry-After. Text-only requests never wait on
-the gate."""
+`max_speech_streams` in flight (chat completions with audio and /v1/audio/speech alike), so that a new stream does
+not make the running ones stall (the machine makes only so many streams of real-time speech: BENCHMARKS.md measures
+it per stage). A speech request past that limit waits its turn, first come first served, up to `speech_wait_s`, then
+gets 503 + Retry-After. Text-only requests never wait on the gate."""
 from __future__ import annotations
 
 import asyncio

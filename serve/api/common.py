@@ -47,7 +47,7 @@ def _from_validation(e: ValidationError) -> HTTPError:
     return HTTPError(400, "invalid request: " + "; ".join(parts), param, "invalid_request")
 
 
-def _client_error(exc: BaseException) -> Optional[BaseException]:
+def _client_error(exc: Optional[BaseException]) -> Optional[BaseException]:
     """The client's error inside `exc`, also when a stage in another process raised it (Ray wraps a replica's
     exception and keeps the original as `.cause`; asyncio and generators chain it as `__cause__`)."""
     seen = set()

@@ -132,8 +132,8 @@ class Metrics:
         self.audio_rtf = Histogram(f"{p}_audio_rtf", "Per audio stream: arrival to last audio / seconds of speech",
                                    buckets=_RTF_BUCKETS, registry=r)
         self.audio_underrun = Histogram(f"{p}_audio_underrun_seconds", "Per audio stream: seconds a real-time "
-                                        "player starting at the first packet would wait for audio", buckets=_LATENCY_BUCKETS,
-                                        registry=r)
+                                        "player starting at the first packet would wait for audio",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.audio_streams = Counter(f"{p}_audio_streams", "Audio streams finished", registry=r)
         self.audio_continuity_ok = Counter(f"{p}_audio_continuity_ok", f"Audio streams with no playback gap over "
                                            f"{STALL_OK_S * 1000:.0f} ms", registry=r)
@@ -210,7 +210,7 @@ class RequestTrack:
         self._started()
         self.m.in_flight.dec()
         pb = self.playback
-        if ok and pb.audio_s > 0:
+        if ok and pb.audio_s > 0 and pb.last is not None:
             self.m.audio_rtf.observe(pb.last / pb.audio_s)
             self.m.audio_underrun.observe(pb.stall_s)
             self.m.audio_streams.inc()

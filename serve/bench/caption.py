@@ -38,7 +38,8 @@ class CaptionBenchConfig:
     @classmethod
     def from_args(cls, args) -> "CaptionBenchConfig":
         # --model --files --max-tokens --out; the serving bench's --concurrency (levels) means something else here
-        kw = {k: getattr(args, k) for k in ("model", "files", "max_tokens", "out") if getattr(args, k, None) is not None}
+        keys = ("model", "files", "max_tokens", "out")
+        kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
         return cls(**kw)
 
 

@@ -168,7 +168,8 @@ def cpu_step_memory(fn: Callable) -> tuple[int, int]:
         events = json.loads(Path(path).read_text()).get("traceEvents", [])
     finally:
         os.unlink(path)
-    mem = sorted((e for e in events if e.get("name") == "[memory]" and int(e.get("args", {}).get("Device Type", 0)) == 0),
+    mem = sorted((e for e in events
+                  if e.get("name") == "[memory]" and int(e.get("args", {}).get("Device Type", 0)) == 0),
                  key=lambda e: e.get("ts", 0))
     if not mem:
         return 0, 0
@@ -267,8 +268,8 @@ def run_context(thinker, context: int, batches, cfg: EngineBenchConfig, generato
         cell.step_alloc_bytes, cell.step_peak_bytes = step_memory(engine.step, device)
         if engine.num_running != B:
             raise RuntimeError(f"{engine.num_running} rows after cell {B} x {context}, expected {B}")
-        log(f"  B={B:3d} T={context:5d}  step {cell.step_ms_median:8.2f} ms  {cell.tokens_per_s:8.1f} tok/s  alloc/step "
-            f"{_mib(cell.step_alloc_bytes)}  peak {_mib(cell.step_peak_bytes)}"
+        log(f"  B={B:3d} T={context:5d}  step {cell.step_ms_median:8.2f} ms  {cell.tokens_per_s:8.1f} tok/s  "
+            f"alloc/step {_mib(cell.step_alloc_bytes)}  peak {_mib(cell.step_peak_bytes)}"
             + (f"  admit {cell.admit_step_ms:8.2f} ms (+{cell.admit_extra_ms:.2f})  peak {_mib(cell.admit_peak_bytes)}"
                if admit else ""))
         out.append(cell)

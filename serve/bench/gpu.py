@@ -178,7 +178,8 @@ def s0_env(ctx) -> dict:
         p = torch.cuda.get_device_properties(ctx.dev)
         out.update(device_name=p.name, capability=f"{p.major}.{p.minor}", free_bytes=free, total_bytes=total,
                    sdpa={k: getattr(torch.backends.cuda, f"{k}_sdp_enabled")() for k in
-                         ("flash", "mem_efficient", "math", "cudnn") if hasattr(torch.backends.cuda, f"{k}_sdp_enabled")})
+                         ("flash", "mem_efficient", "math", "cudnn")
+                         if hasattr(torch.backends.cuda, f"{k}_sdp_enabled")})
     imports = {}
     for mod in ("omni.engine", "omni.thinker", "omni.talker", "omni.decoders", "omni.serve.stages",
                 "omni.serve.bench.engine", "omni.serve.pipeline"):
@@ -305,7 +306,8 @@ def s4_talker_dit(ctx) -> dict:
             for B in s["dit_batches"]:
                 codes = torch.randint(0, 8192, (B, n), device=t2w.device)
                 noise = torch.randn(B, n * t2w.repeats, t2w.mel_dim, device=t2w.device)
-                run = lambda: t2w._dit(cond.expand(B, -1), ref.expand(B, -1, -1), codes, noise)  # noqa: E731
+                def run(B=B, codes=codes, noise=noise):
+                    return t2w._dit(cond.expand(B, -1), ref.expand(B, -1, -1), codes, noise)
                 ms = _us_per(run, s["dit_reps"], t2w.device) / 1e3
                 out["dit"].append({"tf32": tf32, "codes": n, "batch": B, "ms": ms})
                 ctx.log(f"  DiT {n} codes B={B} tf32={tf32}: {ms:.1f} ms")
@@ -365,8 +367,9 @@ def s5_ttfap(ctx) -> dict:
     for c in SHAPES[ctx.shape]["ttfap_c"]:
         rows = asyncio.run(_speech(ctx, stages, c, 100 * c))
         ttfap = sorted(r["ttfap_ms"] for r in rows if r["ttfap_ms"] is not None)
-        lv = {"c": c, "ttfap_ms_p50": statistics.median(ttfap) if ttfap else None, "ttfap_ms_max": max(ttfap, default=None),
-              "e2e_ms_p50": statistics.median(r["e2e_ms"] for r in rows), "requests": rows}
+        lv = {"c": c, "ttfap_ms_p50": statistics.median(ttfap) if ttfap else None,
+              "ttfap_ms_max": max(ttfap, default=None), "e2e_ms_p50": statistics.median(r["e2e_ms"] for r in rows),
+              "requests": rows}
         out["levels"].append(lv)
         ctx.log(f"  TTFAP c={c}: p50 {lv['ttfap_ms_p50']} ms")
         ctx.goals[f"ttfap_c{c}"] = _goal(f"TTFAP p50 at c={c} (ms)", lv["ttfap_ms_p50"], 250.0 if c == 1 else 600.0)

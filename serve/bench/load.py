@@ -163,7 +163,8 @@ async def one_request(client, url: str, body: dict, t0: float, timeout: float, h
                         finish = ch.get("finish_reason") or finish
                     if chunk.get("usage"):
                         info["completion_tokens"] = chunk["usage"].get("completion_tokens", 0)
-                info.update(audio_s=audio_bytes / 2 / 24000, text="".join(text), audio_chunks=tuple(chunks))  # PCM16 24k
+                info.update(audio_s=audio_bytes / 2 / 24000,  # PCM16 at 24 kHz
+                            text="".join(text), audio_chunks=tuple(chunks))
                 if "error_code" in info:
                     return out("error_event", status)
                 return out("ok" if done and finish else "incomplete", status)

@@ -18,11 +18,12 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, Optional
 
 __all__ = ["PrefillBenchConfig", "POLICIES", "run_prefill_bench", "markdown", "main"]
 
 # name -> EngineConfig fields; "unbounded" is every ready prompt prefilled before the next decode
-POLICIES = {
+POLICIES: dict[str, dict[str, Optional[int]]] = {
     "unbounded": dict(max_prefill_tokens=0, prefill_chunk_tokens=0),
     "budget": dict(max_prefill_tokens=None, prefill_chunk_tokens=0),  # whole prompts, budget = one prompt
     "chunked": dict(max_prefill_tokens=None, prefill_chunk_tokens=None),  # chunk = budget (the --chunk flag)
@@ -61,7 +62,7 @@ class PolicyResult:
 def _policy_config(name: str, cfg: PrefillBenchConfig, prompt_len: int):
     from omni.engine import EngineConfig
 
-    fields = dict(POLICIES[name])
+    fields: dict[str, Any] = dict(POLICIES[name])  # None: filled in below
     if fields["max_prefill_tokens"] is None:
         fields["max_prefill_tokens"] = cfg.chunk if name == "chunked" else prompt_len
     if fields["prefill_chunk_tokens"] is None:
@@ -86,7 +87,8 @@ async def _measure(thinker, running, long, cfg: PrefillBenchConfig) -> dict:
     from omni.thinker import ThinkerDone
     from omni.types import MediaEmbeddings, SamplingParams
 
-    stamps, arrived = [], asyncio.Event()
+    stamps: list[float] = []  # the running request's token times
+    arrived = asyncio.Event()
     t_arrive = {}
 
     async def run(i, prompt, n, times=None):
@@ -147,8 +149,9 @@ def markdown(results: list[PolicyResult], cfg: PrefillBenchConfig, prompt_len: i
     same = all(r.token_ids == results[0].token_ids for r in results)
     lines = [f"`omni bench prefill --model {cfg.model} --arrivals {cfg.arrivals} --prompt-tokens {cfg.prompt_tokens} "
              f"--chunk {cfg.chunk}`: {cfg.arrivals} prompts of {prompt_len} tokens arrive while one request decodes.",
-             "", "| policy | max_prefill_tokens | prefill_chunk_tokens | running request's stall | vs unbounded | "
-             "its gap p50 | arrivals' TTFT p50 | TTFT max | prefill forwards |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| policy | max_prefill_tokens | prefill_chunk_tokens | running request's stall | vs unbounded "
+             "| its gap p50 | arrivals' TTFT p50 | TTFT max | prefill forwards |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.policy} | {r.max_prefill_tokens or 'none'} | {r.prefill_chunk_tokens or 'whole'} | "
                      f"{r.stall_max_ms:.0f} ms | {r.stall_max_ms / base:.2f}x | {r.gap_p50_ms:.1f} ms | "

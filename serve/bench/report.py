@@ -71,8 +71,8 @@ def _latency_rows(levels: list[Level]) -> list[tuple]:
 
 
 def _frac(summary: Summary) -> Optional[float]:
-    ttfap, e2e = _mean(summary.ttfap_s), _mean(summary.e2e_s)
-    return None if ttfap is None else ttfap / e2e
+    ttfap = _mean(summary.ttfap_s)
+    return None if ttfap is None else ttfap / summary.e2e_s.mean
 
 
 def _pcts(stats: Optional[Stats]) -> str:
@@ -81,8 +81,9 @@ def _pcts(stats: Optional[Stats]) -> str:
 
 def _playback_rows(levels: list[Level]) -> list[str]:
     """Ours per level: latency percentiles, RTF, playback stalls."""
-    rows = ["| output | load | TTFT p50/p95/p99 (ms) | TTFAP p50/p95/p99 (ms) | end to end p50/p95/p99 (ms) | RTF | "
-            "stall per stream mean / max (s) | streams without a stall > 50 ms |", "|---|---|---|---|---|---:|---|---:|"]
+    rows = ["| output | load | TTFT p50/p95/p99 (ms) | TTFAP p50/p95/p99 (ms) | end to end p50/p95/p99 (ms) | RTF "
+            "| stall per stream mean / max (s) | streams without a stall > 50 ms |",
+            "|---|---|---|---|---|---:|---|---:|"]
     for lv in levels:
         o = lv.ours
         stall = "-" if o.stall_s is None else f"{o.stall_s.mean:.2f} / {o.stall_s.max:.2f}"
@@ -163,14 +164,15 @@ def markdown(results: BenchResults) -> str:
               "|---|---|---|---:|---:|---|---:|"]
     for lv in levels:
         for stage, st in lv.stages.items():
-            share = "-" if st["busy_share"] is None else f"{st['busy_share']:.0%}"
+            busy = "-" if st["busy_share"] is None else f"{st['busy_share']:.0%}"
             lines.append(f"| {lv.mode} | {lv.label} | {stage} | {st['steps']} | {st['mean_batch']:.2f} | "
-                         f"{st['busy_s']:.1f} ({share}) | {_num(st['mean_queue_ms'], 1)} |")
+                         f"{st['busy_s']:.1f} ({busy}) | {_num(st['mean_queue_ms'], 1)} |")
     if results.via == "http":
         lines += ["", "Over HTTP the ids are not sent: \"same ids\" compares the text and the number of audio "
                       "samples."]
     if results.encoders is not None:
-        lines += ["", "## Encoders", "", "| encoder | items | items/s at batch 1 | items/s batched | batched / batch 1 |",
+        lines += ["", "## Encoders", "",
+                  "| encoder | items | items/s at batch 1 | items/s batched | batched / batch 1 |",
                   "|---|---:|---:|---:|---:|"]
         encoders = _encoders(results)
         for name, e in encoders.items():

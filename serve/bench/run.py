@@ -331,7 +331,7 @@ async def load_sweep(pipeline, media: Media, config: BenchConfig, progress: Prog
             samples, summary = {}, {}
             before = await stage_counters(pipeline, http)
             for name, one in backends.items():
-                def send(i, one=one):
+                def send(i, one=one, speak=speak):
                     return one(i, speak)
                 if rate is None:
                     samples[name], wall = await closed_loop(send, n, c, progress.phase(f"{mode} c={c} {name}", n))
@@ -373,8 +373,8 @@ def bench_encoders(pipeline, media: Media, config: BenchConfig, progress: Progre
     for name, enc, items in (("image", pipeline.vision, prompt.images), ("audio", pipeline.audio, prompt.audios)):
         progress.note(f"encoders: {name}, {k} items, batch 1 vs batch {k}")
         enc.encode(items[:1])  # warm-up
-        one = _best_time(lambda: [enc.encode([it]) for it in items], config.encoder_repeats)
-        batched = _best_time(lambda: enc.encode(items), config.encoder_repeats)
+        one = _best_time(lambda enc=enc, items=items: [enc.encode([it]) for it in items], config.encoder_repeats)
+        batched = _best_time(lambda enc=enc, items=items: enc.encode(items), config.encoder_repeats)
         out[name] = EncoderResult(items=k, batch1_items_per_s=k / one, batch_items_per_s=k / batched,
                                   batch_size=k, speedup=one / batched)
     return Encoders(image=out["image"], audio=out["audio"], processor_s=processor_s)

@@ -4,10 +4,10 @@
         -> Thinker (actor pool, each a continuous-batching engine fed a whole batch at once) -> write (driver)
 
 The driver lists the files, drops those already in the output (--resume), and consumes the dataset's blocks as they
-complete, committing each block's rows to the output (serve/caption_output.py) before taking the next: an interrupt loses
-at most the rows in flight. A file that cannot be read or decoded is a row with `error` set from the first stage on;
-later stages pass such rows through, so every input file gives exactly one row. Ray Data restarts a killed actor and
-retries its tasks, so a killed worker costs time, not rows.
+complete, committing each block's rows to the output (serve/caption_output.py) before taking the next: an interrupt
+loses at most the rows in flight. A file that cannot be read or decoded is a row with `error` set from the first stage
+on; later stages pass such rows through, so every input file gives exactly one row. Ray Data restarts a killed actor
+and retries its tasks, so a killed worker costs time, not rows.
 
 The stages are in serve/cluster/caption_stages.py. What crosses a stage boundary is arrow-friendly: strings, numbers
 and one binary column. `payload` holds a pickled (PreparedPrompt, Generation) after decoding (token ids [L], per-item
@@ -20,6 +20,7 @@ Runs where Ray runs: a local Ray started here, or the cluster in RAY_ADDRESS. `e
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -102,7 +103,7 @@ def _init_ray() -> bool:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="ERROR",
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level=logging.ERROR,
                  log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress lines replace Ray Data's bars and execution logs
@@ -176,7 +177,7 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
                             ready = float(r[f"{s}_ready_at"]) - wall0
                             timeline[f"{s}_ready"] = min(timeline.get(f"{s}_ready", ready), ready)
                     timeline.setdefault("first_row", time.perf_counter() - t0)
-                    signals.commit(lambda: commit(rows))
+                    signals.commit(lambda rows=rows: commit(rows))
                     progress.update(rows)
                     if on_batch is not None:
                         on_batch(rows)

@@ -54,7 +54,8 @@ def decode_batch(batch: dict, opts: CaptionOptions) -> dict:
 
     _set_threads(1)
     processor, node = _processor(opts.model), _node()
-    out = {k: [] for k in ("path", "rel", "media_type", "prompt", "error", "payload", "decode_s", "decode_node")}
+    out: dict[str, list] = {k: [] for k in ("path", "rel", "media_type", "prompt", "error", "payload", "decode_s",
+                                            "decode_node")}
     for path, rel in zip(batch["path"], batch["rel"]):
         t0 = time.perf_counter()
         kind, prompt, error, payload = "", opts.prompt or "", "", b""  # "" for none: an all-None column is no string

@@ -14,6 +14,7 @@ the whole group (Ray's workers included) if it is still there after `grace_s`. T
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -67,7 +68,7 @@ def connect_ray(address: str) -> None:
         ray.shutdown()
     serve_context._set_global_client(None)
     _token_auth_like_auto()
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
 
 
 class ServeProcess:

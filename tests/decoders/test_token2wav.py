@@ -238,7 +238,7 @@ def test_batched_steps_equal_solo_with_fewer_dit_calls(vocoder):
     calls = t2w.stats.dit_calls
     solo, n_solo = [], 0
     for u in utts:
-        got, n = forwards(lambda: run_streams(with_config(vocoder), [u], bursts))
+        got, n = forwards(lambda u=u: run_streams(with_config(vocoder), [u], bursts))
         solo.append(got[0])
         n_solo += n
     for a, b in zip(together, solo):

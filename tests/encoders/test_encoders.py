@@ -144,8 +144,9 @@ def test_shapes_match_placeholders(tiny, mixed_prompt, av_prompt, encoders):
     for p in (mixed_prompt, av_prompt):
         emb = encode_prompt(p, vision, audio)
         ids = p.input_ids
-        assert [t.shape[0] for t in emb.images] == placeholder_counts(ids, cfg.image_token_id, cfg.vision_start_token_id)
-        assert [t.shape[0] for t in emb.videos] == placeholder_counts(ids, cfg.video_token_id, cfg.vision_start_token_id)
+        vstart = cfg.vision_start_token_id
+        assert [t.shape[0] for t in emb.images] == placeholder_counts(ids, cfg.image_token_id, vstart)
+        assert [t.shape[0] for t in emb.videos] == placeholder_counts(ids, cfg.video_token_id, vstart)
         assert [t.shape[0] for t in emb.audios] == placeholder_counts(ids, cfg.audio_token_id, cfg.audio_start_token_id)
         assert [t.shape[0] for t in emb.images + emb.videos] == [vision.num_tokens(i) for i in p.images + p.videos]
         assert [t.shape[0] for t in emb.audios] == [audio.num_tokens(a) for a in p.audios]
@@ -165,7 +166,8 @@ def test_batch_limits_split_like_one_call(mixed_prompt, encoders):
     p = mixed_prompt
     items = p.images + p.videos  # 48, 192, 88, 2304, 3360 patches
     whole = vision.encode(items)
-    for cfg in (EncoderConfig(max_batch_items=2), EncoderConfig(max_batch_items=1), EncoderConfig(max_batch_tokens=250)):
+    for cfg in (EncoderConfig(max_batch_items=2), EncoderConfig(max_batch_items=1),
+                EncoderConfig(max_batch_tokens=250)):
         assert close(VisionEncoder(vision.visual, cfg).encode(items), whole)
     whole = audio.encode(p.audios)  # 50, 397, 147 frames
     for cfg in (EncoderConfig(max_batch_items=2), EncoderConfig(max_batch_tokens=400)):
@@ -221,7 +223,8 @@ def test_from_pretrained_loads_only_the_tower(tiny, mixed_prompt):
     assert equal(vision.encode(p.images), VisionEncoder(towers.visual).encode(p.images))
     assert equal(audio.encode(p.audios), AudioEncoder(towers.audio_tower).encode(p.audios))
     both = load_encoders("tiny")
-    assert _modules(both[0])[0] == "Qwen2_5OmniVisionEncoder" and _modules(both[1])[0] == "Qwen2_5OmniAudioEncoder"
+    assert _modules(both[0])[0] == "Qwen2_5OmniVisionEncoder"
+    assert _modules(both[1])[0] == "Qwen2_5OmniAudioEncoder"
 
 
 def test_bfloat16_equals_official_in_bfloat16(tiny, mixed, mixed_prompt):

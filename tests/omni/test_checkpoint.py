@@ -76,7 +76,8 @@ def test_processor_expands_placeholders(tiny, speech):
     ids = p.input_ids
     from omni.tiny import TOKEN_IDS
 
-    assert int((ids == TOKEN_IDS["<|IMAGE|>"]).sum()) == p.images[0].num_tokens == 12  # 84x112 -> 6x8 patches -> 3x4 tokens
+    # 84x112 -> 6x8 patches -> 3x4 tokens
+    assert int((ids == TOKEN_IDS["<|IMAGE|>"]).sum()) == p.images[0].num_tokens == 12
     n_audio = int((ids == TOKEN_IDS["<|AUDIO|>"]).sum())
     frames = p.audios[0].features.shape[-1]
     assert abs(frames - len(speech) / 160) <= 1  # 100 feature frames per second

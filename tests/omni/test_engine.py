@@ -121,7 +121,8 @@ def test_a_failing_prefill_fails_only_its_request(tiny, thinker):
 
     good = _prompt(tiny, PROMPTS[0])
     bad = _prompt(tiny, PROMPTS[1])
-    bad.input_ids = torch.cat([bad.input_ids[:3], torch.tensor([tiny.model.config.thinker_config.image_token_id] * 2), bad.input_ids[3:]])  # 2 image slots
+    slots = torch.tensor([tiny.model.config.thinker_config.image_token_id] * 2)  # 2 image slots
+    bad.input_ids = torch.cat([bad.input_ids[:3], slots, bad.input_ids[3:]])
 
     async def go():
         return await asyncio.gather(_generate(thinker, good, SamplingParams(max_tokens=8)),
@@ -140,8 +141,10 @@ def _steps_with_arrivals(tiny, config: EngineConfig):
     from omni.thinker import ThinkerSequence
 
     th = Thinker(tiny.model.thinker, tiny.processor.tokenizer, config)
-    mk = lambda text, n: ThinkerSequence(th, text, _prompt(tiny, text), MediaEmbeddings(), SamplingParams(max_tokens=n),
-                                         for_talker=False)
+    def mk(text, n):
+        return ThinkerSequence(th, text, _prompt(tiny, text), MediaEmbeddings(), SamplingParams(max_tokens=n),
+                               for_talker=False)
+
     running = mk(PROMPTS[0], 60)
     th.engine.add(running)
     while len(running.tokens) < 2:  # prefilled (in chunks or not) and decoding
@@ -151,7 +154,7 @@ def _steps_with_arrivals(tiny, config: EngineConfig):
         th.engine.add(s)
     gained, prefilled = [], []
     while any(not s.finished for s in arrivals):
-        before, chunks = len(running.tokens), th.engine.num_prefill_chunks
+        before = len(running.tokens)
         th.engine.max_prefill_tokens_seen = 0
         th.engine.step()
         if not running.finished:

@@ -1,5 +1,6 @@
-"""`omni caption`'s no-Ray half (serve/caption_io.py, serve/caption_output.py) on real media: listing (files, folders, @lists), sniffing by content, the request it
-builds (the one `omni chat` builds), and the output file's commit / repair / resume rules (JSON lines and Parquet)."""
+"""`omni caption`'s no-Ray half (serve/caption_io.py, serve/caption_output.py) on real media: listing (files,
+folders, @lists), sniffing by content, the request it builds (the one `omni chat` builds), and the output file's
+commit / repair / resume rules (JSON lines and Parquet)."""
 import json
 import os
 import shutil

@@ -80,7 +80,8 @@ def test_an_unsupported_transformers_fails_at_start(version, monkeypatch, capsys
     from omni.serve.pipeline import Pipeline
 
     monkeypatch.setattr(transformers, "__version__", version)
-    with pytest.raises(VersionError, match=rf"transformers {version} is installed but omni needs transformers>=5.24,<6"):
+    need = rf"transformers {version} is installed but omni needs transformers>=5.24,<6"
+    with pytest.raises(VersionError, match=need):
         check_versions()
     with pytest.raises(VersionError):
         load_model("tiny")

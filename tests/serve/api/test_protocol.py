@@ -66,7 +66,8 @@ def test_sampling_top_level_then_sampling_params_list():
                                   {"seed": 99}])
     thinker, talker, voc = resolve_sampling(r, opts)
     # list[0] wins field by field; the rest is the top level (max_completion_tokens over max_tokens)
-    assert (thinker.temperature, thinker.top_p, thinker.top_k, thinker.max_tokens, thinker.seed) == (0.0, 0.9, -1, 20, 5)
+    got = (thinker.temperature, thinker.top_p, thinker.top_k, thinker.max_tokens, thinker.seed)
+    assert got == (0.0, 0.9, -1, 20, 5)
     assert thinker.repetition_penalty == 1.1 and thinker.stop_token_ids == (7,)
     # the talker keeps its defaults except what list[1] sets, and inherits the request's seed
     assert (talker.temperature, talker.top_k, talker.top_p, talker.max_tokens) == (0.9, 10, 0.8, 48)

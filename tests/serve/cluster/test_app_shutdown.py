@@ -9,10 +9,9 @@ import time
 import httpx
 import pytest
 
-pytestmark = pytest.mark.slow
-
-
 from .conftest import APP_KEY
+
+pytestmark = pytest.mark.slow
 
 AUTH = {"Authorization": f"Bearer {APP_KEY}"}
 
