@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from omni.prompt import processor_inputs
+from omni.reference_inputs import official_inputs
 from omni.reference_base import ReferenceResult, teacher_forced_thinker
 from omni.reference_qwen3 import reference_generate_qwen3
 from omni.types import ChatRequest, SamplingParams, check_voice
@@ -120,7 +120,7 @@ def reference_generate(loaded, request: ChatRequest, seed: int = 0,
         return reference_generate_qwen3(loaded, request, seed, forced_reply_ids)
     model, processor = loaded.model, loaded.processor
     check_voice(request.voice, model.speaker_map)
-    inputs = processor_inputs(processor, request).to(model.device)
+    inputs = official_inputs(processor, request).to(model.device)
     prompt_len = inputs["input_ids"].shape[1]
     kw = generate_kwargs(model, request, has_pixels="pixel_values" in inputs or "pixel_values_videos" in inputs)
     th = request.sampling
