@@ -116,8 +116,8 @@ class _AudioTrack:
     """Decoded audio frames -> float32 mono at `sample_rate`, refusing more than `limit_s` seconds as they come.
 
     As `librosa.load` (the cookbook's audio path): decoded as float at the stream's own rate and channels, averaged
-    to mono, then resampled once by librosa's soxr_hq (ffmpeg's own downmix and resampler differ from it by up to
-    0.02 for a 22.05 kHz WAV and 0.24 for stereo)."""
+    to mono, then resampled once by soxr at librosa's soxr_hq (ffmpeg's own downmix and resampler differ from it by up
+    to 0.02 for a 22.05 kHz WAV and 0.24 for stereo)."""
 
     def __init__(self, sample_rate: int, limit_s: float, limit_name: str):
         self.resampler, self.rate = None, None  # set by the first frame: planar float, its rate and layout kept
@@ -141,10 +141,16 @@ class _AudioTrack:
         self.add(None)  # flush the resampler
         if not self.chunks:
             return np.zeros(0, np.float32)
-        import librosa  # imported on first use (a slow import)
+        y = np.concatenate(self.chunks, axis=1)
+        y = np.mean(y, axis=0) if y.shape[0] > 1 else y[0]  # librosa.to_mono
+        if self.rate == self.sample_rate:
+            return y
+        # librosa.resample(res_type="soxr_hq") itself, without importing librosa (scipy with it: seconds per process)
+        import soxr
 
-        y = librosa.to_mono(np.concatenate(self.chunks, axis=1))
-        return librosa.resample(y, orig_sr=self.rate, target_sr=self.sample_rate, res_type="soxr_hq")
+        n = int(np.ceil(y.shape[-1] * float(self.sample_rate) / self.rate))
+        out = soxr.resample(y, self.rate, self.sample_rate, quality="soxr_hq")
+        return np.asarray(out[:n] if len(out) >= n else np.pad(out, (0, n - len(out))), dtype=np.float32)
 
 
 def _check_duration(container, what: str, limit_s: float, name: str) -> None:
