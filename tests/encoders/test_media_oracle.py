@@ -24,8 +24,8 @@ def _ffmpeg(*args):
 
 @pytest.fixture(scope="module")
 def files(media):
-    """tests/encoders/conftest.py's media, plus the speech as WAV at 8, 44.1 and 48 kHz and two more videos: 1 s at
-    10 fps (fps sampling's minimum of 4 frames moves the sample fps to 4) and 640x360 (a downscale)."""
+    """tests/encoders/conftest.py's media, plus the speech as WAV at 8, 44.1 and 48 kHz, a 500x375 JPEG and two more
+    videos: 1 s at 10 fps (fps sampling's minimum of 4 frames moves the sample fps to 4) and 640x360 (a downscale)."""
     d = media["raw.wav"].parent
     out = dict(media)
     for rate in (8000, 44100, 48000):
@@ -34,6 +34,8 @@ def files(media):
     out["short.mkv"] = d / "short.mkv"
     _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=10", "-t", 1, "-c:v", "libx264", "-pix_fmt", "yuv420p",
             out["short.mkv"])
+    out["photo.jpg"] = d / "photo.jpg"  # 500x375: resized (the 96x64 image lands on 84x56 either way)
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=500x375", "-frames:v", 1, out["photo.jpg"])
     out["wide.mp4"] = d / "wide.mp4"
     _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25", "-t", 2, "-c:v", "libx264", "-pix_fmt", "yuv420p",
             out["wide.mp4"])
@@ -51,11 +53,14 @@ def _cookbook(kind: str, path, use_audio_in_video: bool = False):
     return getattr(req.messages[0].content[0], kind)
 
 
-@pytest.mark.parametrize("name", ["image.png", "image.jpg", "image.webp", "rgba.png"])
+@pytest.mark.parametrize("name", ["image.png", "image.jpg", "image.webp", "rgba.png", "photo.jpg"])
 def test_image_pixels_equal_the_cookbooks(files, policy, name):
+    """Resized by PIL as fetch_image resizes (before: left to the processor's torchvision resize, which put the
+    photo's pixel values up to 0.015 away, normalised, from the cookbook's)."""
     ref = _cookbook("image", files[name])
     ours = load_image(name, policy)
-    assert ours.size == ref.size == ((84, 56) if name != "rgba.png" else (56, 56))  # smart_resize: multiples of 28
+    expected = {"rgba.png": (56, 56), "photo.jpg": (504, 364)}.get(name, (84, 56))  # smart_resize: multiples of 28
+    assert ours.size == ref.size == expected
     assert np.array_equal(np.asarray(ours), np.asarray(ref))
 
 
@@ -134,7 +139,8 @@ def _requests(files, policy, use_audio_in_video: bool):
     ours = ChatRequest([Message("user", [ImagePart(load_image(names["image"], policy)),
                                          AudioPart(load_audio(names["audio"], policy)),
                                          VideoPart(load_video(names["video"], policy)),
-                                         TextPart("What do you see and hear?")])], use_audio_in_video=use_audio_in_video)
+                                         TextPart("What do you see and hear?")])],
+                       use_audio_in_video=use_audio_in_video)
     return ours, cookbook_request(conv, use_audio_in_video)
 
 
