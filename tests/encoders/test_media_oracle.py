@@ -122,8 +122,8 @@ def test_video_audio_track_equals_the_cookbooks(files, policy, name):
 
 
 def test_webm_opus_track_starts_where_ffmpeg_cli_starts_it(files, policy):
-    """A known difference that stays: on this Opus track the ffmpeg command line (the cookbook's reader) drops 156
-    more leading samples at 48 kHz than libavcodec's own pre-skip (which we, like PyAV and torchcodec, apply):
+    """A known difference that stays: on this Opus track (first packet at -3 ms) the ffmpeg command line, the
+    cookbook's reader, starts 156 samples at 48 kHz later than the frames libavcodec decodes for us through PyAV:
     3.25 ms, 52 samples at 16 kHz. Aligned, the two tracks agree to under one 16-bit step."""
     ref = _cookbook("video", files["clip.webm"], use_audio_in_video=True).audio
     ours = load_video("clip.webm", policy).audio
