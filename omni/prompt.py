@@ -1,7 +1,8 @@
 """Prompt building: chat template, placeholders expanded by the model's own processor, and the split of the
 processor's batch into per-item encoder inputs.
 
-Both the staged pipeline and the reference path call `processor_inputs`, so they see the same ids and features.
+The staged pipeline calls `processor_inputs`; the reference path builds its inputs apart, as Qwen's cookbooks do
+(omni/reference_inputs.py), and tests/encoders/test_media_oracle.py checks that the two give the same ids and features.
 """
 from __future__ import annotations
 
