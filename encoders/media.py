@@ -1,6 +1,11 @@
 """Media loading, the front of the chain: bytes from a source under a URL policy, then decoded images (PIL),
 audio (float32 mono 16 kHz) and videos (frames sampled and resized by Qwen's rules, plus their audio track).
 
+The decoded media equal what Qwen's cookbooks feed the processor (qwen-omni-utils' `process_mm_info`; checked per
+format by tests/encoders/test_media_oracle.py): images resized by `smart_resize` with PIL's bicubic filter, audio
+decoded at its own rate as float, averaged to mono and resampled by librosa's soxr_hq (as `librosa.load`), video
+frames picked by `smart_nframes` and resized by torchvision's antialiased bicubic resize.
+
 Sources: raw bytes, `data:` URIs, bare base64 (OpenAI `input_audio.data`), local paths and `file://` inside
 `MediaPolicy.allowed_local_media_path`, `http(s)` when `MediaPolicy.allow_http` (public addresses only, pinned).
 Every failure is a `MediaError` (400 bad input, 413 over a limit) that says what was wrong; sizes are checked
@@ -26,7 +31,9 @@ PATCH_FACTOR = 28  # Qwen-VL: patch 14 x spatial merge 2, so frame sides are mul
 
 # ---------------------------------------------------------------------------------------------------- images
 def load_image(source, policy: MediaPolicy = MediaPolicy(), limits: MediaLimits = MediaLimits()) -> Image.Image:
-    """An RGB PIL image (PNG, JPEG, WebP and whatever else PIL opens; the first frame of animations), not resized."""
+    """An RGB PIL image (PNG, JPEG, WebP and whatever else PIL opens; the first frame of animations), resized as
+    qwen-omni-utils' fetch_image does: sides multiples of 28, area within [image_min_pixels, image_max_pixels], PIL
+    bicubic (the processor's own resize then keeps that size)."""
     data = load_bytes(source, policy, limits)
     try:
         im = Image.open(io.BytesIO(data))  # reads the header only
@@ -41,8 +48,10 @@ def load_image(source, policy: MediaPolicy = MediaPolicy(), limits: MediaLimits 
         if im.mode == "RGBA":  # as qwen-vl-utils' to_rgb: transparent pixels become white
             rgb = Image.new("RGB", im.size, (255, 255, 255))
             rgb.paste(im, mask=im.getchannel("A"))
-            return rgb
-        return im.convert("RGB")
+        else:
+            rgb = im.convert("RGB")
+        h, w = smart_resize(h, w, PATCH_FACTOR, limits.image_min_pixels, limits.image_max_pixels)
+        return rgb.resize((w, h), Image.Resampling.BICUBIC)  # PIL's default filter for RGB, as fetch_image's call
 
 
 def _check_frame_size(what: str, w: int, h: int, limits: MediaLimits) -> None:
@@ -104,24 +113,44 @@ def _real_streams(streams):
 
 
 class _AudioTrack:
-    """Decoded audio frames -> float32 mono at `sample_rate`, refusing more than `limit_s` seconds as they come."""
+    """Decoded audio frames -> float32 mono at `sample_rate`, refusing more than `limit_s` seconds as they come.
+
+    As `librosa.load` (the cookbook's audio path): decoded as float at the stream's own rate and channels, averaged
+    to mono, then resampled once by soxr at librosa's soxr_hq (ffmpeg's own downmix and resampler differ from it by up
+    to 0.02 for a 22.05 kHz WAV and 0.24 for stereo)."""
 
     def __init__(self, sample_rate: int, limit_s: float, limit_name: str):
-        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        self.resampler, self.rate = None, None  # set by the first frame: planar float, its rate and layout kept
         self.sample_rate, self.limit_s, self.limit_name = sample_rate, limit_s, limit_name
         self.chunks, self.n = [], 0
 
     def add(self, frame) -> None:
+        if self.resampler is None:
+            if frame is None:
+                return
+            self.rate = frame.sample_rate
+            self.resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=frame.sample_rate)
         for out in self.resampler.resample(frame):
-            self.chunks.append(out.to_ndarray().reshape(-1))  # [1, n] float32 planar mono
+            self.chunks.append(out.to_ndarray())  # [channels, n] float32
             self.n += out.samples
-        if self.n > round(self.limit_s * self.sample_rate):
+        if self.n > round(self.limit_s * self.rate):
             raise MediaError(f"audio is longer than the limit of {self.limit_s} s ({self.limit_name}): decoding "
                              "stopped there", 413)
 
     def finish(self) -> np.ndarray:  # [n] float32
         self.add(None)  # flush the resampler
-        return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
+        if not self.chunks:
+            return np.zeros(0, np.float32)
+        y = np.concatenate(self.chunks, axis=1)
+        y = np.mean(y, axis=0) if y.shape[0] > 1 else y[0]  # librosa.to_mono
+        if self.rate == self.sample_rate:
+            return y
+        # librosa.resample(res_type="soxr_hq") itself, without importing librosa (scipy with it: seconds per process)
+        import soxr
+
+        n = int(np.ceil(y.shape[-1] * float(self.sample_rate) / self.rate))
+        out = soxr.resample(y, self.rate, self.sample_rate, quality="soxr_hq")
+        return np.asarray(out[:n] if len(out) >= n else np.pad(out, (0, n - len(out))), dtype=np.float32)
 
 
 def _check_duration(container, what: str, limit_s: float, name: str) -> None:
@@ -259,7 +288,11 @@ def _count_frames(container, vs) -> tuple[int, float]:
 
 def _decode_video(container, vs, audio, indices: list[int], size: tuple[int, int], limits: MediaLimits):
     """One pass: keep (and resize) the frames at `indices`, stop decoding video after the last; decode all audio.
-    -> (list of [H, W, 3] uint8, [n] float32 or None)."""
+    -> (list of [H, W, 3] uint8, [n] float32 or None). Each kept frame is resized as qwen-vl-utils' fetch_video
+    resizes its decoded frames (torchvision, bicubic, antialiased, on uint8: rounded back to uint8)."""
+    import torch
+    from torchvision.transforms.functional import InterpolationMode, resize
+
     h, w = size
     frames, pos, i = [], 0, 0
     track = _AudioTrack(INPUT_AUDIO_SAMPLE_RATE, limits.max_video_seconds, "max_video_seconds") if audio else None
@@ -271,7 +304,9 @@ def _decode_video(container, vs, audio, indices: list[int], size: tuple[int, int
                 continue
             for frame in packet.decode():
                 if pos < len(indices) and indices[pos] == i:
-                    frames.append(np.asarray(frame.to_image().resize((w, h), Image.Resampling.BICUBIC)))
+                    rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)  # [3, H, W]
+                    out = resize(rgb, [h, w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+                    frames.append(out.permute(1, 2, 0).numpy())
                     pos += 1
                 i += 1
         else:

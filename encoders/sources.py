@@ -28,6 +28,8 @@ class MediaLimits:
     max_bytes: int = 50 * 2**20  # encoded size of one media item
     max_image_pixels: int = 32 * 2**20  # width * height of an image or a video frame, checked before decoding pixels
     max_aspect_ratio: float = 200.0  # longer side / shorter side (Qwen's smart_resize refuses more)
+    image_min_pixels: int = 4 * 28 * 28  # per resized image (qwen-vl-utils' IMAGE_MIN_TOKEN_NUM tokens of 28x28)
+    image_max_pixels: int = 16384 * 28 * 28  # per resized image (IMAGE_MAX_TOKEN_NUM)
     max_audio_seconds: float = 600.0  # one audio item
     max_video_seconds: float = 600.0  # one video (its audio track included)
     max_video_frames: int = 768  # after sampling (Qwen's FPS_MAX_FRAMES); an odd value acts as the even one below

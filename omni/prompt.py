@@ -1,7 +1,8 @@
 """Prompt building: chat template, placeholders expanded by the model's own processor, and the split of the
 processor's batch into per-item encoder inputs.
 
-Both the staged pipeline and the reference path call `processor_inputs`, so they see the same ids and features.
+The staged pipeline calls `processor_inputs`; the reference path builds its inputs apart, as Qwen's cookbooks do
+(omni/reference_inputs.py), and tests/encoders/test_media_oracle.py checks that the two give the same ids and features.
 """
 from __future__ import annotations
 
@@ -86,11 +87,16 @@ def processor_inputs(processor, request: ChatRequest, fast_audio: bool = False):
         fps = {v.fps for v in videos}
         if len(fps) > 1:
             raise InvalidRequest(f"all videos of a request must be sampled at one fps, got {sorted(fps)}")
-        kwargs["videos_kwargs"] = {"fps": fps.pop()}  # -> video_second_per_grid = temporal_patch_size / fps
+        # fps -> video_second_per_grid = temporal_patch_size / fps; cap_pixels_per_frame: qwen-vl-utils' per-frame
+        # pixel budget (our frames meet it already: their size is kept either way; asked for, 5.25 stops warning)
+        kwargs["videos_kwargs"] = {"fps": fps.pop(), "cap_pixels_per_frame": True}
         if request.use_audio_in_video:
             kwargs.update(load_audio_from_video=True, audio_from_video_indices=audio_src)
-    return processor(text=[text], images=images or None, videos=[v.frames for v in videos] or None,
-                     audio=audios or None, return_tensors="pt", padding=True, **kwargs)
+    # the frames as the cookbook hands them over (fetch_video's float [T, 3, H, W]): a processor that resizes them
+    # again (Qwen3: 32-pixel patches) rounds a uint8 input back to uint8, a float one not (up to 0.1 apart)
+    frames = [torch.from_numpy(v.frames).permute(0, 3, 1, 2).float() for v in videos]
+    return processor(text=[text], images=images or None, videos=frames or None, audio=audios or None,
+                     return_tensors="pt", padding=True, **kwargs)
 
 
 def prepare_prompt(processor, request: ChatRequest) -> PreparedPrompt:

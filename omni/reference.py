@@ -5,6 +5,21 @@ transformers 5.23+ workarounds below (each one commented). Every later stage is 
     from omni.reference import reference_generate
     out = reference_generate(load_model("tiny"), request)   # out.token_ids, out.text, out.codec_ids, out.waveform
 
+Its inputs are not the pipeline's: omni/reference_inputs.py decodes the media with qwen-omni-utils'
+`process_mm_info` (what Qwen's cookbooks use) and renders the prompt with the processor's own chat template
+(`cookbook_request`, `official_inputs`); the golden tests hand it the cookbook's decoding of the same files
+(tests/conftest.py `cookbook`). Against it, our loaders differed (issue 20; tests/encoders/test_media_oracle.py):
+images reached the processor unresized, and its torchvision resize put a 500x375 JPEG's pixels up to 0.015 from the
+cookbook's PIL resize; audio went through ffmpeg's resampler and downmix, 0.019 from librosa's soxr_hq for a 22.05 kHz
+WAV and 0.24 for stereo (ffmpeg scales, librosa averages); video frames were resized by PIL, up to 22/255 from
+torchvision's antialiased bicubic; Qwen3's processor, resizing frames again to 32-pixel patches, rounded our uint8
+frames where the cookbook's float frames are not rounded (0.097). Fixed in encoders/media.py and omni/prompt.py:
+now equal for images, WAV at any rate, FLAC, video frames, their sizes and sample fps, and the prompt ids with
+`use_audio_in_video`. What stays is measured there: MP3 and Vorbis decoders (< 2e-6), a video's AAC track (< one
+16-bit step: the cookbook reads it as 16-bit integers through the ffmpeg command line), and a WebM/Opus track that
+the ffmpeg command line starts 3.25 ms later. transformers 5.25's `cap_pixels_per_frame` is set to True on both
+paths: it is qwen-vl-utils' budget (same sizes as fetch_video), and frames already resized keep their size.
+
 The one workaround that changes results, `keep_talker_mask`, is checked against the official code left alone
 (tests/omni/test_reference_mask.py, transformers 5.25): the unpatched `generate` on a left-padded batch gives, for every
 row, the patched single request's text ids and codec ids, and its Talker logits to 1e-6, media rows included.
@@ -16,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from omni.prompt import processor_inputs
+from omni.reference_inputs import official_inputs
 from omni.reference_base import ReferenceResult, teacher_forced_thinker
 from omni.types import ChatRequest, SamplingParams, check_voice
 
@@ -125,7 +140,7 @@ def reference_generate_qwen25(loaded, request: ChatRequest, seed: int = 0,
     """Qwen2.5-Omni's official `generate` (see reference_generate)."""
     model, processor = loaded.model, loaded.processor
     check_voice(request.voice, model.speaker_map)
-    inputs = processor_inputs(processor, request).to(model.device)
+    inputs = official_inputs(processor, request).to(model.device)
     prompt_len = inputs["input_ids"].shape[1]
     kw = generate_kwargs(model, request, has_pixels="pixel_values" in inputs or "pixel_values_videos" in inputs)
     th = request.sampling

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from omni.prompt import processor_inputs
+from omni.reference_inputs import official_inputs
 from omni.reference_base import ReferenceResult, teacher_forced_thinker
 from omni.types import ChatRequest, SamplingParams, check_voice
 
@@ -64,7 +64,7 @@ def reference_generate_qwen3(loaded, request: ChatRequest, seed: int = 0, forced
     ids (the official Thinker teacher-forced over them, omni.reference_base), the Talker speaks it.
     -> omni.reference_base.ReferenceResult (codec_ids: frames)."""
     model, processor = loaded.model, loaded.processor
-    inputs = processor_inputs(processor, request).to(model.device)
+    inputs = official_inputs(processor, request).to(model.device)
     prompt_len = inputs["input_ids"].shape[1]
     th = request.sampling
     eos = model.thinker.generation_config.eos_token_id

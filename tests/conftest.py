@@ -84,6 +84,46 @@ def media(media_dir) -> dict:
 
 
 @pytest.fixture(scope="session")
+def cookbook_media(media_dir) -> dict:
+    """The same files as `media`, decoded as Qwen's cookbooks decode them (qwen-omni-utils' process_mm_info, through
+    omni.reference_inputs): the golden oracle's inputs. The video carries its audio track."""
+    from omni.reference_inputs import cookbook_request
+
+    conv = [{"role": "user", "content": [{"type": "image", "image": str(media_dir / "image.png")},
+                                         {"type": "audio", "audio": str(media_dir / "speech.wav")},
+                                         {"type": "video", "video": str(media_dir / "clip.mp4")}]}]
+    image, audio, video = cookbook_request(conv, use_audio_in_video=True).messages[0].content
+    return {"image": image.image, "audio": audio.audio, "video": video.video}
+
+
+@pytest.fixture(scope="session")
+def cookbook(media, cookbook_media):
+    """request -> the same request for the golden oracle: each media item of `media` (our loaders) swapped for the
+    cookbook's decoding of its file (`cookbook_media`). A media item from anywhere else is refused, so no golden runs
+    on our loaders' output unawares."""
+    import dataclasses
+
+    from omni.types import AudioPart, ImagePart, Message, VideoPart
+
+    swap = {id(media[k]): cookbook_media[k] for k in ("image", "audio", "video")}
+    fields = {ImagePart: "image", AudioPart: "audio", VideoPart: "video"}
+
+    def part(p):
+        if type(p) not in fields:
+            return p
+        item = getattr(p, fields[type(p)])
+        assert id(item) in swap, f"{type(p).__name__} not from the `media` fixture: no cookbook decoding to swap in"
+        return type(p)(swap[id(item)])
+
+    def convert(request):
+        return dataclasses.replace(request, messages=[
+            m if isinstance(m.content, str) else Message(m.role, [part(p) for p in m.content])
+            for m in request.messages])
+
+    return convert
+
+
+@pytest.fixture(scope="session")
 def media_dir(tmp_path_factory) -> Path:
     """speech.wav (espeak-ng, 16 kHz mono, ~3 s), clip.mp4 (ffmpeg test pattern 2 s, 8 fps, 112x112, AAC speech),
     image.png (PIL, 112x84)."""

@@ -38,18 +38,18 @@ def _request(media, kind: str, speak: bool) -> ChatRequest:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_text_golden_on_cuda(cuda_pipeline, media, kind):
+def test_text_golden_on_cuda(cuda_pipeline, media, cookbook, kind):
     req = _request(media, kind, speak=False)
-    ref = reference_generate(cuda_pipeline.loaded, req)
+    ref = reference_generate(cuda_pipeline.loaded, cookbook(req))  # the oracle's media: the cookbook's decoding
     out = asyncio.run(cuda_pipeline.run(req))
     assert out.token_ids == ref.token_ids and len(ref.token_ids) > 0
     assert out.text == ref.text
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_speech_codes_golden_on_cuda(cuda_pipeline, media, kind):
+def test_speech_codes_golden_on_cuda(cuda_pipeline, media, cookbook, kind):
     req = _request(media, kind, speak=True)
-    ref = reference_generate(cuda_pipeline.loaded, req)
+    ref = reference_generate(cuda_pipeline.loaded, cookbook(req))
     out = asyncio.run(cuda_pipeline.run(req))
     assert out.token_ids == ref.token_ids
     assert out.codec_ids == ref.codec_ids and len(ref.codec_ids) > 0

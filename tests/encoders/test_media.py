@@ -87,14 +87,15 @@ def test_audio_at_another_sample_rate(media, policy, speech_seconds):
 @pytest.mark.parametrize("name", IMAGE)
 def test_image_loads_rgb(media, policy, name, kind):
     im = load_image(source(media[name], kind), policy)
-    assert im.mode == "RGB" and im.size == (96, 64)
+    assert im.mode == "RGB" and im.size == (84, 56)  # 96x64 resized by smart_resize, as fetch_image
     px = np.asarray(im).astype(int)
     assert np.abs(px[32, 10] - (200, 60, 40)).max() < 12 and np.abs(px[32, 80] - (30, 90, 220)).max() < 12
 
 
 def test_transparent_pixels_become_white(media, policy):
     px = np.asarray(load_image(media["rgba.png"], policy))
-    assert (px[:, :16] == 255).all() and (px[:, 16:] == (0, 0, 255)).all()
+    assert px.shape == (56, 56, 3)  # 32x32 upscaled to the 4-patch minimum (smart_resize)
+    assert (px[:, :24] == 255).all() and (px[:, 32:] == (0, 0, 255)).all()  # halves; the edge blends (bicubic)
 
 
 @pytest.mark.parametrize("kind", ["bytes", "data_uri", "path"])
@@ -273,8 +274,8 @@ def test_local_paths_only_inside_the_allowed_directory(media, policy, tmp_path):
     inner = root / "inner.png"
     if not inner.exists():
         inner.symlink_to(root / "image.png")
-    assert load_image(str(inner), policy).size == (96, 64)  # a symlink that stays inside is fine
-    assert load_image("image.png", policy).size == (96, 64)  # relative to the allowed directory
+    assert load_image(str(inner), policy).size == (84, 56)  # a symlink that stays inside is fine
+    assert load_image("image.png", policy).size == (84, 56)  # relative to the allowed directory
     raises(lambda: load_bytes(str(root / "missing.png"), policy), 400, "cannot read media file", "No such file")
     raises(lambda: load_bytes(str(media["image.png"])), 400, "local media paths are disabled")
     raises(lambda: load_bytes(media["image.png"].as_uri()), 400, "local media paths are disabled")
@@ -284,7 +285,7 @@ def test_local_paths_only_inside_the_allowed_directory(media, policy, tmp_path):
 def test_bare_base64_is_not_taken_for_a_path(media):
     """JPEG base64 starts with '/9j/': it must decode as an image, not be refused as a local path."""
     b64 = base64.b64encode(media["image.jpg"].read_bytes()).decode()
-    assert b64.startswith("/9j/") and load_image(b64).size == (96, 64)
+    assert b64.startswith("/9j/") and load_image(b64).size == (84, 56)
     assert load_audio(base64.b64encode(media["speech.mp3"].read_bytes()).decode()).size > 16000
 
 

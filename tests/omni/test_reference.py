@@ -1,5 +1,5 @@
 """omni.reference: the official transformers generate, on real media (espeak-ng speech, an ffmpeg video with its
-audio track, a PIL image)."""
+audio track, a PIL image) decoded by qwen-omni-utils as the cookbooks do."""
 import numpy as np
 import pytest
 
@@ -9,12 +9,9 @@ from omni.types import (AudioPart, ChatRequest, ImagePart, InvalidRequest, Messa
 
 
 @pytest.fixture(scope="module")
-def media(media_dir):
-    from omni.encoders.media import MediaPolicy, load_audio, load_image, load_video
-
-    policy = MediaPolicy(allowed_local_media_path=str(media_dir))
-    return (load_image(str(media_dir / "image.png"), policy), load_audio(str(media_dir / "speech.wav"), policy),
-            load_video(str(media_dir / "clip.mp4"), policy))
+def media(cookbook_media):
+    """The oracle's media: the sample files decoded as the cookbooks decode them (qwen-omni-utils)."""
+    return cookbook_media["image"], cookbook_media["audio"], cookbook_media["video"]
 
 
 def _request(media, **kw):

@@ -19,8 +19,8 @@ def _free_then_forced(loaded, req):
 
 
 @pytest.mark.parametrize("kind", ["text", "image"])
-def test_teacher_forced_thinker_equals_free_running_generate(tiny, media, kind):
-    parts = [ImagePart(media["image"])] if kind == "image" else []  # the image: media merged, TMRoPE positions
+def test_teacher_forced_thinker_equals_free_running_generate(tiny, cookbook_media, kind):
+    parts = [ImagePart(cookbook_media["image"])] if kind == "image" else []  # the image: media merged, TMRoPE positions
     req = ChatRequest([Message("user", parts + [TextPart("Tell me a short story about a cat.")])],
                       sampling=SamplingParams(max_tokens=12), talker_sampling=SamplingParams(max_tokens=48),
                       speak=True, voice="Ethan")

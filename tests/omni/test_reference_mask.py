@@ -10,8 +10,8 @@ import contextlib
 import pytest
 import torch
 
-from omni.prompt import processor_inputs
 from omni.reference import _capture_talker_codes, generate_kwargs, reference_generate
+from omni.reference_inputs import official_inputs
 from omni.types import AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart
 
 pytestmark = pytest.mark.slow  # ~15 s on 2 cores: three official runs with speech, one of them with media
@@ -35,8 +35,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def requests_(media):
-    return [_request([ImagePart(media["image"]), AudioPart(media["audio"])], "What do you see and hear?"),
+def requests_(cookbook_media):
+    return [_request([ImagePart(cookbook_media["image"]), AudioPart(cookbook_media["audio"])],
+                     "What do you see and hear?"),
             _request([], "Hi.")]
 
 
@@ -99,7 +100,7 @@ def oracles(tiny, requests_):
 
 def test_unpatched_padded_batch_equals_patched_oracle(tiny, requests_, oracles):
     """Row 0 (image + audio, the longest: no padding of its own) and row 1 (text, left-padded) of one batch."""
-    rows = [processor_inputs(tiny.processor, r) for r in requests_]
+    rows = [official_inputs(tiny.processor, r) for r in requests_]  # the oracle's own inputs
     batch = _left_padded(rows, tiny.processor.tokenizer.pad_token_id)
     assert batch["attention_mask"][0].all() and not batch["attention_mask"][1].all()
     texts, codes, logits = _official(tiny, batch, requests_[0])
@@ -112,7 +113,7 @@ def test_unpatched_padded_batch_equals_patched_oracle(tiny, requests_, oracles):
 
 def test_single_request_with_a_leading_pad_equals_patched_oracle(tiny, requests_, oracles):
     """The smallest non-all-ones mask: the text request alone, one pad token in front."""
-    x = processor_inputs(tiny.processor, requests_[1])
+    x = official_inputs(tiny.processor, requests_[1])
     x = {"input_ids": torch.cat([torch.tensor([[tiny.processor.tokenizer.pad_token_id]]), x["input_ids"]], 1),
          "attention_mask": torch.cat([torch.zeros(1, 1, dtype=torch.long), x["attention_mask"]], 1)}
     assert x["attention_mask"][0].tolist()[:2] == [0, 1]
@@ -126,7 +127,7 @@ def test_unpatched_single_request_skips_the_recipe(tiny, requests_, oracles):
     """Alone and unpadded, the official generate drops the mask: the Talker's logits differ from the first step, and
     the greedy codes part a few dozen steps in (the tiny Talker's argmax margins are wide)."""
     ref, ref_logits = oracles[1]
-    texts, codes, logits = _official(tiny, processor_inputs(tiny.processor, requests_[1]), requests_[1])
+    texts, codes, logits = _official(tiny, official_inputs(tiny.processor, requests_[1]), requests_[1])
     assert texts[0] == ref.token_ids  # the Thinker is not concerned
     assert (logits[0, 0] - ref_logits[0]).abs().max() > RECIPE_GAP
     assert codes[0] != ref.codec_ids

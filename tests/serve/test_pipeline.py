@@ -36,9 +36,9 @@ def run(coro):
 
 @pytest.mark.parametrize("kind", ["text", "image", "audio", "video", "video+audio", "all"])
 @pytest.mark.parametrize("speak", [False, True], ids=["text-out", "speech-out"])
-def test_golden_against_reference(pipeline, media, kind, speak, stop_codes):
+def test_golden_against_reference(pipeline, media, cookbook, kind, speak, stop_codes):
     req = make_request(media, kind, speak)
-    ref = reference_generate(pipeline.loaded, req)
+    ref = reference_generate(pipeline.loaded, cookbook(req))  # the oracle's media: the cookbook's decoding
     out = run(pipeline.run(req))
     assert out.token_ids == ref.token_ids
     assert out.text == ref.text
@@ -57,12 +57,12 @@ def test_golden_against_reference(pipeline, media, kind, speak, stop_codes):
     assert np.abs(out.waveform).max() > 0.01  # audible, not the near-silence of an untouched BigVGAN
 
 
-def test_sampled_talker_matches_reference_seeded(pipeline, media):
+def test_sampled_talker_matches_reference_seeded(pipeline, media, cookbook):
     """Greedy Thinker + sampled Talker: our per-request generator equals the official global-RNG draws."""
     req = make_request(media, "audio", True)
     req.talker_sampling = SamplingParams(temperature=0.9, top_k=40, top_p=0.8, repetition_penalty=1.05,
                                          max_tokens=40, seed=7)
-    ref = reference_generate(pipeline.loaded, req, seed=7)
+    ref = reference_generate(pipeline.loaded, cookbook(req), seed=7)
     out = run(pipeline.run(req))
     assert out.token_ids == ref.token_ids and out.codec_ids == ref.codec_ids
 
@@ -158,7 +158,7 @@ def test_cancel_frees_slots(pipeline, media):
     assert pipeline.talker.engine.num_running == 0
 
 
-def test_chunked_prefills_in_both_engines_keep_every_token(tiny, media, stop_codes):
+def test_chunked_prefills_in_both_engines_keep_every_token(tiny, media, cookbook, stop_codes):
     """Thinker and Talker prefilling 16 prompt tokens per step (media included): text and codec ids still equal the
     official path's."""
     from omni.engine import EngineConfig
@@ -170,7 +170,7 @@ def test_chunked_prefills_in_both_engines_keep_every_token(tiny, media, stop_cod
                          talker=TalkerConfig(prefill_chunk_tokens=16, max_prefill_tokens=16))
     chunked = Pipeline(tiny, cfg)
     req = make_request(media, "all", True)
-    ref = reference_generate(chunked.loaded, req)
+    ref = reference_generate(chunked.loaded, cookbook(req))
     out = run(chunked.run(req))
     assert out.token_ids == ref.token_ids and out.codec_ids == ref.codec_ids and len(out.codec_ids) > 0
     for engine in (chunked.thinker.engine, chunked.talker.engine):

@@ -45,9 +45,9 @@ def test_the_checkpoint_picks_the_qwen3_stages(pipeline_qwen3):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("speak", [False, True], ids=["text-out", "speech-out"])
-def test_golden_against_reference(pipeline_qwen3, media, kind, speak):
+def test_golden_against_reference(pipeline_qwen3, media, cookbook, kind, speak):
     req = make_request(media, kind, speak, voice="Ethan")
-    ref = reference_generate(pipeline_qwen3.loaded, req)
+    ref = reference_generate(pipeline_qwen3.loaded, cookbook(req))  # the oracle's media: the cookbook's decoding
     out = run(pipeline_qwen3.run(req))
     assert out.token_ids == ref.token_ids and out.text == ref.text
     assert out.prompt_tokens == len(ref.prompt_ids)
@@ -63,11 +63,11 @@ def test_golden_against_reference(pipeline_qwen3, media, kind, speak):
     assert float(np.sqrt((out.waveform ** 2).mean())) > 0.05  # audible
 
 
-def test_sampled_talker_matches_reference_seeded(pipeline_qwen3, media):
+def test_sampled_talker_matches_reference_seeded(pipeline_qwen3, media, cookbook):
     """Greedy Thinker, sampled Talker and code predictor: one per-request generator equals the official global RNG."""
     req = make_request(media, "audio", True)
     req.talker_sampling = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05, max_tokens=16, seed=7)
-    ref = reference_generate(pipeline_qwen3.loaded, req, seed=7)
+    ref = reference_generate(pipeline_qwen3.loaded, cookbook(req), seed=7)
     out = run(pipeline_qwen3.run(req))
     assert out.token_ids == ref.token_ids and out.codec_ids == ref.codec_ids
 
@@ -113,7 +113,7 @@ def test_concurrent_requests_equal_solo(pipeline_qwen3, media):
             assert np.abs(a.waveform - b.waveform).max() <= MAX_STREAM_ERROR
 
 
-def test_text_only_variant_serves_text_and_refuses_audio(tmp_path_factory, media):
+def test_text_only_variant_serves_text_and_refuses_audio(tmp_path_factory, media, cookbook):
     from omni.serve.pipeline import Pipeline
     from omni.tiny_qwen3 import build_qwen3_checkpoint
 
@@ -121,7 +121,7 @@ def test_text_only_variant_serves_text_and_refuses_audio(tmp_path_factory, media
     p = Pipeline.from_pretrained(str(path))
     assert p.voices == [] and not p.has_speech
     req = make_request(media, "image", False)
-    assert run(p.run(req)).token_ids == reference_generate(p.loaded, req).token_ids
+    assert run(p.run(req)).token_ids == reference_generate(p.loaded, cookbook(req)).token_ids
     with pytest.raises(InvalidRequest, match="no speech output"):
         run(p.run(make_request(media, "image", True)))
 
@@ -144,7 +144,7 @@ def test_cancel_frees_slots_in_every_engine(pipeline_qwen3, media):
     assert run(go())
 
 
-def test_chunked_prefills_keep_deepstack_and_the_talker_prompt_exact(tiny_qwen3, media):
+def test_chunked_prefills_keep_deepstack_and_the_talker_prompt_exact(tiny_qwen3, media, cookbook):
     """Thinker and Talker prefilling 16 prompt tokens per step: the deepstack rows of each chunk's vision tokens and
     the accept layer's output chunk by chunk give the same text ids and all 16 codebooks of every frame."""
     from omni.engine import EngineConfig
@@ -156,7 +156,7 @@ def test_chunked_prefills_keep_deepstack_and_the_talker_prompt_exact(tiny_qwen3,
                          talker=TalkerConfig(prefill_chunk_tokens=16, max_prefill_tokens=16))
     chunked = Pipeline(tiny_qwen3, cfg)
     req = make_request(media, "all", True, voice="Ethan")
-    ref = reference_generate(chunked.loaded, req)
+    ref = reference_generate(chunked.loaded, cookbook(req))
     out = run(chunked.run(req))
     assert out.token_ids == ref.token_ids and out.codec_ids == ref.codec_ids and len(out.codec_ids) == 15
     for engine in (chunked.thinker.engine, chunked.talker.engine):

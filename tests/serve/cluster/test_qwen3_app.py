@@ -72,7 +72,7 @@ def test_every_mix_through_ray_equals_the_official_generate(ray_stages, tiny_qwe
         assert np.abs(out.waveform - ref.waveform).max() <= MAX_STREAM_ERROR + 1e-4, kind
 
 
-def test_http_text_and_streamed_speech_equal_the_reference(client, tiny_qwen3, media, media_dir):
+def test_http_text_and_streamed_speech_equal_the_reference(client, tiny_qwen3, cookbook_media, media_dir):
     from omni.reference import reference_generate
     from omni.types import TALKER_DEFAULT_SAMPLING, ChatRequest, ImagePart, Message, SamplingParams, TextPart
 
@@ -93,7 +93,7 @@ def test_http_text_and_streamed_speech_equal_the_reference(client, tiny_qwen3, m
         if audio.get("data"):
             pcm.append(np.frombuffer(base64.b64decode(audio["data"]), dtype="<i2"))
     # what the HTTP request asks for: the Talker's defaults, greedy (the repetition penalty stays), 24 steps
-    req = ChatRequest([Message("user", [ImagePart(media["image"]), TextPart("Describe it aloud.")])],
+    req = ChatRequest([Message("user", [ImagePart(cookbook_media["image"]), TextPart("Describe it aloud.")])],
                       sampling=SamplingParams(max_tokens=8), speak=True, voice="Ethan",
                       talker_sampling=dataclasses.replace(TALKER_DEFAULT_SAMPLING, temperature=0.0, max_tokens=24))
     ref = reference_generate(tiny_qwen3, req)
@@ -104,11 +104,11 @@ def test_http_text_and_streamed_speech_equal_the_reference(client, tiny_qwen3, m
     assert np.abs(wav - ref.waveform).max() <= MAX_STREAM_ERROR + 1e-4 + 1 / 32768  # PCM16 rounding on top
 
 
-def test_text_only_reply_with_audio_in_video(client, tiny_qwen3, media, media_dir):
+def test_text_only_reply_with_audio_in_video(client, tiny_qwen3, cookbook_media, media_dir):
     from omni.reference import reference_generate
     from omni.types import ChatRequest, Message, SamplingParams, TextPart, VideoPart
 
-    video = dataclasses.replace(media["video"])
+    video = cookbook_media["video"]  # the oracle's media: the cookbook's decoding of clip.mp4
     r = client.chat.completions.create(
         model="tiny-qwen3", max_tokens=10, temperature=0,
         messages=[{"role": "user", "content": [
