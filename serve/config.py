@@ -47,6 +47,9 @@ class PipelineConfig(_Strict):
     vocoder: VocoderConfig = VocoderConfig()  # Qwen2.5 token2wav: chunk schedule and context (device: top-level)
     code2wav: Code2WavConfig = Code2WavConfig()  # Qwen3 Code2Wav: first and later chunk frames (device: top-level)
     encoder: EncoderConfig = EncoderConfig()  # items and tokens per tower forward (device/dtype: the top-level ones)
+    encoder_cache_bytes: int = Field(256 * 2**20, ge=0)  # encoder outputs kept by content hash in the composition's
+    #   process (LRU), so resent media is not encoded again (serve/encoder_cache.py); 0: off. 256 MiB holds ~20 images
+    #   of 1280 tokens for a 7B (3584 floats per token: 14 KiB)
     cpu_threads: Optional[int] = Field(None, ge=1)  # torch threads on CPU; None: in process cores // 3 (three stages
     #                                                 run at once), on Ray each replica's num_cpus
 

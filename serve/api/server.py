@@ -290,6 +290,8 @@ def build_fastapi(backend: Backend, settings: ServerSettings = ServerSettings(),
     app.state.settings, app.state.metrics, app.state.routes = settings, routes.metrics, routes
     if callable(getattr(backend, "stage_stats", None)):  # the in-process pipeline: its stages' loops are here
         routes.metrics.watch_stages(backend.stage_stats)
+    if getattr(backend, "encoder_cache", None) is not None:  # serve/encoder_cache.py: hits, misses, bytes
+        routes.metrics.watch_encoder_cache(backend.encoder_cache.stats)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError):
