@@ -35,8 +35,9 @@ class CountingEncoders:
 
     def __init__(self, pipeline, monkeypatch):
         self.items = {"vision": 0, "audio": 0}
-        for name, enc in (("vision", pipeline.stages.vision), ("audio", pipeline.stages.audio)):
-            monkeypatch.setattr(enc, "encode", self._wrap(name, enc.encode))
+        for name, enc, method in (("vision", pipeline.stages.vision, "encode_with_deepstack"),
+                                  ("audio", pipeline.stages.audio, "encode")):  # what encode_prompt calls
+            monkeypatch.setattr(enc, method, self._wrap(name, getattr(enc, method)))
 
     def _wrap(self, name, fn):
         def encode(items):
@@ -164,3 +165,19 @@ def test_metrics_count_hits_and_misses(pipeline):
         assert _counter(after, name, "image") - _counter(before, name, "image") == delta, name
     assert re.search(r"^omni_encoder_cache_bytes [1-9]", after, re.M)
     assert re.search(r"^omni_encoder_cache_entries [1-9]", after, re.M)
+
+
+def test_qwen3_hit_keeps_the_deepstack_and_the_official_ids(pipeline_qwen3, monkeypatch):
+    """Qwen3's vision tower also gives deepstack features: a hit returns both, and the reply keeps the official ids."""
+    counted = CountingEncoders(pipeline_qwen3, monkeypatch)
+    img = unique_image(5)
+    prompt = asyncio.run(pipeline_qwen3.stages.prepare(image_request(img)))
+    fresh = asyncio.run(pipeline_qwen3.stages.encode(prompt))
+    assert len(fresh.image_deepstack) == 1
+    outs = [asyncio.run(pipeline_qwen3.run(image_request(img))) for _ in range(2)]
+    assert counted.items["vision"] == 2  # the fresh encode above, then the first request; the second one: none
+    hit = asyncio.run(pipeline_qwen3.encoder_cache.encode(prompt, pipeline_qwen3.stages.encode))
+    assert counted.items["vision"] == 2
+    assert torch.equal(hit.images[0], fresh.images[0]) and torch.equal(hit.image_deepstack[0], fresh.image_deepstack[0])
+    ref = reference_generate(pipeline_qwen3.loaded, image_request(img))
+    assert outs[0].token_ids == outs[1].token_ids == ref.token_ids
