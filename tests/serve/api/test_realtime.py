@@ -9,13 +9,15 @@ import subprocess
 import time
 
 import httpx
-import numpy as np
 import openai
 import pytest
 import soundfile as sf
 import websockets
 
+from omni.encoders.media import load_audio
+from omni.prompt import prepare_prompt
 from omni.reference import reference_generate
+from omni.types import AudioPart, ChatRequest, Message
 from omni.serve.api.audio_io import wav_header
 from omni.serve.api.convert import ConvertOptions, to_chat_request
 from omni.serve.api.protocol import ChatCompletionRequest
@@ -28,14 +30,15 @@ KEY = "sk-rt-key"
 MODEL = "qwen-omni-tiny"
 DEADLINE = 120  # seconds any awaited event may take (generous: a shared 2-core machine)
 RATE = 24000
-CHUNK = 2400  # 100 ms of 24 kHz PCM16 per input_audio_buffer.append
+CHUNK = 4800  # 200 ms of 24 kHz PCM16 per input_audio_buffer.append
+RATE_LIMIT = 100  # client events per second
 TALKER_TOKENS = 40  # the random tiny Talker rarely stops on its own: bound the speech
 
 
 @pytest.fixture(scope="module")
 def server(pipeline):
     settings = ServerSettings(served_model_name=MODEL, api_key=KEY, max_tokens=512,
-                              realtime=RealtimeLimits(max_events_per_s=400, max_message_bytes=2**20))
+                              realtime=RealtimeLimits(max_events_per_s=RATE_LIMIT, max_message_bytes=2**20))
     with Server(build_fastapi(pipeline, settings)) as s:
         yield s
 
@@ -243,6 +246,15 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
     heard = item["content"][0]["transcript"]
     assert streamed.startswith(heard) and len(audio) > 0
     assert answered["response"]["status"] in ("completed", "incomplete")
+    # the new turn's prompt: the first question, the reply as heard, the committed speech
+    a = of(seen, "input_audio_buffer.speech_started")[0]["audio_start_ms"]
+    b = of(seen, "input_audio_buffer.speech_stopped")[0]["audio_end_ms"]
+    turn = (silence(200) + spoken + silence(1000))[a * 48:b * 48]
+    audio = load_audio(wav_header(len(turn), RATE) + turn)
+    context = ChatRequest([Message("user", "Tell me a long story."), Message("assistant", heard),
+                           Message("user", [AudioPart(audio)])], speak=True)
+    prompt = prepare_prompt(pipeline.processor, context)
+    assert answered["response"]["usage"]["input_tokens"] == prompt.input_ids.shape[0]
     assert truncated["item_id"] == item["id"] and truncated["audio_end_ms"] == 60
     assert err["error"]["param"] == "audio_end_ms" and err["error"]["code"] == "invalid_value"
     idle(server, pipeline)
@@ -266,6 +278,12 @@ def test_bad_events_are_error_events_and_the_session_goes_on(server):
                         json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (2**20 + 8)})):
                 await conn.send_raw(raw)
                 errors.append(await until(conn, "error", seen))
+            big = json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(bytes(700_000)).decode()})
+            for _ in range(5):  # 5 x 14.6 s of silence: past max_buffer_s (60)
+                await conn.send_raw(big)
+            errors.append(await until(conn, "error", seen))
+            await conn.input_audio_buffer.clear()
+            await until(conn, "input_audio_buffer.cleared", seen)
             await say(conn, "Tell me a story.")
             await conn.response.create()
             await until(conn, "response.created", seen)
@@ -281,7 +299,8 @@ def test_bad_events_are_error_events_and_the_session_goes_on(server):
     codes = [e["error"]["code"] for e in errors]
     assert codes == ["invalid_event_type", "invalid_json", "invalid_base64", "invalid_audio_format",
                      "input_audio_buffer_commit_empty", "invalid_value", "invalid_value", "item_not_found",
-                     "response_cancel_not_active", "message_too_large", "conversation_already_has_active_response"]
+                     "response_cancel_not_active", "message_too_large", "input_audio_buffer_full",
+                     "conversation_already_has_active_response"]
     first = errors[0]
     assert first["type"] == "error" and first["event_id"].startswith("event_")
     assert first["error"]["type"] == "invalid_request_error" and first["error"]["event_id"] == "evt_1"
@@ -296,8 +315,9 @@ def test_events_past_the_rate_are_refused(server):
         async with sdk(server) as conn:
             seen = []
             await until(conn, "session.created", seen)
-            for _ in range(600):
-                await conn.input_audio_buffer.clear()
+            clear = json.dumps({"type": "input_audio_buffer.clear"})
+            for _ in range(3 * RATE_LIMIT):
+                await conn.send_raw(clear)
             err = await until(conn, "error", seen)
             return err
 
