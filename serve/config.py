@@ -25,6 +25,7 @@ from omni.decoders.code2wav import Code2WavConfig
 from omni.decoders.token2wav import VocoderConfig
 from omni.encoders.media import MediaLimits
 from omni.encoders.vision import EncoderConfig
+from omni.serve.api.realtime_events import RealtimeLimits
 
 __all__ = ["PipelineConfig", "ServeConfig", "DeploymentOptions", "EncoderDeploymentOptions", "Deployments",
            "ConfigError", "load_serve_config", "config_error", "CONFIG_DIR"]
@@ -107,6 +108,7 @@ class ServeConfig(PipelineConfig):
     #                             streamed item) before the request fails with 503: bounds a request whose replica died
     #                             and that would otherwise wait in Serve's queue until a new one is up (or for ever)
     media: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames, sampling
+    realtime: RealtimeLimits = RealtimeLimits()  # /v1/realtime: session length, buffered audio, events/s, event size
     deployments: Deployments = Deployments()  # Ray Serve resources per deployment
 
     @field_validator("dtype")
