@@ -40,6 +40,7 @@ __all__ = ["RealtimeBenchConfig", "PATHS", "spoken_questions", "run_realtime_ben
 
 RATE = 24000  # the Realtime API's audio/pcm rate
 CHUNK = RATE // 10  # samples per input_audio_buffer.append: 100 ms
+EVENT_TIMEOUT_S = 300.0  # the longest wait for the server's next event before the bench gives up
 PATHS = ("realtime", "chat", "chat_no_cache")  # the measured paths, in the table's order
 QUESTIONS = ("What is the capital of France?", "And how many people live there?", "What is it famous for?",
              "Which river runs through it?", "What should I see first?", "How do I get there by train?",
@@ -92,11 +93,17 @@ def _wav(pcm: bytes) -> bytes:
 async def _until(conn, kind: str):
     """The next server event of type `kind` (an `error` event raises)."""
     while True:
-        ev = await conn.recv()
-        if ev.type == "error":
-            raise RuntimeError(f"realtime error: {ev.error.message}")
+        ev = await _recv(conn)
         if ev.type == kind:
             return ev
+
+
+async def _recv(conn):
+    """The next server event within EVENT_TIMEOUT_S (an `error` event raises)."""
+    ev = await asyncio.wait_for(conn.recv(), EVENT_TIMEOUT_S)
+    if ev.type == "error":
+        raise RuntimeError(f"realtime error: {ev.error.message}")
+    return ev
 
 
 async def realtime_conversation(client, model: str, voice: str, questions: list[bytes],
@@ -116,9 +123,7 @@ async def realtime_conversation(client, model: str, voice: str, questions: list[
             await conn.response.create(response={"max_output_tokens": cfg.max_tokens})
             ttfa, reply = None, []
             while True:
-                ev = await conn.recv()
-                if ev.type == "error":
-                    raise RuntimeError(f"realtime error: {ev.error.message}")
+                ev = await _recv(conn)
                 if ev.type == "response.output_audio.delta" and ttfa is None:
                     ttfa = time.perf_counter() - t0
                 elif ev.type == "response.output_audio_transcript.delta":

@@ -181,3 +181,41 @@ def test_qwen3_hit_keeps_the_deepstack_and_the_official_ids(pipeline_qwen3, monk
     assert torch.equal(hit.images[0], fresh.images[0]) and torch.equal(hit.image_deepstack[0], fresh.image_deepstack[0])
     ref = reference_generate(pipeline_qwen3.loaded, image_request(img))
     assert outs[0].token_ids == outs[1].token_ids == ref.token_ids
+
+
+def test_a_realtime_turn_encodes_only_its_new_audio(pipeline, speech, monkeypatch):
+    """/v1/realtime shares the cache: turn 2's prompt holds turn 1's question again, and only its own is encoded."""
+    import librosa
+    import openai
+
+    from omni.serve.api.local_server import LocalServer
+    from omni.serve.api.server import ServerSettings
+
+    pcm24 = librosa.resample(speech, orig_sr=16000, target_sr=24000)
+    questions = [(np.clip(pcm24 * gain, -1, 1) * 32767).astype("<i2").tobytes() for gain in (0.9, 0.7)]  # unique
+    counted = CountingEncoders(pipeline, monkeypatch)
+    hits0 = pipeline.encoder_cache.stats()["hits"]["audio"]
+    per_turn = []
+
+    async def talk(url):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        async with client.realtime.connect(model=pipeline.model_name) as conn:
+            await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                               "audio": {"input": {"turn_detection": None}}})
+            for pcm in questions:
+                for i in range(0, len(pcm), 9600):
+                    await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + 9600]).decode())
+                await conn.input_audio_buffer.commit()
+                await conn.response.create(response={"max_output_tokens": 3})
+                while True:
+                    ev = await asyncio.wait_for(conn.recv(), 120)
+                    assert ev.type != "error", ev
+                    if ev.type == "response.done":
+                        assert ev.response.status in ("completed", "incomplete"), ev.response
+                        break
+                per_turn.append(counted.items["audio"])
+
+    with LocalServer(build_fastapi(pipeline, ServerSettings())) as server:
+        asyncio.run(talk(f"http://127.0.0.1:{server.port}"))
+    assert per_turn == [1, 2]  # turn 1: its question; turn 2: its own only, turn 1's came from the cache
+    assert pipeline.encoder_cache.stats()["hits"]["audio"] - hits0 == 1
