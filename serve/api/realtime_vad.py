@@ -11,6 +11,7 @@ are milliseconds from the start of all audio appended in the session, as OpenAI'
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -31,7 +32,8 @@ def silero_model():
     """A fresh Silero VAD model (its recurrent state is per stream: one per session). Loaded from the package."""
     from silero_vad import load_silero_vad
 
-    with _lock:  # one load at a time (sessions opening together)
+    with _lock, warnings.catch_warnings():  # one load at a time; torch.jit.load's deprecation notice is silero's
+        warnings.simplefilter("ignore", FutureWarning)
         model = load_silero_vad()
     return model.eval()
 
