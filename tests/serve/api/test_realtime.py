@@ -209,12 +209,13 @@ def test_spoken_turn_with_server_vad_equals_the_chat_completion(server, spoken):
 def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline, spoken):
     """Speech while a spoken reply streams: the reply is cancelled in every stage (no running rows), response.done
     says cancelled (turn_detected), its item keeps the audio sent and the transcript the Talker had by then; the
-    user's new turn is answered with that in its context; item.truncate cuts it further to what was played."""
+    user's new turn is answered with that in its context; item.truncate cuts it further to what was played. (The
+    reply at the end of a VAD turn is the spoken test's; here the next one is asked for once the slots are checked.)"""
     async def go():
         async with sdk(server) as conn:
             await setup(conn, output_modalities=["audio"], max_output_tokens=400, max_output_audio_tokens=2000,
                         audio={"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 600,
-                                                            "create_response": True}}})
+                                                            "create_response": False}}})
             await say(conn, "Tell me a long story.")
             await conn.response.create()
             seen = []
@@ -223,7 +224,9 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
                                                "max_output_audio_tokens": TALKER_TOKENS})
             await append(conn, silence(200) + spoken + silence(1000))  # the user talks over the reply
             cancelled = await until(conn, "response.done", seen)
-            idle(server, pipeline)
+            idle(server, pipeline)  # the cancelled reply holds no slot in any stage
+            await until(conn, "input_audio_buffer.committed", seen)
+            await conn.response.create()
             answered = await until(conn, "response.done", seen)
             item = cancelled["response"]["output"][0]
             played_ms = 60
