@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from omni.serve.api.realtime_events import SAMPLES_PER_MS, TurnDetection
+from omni.serve.api.realtime_events import TurnDetection
 
 __all__ = ["ServerVad", "silero_model"]
 
@@ -82,7 +82,3 @@ class ServerVad:
                     self.in_speech, self.silence_from = False, None
                     events.append(("stopped", int(end)))
         return events
-
-
-def ms_to_samples(ms: int) -> int:
-    return ms * SAMPLES_PER_MS
