@@ -10,6 +10,7 @@ close 1000)."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -87,8 +88,6 @@ class _Connection:
                                         self.ws.query_params)
         if key is None:
             return {}
-        import hmac
-
         for token in offered + in_query:
             if token in offered and hmac.compare_digest(token.encode(), key.encode()):
                 return {}

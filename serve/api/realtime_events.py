@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
@@ -17,7 +16,7 @@ from omni.types import AUDIO_SAMPLE_RATE, DEFAULT_VOICE, Message, TextPart
 
 __all__ = ["RealtimeLimits", "RealtimeError", "TurnDetection", "SessionConfig", "Item", "new_id", "server_event",
            "error_event", "decode_pcm16", "PCM_FORMAT", "SAMPLES_PER_MS", "MIN_COMMIT_MS", "to_messages",
-           "pcm16_to_wav_24k", "pcm16_ms", "now"]
+           "pcm16_to_wav_24k"]
 
 PCM_FORMAT = {"type": "audio/pcm", "rate": AUDIO_SAMPLE_RATE}  # the one audio format, in and out
 SAMPLES_PER_MS = AUDIO_SAMPLE_RATE // 1000  # 24 samples of 24 kHz audio per millisecond
@@ -282,11 +281,3 @@ def pcm16_to_wav_24k(raw: bytes) -> bytes:
     from omni.serve.api.audio_io import wav_header
 
     return wav_header(len(raw), AUDIO_SAMPLE_RATE) + raw
-
-
-def pcm16_ms(raw_len: int) -> int:
-    return raw_len // 2 // SAMPLES_PER_MS
-
-
-def now() -> int:
-    return int(time.time())

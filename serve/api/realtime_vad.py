@@ -11,11 +11,12 @@ are milliseconds from the start of all audio appended in the session, as OpenAI'
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Optional
 
 import numpy as np
 
-from omni.serve.api.realtime_events import SAMPLES_PER_MS, TurnDetection
+from omni.serve.api.realtime_events import TurnDetection
 
 __all__ = ["ServerVad", "silero_model"]
 
@@ -31,7 +32,8 @@ def silero_model():
     """A fresh Silero VAD model (its recurrent state is per stream: one per session). Loaded from the package."""
     from silero_vad import load_silero_vad
 
-    with _lock:  # one load at a time (sessions opening together)
+    with _lock, warnings.catch_warnings():  # one load at a time; torch.jit.load's deprecation notice is silero's
+        warnings.simplefilter("ignore", FutureWarning)
         model = load_silero_vad()
     return model.eval()
 
@@ -80,7 +82,3 @@ class ServerVad:
                     self.in_speech, self.silence_from = False, None
                     events.append(("stopped", int(end)))
         return events
-
-
-def ms_to_samples(ms: int) -> int:
-    return ms * SAMPLES_PER_MS
