@@ -9,6 +9,10 @@ whole WAV stays in the history. Stop cancels the request (closing the SDK stream
 server cancels it in every stage); errors (a 4xx/5xx body, an error inside the stream, a server that is down) show
 as a message in the chat.
 
+Live voice (demos/live_voice.py, live_voice.js): beside the chat, the browser microphone streams to `/v1/realtime`
+over a WebSocket (OpenAI's Realtime API; the server's VAD takes the turns; speaking during the reply interrupts it);
+this side mints the page a short-lived client secret (`POST /v1/realtime/client_secrets`), so the key stays here.
+
 Without `--api-url`, `omni demo` starts `omni serve` on the tiny default as a child process, stopped on exit.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ from urllib.parse import quote
 
 import openai
 
+from omni.demos.live_voice import LIVE_HEAD, live_section, mint_session
 from omni.serve.api.audio_io import wav_header
 from omni.prompt import DEFAULT_SYSTEM_PROMPT
 
@@ -182,7 +187,8 @@ def _render(turns: list[Turn]) -> list[dict[str, Any]]:
 
 def build_demo(settings: DemoSettings):
     """-> gr.Blocks (not launched). Element ids (for tests and CSS): chat, speech, prompt, send, stop, clear,
-    image, audio, video, voice, speak, audio-in-video, system, temperature, max-tokens, status."""
+    image, audio, video, voice, speak, audio-in-video, system, temperature, max-tokens, status; the live voice
+    mode's live-start, live-stop, live-state, live-log (demos/live_voice.py)."""
     import gradio as gr
 
     client = openai.AsyncOpenAI(base_url=settings.api_url, api_key=settings.api_key, timeout=settings.timeout_s,
@@ -255,6 +261,12 @@ def build_demo(settings: DemoSettings):
         turn.finish(out_dir)
         yield _render(turns), None, turns, *(keep,) * 4, *idle
 
+    async def mint(voice_value, system_value):
+        """Live voice: a client secret for the page's WebSocket (the API key stays here)."""
+        if server["model"] is None:
+            server["model"] = (await client.models.list()).data[0].id
+        return await mint_session(client, settings.api_url, server["model"], voice_value, system_value)
+
     def stop(turns):
         """Stop: the running reply (cancelled by Gradio) keeps what it had, marked stopped, with its speech."""
         turns = list(turns or [])
@@ -299,6 +311,8 @@ def build_demo(settings: DemoSettings):
                     max_tokens = gr.Slider(1, settings.max_tokens_limit, value=256, step=1, label="Max tokens",
                                            elem_id="max-tokens")
 
+        live_section(gr, mint, voice, system, lambda e: describe_error(e, settings.api_url))  # demos/live_voice.py
+
         inputs = [prompt, image, audio, video, turns, voice, speak, audio_in_video, system, temperature, max_tokens]
         outputs = [chat, speech, turns, prompt, image, audio, video, send, stop_btn]
         runs = [send.click(respond, inputs, outputs), prompt.submit(respond, inputs, outputs)]
@@ -316,7 +330,8 @@ def launch_demo(settings: DemoSettings, host: str = "127.0.0.1", port: int = 786
     demo = build_demo(replace(settings, out_dir=out_dir))
     demo.queue(default_concurrency_limit=16).launch(  # 16 sessions answer at once; the server admits or says 503
         server_name=host, server_port=port, ssr_mode=False, quiet=True, prevent_thread_lock=True,
-        allowed_paths=[out_dir])  # the replies' WAVs, which the chat's players load
+        allowed_paths=[out_dir],  # the replies' WAVs, which the chat's players load
+        head=LIVE_HEAD)  # the live voice mode's script (demos/live_voice.js)
     return demo
 
 

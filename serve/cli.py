@@ -173,6 +173,10 @@ def _cmd_bench(args) -> int:
         from omni.serve.bench.gpu import main as gpu_check_main
 
         return gpu_check_main(args)
+    if getattr(args, "suite", None) == "realtime":
+        from omni.serve.bench.realtime import main as realtime_bench_main
+
+        return realtime_bench_main(args)
     if getattr(args, "suite", None) == "caption":
         from omni.serve.bench.caption import main as caption_bench_main
 
@@ -350,12 +354,16 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_caption)
 
     p = sub.add_parser("bench", help="benchmarks against the official transformers path")
-    p.add_argument("suite", nargs="?", choices=["caption", "load", "prefill", "engine", "gpu"], default=None,
+    p.add_argument("suite", nargs="?", choices=["caption", "load", "prefill", "engine", "gpu", "realtime"],
+                   default=None,
                    help="caption: `omni caption` vs a sequential loop over the official path; load: streaming HTTP "
                         "clients against the Serve app (statuses, latencies, 503s, replica memory); prefill: how "
                         "long prompts arriving at once stall a decoding request, per prefill policy; engine: the "
                         "decode engine alone (step vs batch and context, admission, memory per step); gpu: the GPU "
-                        "check with random 7B-shaped weights (serve/bench/gpu.py, runs on a bare GPU host)")
+                        "check with random 7B-shaped weights (serve/bench/gpu.py, runs on a bare GPU host); realtime: "
+                        "time to first audio per turn of a spoken conversation, /v1/realtime vs chat completions")
+    p.add_argument("--turns", type=int, default=None, help="bench realtime: spoken questions per conversation (5)")
+    p.add_argument("--repeats", type=int, default=None, help="bench realtime: conversations per path (3)")
     p.add_argument("--files", type=int, default=64, help="bench caption: media files to caption")
     p.add_argument("--arrivals", type=int, default=None, help="bench prefill: long prompts arriving at once (8)")
     p.add_argument("--prompt-tokens", dest="prompt_tokens", type=int, default=None,

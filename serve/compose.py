@@ -25,6 +25,7 @@ from omni.prompt import prepare_prompt
 from omni.thinker import check_context
 from omni.types import (AudioChunk, ChatRequest, ChatResult, Event, Finished, Generation, InvalidRequest,
                         MediaEmbeddings, PreparedPrompt, PromptLayout, TalkerDone, TextDelta, ThinkerDone, check_voice)
+from omni.serve.encoder_cache import EncoderCache
 
 __all__ = ["SPEECH_CHAIN", "Stage", "Stages", "Composition", "CheckedRequest", "check_request", "prepare_checked",
            "prepare_and_check", "finish", "collect"]
@@ -75,8 +76,9 @@ class Composition:
     """The recipe over a `Stages`: `stream(request)` yields TextDelta / AudioChunk ..., then one Finished with the
     seconds each stage took; `run(request)` collects a ChatResult. Many concurrent calls share the stages."""
 
-    def __init__(self, stages: Stages):
+    def __init__(self, stages: Stages, encoder_cache: Optional[EncoderCache] = None):
         self.stages = stages
+        self.encoder_cache = encoder_cache  # encoder outputs by content hash (serve/encoder_cache.py); None: off
 
     @property
     def model_name(self) -> str:
@@ -100,7 +102,8 @@ class Composition:
         t0 = time.perf_counter()
         prompt = await self.stages.prepare(checked.request)
         t1 = time.perf_counter()
-        media = await self.stages.encode(prompt)
+        media = await (self.encoder_cache.encode(prompt, self.stages.encode) if self.encoder_cache is not None
+                       else self.stages.encode(prompt))
         seconds = {"prepare": t1 - t0, "encode": time.perf_counter() - t1}
         items = self.stages.generate(checked.generation, prompt.layout, media)
         async for event in finish(items, prompt_tokens=int(prompt.input_ids.shape[0]), stage_seconds=seconds):

@@ -26,6 +26,7 @@ from omni.decoders.code2wav import Code2WavConfig
 from omni.decoders.token2wav import VocoderConfig
 from omni.encoders.media import MediaLimits
 from omni.encoders.vision import EncoderConfig
+from omni.serve.api.realtime_events import RealtimeLimits
 from omni.serve.compose import SPEECH_CHAIN
 
 __all__ = ["PipelineConfig", "ServeConfig", "DeploymentOptions", "EncoderDeploymentOptions", "Deployments",
@@ -49,6 +50,9 @@ class PipelineConfig(_Strict):
     vocoder: VocoderConfig = VocoderConfig()  # Qwen2.5 token2wav: chunk schedule and context (device: top-level)
     code2wav: Code2WavConfig = Code2WavConfig()  # Qwen3 Code2Wav: first and later chunk frames (device: top-level)
     encoder: EncoderConfig = EncoderConfig()  # items and tokens per tower forward (device/dtype: the top-level ones)
+    encoder_cache_bytes: int = Field(256 * 2**20, ge=0)  # encoder outputs kept by content hash in the composition's
+    #   process (LRU), so resent media is not encoded again (serve/encoder_cache.py); 0: off. 256 MiB holds ~20 images
+    #   of 1280 tokens for a 7B (3584 floats per token: 14 KiB)
     cpu_threads: Optional[int] = Field(None, ge=1)  # torch threads on CPU; None: in process cores // 3 (three stages
     #                                                 run at once), on Ray each replica's num_cpus
 
@@ -106,6 +110,7 @@ class ServeConfig(PipelineConfig):
     #                             streamed item) before the request fails with 503: bounds a request whose replica died
     #                             and that would otherwise wait in Serve's queue until a new one is up (or for ever)
     media: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames, sampling
+    realtime: RealtimeLimits = RealtimeLimits()  # /v1/realtime: session length, buffered audio, events/s, event size
     deployments: Deployments = Deployments()  # Ray Serve resources per deployment
     colocate: Literal["none", "thinker+talker", "talker+vocoder", "thinker+talker+vocoder"] = "none"  # adjacent
     #   generating stages that run in one replica, the hand-offs between them in process (one deployment named by

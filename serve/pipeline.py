@@ -26,6 +26,7 @@ from omni.decoders import VocoderLoop
 from omni.encoders import AudioEncoder, VisionEncoder, encode_prompt
 from omni.serve.compose import Composition, prepare_checked
 from omni.serve.config import PipelineConfig
+from omni.serve.encoder_cache import EncoderCache
 from omni.serve.models import talker_of, thinker_of, vocoder_of
 from omni.serve.stages import StageGroup, TalkerStage, ThinkerStage, VocoderStage
 
@@ -91,7 +92,7 @@ class Pipeline(Composition):
     def __init__(self, loaded: LoadedModel, config: PipelineConfig = PipelineConfig()):
         if loaded.device.type == "cpu":
             torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // 3))
-        super().__init__(LocalStages(loaded, config))
+        super().__init__(LocalStages(loaded, config), EncoderCache(config.encoder_cache_bytes))
 
     def __getattr__(self, name: str):  # loaded, processor, vision, audio, thinker, talker, vocoder, vocoder_loop
         stages = self.__dict__.get("stages")

@@ -11,7 +11,7 @@ import time
 from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from omni.types import AudioChunk, Event, Finished, TextDelta
@@ -96,6 +96,31 @@ class _StageCollector:
         return [running, waiting, queue, batch, step]
 
 
+class _EncoderCacheCollector:
+    """serve/encoder_cache.py's counters, read from `source()` (EncoderCache.stats) at each scrape."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.source: Optional[Callable[[], dict]] = None
+
+    def collect(self):
+        if self.source is None:
+            return []
+        p, st = self.prefix, self.source()
+        hits = CounterMetricFamily(f"{p}_encoder_cache_hits", "Media items whose embeddings came from the encoder "
+                                   "cache (no encoder call)", labels=["kind"])
+        misses = CounterMetricFamily(f"{p}_encoder_cache_misses", "Media items sent to an encoder", labels=["kind"])
+        for kind, n in st["hits"].items():
+            hits.add_metric([kind], n)
+        for kind, n in st["misses"].items():
+            misses.add_metric([kind], n)
+        return [hits, misses,
+                CounterMetricFamily(f"{p}_encoder_cache_evictions", "Entries dropped to stay within the byte bound",
+                                    value=st["evictions"]),
+                GaugeMetricFamily(f"{p}_encoder_cache_bytes", "Bytes of cached embeddings", value=st["bytes"]),
+                GaugeMetricFamily(f"{p}_encoder_cache_entries", "Cached encoder outputs", value=st["entries"])]
+
+
 class Metrics:
     """The metric families of one app; `render()` is the /metrics body."""
 
@@ -141,10 +166,16 @@ class Metrics:
                                        buckets=_BATCH_BUCKETS, registry=r)
         self._stages = _StageCollector(p)
         r.register(self._stages)
+        self._encoder_cache = _EncoderCacheCollector(p)
+        r.register(self._encoder_cache)
 
     def watch_stages(self, source: Optional[Callable[[], dict[str, dict]]]) -> None:
         """Export the stages' running / waiting / queue time / batch size from `source()` at each scrape."""
         self._stages.source = source
+
+    def watch_encoder_cache(self, source: Optional[Callable[[], dict]]) -> None:
+        """Export the encoder cache's hits / misses / evictions / bytes from `source()` (EncoderCache.stats)."""
+        self._encoder_cache.source = source
 
     def track(self, speech: bool = False) -> "RequestTrack":
         """speech: a /v1/audio/speech request (its first audio goes to speech_ttfap)."""

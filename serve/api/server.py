@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP app: `build_fastapi(backend, settings)` -> FastAPI with GET /health, GET /v1/models,
-GET /v1/audio/voices, GET /metrics, POST /v1/chat/completions and POST /v1/audio/speech (serve/api/speech.py).
+GET /v1/audio/voices, GET /metrics, POST /v1/chat/completions, POST /v1/audio/speech (serve/api/speech.py) and the
+Realtime API, GET /v1/realtime (WebSocket) and POST /v1/realtime/client_secrets (serve/api/realtime.py).
 
 The app holds no module-level state: the backend, settings, admission counter and metrics registry belong to the
 app (the Ray ingress builds it in its replica, in `__serve_build_asgi_app__`).
@@ -36,6 +37,8 @@ from omni.serve.api.common import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, check_jso
 from omni.serve.api.common import ClientGone as _ClientGone, StreamResponse as _StreamResponse
 from omni.serve.api.common import error_json as _error_json, parse_body as _parse, read_body as _read_body  # noqa: F401
 from omni.serve.api.speech import speech
+from omni.serve.api.realtime import mount_realtime
+from omni.serve.api.realtime_events import RealtimeLimits
 
 __all__ = ["Backend", "ServerSettings", "HTTPError", "build_fastapi", "classify_error"]
 
@@ -73,6 +76,7 @@ class ServerSettings:
     media_policy: MediaPolicy = MediaPolicy()  # local paths / file:// only under its allowed_local_media_path; http(s)
     api_dialect: str = "openai"  # response shapes: "openai", or "vllm-omni" (its example clients work unchanged)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models `created`
+    realtime: RealtimeLimits = RealtimeLimits()  # /v1/realtime sessions: length, buffered audio, event rate and size
 
 
 
@@ -291,6 +295,8 @@ def build_fastapi(backend: Backend, settings: ServerSettings = ServerSettings(),
     app.state.settings, app.state.metrics, app.state.routes = settings, routes.metrics, routes
     if callable(getattr(backend, "stage_stats", None)):  # the in-process pipeline: its stages' loops are here
         routes.metrics.watch_stages(backend.stage_stats)
+    if getattr(backend, "encoder_cache", None) is not None:  # serve/encoder_cache.py: hits, misses, bytes
+        routes.metrics.watch_encoder_cache(backend.encoder_cache.stats)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError):
@@ -337,4 +343,5 @@ def build_fastapi(backend: Backend, settings: ServerSettings = ServerSettings(),
     async def chat_completions(request: Request):
         return await routes.chat_completions(request)
 
+    mount_realtime(app, routes, _check_auth)  # GET /v1/realtime (WebSocket), POST /v1/realtime/client_secrets
     return app

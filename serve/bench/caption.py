@@ -15,7 +15,6 @@ Writes `<out>/caption.json` and prints a Markdown table. Captions are compared t
 """
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import tempfile
@@ -166,9 +165,7 @@ def markdown(r: dict) -> str:
 
 def main(args) -> int:
     config = CaptionBenchConfig.from_args(args)
+    from omni.serve.bench.results import save_and_print
+
     results = run_caption_bench(config)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "caption.json").write_text(json.dumps(results, indent=2))
-    print(markdown(results))
-    return 0
+    return save_and_print(config.out, "caption.json", results, markdown(results))

@@ -2,12 +2,24 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-__all__ = ["Sample", "Stats", "Summary", "Ratios", "Match", "Level", "EncoderResult", "Encoders", "BenchResults"]
+__all__ = ["Sample", "Stats", "Summary", "Ratios", "Match", "Level", "EncoderResult", "Encoders", "BenchResults",
+           "save_and_print"]
+
+
+def save_and_print(out: str, name: str, results: dict, table: str) -> int:
+    """A suite's end: its results as `<out>/<name>` (JSON), its Markdown table on stdout; -> 0 (the exit status)."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(results, indent=2))
+    print(table)
+    return 0
 
 
 @dataclass

@@ -55,6 +55,7 @@ def server_settings(cfg: ServeConfig, args: AppArgs, model: str):
                           max_speech_streams=cfg.max_speech_streams, speech_wait_s=cfg.speech_wait_s,
                           default_max_tokens=cfg.default_max_tokens, default_sampling=generation_defaults(model),
                           default_speech_tokens=cfg.default_speech_tokens, media_limits=cfg.media,
+                          realtime=cfg.realtime,
                           media_policy=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
                                                    allow_http=args.allow_http_media))
 

@@ -31,6 +31,7 @@ from omni.checkpoint import resolve_model
 from omni.types import ChatRequest, Generation, MediaEmbeddings, PreparedPrompt, PromptLayout, StageUnavailable
 from omni.serve.compose import Composition, prepare_checked
 from omni.serve.config import DeploymentOptions, ServeConfig
+from omni.serve.encoder_cache import EncoderCache
 from omni.serve.models import load_talker, load_thinker, load_vocoder
 from omni.serve.stages import StageGroup, TalkerStage, ThinkerStage, VocoderStage, batches
 
@@ -328,7 +329,7 @@ class Ingress:
 
         self.settings, self.metrics = settings, Metrics()
         stages = HandleStages(model, cfg, vision, audio, thinker, speech, voices, self.metrics.observe_encoder_batch)
-        self.backend = Composition(stages)
+        self.backend = Composition(stages, EncoderCache(cfg.encoder_cache_bytes))  # hits: no encoder call
         self.routes = None
         self._watch = asyncio.get_running_loop().create_task(self._watch_drain())
         self._stage_stats: dict[str, dict] = {}  # the chain's stage stats, refreshed by _watch_stages

@@ -4,7 +4,6 @@ the tiny default itself), driven by headless Chromium through Selenium and chrom
 
 A screenshot of the page after an answer is saved to out/artifacts/demo.png (a test artifact); with
 OMNI_UPDATE_SCREENSHOT=1 it also replaces assets/demo.png, the README's picture."""
-import asyncio
 import os
 import re
 import shutil
@@ -12,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import wave
 from pathlib import Path
@@ -333,35 +331,15 @@ def test_server_errors_show_as_messages(page, tmp_path):
     assert "Traceback" not in text
 
 
-class _Uvicorn:
-    """A FastAPI app on uvicorn in a thread of this process (127.0.0.1, a free port)."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off"))
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        _wait(lambda: self.server.started, 30, "uvicorn to start", every=0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 def test_busy_and_unreachable_servers_show_as_messages(browser, tiny):
     """The same page against the HTTP layer at its concurrency limit (503), then with that server gone."""
     from omni.demos.gradio_app import DemoSettings, launch_demo
+    from omni.serve.api.local_server import LocalServer
     from omni.serve.api.server import ServerSettings, build_fastapi
     from omni.serve.pipeline import Pipeline
 
     app = build_fastapi(Pipeline(tiny), ServerSettings(max_concurrent_requests=0))  # every chat request: 503
-    with _Uvicorn(app) as server:
+    with LocalServer(app) as server:
         port = _free_port()
         demo = launch_demo(DemoSettings(api_url=f"http://127.0.0.1:{server.port}/v1"), "127.0.0.1", port)
         try:
@@ -379,6 +357,71 @@ def test_busy_and_unreachable_servers_show_as_messages(browser, tiny):
             assert "Cannot reach the server" in _el(page, "#status").text
         finally:
             demo.close()
+
+
+def _fake_microphone(path: Path) -> Path:
+    """A spoken question (espeak-ng), then 6 s of silence, as Chromium's fake microphone plays it: in a loop, so the
+    question comes again while the reply to it still plays."""
+    raw = path.with_suffix(".raw.wav")
+    subprocess.run(["espeak-ng", "-w", str(raw), "What is the capital of France?"], check=True, capture_output=True)
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(raw), "-af", "apad=pad_dur=6", "-ar", "48000",
+                    "-ac", "1", "-c:a", "pcm_s16le", str(path)], check=True, capture_output=True)
+    return path
+
+
+def _live(driver) -> dict:
+    return driver.execute_script("return window.omniLive ? window.omniLive.stats : null") or {}
+
+
+def test_live_voice_answers_the_microphone_and_speaking_interrupts_it(pipeline, tmp_path):
+    """Live voice in Chromium with a fake microphone: the page streams it to /v1/realtime (a client secret minted by
+    the demo), the server's VAD ends the turn, the reply's audio deltas play and its transcript shows; the question
+    heard again during the reply stops the playback and the server cancels the response."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    from omni.demos.gradio_app import DemoSettings, launch_demo
+    from omni.serve.api.local_server import LocalServer
+    from omni.serve.api.server import ServerSettings, build_fastapi
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1200",
+                "--autoplay-policy=no-user-gesture-required", "--mute-audio", "--disable-gpu", "--no-first-run",
+                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={_fake_microphone(tmp_path / 'question.wav')}"):
+        options.add_argument(arg)
+    options.page_load_strategy = "eager"
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    with LocalServer(build_fastapi(pipeline, ServerSettings(api_key=KEY))) as server:
+        port = _free_port()
+        demo = launch_demo(DemoSettings(api_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY), "127.0.0.1",
+                           port)
+        try:
+            page = _open(driver, f"http://127.0.0.1:{port}/")
+            assert "Connected" in _el(page, "#status").text
+            _el(page, "#live-start").click()
+            _wait(lambda: "session.created" in _live(page).get("events", ()), 30, "the realtime session to open")
+            _wait(lambda: _live(page)["audioDeltas"] >= 3, 60, "the reply's audio deltas")
+            events = _live(page)["events"]
+            order = [events.index(e) for e in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                                               "input_audio_buffer.committed", "response.created",
+                                               "response.output_audio.delta")]
+            assert order == sorted(order), events[:40]
+            _wait(lambda: page.execute_script(
+                "const e = document.querySelector('#live-log .live-assistant'); return e && e.textContent.trim()"),
+                30, "the reply's transcript on the page")
+            # the looped question comes again while the reply plays: barge-in
+            _wait(lambda: "cancelled" in _live(page)["responses"].values(), 45, "speaking to cancel the reply")
+            stats = _live(page)
+            assert stats["bargeIns"] >= 1 and stats["sentChunks"] > 20 and stats["audioBytes"] > 0
+            assert not stats["errors"], stats["errors"]
+            assert "[interrupted]" in _el(page, "#live-log").text
+            _el(page, "#live-stop").click()
+            _wait(lambda: "off" in _el(page, "#live-state").text, 10, "Stop to end the live session")
+        finally:
+            demo.close()
+            driver.quit()
 
 
 def test_demo_exit_stops_its_server(demo):

@@ -331,3 +331,33 @@ def test_readme_sdk_example_runs_against_the_server(server):
         assert _wav(hello.read_bytes())[:3] == (24000, 1, 2)
     finally:
         hello.unlink(missing_ok=True)
+
+
+def test_realtime_text_turn_through_the_ingress(server, client):
+    """/v1/realtime on the Serve app's ingress (a WebSocket through Ray Serve's proxy), with the official SDK's
+    realtime client: a text turn equals the chat completion of the same conversation."""
+    import openai
+
+    async def go():
+        rt = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="sk-test", max_retries=0)
+        async with rt.realtime.connect(model="tiny") as conn:
+            await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                               "max_output_tokens": 12, "audio": {"input": {"turn_detection": None}}})
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Hello there."}]})
+            await conn.response.create()
+            text, kinds = [], []
+            while True:
+                ev = json.loads(await asyncio.wait_for(conn.recv_bytes(), 120))
+                kinds.append(ev["type"])
+                if ev["type"] == "response.output_text.delta":
+                    text.append(ev["delta"])
+                if ev["type"] == "response.done":
+                    return "".join(text), ev, kinds
+
+    text, done, kinds = asyncio.run(go())
+    assert kinds[0] == "session.created" and "error" not in kinds, kinds
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there."}],
+                                       max_tokens=12)
+    assert text == r.choices[0].message.content and text
+    assert done["response"]["usage"]["input_tokens"] == r.usage.prompt_tokens

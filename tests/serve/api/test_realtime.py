@@ -1,0 +1,409 @@
+"""/v1/realtime on a real uvicorn server in front of the in-process Pipeline (tiny), driven by the official `openai`
+SDK's realtime client (`client.realtime.connect`), and raw `websockets` where the SDK hides what is tested (the HTTP
+status of a refused handshake, a socket dropped mid-response). Golden answers: the official transformers path
+(omni.reference) for text, and the chat completions of the same conversation for speech."""
+import asyncio
+import base64
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import soundfile as sf
+import websockets
+
+from omni.encoders.media import load_audio
+from omni.prompt import prepare_prompt
+from omni.reference import reference_generate
+from omni.types import AudioPart, ChatRequest, Message
+from omni.serve.api.audio_io import wav_header
+from omni.serve.api.convert import ConvertOptions, to_chat_request
+from omni.serve.api.protocol import ChatCompletionRequest
+from omni.serve.api.realtime_events import RealtimeLimits
+from omni.serve.api.server import ServerSettings, build_fastapi
+
+from .uvicorn_server import Server
+
+KEY = "sk-rt-key"
+MODEL = "qwen-omni-tiny"
+DEADLINE = 120  # seconds any awaited event may take (generous: a shared 2-core machine)
+RATE = 24000
+CHUNK = 4800  # 200 ms of 24 kHz PCM16 per input_audio_buffer.append
+RATE_LIMIT = 100  # client events per second
+TALKER_TOKENS = 40  # the random tiny Talker rarely stops on its own: bound the speech
+
+
+@pytest.fixture(scope="module")
+def server(pipeline):
+    settings = ServerSettings(served_model_name=MODEL, api_key=KEY, max_tokens=512, default_max_tokens=16,
+                              default_speech_tokens=TALKER_TOKENS,
+                              realtime=RealtimeLimits(max_events_per_s=RATE_LIMIT, max_message_bytes=2**20))
+    with Server(build_fastapi(pipeline, settings)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def spoken(tmp_path_factory) -> bytes:
+    """A spoken question (espeak-ng), as PCM16 mono 24 kHz bytes."""
+    d = tmp_path_factory.mktemp("rt")
+    subprocess.run(["espeak-ng", "-w", str(d / "q.wav"), "Hello there, what is the weather like today?"], check=True,
+                   capture_output=True)
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "q.wav"), "-ac", "1", "-ar", str(RATE),
+                    "-sample_fmt", "s16", str(d / "q24.wav")], check=True)
+    pcm, sr = sf.read(d / "q24.wav", dtype="int16")
+    assert sr == RATE
+    return pcm.astype("<i2").tobytes()
+
+
+def silence(ms: int) -> bytes:
+    return bytes(2 * ms * RATE // 1000)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 4 * DEADLINE))
+
+
+def sdk(server, **kw):
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    return client.realtime.connect(model=MODEL, **kw)
+
+
+async def until(conn, kind: str, seen: list) -> dict:
+    """Receive events (as dicts) into `seen` until one of type `kind`; -> that event."""
+    while True:
+        try:
+            raw = await asyncio.wait_for(conn.recv_bytes(), DEADLINE)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"no {kind} within {DEADLINE} s; got {[e['type'] for e in seen][-30:]}") from None
+        ev = json.loads(raw)
+        seen.append(ev)
+        if ev["type"] == kind:
+            return ev
+
+
+def of(seen: list, kind: str) -> list:
+    return [e for e in seen if e["type"] == kind]
+
+
+async def setup(conn, **session) -> dict:
+    seen = []
+    created = await until(conn, "session.created", seen)
+    await conn.session.update(session={"type": "realtime", **session})
+    await until(conn, "session.updated", seen)
+    return created
+
+
+async def append(conn, pcm: bytes) -> None:
+    for i in range(0, len(pcm), 2 * CHUNK):
+        await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + 2 * CHUNK]).decode())
+
+
+async def say(conn, text: str) -> None:
+    await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                              "content": [{"type": "input_text", "text": text}]})
+
+
+def chat_request(messages, **kw):
+    req = ChatCompletionRequest.model_validate({"messages": messages, **kw})
+    return to_chat_request(req, "ref", ConvertOptions(max_tokens_limit=512, voices=("Chelsie", "Ethan")))
+
+
+def idle(server, pipeline) -> None:
+    """Wait (bounded) until no stage runs a request and no admission slot is held."""
+    routes = server.server.config.app.state.routes
+    deadline = time.time() + DEADLINE
+    while True:
+        stats = server.call(asyncio.to_thread(pipeline.stage_stats))
+        running = {k: v["running"] for k, v in stats.items()}
+        if not any(running.values()) and routes.admission.active == 0:
+            return
+        assert time.time() < deadline, f"still running after the session ended: {running}"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------------- text
+def test_text_turns_equal_the_reference(server, tiny):
+    """Two text turns: each reply equals the official transformers path's for the whole conversation so far."""
+    async def go():
+        async with sdk(server) as conn:
+            created = await setup(conn, output_modalities=["text"], max_output_tokens=12,
+                                  audio={"input": {"turn_detection": None}})
+            assert created["session"]["model"] == MODEL
+            assert created["session"]["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+            turns = []
+            for question in ("Tell me a story.", "And then what happened?"):
+                await say(conn, question)
+                await conn.response.create()
+                seen = []
+                done = await until(conn, "response.done", seen)
+                turns.append((question, seen, done))
+            return turns
+
+    turns = run(go())
+    messages = []
+    for question, seen, done in turns:
+        messages.append({"role": "user", "content": question})
+        ref = reference_generate(tiny, chat_request(messages, max_tokens=12))
+        text = "".join(e["delta"] for e in of(seen, "response.output_text.delta"))
+        assert text == ref.text and text
+        assert of(seen, "response.output_text.done")[0]["text"] == text
+        usage = done["response"]["usage"]
+        assert usage["output_tokens"] == len(ref.token_ids) and usage["input_tokens"] == len(ref.prompt_ids)
+        assert done["response"]["status"] in ("completed", "incomplete")
+        assert done["response"]["output"][0]["content"] == [{"type": "output_text", "text": text}]
+        kinds = [e["type"] for e in seen]
+        order = ["conversation.item.added", "conversation.item.done", "response.created",
+                 "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+                 "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                 "response.done"]
+        assert [kinds.index(k) for k in order] == sorted(kinds.index(k) for k in order), kinds
+        messages.append({"role": "assistant", "content": text})
+
+
+# ---------------------------------------------------------------------------------------------------- audio + VAD
+def test_spoken_turn_with_server_vad_equals_the_chat_completion(server, spoken):
+    """An espeak-ng question with silence after it: the server VAD finds the turn, commits it and answers; the audio
+    deltas are the chat completion's speech for the same audio (bit-exact), the transcript its text."""
+    sent = silence(400) + spoken + silence(1200)
+
+    async def go():
+        async with sdk(server) as conn:
+            await setup(conn, output_modalities=["audio"], max_output_tokens=8, seed=3,
+                        max_output_audio_tokens=TALKER_TOKENS, audio={
+                            "output": {"voice": "Ethan"},
+                            "input": {"turn_detection": {"type": "server_vad", "threshold": 0.5,
+                                                         "prefix_padding_ms": 300, "silence_duration_ms": 600}}})
+            await append(conn, sent)
+            seen = []
+            await until(conn, "response.done", seen)
+            return seen
+
+    seen = run(go())
+    started, stopped = of(seen, "input_audio_buffer.speech_started"), of(seen, "input_audio_buffer.speech_stopped")
+    assert len(started) == len(stopped) == 1
+    a, b = started[0]["audio_start_ms"], stopped[0]["audio_end_ms"]
+    assert 0 < a < 400 + 300 and a + 1000 < b <= len(sent) // 48, (a, b)
+    committed = of(seen, "input_audio_buffer.committed")[0]
+    assert committed["item_id"] == started[0]["item_id"] == stopped[0]["item_id"]
+    user = [e for e in of(seen, "conversation.item.added") if e["item"]["role"] == "user"][0]
+    assert user["item"]["content"][0]["type"] == "input_audio"
+    done = of(seen, "response.done")[0]
+    assert done["response"]["status"] in ("completed", "incomplete")
+    pcm = b"".join(base64.b64decode(e["delta"]) for e in of(seen, "response.output_audio.delta"))
+    transcript = "".join(e["delta"] for e in of(seen, "response.output_audio_transcript.delta"))
+
+    turn = sent[a * 48:b * 48]  # the committed audio: 24 samples (48 bytes) per ms
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=DEADLINE)
+    wav = base64.b64encode(wav_header(len(turn), RATE) + turn).decode()
+    r = client.chat.completions.create(
+        model=MODEL, max_tokens=8, seed=3, modalities=["text", "audio"], audio={"voice": "Ethan", "format": "pcm16"},
+        messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]}],
+        extra_body={"sampling_params_list": [{}, {"max_tokens": TALKER_TOKENS}]})
+    assert pcm and pcm == base64.b64decode(r.choices[0].message.audio.data)
+    assert transcript == r.choices[0].message.content
+    assert of(seen, "response.output_audio_transcript.done")[0]["transcript"] == transcript
+
+
+# ---------------------------------------------------------------------------------------------------- barge-in
+def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline, spoken):
+    """Speech while a spoken reply streams: the reply is cancelled in every stage (no running rows), response.done
+    says cancelled (turn_detected), its item keeps the audio sent and the transcript the Talker had by then; the
+    user's new turn is answered with that in its context; item.truncate cuts it further to what was played. (The
+    reply at the end of a VAD turn is the spoken test's; here the next one is asked for once the slots are checked.)"""
+    async def go():
+        async with sdk(server) as conn:
+            await setup(conn, output_modalities=["audio"], max_output_tokens=400, max_output_audio_tokens=2000,
+                        audio={"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 600,
+                                                            "create_response": False}}})
+            await say(conn, "Tell me a long story.")
+            await conn.response.create()
+            seen = []
+            await until(conn, "response.output_audio.delta", seen)
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 8,  # for the next turn
+                                               "max_output_audio_tokens": TALKER_TOKENS})
+            await append(conn, silence(200) + spoken + silence(1000))  # the user talks over the reply
+            cancelled = await until(conn, "response.done", seen)
+            idle(server, pipeline)  # the cancelled reply holds no slot in any stage
+            await until(conn, "input_audio_buffer.committed", seen)
+            await conn.response.create()
+            answered = await until(conn, "response.done", seen)
+            item = cancelled["response"]["output"][0]
+            played_ms = 60
+            await conn.conversation.item.truncate(item_id=item["id"], content_index=0, audio_end_ms=played_ms)
+            truncated = await until(conn, "conversation.item.truncated", seen)
+            await conn.conversation.item.truncate(item_id=item["id"], content_index=0, audio_end_ms=10**7)
+            err = await until(conn, "error", seen)
+            return seen, cancelled, answered, truncated, err
+
+    seen, cancelled, answered, truncated, err = run(go())
+    kinds = [e["type"] for e in seen]
+    assert kinds.index("input_audio_buffer.speech_started") < kinds.index("response.done")
+    resp = cancelled["response"]
+    assert resp["status"] == "cancelled" and resp["status_details"]["reason"] == "turn_detected"
+    item = resp["output"][0]
+    assert item["status"] == "incomplete"
+    first = [e for e in seen if e.get("response_id") == resp["id"]]
+    audio = b"".join(base64.b64decode(e["delta"]) for e in first if e["type"] == "response.output_audio.delta")
+    streamed = "".join(e["delta"] for e in first if e["type"] == "response.output_audio_transcript.delta")
+    heard = item["content"][0]["transcript"]
+    assert streamed.startswith(heard) and len(audio) > 0
+    assert answered["response"]["status"] in ("completed", "incomplete")
+    # the new turn's prompt: the first question, the reply as heard, the committed speech
+    a = of(seen, "input_audio_buffer.speech_started")[0]["audio_start_ms"]
+    b = of(seen, "input_audio_buffer.speech_stopped")[0]["audio_end_ms"]
+    turn = (silence(200) + spoken + silence(1000))[a * 48:b * 48]
+    audio = load_audio(wav_header(len(turn), RATE) + turn)
+    context = ChatRequest([Message("user", "Tell me a long story."), Message("assistant", heard),
+                           Message("user", [AudioPart(audio)])], speak=True)
+    prompt = prepare_prompt(pipeline.processor, context)
+    assert answered["response"]["usage"]["input_tokens"] == prompt.input_ids.shape[0]
+    assert truncated["item_id"] == item["id"] and truncated["audio_end_ms"] == 60
+    assert err["error"]["param"] == "audio_end_ms" and err["error"]["code"] == "invalid_value"
+    idle(server, pipeline)
+
+
+# ---------------------------------------------------------------------------------------------------- bad events
+def test_bad_events_are_error_events_and_the_session_goes_on(server):
+    async def go():
+        async with sdk(server) as conn:
+            await setup(conn, output_modalities=["text"], max_output_tokens=64,
+                        audio={"input": {"turn_detection": None}})
+            errors, seen = [], []
+            for raw in ('{"type": "no.such.event", "event_id": "evt_1"}', "not json",
+                        json.dumps({"type": "input_audio_buffer.append", "audio": "@@not base64@@"}),
+                        json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"abc").decode()}),
+                        json.dumps({"type": "input_audio_buffer.commit"}),
+                        json.dumps({"type": "session.update", "session": {"output_modalities": ["video"]}}),
+                        json.dumps({"type": "session.update", "session": {"audio": {"output": {"voice": "Nobody"}}}}),
+                        json.dumps({"type": "conversation.item.delete", "item_id": "item_missing"}),
+                        json.dumps({"type": "response.cancel"}),
+                        json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (2**20 + 8)})):
+                await conn.send_raw(raw)
+                errors.append(await until(conn, "error", seen))
+            big = json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(bytes(700_000)).decode()})
+            for _ in range(5):  # 5 x 14.6 s of silence: past max_buffer_s (60)
+                await conn.send_raw(big)
+            errors.append(await until(conn, "error", seen))
+            await conn.input_audio_buffer.clear()
+            await until(conn, "input_audio_buffer.cleared", seen)
+            await say(conn, "Tell me a story.")
+            await conn.response.create()
+            await until(conn, "response.created", seen)
+            await conn.response.create()  # one is running already
+            errors.append(await until(conn, "error", seen))
+            done = await until(conn, "response.done", seen)
+            await say(conn, "Again.")
+            await conn.response.create()
+            again = await until(conn, "response.done", seen)
+            return errors, done, again
+
+    errors, done, again = run(go())
+    codes = [e["error"]["code"] for e in errors]
+    assert codes == ["invalid_event_type", "invalid_json", "invalid_base64", "invalid_audio_format",
+                     "input_audio_buffer_commit_empty", "invalid_value", "invalid_value", "item_not_found",
+                     "response_cancel_not_active", "message_too_large", "input_audio_buffer_full",
+                     "conversation_already_has_active_response"]
+    first = errors[0]
+    assert first["type"] == "error" and first["event_id"].startswith("event_")
+    assert first["error"]["type"] == "invalid_request_error" and first["error"]["event_id"] == "evt_1"
+    assert first["error"]["param"] == "type" and "no.such.event" in first["error"]["message"]
+    assert errors[6]["error"]["param"] == "session.audio.output.voice"
+    assert done["response"]["status"] in ("completed", "incomplete")
+    assert again["response"]["status"] in ("completed", "incomplete")
+
+
+def test_events_past_the_rate_are_refused(server):
+    async def go():
+        async with sdk(server) as conn:
+            seen = []
+            await until(conn, "session.created", seen)
+            clear = json.dumps({"type": "input_audio_buffer.clear"})
+            for _ in range(3 * RATE_LIMIT):
+                await conn.send_raw(clear)
+            err = await until(conn, "error", seen)
+            return err
+
+    err = run(go())
+    assert err["error"]["code"] == "rate_limit_exceeded"
+
+
+# ---------------------------------------------------------------------------------------------------- auth
+def test_auth_key_and_client_secrets(server):
+    ws_url = f"ws://127.0.0.1:{server.port}/v1/realtime?model={MODEL}"
+
+    async def refused(**kw) -> int:
+        with pytest.raises(websockets.exceptions.InvalidStatus) as e:
+            async with websockets.connect(ws_url, **kw):
+                pass
+        return e.value.response.status_code
+
+    r = httpx.post(f"{server.url}/v1/realtime/client_secrets", timeout=30,
+                   json={"expires_after": {"anchor": "created_at", "seconds": 60},
+                         "session": {"type": "realtime", "instructions": "Be brief."}})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(f"{server.url}/v1/realtime/client_secrets", headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=30, json={"expires_after": {"anchor": "created_at", "seconds": 60},
+                                     "session": {"type": "realtime", "instructions": "Be brief."}})
+    assert r.status_code == 200, r.text
+    secret = r.json()
+    assert secret["value"].startswith("ek_") and secret["expires_at"] > time.time() + 50
+    assert secret["session"]["instructions"] == "Be brief."
+    bad = httpx.post(f"{server.url}/v1/realtime/client_secrets", headers={"Authorization": f"Bearer {KEY}"},
+                     timeout=30, json={"expires_after": {"seconds": 5}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "expires_after.seconds"
+
+    async def go():
+        statuses = [await refused(), await refused(additional_headers={"Authorization": "Bearer wrong"}),
+                    await refused(subprotocols=["realtime", "openai-insecure-api-key.ek_forged.sig"])]
+        async with websockets.connect(ws_url, subprotocols=["realtime", "openai-insecure-api-key." +
+                                                            secret["value"]]) as ws:  # a browser's way
+            assert ws.subprotocol == "realtime"
+            by_protocol = json.loads(await asyncio.wait_for(ws.recv(), DEADLINE))
+        async with websockets.connect(ws_url + "&client_secret=" + secret["value"]) as ws:
+            by_query = json.loads(await asyncio.wait_for(ws.recv(), DEADLINE))
+        async with sdk(server) as conn:  # the SDK's Bearer header
+            by_key = json.loads(await asyncio.wait_for(conn.recv_bytes(), DEADLINE))
+        return statuses, by_protocol, by_query, by_key
+
+    statuses, by_protocol, by_query, by_key = run(go())
+    assert statuses == [401, 401, 401]
+    assert by_protocol["type"] == by_query["type"] == by_key["type"] == "session.created"
+    assert by_protocol["session"]["instructions"] == "Be brief."  # the secret's session configuration
+    assert by_key["session"]["instructions"] == ""
+
+
+# ---------------------------------------------------------------------------------------------------- vanishing client
+def test_a_client_that_vanishes_mid_response_frees_everything(server, pipeline):
+    ws_url = f"ws://127.0.0.1:{server.port}/v1/realtime?model={MODEL}"
+
+    async def go():
+        ws = await websockets.connect(ws_url, additional_headers={"Authorization": f"Bearer {KEY}"})
+        await ws.send(json.dumps({"type": "session.update", "session": {
+            "output_modalities": ["audio"], "max_output_tokens": 400, "max_output_audio_tokens": 2000}}))
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Talk for a while."}]}}))
+        await ws.send(json.dumps({"type": "response.create"}))
+        while json.loads(await asyncio.wait_for(ws.recv(), DEADLINE))["type"] != "response.output_audio.delta":
+            pass
+        ws.transport.abort()  # gone without a close frame
+
+    run(go())
+    idle(server, pipeline)
+
+
+def test_readme_realtime_example_runs(server, spoken):
+    """The README's Realtime SDK example, as written (only its address and key changed), on a spoken question."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme[readme.index("### Realtime: `/v1/realtime`"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 'base_url="http://127.0.0.1:8000/v1"' in code and 'api_key="unused"' in code
+    code = code.replace("http://127.0.0.1:8000", server.url).replace('api_key="unused"', f'api_key="{KEY}"')
+    code = code.replace('model="tiny"', f'model="{MODEL}"')
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    speech = run(scope["main"](silence(300) + spoken))
+    assert len(speech) > 0 and len(speech) % 2 == 0
