@@ -195,24 +195,37 @@ def test_engine_config_refuses_negative_prefill_limits():
 
 def test_no_batch_timer_while_a_running_row_is_urgent():
     """batch_wait_s holds a step for rows still waiting on their input, unless some row is urgent (its first output
-    downstream pending: the Talker before the vocoder's first window)."""
+    downstream pending: the Talker before the vocoder's first window). The longest batch_wait_s (1 s) and no clock: the
+    non-urgent gather is still waiting after the loop has run everything else and ends when the input comes (within a
+    generous 60 s deadline); the urgent one has ended by then, with no input and no wake."""
     from omni.engine import DecoderModel, Engine, EngineLoop, Sequence
 
-    class Waiting(Sequence):
-        def has_input(self):
-            return False
+    class Row(Sequence):
+        arrived = False
 
-    engine = Engine(DecoderModel(None, None, None, torch.device("cpu")), EngineConfig(batch_wait_s=0.5))
+        def has_input(self):
+            return self.arrived
+
+    engine = Engine(DecoderModel(None, None, None, torch.device("cpu")), EngineConfig(batch_wait_s=1.0))
     loop = EngineLoop(engine)
 
-    async def gather_seconds(urgent: bool) -> float:
-        seq = Waiting("r", 8, set())
+    async def gather(urgent: bool) -> None:
+        seq = Row("r", 8, set())
         seq.urgent = urgent
         engine._rows = [seq]
         loop._wake = asyncio.Event()  # what the loop's start creates
         t0 = asyncio.get_running_loop().time()
-        await loop._gather(True)
-        return asyncio.get_running_loop().time() - t0
+        task = asyncio.ensure_future(loop._gather(True))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        if urgent:
+            assert task.done()  # no input, no wake: it did not wait
+        else:
+            # waiting for the row's input (or its 1 s: a stalled machine, then this is not a test of the wait)
+            assert not task.done() or asyncio.get_running_loop().time() - t0 >= 1.0
+            seq.arrived = True
+            loop.wake()  # what a row's input arriving does
+        await asyncio.wait_for(task, 60)
 
-    assert asyncio.run(gather_seconds(False)) >= 0.45  # waited for the row's input
-    assert asyncio.run(gather_seconds(True)) < 0.05  # stepped at once
+    asyncio.run(gather(False))
+    asyncio.run(gather(True))

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from omni.serve.api.audio_io import pcm16_bytes
+from omni.serve.api.metrics import STALL_OK_S
 from omni.serve.api.server import ServerSettings, build_fastapi
 from omni.serve.api.convert import ConvertOptions, to_chat_request
 from omni.serve.api.protocol import ChatCompletionRequest
@@ -300,8 +301,11 @@ def test_metrics_after_requests(server, client):
     assert delta("omni_audio_ttfp_seconds_count") == 1 and delta("omni_audio_streams_total") == 1
     assert 0 < delta("omni_audio_ttfp_seconds_sum") <= delta("omni_request_latency_seconds_sum")
     assert delta("omni_audio_rtf_count") == 1 and delta("omni_audio_rtf_sum") > 0
-    assert delta("omni_audio_underrun_seconds_count") == 1 and delta("omni_audio_underrun_seconds_sum") >= 0
-    assert delta("omni_audio_continuity_ok_total") in (0, 1)
+    # the gaps a real-time player hears lie inside the request; one stream with less than STALL_OK_S of gaps in all
+    # has no gap over it (Playback's own arithmetic: tests/serve/bench/test_bench.py)
+    stall = delta("omni_audio_underrun_seconds_sum")
+    assert delta("omni_audio_underrun_seconds_count") == 1 and 0 <= stall <= delta("omni_request_latency_seconds_sum")
+    assert delta("omni_audio_continuity_ok_total") == 1 or stall > STALL_OK_S
     # every generating stage of the pipeline: steps with their batch sizes and queue times, nothing left running
     for stage in ("thinker", "talker", "vocoder"):
         steps = delta("omni_stage_batch_size_count", stage=stage)

@@ -85,10 +85,44 @@ def test_text_and_speech_non_streaming(client):
     assert frames > 0 and frames % 480 == 0 and frames <= 40 * 480
 
 
-def test_streaming_text_and_speech_with_media(client, uris):
+def _official_speech_request(media, parts, max_tokens, voice, speech_tokens=40):
+    """The ChatRequest an HTTP request with these media parts asks for: greedy Thinker, the Talker's defaults made
+    greedy (SPEECH), `speech_tokens` codes at most."""
+    from omni.types import TALKER_DEFAULT_SAMPLING, AudioPart, ChatRequest, ImagePart, Message, SamplingParams, \
+        TextPart, VideoPart
+
+    kinds = {"image": ImagePart, "audio": AudioPart, "video": VideoPart}
+    content = [kinds[k](media[k]) for k in parts[:-1]] + [TextPart(parts[-1])]
+    return ChatRequest([Message("user", content)], sampling=SamplingParams(max_tokens=max_tokens), speak=True,
+                       voice=voice, talker_sampling=dataclasses.replace(TALKER_DEFAULT_SAMPLING, temperature=0.0,
+                                                                        max_tokens=speech_tokens))
+
+
+def _handle_stages(pipeline):
+    """The composition over the app's deployment handles, as its ingress runs it."""
+    from ray import serve
+
+    from omni.serve.cluster.deployments import HandleStages
+    from omni.serve.compose import Composition
+    from omni.serve.config import load_serve_config
+
+    handle = lambda name: serve.get_deployment_handle(name, app_name="omni")  # noqa: E731
+    return Composition(HandleStages("tiny", load_serve_config("tiny"), handle("VisionEncoder"), handle("AudioEncoder"),
+                                    handle("Thinker"), handle("Vocoder"), pipeline.voices))
+
+
+def test_streaming_text_and_speech_with_media(client, uris, tiny, media, pipeline, stop_codes):
+    """An image + audio + video request streamed through the app equals the official generate: the text and its
+    token counts over HTTP, the text ids and codec ids through the app's deployment handles (the chain the ingress
+    runs), whose waveform is the streamed PCM byte for byte and within MIN_STREAM_SNR_DB (+ PCM_SLACK) of the
+    official one."""
+    from omni.decoders import MIN_STREAM_SNR_DB
+    from omni.reference import reference_generate
+    from omni.serve.api.convert import pcm16_bytes
+
     stream = client.chat.completions.create(
-        model="tiny", stream=True, max_tokens=24, modalities=["text", "audio"], audio={"voice": "Chelsie", "format":
-                                                                                        "pcm16"},
+        model="tiny", stream=True, max_tokens=24, temperature=0, modalities=["text", "audio"],
+        audio={"voice": "Chelsie", "format": "pcm16"},
         messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": uris["image"]}},
             {"type": "input_audio", "input_audio": {"data": uris["audio_b64"], "format": "wav"}},
@@ -106,24 +140,26 @@ def test_streaming_text_and_speech_with_media(client, uris):
             if audio.get("data"):
                 pcm.append(base64.b64decode(audio["data"]))
             finish = ch.finish_reason or finish
-    assert text and pcm and finish in ("stop", "length")
-    n = sum(len(b) for b in pcm) // 2  # PCM16 mono
-    assert n > 0 and n % 480 == 0
-    assert usage.completion_tokens == 24 and usage.prompt_tokens > 100  # image + audio + video placeholders
+    req = _official_speech_request(media, ["image", "audio", "video", "What do you see and hear?"], 24, "Chelsie")
+    ref = reference_generate(tiny, req)
+    assert "".join(text) == ref.text and finish == ("length" if len(ref.token_ids) == 24 else "stop")
+    assert usage.completion_tokens == len(ref.token_ids) and usage.prompt_tokens == len(ref.prompt_ids)
+    ray_out = asyncio.run(_handle_stages(pipeline).run(dataclasses.replace(req)))
+    assert ray_out.token_ids == ref.token_ids and ray_out.codec_ids == ref.codec_ids
+    codes = [c for c in ref.codec_ids if c not in stop_codes]
+    assert len(codes) > 12 and b"".join(pcm) == pcm16_bytes(ray_out.waveform)
+    assert len(ray_out.waveform) == len(ref.waveform) == 480 * len(codes)
+    error = _rms(ray_out.waveform - ref.waveform)
+    assert error <= _rms(ref.waveform) * 10 ** (-MIN_STREAM_SNR_DB / 20) + PCM_SLACK, (error, _rms(ref.waveform))
 
 
 def test_speech_through_ray_equals_the_pipeline(server, client, pipeline, media_dir, stop_codes):
     """The Ray app's speech (its deployments chained by handles, as the ingress runs them) equals the in-process
     pipeline's: text ids and codec ids exactly, PCM within 1e-4 (float32 batch-size-dependent kernels); the HTTP WAV
     is that PCM."""
-    from ray import serve
-
     from omni.decoders import snr_db
     from omni.encoders.media import MediaPolicy, load_image
     from omni.serve.api.convert import pcm16_bytes
-    from omni.serve.cluster.deployments import HandleStages
-    from omni.serve.compose import Composition
-    from omni.serve.config import load_serve_config
     from omni.types import TALKER_DEFAULT_SAMPLING, ChatRequest, ImagePart, Message, SamplingParams, TextPart
 
     image = load_image(str(media_dir / "image.png"), MediaPolicy(allowed_local_media_path=str(media_dir)))
@@ -132,11 +168,7 @@ def test_speech_through_ray_equals_the_pipeline(server, client, pipeline, media_
                       # what the HTTP request below asks for: the Talker's defaults, greedy, 60 codes at most
                       talker_sampling=dataclasses.replace(TALKER_DEFAULT_SAMPLING, temperature=0.0, max_tokens=60))
     ours = asyncio.run(pipeline.run(req))
-
-    handle = lambda name: serve.get_deployment_handle(name, app_name="omni")  # noqa: E731
-    stages = HandleStages("tiny", load_serve_config("tiny"), handle("VisionEncoder"), handle("AudioEncoder"),
-                          handle("Thinker"), handle("Vocoder"), pipeline.voices)
-    ray_out = asyncio.run(Composition(stages).run(req))
+    ray_out = asyncio.run(_handle_stages(pipeline).run(req))
     assert ray_out.token_ids == ours.token_ids and ray_out.text == ours.text
     assert ray_out.codec_ids == ours.codec_ids and len([c for c in ours.codec_ids if c not in stop_codes]) > 24
     assert ray_out.waveform.shape == ours.waveform.shape
@@ -214,43 +246,90 @@ def test_api_key_required_but_not_for_health(server):
     assert r.status_code == 401 and r.json()["error"]["message"]
 
 
-def test_concurrent_streams_complete_and_encoder_batches(client, server, uris):
-    """8 concurrent streaming requests, each with an image: all complete, and the vision encoder ran batches > 1."""
+# per sample, RMS: the float32 batch-size-dependent kernels of a batched run (1e-4, the bound of
+# test_speech_through_ray_equals_the_pipeline),
+# the offline vocoder's tolerance against the official one (1e-4) and the PCM16 rounding (half a step)
+PCM_SLACK = 1e-4 + 1e-4 + 0.5 / 32767
+
+
+def _rms(x) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+
+
+# the 8 concurrent requests' media besides their image (the vision encoder batches the images), in turn
+MIXES = [[], ["audio"], ["video"], ["audio", "video"]]
+
+
+def _stage_counters(server) -> dict:
+    """{stage: (steps, items)} of the generating stages' loop counters in /metrics, for those already there."""
+    metrics = httpx.get(f"{server}/metrics", headers={"Authorization": "Bearer sk-test"}).text
+    out = {}
+    for stage in ("thinker", "talker", "vocoder"):
+        steps = re.search(rf'omni_stage_batch_size_count\{{stage="{stage}"\}} (\S+)', metrics)
+        items = re.search(rf'omni_stage_batch_size_sum\{{stage="{stage}"\}} (\S+)', metrics)
+        if steps and items and float(steps.group(1)) >= 1:
+            out[stage] = (float(steps.group(1)), float(items.group(1)), metrics)
+    return out
+
+
+def test_concurrent_streams_equal_the_official_path_and_encoder_batches(client, server, uris, tiny, media,
+                                                                        stop_codes):
+    """8 concurrent streaming requests, each with an image and some with audio and video, half of them with speech:
+    row by row the official generate's text and token counts, and for the speech rows its number of codes (480
+    samples each) and its waveform: the streaming error MIN_STREAM_SNR_DB allows, plus PCM_SLACK per sample (a wrong
+    code changes its 480 samples by the voice's own amplitude); the vision encoder ran batches > 1."""
+    from omni.decoders import MIN_STREAM_SNR_DB
+    from omni.reference import reference_generate
+
+    part = {"audio": {"type": "input_audio", "input_audio": {"data": uris["audio_b64"], "format": "wav"}},
+            "video": {"type": "video_url", "video_url": {"url": uris["video"]}}}
+
     def one(i):
+        speak = bool(i % 2)
         stream = client.chat.completions.create(
-            model="tiny", stream=True, max_tokens=6 + i, modalities=["text", "audio"] if i % 2 else ["text"],
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uris["image"]}},
-                                                   {"type": "text", "text": f"Request {i}: describe."}]}],
-            extra_body=SPEECH)
-        kinds = set()
+            model="tiny", stream=True, max_tokens=6 + i, temperature=0,
+            **({"modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "pcm16"}} if speak else {}),
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uris["image"]}}] +
+                       [part[k] for k in MIXES[i % 4]] + [{"type": "text", "text": f"Request {i}: describe."}]}],
+            stream_options={"include_usage": True}, extra_body=SPEECH)
+        text, pcm, usage, finish = [], [], None, None
         for chunk in stream:
+            usage = chunk.usage or usage
             for ch in chunk.choices:
-                if ch.delta.content:
-                    kinds.add("text")
-                if _delta_audio(ch.delta):
-                    kinds.add("audio")
-                if ch.finish_reason:
-                    kinds.add("finish")
-        return kinds
+                text.append(ch.delta.content or "")
+                if _delta_audio(ch.delta).get("data"):
+                    pcm.append(base64.b64decode(_delta_audio(ch.delta)["data"]))
+                finish = ch.finish_reason or finish
+        return "".join(text), b"".join(pcm), usage, finish
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, range(8)))
-    for i, kinds in enumerate(results):
-        assert "finish" in kinds and "text" in kinds
-        assert ("audio" in kinds) == bool(i % 2)
+    for i, (text, pcm, usage, finish) in enumerate(results):
+        req = _official_speech_request(media, ["image", *MIXES[i % 4], f"Request {i}: describe."], 6 + i, "Ethan")
+        req.speak = bool(i % 2)
+        ref = reference_generate(tiny, req)
+        assert text == ref.text and finish in ("stop", "length"), i
+        assert usage.completion_tokens == len(ref.token_ids) and usage.prompt_tokens == len(ref.prompt_ids), i
+        if not req.speak:
+            assert pcm == b"", i
+            continue
+        codes = [c for c in ref.codec_ids if c not in stop_codes]
+        wav = np.frombuffer(pcm, "<i2").astype(np.float32) / 32767
+        assert len(codes) > 12 and len(wav) == len(ref.waveform) == 480 * len(codes), i
+        assert _rms(wav - ref.waveform) <= _rms(ref.waveform) * 10 ** (-MIN_STREAM_SNR_DB / 20) + PCM_SLACK, i
     metrics = httpx.get(f"{server}/metrics", headers={"Authorization": "Bearer sk-test"}).text
     ones = float(re.search(r'omni_encoder_batch_size_bucket\{kind="vision",le="1.0"\} (\S+)', metrics).group(1))
     total = float(re.search(r'omni_encoder_batch_size_count\{kind="vision"\} (\S+)', metrics).group(1))
     assert total >= 8 and ones < total, "no vision encoder batch larger than 1 formed"
     assert 'omni_time_to_first_audio_seconds_count' in metrics
     assert re.search(r'omni_stage_latency_seconds_count\{stage="thinker"\} [1-9]', metrics)
-    # the generating stages' loop counters, polled by the ingress from the chain (STAGE_STATS_S): 4 speech requests
-    time.sleep(2.5)
-    metrics = httpx.get(f"{server}/metrics", headers={"Authorization": "Bearer sk-test"}).text
-    for stage in ("thinker", "talker", "vocoder"):
-        steps = float(re.search(rf'omni_stage_batch_size_count\{{stage="{stage}"\}} (\S+)', metrics).group(1))
-        items = float(re.search(rf'omni_stage_batch_size_sum\{{stage="{stage}"\}} (\S+)', metrics).group(1))
-        assert steps >= 1 and 1 <= items / steps <= 8, (stage, steps, items)
+    # the generating stages' loop counters, polled by the ingress from the chain every STAGE_STATS_S: wait for them
+    deadline = time.time() + 60
+    while len(counters := _stage_counters(server)) < 3 and time.time() < deadline:
+        time.sleep(0.2)
+    assert set(counters) == {"thinker", "talker", "vocoder"}, "the stage counters never reached /metrics"
+    for stage, (steps, items, metrics) in counters.items():
+        assert 1 <= items / steps <= 8, (stage, steps, items)
         assert re.search(rf'omni_stage_queue_seconds_count\{{stage="{stage}"\}} [1-9]', metrics), stage
         assert re.search(rf'omni_stage_requests_running\{{stage="{stage}"\}} ', metrics), stage
 

@@ -48,9 +48,57 @@ def test_golden_captions_and_error_rows(golden, mixed_dir, oracle):
     assert set(report.stage_seconds) == {"decode", "encode", "thinker"} and report.stage_seconds["thinker"] > 0
 
 
+class Gate:
+    """A named pipe among the inputs, standing for an image: its decode task blocks in open() until the test opens
+    the gate, so no row of it (nor of a file decoded after it) can be written before then, however fast the machine.
+    open() writes the image's bytes to the reader (a thread: the write blocks until the reader is there);
+    make_regular() replaces the pipe by a regular file with those bytes (for the oracle, or a later run)."""
+
+    def __init__(self, path, image_bytes: bytes):
+        self.path, self.data, self.thread = path, image_bytes, None
+        os.mkfifo(path)
+
+    def open(self) -> None:
+        import threading
+
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.path.write_bytes, args=(self.data,), daemon=True)
+            self.thread.start()
+
+    def close(self, timeout: float = 60) -> None:
+        """Lets a writer still waiting for a reader go (no reader came: the run failed before the gate's decode)."""
+        if self.thread is not None and self.thread.is_alive():
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            self.thread.join(timeout)
+            os.close(fd)
+
+    def make_regular(self) -> None:
+        self.close()
+        self.path.unlink()
+        self.path.write_bytes(self.data)
+
+
+def _wait_gone(pid: int, timeout: float = 60) -> None:
+    """Returns once process `pid` has exited (a zombie counts: it runs nothing more)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still runs {timeout} s after SIGKILL")
+
+
 def test_killed_thinker_worker_loses_no_row(mixed_dir, tmp_path, oracle):
     """SIGKILL the Thinker actor's process after the first committed row: Ray Data restarts the actor and retries
-    its tasks; every file still gets exactly one row, the same rows as an undisturbed run."""
+    its tasks; every file still gets exactly one row, the same rows as an undisturbed run. The last input is a Gate,
+    opened only once the killed process is gone: its row comes from the restarted actor on any machine."""
+    gate = Gate(tmp_path / "gate.png", (mixed_dir / "image.png").read_bytes())
     killed = []
 
     def kill_once(rows):
@@ -58,15 +106,21 @@ def test_killed_thinker_worker_loses_no_row(mixed_dir, tmp_path, oracle):
             pid = int(rows[0]["thinker_pid"])
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
+            _wait_gone(pid)
+            gate.open()
 
     out = tmp_path / "captions.jsonl"
-    # one row per Thinker call, one call at a time, 160 tokens each: rows are still to do when the first one lands
-    # (with 48 a quiet machine had written every row before the kill landed: one Thinker pid, the test failed)
-    opts = CaptionOptions(max_tokens=160, batch_size=1, thinker_calls=1)
-    report = run_caption([str(mixed_dir)], str(out), opts, on_batch=kill_once)
+    try:
+        report = run_caption([str(mixed_dir), str(gate.path)], str(out),
+                             CaptionOptions(max_tokens=MAX_TOKENS, batch_size=1, thinker_calls=1), on_batch=kill_once)
+    finally:
+        gate.close()
     assert killed and len(report.thinker_pids) >= 2, report.thinker_pids  # rows came from the restarted actor too
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    check_rows(rows, mixed_dir, oracle, max_tokens=160)
+    [gated] = [r for r in rows if r["path"] == str(gate.path)]
+    assert gated["error"] is None and gated["media_type"] == "image"
+    assert gated["caption"] == oracle(mixed_dir / "image.png", "image", gated["prompt"], MAX_TOKENS).text
+    check_rows([r for r in rows if r is not gated], mixed_dir, oracle)
 
 
 def test_speak_and_use_audio_in_video(media_dir, tmp_path, oracle, tiny):
@@ -163,6 +217,7 @@ def _interrupt_when(proc, out, n_lines, sig, timeout=300):
     while len(_lines(out)) < n_lines and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
+    assert len(_lines(out)) >= n_lines, f"no {n_lines} rows within {timeout} s"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
@@ -171,7 +226,8 @@ def _interrupt_when(proc, out, n_lines, sig, timeout=300):
 def test_interrupted_runs_resume_to_the_whole_output(media_dir, tmp_path, oracle):
     """`omni caption` (the CLI, in a subprocess, on this module's Ray through RAY_ADDRESS) stopped by Ctrl-C, then
     resumed and stopped by SIGTERM, then resumed to the end: after every stop the output holds whole rows only, no
-    path twice; the end result is one row per file with the official generate's caption."""
+    path twice; the end result is one row per file with the official generate's caption. Two Gates (named pipes) keep
+    each interrupted run from finishing on any machine: the first stays shut in run 1, the second until run 3."""
     import subprocess
     import sys
 
@@ -180,16 +236,19 @@ def test_interrupted_runs_resume_to_the_whole_output(media_dir, tmp_path, oracle
 
     d = tmp_path / "media"
     d.mkdir()
-    for i in range(10):
+    for i in range(4):
         im = Image.new("RGB", (84, 56), (25 * i, 255 - 25 * i, 90))
         ImageDraw.Draw(im).ellipse((4 * i, 4, 4 * i + 30, 40), fill=(250, 250, 250))
         im.save(d / f"img{i:02d}.png")
     shutil.copy(media_dir / "speech.wav", d / "speech.wav")
     shutil.copy(media_dir / "clip.mp4", d / "clip.mp4")
+    png = (media_dir / "image.png").read_bytes()
+    gates = [Gate(d / "m_gate.png", png), Gate(d / "zz_gate.png", png)]  # listed after img03 and after speech.wav
+    total = 8
     out = tmp_path / "captions.jsonl"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "-m", "omni.serve.cli", "caption", str(d), "--out", str(out), "--max-tokens", "64",
-           "--batch-size", "1"]
+    cmd = [sys.executable, "-m", "omni.serve.cli", "caption", str(d), "--out", str(out), "--max-tokens",
+           str(MAX_TOKENS), "--batch-size", "1"]
 
     def start(*extra):
         return subprocess.Popen(cmd + list(extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -204,18 +263,20 @@ def test_interrupted_runs_resume_to_the_whole_output(media_dir, tmp_path, oracle
     rc, err = _interrupt_when(start(), out, 1, signal.SIGINT)
     assert rc == 130 and "interrupted with" in err and "--resume" in err and "Traceback" not in err, err[-3000:]
     n1 = len(whole_rows())
-    assert 1 <= n1 < 12
+    assert 1 <= n1 <= total - 2  # neither gate's row
 
+    gates[0].make_regular()
     rc, err = _interrupt_when(start("--resume"), out, n1 + 1, signal.SIGTERM)
     assert rc == 143 and f"{n1} already done (resume)" in err, err[-3000:]
     n2 = len(whole_rows())
-    assert n1 < n2 < 12
+    assert n1 < n2 <= total - 1  # the second gate is still shut
 
+    gates[1].make_regular()
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"caption: {12 - n2} files, {12 - n2} ok, 0 failed" in done.stderr
+    assert f"caption: {total - n2} files, {total - n2} ok, 0 failed" in done.stderr
     rows = whole_rows()
-    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in d.iterdir())
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in d.iterdir()) and len(rows) == total
     for r in rows:
         kind = r["media_type"]
-        assert r["caption"] == oracle(r["path"], kind, DEFAULT_PROMPTS[kind], 64).text, r["path"]
+        assert r["caption"] == oracle(r["path"], kind, DEFAULT_PROMPTS[kind], MAX_TOKENS).text, r["path"]

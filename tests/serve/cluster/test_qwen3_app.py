@@ -129,3 +129,40 @@ def test_voices_are_this_models_and_models_lists_it(client, server):
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["param"] == "audio.voice" and "valid voices: Aiden, Chelsie, Ethan" in err["message"]
+
+
+def test_seeded_sampled_talker_through_serve_equals_the_official_generate(ray_stages, client, tiny_qwen3, media,
+                                                                          media_dir):
+    """A sampled Talker and code predictor with a seed (greedy Thinker): through the app's deployment handles all 16
+    codebooks of every frame equal the official generate with that seed (its global RNG); over HTTP the same
+    sampling_params_list gives the same text and that waveform, streamed."""
+    from omni.reference import reference_generate
+    from omni.types import TALKER_DEFAULT_SAMPLING, ChatRequest, ImagePart, Message, SamplingParams, TextPart
+
+    talker = dict(temperature=0.9, top_k=50, repetition_penalty=1.05, max_tokens=FRAMES, seed=7)
+    # what the HTTP request below asks for: the Talker's defaults with these fields
+    req = ChatRequest([Message("user", [ImagePart(media["image"]), TextPart("Describe it aloud.")])],
+                      sampling=SamplingParams(max_tokens=8), speak=True, voice="Aiden",
+                      talker_sampling=dataclasses.replace(TALKER_DEFAULT_SAMPLING, **talker))
+    ref = reference_generate(tiny_qwen3, req, seed=7)
+    out = asyncio.run(ray_stages.run(dataclasses.replace(req)))
+    assert out.token_ids == ref.token_ids and out.codec_ids == ref.codec_ids and len(ref.codec_ids) == FRAMES - 1
+
+    stream = client.chat.completions.create(
+        model="tiny-qwen3", stream=True, max_tokens=8, temperature=0, modalities=["text", "audio"],
+        audio={"voice": "Aiden", "format": "pcm16"},
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uri(media_dir, "image.png", "image/png")}},
+            {"type": "text", "text": "Describe it aloud."}]}],
+        extra_body={"sampling_params_list": [{}, talker]})
+    text, pcm = [], []
+    for chunk in stream:
+        for ch in chunk.choices:
+            text.append(ch.delta.content or "")
+            audio = ch.delta.model_dump().get("audio") or {}
+            if audio.get("data"):
+                pcm.append(np.frombuffer(base64.b64decode(audio["data"]), dtype="<i2"))
+    assert "".join(text) == ref.text
+    wav = np.concatenate(pcm).astype(np.float32) / 32768
+    assert wav.shape == ref.waveform.shape
+    assert np.abs(wav - ref.waveform).max() <= MAX_STREAM_ERROR + 1e-4 + 1 / 32768  # PCM16 rounding on top
