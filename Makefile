@@ -11,6 +11,8 @@ BIN     := $(VENV)/bin
 DEBS    := ffmpeg espeak-ng
 DEBS    += chromium chromium-driver  # the demo's browser test (headless Chromium through Selenium)
 PYTEST_ARGS ?=
+# pytest-xdist workers: each takes whole test files, so a module's shared server or Serve app is built once
+TEST_WORKERS ?= 2
 
 GPU_WHEELS ?= .gpu-wheels
 # the bare GPU host's Python (the binary wheels are picked for it)
@@ -73,7 +75,7 @@ format: setup
 
 # -q prints the skip count in the summary line, -rs each skip's reason (the gpu tests where no CUDA device is present)
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/omni bench --model tiny,tiny-qwen3
