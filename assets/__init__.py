@@ -1,4 +1,5 @@
 """Package data: assets/samples/* (a small image, espeak-ng speech, an ffmpeg clip) ship in the wheel as omni.assets."""
+
 from __future__ import annotations
 
 from importlib.resources import files

@@ -20,6 +20,7 @@ only. With the whole receptive field as context, streamed audio equals the one-p
 (MAX_STREAM_ERROR); the official `chunked_decode(chunk_size=300, left_context_size=25)` is that one pass for up to
 300 frames (24 s), and `offline` is exactly it.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,11 +73,14 @@ class Code2WavConfig:
 
     def __post_init__(self):
         if self.first_chunk_frames < 1 or self.chunk_frames < 1 or self.max_batch < 1:
-            raise ValueError(f"Code2WavConfig: first_chunk_frames, chunk_frames and max_batch must be >= 1, got "
-                             f"{self.first_chunk_frames}, {self.chunk_frames}, {self.max_batch}")
+            raise ValueError(
+                f"Code2WavConfig: first_chunk_frames, chunk_frames and max_batch must be >= 1, got "
+                f"{self.first_chunk_frames}, {self.chunk_frames}, {self.max_batch}"
+            )
         if self.transformer_context_frames is not None and self.transformer_context_frames < 0:
-            raise ValueError(f"Code2WavConfig: transformer_context_frames must be >= 0, got "
-                             f"{self.transformer_context_frames}")
+            raise ValueError(
+                f"Code2WavConfig: transformer_context_frames must be >= 0, got {self.transformer_context_frames}"
+            )
         try:
             torch.device(self.device)
         except RuntimeError as e:
@@ -86,6 +90,7 @@ class Code2WavConfig:
 @dataclass
 class Code2WavStats:
     """Work counters of one Code2Wav."""
+
     calls: int = 0  # batched window calls (one transformer + one convolution forward each)
     windows: int = 0  # windows decoded
     transformer_frames: int = 0  # frames through the transformer, context included
@@ -104,20 +109,22 @@ class Code2Wav:
         self.groups, self.codebook = c.num_quantizers, c.codebook_size
         self.samples_per_frame = int(self.model.total_upsample)  # 1920
         t_ctx, self.conv_context, self.holdback = receptive_field(c)
-        self.transformer_context = t_ctx if config.transformer_context_frames is None \
-            else config.transformer_context_frames
+        self.transformer_context = (
+            t_ctx if config.transformer_context_frames is None else config.transformer_context_frames
+        )
         self.exact = self.transformer_context >= t_ctx
         self._lock = threading.Lock()
         self.stats = Code2WavStats()
 
     @classmethod
-    def from_model(cls, model, config: Code2WavConfig = Code2WavConfig()) -> "Code2Wav":
+    def from_model(cls, model, config: Code2WavConfig = Code2WavConfig()) -> Code2Wav:
         """From a loaded Qwen3OmniMoeForConditionalGeneration (its code2wav)."""
         return cls(model.code2wav, config)
 
     @classmethod
-    def from_pretrained(cls, model: str = "tiny-qwen3", config: Code2WavConfig = Code2WavConfig(),
-                        dtype: Optional[torch.dtype] = None) -> "Code2Wav":
+    def from_pretrained(
+        cls, model: str = "tiny-qwen3", config: Code2WavConfig = Code2WavConfig(), dtype: Optional[torch.dtype] = None
+    ) -> Code2Wav:
         """Only the `code2wav.` tensors of the checkpoint (only the shards that hold them). model: a preset, a
         checkpoint directory or a hub id of a Qwen3-Omni with speech output."""
         from safetensors import safe_open
@@ -139,9 +146,10 @@ class Code2Wav:
         state = {}
         for file in files:
             with safe_open(cached_file(path, file), "pt") as st:
-                state.update({k[len("code2wav."):]: st.get_tensor(k) for k in st.keys() if k.startswith("code2wav.")})
-        net = Qwen3OmniMoeCode2Wav._from_config(Qwen3OmniMoeCode2WavConfig(**cfg["code2wav_config"]),
-                                                dtype=dtype or torch.float32)
+                state.update({k[len("code2wav.") :]: st.get_tensor(k) for k in st.keys() if k.startswith("code2wav.")})
+        net = Qwen3OmniMoeCode2Wav._from_config(
+            Qwen3OmniMoeCode2WavConfig(**cfg["code2wav_config"]), dtype=dtype or torch.float32
+        )
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if k != "code_offset"]  # a non-persistent buffer
         if missing or unexpected:
@@ -169,17 +177,18 @@ class Code2Wav:
             return np.zeros(0, dtype=np.float32)
         codes = torch.tensor(frames, device=self.device).T[None]  # [1, 16, n]
         with self._lock, torch.inference_mode():
-            return self.model.chunked_decode(codes, chunk_size=300, left_context_size=25).reshape(-1).float().cpu() \
-                .numpy()
+            return (
+                self.model.chunked_decode(codes, chunk_size=300, left_context_size=25).reshape(-1).float().cpu().numpy()
+            )
 
-    def open_stream(self, voice: str = "", seed: int = 0, max_codes: int = 0) -> "Code2WavStream":
+    def open_stream(self, voice: str = "", seed: int = 0, max_codes: int = 0) -> Code2WavStream:
         """A new request's streaming state (voice, seed, max_codes: unused, Qwen2.5's signature)."""
         return Code2WavStream(self)
 
     # ------------------------------------------------------------------------------------------------ batched steps
     chunked_steps = False  # step() decodes every ready window of each stream (no chunks_per_stream)
 
-    def step(self, streams: list["Code2WavStream"]) -> list[list[np.ndarray]]:
+    def step(self, streams: list[Code2WavStream]) -> list[list[np.ndarray]]:
         """Decode every chunk that is ready in `streams`, windows of equal shape batched. -> per stream its new PCM
         chunks in order (float32, 24 kHz); [] for a stream with nothing ready."""
         if len({id(s) for s in streams}) != len(streams):
@@ -202,15 +211,16 @@ class Code2Wav:
         spf = self.samples_per_frame
         for (_length, skip), idx in groups.items():
             for k in range(0, len(idx), self.config.max_batch):
-                rows = idx[k:k + self.config.max_batch]
-                codes = torch.stack([plans[i][0]._codes_tensor(plans[i][1].start, plans[i][1].end)
-                                     for i in rows]).to(self.device)  # [B, 16, length]
+                rows = idx[k : k + self.config.max_batch]
+                codes = torch.stack([plans[i][0]._codes_tensor(plans[i][1].start, plans[i][1].end) for i in rows]).to(
+                    self.device
+                )  # [B, 16, length]
                 first = torch.tensor([plans[i][1].start for i in rows], device=self.device)  # [B]
                 wav = self._decode(codes, skip, first)  # [B, (length - skip) * 1920 - 555]
                 for r, i in enumerate(rows):
                     w = plans[i][1]
                     base = w.conv_start * spf
-                    result[i] = wav[r, w.emit_from - base:w.emit_to - base].float().cpu().numpy()
+                    result[i] = wav[r, w.emit_from - base : w.emit_to - base].float().cpu().numpy()
         return result
 
     def _decode(self, codes: torch.Tensor, skip: int, first: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ over windows of different lengths (right padding plus a key-padding mask).
 Geometry (Qwen2.5-Omni, tiny and real alike): 1 codec token = `repeats` (2) mel frames; attention works on blocks of
 `block_size` (24) mel frames = 12 codes; each DiT layer sees 0 or 1 block back and 0 or 1 block ahead.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,6 +32,7 @@ def _key_padding_mask(dit, lengths: torch.Tensor):
     """Mask the right padding of a ragged batch through the block-difference tensor every DiTDecoderLayer turns into its
     mask ((diff >= -look_back) & (diff <= look_ahead)): padded keys get an out-of-range difference, padded query rows
     keep their own key only (an all-masked row would make NaN). lengths: [B] valid mel frames per row."""
+
     def block_diff(hidden_states):  # hidden_states: [n = B or 2B (CFG: cond rows, then uncond rows), L, hidden]
         n, L = hidden_states.shape[:2]
         pos = torch.arange(L, device=hidden_states.device)
@@ -72,9 +74,17 @@ def _speaker_encoder_once(dit):
 
 
 @torch.inference_mode()
-def sample_mel(dit, cond: torch.Tensor, ref_mel: torch.Tensor, codes: torch.Tensor, noise: torch.Tensor,
-               lengths: torch.Tensor | None = None, num_steps: int = 10, guidance_scale: float = 0.5,
-               sway_coefficient: float = -1.0) -> torch.Tensor:
+def sample_mel(
+    dit,
+    cond: torch.Tensor,
+    ref_mel: torch.Tensor,
+    codes: torch.Tensor,
+    noise: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    num_steps: int = 10,
+    guidance_scale: float = 0.5,
+    sway_coefficient: float = -1.0,
+) -> torch.Tensor:
     """`Qwen2_5OmniToken2WavDiTModel.sample()` from the given initial state, batched over B windows.
 
     cond: [B, enc_emb_dim]; ref_mel: [B, T_ref, mel_dim] (one T_ref for the batch); codes: [B, N] long;
@@ -84,16 +94,31 @@ def sample_mel(dit, cond: torch.Tensor, ref_mel: torch.Tensor, codes: torch.Tens
     if noise.shape[:2] != (codes.shape[0], frames):
         raise ValueError(f"noise {tuple(noise.shape)} does not match codes {tuple(codes.shape)} x {dit.repeats}")
     if frames > dit.config.max_position_embeddings:
-        raise ValueError(f"mel length {frames} exceeds the DiT's max_position_embeddings "
-                         f"{dit.config.max_position_embeddings}")
+        raise ValueError(
+            f"mel length {frames} exceeds the DiT's max_position_embeddings {dit.config.max_position_embeddings}"
+        )
     spk = cond.unsqueeze(1).repeat(1, frames, 1)  # [B, frames, enc_emb_dim]
 
     def velocity(t, x):  # the ode_function of sample(), unchanged
         if guidance_scale < 1e-5:
-            return dit(hidden_states=x, speaker_embedding=spk, condition_vector=ref_mel, quantized_code=codes,
-                       time_step=t, drop_audio_conditioning=False, drop_code=False, apply_cfg=False)
-        out = dit(hidden_states=x, quantized_code=codes, speaker_embedding=spk, condition_vector=ref_mel,
-                  time_step=t, apply_cfg=True)  # [2B, frames, mel]: conditioned rows, then unconditioned rows
+            return dit(
+                hidden_states=x,
+                speaker_embedding=spk,
+                condition_vector=ref_mel,
+                quantized_code=codes,
+                time_step=t,
+                drop_audio_conditioning=False,
+                drop_code=False,
+                apply_cfg=False,
+            )
+        out = dit(
+            hidden_states=x,
+            quantized_code=codes,
+            speaker_embedding=spk,
+            condition_vector=ref_mel,
+            time_step=t,
+            apply_cfg=True,
+        )  # [2B, frames, mel]: conditioned rows, then unconditioned rows
         guided, null = torch.chunk(out, 2, dim=0)
         return guided + (guided - null) * guidance_scale
 

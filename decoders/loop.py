@@ -9,17 +9,18 @@ earliest deadline first. A step computes one chunk of each stream it serves (`ch
 and a stream behind by several chunks does not hold a first chunk up. Which chunks a stream's step computes never
 depends on the others, so the order changes when audio comes, never what it is.
 """
+
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Optional
 
 import numpy as np
 
 from omni.loop import WorkerLoop
 from omni.types import AUDIO_SAMPLE_RATE, TalkerToVocoder
-
 from omni.decoders.token2wav import Token2Wav, VocoderStream
 
 __all__ = ["VocoderLoop"]
@@ -33,8 +34,9 @@ class VocoderLoop(WorkerLoop):
         self.chunks_per_step = chunks_per_step  # chunks of one stream per step (None: all it has ready): short steps,
         #                                         so a first chunk or a stream about to run dry waits less
         # a vocoder that steps whole streams (chunked_steps False: Code2Wav) is stepped without a chunk limit
-        self._limit = ({"chunks_per_stream": chunks_per_step} if chunks_per_step is not None and
-                       vocoder.chunked_steps else {})
+        self._limit = (
+            {"chunks_per_stream": chunks_per_step} if chunks_per_step is not None and vocoder.chunked_steps else {}
+        )
         self._streams: dict[int, VocoderStream] = {}
         self._play_end: dict[int, float] = {}  # key -> when its audio sent so far has played (perf_counter)
         self.num_calls = 0  # batched step calls so far
@@ -119,5 +121,9 @@ class VocoderLoop(WorkerLoop):
                 feeder.cancel()
 
     def stats(self) -> dict:
-        return {"calls": self.num_calls, "max_batch": self.max_batch, "open": len(self._streams),
-                "first_chunk_steps": self.first_chunk_steps}
+        return {
+            "calls": self.num_calls,
+            "max_batch": self.max_batch,
+            "open": len(self._streams),
+            "first_chunk_steps": self.first_chunk_steps,
+        }

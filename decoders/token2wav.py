@@ -15,6 +15,7 @@ context on the left and holds the last `bigvgan_context` frames back until the n
 The ODE makes 36 sequential DiT evaluations, so chunking is never bit-exact, only close: see MIN_STREAM_SNR_DB.
 Chunks of one stream are independent given its codes, so a burst of codes becomes several windows in the same call.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,12 +30,20 @@ import torch
 
 from omni.checkpoint import resolve_model
 from omni.types import check_voice
-
 from omni.decoders.dit import draw_noise, sample_mel
 
-__all__ = ["VocoderConfig", "VocoderStats", "MIN_STREAM_SNR_DB", "FIRST_CHUNK_SNR_DB", "LOOKAHEAD_STREAM_SNR_DB",
-           "BF16_VOCODER_SNR_DB", "PRECISIONS",
-           "snr_db", "Token2Wav", "VocoderStream"]
+__all__ = [
+    "VocoderConfig",
+    "VocoderStats",
+    "MIN_STREAM_SNR_DB",
+    "FIRST_CHUNK_SNR_DB",
+    "LOOKAHEAD_STREAM_SNR_DB",
+    "BF16_VOCODER_SNR_DB",
+    "PRECISIONS",
+    "snr_db",
+    "Token2Wav",
+    "VocoderStream",
+]
 
 # Streamed vs offline waveform, 10*log10(|offline|^2 / |streamed - offline|^2), for every schedule VocoderConfig
 # accepts: measured 64-112 dB on the tiny checkpoint (~67 dB at the minimum contexts 2 back / 1 ahead, ~105 dB with
@@ -57,7 +66,7 @@ LOOKAHEAD_STREAM_SNR_DB = 48.0
 def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
     """10*log10(|ref|^2 / |x - ref|^2): the measure MIN_STREAM_SNR_DB bounds (inf when equal)."""
     err = float(((ref - x) ** 2).sum())
-    return float("inf") if err == 0 else 10 * float(np.log10(float((ref ** 2).sum()) / err))
+    return float("inf") if err == 0 else 10 * float(np.log10(float((ref**2).sum()) / err))
 
 
 @dataclass(frozen=True)
@@ -95,24 +104,36 @@ class VocoderConfig:
                 raise ValueError(f"VocoderConfig: {what}")
 
         need(self.first_chunk_codes >= 1, f"first_chunk_codes must be >= 1, got {self.first_chunk_codes}")
-        need(self.chunk_codes >= 24, f"chunk_codes must be >= 24 (12-code chunks cost ~4x the offline DiT and come "
-                                     f"within 4 dB of {MIN_STREAM_SNR_DB} dB), got {self.chunk_codes}")
-        need(self.past_blocks >= 2, f"past_blocks must be >= 2 (less misses {MIN_STREAM_SNR_DB} dB), got "
-                                    f"{self.past_blocks}")
+        need(
+            self.chunk_codes >= 24,
+            f"chunk_codes must be >= 24 (12-code chunks cost ~4x the offline DiT and come "
+            f"within 4 dB of {MIN_STREAM_SNR_DB} dB), got {self.chunk_codes}",
+        )
+        need(
+            self.past_blocks >= 2,
+            f"past_blocks must be >= 2 (less misses {MIN_STREAM_SNR_DB} dB), got {self.past_blocks}",
+        )
         need(self.future_blocks >= 1, f"future_blocks must be >= 1 (0 gives ~30 dB), got {self.future_blocks}")
-        need(self.first_future_blocks is None or 0 <= self.first_future_blocks <= self.future_blocks,
-             f"first_future_blocks must be in [0, future_blocks] or None, got {self.first_future_blocks}")
-        need(self.first_chunk_right_context in ("hold", "lookahead"),
-             f"first_chunk_right_context must be 'hold' or 'lookahead', got {self.first_chunk_right_context!r}")
-        need(self.bigvgan_context >= 20, f"bigvgan_context must be >= 20 mel frames (the real BigVGAN sees 28 frames "
-                                         f"each side; 10 gives ~40 dB), got {self.bigvgan_context}")
+        need(
+            self.first_future_blocks is None or 0 <= self.first_future_blocks <= self.future_blocks,
+            f"first_future_blocks must be in [0, future_blocks] or None, got {self.first_future_blocks}",
+        )
+        need(
+            self.first_chunk_right_context in ("hold", "lookahead"),
+            f"first_chunk_right_context must be 'hold' or 'lookahead', got {self.first_chunk_right_context!r}",
+        )
+        need(
+            self.bigvgan_context >= 20,
+            f"bigvgan_context must be >= 20 mel frames (the real BigVGAN sees 28 frames "
+            f"each side; 10 gives ~40 dB), got {self.bigvgan_context}",
+        )
         # fewer ODE steps or stronger guidance amplify the look-ahead error: 2 steps ~59 dB, guidance 2.0 ~62 dB
         need(6 <= self.num_steps <= 32, f"num_steps must be in [6, 32] for streaming, got {self.num_steps}")
-        need(0 <= self.guidance_scale <= 1, f"guidance_scale must be in [0, 1] for streaming, got "
-                                            f"{self.guidance_scale}")
+        need(
+            0 <= self.guidance_scale <= 1, f"guidance_scale must be in [0, 1] for streaming, got {self.guidance_scale}"
+        )
         need(self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}")
-        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got "
-                                           f"{self.precision!r}")
+        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         try:
             torch.device(self.device)
         except RuntimeError as e:
@@ -122,6 +143,7 @@ class VocoderConfig:
 @dataclass
 class VocoderStats:
     """Work counters of one Token2Wav (never shared between instances)."""
+
     dit_calls: int = 0  # ODE integrations (each num_steps-1 RK4 steps x 4 DiT forwards, over the whole batch)
     dit_windows: int = 0  # windows integrated (rows of those calls)
     dit_frames: int = 0  # mel frames integrated, padding included: the DiT compute
@@ -150,26 +172,34 @@ class Token2Wav:
         block_codes = self.block // self.repeats  # 12
         for name in ("first_chunk_codes", "chunk_codes"):
             if getattr(config, name) % block_codes:
-                raise ValueError(f"VocoderConfig.{name} must be a multiple of {block_codes} codes (one DiT block), so "
-                                 f"every chunk ends on a block boundary and its look-ahead is whole blocks "
-                                 f"(unaligned: ~45 dB); got {getattr(config, name)}")
+                raise ValueError(
+                    f"VocoderConfig.{name} must be a multiple of {block_codes} codes (one DiT block), so "
+                    f"every chunk ends on a block boundary and its look-ahead is whole blocks "
+                    f"(unaligned: ~45 dB); got {getattr(config, name)}"
+                )
         if config.first_chunk_codes * self.repeats <= config.bigvgan_context:
-            raise ValueError(f"VocoderConfig: the first chunk ({config.first_chunk_codes} codes = "
-                             f"{config.first_chunk_codes * self.repeats} mel frames) must exceed bigvgan_context "
-                             f"({config.bigvgan_context} frames held back), or it yields no audio")
-        self._speakers = {name: (s["cond"].float().to(self.device),  # [1, enc_emb_dim]
-                                 s["ref_mel"].float().to(self.device))  # [1, T_ref, mel_dim]
-                          for name, s in speakers.items()}
+            raise ValueError(
+                f"VocoderConfig: the first chunk ({config.first_chunk_codes} codes = "
+                f"{config.first_chunk_codes * self.repeats} mel frames) must exceed bigvgan_context "
+                f"({config.bigvgan_context} frames held back), or it yields no audio"
+            )
+        self._speakers = {
+            name: (
+                s["cond"].float().to(self.device),  # [1, enc_emb_dim]
+                s["ref_mel"].float().to(self.device),
+            )  # [1, T_ref, mel_dim]
+            for name, s in speakers.items()
+        }
         self._lock = threading.Lock()
         self.stats = VocoderStats()
 
     @classmethod
-    def from_model(cls, model, config: VocoderConfig = VocoderConfig()) -> "Token2Wav":
+    def from_model(cls, model, config: VocoderConfig = VocoderConfig()) -> Token2Wav:
         """From a loaded Qwen2_5OmniForConditionalGeneration (its token2wav and voices)."""
         return cls(model.token2wav, model.speaker_map, config)
 
     @classmethod
-    def from_pretrained(cls, model: str = "tiny", config: VocoderConfig = VocoderConfig()) -> "Token2Wav":
+    def from_pretrained(cls, model: str = "tiny", config: VocoderConfig = VocoderConfig()) -> Token2Wav:
         """Load only the token2wav weights (the `token2wav.` tensors of the checkpoint's safetensors, only the shards
         that hold them) and spk_dict.pt. model: a preset (`tiny`), a checkpoint directory or a hub id."""
         from safetensors import safe_open
@@ -190,7 +220,9 @@ class Token2Wav:
         state = {}
         for file in files:
             with safe_open(cached_file(path, file), "pt") as st:
-                state.update({k[len("token2wav."):]: st.get_tensor(k) for k in st.keys() if k.startswith("token2wav.")})
+                state.update(
+                    {k[len("token2wav.") :]: st.get_tensor(k) for k in st.keys() if k.startswith("token2wav.")}
+                )
         t2w = Qwen2_5OmniToken2WavModel._from_config(t2w_config, dtype=torch.float32)
         t2w.load_state_dict(state, strict=True)
         speakers = torch.load(cached_file(path, "spk_dict.pt"), weights_only=True)
@@ -206,8 +238,10 @@ class Token2Wav:
         codes = [int(c) for c in codes]
         bad = [c for c in codes if not 0 <= c <= self.max_code]
         if bad:
-            raise ValueError(f"codec ids must be in [0, {self.max_code}] (pass the talker's codes without its stop "
-                             f"code); got {bad[:5]}")
+            raise ValueError(
+                f"codec ids must be in [0, {self.max_code}] (pass the talker's codes without its stop "
+                f"code); got {bad[:5]}"
+            )
         return codes
 
     def offline(self, codes: list[int], voice: str, seed: int) -> np.ndarray:
@@ -225,7 +259,7 @@ class Token2Wav:
             mel = self._dit(cond, ref_mel, code_t, noise)  # [1, mel, frames]
             return self._vocode(mel)[0].numpy()
 
-    def open_stream(self, voice: str, seed: int, max_codes: int = 4096) -> "VocoderStream":
+    def open_stream(self, voice: str, seed: int, max_codes: int = 4096) -> VocoderStream:
         """A new request's streaming state; its noise is drawn now for max_codes codes (regrown identically past it).
         `voice` is one of `voices` (the composition checked it where the request entered)."""
         return VocoderStream(self, voice, seed, max_codes)
@@ -233,7 +267,7 @@ class Token2Wav:
     # ------------------------------------------------------------------------------------------------ batched steps
     chunked_steps = True  # step() takes chunks_per_stream (omni.decoders.loop)
 
-    def step(self, streams: list["VocoderStream"], chunks_per_stream: Optional[int] = None) -> list[list[np.ndarray]]:
+    def step(self, streams: list[VocoderStream], chunks_per_stream: Optional[int] = None) -> list[list[np.ndarray]]:
         """Run every chunk that is ready in `streams` (at most `chunks_per_stream` of each, its earliest): all their DiT
         windows in one batched call (per reference-mel length and max_batch), then all their BigVGAN segments batched
         by length. Returns per stream its new PCM chunks in order (float32, 24 kHz); [] for a stream that has nothing
@@ -248,7 +282,7 @@ class Token2Wav:
             mels = self._run_windows(plans)
             segments = []  # (stream, mel_in [mel, L], skip frames, keep frames)
             for (stream, (start, end, _, _)), mel in zip(plans, mels):
-                stream._add_mel(start, end, mel[:, :end - start], mel[:, end - start:])
+                stream._add_mel(start, end, mel[:, : end - start], mel[:, end - start :])
                 if (seg := stream._segment()) is not None:
                     segments.append((stream, *seg))
             for stream in streams:  # the held-back tail of a stream whose last codes added no new chunk
@@ -257,7 +291,7 @@ class Token2Wav:
             wavs = self._run_segments([seg[1] for seg in segments])
             out = {id(s): [] for s in streams}
             for (stream, _, skip, keep), wav in zip(segments, wavs):
-                out[id(stream)].append(wav[skip * self.hop:(skip + keep) * self.hop].numpy())
+                out[id(stream)].append(wav[skip * self.hop : (skip + keep) * self.hop].numpy())
             for s in streams:
                 s._trim()
         return [out[id(s)] for s in streams]
@@ -272,22 +306,22 @@ class Token2Wav:
         for idx in groups.values():
             idx.sort(key=lambda i: plans[i][1][2] - plans[i][1][3])  # longest window first
             for k in range(0, len(idx), self.config.max_batch):
-                rows = idx[k:k + self.config.max_batch]
+                rows = idx[k : k + self.config.max_batch]
                 length = max(plans[i][1][3] - plans[i][1][2] for i in rows)  # padded frames
                 codes = torch.zeros(len(rows), length // self.repeats, dtype=torch.long)  # [B, length / repeats]
                 noise = torch.zeros(len(rows), length, self.mel_dim)  # [B, length, mel]
                 lengths = torch.tensor([plans[i][1][3] - plans[i][1][2] for i in rows])  # [B] valid frames
                 for r, i in enumerate(rows):
                     stream, (_, _, ws, we) = plans[i]
-                    window_codes = stream._codes[ws // self.repeats:we // self.repeats]
-                    codes[r, :len(window_codes)] = torch.tensor(window_codes)
-                    noise[r, :we - ws] = stream._noise_frames(ws, we)[0]
+                    window_codes = stream._codes[ws // self.repeats : we // self.repeats]
+                    codes[r, : len(window_codes)] = torch.tensor(window_codes)
+                    noise[r, : we - ws] = stream._noise_frames(ws, we)[0]
                 cond = torch.cat([plans[i][0]._cond for i in rows])  # [B, enc_emb_dim]
                 ref_mel = torch.cat([plans[i][0]._ref_mel for i in rows])  # [B, T_ref, mel]
                 mel = self._dit(cond, ref_mel, codes.to(self.device), noise.to(self.device), lengths)
                 for r, i in enumerate(rows):
                     _, (s, _, ws, we) = plans[i]
-                    result[i] = mel[r, :, s - ws:we - ws]
+                    result[i] = mel[r, :, s - ws : we - ws]
         return result
 
     def _run_segments(self, mel_ins: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -299,7 +333,7 @@ class Token2Wav:
             groups.setdefault(m.shape[1], []).append(i)
         for idx in groups.values():
             for k in range(0, len(idx), self.config.max_batch):
-                rows = idx[k:k + self.config.max_batch]
+                rows = idx[k : k + self.config.max_batch]
                 wav = self._vocode(torch.stack([mel_ins[i] for i in rows]))  # [B, L * hop]
                 for r, i in enumerate(rows):
                     result[i] = wav[r]
@@ -311,8 +345,17 @@ class Token2Wav:
         self.stats.dit_windows += codes.shape[0]
         self.stats.dit_frames += noise.shape[0] * noise.shape[1]
         with self._precision():
-            mel = sample_mel(self.dit, cond, ref_mel, codes, noise, lengths, num_steps=c.num_steps,
-                             guidance_scale=c.guidance_scale, sway_coefficient=c.sway_coefficient)
+            mel = sample_mel(
+                self.dit,
+                cond,
+                ref_mel,
+                codes,
+                noise,
+                lengths,
+                num_steps=c.num_steps,
+                guidance_scale=c.guidance_scale,
+                sway_coefficient=c.sway_coefficient,
+            )
         return mel.float()
 
     def _precision(self):
@@ -422,8 +465,13 @@ class VocoderStream:
         None when every frame not yet emitted must still wait for right context."""
         ctx, end = self._owner.config.bigvgan_context, self._next
         final = self._last and end == len(self._codes) * self._owner.repeats
-        if (not final and self._done == 0 and end > 0 and self._mel_start == 0
-                and self._owner.config.first_chunk_right_context == "lookahead"):
+        if (
+            not final
+            and self._done == 0
+            and end > 0
+            and self._mel_start == 0
+            and self._owner.config.first_chunk_right_context == "lookahead"
+        ):
             # the first chunk whole, the look-ahead mel as BigVGAN's right context (the next chunk's left context is
             # final mel again, so only this chunk's last frames carry the provisional error)
             self._done = end
@@ -433,10 +481,10 @@ class VocoderStream:
             return None
         lo = max(0, a - ctx)
         self._done = b
-        return self._mel[:, lo - self._mel_start:end - self._mel_start], a - lo, b - a
+        return self._mel[:, lo - self._mel_start : end - self._mel_start], a - lo, b - a
 
     def _trim(self) -> None:
         """Drop final mel no later segment needs (left context reaches bigvgan_context frames before _done)."""
         keep_from = max(self._mel_start, self._done - self._owner.config.bigvgan_context)
-        self._mel = self._mel[:, keep_from - self._mel_start:]
+        self._mel = self._mel[:, keep_from - self._mel_start :]
         self._mel_start = keep_from

@@ -6,6 +6,7 @@ writes its speech (streamed base64 PCM16, mono, 24 kHz) to a WAV.
 
 Exit status: 0; 1 with the server's error message on stderr; 2 for bad arguments (a missing file).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,12 @@ def main(argv=None) -> int:
     try:
         model = args.model or client.models.list().data[0].id
         stream = client.chat.completions.create(
-            model=model, stream=True, max_tokens=args.max_tokens, messages=[{"role": "user", "content": content}],
-            **({"modalities": ["text", "audio"], "audio": {"voice": args.voice, "format": "pcm16"}} if speak else {}))
+            model=model,
+            stream=True,
+            max_tokens=args.max_tokens,
+            messages=[{"role": "user", "content": content}],
+            **({"modalities": ["text", "audio"], "audio": {"voice": args.voice, "format": "pcm16"}} if speak else {}),
+        )
         for chunk in stream:
             for choice in chunk.choices:
                 if choice.delta.content:

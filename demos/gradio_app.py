@@ -15,6 +15,7 @@ this side mints the page a short-lived client secret (`POST /v1/realtime/client_
 
 Without `--api-url`, `omni demo` starts `omni serve` on the tiny default as a child process, stopped on exit.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,12 +33,11 @@ from urllib.parse import quote
 
 import openai
 
+from omni.prompt import DEFAULT_SYSTEM_PROMPT
 from omni.demos.live_voice import LIVE_HEAD, live_section, mint_session
 from omni.serve.api.audio_io import wav_header
-from omni.prompt import DEFAULT_SYSTEM_PROMPT
 
-__all__ = ["DemoSettings", "Turn", "build_demo", "launch_demo", "chat_messages", "describe_error", "run_demo",
-           "main"]
+__all__ = ["DemoSettings", "Turn", "build_demo", "launch_demo", "chat_messages", "describe_error", "run_demo", "main"]
 
 SAMPLE_RATE = 24000  # the API's streamed speech: PCM16 little-endian, mono, 24 kHz
 DEFAULT_VOICE = "Chelsie"
@@ -58,6 +58,7 @@ class DemoSettings:
 @dataclass
 class Turn:
     """One user message and the model's reply, filled in while it streams (a per-stream object, kept in gr.State)."""
+
     text: str
     image: Optional[str] = None  # local paths of this turn's uploads (Gradio's cache)
     audio: Optional[str] = None
@@ -74,7 +75,7 @@ class Turn:
         """The speech that came since the last call, as one WAV for the streaming player (None: nothing new)."""
         if len(self.pcm) == self.played:
             return None
-        pcm, self.played = bytes(self.pcm[self.played:]), len(self.pcm)
+        pcm, self.played = bytes(self.pcm[self.played :]), len(self.pcm)
         return wav_header(len(pcm), SAMPLE_RATE) + pcm
 
     def finish(self, out_dir: Path) -> None:
@@ -135,9 +136,13 @@ def describe_error(exc: BaseException, api_url: str) -> str:
         body = exc.body if isinstance(exc.body, dict) else {}
         body = body.get("error", body) if isinstance(body.get("error"), dict) else body
         message = body.get("message") or exc.response.text[:500] or str(exc)
-        title = {400: "The server refused the request", 401: "The API key was refused",
-                 404: "Not found", 413: "Too large for the server",
-                 503: "The server is busy: try again in a moment"}.get(exc.status_code, "Server error")
+        title = {
+            400: "The server refused the request",
+            401: "The API key was refused",
+            404: "Not found",
+            413: "Too large for the server",
+            503: "The server is busy: try again in a moment",
+        }.get(exc.status_code, "Server error")
         return f"⚠️ {title} (HTTP {exc.status_code}): {message}"
     if isinstance(exc, openai.APIError):  # an error event inside the stream, after the answer had started
         return f"⚠️ The answer failed on the server: {exc.message}"
@@ -178,8 +183,10 @@ def _render(turns: list[Turn]) -> list[dict[str, Any]]:
         reply: list[Any] = [text] if text else []
         if t.wav:  # a native player (replay) and a link (download), apart from the model's text
             url = "gradio_api/file=" + quote(t.wav)  # served by Gradio from the demo's out_dir (allowed_paths)
-            reply.append(f'<audio controls preload="metadata" src="{url}"></audio>\n\n'
-                         f'<a href="{url}" download="{Path(t.wav).name}">download the speech (WAV)</a>')
+            reply.append(
+                f'<audio controls preload="metadata" src="{url}"></audio>\n\n'
+                f'<a href="{url}" download="{Path(t.wav).name}">download the speech (WAV)</a>'
+            )
         if reply:
             out.append({"role": "assistant", "content": reply})
     return out
@@ -191,8 +198,9 @@ def build_demo(settings: DemoSettings):
     mode's live-start, live-stop, live-state, live-log (demos/live_voice.py)."""
     import gradio as gr
 
-    client = openai.AsyncOpenAI(base_url=settings.api_url, api_key=settings.api_key, timeout=settings.timeout_s,
-                                max_retries=0)
+    client = openai.AsyncOpenAI(
+        base_url=settings.api_url, api_key=settings.api_key, timeout=settings.timeout_s, max_retries=0
+    )
     out_dir = Path(settings.out_dir or tempfile.mkdtemp(prefix="omni-demo-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     server = {"model": settings.model}  # filled on page load
@@ -204,18 +212,19 @@ def build_demo(settings: DemoSettings):
                 server["model"] = (await client.models.list()).data[0].id
             voices = (await client.get("/audio/voices", cast_to=object))["voices"]
         except Exception as e:  # noqa: BLE001 - shown on the page
-            return (f"{describe_error(e, settings.api_url)} Reload the page once the server is up.",
-                    gr.update(), gr.update())
+            return (
+                f"{describe_error(e, settings.api_url)} Reload the page once the server is up.",
+                gr.update(),
+                gr.update(),
+            )
         status = f"Connected to {settings.api_url}: model `{server['model']}`, voices {', '.join(voices) or 'none'}."
         value = DEFAULT_VOICE if DEFAULT_VOICE in voices else (voices[0] if voices else None)
-        return (status, gr.update(choices=voices, value=value),
-                gr.update(value=bool(voices), interactive=bool(voices)))
+        return (status, gr.update(choices=voices, value=value), gr.update(value=bool(voices), interactive=bool(voices)))
 
     idle = (gr.update(interactive=True), gr.update(interactive=False))  # send, stop
     busy = (gr.update(interactive=False), gr.update(interactive=True))
 
-    async def respond(text, image, audio, video, turns, voice, speak, audio_in_video, system, temperature,
-                      max_tokens):
+    async def respond(text, image, audio, video, turns, voice, speak, audio_in_video, system, temperature, max_tokens):
         """One turn. Yields (chat, speech chunk, turns, prompt, image, audio, video, send, stop)."""
         turns = list(turns or [])
         text = (text or "").strip()
@@ -233,11 +242,20 @@ def build_demo(settings: DemoSettings):
             extra: dict[str, Any] = {}
             if audio_in_video and any(t.video for t in turns):
                 extra["mm_processor_kwargs"] = {"use_audio_in_video": True}
-            speech = {"modalities": ["text", "audio"], "audio": {"voice": voice or DEFAULT_VOICE,
-                                                                 "format": "pcm16"}} if speak else {}
+            speech = (
+                {"modalities": ["text", "audio"], "audio": {"voice": voice or DEFAULT_VOICE, "format": "pcm16"}}
+                if speak
+                else {}
+            )
             stream = await client.chat.completions.create(
-                model=server["model"], messages=chat_messages(turns, system or ""), stream=True,
-                max_tokens=int(max_tokens), temperature=float(temperature), extra_body=extra or None, **speech)
+                model=server["model"],
+                messages=chat_messages(turns, system or ""),
+                stream=True,
+                max_tokens=int(max_tokens),
+                temperature=float(temperature),
+                extra_body=extra or None,
+                **speech,
+            )
             # the stream is read as fast as it comes, apart from the page updates (each one a snapshot)
             reader = asyncio.create_task(_read(stream, turn, changed := asyncio.Event()))
             while not (reader.done() or turn.stopped):
@@ -276,40 +294,66 @@ def build_demo(settings: DemoSettings):
         return _render(turns), None, turns, *idle  # None: the live player stops too
 
     with gr.Blocks(title="omni demo") as demo:
-        gr.Markdown("## omni: voice and vision chat\nAsk about an image, a recording or a video; the answer is "
-                    "written and spoken as it streams.")
+        gr.Markdown(
+            "## omni: voice and vision chat\nAsk about an image, a recording or a video; the answer is "
+            "written and spoken as it streams."
+        )
         status = gr.Markdown("Connecting to the server ...", elem_id="status")
         turns = gr.State([])
         with gr.Row():
             with gr.Column(scale=3):
                 chat = gr.Chatbot(elem_id="chat", height=520, label="Chat", buttons=["copy"])
-                speech = gr.Audio(label="Speech (plays while the answer streams)", elem_id="speech", streaming=True,
-                                  autoplay=True, interactive=False)
+                speech = gr.Audio(
+                    label="Speech (plays while the answer streams)",
+                    elem_id="speech",
+                    streaming=True,
+                    autoplay=True,
+                    interactive=False,
+                )
                 with gr.Row():
-                    prompt = gr.Textbox(placeholder="Ask something, then press Enter", show_label=False, scale=5,
-                                        elem_id="prompt", lines=1)
+                    prompt = gr.Textbox(
+                        placeholder="Ask something, then press Enter",
+                        show_label=False,
+                        scale=5,
+                        elem_id="prompt",
+                        lines=1,
+                    )
                     send = gr.Button("Send", variant="primary", elem_id="send", scale=1, min_width=80)
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False, scale=1,
-                                         min_width=80)
+                    stop_btn = gr.Button(
+                        "Stop", variant="stop", elem_id="stop", interactive=False, scale=1, min_width=80
+                    )
                     clear = gr.Button("Clear", elem_id="clear", scale=1, min_width=80)
             with gr.Column(scale=2):
                 with gr.Row():
-                    image = gr.Image(type="filepath", sources=["upload", "webcam", "clipboard"], label="Image",
-                                     elem_id="image", height=200)
-                    video = gr.Video(sources=["upload", "webcam"], include_audio=True, label="Video",
-                                     elem_id="video", height=200)
+                    image = gr.Image(
+                        type="filepath",
+                        sources=["upload", "webcam", "clipboard"],
+                        label="Image",
+                        elem_id="image",
+                        height=200,
+                    )
+                    video = gr.Video(
+                        sources=["upload", "webcam"], include_audio=True, label="Video", elem_id="video", height=200
+                    )
                 audio = gr.Audio(type="filepath", sources=["upload", "microphone"], label="Audio", elem_id="audio")
                 with gr.Accordion("Settings", open=True):
-                    voice = gr.Dropdown(choices=[DEFAULT_VOICE], value=DEFAULT_VOICE, label="Voice",
-                                        allow_custom_value=True, elem_id="voice")
+                    voice = gr.Dropdown(
+                        choices=[DEFAULT_VOICE],
+                        value=DEFAULT_VOICE,
+                        label="Voice",
+                        allow_custom_value=True,
+                        elem_id="voice",
+                    )
                     with gr.Row():
                         speak = gr.Checkbox(value=True, label="Speech", elem_id="speak")
                         audio_in_video = gr.Checkbox(value=False, label="Use audio in video", elem_id="audio-in-video")
                     system = gr.Textbox(value=DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=3, elem_id="system")
-                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0: greedy)",
-                                            elem_id="temperature")
-                    max_tokens = gr.Slider(1, settings.max_tokens_limit, value=256, step=1, label="Max tokens",
-                                           elem_id="max-tokens")
+                    temperature = gr.Slider(
+                        0.0, 2.0, value=0.0, step=0.05, label="Temperature (0: greedy)", elem_id="temperature"
+                    )
+                    max_tokens = gr.Slider(
+                        1, settings.max_tokens_limit, value=256, step=1, label="Max tokens", elem_id="max-tokens"
+                    )
 
         live_section(gr, mint, voice, system, lambda e: describe_error(e, settings.api_url))  # demos/live_voice.py
 
@@ -329,9 +373,14 @@ def launch_demo(settings: DemoSettings, host: str = "127.0.0.1", port: int = 786
     out_dir = settings.out_dir or tempfile.mkdtemp(prefix="omni-demo-")
     demo = build_demo(replace(settings, out_dir=out_dir))
     demo.queue(default_concurrency_limit=16).launch(  # 16 sessions answer at once; the server admits or says 503
-        server_name=host, server_port=port, ssr_mode=False, quiet=True, prevent_thread_lock=True,
+        server_name=host,
+        server_port=port,
+        ssr_mode=False,
+        quiet=True,
+        prevent_thread_lock=True,
         allowed_paths=[out_dir],  # the replies' WAVs, which the chat's players load
-        head=LIVE_HEAD)  # the live voice mode's script (demos/live_voice.js)
+        head=LIVE_HEAD,
+    )  # the live voice mode's script (demos/live_voice.js)
     return demo
 
 
@@ -344,8 +393,9 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_demo(api_url: Optional[str] = None, api_key: Optional[str] = None, host: str = "127.0.0.1",
-             port: int = 7860) -> int:
+def run_demo(
+    api_url: Optional[str] = None, api_key: Optional[str] = None, host: str = "127.0.0.1", port: int = 7860
+) -> int:
     """`omni demo`: the page on host:port against api_url, or against a child `omni serve --model tiny`; blocks
     until Ctrl-C / SIGTERM, then stops the child."""
     child = None
@@ -355,8 +405,11 @@ def run_demo(api_url: Optional[str] = None, api_key: Optional[str] = None, host:
             from omni.serve.cluster.process import ServeProcess
 
             child = ServeProcess(["--model", "tiny", *(["--api-key", api_key] if api_key else [])])
-            print(f"starting omni serve --model tiny on {child.url} (log: {child.log_path}) ...", file=sys.stderr,
-                  flush=True)
+            print(
+                f"starting omni serve --model tiny on {child.url} (log: {child.log_path}) ...",
+                file=sys.stderr,
+                flush=True,
+            )
             child.start()
             api_url = child.api_url
             print(f"omni serve is ready: {api_url}", file=sys.stderr, flush=True)
@@ -381,8 +434,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="omni demo", description="the Gradio web demo against an omni server")
-    ap.add_argument("--api-url", default=None, help="the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1 "
-                                                    "(default: start omni serve --model tiny as a child process)")
+    ap.add_argument(
+        "--api-url",
+        default=None,
+        help="the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1 "
+        "(default: start omni serve --model tiny as a child process)",
+    )
     ap.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"))
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7860)

@@ -5,6 +5,7 @@ what the browser may not hold: the API key stays here, the page gets a short-liv
 `POST /v1/realtime/client_secrets` (through the official SDK) and opens `ws://HOST/v1/realtime?model=M` with it as
 OpenAI's browser clients do (the subprotocol `openai-insecure-api-key.<secret>`).
 """
+
 from __future__ import annotations
 
 from importlib.resources import files
@@ -26,13 +27,16 @@ def realtime_url(api_url: str, model: str) -> str:
 
 async def mint_session(client, api_url: str, model: str, voice: Optional[str], instructions: str) -> dict[str, Any]:
     """-> what the page's `omniLive.start` takes: {url, secret, voice, instructions}, or {error} for the page."""
-    session = {"type": "realtime", "output_modalities": ["audio"],
-               **({"instructions": instructions} if instructions.strip() else {}),
-               **({"audio": {"output": {"voice": voice}}} if voice else {})}
+    session = {
+        "type": "realtime",
+        "output_modalities": ["audio"],
+        **({"instructions": instructions} if instructions.strip() else {}),
+        **({"audio": {"output": {"voice": voice}}} if voice else {}),
+    }
     secret = await client.realtime.client_secrets.create(
-        expires_after={"anchor": "created_at", "seconds": SECRET_TTL_S}, session=session)
-    return {"url": realtime_url(api_url, model), "secret": secret.value, "voice": voice,
-            "instructions": instructions}
+        expires_after={"anchor": "created_at", "seconds": SECRET_TTL_S}, session=session
+    )
+    return {"url": realtime_url(api_url, model), "secret": secret.value, "voice": voice, "instructions": instructions}
 
 
 _START_JS = "(cfg) => { if (cfg && cfg.url) window.omniLive.start(cfg); return []; }"
@@ -42,10 +46,14 @@ _STOP_JS = "() => { window.omniLive.stop(); return []; }"
 def live_section(gr, mint, voice, system, describe_error) -> None:
     """The live-voice panel, in the current Blocks context. mint(voice, system) -> mint_session's dict.
     Element ids: live-start, live-stop, live-state, live-log."""
-    with gr.Accordion("Live voice: talk with the microphone (server VAD turns, speak to interrupt)", open=True,
-                      elem_id="live"):
-        gr.HTML('<div id="live-state">Live voice: off</div><div id="live-log" style="max-height:220px;'
-                'overflow-y:auto"></div>', elem_id="live-panel")
+    with gr.Accordion(
+        "Live voice: talk with the microphone (server VAD turns, speak to interrupt)", open=True, elem_id="live"
+    ):
+        gr.HTML(
+            '<div id="live-state">Live voice: off</div><div id="live-log" style="max-height:220px;'
+            'overflow-y:auto"></div>',
+            elem_id="live-panel",
+        )
         cfg = gr.JSON(visible=False)
         with gr.Row():
             start = gr.Button("Start live voice", elem_id="live-start", variant="primary")

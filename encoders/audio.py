@@ -10,13 +10,14 @@ and attends within a window only, so an audio's embeddings do not depend on its 
 Tokens per audio, from n feature frames (100/s): conv2 (stride 2) -> (n - 1) // 2 + 1, then average pooling
 (stride 2) -> (that - 2) // 2 + 1: 25 tokens per second.
 """
+
 from __future__ import annotations
 
 import torch
 
 from omni.architectures import architecture_of_tower
-from omni.encoders.vision import EncoderConfig, detach_chunks, load_tower, place, plan_batches
 from omni.types import AudioItem
+from omni.encoders.vision import EncoderConfig, detach_chunks, load_tower, place, plan_batches
 
 __all__ = ["AudioEncoder"]
 
@@ -31,13 +32,13 @@ class AudioEncoder:
         self.out_hidden_size: int = audio_tower.config.output_dim  # H, the thinker's hidden size
 
     @staticmethod
-    def for_tower(audio_tower: torch.nn.Module, config: EncoderConfig = EncoderConfig()) -> "AudioEncoder":
+    def for_tower(audio_tower: torch.nn.Module, config: EncoderConfig = EncoderConfig()) -> AudioEncoder:
         """The encoder class that the tower's architecture record names (omni.architectures: Qwen3-Omni's is
         encoders/qwen3.py's), over this tower."""
         return architecture_of_tower(audio_tower).load("audio_encoder")(audio_tower, config)
 
     @classmethod
-    def from_pretrained(cls, model: str, config: EncoderConfig = EncoderConfig()) -> "AudioEncoder":
+    def from_pretrained(cls, model: str, config: EncoderConfig = EncoderConfig()) -> AudioEncoder:
         """A preset, a checkpoint directory or a hub id; loads `thinker.model.audio_tower` only."""
         return cls.for_tower(load_tower(model, "audio_tower", config), config)
 
@@ -56,8 +57,9 @@ class AudioEncoder:
     def _check(self, i: int, item: AudioItem) -> int:
         f = item.features
         if f.dim() != 2 or f.shape[0] != self.num_mel_bins or f.shape[1] < 1:
-            raise ValueError(f"audio item {i}: features must be [{self.num_mel_bins}, n_frames >= 1], "
-                             f"got {tuple(f.shape)}")
+            raise ValueError(
+                f"audio item {i}: features must be [{self.num_mel_bins}, n_frames >= 1], got {tuple(f.shape)}"
+            )
         return int(f.shape[1])
 
     def encode_with_deepstack(self, items: list[AudioItem]) -> list[tuple[torch.Tensor, None]]:

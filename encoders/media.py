@@ -11,6 +11,7 @@ Sources: raw bytes, `data:` URIs, bare base64 (OpenAI `input_audio.data`), local
 Every failure is a `MediaError` (400 bad input, 413 over a limit) that says what was wrong; sizes are checked
 before decoding (encoded bytes, image header size, container duration) and decoding stops at the first limit hit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,10 +25,19 @@ from PIL import Image
 from omni.types import INPUT_AUDIO_SAMPLE_RATE, Video
 from omni.encoders.sources import FRAME_FACTOR, MediaError, MediaLimits, MediaPolicy, _over, load_bytes
 
-__all__ = ["MediaLimits", "MediaPolicy", "MediaError", "load_bytes", "load_image", "load_audio", "load_video",
-           "smart_resize"]
+__all__ = [
+    "MediaLimits",
+    "MediaPolicy",
+    "MediaError",
+    "load_bytes",
+    "load_image",
+    "load_audio",
+    "load_video",
+    "smart_resize",
+]
 
 PATCH_FACTOR = 28  # Qwen-VL: patch 14 x spatial merge 2, so frame sides are multiples of 28
+
 
 # ---------------------------------------------------------------------------------------------------- images
 def load_image(source, policy: MediaPolicy = MediaPolicy(), limits: MediaLimits = MediaLimits()) -> Image.Image:
@@ -60,16 +70,25 @@ def _check_frame_size(what: str, w: int, h: int, limits: MediaLimits) -> None:
     if w * h > limits.max_image_pixels:
         raise _over(f"{what} size", f"{w}x{h} = {w * h} pixels", limits.max_image_pixels, "max_image_pixels")
     if max(w, h) / min(w, h) > limits.max_aspect_ratio:
-        raise MediaError(f"{what} is {w}x{h}: aspect ratio {max(w, h) / min(w, h):.1f} is over "
-                         f"{limits.max_aspect_ratio:g} (max_aspect_ratio)")
+        raise MediaError(
+            f"{what} is {w}x{h}: aspect ratio {max(w, h) / min(w, h):.1f} is over "
+            f"{limits.max_aspect_ratio:g} (max_aspect_ratio)"
+        )
 
 
 def _sniff(data: bytes) -> str:
     """A short name for what the bytes look like, for error messages."""
     head = data[:12]
-    for magic, name in ((b"RIFF", "RIFF/WAV"), (b"fLaC", "FLAC"), (b"OggS", "Ogg"), (b"ID3", "MP3"),
-                        (b"\x1aE\xdf\xa3", "Matroska/WebM"), (b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"),
-                        (b"GIF8", "GIF")):
+    for magic, name in (
+        (b"RIFF", "RIFF/WAV"),
+        (b"fLaC", "FLAC"),
+        (b"OggS", "Ogg"),
+        (b"ID3", "MP3"),
+        (b"\x1aE\xdf\xa3", "Matroska/WebM"),
+        (b"\x89PNG", "PNG"),
+        (b"\xff\xd8\xff", "JPEG"),
+        (b"GIF8", "GIF"),
+    ):
         if head.startswith(magic):
             return f"looks like {name}, {len(data)} bytes"
     if head[4:8] == b"ftyp":
@@ -134,8 +153,9 @@ class _AudioTrack:
             self.chunks.append(out.to_ndarray())  # [channels, n] float32
             self.n += out.samples
         if self.n > round(self.limit_s * self.rate):
-            raise MediaError(f"audio is longer than the limit of {self.limit_s} s ({self.limit_name}): decoding "
-                             "stopped there", 413)
+            raise MediaError(
+                f"audio is longer than the limit of {self.limit_s} s ({self.limit_name}): decoding stopped there", 413
+            )
 
     def finish(self) -> np.ndarray:  # [n] float32
         self.add(None)  # flush the resampler
@@ -158,8 +178,12 @@ def _check_duration(container, what: str, limit_s: float, name: str) -> None:
         raise _over(f"{what} duration", f"{container.duration / 1e6:.2f} s", f"{limit_s} s", name)
 
 
-def load_audio(source, policy: MediaPolicy = MediaPolicy(), limits: MediaLimits = MediaLimits(),
-               sample_rate: int = INPUT_AUDIO_SAMPLE_RATE) -> np.ndarray:
+def load_audio(
+    source,
+    policy: MediaPolicy = MediaPolicy(),
+    limits: MediaLimits = MediaLimits(),
+    sample_rate: int = INPUT_AUDIO_SAMPLE_RATE,
+) -> np.ndarray:
     """[n] float32 mono at `sample_rate` (WAV, FLAC, MP3, OGG and what ffmpeg reads; a video file's audio track)."""
     data = load_bytes(source, policy, limits)
     with _open(data, "audio") as container:
@@ -182,8 +206,13 @@ def _floor_even(n: float) -> int:
     return int(math.floor(n / FRAME_FACTOR)) * FRAME_FACTOR
 
 
-def smart_resize(height: int, width: int, factor: int = PATCH_FACTOR, min_pixels: int = 4 * 28 * 28,
-                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = PATCH_FACTOR,
+    min_pixels: int = 4 * 28 * 28,
+    max_pixels: int = 16384 * 28 * 28,
+) -> tuple[int, int]:
     """qwen-vl-utils' smart_resize: sides multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
@@ -198,8 +227,9 @@ def smart_resize(height: int, width: int, factor: int = PATCH_FACTOR, min_pixels
     return h_bar, w_bar
 
 
-def _frame_plan(total: int, src_fps: float, fps: float | None, num_frames: int | None,
-                limits: MediaLimits) -> tuple[list[int], int, float]:
+def _frame_plan(
+    total: int, src_fps: float, fps: float | None, num_frames: int | None, limits: MediaLimits
+) -> tuple[list[int], int, float]:
     """-> (source frame indices to keep, output frame count (even: the last is repeated), effective fps).
 
     qwen-vl-utils' smart_nframes: by fps, total / src_fps * fps frames, at least video_min_frames, at most
@@ -217,8 +247,14 @@ def _frame_plan(total: int, src_fps: float, fps: float | None, num_frames: int |
     return indices, n + n % FRAME_FACTOR, n * src_fps / total
 
 
-def load_video(source, policy: MediaPolicy = MediaPolicy(), limits: MediaLimits = MediaLimits(),
-               fps: float | None = None, num_frames: int | None = None, with_audio: bool = True) -> Video:
+def load_video(
+    source,
+    policy: MediaPolicy = MediaPolicy(),
+    limits: MediaLimits = MediaLimits(),
+    fps: float | None = None,
+    num_frames: int | None = None,
+    with_audio: bool = True,
+) -> Video:
     """A Video: frames [T, H, W, 3] uint8 sampled (at `fps`, default limits.video_fps, or exactly `num_frames`,
     which wins when both are given) and resized by Qwen's rules; its audio track as float32 mono 16 kHz (MP4,
     WebM, MKV and what ffmpeg reads)."""
@@ -231,8 +267,10 @@ def load_video(source, policy: MediaPolicy = MediaPolicy(), limits: MediaLimits 
     with _open(data, "video") as container:
         fmt, streams, (height, width), total, src_fps = _probe_video(container, data, limits, with_audio)
     indices, n_out, eff_fps = _frame_plan(total, src_fps, None if num_frames else fps, num_frames, limits)
-    max_pixels = max(min(limits.video_max_pixels, limits.video_total_pixels / n_out * FRAME_FACTOR),
-                     int(limits.video_min_pixels * 1.05))  # qwen-vl-utils' fetch_video
+    max_pixels = max(
+        min(limits.video_max_pixels, limits.video_total_pixels / n_out * FRAME_FACTOR),
+        int(limits.video_min_pixels * 1.05),
+    )  # qwen-vl-utils' fetch_video
     size = smart_resize(height, width, PATCH_FACTOR, limits.video_min_pixels, max_pixels)
     with _open(data, "video") as container:  # the probe read to the end: decode from a fresh container
         vs, audio = [container.streams[i] for i in streams] + [None] * (2 - len(streams))
@@ -265,8 +303,7 @@ def _probe_video(container, data: bytes, limits: MediaLimits, with_audio: bool):
     rate = vs.average_rate or vs.guessed_rate
     src_fps = float(rate) if rate else total / max(end_s, 1e-3)
     if total / src_fps > limits.max_video_seconds:
-        raise _over("video duration", f"{total / src_fps:.2f} s", f"{limits.max_video_seconds} s",
-                    "max_video_seconds")
+        raise _over("video duration", f"{total / src_fps:.2f} s", f"{limits.max_video_seconds} s", "max_video_seconds")
     declared = container.duration / 1e6 if container.duration else None
     if declared and fmt.split(",")[0] in ("matroska", "mov") and end_s < 0.9 * declared - 0.1:  # muxer-written
         raise MediaError(f"truncated {fmt} video: it declares {declared:.2f} s, its streams end at {end_s:.2f} s")

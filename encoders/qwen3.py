@@ -10,14 +10,15 @@ Audio: `thinker.model.audio_tower` (Qwen3OmniMoeAudioEncoder) takes the valid fr
 n_window_infer frames of its own audio only. Tokens per audio, from n feature frames (100/s), the model's own formula
 (`_get_feat_extract_output_lengths`): 13 per full 100-frame window, three stride-2 convolutions over the remainder.
 """
+
 from __future__ import annotations
 
 import torch
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
 
+from omni.types import VisionItem
 from omni.encoders.audio import AudioEncoder
 from omni.encoders.vision import VisionEncoder, detach_chunks, plan_batches
-from omni.types import VisionItem
 
 __all__ = ["Qwen3VisionEncoder", "Qwen3AudioEncoder"]
 
@@ -46,8 +47,10 @@ class Qwen3VisionEncoder(VisionEncoder):
             sizes = [patches[i] // self.merge_unit for i in group]
             embeds = detach_chunks(res.pooler_output, sizes)  # per item [n_tokens, H]
             levels = torch.stack(list(res.deepstack_features))  # [n_levels, sum n_tokens, H]
-            deep = [d.permute(1, 0, 2).contiguous() for d in  # per item [n_levels, n_tokens, H]
-                    detach_chunks(levels.permute(1, 0, 2), sizes)]
+            deep = [
+                d.permute(1, 0, 2).contiguous()
+                for d in detach_chunks(levels.permute(1, 0, 2), sizes)  # per item [n_levels, n_tokens, H]
+            ]
             out += list(zip(embeds, deep))
         return out
 

@@ -2,6 +2,7 @@
 `input_audio.data`), local paths and `file://` inside `MediaPolicy.allowed_local_media_path`, and `http(s)` when
 `MediaPolicy.allow_http` (public addresses only, the checked address pinned for the connection). `MediaLimits` holds
 every size limit of media loading; a failure is a `MediaError` (400 bad input, 413 over a limit)."""
+
 from __future__ import annotations
 
 import base64
@@ -72,8 +73,9 @@ _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 _SPACE = re.compile(r"\s+")
 
 
-def load_bytes(source: str | bytes | os.PathLike, policy: MediaPolicy = MediaPolicy(),
-               limits: MediaLimits = MediaLimits()) -> bytes:
+def load_bytes(
+    source: str | bytes | os.PathLike, policy: MediaPolicy = MediaPolicy(), limits: MediaLimits = MediaLimits()
+) -> bytes:
     """The encoded bytes of a media item, whatever the source (see the module docstring)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -81,7 +83,7 @@ def load_bytes(source: str | bytes | os.PathLike, policy: MediaPolicy = MediaPol
         data = _read_local(os.fspath(source), policy, limits)
     elif isinstance(source, str):
         s = source.strip()
-        scheme = s[:s.index(":")].lower() if _SCHEME.match(s) else ""
+        scheme = s[: s.index(":")].lower() if _SCHEME.match(s) else ""
         if not s:
             raise MediaError("media source is an empty string")
         if scheme == "data":
@@ -95,7 +97,7 @@ def load_bytes(source: str | bytes | os.PathLike, policy: MediaPolicy = MediaPol
             if parts.netloc not in ("", "localhost"):
                 raise MediaError(f"file:// URL with a remote host ({parts.netloc!r}) is not supported")
             data = _read_local(urllib.parse.unquote(parts.path), policy, limits)
-        elif len(scheme) > 1 and "//" in s[:len(scheme) + 3]:
+        elif len(scheme) > 1 and "//" in s[: len(scheme) + 3]:
             raise MediaError(f"unsupported media URL scheme {scheme!r} (use data:, http(s): or file:)")
         elif _is_base64(s):
             data = _b64decode(s, "base64 media", limits)
@@ -145,8 +147,10 @@ def _data_uri(s: str, limits: MediaLimits) -> bytes:
 
 def _read_local(path: str, policy: MediaPolicy, limits: MediaLimits) -> bytes:
     if policy.allowed_local_media_path is None:
-        raise MediaError("local media paths are disabled on this server (and the source is not a data: URI, an "
-                         "http(s) URL or base64)")
+        raise MediaError(
+            "local media paths are disabled on this server (and the source is not a data: URI, an "
+            "http(s) URL or base64)"
+        )
     root = os.path.realpath(policy.allowed_local_media_path)
     real = os.path.realpath(os.path.join(root, path))  # symlinks and '..' resolved before the check
     if os.path.commonpath([root, real]) != root:
@@ -173,8 +177,9 @@ def _public_addresses(host: str, port: int) -> list[str]:
         ip = ipaddress.ip_address(a.split("%")[0])
         ip = getattr(ip, "ipv4_mapped", None) or ip
         if not ip.is_global or ip.is_multicast:
-            raise MediaError(f"media URL host {host!r} resolves to {ip}, a private/loopback/link-local address: "
-                             "refused")
+            raise MediaError(
+                f"media URL host {host!r} resolves to {ip}, a private/loopback/link-local address: refused"
+            )
     if not addresses:
         raise MediaError(f"media URL host {host!r} has no address")
     return addresses
@@ -217,8 +222,11 @@ def _fetch_http(url: str, policy: MediaPolicy, limits: MediaLimits, resolve=_pub
         ip = resolve(parts.hostname, port)[0]
         conn = (_PinnedHTTPS if https else _PinnedHTTP)(parts.hostname, port, ip, policy.http_timeout_s)
         try:
-            conn.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
-                         headers={"User-Agent": "omni-media/1", "Accept-Encoding": "identity"})
+            conn.request(
+                "GET",
+                urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                headers={"User-Agent": "omni-media/1", "Accept-Encoding": "identity"},
+            )
             resp = conn.getresponse()
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                 url = urllib.parse.urljoin(url, resp.getheader("Location"))

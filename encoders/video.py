@@ -3,19 +3,22 @@
 use_audio_in_video, its own audio track (among the prompt's audios, at the video's place) through the audio tower.
 `load_encoders` loads the two towers alone.
 """
+
 from __future__ import annotations
 
+from omni.types import MediaEmbeddings, PreparedPrompt
 from omni.encoders.audio import AudioEncoder
 from omni.encoders.vision import EncoderConfig, VisionEncoder, load_tower
-from omni.types import MediaEmbeddings, PreparedPrompt
 
 __all__ = ["load_encoders", "encode_prompt", "encode_prompts"]
 
 
 def load_encoders(model: str, config: EncoderConfig = EncoderConfig()) -> tuple[VisionEncoder, AudioEncoder]:
     """The vision and audio encoders of a checkpoint, loading the two towers (and nothing else of the thinker)."""
-    return (VisionEncoder.for_tower(load_tower(model, "visual", config), config),
-            AudioEncoder.for_tower(load_tower(model, "audio_tower", config), config))
+    return (
+        VisionEncoder.for_tower(load_tower(model, "visual", config), config),
+        AudioEncoder.for_tower(load_tower(model, "audio_tower", config), config),
+    )
 
 
 def encode_prompt(prompt: PreparedPrompt, vision: VisionEncoder, audio: AudioEncoder) -> MediaEmbeddings:
@@ -35,6 +38,6 @@ def encode_prompts(prompts: list[PreparedPrompt], vision: VisionEncoder, audio: 
     out, i, v, a = [], 0, 0, 0
     for p in prompts:
         ni, nv, na = len(p.images), len(p.videos), len(p.audios)
-        out.append(MediaEmbeddings.assemble(images[i:i + ni], videos[v:v + nv], audios[a:a + na]))
+        out.append(MediaEmbeddings.assemble(images[i : i + ni], videos[v : v + nv], audios[a : a + na]))
         i, v, a = i + ni, v + nv, a + na
     return out

@@ -10,6 +10,7 @@ matmul kernels' batch-size dependence (see tests/encoders/test_encoders.py for t
 Also home of what the three encoders share: `EncoderConfig`, `plan_batches`, `load_tower` (one tower's weights only)
 and `load_thinker`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,8 +33,10 @@ class EncoderConfig:
 
     def __post_init__(self):
         if self.max_batch_items < 1 or self.max_batch_tokens < 1:
-            raise ValueError(f"max_batch_items and max_batch_tokens must be >= 1, got {self.max_batch_items}, "
-                             f"{self.max_batch_tokens}")
+            raise ValueError(
+                f"max_batch_items and max_batch_tokens must be >= 1, got {self.max_batch_items}, "
+                f"{self.max_batch_tokens}"
+            )
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"dtype must name a torch dtype (float32, bfloat16, float16), got {self.dtype!r}")
 
@@ -98,18 +101,18 @@ class VisionEncoder:
         self.config = config
         self.visual = place(visual, config)  # in place: the module is moved / cast, not copied
         vc = visual.config
-        self.merge_unit = vc.spatial_merge_size ** 2  # patches per output token (2 x 2)
-        self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2  # 3 * 2 * 14 * 14 = 1176
+        self.merge_unit = vc.spatial_merge_size**2  # patches per output token (2 x 2)
+        self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2  # 3 * 2 * 14 * 14 = 1176
         self.out_hidden_size: int = vc.out_hidden_size  # H, the thinker's hidden size
 
     @staticmethod
-    def for_tower(visual: torch.nn.Module, config: EncoderConfig = EncoderConfig()) -> "VisionEncoder":
+    def for_tower(visual: torch.nn.Module, config: EncoderConfig = EncoderConfig()) -> VisionEncoder:
         """The encoder class that the tower's architecture record names (omni.architectures: Qwen3-Omni's is
         encoders/qwen3.py's), over this tower."""
         return architecture_of_tower(visual).load("vision_encoder")(visual, config)
 
     @classmethod
-    def from_pretrained(cls, model: str, config: EncoderConfig = EncoderConfig()) -> "VisionEncoder":
+    def from_pretrained(cls, model: str, config: EncoderConfig = EncoderConfig()) -> VisionEncoder:
         """A preset, a checkpoint directory or a hub id; loads `thinker.model.visual` only."""
         return cls.for_tower(load_tower(model, "visual", config), config)
 
@@ -119,8 +122,10 @@ class VisionEncoder:
     def _check(self, i: int, item: VisionItem) -> int:
         n = int(item.grid_thw.prod())
         if item.grid_thw.shape != (3,) or tuple(item.pixel_values.shape) != (n, self.patch_dim):
-            raise ValueError(f"vision item {i}: pixel_values {tuple(item.pixel_values.shape)} does not match "
-                             f"grid_thw {item.grid_thw.tolist()} (expected [{n}, {self.patch_dim}])")
+            raise ValueError(
+                f"vision item {i}: pixel_values {tuple(item.pixel_values.shape)} does not match "
+                f"grid_thw {item.grid_thw.tolist()} (expected [{n}, {self.patch_dim}])"
+            )
         if n % self.merge_unit:
             raise ValueError(f"vision item {i}: {n} patches is not a multiple of {self.merge_unit}")
         return n
@@ -139,6 +144,6 @@ class VisionEncoder:
             out += detach_chunks(embeds, [patches[i] // self.merge_unit for i in group])
         return out
 
-    def encode_with_deepstack(self, items: list[VisionItem]) -> list[tuple[torch.Tensor, "torch.Tensor | None"]]:
+    def encode_with_deepstack(self, items: list[VisionItem]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """-> per item (embeds [n_tokens, H], deepstack [n_levels, n_tokens, H] or None: Qwen2.5 has none)."""
         return [(e, None) for e in self.encode(items)]

@@ -13,14 +13,22 @@ decoders/ or serve/, yet the record names their classes.
     talker     omni.talker.Talker                    omni.talker_qwen3.Qwen3Talker (+ code predictor)
     vocoder    decoders.token2wav.Token2Wav          decoders.code2wav.Code2Wav
 """
+
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Architecture", "ARCHITECTURES", "ARCHS", "architecture", "architecture_of_tower", "QWEN25_OMNI",
-           "QWEN3_OMNI"]
+__all__ = [
+    "Architecture",
+    "ARCHITECTURES",
+    "ARCHS",
+    "architecture",
+    "architecture_of_tower",
+    "QWEN25_OMNI",
+    "QWEN3_OMNI",
+]
 
 _Q25 = "transformers.models.qwen2_5_omni.modeling_qwen2_5_omni"
 _Q3 = "transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe"
@@ -62,29 +70,52 @@ class Architecture:
 
 
 QWEN25_OMNI = Architecture(
-    name="qwen2.5-omni", model_type="qwen2_5_omni",
+    name="qwen2.5-omni",
+    model_type="qwen2_5_omni",
     hf_model="transformers:Qwen2_5OmniForConditionalGeneration",
     hf_thinker="transformers:Qwen2_5OmniThinkerForConditionalGeneration",
     hf_talker="transformers:Qwen2_5OmniTalkerForConditionalGeneration",
-    hf_vision_tower=f"{_Q25}:Qwen2_5OmniVisionEncoder", hf_audio_tower=f"{_Q25}:Qwen2_5OmniAudioEncoder",
-    thinker="omni.thinker:Thinker", talker="omni.talker:Talker", vocoder="omni.decoders.token2wav:Token2Wav",
-    vision_encoder="omni.encoders.vision:VisionEncoder", audio_encoder="omni.encoders.audio:AudioEncoder",
-    reference="omni.reference:reference_generate_qwen25", build_tiny="omni.tiny:build_checkpoint",
-    vocoder_config="vocoder", voices_in_config=False, talker_rows="speakers+tts_text",
-    talker_reads_thinker_audio_config=False, vocoder_float32=True, tiny_suffix="", text_only_checkpoints=False)
+    hf_vision_tower=f"{_Q25}:Qwen2_5OmniVisionEncoder",
+    hf_audio_tower=f"{_Q25}:Qwen2_5OmniAudioEncoder",
+    thinker="omni.thinker:Thinker",
+    talker="omni.talker:Talker",
+    vocoder="omni.decoders.token2wav:Token2Wav",
+    vision_encoder="omni.encoders.vision:VisionEncoder",
+    audio_encoder="omni.encoders.audio:AudioEncoder",
+    reference="omni.reference:reference_generate_qwen25",
+    build_tiny="omni.tiny:build_checkpoint",
+    vocoder_config="vocoder",
+    voices_in_config=False,
+    talker_rows="speakers+tts_text",
+    talker_reads_thinker_audio_config=False,
+    vocoder_float32=True,
+    tiny_suffix="",
+    text_only_checkpoints=False,
+)
 
 QWEN3_OMNI = Architecture(
-    name="qwen3-omni", model_type="qwen3_omni_moe",
+    name="qwen3-omni",
+    model_type="qwen3_omni_moe",
     hf_model="transformers:Qwen3OmniMoeForConditionalGeneration",
     hf_thinker="transformers:Qwen3OmniMoeThinkerForConditionalGeneration",
     hf_talker="transformers:Qwen3OmniMoeTalkerForConditionalGeneration",
-    hf_vision_tower=f"{_Q3}:Qwen3OmniMoeVisionEncoder", hf_audio_tower=f"{_Q3}:Qwen3OmniMoeAudioEncoder",
-    thinker="omni.thinker_qwen3:Qwen3Thinker", talker="omni.talker_qwen3:Qwen3Talker",
+    hf_vision_tower=f"{_Q3}:Qwen3OmniMoeVisionEncoder",
+    hf_audio_tower=f"{_Q3}:Qwen3OmniMoeAudioEncoder",
+    thinker="omni.thinker_qwen3:Qwen3Thinker",
+    talker="omni.talker_qwen3:Qwen3Talker",
     vocoder="omni.decoders.code2wav:Code2Wav",
-    vision_encoder="omni.encoders.qwen3:Qwen3VisionEncoder", audio_encoder="omni.encoders.qwen3:Qwen3AudioEncoder",
-    reference="omni.reference_qwen3:reference_generate_qwen3", build_tiny="omni.tiny_qwen3:build_qwen3_checkpoint",
-    vocoder_config="code2wav", voices_in_config=True, talker_rows="tts_specials",
-    talker_reads_thinker_audio_config=True, vocoder_float32=False, tiny_suffix="-qwen3", text_only_checkpoints=True)
+    vision_encoder="omni.encoders.qwen3:Qwen3VisionEncoder",
+    audio_encoder="omni.encoders.qwen3:Qwen3AudioEncoder",
+    reference="omni.reference_qwen3:reference_generate_qwen3",
+    build_tiny="omni.tiny_qwen3:build_qwen3_checkpoint",
+    vocoder_config="code2wav",
+    voices_in_config=True,
+    talker_rows="tts_specials",
+    talker_reads_thinker_audio_config=True,
+    vocoder_float32=False,
+    tiny_suffix="-qwen3",
+    text_only_checkpoints=True,
+)
 
 ARCHITECTURES = {a.name: a for a in (QWEN25_OMNI, QWEN3_OMNI)}
 ARCHS = tuple(ARCHITECTURES)
@@ -103,8 +134,10 @@ def architecture(cfg: dict | str) -> Architecture:
     for name in cfg.get("architectures") or []:
         arch = arch or _BY_HF_CLASS.get(name)
     if arch is None:
-        raise ValueError(f"not a Qwen-Omni checkpoint (model_type {cfg.get('model_type')!r}, architectures "
-                         f"{cfg.get('architectures')}); supported: {', '.join(_BY_HF_CLASS)}")
+        raise ValueError(
+            f"not a Qwen-Omni checkpoint (model_type {cfg.get('model_type')!r}, architectures "
+            f"{cfg.get('architectures')}); supported: {', '.join(_BY_HF_CLASS)}"
+        )
     return arch
 
 

@@ -2,6 +2,7 @@
 cache), a local directory, or a hub id of a real one (`Qwen/Qwen2.5-Omni-7B`, `Qwen/Qwen3-Omni-30B-A3B-Instruct`),
 loaded with transformers' own classes. The architecture is read from the checkpoint's config.json (`model_type`,
 else `architectures`), never from a flag: `model_arch(path)` -> "qwen2.5-omni" | "qwen3-omni"."""
+
 from __future__ import annotations
 
 import fcntl
@@ -14,20 +15,41 @@ from pathlib import Path
 
 import torch
 
-from omni.architectures import ARCHS, QWEN25_OMNI, QWEN3_OMNI, Architecture, architecture
+from omni.architectures import ARCHS, QWEN3_OMNI, QWEN25_OMNI, Architecture, architecture
 from omni.tiny import PRESETS
 from omni.tiny_qwen3 import QWEN3_PRESETS
 from omni.types import SamplingParams
 
-__all__ = ["LoadedModel", "resolve_model", "load_model", "list_voices", "generation_defaults", "cache_dir",
-           "model_arch", "model_architecture", "default_dtype", "model_config", "check_model", "check_versions",
-           "ModelLoadError", "ModelNotFoundError", "NotOmniModelError", "VersionError", "ARCHS", "ALL_PRESETS", "RECIPE_VERSION", "QWEN3_RECIPE_VERSION",
-           "TRANSFORMERS_REQUIREMENT"]
+__all__ = [
+    "LoadedModel",
+    "resolve_model",
+    "load_model",
+    "list_voices",
+    "generation_defaults",
+    "cache_dir",
+    "model_arch",
+    "model_architecture",
+    "default_dtype",
+    "model_config",
+    "check_model",
+    "check_versions",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "NotOmniModelError",
+    "VersionError",
+    "ARCHS",
+    "ALL_PRESETS",
+    "RECIPE_VERSION",
+    "QWEN3_RECIPE_VERSION",
+    "TRANSFORMERS_REQUIREMENT",
+]
 
 RECIPE_VERSION = 2  # bump when tiny.py changes what it writes: the cached copies are rebuilt
 QWEN3_RECIPE_VERSION = 1  # the same for tiny_qwen3.py
-ALL_PRESETS = {**{name: (QWEN25_OMNI, RECIPE_VERSION) for name in PRESETS},
-               **{name: (QWEN3_OMNI, QWEN3_RECIPE_VERSION) for name in QWEN3_PRESETS}}
+ALL_PRESETS = {
+    **{name: (QWEN25_OMNI, RECIPE_VERSION) for name in PRESETS},
+    **{name: (QWEN3_OMNI, QWEN3_RECIPE_VERSION) for name in QWEN3_PRESETS},
+}
 
 
 TRANSFORMERS_REQUIREMENT = ">=5.24,<6"  # as pyproject.toml: the Omni classes' 5.x layout, get_rope_index, cache API
@@ -50,8 +72,10 @@ def check_versions() -> None:
     except InvalidVersion:
         ok = False
     if not ok:
-        raise VersionError(f"transformers {found} is installed but omni needs transformers{TRANSFORMERS_REQUIREMENT}: "
-                           f"pip install 'transformers{TRANSFORMERS_REQUIREMENT}'")
+        raise VersionError(
+            f"transformers {found} is installed but omni needs transformers{TRANSFORMERS_REQUIREMENT}: "
+            f"pip install 'transformers{TRANSFORMERS_REQUIREMENT}'"
+        )
 
 
 class ModelLoadError(Exception):
@@ -104,8 +128,11 @@ def resolve_model(model: str) -> str:
     if path.exists():
         raise ModelNotFoundError(model, f"{path} is a file, not a checkpoint directory")
     if _looks_like_path(model):
-        raise ModelNotFoundError(model, f"not found locally (no such directory {path}); pass a checkpoint directory, "
-                                        f"a preset ({', '.join(ALL_PRESETS)}) or a hub id (Qwen/Qwen2.5-Omni-7B)")
+        raise ModelNotFoundError(
+            model,
+            f"not found locally (no such directory {path}); pass a checkpoint directory, "
+            f"a preset ({', '.join(ALL_PRESETS)}) or a hub id (Qwen/Qwen2.5-Omni-7B)",
+        )
     return model  # hub id, e.g. Qwen/Qwen2.5-Omni-7B
 
 
@@ -146,29 +173,42 @@ def _config_path(model: str, path: str) -> str:
         return cached
     hint = "pass a local checkpoint path"
     if _hub_offline():
-        raise ModelNotFoundError(model, f"not found locally (no such directory) nor in the Hugging Face cache, and "
-                                        f"the hub is offline (HF_HUB_OFFLINE=1); {hint}")
+        raise ModelNotFoundError(
+            model,
+            f"not found locally (no such directory) nor in the Hugging Face cache, and "
+            f"the hub is offline (HF_HUB_OFFLINE=1); {hint}",
+        )
     unreachable = _hub_unreachable()
     if unreachable:
-        raise ModelNotFoundError(model, f"not found locally (no such directory) nor in the Hugging Face cache, and "
-                                        f"the hub is unreachable ({unreachable}); {hint}")
+        raise ModelNotFoundError(
+            model,
+            f"not found locally (no such directory) nor in the Hugging Face cache, and "
+            f"the hub is unreachable ({unreachable}); {hint}",
+        )
     try:
         return hf_hub_download(path, "config.json")
     except errors.LocalEntryNotFoundError:  # the transport failed after the probe (a subclass of EntryNotFoundError)
-        raise ModelNotFoundError(model, f"not found locally (no such directory) nor in the Hugging Face cache, and "
-                                        f"the hub is unreachable; {hint}") from None
+        raise ModelNotFoundError(
+            model,
+            f"not found locally (no such directory) nor in the Hugging Face cache, and the hub is unreachable; {hint}",
+        ) from None
     except errors.GatedRepoError:
-        raise ModelNotFoundError(model, "a gated repository on the hub: accept its terms and log in "
-                                        "(hf auth login), or pass a local checkpoint path") from None
+        raise ModelNotFoundError(
+            model,
+            "a gated repository on the hub: accept its terms and log in "
+            "(hf auth login), or pass a local checkpoint path",
+        ) from None
     except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.HFValidationError):
-        raise ModelNotFoundError(model, f"not found locally (no such directory) nor on the Hugging Face hub; "
-                                        f"{hint}") from None
+        raise ModelNotFoundError(
+            model, f"not found locally (no such directory) nor on the Hugging Face hub; {hint}"
+        ) from None
     except errors.EntryNotFoundError:
         raise ModelNotFoundError(model, "the hub repository has no config.json: not a checkpoint") from None
     except Exception as exc:  # connection refused, DNS, timeouts, proxies: whatever the transport raises
         cause = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ModelNotFoundError(model, f"not found locally (no such directory) and the hub is unreachable "
-                                        f"({cause}); {hint}") from None
+        raise ModelNotFoundError(
+            model, f"not found locally (no such directory) and the hub is unreachable ({cause}); {hint}"
+        ) from None
 
 
 def check_model(model: str) -> tuple[str, dict, str]:
@@ -205,7 +245,7 @@ def model_config(model: str) -> dict:
 
 
 def model_arch(model: str | dict) -> str:
-    """"qwen2.5-omni" or "qwen3-omni", from config.json's `model_type` (else `architectures`); ValueError for
+    """ "qwen2.5-omni" or "qwen3-omni", from config.json's `model_type` (else `architectures`); ValueError for
     anything else. `model`: a preset, a directory, a hub id, or a config dict already read."""
     return model_architecture(model).name
 
@@ -226,7 +266,7 @@ def _config_voices(cfg: dict) -> list[str]:
 class LoadedModel:
     name: str  # what the user asked for ("tiny", a path, a hub id)
     path: str  # resolved directory or hub id
-    model: "torch.nn.Module"  # Qwen2_5OmniForConditionalGeneration or Qwen3OmniMoeForConditionalGeneration, eval
+    model: torch.nn.Module  # Qwen2_5OmniForConditionalGeneration or Qwen3OmniMoeForConditionalGeneration, eval
     processor: object  # Qwen2_5OmniProcessor or Qwen3OmniMoeProcessor
     arch: str = QWEN25_OMNI.name  # one of ARCHS; `architecture` is its record
 
@@ -280,8 +320,12 @@ def generation_defaults(model: str) -> SamplingParams:
     penalty = float(gc.repetition_penalty or 1.0)
     if not gc.do_sample:
         return SamplingParams(repetition_penalty=penalty)
-    return SamplingParams(temperature=float(gc.temperature or 1.0), top_p=float(gc.top_p or 1.0),
-                          top_k=int(gc.top_k) if gc.top_k else -1, repetition_penalty=penalty)
+    return SamplingParams(
+        temperature=float(gc.temperature or 1.0),
+        top_p=float(gc.top_p or 1.0),
+        top_k=int(gc.top_k) if gc.top_k else -1,
+        repetition_penalty=penalty,
+    )
 
 
 def default_device() -> str:
@@ -293,8 +337,12 @@ def default_dtype(device: str) -> str:
     return "bfloat16" if str(device).startswith("cuda") else "float32"
 
 
-def load_model(model: str = "tiny", device: str | None = None, dtype: str | torch.dtype | None = None,
-               enable_audio_output: bool = True) -> LoadedModel:
+def load_model(
+    model: str = "tiny",
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    enable_audio_output: bool = True,
+) -> LoadedModel:
     """Load model + processor, of the architecture the checkpoint's config names. dtype defaults to float32 on CPU and
     bfloat16 on CUDA (the real weights' dtype). A text-only checkpoint (`enable_audio_output: false`, as Qwen3-Omni's
     Thinking and Captioner releases) loads without its talker whatever `enable_audio_output` says."""

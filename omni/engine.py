@@ -27,13 +27,15 @@ Stage-specific logic lives in `Sequence` subclasses (omni/thinker.py, omni/talke
 text or speech. The engine is synchronous and single-threaded; `EngineLoop` (omni/engine_loop.py) runs it in a worker
 thread for asyncio.
 """
+
 from __future__ import annotations
 
 import collections
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from transformers import DynamicCache
@@ -68,16 +70,20 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_dead_columns < 1:
-            raise ValueError(f"max_num_seqs and max_dead_columns must be >= 1, got {self.max_num_seqs}, "
-                             f"{self.max_dead_columns}")
+            raise ValueError(
+                f"max_num_seqs and max_dead_columns must be >= 1, got {self.max_num_seqs}, {self.max_dead_columns}"
+            )
         if self.max_prefill_tokens < 0 or self.prefill_chunk_tokens < 0:
-            raise ValueError(f"max_prefill_tokens and prefill_chunk_tokens must be >= 0, got "
-                             f"{self.max_prefill_tokens}, {self.prefill_chunk_tokens}")
+            raise ValueError(
+                f"max_prefill_tokens and prefill_chunk_tokens must be >= 0, got "
+                f"{self.max_prefill_tokens}, {self.prefill_chunk_tokens}"
+            )
         if not 0 <= self.batch_wait_s <= 1:
             raise ValueError(f"batch_wait_s must be in [0, 1] seconds, got {self.batch_wait_s}")
         if self.kv_cache_tokens < 0 or self.max_waiting < 0:
-            raise ValueError(f"kv_cache_tokens and max_waiting must be >= 0, got {self.kv_cache_tokens}, "
-                             f"{self.max_waiting}")
+            raise ValueError(
+                f"kv_cache_tokens and max_waiting must be >= 0, got {self.kv_cache_tokens}, {self.max_waiting}"
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -89,6 +95,7 @@ class DecoderModel:
     the slot cache's StepCache (decode); head(hidden [B, T, H]) -> float logits [B, V] of the last position; config
     (a decoder config: layers, heads, head_dim) and dtype size the KV budget. `after_step(seqs)`, when set, runs once
     per engine step on the sequences that produced output (a batched post-step such as Qwen3's code predictor)."""
+
     forward: Callable
     head: Callable
     config: object
@@ -100,6 +107,7 @@ class DecoderModel:
 @dataclass
 class _Prefill:
     """A prompt being prefilled (it holds a slot): its inputs, its own cache, the hidden states of the chunks done."""
+
     seq: Sequence
     embeds: torch.Tensor  # [L, H_in]
     pos: torch.Tensor  # [3, L]
@@ -116,6 +124,7 @@ class _Prefill:
 @dataclass
 class _Output:
     """A forward's output for one sequence, waiting for its sampled id."""
+
     seq: Sequence
     hidden: torch.Tensor  # [1, L, H] (prefill) or [1, H] (decode)
     logits: torch.Tensor  # [1, V]
@@ -137,7 +146,8 @@ class Engine:
         dtype = model.dtype or torch.float32
         self.kv_bytes_per_token = kv_bytes_per_token(model.config, dtype)
         self.kv_budget_tokens = config.kv_cache_tokens or memory_budget_tokens(
-            self.kv_bytes_per_token, torch.device(model.device), config.gpu_memory_utilization)
+            self.kv_bytes_per_token, torch.device(model.device), config.gpu_memory_utilization
+        )
         self.kv = SlotKV(config.max_num_seqs, self.kv_budget_tokens, model.device)
         self._compiled: Optional[Callable] = None  # the decode forward through torch.compile (config.compile)
         self._order = itertools.count()  # admission order (the newest row fails first on an out-of-memory step)
@@ -153,16 +163,21 @@ class Engine:
     def add(self, seq: Sequence) -> None:
         """Queue a request; StageUnavailable (a 503) when `max_waiting` requests already wait."""
         if self.config.max_waiting and len(self._pending) >= self.config.max_waiting:
-            raise StageUnavailable(f"the {self.name} is full: {len(self._pending)} requests wait for a slot or KV "
-                                   f"room (max_waiting); retry later")
+            raise StageUnavailable(
+                f"the {self.name} is full: {len(self._pending)} requests wait for a slot or KV "
+                f"room (max_waiting); retry later"
+            )
         self._pending.append(seq)
 
     def check_fits(self, tokens: int, what: str = "the request") -> None:
         """InvalidRequest (a 400) when `tokens` KV positions exceed the whole budget: such a request never runs."""
         if not self.kv.fits_ever(tokens):
-            raise InvalidRequest(f"{what} needs {tokens} KV positions (prompt + max_tokens), more than the "
-                                 f"{self.name}'s KV budget of {self.kv_budget_tokens} (kv_cache_tokens)",
-                                 "max_tokens", "context_length_exceeded")
+            raise InvalidRequest(
+                f"{what} needs {tokens} KV positions (prompt + max_tokens), more than the "
+                f"{self.name}'s KV budget of {self.kv_budget_tokens} (kv_cache_tokens)",
+                "max_tokens",
+                "context_length_exceeded",
+            )
 
     @property
     def num_running(self) -> int:
@@ -177,12 +192,21 @@ class Engine:
         self.kv = SlotKV(self.config.max_num_seqs, self.kv_budget_tokens, self.model.device)
 
     def stats(self) -> dict:
-        return {"steps": self.num_steps, "prefills": self.num_prefills, "running": self.num_running,
-                "max_rows": self.max_rows_seen, "prefill_chunks": self.num_prefill_chunks,
-                "max_prefill_tokens_per_step": self.max_prefill_tokens_seen, "host_syncs": self.host_syncs,
-                "kv_budget_tokens": self.kv_budget_tokens, "kv_slots": self.kv.slots,
-                "kv_capacity": self.kv.capacity, "kv_bytes": self.kv.nbytes(), "kv_grows": self.kv.grows,
-                "oom_failures": self.oom_failures}
+        return {
+            "steps": self.num_steps,
+            "prefills": self.num_prefills,
+            "running": self.num_running,
+            "max_rows": self.max_rows_seen,
+            "prefill_chunks": self.num_prefill_chunks,
+            "max_prefill_tokens_per_step": self.max_prefill_tokens_seen,
+            "host_syncs": self.host_syncs,
+            "kv_budget_tokens": self.kv_budget_tokens,
+            "kv_slots": self.kv.slots,
+            "kv_capacity": self.kv.capacity,
+            "kv_bytes": self.kv.nbytes(),
+            "kv_grows": self.kv.grows,
+            "oom_failures": self.oom_failures,
+        }
 
     def waiting_rows(self) -> int:
         """Running rows that have no input yet (they would idle in this step)."""
@@ -197,13 +221,17 @@ class Engine:
         (as many as free rows allow), running rows whose input is there."""
         free = max(0, self.config.max_num_seqs - self.num_running)
         pending = [s for s in self._pending if not s.cancelled and self.ready(s)][:free]
-        return ([p.seq for p in self._prefilling] + pending +
-                [s for s in self._rows if not (s.cancelled or s.finished) and s.has_input()])
+        return (
+            [p.seq for p in self._prefilling]
+            + pending
+            + [s for s in self._rows if not (s.cancelled or s.finished) and s.has_input()]
+        )
 
     def load(self) -> tuple[int, int]:
         """(rows in the batch, requests ready to prefill or part-way through their prefill)."""
-        return len(self._rows), len(self._prefilling) + sum(1 for s in self._pending if not s.cancelled and
-                                                            self.ready(s))
+        return len(self._rows), len(self._prefilling) + sum(
+            1 for s in self._pending if not s.cancelled and self.ready(s)
+        )
 
     def ready(self, seq: Sequence) -> bool:
         """A pending sequence can start its prefill (its inputs are there)."""
@@ -219,8 +247,11 @@ class Engine:
 
     def _admissible(self, seq: Sequence) -> bool:
         p = seq.prepared
-        return p is None or self.kv.can_reserve(p.length + seq.max_tokens) or not self.kv.fits_ever(
-            p.length + seq.max_tokens)
+        return (
+            p is None
+            or self.kv.can_reserve(p.length + seq.max_tokens)
+            or not self.kv.fits_ever(p.length + seq.max_tokens)
+        )
 
     def _pending_head_ready(self) -> bool:
         """Some pending request can be served now: the first one with inputs, if it has KV room (FIFO)."""
@@ -347,7 +378,7 @@ class Engine:
             touched.append(seq)
         try:
             mask = torch.ones(1, a + n, dtype=torch.long, device=self.model.device)
-            hidden = self.model.forward(p.embeds[None, a:a + n], p.pos[:, None, a:a + n], mask, p.cache, **kwargs)
+            hidden = self.model.forward(p.embeds[None, a : a + n], p.pos[:, None, a : a + n], mask, p.cache, **kwargs)
             p.hidden.append(hidden)
             p.done += n
             self.num_prefill_chunks += 1
@@ -375,11 +406,12 @@ class Engine:
         if not outs:
             return
         sampled = [o for o in outs if o.prefill is None or o.seq.samples_prefill]
-        ids_dev = sample_rows([o.seq.sampler for o in sampled], [o.seq.history for o in sampled],
-                              [o.logits for o in sampled])
+        ids_dev = sample_rows(
+            [o.seq.sampler for o in sampled], [o.seq.history for o in sampled], [o.logits for o in sampled]
+        )
         ids = ids_dev.tolist() if sampled else []  # the step's host transfer
         self.host_syncs += bool(sampled)
-        token = {id(o): (ids[i], ids_dev[i:i + 1]) for i, o in enumerate(sampled)}
+        token = {id(o): (ids[i], ids_dev[i : i + 1]) for i, o in enumerate(sampled)}
         for o in outs:
             seq = o.seq
             tok, seq.last_token = token.get(id(o), (None, None))
@@ -452,7 +484,7 @@ class Engine:
         self.max_rows_seen = max(self.max_rows_seen, len(active))
         for s in active:
             kv.lengths[s.slot] += 1
-        outs = [_Output(s, hidden[s.slot:s.slot + 1, 0], logits[s.slot:s.slot + 1]) for s in active]
+        outs = [_Output(s, hidden[s.slot : s.slot + 1, 0], logits[s.slot : s.slot + 1]) for s in active]
         for s in active:
             if s not in touched:
                 touched.append(s)

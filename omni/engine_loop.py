@@ -1,10 +1,11 @@
 """The asyncio side of the decode engine (omni/engine.py): `EngineLoop` runs one Engine in a worker thread
 (omni.loop.WorkerLoop) and streams each request's outputs. It reads the engine only through its public methods
 (add, step, reset, can_progress, waiting_rows, has_urgent_row, ready_sequences, load) and does not import it."""
+
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from omni.loop import WorkerLoop
 from omni.sequence import Sequence
@@ -33,10 +34,12 @@ class EngineLoop(WorkerLoop):
             return work
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        wake = self._wake
+        assert wake is not None  # made by the task that runs this loop (omni.loop.WorkerLoop._ensure_running)
         while self.engine.waiting_rows() and (left := deadline - loop.time()) > 0:
-            self._wake.clear()
+            wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), left)
+                await asyncio.wait_for(wake.wait(), left)
             except asyncio.TimeoutError:
                 break
         return work

@@ -15,6 +15,7 @@ running request owns a slot (a row) and its positions 0 .. length-1.
   that scales with the batch's KV.
 Rows in use hold zeros or a former owner's finite values where unwritten: masked positions contribute exactly 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -156,8 +157,8 @@ class SlotKV:
         uninitialised, so memory is touched only for the rows in use."""
         if self.keys and self._clean < rows:
             for K, V in zip(self.keys, self.values):
-                K[self._clean:rows].zero_()
-                V[self._clean:rows].zero_()
+                K[self._clean : rows].zero_()
+                V[self._clean : rows].zero_()
         if self.keys:
             self._clean = max(self._clean, rows)
 
@@ -224,7 +225,7 @@ class StepCache(Cache):
         K, V = self.kv.keys[layer_idx], self.kv.values[layer_idx]
         K[self.row_index, :, self.cols] = key_states[:, :, 0]
         V[self.row_index, :, self.cols] = value_states[:, :, 0]
-        return K[:self.rows, :, :self.t], V[:self.rows, :, :self.t]
+        return K[: self.rows, :, : self.t], V[: self.rows, :, : self.t]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.t - 1

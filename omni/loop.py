@@ -18,13 +18,15 @@ when a key's input was there (stamped at `wake()`, which callers run after givin
 still ready) to the start of the step that serves it; a stage whose steps are long, or that waits on a batch timer,
 shows here.
 """
+
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import time
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
 from dataclasses import asdict, dataclass
-from typing import AsyncIterator, Callable, Hashable, Iterable, Optional
+from typing import Optional
 
 __all__ = ["WorkerLoop", "LoopStats"]
 
@@ -34,6 +36,7 @@ _END = object()
 @dataclass
 class LoopStats:
     """Counters of one worker loop since it was made (what /metrics exports per stage)."""
+
     steps: int = 0  # model steps run
     step_items: int = 0  # keys served, summed over the steps (mean batch size = step_items / steps)
     max_items: int = 0  # most keys in one step

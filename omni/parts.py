@@ -12,6 +12,7 @@ MoE layers, its per-expert -> fused expert conversion), so a part's tensors are 
 tensors of the other parts are never read: safetensors opens the files lazily, and only the shards that hold a part's
 keys are touched (a sharded checkpoint's index names them). The embedding rows are read as slices of the table.
 """
+
 from __future__ import annotations
 
 import functools
@@ -73,7 +74,7 @@ def embedding_rows(path: str, ids: list[int], dtype: torch.dtype) -> torch.Tenso
             key = next((k for k in _EMBED_KEYS if k in st.keys()), None)
             if key is not None:
                 table = st.get_slice(key)
-                return torch.cat([table[i:i + 1] for i in ids]).to(dtype)  # [len(ids), H]
+                return torch.cat([table[i : i + 1] for i in ids]).to(dtype)  # [len(ids), H]
     raise KeyError(f"{path}: no thinker embedding table (looked for {', '.join(_EMBED_KEYS)})")
 
 
@@ -93,8 +94,11 @@ def _only(arch: Architecture, parts: tuple[str, ...]) -> type:
         self.post_init()
 
     others = tuple(rf"^{p}\." for p in ("thinker", "talker", "token2wav", "code2wav") if p not in parts)
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
-                                       "_keys_to_ignore_on_load_unexpected": list(others)})
+    return type(
+        cls.__name__,
+        (cls,),
+        {"__init__": __init__, "__module__": cls.__module__, "_keys_to_ignore_on_load_unexpected": list(others)},
+    )
 
 
 def _dtype(device: str, dtype) -> torch.dtype:
@@ -104,6 +108,7 @@ def _dtype(device: str, dtype) -> torch.dtype:
 @dataclass
 class TalkerPart:
     """What the Talker stage runs, and nothing else of the checkpoint."""
+
     arch: str  # the architecture's name (omni.architectures)
     talker: torch.nn.Module  # Qwen2_5OmniTalkerForConditionalGeneration | Qwen3OmniMoeTalkerForConditionalGeneration
     speakers: dict  # Qwen2.5: spk_dict.pt {voice: {bos_token, cond, ref_mel}}; Qwen3: {} (voices are in its config)
@@ -132,8 +137,10 @@ def load_talker_part(model: str, device: Optional[str] = None, dtype=None) -> Ta
         return TalkerPart(arch.name, talker, {}, None, embedding_rows(path, ids, dtype).to(device), ids[2])
     tc = talker.config  # Qwen2.5: the speakers' bos rows and tts_text_*
     speakers = net.speaker_map
-    ids = sorted({int(s["bos_token"]) for s in speakers.values()}
-                 | {int(tc.tts_text_start_token_id), int(tc.tts_text_end_token_id), int(tc.tts_text_pad_token_id)})
+    ids = sorted(
+        {int(s["bos_token"]) for s in speakers.values()}
+        | {int(tc.tts_text_start_token_id), int(tc.tts_text_end_token_id), int(tc.tts_text_pad_token_id)}
+    )
     rows = EmbeddingRows(ids, embedding_rows(path, ids, dtype)).to(device)
     return TalkerPart(arch.name, talker, speakers, rows, None, None)
 
@@ -154,8 +161,14 @@ def load_tower(model: str, name: str, dtype: torch.dtype = torch.float32) -> tor
 
     thinker = AutoConfig.from_pretrained(path).thinker_config
     record = architecture(arch)
-    cls, sub = (record.load("hf_vision_tower"), thinker.vision_config) if name == "visual" else \
-        (record.load("hf_audio_tower"), thinker.audio_config)
+    cls, sub = (
+        (record.load("hf_vision_tower"), thinker.vision_config)
+        if name == "visual"
+        else (record.load("hf_audio_tower"), thinker.audio_config)
+    )
     # checkpoint keys thinker.visual.* (original layout) or thinker.model.visual.* (transformers-5 layout) -> visual.*
-    return _tower_class(cls).from_pretrained(path, config=sub, dtype=dtype,
-                                             key_mapping={rf"^thinker\.(model\.)?{name}\.": ""}).eval()
+    return (
+        _tower_class(cls)
+        .from_pretrained(path, config=sub, dtype=dtype, key_mapping={rf"^thinker\.(model\.)?{name}\.": ""})
+        .eval()
+    )

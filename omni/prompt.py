@@ -4,12 +4,23 @@ processor's batch into per-item encoder inputs.
 The staged pipeline calls `processor_inputs`; the reference path builds its inputs apart, as Qwen's cookbooks do
 (omni/reference_inputs.py), and tests/encoders/test_media_oracle.py checks that the two give the same ids and features.
 """
+
 from __future__ import annotations
 
 import torch
 
-from omni.types import (AudioItem, AudioPart, ChatRequest, ImagePart, InvalidRequest, Message, PreparedPrompt,
-                        TextPart, VideoPart, VisionItem)
+from omni.types import (
+    AudioItem,
+    AudioPart,
+    ChatRequest,
+    ImagePart,
+    InvalidRequest,
+    Message,
+    PreparedPrompt,
+    TextPart,
+    VideoPart,
+    VisionItem,
+)
 
 __all__ = ["with_default_system", "conversation", "processor_inputs", "prepare_prompt", "DEFAULT_SYSTEM_PROMPT"]
 
@@ -54,8 +65,10 @@ def conversation(request: ChatRequest) -> tuple[list[dict], list, list, list, li
                 content.append({"type": "video"})
                 if request.use_audio_in_video:
                     if part.video.audio is None or len(part.video.audio) == 0:
-                        raise InvalidRequest("use_audio_in_video is set but a video has no audio track",
-                                             "mm_processor_kwargs.use_audio_in_video")
+                        raise InvalidRequest(
+                            "use_audio_in_video is set but a video has no audio track",
+                            "mm_processor_kwargs.use_audio_in_video",
+                        )
                     audios.append(part.video.audio)
                     audio_src.append(len(videos))
                 videos.append(part.video)
@@ -95,8 +108,15 @@ def processor_inputs(processor, request: ChatRequest, fast_audio: bool = False):
     # the frames as the cookbook hands them over (fetch_video's float [T, 3, H, W]): a processor that resizes them
     # again (Qwen3: 32-pixel patches) rounds a uint8 input back to uint8, a float one not (up to 0.1 apart)
     frames = [torch.from_numpy(v.frames).permute(0, 3, 1, 2).float() for v in videos]
-    return processor(text=[text], images=images or None, videos=frames or None, audio=audios or None,
-                     return_tensors="pt", padding=True, **kwargs)
+    return processor(
+        text=[text],
+        images=images or None,
+        videos=frames or None,
+        audio=audios or None,
+        return_tensors="pt",
+        padding=True,
+        **kwargs,
+    )
 
 
 def prepare_prompt(processor, request: ChatRequest) -> PreparedPrompt:
@@ -108,8 +128,10 @@ def prepare_prompt(processor, request: ChatRequest) -> PreparedPrompt:
     x = processor_inputs(processor, request, fast_audio=True)
     merge = int(getattr(processor.image_processor, "merge_size", 2))
     images, videos, audios = [], [], []
-    for key, grid_key, out in (("pixel_values", "image_grid_thw", images),
-                               ("pixel_values_videos", "video_grid_thw", videos)):
+    for key, grid_key, out in (
+        ("pixel_values", "image_grid_thw", images),
+        ("pixel_values_videos", "video_grid_thw", videos),
+    ):
         if key in x:
             sizes = x[grid_key].prod(-1).tolist()  # patches per item
             for pv, grid in zip(torch.split(x[key], sizes), x[grid_key]):
@@ -120,5 +142,11 @@ def prepare_prompt(processor, request: ChatRequest) -> PreparedPrompt:
     spg = x.get("video_second_per_grid")
     if spg is not None and not torch.is_tensor(spg):
         spg = torch.tensor(spg, dtype=torch.float)
-    return PreparedPrompt(input_ids=x["input_ids"][0], images=images, videos=videos, audios=audios,
-                          video_second_per_grid=spg, use_audio_in_video=request.use_audio_in_video)
+    return PreparedPrompt(
+        input_ids=x["input_ids"][0],
+        images=images,
+        videos=videos,
+        audios=audios,
+        video_second_per_grid=spg,
+        use_audio_in_video=request.use_audio_in_video,
+    )

@@ -24,6 +24,7 @@ The one workaround that changes results, `keep_talker_mask`, is checked against 
 (tests/omni/test_reference_mask.py, transformers 5.25): the unpatched `generate` on a left-padded batch gives, for every
 row, the patched single request's text ids and codec ids, and its Talker logits to 1e-6, media rows included.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,8 @@ from typing import Any, Optional
 
 import torch
 
-from omni.reference_inputs import official_inputs
 from omni.reference_base import ReferenceResult, teacher_forced_thinker
+from omni.reference_inputs import official_inputs
 from omni.types import ChatRequest, SamplingParams, check_voice
 
 __all__ = ["ReferenceResult", "reference_generate", "generate_kwargs", "keep_talker_mask"]
@@ -52,8 +53,11 @@ def generate_kwargs(model, request: ChatRequest, has_pixels: bool = False) -> di
     """The keyword arguments of the official Qwen2.5 `generate` for `request` (besides the processor's inputs): the
     per-stage sampling settings, and for speech the voice and the Talker's. has_pixels: the inputs hold pixel values."""
     th = request.sampling
-    kw = dict(use_audio_in_video=request.use_audio_in_video, thinker_max_new_tokens=th.max_tokens,
-              **_stage_kwargs("thinker_", th))
+    kw = dict(
+        use_audio_in_video=request.use_audio_in_video,
+        thinker_max_new_tokens=th.max_tokens,
+        **_stage_kwargs("thinker_", th),
+    )
     eos = model.thinker.generation_config.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     if th.stop_token_ids:
@@ -114,7 +118,7 @@ def _capture_talker_codes(model, sink: list):
 
     def generate(**kw):
         out = orig(**kw)
-        sink.append(out[:, kw["input_ids"].shape[1]:].clone())
+        sink.append(out[:, kw["input_ids"].shape[1] :].clone())
         return out
 
     talker.generate = generate
@@ -125,8 +129,9 @@ def _capture_talker_codes(model, sink: list):
 
 
 @torch.inference_mode()
-def reference_generate(loaded, request: ChatRequest, seed: int = 0,
-                       forced_reply_ids: Optional[list[int]] = None) -> ReferenceResult:
+def reference_generate(
+    loaded, request: ChatRequest, seed: int = 0, forced_reply_ids: Optional[list[int]] = None
+) -> ReferenceResult:
     """Run `request` through the official `generate` of the loaded model, the reference function its architecture's
     record names (Qwen2.5-Omni's below, Qwen3-Omni's in omni/reference_qwen3.py). Sampling draws from the global RNG,
     seeded with `seed` (or the thinker's seed when set) before the call. forced_reply_ids (speech only): the
@@ -135,8 +140,9 @@ def reference_generate(loaded, request: ChatRequest, seed: int = 0,
 
 
 @torch.inference_mode()
-def reference_generate_qwen25(loaded, request: ChatRequest, seed: int = 0,
-                              forced_reply_ids: Optional[list[int]] = None) -> ReferenceResult:
+def reference_generate_qwen25(
+    loaded, request: ChatRequest, seed: int = 0, forced_reply_ids: Optional[list[int]] = None
+) -> ReferenceResult:
     """Qwen2.5-Omni's official `generate` (see reference_generate)."""
     model, processor = loaded.model, loaded.processor
     check_voice(request.voice, model.speaker_map)
@@ -148,13 +154,22 @@ def reference_generate_qwen25(loaded, request: ChatRequest, seed: int = 0,
     if not request.speak:
         seqs = model.generate(**inputs, generation_mode="text", **kw)
         ids = seqs[0, prompt_len:].tolist()
-        return ReferenceResult(ids, processor.tokenizer.decode(ids, skip_special_tokens=True), [], None,
-                               inputs["input_ids"][0].tolist())
+        return ReferenceResult(
+            ids, processor.tokenizer.decode(ids, skip_special_tokens=True), [], None, inputs["input_ids"][0].tolist()
+        )
     codes: list = []
-    forced = (teacher_forced_thinker(model, inputs, forced_reply_ids) if forced_reply_ids is not None
-              else contextlib.nullcontext())
+    forced = (
+        teacher_forced_thinker(model, inputs, forced_reply_ids)
+        if forced_reply_ids is not None
+        else contextlib.nullcontext()
+    )
     with keep_talker_mask(model), _capture_talker_codes(model, codes), forced:
         seqs, wav = model.generate(**inputs, **kw)
     ids = seqs[0, prompt_len:].tolist()
-    return ReferenceResult(ids, processor.tokenizer.decode(ids, skip_special_tokens=True), codes[0][0].tolist(),
-                           wav.reshape(-1).float().cpu().numpy(), inputs["input_ids"][0].tolist())
+    return ReferenceResult(
+        ids,
+        processor.tokenizer.decode(ids, skip_special_tokens=True),
+        codes[0][0].tolist(),
+        wav.reshape(-1).float().cpu().numpy(),
+        inputs["input_ids"][0].tolist(),
+    )

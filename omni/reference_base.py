@@ -1,5 +1,6 @@
 """What the two golden oracles share (omni/reference.py for Qwen2.5-Omni, omni/reference_qwen3.py for Qwen3-Omni):
 their result type and the teacher-forced official Thinker."""
+
 from __future__ import annotations
 
 import contextlib
@@ -37,14 +38,27 @@ def teacher_forced_thinker(model, inputs, reply_ids: list[int]):
     fed = torch.tensor([reply_ids[:-1]], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
 
     def generate(input_ids=None, **kw):
-        media = {k: v for k, v in kw.items() if k in ("pixel_values", "pixel_values_videos", "image_grid_thw",
-                                                       "video_grid_thw", "input_features", "feature_attention_mask",
-                                                       "video_second_per_grid", "use_audio_in_video")}
+        media = {
+            k: v
+            for k, v in kw.items()
+            if k
+            in (
+                "pixel_values",
+                "pixel_values_videos",
+                "image_grid_thw",
+                "video_grid_thw",
+                "input_features",
+                "feature_attention_mask",
+                "video_second_per_grid",
+                "use_audio_in_video",
+            )
+        }
         full = torch.cat([input_ids, fed], dim=1)
         out = thinker(input_ids=full, attention_mask=torch.ones_like(full), output_hidden_states=True, **media)
         hs = out.hidden_states  # (layers + 1) x [1, L + N - 1, H]
-        steps = [tuple(h[:, :L] for h in hs)] + [tuple(h[:, L + k - 1:L + k] for h in hs)
-                                                 for k in range(1, len(reply_ids))]
+        steps = [tuple(h[:, :L] for h in hs)] + [
+            tuple(h[:, L + k - 1 : L + k] for h in hs) for k in range(1, len(reply_ids))
+        ]
         seqs = torch.cat([input_ids, torch.tensor([reply_ids], dtype=input_ids.dtype, device=input_ids.device)], 1)
         return GenerateDecoderOnlyOutput(sequences=seqs, hidden_states=tuple(steps))
 

@@ -14,13 +14,16 @@ by, measured per format, is in tests/encoders/test_media_oracle.py: nothing for 
 video frames; < 1e-6 for MP3 (libsndfile's mpg123 vs ffmpeg's decoder); < 1 step of 16 bits for a video's AAC track
 (the cookbook reads it through the ffmpeg command line as 16-bit integers, we decode floats).
 """
+
 from __future__ import annotations
+
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from omni.prompt import DEFAULT_SYSTEM_PROMPT
-from omni.types import AudioPart, ChatRequest, ImagePart, InvalidRequest, Message, TextPart, Video, VideoPart
+from omni.types import AudioPart, ChatRequest, ImagePart, InvalidRequest, Message, Part, TextPart, Video, VideoPart
 
 __all__ = ["cookbook_request", "official_inputs"]
 
@@ -37,8 +40,9 @@ def _process_mm_info(conversation: list[dict], use_audio_in_video: bool):
     from qwen_omni_utils import process_mm_info
     from qwen_omni_utils.v2_5 import vision_process
 
-    has_video = any(isinstance(m["content"], list) and any(e.get("type") == "video" for e in m["content"])
-                    for m in conversation)
+    has_video = any(
+        isinstance(m["content"], list) and any(e.get("type") == "video" for e in m["content"]) for m in conversation
+    )
     if has_video and vision_process.get_video_reader_backend() != "torchcodec":
         raise RuntimeError("the cookbook's video path needs torchcodec (pip install torchcodec, in the test extras)")
     return process_mm_info(conversation, use_audio_in_video=use_audio_in_video, return_video_kwargs=True)
@@ -66,7 +70,7 @@ def cookbook_request(conversation: list[dict], use_audio_in_video: bool = False,
         if isinstance(msg["content"], str):
             messages.append(Message(msg["role"], msg["content"]))
             continue
-        parts = []
+        parts: list[Part] = []
         for ele in msg["content"]:  # process_mm_info returns each kind in content order (a video's track in its slot)
             if ele["type"] == "text":
                 parts.append(TextPart(ele["text"]))
@@ -88,14 +92,19 @@ def _conversation(request: ChatRequest):
     """The cookbook's conversation for `request` (its system message first, as the cookbooks write it) and the
     decoded media in the order process_mm_info returns them: (conversation, images, audios, videos, fps per video,
     audio slot sources: None for an audio item, i for the track of video i)."""
-    conversation, images, audios, videos, fps, sources = [], [], [], [], [], []
+    conversation: list[dict[str, Any]] = []
+    images: list[object] = []
+    audios: list[np.ndarray] = []
+    videos: list[torch.Tensor] = []
+    fps: list[float] = []
+    sources: list[Optional[int]] = []
     if not request.messages or request.messages[0].role != "system":
         conversation.append({"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]})
     for msg in request.messages:
         if isinstance(msg.content, str):
             conversation.append({"role": msg.role, "content": msg.content})
             continue
-        content = []
+        content: list[dict[str, Any]] = []
         for part in msg.content:
             if isinstance(part, TextPart):
                 content.append({"type": "text", "text": part.text})
@@ -139,12 +148,19 @@ def official_inputs(processor, request: ChatRequest):
       asked (frames resized by fetch_video already meet it, so the processor keeps their size either way)."""
     conversation, images, audios, videos, fps, sources = _conversation(request)
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if videos:
         if len(set(fps)) > 1:
             raise InvalidRequest(f"the Omni processor takes one fps for all the videos of a request, got {fps}")
         kwargs["videos_kwargs"] = {"fps": fps[0], "cap_pixels_per_frame": True}
         if request.use_audio_in_video:
             kwargs.update(load_audio_from_video=True, audio_from_video_indices=sources)
-    return processor(text=text, images=images or None, videos=videos or None, audio=audios or None,
-                     return_tensors="pt", padding=True, **kwargs)
+    return processor(
+        text=text,
+        images=images or None,
+        videos=videos or None,
+        audio=audios or None,
+        return_tensors="pt",
+        padding=True,
+        **kwargs,
+    )

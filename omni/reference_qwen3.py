@@ -14,6 +14,7 @@ What the official path does, checked against the transformers 5.23/5.24 code (om
 - the waveform is `code2wav.chunked_decode(frames, chunk_size=300, left_context_size=25)`: one pass for up to 300
   frames (24 s).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,8 @@ from typing import Any
 
 import torch
 
-from omni.reference_inputs import official_inputs
 from omni.reference_base import ReferenceResult, teacher_forced_thinker
+from omni.reference_inputs import official_inputs
 from omni.types import ChatRequest, SamplingParams, check_voice
 
 __all__ = ["reference_generate_qwen3"]
@@ -33,8 +34,13 @@ def _stage_kwargs(prefix: str, p: SamplingParams) -> dict:
     if p.greedy:  # generate passes its own sampling defaults; greedy must override them (no warper is built)
         kw.update({f"{prefix}top_k": None, f"{prefix}top_p": None, f"{prefix}temperature": None})
     else:
-        kw.update({f"{prefix}temperature": p.temperature, f"{prefix}top_p": p.top_p,
-                   f"{prefix}top_k": p.top_k if p.top_k > 0 else 0})  # 0 disables HF's top-k
+        kw.update(
+            {
+                f"{prefix}temperature": p.temperature,
+                f"{prefix}top_p": p.top_p,
+                f"{prefix}top_k": p.top_k if p.top_k > 0 else 0,
+            }
+        )  # 0 disables HF's top-k
     return kw
 
 
@@ -69,9 +75,12 @@ def reference_generate_qwen3(loaded, request: ChatRequest, seed: int = 0, forced
     th = request.sampling
     eos = model.thinker.generation_config.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    kw = dict(use_audio_in_video=request.use_audio_in_video, thinker_max_new_tokens=th.max_tokens,
-              thinker_eos_token_id=eos + [i for i in th.stop_token_ids if i not in eos],
-              **_stage_kwargs("thinker_", th))
+    kw = dict(
+        use_audio_in_video=request.use_audio_in_video,
+        thinker_max_new_tokens=th.max_tokens,
+        thinker_eos_token_id=eos + [i for i in th.stop_token_ids if i not in eos],
+        **_stage_kwargs("thinker_", th),
+    )
     torch.manual_seed(th.seed if th.seed is not None else seed)
     decode = processor.tokenizer.decode
     if not request.speak:
@@ -81,15 +90,24 @@ def reference_generate_qwen3(loaded, request: ChatRequest, seed: int = 0, forced
         return ReferenceResult(ids, decode(ids, skip_special_tokens=True), [], None, inputs["input_ids"][0].tolist())
     check_voice(request.voice, loaded.voices)
     tk = request.talker_sampling
-    kw.update(speaker=request.voice, return_audio=True, talker_max_new_tokens=tk.max_tokens,
-              **_stage_kwargs("talker_", tk))
+    kw.update(
+        speaker=request.voice, return_audio=True, talker_max_new_tokens=tk.max_tokens, **_stage_kwargs("talker_", tk)
+    )
     if tk.stop_token_ids:
         kw["talker_eos_token_id"] = [model.config.talker_config.codec_eos_token_id] + list(tk.stop_token_ids)
     frames: list = []
-    forced = (teacher_forced_thinker(model, inputs, forced_reply_ids) if forced_reply_ids is not None
-              else contextlib.nullcontext())
+    forced = (
+        teacher_forced_thinker(model, inputs, forced_reply_ids)
+        if forced_reply_ids is not None
+        else contextlib.nullcontext()
+    )
     with _capture_frames(model, frames), forced:
         seqs, wav = model.generate(**inputs, **kw)
     ids = seqs[0, prompt_len:].tolist()
-    return ReferenceResult(ids, decode(ids, skip_special_tokens=True), frames[0],
-                           wav.reshape(-1).float().cpu().numpy(), inputs["input_ids"][0].tolist())
+    return ReferenceResult(
+        ids,
+        decode(ids, skip_special_tokens=True),
+        frames[0],
+        wav.reshape(-1).float().cpu().numpy(),
+        inputs["input_ids"][0].tolist(),
+    )

@@ -6,14 +6,21 @@ sampling) temperature, top-k, top-p; a per-request `torch.Generator` (never the 
 same numbers alone or batched, and the same as the official sampled generate seeded alike. Greedy requests with no
 logits processor share one batched argmax.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence as Seq
+from collections.abc import Sequence as Seq
+from typing import Optional
 
 import torch
-from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                    SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from omni.types import SamplingParams
 
@@ -69,7 +76,7 @@ class TokenHistory:
 
     @property
     def ids(self) -> torch.Tensor:  # [1, length]
-        return self._buf[:, :self.length]
+        return self._buf[:, : self.length]
 
     def append(self, token: torch.Tensor | int) -> None:
         """token: long [1] (device) or an int."""
@@ -79,8 +86,9 @@ class TokenHistory:
         self.length += 1
 
 
-def sample_rows(samplers: Seq[Sampler], histories: Seq[Optional[torch.Tensor]], logits: Seq[torch.Tensor]
-                ) -> torch.Tensor:
+def sample_rows(
+    samplers: Seq[Sampler], histories: Seq[Optional[torch.Tensor]], logits: Seq[torch.Tensor]
+) -> torch.Tensor:
     """One id per row, on the device: samplers[i] over logits[i] [1, V] with histories[i] [1, n]. -> long [n_rows].
     Rows whose sampler is a plain argmax are batched in one call when their logits have one width."""
     n = len(samplers)

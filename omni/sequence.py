@@ -1,5 +1,6 @@
 """One request in an engine (omni/engine.py): what a stage (Thinker, Talker) defines per request, and the state
 the engine keeps on it (its KV slot, its prepared prefill, the last id sampled on the device)."""
+
 from __future__ import annotations
 
 import collections
@@ -29,8 +30,7 @@ class Sequence:
     urgent = False  # True while the request's first output downstream is pending: no batch timer waits for it
     samples_prefill = True  # False: the reply is known in advance (no id is sampled from the prefill)
 
-    def __init__(self, request_id: str, max_tokens: int, stop_ids: set[int],
-                 history: Optional[torch.Tensor] = None):
+    def __init__(self, request_id: str, max_tokens: int, stop_ids: set[int], history: Optional[torch.Tensor] = None):
         self.request_id = request_id
         self.max_tokens = max_tokens  # generated ids at most (the stop id counts)
         self.stop_ids = stop_ids  # ids that end the sequence (kept in the output)
@@ -78,7 +78,7 @@ class Sequence:
     def on_prefill(self, hidden: torch.Tensor, token: Optional[int]) -> None:
         raise NotImplementedError
 
-    def next_input(self) -> Optional[tuple[torch.Tensor, "int | float"]]:  # (embed [H_in], position) or None
+    def next_input(self) -> Optional[tuple[torch.Tensor, int | float]]:  # (embed [H_in], position) or None
         raise NotImplementedError
 
     def has_input(self) -> bool:

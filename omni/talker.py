@@ -12,12 +12,14 @@ hidden space and go through `talker.thinker_to_talker_proj`:
     three axes. Repetition penalty over [codec_mask] * L + [pad, bos] + codes; codec bos suppressed; the stop codes
     (8292 pad, 8294 end) end the reply and are kept in the output.
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import Optional
 
 import torch
 
@@ -55,10 +57,11 @@ class TalkerSequence(Sequence):
         """The vocoder's first window still lacks codes of this stream: its first audio waits on each step."""
         return not self.finished and len(self.codes) < self.first_audio_codes
 
-    def __init__(self, talker: "Talker", request_id: str, voice: str, sampling: SamplingParams, chunk: int = 1):
+    def __init__(self, talker: Talker, request_id: str, voice: str, sampling: SamplingParams, chunk: int = 1):
         # the repetition-penalty history needs the prompt length: set in prefill_inputs
-        super().__init__(request_id, sampling.max_tokens,
-                         {talker.codec_pad, talker.codec_end} | set(sampling.stop_token_ids))
+        super().__init__(
+            request_id, sampling.max_tokens, {talker.codec_pad, talker.codec_end} | set(sampling.stop_token_ids)
+        )
         self.talker = talker
         self.first_audio_codes = talker.first_audio_codes
         self.speaker_bos = int(talker.speakers[voice]["bos_token"])
@@ -107,13 +110,24 @@ class TalkerSequence(Sequence):
         L = ids.shape[0]
         text_ids = torch.cat([ids, ids.new_tensor([self.speaker_bos, p.first_token])])[None]  # [1, L + 2]
         mask = torch.ones_like(text_ids)
-        pos3d, delta = t.rope_index(text_ids, _to(p.image_grid_thw, dev), _to(p.video_grid_thw, dev), mask,
-                                    p.use_audio_in_video, _to(p.audio_seqlens, dev), _to(p.video_second_per_grid, dev))
+        pos3d, delta = t.rope_index(
+            text_ids,
+            _to(p.image_grid_thw, dev),
+            _to(p.video_grid_thw, dev),
+            mask,
+            p.use_audio_in_video,
+            _to(p.audio_seqlens, dev),
+            _to(p.video_second_per_grid, dev),
+        )
         self.rope_delta = int(delta.reshape(-1)[0])
         spk = t.thinker_embed(torch.tensor([self.speaker_bos], device=dev))[0]
-        x = torch.cat([p.prompt_embeds.to(dev),
-                       (spk + t.codec_embed(torch.tensor([t.codec_pad], device=dev))[0])[None],
-                       (self._reply(0) + t.codec_embed(torch.tensor([t.codec_bos], device=dev))[0])[None]])
+        x = torch.cat(
+            [
+                p.prompt_embeds.to(dev),
+                (spk + t.codec_embed(torch.tensor([t.codec_pad], device=dev))[0])[None],
+                (self._reply(0) + t.codec_embed(torch.tensor([t.codec_bos], device=dev))[0])[None],
+            ]
+        )
         self.kv_len = L + 2
         self.history = torch.tensor([[t.codec_mask] * L + [t.codec_pad, t.codec_bos]], device=dev)
         self.prompt = None  # the prompt embeddings are in the KV cache now
@@ -149,7 +163,7 @@ class TalkerSequence(Sequence):
             self._unsent += 1
         if self._unsent and (last or self._unsent >= self.emit_every):
             n = self._unsent
-            new = self.codes[-n - (1 if stop else 0): len(self.codes) - (1 if stop else 0)]
+            new = self.codes[-n - (1 if stop else 0) : len(self.codes) - (1 if stop else 0)]
             self.outbox.append(TalkerToVocoder(new, last=last))
             self._unsent = 0
         elif last:
@@ -183,23 +197,31 @@ class Talker:
             self.text_eos_embed, self.text_pad_embed = self.thinker_embed(ids)  # [H] each, thinker vocabulary ids
 
         def forward(x, pos, mask, cache):
-            return tk.model(inputs_embeds=tk.thinker_to_talker_proj(x), position_ids=pos, attention_mask=mask,
-                            cache=cache, use_cache=True).last_hidden_state
+            return tk.model(
+                inputs_embeds=tk.thinker_to_talker_proj(x),
+                position_ids=pos,
+                attention_mask=mask,
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state
 
         def last_logits(hidden):  # the head over all positions, then the last one: as the talker's forward does
             return tk.codec_head(hidden).float()[:, -1]
 
-        self.engine = Engine(DecoderModel(forward, last_logits, tk.config, self.device,
-                                          dtype=next(tk.parameters()).dtype), config, "talker")
+        self.engine = Engine(
+            DecoderModel(forward, last_logits, tk.config, self.device, dtype=next(tk.parameters()).dtype),
+            config,
+            "talker",
+        )
         self.loop = EngineLoop(self.engine)
 
     @classmethod
-    def from_model(cls, model, config: TalkerConfig = TalkerConfig()) -> "Talker":
+    def from_model(cls, model, config: TalkerConfig = TalkerConfig()) -> Talker:
         """From a loaded Qwen2_5OmniForConditionalGeneration."""
         return cls(model.talker, model.speaker_map, model.thinker.get_input_embeddings(), config)
 
     @classmethod
-    def from_part(cls, part, config: TalkerConfig = TalkerConfig()) -> "Talker":
+    def from_part(cls, part, config: TalkerConfig = TalkerConfig()) -> Talker:
         """From the talker's weights alone (omni.parts.TalkerPart: the voices, the Thinker's embedding rows)."""
         return cls(part.talker, part.speakers, part.thinker_embed, config)
 
@@ -212,7 +234,8 @@ class Talker:
     def voices(self) -> list[str]:
         return sorted(self.speakers)
 
-    def generate(self, request_id: str, voice: str, sampling: SamplingParams
-                 ) -> tuple[TalkerSequence, AsyncIterator[TalkerItem]]:
+    def generate(
+        self, request_id: str, voice: str, sampling: SamplingParams
+    ) -> tuple[TalkerSequence, AsyncIterator[TalkerItem]]:
         seq = TalkerSequence(self, request_id, voice, sampling, self.emit_every)
         return seq, self.loop.submit(seq)

@@ -22,11 +22,13 @@ Q = hidden_projection, E = the talker's codec embedding, E_j = the code predicto
 Sampling: one torch.Generator per request, drawn in the official order (code0 of frame k, then its 15 residuals).
 A reply of one Thinker token (A ends before A_3) makes the official generate raise; here the talker says nothing.
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Optional
 
 import torch
 from transformers import DynamicCache
@@ -34,8 +36,15 @@ from transformers import DynamicCache
 from omni.engine import DecoderModel, Engine, EngineLoop, Sampler, Sequence
 from omni.sampling import sample_rows
 from omni.talker import TalkerConfig
-from omni.types import (InvalidRequest, Qwen3TalkerPrompt, SamplingParams, TalkerDone, TalkerItem, TalkerToVocoder,
-                        ThinkerToTalker)
+from omni.types import (
+    InvalidRequest,
+    Qwen3TalkerPrompt,
+    SamplingParams,
+    TalkerDone,
+    TalkerItem,
+    TalkerToVocoder,
+    ThinkerToTalker,
+)
 
 __all__ = ["Qwen3Talker", "Qwen3TalkerSequence"]
 
@@ -48,15 +57,20 @@ class Qwen3TalkerSequence(Sequence):
         """Code2Wav's first chunk still lacks frames of this stream: its first audio waits on each step."""
         return not self.finished and len(self.frames) < self.first_audio_frames
 
-    def __init__(self, talker: "Qwen3Talker", request_id: str, voice: str, sampling: SamplingParams, emit_every: int):
-        super().__init__(request_id, sampling.max_tokens, {talker.codec_eos} | set(sampling.stop_token_ids),
-                         history=torch.zeros(1, 0, dtype=torch.long, device=talker.device))  # generated code0 only
+    def __init__(self, talker: Qwen3Talker, request_id: str, voice: str, sampling: SamplingParams, emit_every: int):
+        super().__init__(
+            request_id,
+            sampling.max_tokens,
+            {talker.codec_eos} | set(sampling.stop_token_ids),
+            history=torch.zeros(1, 0, dtype=torch.long, device=talker.device),
+        )  # generated code0 only
         self.talker = talker
         self.speaker = talker.speaker_ids[voice.lower()]
         self.sampler = Sampler(sampling, suppress=talker.suppress, device=talker.device)
         # the code predictor samples when the talker does, from the same generator (the official global-RNG order)
-        self.predictor_sampler = Sampler(talker.predictor_sampling if not sampling.greedy else SamplingParams(),
-                                         device=talker.device)
+        self.predictor_sampler = Sampler(
+            talker.predictor_sampling if not sampling.greedy else SamplingParams(), device=talker.device
+        )
         self.predictor_sampler.generator = self.sampler.generator
         self.inbox: collections.deque = collections.deque()  # Qwen3TalkerPrompt, then ThinkerToTalker in order
         self.prompt: Optional[Qwen3TalkerPrompt] = None
@@ -124,20 +138,28 @@ class Qwen3TalkerSequence(Sequence):
             user[media] = m.hidden_projection(ue[media])
         if bool((~media).any()):
             user[~media] = m.text_projection(ue[~media])
-        a = m.text_projection(torch.cat([self.tail[:_PROMPT_TAIL].to(dev, dtype),
-                                         self._slot(_PROMPT_TAIL)[None].to(dev, dtype)]))  # [4, H_talker]
+        a = m.text_projection(
+            torch.cat([self.tail[:_PROMPT_TAIL].to(dev, dtype), self._slot(_PROMPT_TAIL)[None].to(dev, dtype)])
+        )  # [4, H_talker]
         text = torch.cat([a[:3], tk.tts_pad_p.expand(4, -1), tk.tts_bos_p[None], a[3:4]])  # [9, H_talker]
         c = tk.codec_specials
-        codec = m.get_input_embeddings()(torch.tensor([c["nothink"], c["think_bos"], c["think_eos"], self.speaker,
-                                                       c["pad"], c["bos"]], device=dev))
+        codec = m.get_input_embeddings()(
+            torch.tensor([c["nothink"], c["think_bos"], c["think_eos"], self.speaker, c["pad"], c["bos"]], device=dev)
+        )
         codec = torch.cat([torch.zeros(3, tk.hidden_size, device=dev, dtype=dtype), codec])  # [9, H_talker]
         x = torch.cat([user, text + codec])  # [U + 9, H_talker]
         ids = torch.cat([p.user_ids.to(dev), torch.full((9,), tk.tts_pad_id, device=dev)])[None]  # [1, U + 9]
         has_mm = p.audio_seqlens is not None or p.image_grid_thw is not None or p.video_grid_thw is not None
         if has_mm:
-            pos3d, delta = tk.rope_index(ids, _to(p.image_grid_thw, dev), _to(p.video_grid_thw, dev),
-                                         torch.ones_like(ids), False, _to(p.audio_seqlens, dev),
-                                         _to(p.video_second_per_grid, dev))  # [3, 1, U + 9] float, [1, 1]
+            pos3d, delta = tk.rope_index(
+                ids,
+                _to(p.image_grid_thw, dev),
+                _to(p.video_grid_thw, dev),
+                torch.ones_like(ids),
+                False,
+                _to(p.audio_seqlens, dev),
+                _to(p.video_second_per_grid, dev),
+            )  # [3, 1, U + 9] float, [1, 1]
             self.rope_delta = float(delta.reshape(-1)[0])
         else:
             pos3d, self.rope_delta = torch.arange(ids.shape[1], device=dev).view(1, 1, -1).expand(3, 1, -1), 0
@@ -161,8 +183,12 @@ class Qwen3TalkerSequence(Sequence):
 
     def has_input(self):
         self._drain()
-        return (not self.finished and self.pending is None and self.frame_embed is not None
-                and self._slot(_PROMPT_TAIL + len(self.code0)) is not None)
+        return (
+            not self.finished
+            and self.pending is None
+            and self.frame_embed is not None
+            and self._slot(_PROMPT_TAIL + len(self.code0)) is not None
+        )
 
     def on_step(self, hidden, token):
         self.kv_len += 1
@@ -187,7 +213,7 @@ class Qwen3TalkerSequence(Sequence):
             self._emit(last=False)
 
     def _emit(self, last: bool) -> None:
-        new = self.frames[len(self.frames) - self._unsent:] if self._unsent else []
+        new = self.frames[len(self.frames) - self._unsent :] if self._unsent else []
         if new or last:
             self.outbox.append(TalkerToVocoder(new, last=last))
         self._unsent = 0
@@ -218,13 +244,19 @@ class Qwen3Talker:
         self.groups = cfg.num_code_groups  # 16 codebooks per frame
         self.speaker_ids = {k.lower(): int(v) for k, v in cfg.speaker_id.items()}
         self.codec_eos = int(cfg.codec_eos_token_id)
-        self.codec_specials = {"nothink": cfg.codec_nothink_id, "think_bos": cfg.codec_think_bos_id,
-                               "think_eos": cfg.codec_think_eos_id, "pad": cfg.codec_pad_id, "bos": cfg.codec_bos_id}
+        self.codec_specials = {
+            "nothink": cfg.codec_nothink_id,
+            "think_bos": cfg.codec_think_bos_id,
+            "think_eos": cfg.codec_think_eos_id,
+            "pad": cfg.codec_pad_id,
+            "bos": cfg.codec_bos_id,
+        }
         vocab = cfg.text_config.vocab_size
         self.suppress = tuple(i for i in range(vocab - 1024, vocab) if i != self.codec_eos)  # as generate suppresses
         cp = tk.code_predictor
-        self.predictor_sampling = SamplingParams(temperature=float(cp.generation_config.temperature or 1.0),
-                                                 top_k=50, top_p=0.8)  # what the talker's generate passes it
+        self.predictor_sampling = SamplingParams(
+            temperature=float(cp.generation_config.temperature or 1.0), top_k=50, top_p=0.8
+        )  # what the talker's generate passes it
         self.tts_pad_id = tts_pad_id
         self.rope_index = tk.get_rope_index
         self.emit_every = config.emit_every_frames
@@ -235,30 +267,37 @@ class Qwen3Talker:
             self.tts_bos_p, self.tts_eos_p, self.tts_pad_p = tk.text_projection(e)  # talker space [H_talker] each
 
         def forward(x, pos, mask, cache):
-            return tk.model(inputs_embeds=x, position_ids=pos, attention_mask=mask, cache=cache,
-                            use_cache=True).last_hidden_state
+            return tk.model(
+                inputs_embeds=x, position_ids=pos, attention_mask=mask, cache=cache, use_cache=True
+            ).last_hidden_state
 
         def last_logits(hidden):  # the head over all positions, then the last one: as the talker's forward does
             return tk.codec_head(hidden).float()[:, -1]
 
-        self.engine = Engine(DecoderModel(forward, last_logits, tk.config.text_config, self.device,
-                                          after_step=self._predict, dtype=self.dtype), config, "talker")
+        self.engine = Engine(
+            DecoderModel(
+                forward, last_logits, tk.config.text_config, self.device, after_step=self._predict, dtype=self.dtype
+            ),
+            config,
+            "talker",
+        )
         self.predictor_runs = 0  # batched code-predictor runs (15 forwards each)
         self.predictor_max_batch = 0  # most frames in one run
         self.loop = EngineLoop(self.engine)
 
     @classmethod
-    def from_model(cls, model, config: TalkerConfig = TalkerConfig()) -> "Qwen3Talker":
+    def from_model(cls, model, config: TalkerConfig = TalkerConfig()) -> Qwen3Talker:
         """From a loaded Qwen3OmniMoeForConditionalGeneration (with its talker)."""
         c = model.config
-        ids = torch.tensor([c.tts_bos_token_id, c.tts_eos_token_id, c.tts_pad_token_id],
-                           device=next(model.thinker.parameters()).device)
+        ids = torch.tensor(
+            [c.tts_bos_token_id, c.tts_eos_token_id, c.tts_pad_token_id], device=next(model.thinker.parameters()).device
+        )
         with torch.inference_mode():
             tts = model.thinker.get_input_embeddings()(ids)
         return cls(model.talker, tts, int(c.tts_pad_token_id), config)
 
     @classmethod
-    def from_part(cls, part, config: TalkerConfig = TalkerConfig()) -> "Qwen3Talker":
+    def from_part(cls, part, config: TalkerConfig = TalkerConfig()) -> Qwen3Talker:
         """From the talker's weights alone (omni.parts.TalkerPart: the Thinker's tts_bos/eos/pad rows)."""
         return cls(part.talker, part.tts_embeds, part.tts_pad_id, config)
 
@@ -271,8 +310,9 @@ class Qwen3Talker:
     def voices(self) -> list[str]:
         return sorted(name.capitalize() for name in self.speaker_ids)
 
-    def generate(self, request_id: str, voice: str, sampling: SamplingParams
-                 ) -> tuple[Qwen3TalkerSequence, AsyncIterator[TalkerItem]]:
+    def generate(
+        self, request_id: str, voice: str, sampling: SamplingParams
+    ) -> tuple[Qwen3TalkerSequence, AsyncIterator[TalkerItem]]:
         seq = Qwen3TalkerSequence(self, request_id, voice, sampling, self.emit_every)
         return seq, self.loop.submit(seq)
 
@@ -280,8 +320,11 @@ class Qwen3Talker:
     @torch.inference_mode()
     def _predict(self, touched: list) -> None:
         """One batched code-predictor run for every row whose codebook-0 id was sampled in this engine step."""
-        rows = [s for s in touched if isinstance(s, Qwen3TalkerSequence) and s.pending is not None
-                and not (s.finished or s.cancelled)]
+        rows = [
+            s
+            for s in touched
+            if isinstance(s, Qwen3TalkerSequence) and s.pending is not None and not (s.finished or s.cancelled)
+        ]
         if not rows:
             return
         self.predictor_runs += 1
@@ -297,8 +340,9 @@ class Qwen3Talker:
         for j in range(1, self.groups):
             hidden = cp.model(inputs_embeds=x, cache=cache, use_cache=True).last_hidden_state  # [B, T, H]
             logits = cp.lm_head[j - 1](hidden[:, -1]).float()  # [B, codebook]
-            cj = sample_rows([s.predictor_sampler for s in rows], [None] * len(rows),
-                             [logits[i:i + 1] for i in range(len(rows))])  # [B] on the device
+            cj = sample_rows(
+                [s.predictor_sampler for s in rows], [None] * len(rows), [logits[i : i + 1] for i in range(len(rows))]
+            )  # [B] on the device
             codes.append(cj)
             embeds.append(cp.model.get_input_embeddings()[j - 1](cj))  # [B, H]
             x = embeds[-1][:, None]

@@ -14,6 +14,7 @@ Differences from Qwen2.5, each checked against `Qwen3OmniMoeThinkerModel.forward
   Qwen2.5): ThinkerToTalker(k, g_k, e(g_k)), e = the input embedding; reply None for the last token, which the
   Talker never reads (it reads tts_eos in its place).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,14 +35,17 @@ class Qwen3ThinkerSequence(ThinkerSequence):
         embeds = t.embed(ids)  # [1, L, H]
         cfg, media = t.cfg, self.media
         masks = {}
-        for name, token_id, feats in (("audio", cfg.audio_token_id, media.audios),
-                                      ("image", cfg.image_token_id, media.images),
-                                      ("video", cfg.video_token_id, media.videos)):
+        for name, token_id, feats in (
+            ("audio", cfg.audio_token_id, media.audios),
+            ("image", cfg.image_token_id, media.images),
+            ("video", cfg.video_token_id, media.videos),
+        ):
             m = ids == token_id
             got, n = sum(f.shape[0] for f in feats), int(m.sum())
             if got != n:
-                raise InvalidRequest(f"prompt has {n} {name} placeholder tokens but the encoders returned {got} "
-                                     f"embeddings")
+                raise InvalidRequest(
+                    f"prompt has {n} {name} placeholder tokens but the encoders returned {got} embeddings"
+                )
             if n:
                 embeds = embeds.masked_scatter(m[..., None], torch.cat(feats).to(t.device, embeds.dtype))
             masks[name] = m[0]
@@ -50,9 +54,15 @@ class Qwen3ThinkerSequence(ThinkerSequence):
         if bool(visual.any()):
             extra = {"visual_pos_masks": visual[None], "deepstack_visual_embeds": self._deepstack(masks, visual)}
         p = self.prompt
-        pos3d, delta = t.rope_index(ids, p.image_grid_thw, p.video_grid_thw, torch.ones_like(ids),
-                                    use_audio_in_video=p.use_audio_in_video, audio_seqlens=p.audio_seqlens,
-                                    second_per_grids=p.video_second_per_grid)  # [3, 1, L], [1, 1]
+        pos3d, delta = t.rope_index(
+            ids,
+            p.image_grid_thw,
+            p.video_grid_thw,
+            torch.ones_like(ids),
+            use_audio_in_video=p.use_audio_in_video,
+            audio_seqlens=p.audio_seqlens,
+            second_per_grids=p.video_second_per_grid,
+        )  # [3, 1, L], [1, 1]
         self.rope_delta = float(delta.reshape(-1)[0])  # float32: video time positions are fractional
         self._embeds, self._media_mask = embeds, masks["audio"] | visual
         if self.for_talker:
@@ -70,8 +80,9 @@ class Qwen3ThinkerSequence(ThinkerSequence):
             before, inside = int(m[0, :start].sum()), int(m[0, start:end].sum())
             if inside:
                 out["visual_pos_masks"] = m[:, start:end]
-                out["deepstack_visual_embeds"] = [lvl[before:before + inside]
-                                                  for lvl in kwargs["deepstack_visual_embeds"]]
+                out["deepstack_visual_embeds"] = [
+                    lvl[before : before + inside] for lvl in kwargs["deepstack_visual_embeds"]
+                ]
         if "capture" in kwargs:
             out["capture"] = {}
             self._capture_parts.append(out["capture"])
@@ -82,8 +93,9 @@ class Qwen3ThinkerSequence(ThinkerSequence):
         t, media = self.thinker, self.media
         levels = t.deepstack_levels
         if len(media.image_deepstack) != len(media.images) or len(media.video_deepstack) != len(media.videos):
-            raise InvalidRequest("the vision encoder returned no deepstack features (a Qwen2.5 encoder for a "
-                                 "Qwen3 Thinker?)")
+            raise InvalidRequest(
+                "the vision encoder returned no deepstack features (a Qwen2.5 encoder for a Qwen3 Thinker?)"
+            )
         joint = torch.zeros(levels, int(visual.sum()), t.hidden_size, device=t.device)
         sel = visual.nonzero().flatten()
         for name, feats in (("image", media.image_deepstack), ("video", media.video_deepstack)):
@@ -122,9 +134,15 @@ class Qwen3ThinkerSequence(ThinkerSequence):
         h = self._captured["hidden"][0]  # [L, H] the accept layer's output
         mixed = torch.where(self._media_mask[:, None], h, e)
         return Qwen3TalkerPrompt(
-            user_ids=p.input_ids[user.cpu()], user_embeds=mixed[user], user_media=self._media_mask[user],
-            assistant_embeds=e[a0:], image_grid_thw=p.image_grid_thw, video_grid_thw=p.video_grid_thw,
-            audio_seqlens=p.audio_seqlens, video_second_per_grid=p.video_second_per_grid)
+            user_ids=p.input_ids[user.cpu()],
+            user_embeds=mixed[user],
+            user_media=self._media_mask[user],
+            assistant_embeds=e[a0:],
+            image_grid_thw=p.image_grid_thw,
+            video_grid_thw=p.video_grid_thw,
+            audio_seqlens=p.audio_seqlens,
+            video_second_per_grid=p.video_second_per_grid,
+        )
 
     def on_step(self, hidden, token):
         self._accept(token)
@@ -169,8 +187,16 @@ class Qwen3Thinker(Thinker):
     sequence_cls = Qwen3ThinkerSequence
     forced_reply_cls = Qwen3ForcedReplySequence
 
-    def __init__(self, thinker_model, tokenizer, config: EngineConfig = EngineConfig(), max_model_len: int = 32768,
-                 talker_config=None, im_start_id: int | None = None, assistant_id: int | None = None):
+    def __init__(
+        self,
+        thinker_model,
+        tokenizer,
+        config: EngineConfig = EngineConfig(),
+        max_model_len: int = 32768,
+        talker_config=None,
+        im_start_id: int | None = None,
+        assistant_id: int | None = None,
+    ):
         super().__init__(thinker_model, tokenizer, config, max_model_len)
         cfg = self.cfg
         self.hidden_size = cfg.text_config.hidden_size
@@ -185,12 +211,15 @@ class Qwen3Thinker(Thinker):
         layer accept_hidden_layer - 1 (HF's hidden_states[accept_hidden_layer], pre-deepstack) for the Talker."""
         hook, accept, layers = None, self.accept_layer, self.lm.layers
         if capture is not None and accept is not None and 0 < accept < len(layers):
+
             def keep(mod, args, out):
                 capture["hidden"] = out[0] if isinstance(out, tuple) else out
+
             hook = layers[accept - 1].register_forward_hook(keep)
         try:
-            out = self.lm(inputs_embeds=x, position_ids=pos, attention_mask=mask, cache=cache, use_cache=True,
-                          **deepstack)
+            out = self.lm(
+                inputs_embeds=x, position_ids=pos, attention_mask=mask, cache=cache, use_cache=True, **deepstack
+            )
         finally:
             if hook is not None:
                 hook.remove()
@@ -199,21 +228,25 @@ class Qwen3Thinker(Thinker):
         return out.last_hidden_state
 
     @classmethod
-    def from_model(cls, model, tokenizer, config: EngineConfig = EngineConfig(),
-                   max_model_len: int = 32768) -> "Qwen3Thinker":
+    def from_model(
+        cls, model, tokenizer, config: EngineConfig = EngineConfig(), max_model_len: int = 32768
+    ) -> Qwen3Thinker:
         """From a loaded Qwen3OmniMoeForConditionalGeneration (the talker's accept layer and the role ids from its
         config)."""
         c = model.config
         talker_config = c.talker_config if getattr(model, "has_talker", False) else None
-        return cls(model.thinker, tokenizer, config, max_model_len, talker_config, c.im_start_token_id,
-                   c.assistant_token_id)
+        return cls(
+            model.thinker, tokenizer, config, max_model_len, talker_config, c.im_start_token_id, c.assistant_token_id
+        )
 
     @classmethod
-    def from_thinker(cls, thinker_model, tokenizer, config: EngineConfig, max_model_len: int,
-                     model_config) -> "Qwen3Thinker":
+    def from_thinker(
+        cls, thinker_model, tokenizer, config: EngineConfig, max_model_len: int, model_config
+    ) -> Qwen3Thinker:
         """From the thinker alone and the whole checkpoint's config (Qwen3OmniMoeConfig): the talker's accept layer
         when the checkpoint speaks, the role ids."""
         c = model_config
         talker_config = c.talker_config if c.enable_audio_output else None
-        return cls(thinker_model, tokenizer, config, max_model_len, talker_config, c.im_start_token_id,
-                   c.assistant_token_id)
+        return cls(
+            thinker_model, tokenizer, config, max_model_len, talker_config, c.im_start_token_id, c.assistant_token_id
+        )

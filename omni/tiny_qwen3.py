@@ -19,6 +19,7 @@ Facts the config below encodes (transformers 5.23/5.24):
 - a random Code2Wav is near-silent (absmax ~1e-5): its convolutions are re-initialised with fan-in scaled weights
   and its output layer scaled to ~0.15 RMS (little is clipped at +-1).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,12 +59,36 @@ class Qwen3Preset:
 
 
 QWEN3_PRESETS = {
-    "tiny-qwen3": Qwen3Preset(hidden=32, layers=3, heads=2, experts=4, talker_hidden=32, talker_layers=2,
-                              predictor_layers=2, enc_hidden=32, enc_layers=2, c2w_hidden=32, c2w_layers=2,
-                              c2w_window=8, c2w_decoder=32),
-    "small-qwen3": Qwen3Preset(hidden=512, layers=6, heads=8, experts=8, talker_hidden=256, talker_layers=4,
-                               predictor_layers=2, enc_hidden=256, enc_layers=4, c2w_hidden=128, c2w_layers=4,
-                               c2w_window=72, c2w_decoder=128),
+    "tiny-qwen3": Qwen3Preset(
+        hidden=32,
+        layers=3,
+        heads=2,
+        experts=4,
+        talker_hidden=32,
+        talker_layers=2,
+        predictor_layers=2,
+        enc_hidden=32,
+        enc_layers=2,
+        c2w_hidden=32,
+        c2w_layers=2,
+        c2w_window=8,
+        c2w_decoder=32,
+    ),
+    "small-qwen3": Qwen3Preset(
+        hidden=512,
+        layers=6,
+        heads=8,
+        experts=8,
+        talker_hidden=256,
+        talker_layers=4,
+        predictor_layers=2,
+        enc_hidden=256,
+        enc_layers=4,
+        c2w_hidden=128,
+        c2w_layers=4,
+        c2w_window=72,
+        c2w_decoder=128,
+    ),
 }
 
 
@@ -72,38 +97,75 @@ def _rope(head_dim: int) -> dict:
     half = head_dim // 2
     t = round(half * 24 / 64)
     h = (half - t) // 2
-    return {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [t, h, half - t - h],
-            "interleaved": True}
+    return {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [t, h, half - t - h], "interleaved": True}
 
 
 def config_dict(p: Qwen3Preset, user_id: int, assistant_id: int, system_id: int, audio_output: bool = True) -> dict:
     ids = TOKEN_IDS
-    mm = dict(audio_token_id=ids["<|AUDIO|>"], image_token_id=ids["<|IMAGE|>"], video_token_id=ids["<|VIDEO|>"],
-              audio_start_token_id=ids["<|audio_bos|>"], vision_start_token_id=ids["<|vision_bos|>"],
-              position_id_per_seconds=13)
+    mm = dict(
+        audio_token_id=ids["<|AUDIO|>"],
+        image_token_id=ids["<|IMAGE|>"],
+        video_token_id=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"],
+        position_id_per_seconds=13,
+    )
     head_dim = p.hidden // p.heads
     kv = max(1, p.heads // 2)
-    audio = {"num_mel_bins": 128, "encoder_layers": p.enc_layers, "encoder_attention_heads": 2,
-             "encoder_ffn_dim": 2 * p.enc_hidden, "d_model": p.enc_hidden, "output_dim": p.hidden, "n_window": 50,
-             "n_window_infer": 800, "conv_chunksize": 500, "downsample_hidden_size": 16,
-             "max_source_positions": 1500}
+    audio = {
+        "num_mel_bins": 128,
+        "encoder_layers": p.enc_layers,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 2 * p.enc_hidden,
+        "d_model": p.enc_hidden,
+        "output_dim": p.hidden,
+        "n_window": 50,
+        "n_window_infer": 800,
+        "conv_chunksize": 500,
+        "downsample_hidden_size": 16,
+        "max_source_positions": 1500,
+    }
     moe = dict(num_experts=p.experts, num_experts_per_tok=2, decoder_sparse_step=1)
     cfg = {
         "enable_audio_output": audio_output,
-        "im_start_token_id": ids["<|im_start|>"], "im_end_token_id": ids["<|im_end|>"],
-        "tts_pad_token_id": TTS_PAD, "tts_bos_token_id": TTS_BOS, "tts_eos_token_id": TTS_EOS,
-        "system_token_id": system_id, "user_token_id": user_id, "assistant_token_id": assistant_id,
+        "im_start_token_id": ids["<|im_start|>"],
+        "im_end_token_id": ids["<|im_end|>"],
+        "tts_pad_token_id": TTS_PAD,
+        "tts_bos_token_id": TTS_BOS,
+        "tts_eos_token_id": TTS_EOS,
+        "system_token_id": system_id,
+        "user_token_id": user_id,
+        "assistant_token_id": assistant_id,
         "thinker_config": {
-            **mm, "user_token_id": user_id,
-            "text_config": {"vocab_size": TEXT_VOCAB, "hidden_size": p.hidden, "intermediate_size": 2 * p.hidden,
-                            "moe_intermediate_size": p.hidden, "num_hidden_layers": p.layers,
-                            "num_attention_heads": p.heads, "num_key_value_heads": kv, "head_dim": head_dim,
-                            "rope_parameters": _rope(head_dim), "max_position_embeddings": 32768, **moe,
-                            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},
-            "vision_config": {"depth": p.enc_layers, "hidden_size": p.enc_hidden, "intermediate_size": 2 * p.enc_hidden,
-                              "num_heads": 2, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                              "out_hidden_size": p.hidden, "num_position_embeddings": 2304,
-                              "deepstack_visual_indexes": list(range(min(2, p.enc_layers)))},
+            **mm,
+            "user_token_id": user_id,
+            "text_config": {
+                "vocab_size": TEXT_VOCAB,
+                "hidden_size": p.hidden,
+                "intermediate_size": 2 * p.hidden,
+                "moe_intermediate_size": p.hidden,
+                "num_hidden_layers": p.layers,
+                "num_attention_heads": p.heads,
+                "num_key_value_heads": kv,
+                "head_dim": head_dim,
+                "rope_parameters": _rope(head_dim),
+                "max_position_embeddings": 32768,
+                **moe,
+                "eos_token_id": ids["<|im_end|>"],
+                "pad_token_id": ids["<|endoftext|>"],
+            },
+            "vision_config": {
+                "depth": p.enc_layers,
+                "hidden_size": p.enc_hidden,
+                "intermediate_size": 2 * p.enc_hidden,
+                "num_heads": 2,
+                "patch_size": 16,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "out_hidden_size": p.hidden,
+                "num_position_embeddings": 2304,
+                "deepstack_visual_indexes": list(range(min(2, p.enc_layers))),
+            },
             "audio_config": audio,
         },
     }
@@ -112,27 +174,54 @@ def config_dict(p: Qwen3Preset, user_id: int, assistant_id: int, system_id: int,
     t_head = p.talker_hidden // p.heads
     cfg["talker_config"] = {
         **mm,
-        "num_code_groups": CODE_GROUPS, "thinker_hidden_size": p.hidden,
+        "num_code_groups": CODE_GROUPS,
+        "thinker_hidden_size": p.hidden,
         "accept_hidden_layer": max(1, p.layers - 1),  # a middle layer's output feeds the talker at media tokens
         "spatial_merge_size": 2,  # undeclared, read by the talker
-        "codec_pad_id": 2148, "codec_bos_id": 2149, "codec_eos_token_id": 2150, "codec_nothink_id": 2155,
-        "codec_think_bos_id": 2156, "codec_think_eos_id": 2157, "speaker_id": dict(QWEN3_VOICES),
-        "text_config": {"vocab_size": CODEC_VOCAB, "hidden_size": p.talker_hidden,
-                        "intermediate_size": 2 * p.talker_hidden, "moe_intermediate_size": p.talker_hidden,
-                        "shared_expert_intermediate_size": 2 * p.talker_hidden,  # undeclared, required
-                        "num_hidden_layers": p.talker_layers, "num_attention_heads": p.heads,
-                        "num_key_value_heads": kv, "head_dim": t_head, "rope_parameters": _rope(t_head),
-                        "max_position_embeddings": 32768, **moe},
-        "code_predictor_config": {"vocab_size": CODEBOOK, "hidden_size": p.talker_hidden,
-                                  "intermediate_size": 2 * p.talker_hidden, "num_hidden_layers": p.predictor_layers,
-                                  "num_attention_heads": p.heads, "num_key_value_heads": kv, "head_dim": t_head,
-                                  "num_code_groups": CODE_GROUPS},
+        "codec_pad_id": 2148,
+        "codec_bos_id": 2149,
+        "codec_eos_token_id": 2150,
+        "codec_nothink_id": 2155,
+        "codec_think_bos_id": 2156,
+        "codec_think_eos_id": 2157,
+        "speaker_id": dict(QWEN3_VOICES),
+        "text_config": {
+            "vocab_size": CODEC_VOCAB,
+            "hidden_size": p.talker_hidden,
+            "intermediate_size": 2 * p.talker_hidden,
+            "moe_intermediate_size": p.talker_hidden,
+            "shared_expert_intermediate_size": 2 * p.talker_hidden,  # undeclared, required
+            "num_hidden_layers": p.talker_layers,
+            "num_attention_heads": p.heads,
+            "num_key_value_heads": kv,
+            "head_dim": t_head,
+            "rope_parameters": _rope(t_head),
+            "max_position_embeddings": 32768,
+            **moe,
+        },
+        "code_predictor_config": {
+            "vocab_size": CODEBOOK,
+            "hidden_size": p.talker_hidden,
+            "intermediate_size": 2 * p.talker_hidden,
+            "num_hidden_layers": p.predictor_layers,
+            "num_attention_heads": p.heads,
+            "num_key_value_heads": kv,
+            "head_dim": t_head,
+            "num_code_groups": CODE_GROUPS,
+        },
     }
     cfg["code2wav_config"] = {
-        "codebook_size": CODEBOOK, "num_quantizers": CODE_GROUPS, "hidden_size": p.c2w_hidden,
-        "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": p.c2w_layers,
-        "intermediate_size": 2 * p.c2w_hidden, "sliding_window": p.c2w_window, "decoder_dim": p.c2w_decoder,
-        "upsample_rates": [8, 5, 4, 3], "upsampling_ratios": [2, 2],  # 2 * 2 * 8 * 5 * 4 * 3 = 1920 samples per frame
+        "codebook_size": CODEBOOK,
+        "num_quantizers": CODE_GROUPS,
+        "hidden_size": p.c2w_hidden,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": p.c2w_layers,
+        "intermediate_size": 2 * p.c2w_hidden,
+        "sliding_window": p.c2w_window,
+        "decoder_dim": p.c2w_decoder,
+        "upsample_rates": [8, 5, 4, 3],
+        "upsampling_ratios": [2, 2],  # 2 * 2 * 8 * 5 * 4 * 3 = 1920 samples per frame
     }
     return cfg
 
@@ -142,13 +231,31 @@ def build_qwen3_processor():
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     # Qwen3-Omni's vision geometry: 16 px patches (3 * 2 * 16 * 16 = 1536 values per patch), merge 2, mean/std 0.5
-    vis = dict(min_pixels=3136, max_pixels=12845056, patch_size=16, temporal_patch_size=2, merge_size=2,
-               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300,
-                                 n_fft=400, padding_value=0.0, return_attention_mask=True)
-    return Qwen3OmniMoeProcessor(image_processor=Qwen2VLImageProcessor(**vis),
-                                 video_processor=Qwen2VLVideoProcessor(**vis), feature_extractor=fe,
-                                 tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE)
+    vis = dict(
+        min_pixels=3136,
+        max_pixels=12845056,
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    fe = WhisperFeatureExtractor(
+        feature_size=128,
+        sampling_rate=16000,
+        hop_length=160,
+        chunk_length=300,
+        n_fft=400,
+        padding_value=0.0,
+        return_attention_mask=True,
+    )
+    return Qwen3OmniMoeProcessor(
+        image_processor=Qwen2VLImageProcessor(**vis),
+        video_processor=Qwen2VLVideoProcessor(**vis),
+        feature_extractor=fe,
+        tokenizer=build_tokenizer(),
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 @torch.no_grad()
@@ -172,8 +279,9 @@ def _init_code2wav(c2w, seed: int = 0) -> None:
         if isinstance(mod, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
             w = mod.weight
             # ConvTranspose1d weight is [in, out / groups, k]: each output sums in * k / stride taps
-            fan_in = w.shape[0] * w.shape[2] / mod.stride[0] if isinstance(mod, torch.nn.ConvTranspose1d) \
-                else w[0].numel()
+            fan_in = (
+                w.shape[0] * w.shape[2] / mod.stride[0] if isinstance(mod, torch.nn.ConvTranspose1d) else w[0].numel()
+            )
             w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(fan_in))
             if mod.bias is not None:
                 mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.02)
@@ -198,8 +306,9 @@ def _init_code2wav(c2w, seed: int = 0) -> None:
     post.weight.mul_(float(f"{scale:.3g}"))  # rounded: the RMS's last bits depend on the thread count
 
 
-def build_qwen3_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny-qwen3", seed: int = 0,
-                           audio_output: bool = True) -> Path:
+def build_qwen3_checkpoint(
+    out_dir: str | os.PathLike, preset: str = "tiny-qwen3", seed: int = 0, audio_output: bool = True
+) -> Path:
     """Write a random-weight Qwen3-Omni checkpoint of `preset` to out_dir (deterministic for a seed)."""
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
@@ -220,6 +329,7 @@ def build_qwen3_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny-qwen3
         _init_code2wav(model.code2wav, seed)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "omni_preset.json").write_text(json.dumps({"preset": preset, "seed": seed,
-                                                      "audio_output": audio_output}) + "\n")
+    (out / "omni_preset.json").write_text(
+        json.dumps({"preset": preset, "seed": seed, "audio_output": audio_output}) + "\n"
+    )
     return out

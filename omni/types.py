@@ -2,6 +2,7 @@
 
 Every tensor field has its shape in a comment. H = thinker hidden size (== talker embedding_size).
 """
+
 from __future__ import annotations
 
 import math
@@ -13,12 +14,42 @@ import numpy as np
 import torch
 
 __all__ = [
-    "SamplingParams", "TALKER_DEFAULT_SAMPLING", "Video", "TextPart", "ImagePart", "AudioPart", "VideoPart", "Part",
-    "Message", "ChatRequest", "VisionItem", "AudioItem", "PreparedPrompt", "PromptLayout", "MediaEmbeddings", "TalkerPrompt",
+    "SamplingParams",
+    "TALKER_DEFAULT_SAMPLING",
+    "Video",
+    "TextPart",
+    "ImagePart",
+    "AudioPart",
+    "VideoPart",
+    "Part",
+    "Message",
+    "ChatRequest",
+    "VisionItem",
+    "AudioItem",
+    "PreparedPrompt",
+    "PromptLayout",
+    "MediaEmbeddings",
+    "TalkerPrompt",
     "Qwen3TalkerPrompt",
-    "ThinkerToTalker", "TalkerToVocoder", "ThinkerDone", "TalkerDone", "ThinkerItem", "TalkerItem", "Generation",
-    "TextDelta", "AudioChunk", "Finished", "Event", "ChatResult", "OmniError", "InvalidRequest", "StageUnavailable",
-    "check_voice", "AUDIO_SAMPLE_RATE", "INPUT_AUDIO_SAMPLE_RATE", "DEFAULT_VOICE",
+    "ThinkerToTalker",
+    "TalkerToVocoder",
+    "ThinkerDone",
+    "TalkerDone",
+    "ThinkerItem",
+    "TalkerItem",
+    "Generation",
+    "TextDelta",
+    "AudioChunk",
+    "Finished",
+    "Event",
+    "ChatResult",
+    "OmniError",
+    "InvalidRequest",
+    "StageUnavailable",
+    "check_voice",
+    "AUDIO_SAMPLE_RATE",
+    "INPUT_AUDIO_SAMPLE_RATE",
+    "DEFAULT_VOICE",
 ]
 
 AUDIO_SAMPLE_RATE = 24000  # speech out: 480 samples per codec token = 50 codes/s
@@ -46,8 +77,9 @@ class StageUnavailable(OmniError):
 def check_voice(voice: str, voices) -> None:
     """The one voice check of every stage and entry point: an unknown voice fails loudly, naming the valid ones."""
     if voice not in voices:
-        raise InvalidRequest(f"unknown voice {voice!r}; valid voices: {', '.join(sorted(voices))}", "audio.voice",
-                             "invalid_voice")
+        raise InvalidRequest(
+            f"unknown voice {voice!r}; valid voices: {', '.join(sorted(voices))}", "audio.voice", "invalid_voice"
+        )
 
 
 @dataclass(frozen=True)
@@ -64,7 +96,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
-    def validate(self, name: str = "sampling") -> "SamplingParams":
+    def validate(self, name: str = "sampling") -> SamplingParams:
         for f in ("temperature", "top_p", "repetition_penalty"):
             if not math.isfinite(getattr(self, f)):
                 raise InvalidRequest(f"{name}.{f} must be a finite number, got {getattr(self, f)}", f)
@@ -75,16 +107,16 @@ class SamplingParams:
         if self.top_k < -1:
             raise InvalidRequest(f"{name}.top_k must be -1 (off) or >= 0, got {self.top_k}", "top_k")
         if self.repetition_penalty <= 0:
-            raise InvalidRequest(f"{name}.repetition_penalty must be > 0, got {self.repetition_penalty}",
-                                 "repetition_penalty")
+            raise InvalidRequest(
+                f"{name}.repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty"
+            )
         if self.max_tokens < 1:
             raise InvalidRequest(f"{name}.max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
         return self
 
 
 # The Talker's defaults in Qwen2_5OmniForConditionalGeneration.generate (talker_do_sample=True, ...)
-TALKER_DEFAULT_SAMPLING = SamplingParams(temperature=0.9, top_k=40, top_p=0.8, repetition_penalty=1.05,
-                                         max_tokens=4096)
+TALKER_DEFAULT_SAMPLING = SamplingParams(temperature=0.9, top_k=40, top_p=0.8, repetition_penalty=1.05, max_tokens=4096)
 
 
 # ---------------------------------------------------------------------------------------------------- decoded media
@@ -102,7 +134,7 @@ class TextPart:
 
 @dataclass
 class ImagePart:
-    image: "object"  # PIL.Image.Image in RGB
+    image: object  # PIL.Image.Image in RGB
 
 
 @dataclass
@@ -140,17 +172,20 @@ class ChatRequest:
     sampling_names: tuple[str, str] = ("sampling", "talker")
 
     @property
-    def generation(self) -> "Generation":
+    def generation(self) -> Generation:
         """What the generating stages need (no messages: the media is in the prompt and its embeddings)."""
-        seed = next((int(s) for s in (self.vocoder_seed, self.talker_sampling.seed, self.sampling.seed)
-                     if s is not None), 0)  # 0: what the reference path's torch.manual_seed(0) gives
-        return Generation(self.request_id, self.sampling, self.speak, self.voice, self.talker_sampling, seed,
-                          self.forced_reply)
+        seed = next(
+            (int(s) for s in (self.vocoder_seed, self.talker_sampling.seed, self.sampling.seed) if s is not None), 0
+        )  # 0: what the reference path's torch.manual_seed(0) gives
+        return Generation(
+            self.request_id, self.sampling, self.speak, self.voice, self.talker_sampling, seed, self.forced_reply
+        )
 
 
 @dataclass(frozen=True)
 class Generation:
     """The part of a request that crosses into the generating stages (Thinker -> Talker -> vocoder)."""
+
     request_id: str
     sampling: SamplingParams  # the Thinker's
     speak: bool = False  # the Talker and the vocoder run too
@@ -199,10 +234,16 @@ class PreparedPrompt:
         return torch.tensor([a.features.shape[-1] for a in self.audios], dtype=torch.long) if self.audios else None
 
     @property
-    def layout(self) -> "PromptLayout":
+    def layout(self) -> PromptLayout:
         """What the generating stages read of this prompt (its encoder inputs stay behind)."""
-        return PromptLayout(self.input_ids, self.image_grid_thw, self.video_grid_thw, self.audio_seqlens,
-                            self.video_second_per_grid, self.use_audio_in_video)
+        return PromptLayout(
+            self.input_ids,
+            self.image_grid_thw,
+            self.video_grid_thw,
+            self.audio_seqlens,
+            self.video_second_per_grid,
+            self.use_audio_in_video,
+        )
 
 
 @dataclass
@@ -210,6 +251,7 @@ class PromptLayout:
     """A prepared prompt as the generating stages read it: the ids and the media's shapes (grids, lengths: what the
     TMRoPE positions are computed from), never the pixels or features; the media enter as MediaEmbeddings. A few
     hundred bytes beside the prompt's ids, whatever the media."""
+
     input_ids: torch.Tensor  # [L] long, placeholders already expanded to one id per media token
     image_grid_thw: Optional[torch.Tensor]  # [n_images, 3]
     video_grid_thw: Optional[torch.Tensor]  # [n_videos, 3]
@@ -229,18 +271,23 @@ class MediaEmbeddings:
     video_deepstack: list[torch.Tensor] = field(default_factory=list)  # each [n_levels, n_tokens_i, H]
 
     @classmethod
-    def assemble(cls, images: list, videos: list, audios: list[torch.Tensor]) -> "MediaEmbeddings":
+    def assemble(cls, images: list, videos: list, audios: list[torch.Tensor]) -> MediaEmbeddings:
         """One request's embeddings from its encoders' per-item results in prompt order: images and videos as
         (embeds, deepstack or None) pairs (the vision encoder's `encode_with_deepstack`), audios as embeds."""
-        return cls(images=[e for e, _ in images], videos=[e for e, _ in videos], audios=list(audios),
-                   image_deepstack=[d for _, d in images if d is not None],
-                   video_deepstack=[d for _, d in videos if d is not None])
+        return cls(
+            images=[e for e, _ in images],
+            videos=[e for e, _ in videos],
+            audios=list(audios),
+            image_deepstack=[d for _, d in images if d is not None],
+            video_deepstack=[d for _, d in videos if d is not None],
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- hand-offs
 @dataclass
 class TalkerPrompt:
     """thinker_to_talker, once per request, after the Thinker's prefill."""
+
     input_ids: torch.Tensor  # [L] the Thinker's prompt ids
     prompt_embeds: torch.Tensor  # [L, H] h(p) + e(p): last hidden state + input embedding (e zeroed at media)
     first_token: int  # g_0, the Thinker's first generated token
@@ -256,6 +303,7 @@ class Qwen3TalkerPrompt:
     """thinker_to_talker for Qwen3-Omni, once per request after the Thinker's prefill: what its talker's prompt is made
     of (omni/talker_qwen3.py). The system turn is not voiced; U = positions of the user turns (each from its
     <|im_start|> to the newline after its <|im_end|>)."""
+
     user_ids: torch.Tensor  # [U] long: the user turns' prompt ids (the talker's M-RoPE reads them)
     user_embeds: torch.Tensor  # [U, H] the Thinker's accept_hidden_layer output at media tokens, its input embedding
     #                            elsewhere
@@ -270,6 +318,7 @@ class Qwen3TalkerPrompt:
 @dataclass
 class ThinkerToTalker:
     """thinker_to_talker, once per generated text token g_k (k >= 0), in order."""
+
     index: int  # k
     token_id: int  # g_k
     reply: Optional[torch.Tensor]  # [H] Qwen2.5: R_k = h(g_k) + e(g_k), sent once g_k is fed; Qwen3: e(g_k), sent
@@ -280,6 +329,7 @@ class ThinkerToTalker:
 @dataclass
 class TalkerToVocoder:
     """talker_to_vocoder: new codec ids of one request, in order."""
+
     codes: list  # new codes, the final stop code excluded: Qwen2.5 codec ids (one per 20 ms); Qwen3 frames, each
     #              [num_code_groups] ids (one frame per 80 ms)
     last: bool  # no more codes will come
@@ -288,6 +338,7 @@ class TalkerToVocoder:
 @dataclass
 class ThinkerDone:
     """The Thinker's last item for a request (the composition's `finish` makes the request's one Finished of it)."""
+
     finish_reason: Literal["stop", "length"]
     token_ids: list[int]  # all generated ids
 
@@ -295,6 +346,7 @@ class ThinkerDone:
 @dataclass
 class TalkerDone:
     """The Talker's last item for a request."""
+
     codes: list  # Qwen2.5: all generated codec ids (the stop code included when generated); Qwen3: all frames
     #              [n_frames][num_code_groups] (its stop code 2150 is no frame)
     finish_reason: Literal["stop", "length"]

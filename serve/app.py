@@ -1,6 +1,7 @@
 """`omni.serve.app:build_app`, the application builder of DESIGN.md's interface (`serve run omni.serve.app:build_app
 model=tiny`). The builder lives with the deployments in omni.serve.cluster (the only package that imports ray); this
 name stays importable without importing ray until it is called."""
+
 from __future__ import annotations
 
 from typing import Any

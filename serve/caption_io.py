@@ -8,23 +8,37 @@ serve/cluster/caption.py.
 
 Output rows, one per input file: `CaptionRow` (its fields are the JSON keys and the Parquet columns, ROW_FIELDS).
 """
+
 from __future__ import annotations
 
 import io
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from omni.types import DEFAULT_VOICE, AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart, VideoPart
 
-__all__ = ["CaptionRow", "ROW_FIELDS", "DEFAULT_PROMPTS", "CaptionError", "InputFile", "list_inputs",
-           "sniff_media_type", "load_file", "caption_request", "one_line"]
+__all__ = [
+    "CaptionRow",
+    "ROW_FIELDS",
+    "DEFAULT_PROMPTS",
+    "CaptionError",
+    "InputFile",
+    "list_inputs",
+    "sniff_media_type",
+    "load_file",
+    "caption_request",
+    "one_line",
+]
+
 
 @dataclass(frozen=True)
 class CaptionRow:
     """One output row per input file, as written to JSON lines and Parquet (serve/caption_output.py)."""
+
     path: str  # absolute path: the row's key (resume matches on it)
     media_type: Optional[str]  # image | audio | video; None when the content is none of them
     caption: str  # "" when error is set
@@ -35,16 +49,29 @@ class CaptionRow:
     error: Optional[str]  # None, or a one-line reason
 
     @classmethod
-    def of(cls, row: "CaptionRow | dict") -> "CaptionRow":
+    def of(cls, row: CaptionRow | dict) -> CaptionRow:
         """A row, typed: a dict's keys beyond the fields are dropped, numpy scalars (Ray batches) become Python
         values, "" is None for media_type and error."""
         if isinstance(row, CaptionRow):
             return row
         r = {k: row.get(k) for k in ROW_FIELDS}
-        text = {k: "" if r[k] is None else str(r[k]) for k in ("path", "caption", "prompt", "model")}
-        optional = {k: None if r[k] is None or r[k] == "" else str(r[k]) for k in ("media_type", "error")}
-        return cls(**text, **optional, num_tokens=int(r["num_tokens"] or 0),
-                   seconds=round(float(r["seconds"] or 0.0), 4))
+
+        def text(k: str) -> str:
+            return "" if r[k] is None else str(r[k])
+
+        def optional(k: str) -> Optional[str]:
+            return None if r[k] is None or r[k] == "" else str(r[k])
+
+        return cls(
+            path=text("path"),
+            media_type=optional("media_type"),
+            caption=text("caption"),
+            prompt=text("prompt"),
+            num_tokens=int(r["num_tokens"] or 0),
+            seconds=round(float(r["seconds"] or 0.0), 4),
+            model=text("model"),
+            error=optional("error"),
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +82,7 @@ class CaptionRow:
         import pyarrow as pa
 
         types = {"str": pa.string(), "Optional[str]": pa.string(), "int": pa.int64(), "float": pa.float64()}
-        return pa.schema([(f.name, types[f.type]) for f in fields(CaptionRow)])
+        return pa.schema([(f.name, types[str(f.type)]) for f in fields(CaptionRow)])
 
 
 ROW_FIELDS = tuple(f.name for f in fields(CaptionRow))
@@ -214,8 +241,9 @@ def load_file(path: str, use_audio_in_video: bool = False, limits=None) -> tuple
         raise fail("empty file (0 bytes)", None)
     kind = sniff_media_type(data)
     if kind is None:
-        raise fail(f"unsupported file: not an image, audio or video ({len(data)} bytes starting "
-                   f"{data[:8].hex()})", None)
+        raise fail(
+            f"unsupported file: not an image, audio or video ({len(data)} bytes starting {data[:8].hex()})", None
+        )
     try:
         if kind == "image":
             return kind, load_image(data, limits=limits)
@@ -226,11 +254,24 @@ def load_file(path: str, use_audio_in_video: bool = False, limits=None) -> tuple
         raise fail(_OBJECT_REPR.sub("", str(e)), kind) from None
 
 
-def caption_request(media_type: str, media, prompt: str, max_tokens: int, use_audio_in_video: bool = False,
-                    speak: bool = False, voice: str = DEFAULT_VOICE, max_speech_tokens: int = 1024) -> ChatRequest:
+def caption_request(
+    media_type: str,
+    media,
+    prompt: str,
+    max_tokens: int,
+    use_audio_in_video: bool = False,
+    speak: bool = False,
+    voice: str = DEFAULT_VOICE,
+    max_speech_tokens: int = 1024,
+) -> ChatRequest:
     """The conversation `omni chat --image F "PROMPT"` sends (greedy, Qwen's default system prompt added by the prompt
     builder): one user message with the media part, then the prompt text."""
     part = {"image": ImagePart, "audio": AudioPart, "video": VideoPart}[media_type](media)
-    return ChatRequest([Message("user", [part, TextPart(prompt)])], sampling=SamplingParams(max_tokens=max_tokens),
-                       talker_sampling=SamplingParams(max_tokens=max_speech_tokens), speak=speak, voice=voice,
-                       use_audio_in_video=use_audio_in_video and media_type == "video")
+    return ChatRequest(
+        [Message("user", [part, TextPart(prompt)])],
+        sampling=SamplingParams(max_tokens=max_tokens),
+        talker_sampling=SamplingParams(max_tokens=max_speech_tokens),
+        speak=speak,
+        voice=voice,
+        use_audio_in_video=use_audio_in_video and media_type == "video",
+    )

@@ -9,6 +9,7 @@ to a temporary name and renamed, in `<out>.parts/`, merged into `<out>` (tmp + r
 `open()`. Resume: `open(resume=True)` rewrites the output atomically to the rows kept (one per path, the last one;
 errored ones dropped with retry_errors, so the retried file's new row is its only row) and returns them.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from omni.serve.caption_io import CaptionError, CaptionRow, one_line
 
@@ -29,7 +31,7 @@ __all__ = ["CaptionOutput", "Progress", "write_speech", "CommitGuard", "Interrup
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -115,33 +117,32 @@ class CaptionOutput:
         if self.parquet:
             import pyarrow.parquet as pq
 
-            return (self.path.exists() and not self.parts.exists()
-                    and pq.read_metadata(self.path).num_rows == len(rows))
+            return self.path.exists() and not self.parts.exists() and pq.read_metadata(self.path).num_rows == len(rows)
         if not self.path.exists():
             return False
         data = self.path.read_bytes()
         return (not data or data.endswith(b"\n")) and sum(1 for x in data.splitlines() if x.strip()) == len(rows)
 
-    def _rewrite(self, rows: list[CaptionRow | dict]) -> None:
+    def _rewrite(self, rows: Sequence[CaptionRow | dict]) -> None:
         """The output holds exactly `rows`, atomically (what was there stays if this fails half way)."""
-        rows = [CaptionRow.of(r) for r in rows]
+        typed = [CaptionRow.of(r) for r in rows]
         if self.parquet:
             import pyarrow.parquet as pq
 
             buf = io.BytesIO()
-            pq.write_table(_parquet_table(rows), buf)
+            pq.write_table(_parquet_table(typed), buf)
             _atomic_write(self.path, buf.getvalue())
             for f in self.parts.glob("*"):
                 f.unlink()
             if self.parts.exists():
                 self.parts.rmdir()
         else:
-            _atomic_write(self.path, b"".join(_json_line(r) for r in rows))
+            _atomic_write(self.path, b"".join(_json_line(r) for r in typed))
 
-    def append(self, rows: list[CaptionRow | dict]) -> None:
+    def append(self, rows: Sequence[CaptionRow | dict]) -> None:
         """Commit a batch of rows: after this returns they are on disk, whole; an interrupt before leaves none."""
-        rows = [CaptionRow.of(r) for r in rows]
-        if not rows:
+        typed = [CaptionRow.of(r) for r in rows]
+        if not typed:
             return
         if self.parquet:
             import pyarrow.parquet as pq
@@ -150,11 +151,11 @@ class CaptionOutput:
             self._n_parts += 1
             name = f"part-{time.time_ns():020d}-{os.getpid()}-{self._n_parts:06d}.parquet"
             buf = io.BytesIO()
-            pq.write_table(_parquet_table(rows), buf)
+            pq.write_table(_parquet_table(typed), buf)
             _atomic_write(self.parts / name, buf.getvalue())
         else:
             assert self._fd is not None, "JSON lines: open() opened the file"
-            _write_all(self._fd, b"".join(_json_line(r) for r in rows))  # one write: a signal cannot split it
+            _write_all(self._fd, b"".join(_json_line(r) for r in typed))  # one write: a signal cannot split it
             os.fsync(self._fd)
 
     def close(self) -> None:
@@ -197,8 +198,12 @@ class Progress:
             rate = self.rate()
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             eta_s = f"{eta:.0f}s" if eta != float("inf") else "?"
-            print(f"caption: {self.done}/{self.total} files ({self.ok} ok, {self.failed} failed), {rate:.2f} files/s, "
-                  f"ETA {eta_s}", file=self.stream, flush=True)
+            print(
+                f"caption: {self.done}/{self.total} files ({self.ok} ok, {self.failed} failed), {rate:.2f} files/s, "
+                f"ETA {eta_s}",
+                file=self.stream,
+                flush=True,
+            )
 
     def summary(self, out: str, interrupted: bool = False) -> str:
         elapsed = time.perf_counter() - self.t0
@@ -206,9 +211,10 @@ class Progress:
             line = f"caption: nothing to do, all {self.skipped} files are in {out} already (resume)"
             print(line, file=self.stream, flush=True)
             return line
-        line = (f"caption: {self.done} files, {self.ok} ok, {self.failed} failed, {self.rate():.2f} files/s in "
-                f"{elapsed:.1f}s" + (f"; {self.skipped} already done (resume)" if self.skipped else "") +
-                f"; wrote {out}")
+        line = (
+            f"caption: {self.done} files, {self.ok} ok, {self.failed} failed, {self.rate():.2f} files/s in "
+            f"{elapsed:.1f}s" + (f"; {self.skipped} already done (resume)" if self.skipped else "") + f"; wrote {out}"
+        )
         if interrupted:
             line += f"; interrupted with {self.total - self.done} files to go: run again with --resume"
         print(line, file=self.stream, flush=True)
@@ -253,10 +259,10 @@ class CommitGuard:
         else:
             raise Interrupted(signum)
 
-    def __enter__(self) -> "CommitGuard":
+    def __enter__(self) -> CommitGuard:
         return self.install()
 
-    def install(self) -> "CommitGuard":
+    def install(self) -> CommitGuard:
         """(Again) after ray.init, whose core worker puts its own SIGTERM handler in (it dumps a stack and exits)."""
         import threading
 

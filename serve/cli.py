@@ -1,4 +1,5 @@
 """The `omni` command: make-tiny, chat, speak, serve, caption, bench, demo."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,17 @@ def _media_policy(paths):
 def build_chat_request(args):
     from dataclasses import replace
 
+    from omni.types import (
+        TALKER_DEFAULT_SAMPLING,
+        AudioPart,
+        ChatRequest,
+        ImagePart,
+        Message,
+        SamplingParams,
+        TextPart,
+        VideoPart,
+    )
     from omni.encoders.media import load_audio, load_image, load_video
-    from omni.types import (AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart,
-                            TALKER_DEFAULT_SAMPLING, VideoPart)
 
     files = [p for p in (args.image or []) + (args.audio or []) + (args.video or [])]
     for f in files:
@@ -50,27 +59,39 @@ def build_chat_request(args):
     policy = _media_policy(files)
     parts = [ImagePart(load_image(str(Path(p).resolve()), policy)) for p in args.image or []]
     parts += [AudioPart(load_audio(str(Path(p).resolve()), policy)) for p in args.audio or []]
-    parts += [VideoPart(load_video(str(Path(p).resolve()), policy, with_audio=args.use_audio_in_video))
-              for p in args.video or []]
+    parts += [
+        VideoPart(load_video(str(Path(p).resolve()), policy, with_audio=args.use_audio_in_video))
+        for p in args.video or []
+    ]
     parts.append(TextPart(args.prompt))
     messages = ([Message("system", args.system)] if args.system is not None else []) + [Message("user", parts)]
     # greedy unless --temperature or --seed is given (a seed alone samples at temperature 1)
     temperature = args.temperature if args.temperature is not None else (1.0 if args.seed is not None else 0.0)
-    sampling = SamplingParams(temperature=temperature, top_p=args.top_p, top_k=args.top_k,
-                              max_tokens=args.max_tokens, seed=args.seed)
+    sampling = SamplingParams(
+        temperature=temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed
+    )
     sample_talker = args.talker_sample or args.seed is not None or temperature > 0
-    talker = (replace(TALKER_DEFAULT_SAMPLING, max_tokens=args.max_speech_tokens, seed=args.seed)
-              if sample_talker else SamplingParams(max_tokens=args.max_speech_tokens))
-    return ChatRequest(messages, sampling=sampling, talker_sampling=talker, speak=args.speak is not None,
-                       voice=args.voice, use_audio_in_video=args.use_audio_in_video)
+    talker = (
+        replace(TALKER_DEFAULT_SAMPLING, max_tokens=args.max_speech_tokens, seed=args.seed)
+        if sample_talker
+        else SamplingParams(max_tokens=args.max_speech_tokens)
+    )
+    return ChatRequest(
+        messages,
+        sampling=sampling,
+        talker_sampling=talker,
+        speak=args.speak is not None,
+        voice=args.voice,
+        use_audio_in_video=args.use_audio_in_video,
+    )
 
 
 def _cmd_chat(args) -> int:
     import numpy as np
 
+    from omni.types import AudioChunk, Finished, InvalidRequest, TextDelta
     from omni.serve.api.audio_io import wav_bytes
     from omni.serve.pipeline import Pipeline
-    from omni.types import AudioChunk, Finished, InvalidRequest, TextDelta
 
     try:
         request = build_chat_request(args)  # bad media fails here, before the model is loaded
@@ -101,8 +122,10 @@ def _cmd_chat(args) -> int:
     except InvalidRequest as exc:
         print(f"omni chat: {exc}", file=sys.stderr)
         return 2
-    msg = (f"[{fin.completion_tokens} tokens, finish_reason={fin.finish_reason}, first token "
-           f"{(first or 0) * 1000:.0f} ms, total {total:.2f}s")
+    msg = (
+        f"[{fin.completion_tokens} tokens, finish_reason={fin.finish_reason}, first token "
+        f"{(first or 0) * 1000:.0f} ms, total {total:.2f}s"
+    )
     if args.speak is not None:
         wav = np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
         Path(args.speak).parent.mkdir(parents=True, exist_ok=True)
@@ -115,11 +138,11 @@ def _cmd_chat(args) -> int:
 def _cmd_speak(args) -> int:
     """The speech endpoint's path in process: the reply forced to TEXT, spoken, written in the --out extension's
     format (wav, pcm, mp3, opus, flac, aac)."""
+    from omni.types import InvalidRequest
     from omni.serve.api.audio_io import AUDIO_FORMATS, encode_audio
     from omni.serve.api.convert import ConvertOptions, to_speech_request
     from omni.serve.api.protocol import SpeechRequest
     from omni.serve.pipeline import Pipeline
-    from omni.types import InvalidRequest
 
     out = Path(args.out)
     fmt = out.suffix.lstrip(".").lower()
@@ -129,24 +152,34 @@ def _cmd_speak(args) -> int:
         return 2
     sampling = [None, {"max_tokens": args.max_speech_tokens, **({"temperature": 0.0} if args.seed is None else {})}]
     try:
-        req = SpeechRequest(input=args.text, voice=args.voice, response_format=fmt, instructions=args.instructions,
-                            seed=args.seed, sampling_params_list=sampling)
+        req = SpeechRequest(
+            input=args.text,
+            voice=args.voice,
+            response_format=fmt,
+            instructions=args.instructions,
+            seed=args.seed,
+            sampling_params_list=sampling,
+        )
     except ValueError as exc:
         print(f"omni speak: {exc}", file=sys.stderr)
         return 2
     t0 = time.time()
     pipeline = Pipeline.from_pretrained(args.model, device=args.device)
     try:
-        chat = to_speech_request(req, "speak", ConvertOptions(voices=tuple(pipeline.voices),
-                                                              default_speech_tokens=args.max_speech_tokens))
+        chat = to_speech_request(
+            req, "speak", ConvertOptions(voices=tuple(pipeline.voices), default_speech_tokens=args.max_speech_tokens)
+        )
         result = asyncio.run(pipeline.run(chat))
     except InvalidRequest as exc:
         print(f"omni speak: {exc}", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(encode_audio(result.waveform, fmt))
-    print(f"wrote {out}: {len(result.waveform) / AUDIO_SAMPLE_RATE:.2f}s of speech ({len(result.codec_ids)} codec "
-          f"tokens, voice {chat.voice}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    print(
+        f"wrote {out}: {len(result.waveform) / AUDIO_SAMPLE_RATE:.2f}s of speech ({len(result.codec_ids)} codec "
+        f"tokens, voice {chat.voice}) in {time.time() - t0:.1f}s",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -225,12 +258,21 @@ def _cmd_caption(args) -> int:
     try:
         from omni.serve.cluster.caption import CaptionOptions, run_caption
 
-        opts = CaptionOptions(model=args.model, prompt=args.prompt, max_tokens=args.max_tokens,
-                              batch_size=args.batch_size, concurrency=args.concurrency,
-                              use_audio_in_video=args.use_audio_in_video, speak_dir=args.speak, voice=args.voice,
-                              max_speech_tokens=args.max_speech_tokens, device=args.device,
-                              gpus_per_actor=0.5 if args.device.startswith("cuda") else 0.0,
-                              encoder_resources=args.encoder_resources, thinker_resources=args.thinker_resources)
+        opts = CaptionOptions(
+            model=args.model,
+            prompt=args.prompt,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            use_audio_in_video=args.use_audio_in_video,
+            speak_dir=args.speak,
+            voice=args.voice,
+            max_speech_tokens=args.max_speech_tokens,
+            device=args.device,
+            gpus_per_actor=0.5 if args.device.startswith("cuda") else 0.0,
+            encoder_resources=args.encoder_resources,
+            thinker_resources=args.thinker_resources,
+        )
         report = run_caption(args.inputs, args.out, opts, resume=args.resume, retry_errors=args.retry_errors)
     except CaptionError as exc:
         print(f"omni caption: {exc}", file=sys.stderr)
@@ -238,8 +280,10 @@ def _cmd_caption(args) -> int:
     if report.interrupted:
         return 128 + report.interrupted  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     if report.files and not report.ok:
-        print(f"omni caption: none of the {report.files} files could be captioned (see the error column of "
-              f"{args.out})", file=sys.stderr)
+        print(
+            f"omni caption: none of the {report.files} files could be captioned (see the error column of {args.out})",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -252,38 +296,52 @@ def _cmd_bench_load(args) -> int:
 
 def _bench_load_flags(p) -> None:
     """`omni bench load`'s own flags: streaming clients against the Serve app (serve/bench/load.py)."""
-    p.add_argument("--url", default=None, help="bench load, bench --via http: a running server (default: start omni "
-                                               "serve here)")
-    p.add_argument("--config", default=None, help="bench load, bench --via http: the serve config of the server "
-                                                  "started here (tiny)")
+    p.add_argument(
+        "--url", default=None, help="bench load, bench --via http: a running server (default: start omni serve here)"
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="bench load, bench --via http: the serve config of the server started here (tiny)",
+    )
     p.add_argument("--clients", type=int, default=None, help="bench load: concurrent streaming clients (default 32)")
     p.add_argument("--duration", type=float, default=None, help="bench load: seconds of measured load (default 60)")
     p.add_argument("--warmup", type=float, default=None, help="bench load: seconds of load before it (default 10)")
-    p.add_argument("--mix", default=None, help="bench load: request kinds in turn (default text,speech,image,"
-                                               "audio+speech)")
+    p.add_argument(
+        "--mix", default=None, help="bench load: request kinds in turn (default text,speech,image,audio+speech)"
+    )
     p.add_argument("--api-key", dest="api_key", default=os.environ.get("OMNI_API_KEY"))
-    p.add_argument("--ray-address", dest="ray_address", default=None,
-                   help="bench load with --url: the server's Ray, to read replica memory (default: RAY_ADDRESS)")
+    p.add_argument(
+        "--ray-address",
+        dest="ray_address",
+        default=None,
+        help="bench load with --url: the server's Ray, to read replica memory (default: RAY_ADDRESS)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="omni", description="Serve Qwen omni models: text, images, audio, video in; "
-                                                          "text and speech out, streamed.")
+    ap = argparse.ArgumentParser(
+        prog="omni", description="Serve Qwen omni models: text, images, audio, video in; text and speech out, streamed."
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("make-tiny", help="write the tiny random checkpoint (model, processor, speakers)")
     p.add_argument("dir")
     p.add_argument("--arch", default=ARCHS[0], choices=ARCHS)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    p.add_argument("--text-only", action="store_true", help="qwen3-omni without talker and code2wav (like the "
-                                                             "Thinking and Captioner releases)")
+    p.add_argument(
+        "--text-only",
+        action="store_true",
+        help="qwen3-omni without talker and code2wav (like the Thinking and Captioner releases)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny)
 
     p = sub.add_parser("chat", help="one request in process (no Ray), text streamed to the terminal")
     p.add_argument("prompt")
-    p.add_argument("--model", default="tiny", help="tiny | small | tiny-qwen3 | small-qwen3 | a checkpoint "
-                                                   "directory | a hub id")
+    p.add_argument(
+        "--model", default="tiny", help="tiny | small | tiny-qwen3 | small-qwen3 | a checkpoint directory | a hub id"
+    )
     p.add_argument("--image", action="append", help="image file (repeatable)")
     p.add_argument("--audio", action="append", help="audio file (repeatable)")
     p.add_argument("--video", action="append", help="video file (repeatable)")
@@ -297,9 +355,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--talker-sample", action="store_true",
-                   help="sample speech tokens with the checkpoint's defaults (T 0.9, top-k 40, top-p 0.8); "
-                        "implied by --temperature > 0 or --seed")
+    p.add_argument(
+        "--talker-sample",
+        action="store_true",
+        help="sample speech tokens with the checkpoint's defaults (T 0.9, top-k 40, top-p 0.8); "
+        "implied by --temperature > 0 or --seed",
+    )
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_chat)
 
@@ -321,19 +382,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"))
-    p.add_argument("--allowed-local-media-path", default=None,
-                   help="local paths and file:// media URLs are read only inside this directory (default: refused)")
-    p.add_argument("--allow-http-media", action="store_true",
-                   help="fetch http(s) media URLs (size- and time-limited; never loopback/private/link-local targets)")
-    p.add_argument("--api-dialect", default="openai", choices=["openai", "vllm-omni"],
-                   help="response shapes: OpenAI's (default) or vllm-omni's, so its example clients work unchanged")
-    p.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
-                   help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: the config's, 30)")
+    p.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        help="local paths and file:// media URLs are read only inside this directory (default: refused)",
+    )
+    p.add_argument(
+        "--allow-http-media",
+        action="store_true",
+        help="fetch http(s) media URLs (size- and time-limited; never loopback/private/link-local targets)",
+    )
+    p.add_argument(
+        "--api-dialect",
+        default="openai",
+        choices=["openai", "vllm-omni"],
+        help="response shapes: OpenAI's (default) or vllm-omni's, so its example clients work unchanged",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: the config's, 30)",
+    )
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("caption", help="caption files, folders or @lists of media into JSONL/Parquet (Ray Data job)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="a file, a folder (recursed) or @list.txt (a path a line)")
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="a file, a folder (recursed) or @list.txt (a path a line)"
+    )
     p.add_argument("--out", required=True, metavar="FILE.jsonl|FILE.parquet")
     p.add_argument("--prompt", default=None, help="default: one per media type (\"Describe this image in one ...\")")
     p.add_argument("--model", default="tiny", help="tiny | small | a checkpoint directory | a hub id")
@@ -347,58 +424,111 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--voice", default="Chelsie")
     p.add_argument("--max-speech-tokens", type=int, default=1024, help="codec tokens per file (50 per second)")
     p.add_argument("--device", default="cpu", help="the model stages' device (cuda: 0.5 GPU per actor)")
-    p.add_argument("--encoder-resources", type=_resources, default={}, metavar="NAME=QTY,...",
-                   help="custom Ray resources per encoder actor (pins them to nodes that have them)")
-    p.add_argument("--thinker-resources", type=_resources, default={}, metavar="NAME=QTY,...",
-                   help="custom Ray resources per Thinker actor")
+    p.add_argument(
+        "--encoder-resources",
+        type=_resources,
+        default={},
+        metavar="NAME=QTY,...",
+        help="custom Ray resources per encoder actor (pins them to nodes that have them)",
+    )
+    p.add_argument(
+        "--thinker-resources",
+        type=_resources,
+        default={},
+        metavar="NAME=QTY,...",
+        help="custom Ray resources per Thinker actor",
+    )
     p.set_defaults(func=_cmd_caption)
 
     p = sub.add_parser("bench", help="benchmarks against the official transformers path")
-    p.add_argument("suite", nargs="?", choices=["caption", "load", "prefill", "engine", "gpu", "realtime"],
-                   default=None,
-                   help="caption: `omni caption` vs a sequential loop over the official path; load: streaming HTTP "
-                        "clients against the Serve app (statuses, latencies, 503s, replica memory); prefill: how "
-                        "long prompts arriving at once stall a decoding request, per prefill policy; engine: the "
-                        "decode engine alone (step vs batch and context, admission, memory per step); gpu: the GPU "
-                        "check with random 7B-shaped weights (serve/bench/gpu.py, runs on a bare GPU host); realtime: "
-                        "time to first audio per turn of a spoken conversation, /v1/realtime vs chat completions")
+    p.add_argument(
+        "suite",
+        nargs="?",
+        choices=["caption", "load", "prefill", "engine", "gpu", "realtime"],
+        default=None,
+        help="caption: `omni caption` vs a sequential loop over the official path; load: streaming HTTP "
+        "clients against the Serve app (statuses, latencies, 503s, replica memory); prefill: how "
+        "long prompts arriving at once stall a decoding request, per prefill policy; engine: the "
+        "decode engine alone (step vs batch and context, admission, memory per step); gpu: the GPU "
+        "check with random 7B-shaped weights (serve/bench/gpu.py, runs on a bare GPU host); realtime: "
+        "time to first audio per turn of a spoken conversation, /v1/realtime vs chat completions",
+    )
     p.add_argument("--turns", type=int, default=None, help="bench realtime: spoken questions per conversation (5)")
     p.add_argument("--repeats", type=int, default=None, help="bench realtime: conversations per path (3)")
     p.add_argument("--files", type=int, default=64, help="bench caption: media files to caption")
     p.add_argument("--arrivals", type=int, default=None, help="bench prefill: long prompts arriving at once (8)")
-    p.add_argument("--prompt-tokens", dest="prompt_tokens", type=int, default=None,
-                   help="bench prefill: tokens per arriving prompt (2000)")
-    p.add_argument("--chunk", type=int, default=None, help="bench prefill: the chunked policy's prefill_chunk_tokens "
-                                                           "(256)")
+    p.add_argument(
+        "--prompt-tokens",
+        dest="prompt_tokens",
+        type=int,
+        default=None,
+        help="bench prefill: tokens per arriving prompt (2000)",
+    )
+    p.add_argument(
+        "--chunk", type=int, default=None, help="bench prefill: the chunked policy's prefill_chunk_tokens (256)"
+    )
     p.add_argument("--batches", default=None, help="bench engine: rows in the running batch, comma-separated (1,8,32)")
     p.add_argument("--contexts", default=None, help="bench engine: prompt tokens per row, comma-separated (256,2048)")
     p.add_argument("--steps", type=int, default=None, help="bench engine: decode steps timed per cell (6)")
-    p.add_argument("--admit-tokens", dest="admit_tokens", type=int, default=None,
-                   help="bench engine: the admitted prompt's tokens (256)")
-    p.add_argument("--goal-contexts", dest="goal_contexts", default=None,
-                   help="bench engine: short,long contexts of the step and allocation goals at 8 rows (100,1500)")
+    p.add_argument(
+        "--admit-tokens",
+        dest="admit_tokens",
+        type=int,
+        default=None,
+        help="bench engine: the admitted prompt's tokens (256)",
+    )
+    p.add_argument(
+        "--goal-contexts",
+        dest="goal_contexts",
+        default=None,
+        help="bench engine: short,long contexts of the step and allocation goals at 8 rows (100,1500)",
+    )
     p.add_argument("--compile", action="store_true", help="bench engine: EngineConfig.compile, where the engine has it")
     p.add_argument("--threads", type=int, default=None, help="bench engine: torch threads on a CPU (cores // 3)")
     p.add_argument("--shape", default="7b", choices=["7b", "tiny"], help="bench gpu: the random model's shape")
     p.add_argument("--stages", default=None, help="bench gpu: a subset of S0,S1,S2,S3,S4,S5")
-    p.add_argument("--model", default=None, help="a model, or several comma-separated to compare them "
-                                                 "(default tiny: tiny,tiny-qwen3); bench engine: default small")
-    p.add_argument("--out", default=None, help="results folder (default out/bench, out/bench-load for load, "
-                                               "out/bench-engine, out/gpu-check)")
-    p.add_argument("--via", default=None, choices=["pipeline", "http"],
-                   help="ours in process (pipeline, default) or the Serve app over streaming HTTP (http: starts "
-                        "omni serve --model --config here unless --url names a running server)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a model, or several comma-separated to compare them "
+        "(default tiny: tiny,tiny-qwen3); bench engine: default small",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default out/bench, out/bench-load for load, out/bench-engine, out/gpu-check)",
+    )
+    p.add_argument(
+        "--via",
+        default=None,
+        choices=["pipeline", "http"],
+        help="ours in process (pipeline, default) or the Serve app over streaming HTTP (http: starts "
+        "omni serve --model --config here unless --url names a running server)",
+    )
     p.add_argument("--concurrency", default=None, help="closed-loop levels, comma-separated (default 1,4,16)")
-    p.add_argument("--request-rate", dest="request_rate", default=None,
-                   help="open-loop levels: Poisson arrivals at these requests/s, comma-separated (default none)")
+    p.add_argument(
+        "--request-rate",
+        dest="request_rate",
+        default=None,
+        help="open-loop levels: Poisson arrivals at these requests/s, comma-separated (default none)",
+    )
     p.add_argument("--requests", type=int, default=None, help="requests per level at least (default 4)")
     p.add_argument("--modes", default=None, help="outputs measured: text,text+speech,speech (default all three)")
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=None,
-                   help="text tokens per reply (default 100)")
-    p.add_argument("--speech-tokens", dest="speech_tokens", type=int, default=None,
-                   help="codec tokens per reply (default 300: 6 s of speech)")
-    p.add_argument("--inputs", default=None,
-                   help="request i carries kind i mod n of these: text,image,audio,video (default all four)")
+    p.add_argument(
+        "--max-tokens", dest="max_tokens", type=int, default=None, help="text tokens per reply (default 100)"
+    )
+    p.add_argument(
+        "--speech-tokens",
+        dest="speech_tokens",
+        type=int,
+        default=None,
+        help="codec tokens per reply (default 300: 6 s of speech)",
+    )
+    p.add_argument(
+        "--inputs",
+        default=None,
+        help="request i carries kind i mod n of these: text,image,audio,video (default all four)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: c=1,2, 2 requests, few tokens")
     p.add_argument("--no-plot", dest="no_plot", action="store_true")
@@ -407,8 +537,12 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="the Gradio web demo (voice and vision chat) against an omni server")
-    p.add_argument("--api-url", default=None, help="the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1 "
-                                                   "(default: start omni serve --model tiny as a child process)")
+    p.add_argument(
+        "--api-url",
+        default=None,
+        help="the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1 "
+        "(default: start omni serve --model tiny as a child process)",
+    )
     p.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)

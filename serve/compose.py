@@ -12,23 +12,49 @@ Two implementations of `Stages`: in-process objects (serve/pipeline.py, `Pipelin
 A new stage (Qwen3's Code2Wav) is a `Stage` implementation and a name in the chain; a new stage timing goes into
 `finish`. No ray and no HTTP here.
 """
+
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Protocol, Union
+from typing import Optional, Protocol, Union
 
 import numpy as np
 
 from omni.prompt import prepare_prompt
 from omni.thinker import check_context
-from omni.types import (AudioChunk, ChatRequest, ChatResult, Event, Finished, Generation, InvalidRequest,
-                        MediaEmbeddings, PreparedPrompt, PromptLayout, TalkerDone, TextDelta, ThinkerDone, check_voice)
+from omni.types import (
+    AudioChunk,
+    ChatRequest,
+    ChatResult,
+    Event,
+    Finished,
+    Generation,
+    InvalidRequest,
+    MediaEmbeddings,
+    PreparedPrompt,
+    PromptLayout,
+    TalkerDone,
+    TextDelta,
+    ThinkerDone,
+    check_voice,
+)
 from omni.serve.encoder_cache import EncoderCache
 
-__all__ = ["SPEECH_CHAIN", "Stage", "Stages", "Composition", "CheckedRequest", "check_request", "prepare_checked",
-           "prepare_and_check", "finish", "collect"]
+__all__ = [
+    "SPEECH_CHAIN",
+    "Stage",
+    "Stages",
+    "Composition",
+    "CheckedRequest",
+    "check_request",
+    "prepare_checked",
+    "prepare_and_check",
+    "finish",
+    "collect",
+]
 
 SPEECH_CHAIN: tuple[str, ...] = ("talker", "vocoder")  # the stages after the Thinker when speech is asked for, in order
 
@@ -40,6 +66,7 @@ _CHECKED = object()  # only check_request holds it
 class CheckedRequest:
     """A request that passed `check_request`, with what its generating stages get (its Generation). Only
     check_request builds one, so a function that takes it need not (and does not) check again."""
+
     request: ChatRequest
     generation: Generation
     _by: object = field(default=None, repr=False, compare=False)
@@ -58,6 +85,7 @@ class Stage(Protocol):
 
 class Stages(Protocol):
     """What the recipe runs over."""
+
     model_name: str  # what the user asked for ("tiny", a path, a hub id)
     voices: list[str]  # [] when the model has no speech output
     max_model_len: int  # prompt + max_tokens at most
@@ -102,8 +130,11 @@ class Composition:
         t0 = time.perf_counter()
         prompt = await self.stages.prepare(checked.request)
         t1 = time.perf_counter()
-        media = await (self.encoder_cache.encode(prompt, self.stages.encode) if self.encoder_cache is not None
-                       else self.stages.encode(prompt))
+        media = await (
+            self.encoder_cache.encode(prompt, self.stages.encode)
+            if self.encoder_cache is not None
+            else self.stages.encode(prompt)
+        )
         seconds = {"prepare": t1 - t0, "encode": time.perf_counter() - t1}
         items = self.stages.generate(checked.generation, prompt.layout, media)
         async for event in finish(items, prompt_tokens=int(prompt.input_ids.shape[0]), stage_seconds=seconds):
@@ -121,8 +152,11 @@ def check_request(request: ChatRequest, voices: list[str], max_model_len: int) -
     thinker_name, talker_name = request.sampling_names
     request.sampling.validate(thinker_name)
     if request.sampling.max_tokens > max_model_len:
-        raise InvalidRequest(f"max_tokens ({request.sampling.max_tokens}) exceeds the model's context of "
-                             f"{max_model_len} tokens", "max_tokens", "context_length_exceeded")
+        raise InvalidRequest(
+            f"max_tokens ({request.sampling.max_tokens}) exceeds the model's context of {max_model_len} tokens",
+            "max_tokens",
+            "context_length_exceeded",
+        )
     if request.speak:
         if not voices:
             raise InvalidRequest("this model has no speech output (talker disabled)", "modalities")
@@ -148,8 +182,9 @@ async def prepare_checked(processor, request: ChatRequest, max_model_len: int) -
     return await asyncio.to_thread(prepare_and_check, processor, request, max_model_len)
 
 
-async def finish(items: AsyncIterator, prompt_tokens: int,
-                 stage_seconds: Optional[dict] = None) -> AsyncIterator[Event]:
+async def finish(
+    items: AsyncIterator, prompt_tokens: int, stage_seconds: Optional[dict] = None
+) -> AsyncIterator[Event]:
     """Pass TextDelta / AudioChunk through; turn the stages' done-markers into one final Finished event, with the
     seconds each generating stage took for this request (from the start of generation to its last output)."""
     thinker_done: Optional[ThinkerDone] = None
@@ -175,8 +210,15 @@ async def finish(items: AsyncIterator, prompt_tokens: int,
     if thinker_done is None:
         raise RuntimeError("the generating stages ended without the Thinker's last item")
     codes = talker_done.codes if talker_done else []
-    yield Finished(thinker_done.finish_reason, prompt_tokens, len(thinker_done.token_ids), len(codes),
-                   token_ids=thinker_done.token_ids, codec_ids=codes, stage_seconds=stages)
+    yield Finished(
+        thinker_done.finish_reason,
+        prompt_tokens,
+        len(thinker_done.token_ids),
+        len(codes),
+        token_ids=thinker_done.token_ids,
+        codec_ids=codes,
+        stage_seconds=stages,
+    )
 
 
 async def collect(events: AsyncIterator[Event]) -> ChatResult:
@@ -190,5 +232,11 @@ async def collect(events: AsyncIterator[Event]) -> ChatResult:
         elif isinstance(ev, Finished):
             fin = ev
     wav = np.concatenate(pcm).astype(np.float32) if pcm else (np.zeros(0, np.float32) if fin.codec_tokens else None)
-    return ChatResult(text="".join(text), token_ids=list(fin.token_ids), codec_ids=list(fin.codec_ids), waveform=wav,
-                      finish_reason=fin.finish_reason, prompt_tokens=fin.prompt_tokens)
+    return ChatResult(
+        text="".join(text),
+        token_ids=list(fin.token_ids),
+        codec_ids=list(fin.codec_ids),
+        waveform=wav,
+        finish_reason=fin.finish_reason,
+        prompt_tokens=fin.prompt_tokens,
+    )

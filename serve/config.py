@@ -10,6 +10,7 @@ beside the code it configures, range-checked in its `__post_init__`); this modul
 Unknown keys are refused at load with their path (`vocoder.first_chunk_codez: unknown field`), values are type- and
 range-checked; the topology is typed Python in serve/cluster/builder.py.
 """
+
 from __future__ import annotations
 
 from importlib.resources import files
@@ -29,8 +30,18 @@ from omni.encoders.vision import EncoderConfig
 from omni.serve.api.realtime_events import RealtimeLimits
 from omni.serve.compose import SPEECH_CHAIN
 
-__all__ = ["PipelineConfig", "ServeConfig", "DeploymentOptions", "EncoderDeploymentOptions", "Deployments",
-           "ConfigError", "load_serve_config", "config_error", "field_path", "CONFIG_DIR"]
+__all__ = [
+    "PipelineConfig",
+    "ServeConfig",
+    "DeploymentOptions",
+    "EncoderDeploymentOptions",
+    "Deployments",
+    "ConfigError",
+    "load_serve_config",
+    "config_error",
+    "field_path",
+    "CONFIG_DIR",
+]
 
 CONFIG_DIR = Path(str(files("omni.configs") / "serve"))  # package data: the checkout's configs/serve, or the wheel's
 
@@ -155,8 +166,11 @@ def config_error(exc: ValidationError, what: str) -> ConfigError:
     lines = []
     for err in exc.errors():
         kind = err.get("type", "")
-        msg = "unknown field" if kind in ("extra_forbidden", "unexpected_keyword_argument") else \
-            str(err.get("msg", "")).removeprefix("Value error, ")
+        msg = (
+            "unknown field"
+            if kind in ("extra_forbidden", "unexpected_keyword_argument")
+            else str(err.get("msg", "")).removeprefix("Value error, ")
+        )
         lines.append(f"{field_path(err.get('loc', ()))}: {msg}")
     return ConfigError(f"{what}: " + "; ".join(lines))
 

@@ -11,13 +11,15 @@ or None)`, on the CPU as the encoders return it. Bounded in bytes of cached tens
 item larger than the whole bound is not kept. It lives in the composition's process (the in-process pipeline, or the
 Ray app's ingress replica): a hit means no encoder call, in process or to an encoder deployment. No ray here.
 """
+
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import hashlib
 from collections import OrderedDict
-from typing import Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Optional, Union, cast
 
 import torch
 
@@ -89,19 +91,31 @@ class EncoderCache:
             self.evictions += 1
 
     def stats(self) -> dict:
-        return {"hits": dict(self.hits), "misses": dict(self.misses), "evictions": self.evictions,
-                "bytes": self.bytes, "entries": len(self._entries), "max_bytes": self.max_bytes}
+        return {
+            "hits": dict(self.hits),
+            "misses": dict(self.misses),
+            "evictions": self.evictions,
+            "bytes": self.bytes,
+            "entries": len(self._entries),
+            "max_bytes": self.max_bytes,
+        }
 
-    async def encode(self, prompt: PreparedPrompt,
-                     encode: Callable[[PreparedPrompt], Awaitable[MediaEmbeddings]]) -> MediaEmbeddings:
+    async def encode(
+        self, prompt: PreparedPrompt, encode: Callable[[PreparedPrompt], Awaitable[MediaEmbeddings]]
+    ) -> MediaEmbeddings:
         """The prompt's media embeddings: cached items from here, the others (each distinct one once) through
         `encode` on a prompt holding only them; no `encode` call when every item is cached."""
-        groups = {"image": prompt.images, "video": prompt.videos, "audio": prompt.audios}
+        groups: dict[str, Sequence[Union[VisionItem, AudioItem]]] = {
+            "image": prompt.images,
+            "video": prompt.videos,
+            "audio": prompt.audios,
+        }
         if not any(groups.values()) or self.max_bytes == 0:
             return await encode(prompt)
         keys = await asyncio.to_thread(lambda: {k: [item_key(k, it) for it in items] for k, items in groups.items()})
         found: dict[bytes, Entry] = {}
-        todo: dict[str, dict[bytes, object]] = {k: {} for k in KINDS}  # per kind, distinct missing items in order
+        # per kind, distinct missing items in order
+        todo: dict[str, dict[bytes, Union[VisionItem, AudioItem]]] = {k: {} for k in KINDS}
         for kind in KINDS:
             for key, item in zip(keys[kind], groups[kind]):
                 entry = found.get(key) or self.get(key)
@@ -114,17 +128,28 @@ class EncoderCache:
                     todo[kind][key] = item
                     self.misses[kind] += 1
         if any(todo.values()):
-            sub = dataclasses.replace(prompt, images=list(todo["image"].values()), videos=list(todo["video"].values()),
-                                      audios=list(todo["audio"].values()))
+            sub = dataclasses.replace(
+                prompt,
+                # each kind's items are its prompt list's: VisionItem for image / video, AudioItem for audio
+                images=cast("list[VisionItem]", list(todo["image"].values())),
+                videos=cast("list[VisionItem]", list(todo["video"].values())),
+                audios=cast("list[AudioItem]", list(todo["audio"].values())),
+            )
             fresh = await encode(sub)
-            for kind, embeds, deep in (("image", fresh.images, fresh.image_deepstack),
-                                       ("video", fresh.videos, fresh.video_deepstack), ("audio", fresh.audios, [])):
+            for kind, embeds, deep in (
+                ("image", fresh.images, fresh.image_deepstack),
+                ("video", fresh.videos, fresh.video_deepstack),
+                ("audio", fresh.audios, []),
+            ):
                 for i, key in enumerate(todo[kind]):
                     entry = (embeds[i], deep[i] if deep else None)
                     found[key] = entry
                     self.put(key, entry)
         out = {k: [found[key] for key in keys[k]] for k in KINDS}
-        return MediaEmbeddings(images=[e for e, _ in out["image"]], videos=[e for e, _ in out["video"]],
-                               audios=[e for e, _ in out["audio"]],
-                               image_deepstack=[d for _, d in out["image"] if d is not None],
-                               video_deepstack=[d for _, d in out["video"] if d is not None])
+        return MediaEmbeddings(
+            images=[e for e, _ in out["image"]],
+            videos=[e for e, _ in out["video"]],
+            audios=[e for e, _ in out["audio"]],
+            image_deepstack=[d for _, d in out["image"] if d is not None],
+            video_deepstack=[d for _, d in out["video"] if d is not None],
+        )

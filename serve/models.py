@@ -1,8 +1,9 @@
 """The stages of a checkpoint, built from the classes its architecture's record names (omni.architectures, chosen
-from the checkpoint's config, never from a flag): the composition (serve/compose.py), the stage wrappers (serve/stages.py) and the HTTP layer are
-the same for Qwen2.5-Omni and Qwen3-Omni. Used by the in-process pipeline and by the Ray deployments.
-
+from the checkpoint's config, never from a flag): the composition (serve/compose.py), the stage wrappers
+(serve/stages.py) and the HTTP layer are the same for Qwen2.5-Omni and Qwen3-Omni. Used by the in-process pipeline
+and by the Ray deployments.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,16 +13,17 @@ import torch
 from omni.architectures import Architecture
 from omni.checkpoint import LoadedModel, model_architecture, model_config, resolve_model
 from omni.engine import EngineConfig
-from omni.serve.config import PipelineConfig
 from omni.thinker import Thinker
+from omni.serve.config import PipelineConfig
 
 __all__ = ["thinker_of", "talker_of", "vocoder_of", "load_thinker", "load_talker", "load_vocoder"]
 
 
 def thinker_of(loaded: LoadedModel, config: EngineConfig, max_model_len: int) -> Thinker:
     """The Thinker stage over a loaded model's thinker."""
-    return loaded.architecture.load("thinker").from_model(loaded.model, loaded.processor.tokenizer, config,
-                                                          max_model_len)
+    return loaded.architecture.load("thinker").from_model(
+        loaded.model, loaded.processor.tokenizer, config, max_model_len
+    )
 
 
 def load_thinker(model: str, config: EngineConfig, max_model_len: int, device: str, dtype: str) -> Thinker:
@@ -32,8 +34,9 @@ def load_thinker(model: str, config: EngineConfig, max_model_len: int, device: s
     arch = model_architecture(model_config(path))
     tok = AutoTokenizer.from_pretrained(path)
     net = _without_towers(arch.load("hf_thinker").from_pretrained(path, dtype=getattr(torch, dtype)))
-    return arch.load("thinker").from_thinker(net.to(device).eval(), tok, config, max_model_len,
-                                             AutoConfig.from_pretrained(path))
+    return arch.load("thinker").from_thinker(
+        net.to(device).eval(), tok, config, max_model_len, AutoConfig.from_pretrained(path)
+    )
 
 
 def _without_towers(net):

@@ -11,12 +11,14 @@ Many concurrent `stream` calls share the stages: one batched Thinker forward per
 step, one batched vocoder call per round of ready chunks. `omni chat` and the tests use it; the Ray Serve app hosts
 the same stage classes in separate deployments.
 """
+
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import os
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Optional
 
 import torch
 
@@ -42,8 +44,9 @@ class LocalStages:
         self.processor = loaded.processor
         model = loaded.model
         # the towers are shared with the loaded model: keep them on its device and dtype
-        enc = dataclasses.replace(config.encoder, device=str(loaded.device),
-                                  dtype=str(model.thinker.dtype).removeprefix("torch."))
+        enc = dataclasses.replace(
+            config.encoder, device=str(loaded.device), dtype=str(model.thinker.dtype).removeprefix("torch.")
+        )
         self.vision = VisionEncoder.for_tower(model.thinker.model.visual, enc)
         self.audio = AudioEncoder.for_tower(model.thinker.model.audio_tower, enc)
         self.thinker = thinker_of(loaded, config.thinker, config.max_model_len)
@@ -101,6 +104,11 @@ class Pipeline(Composition):
         return getattr(stages, name)
 
     @classmethod
-    def from_pretrained(cls, model: str = "tiny", config: PipelineConfig = PipelineConfig(),
-                        device: Optional[str] = None, dtype: Optional[str] = None) -> "Pipeline":
+    def from_pretrained(
+        cls,
+        model: str = "tiny",
+        config: PipelineConfig = PipelineConfig(),
+        device: Optional[str] = None,
+        dtype: Optional[str] = None,
+    ) -> Pipeline:
         return cls(load_model(model, device=device, dtype=dtype), config)

@@ -10,15 +10,26 @@ deployment runs one of them over its upstream deployment's handle stream (serve/
 stages a generation deployment hosts (ServeConfig.colocate). `batches` coalesces a stream into lists of what is
 ready, one message per list where the stream crosses a process.
 """
+
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable, Optional
+from collections.abc import AsyncIterator, Callable
+from typing import Optional, Protocol, cast
 
 from omni.talker import Talker
 from omni.thinker import Thinker
-from omni.types import (AudioChunk, Generation, MediaEmbeddings, PromptLayout, Qwen3TalkerPrompt, TalkerPrompt,
-                        TalkerToVocoder, ThinkerItem, ThinkerToTalker)
+from omni.types import (
+    AudioChunk,
+    Generation,
+    MediaEmbeddings,
+    PromptLayout,
+    Qwen3TalkerPrompt,
+    TalkerPrompt,
+    TalkerToVocoder,
+    ThinkerItem,
+    ThinkerToTalker,
+)
 from omni.decoders.loop import VocoderLoop
 
 __all__ = ["merge_with_upstream", "batches", "ThinkerStage", "TalkerStage", "VocoderStage", "StageGroup"]
@@ -45,8 +56,9 @@ async def _pump(source: AsyncIterator, out: asyncio.Queue, filt: Optional[Callab
         out.put_nowait(_DONE)
 
 
-async def merge_with_upstream(upstream: AsyncIterator, consume: Callable[[object], bool],
-                              own: AsyncIterator) -> AsyncIterator:
+async def merge_with_upstream(
+    upstream: AsyncIterator, consume: Callable[[object], bool], own: AsyncIterator
+) -> AsyncIterator:
     """Yield the items of `upstream` that `consume(item)` does not take, interleaved with the items of `own`, in
     arrival order, until both end. An error on either side is raised here; leaving early cancels both sides."""
     out: asyncio.Queue = asyncio.Queue()
@@ -99,8 +111,9 @@ class ThinkerStage:
         self.thinker = thinker
 
     def run(self, gen: Generation, prompt: PromptLayout, media: MediaEmbeddings) -> AsyncIterator[ThinkerItem]:
-        return self.thinker.generate(gen.request_id, prompt, media, gen.sampling, for_talker=gen.speak,
-                                     forced_reply=gen.forced_reply)
+        return self.thinker.generate(
+            gen.request_id, prompt, media, gen.sampling, for_talker=gen.speak, forced_reply=gen.forced_reply
+        )
 
     def stats(self) -> dict:
         return {**self.thinker.engine.stats(), **self.thinker.loop.loop_stats()}
@@ -161,22 +174,42 @@ class VocoderStage:
         return {**self.loop.stats(), **self.loop.loop_stats()}
 
 
+class _ChainStage(Protocol):
+    """What StageGroup runs of a chain stage (TalkerStage, VocoderStage)."""
+
+    def run(self, gen: Generation, upstream: AsyncIterator) -> AsyncIterator: ...
+
+    def stats(self) -> dict: ...
+
+
 class StageGroup:
     """Adjacent generating stages in one process, the hand-offs between them in process: optionally the Thinker (the
     root), then the stages of the speech chain it holds, in the chain's order (serve/compose.py's SPEECH_CHAIN)."""
 
     def __init__(self, root: Optional[ThinkerStage], chain: dict[str, object]):
-        self.root, self.chain = root, chain
+        self.root = root
+        self.chain = cast("dict[str, _ChainStage]", chain)  # TalkerStage / VocoderStage, by name
 
     @property
     def names(self) -> tuple[str, ...]:
         return (("thinker",) if self.root is not None else ()) + tuple(self.chain)
 
-    def run(self, gen: Generation, upstream: Optional[AsyncIterator] = None, prompt: Optional[PromptLayout] = None,
-            media: Optional[MediaEmbeddings] = None) -> AsyncIterator:
+    def run(
+        self,
+        gen: Generation,
+        upstream: Optional[AsyncIterator] = None,
+        prompt: Optional[PromptLayout] = None,
+        media: Optional[MediaEmbeddings] = None,
+    ) -> AsyncIterator:
         """With the root: the Thinker on (prompt, media), else the upstream stream; then, for speech, each stage of
         the group over the stream before it."""
-        items = self.root.run(gen, prompt, media) if self.root is not None else upstream
+        items: AsyncIterator
+        if self.root is not None:
+            assert prompt is not None and media is not None, "the Thinker runs on (prompt, media)"
+            items = self.root.run(gen, prompt, media)
+        else:
+            assert upstream is not None, "a group without the Thinker runs over its upstream"
+            items = upstream
         if gen.speak:
             for stage in self.chain.values():
                 items = stage.run(gen, items)

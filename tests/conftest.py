@@ -1,4 +1,5 @@
 """Shared fixtures: the tiny checkpoint (loaded once) and real media made on the machine (espeak-ng, ffmpeg, PIL)."""
+
 import os
 import shutil
 import subprocess
@@ -83,9 +84,11 @@ def media(media_dir) -> dict:
     from omni.encoders.media import MediaPolicy, load_audio, load_image, load_video
 
     policy = MediaPolicy(allowed_local_media_path=str(media_dir))
-    return {"image": load_image(str(media_dir / "image.png"), policy),
-            "audio": load_audio(str(media_dir / "speech.wav"), policy),
-            "video": load_video(str(media_dir / "clip.mp4"), policy)}
+    return {
+        "image": load_image(str(media_dir / "image.png"), policy),
+        "audio": load_audio(str(media_dir / "speech.wav"), policy),
+        "video": load_video(str(media_dir / "clip.mp4"), policy),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -94,9 +97,16 @@ def cookbook_media(media_dir) -> dict:
     omni.reference_inputs): the golden oracle's inputs. The video carries its audio track."""
     from omni.reference_inputs import cookbook_request
 
-    conv = [{"role": "user", "content": [{"type": "image", "image": str(media_dir / "image.png")},
-                                         {"type": "audio", "audio": str(media_dir / "speech.wav")},
-                                         {"type": "video", "video": str(media_dir / "clip.mp4")}]}]
+    conv = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": str(media_dir / "image.png")},
+                {"type": "audio", "audio": str(media_dir / "speech.wav")},
+                {"type": "video", "video": str(media_dir / "clip.mp4")},
+            ],
+        }
+    ]
     image, audio, video = cookbook_request(conv, use_audio_in_video=True).messages[0].content
     return {"image": image.image, "audio": audio.audio, "video": video.video}
 
@@ -121,9 +131,13 @@ def cookbook(media, cookbook_media):
         return type(p)(swap[id(item)])
 
     def convert(request):
-        return dataclasses.replace(request, messages=[
-            m if isinstance(m.content, str) else Message(m.role, [part(p) for p in m.content])
-            for m in request.messages])
+        return dataclasses.replace(
+            request,
+            messages=[
+                m if isinstance(m.content, str) else Message(m.role, [part(p) for p in m.content])
+                for m in request.messages
+            ],
+        )
 
     return convert
 
@@ -137,11 +151,45 @@ def media_dir(tmp_path_factory) -> Path:
             pytest.fail(f"{tool} is missing: run `make setup` (it installs the Debian packages the tests need)")
     d = tmp_path_factory.mktemp("media")
     _run(["espeak-ng", "-w", str(d / "raw.wav"), "The quick brown fox jumps over the lazy dog. What do you hear?"])
-    _run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "raw.wav"), "-ac", "1", "-ar", "16000",
-          str(d / "speech.wav")])
-    _run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=112x112:rate=8:duration=2",
-          "-i", str(d / "speech.wav"), "-t", "2", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac",
-          "-shortest", str(d / "clip.mp4")])
+    _run(
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-y",
+            "-i",
+            str(d / "raw.wav"),
+            "-ac",
+            "1",
+            "-ar",
+            "16000",
+            str(d / "speech.wav"),
+        ]
+    )
+    _run(
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=112x112:rate=8:duration=2",
+            "-i",
+            str(d / "speech.wav"),
+            "-t",
+            "2",
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-shortest",
+            str(d / "clip.mp4"),
+        ]
+    )
     from PIL import Image, ImageDraw
 
     im = Image.new("RGB", (112, 84), (200, 60, 40))

@@ -4,6 +4,7 @@ device is present; `make test` passes -rs, so the summary prints the skip count 
 
 float32 on purpose: the golden bar is token-exact, and bfloat16 (load_model's CUDA default) rounds differently in the
 batched engine and in the official generate."""
+
 import asyncio
 
 import pytest
@@ -12,9 +13,12 @@ import torch
 from omni.reference import reference_generate
 from omni.types import AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart, VideoPart
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="no CUDA device: the pipeline-on-CUDA golden tests need one")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA device: the pipeline-on-CUDA golden tests need one"
+    ),
+]
 
 DEVICE = "cuda"
 KINDS = ["text", "image", "audio", "all"]
@@ -30,11 +34,19 @@ def cuda_pipeline():
 
 
 def _request(media, kind: str, speak: bool) -> ChatRequest:
-    parts = {"text": [], "image": [ImagePart(media["image"])], "audio": [AudioPart(media["audio"])],
-             "all": [ImagePart(media["image"]), AudioPart(media["audio"]), VideoPart(media["video"])]}[kind]
-    return ChatRequest([Message("user", parts + [TextPart(f"Describe the {kind}, please.")])],
-                       sampling=SamplingParams(max_tokens=12), talker_sampling=SamplingParams(max_tokens=48),
-                       speak=speak, use_audio_in_video=kind == "all")
+    parts = {
+        "text": [],
+        "image": [ImagePart(media["image"])],
+        "audio": [AudioPart(media["audio"])],
+        "all": [ImagePart(media["image"]), AudioPart(media["audio"]), VideoPart(media["video"])],
+    }[kind]
+    return ChatRequest(
+        [Message("user", parts + [TextPart(f"Describe the {kind}, please.")])],
+        sampling=SamplingParams(max_tokens=12),
+        talker_sampling=SamplingParams(max_tokens=48),
+        speak=speak,
+        use_audio_in_video=kind == "all",
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)

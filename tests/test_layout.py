@@ -11,14 +11,20 @@ import AudioEncoder` names the package omni.encoders (its __init__). Importing a
 __init__, but those implicit edges are left out: a package that re-exports its modules would otherwise be a cycle
 with each of them.
 """
+
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"omni": "omni", "omni.encoders": "encoders", "omni.decoders": "decoders", "omni.serve": "serve",
-            "omni.demos": "demos"}
+PACKAGES = {
+    "omni": "omni",
+    "omni.encoders": "encoders",
+    "omni.decoders": "decoders",
+    "omni.serve": "serve",
+    "omni.demos": "demos",
+}
 
 CORE_MUST_NOT = ("omni.encoders", "omni.decoders", "omni.serve", "omni.demos")
 
@@ -52,7 +58,7 @@ def _imports(name: str, path: Path) -> list[tuple[str, int]]:
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")
-                anchor = anchor[:len(anchor) - (node.level - 1)]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             for a in node.names:
                 sub = f"{base}.{a.name}"
@@ -96,9 +102,13 @@ def test_the_packages_are_found():
 
 
 def test_the_core_imports_no_outer_layer():
-    bad = [f"{_where(m, line)} imports {t}" for m, t, line in _all_imports()
-           if _under(m, "omni") and not any(_under(m, p) for p in CORE_MUST_NOT)
-           and any(_under(t, p) for p in CORE_MUST_NOT)]
+    bad = [
+        f"{_where(m, line)} imports {t}"
+        for m, t, line in _all_imports()
+        if _under(m, "omni")
+        and not any(_under(m, p) for p in CORE_MUST_NOT)
+        and any(_under(t, p) for p in CORE_MUST_NOT)
+    ]
     assert not bad, "omni/ (the core) must not import encoders, decoders, serve or demos:\n" + "\n".join(bad)
 
 
@@ -112,14 +122,20 @@ def test_encoders_and_decoders_import_neither_each_other_nor_serve():
 
 
 def test_only_serve_cluster_imports_ray():
-    bad = [f"{_where(m, line)} imports {t}" for m, t, line in _all_imports()
-           if _under(t, "ray") and not _under(m, "omni.serve.cluster")]
+    bad = [
+        f"{_where(m, line)} imports {t}"
+        for m, t, line in _all_imports()
+        if _under(t, "ray") and not _under(m, "omni.serve.cluster")
+    ]
     assert not bad, "only serve/cluster/ imports ray:\n" + "\n".join(bad)
 
 
 def test_nothing_imports_demos():
-    bad = [f"{_where(m, line)} imports {t}" for m, t, line in _all_imports()
-           if _under(t, "omni.demos") and not _under(m, "omni.demos")]
+    bad = [
+        f"{_where(m, line)} imports {t}"
+        for m, t, line in _all_imports()
+        if _under(t, "omni.demos") and not _under(m, "omni.demos")
+    ]
     assert not bad, "nothing imports omni.demos (`omni demo` runs it as a subprocess):\n" + "\n".join(bad)
 
 
@@ -160,8 +176,9 @@ def _cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
 
 def _describe(comp: list[str]) -> str:
     members = set(comp)
-    arrows = [f"    {m} -> {t} ({_where(m, line)})" for m in comp for t, line in sorted(GRAPH[m].items())
-              if t in members]
+    arrows = [
+        f"    {m} -> {t} ({_where(m, line)})" for m in comp for t, line in sorted(GRAPH[m].items()) if t in members
+    ]
     return " <-> ".join(comp) + "\n" + "\n".join(arrows)
 
 
@@ -180,9 +197,13 @@ RECORD = "omni.architectures"
 def _architecture_names() -> set[str]:
     """The `name=` and `model_type=` of every Architecture(...) record in omni/architectures.py."""
     tree = ast.parse(MODULES[RECORD].read_text())
-    return {kw.value.value for node in ast.walk(tree) if isinstance(node, ast.Call)
-            and getattr(node.func, "id", None) == "Architecture" for kw in node.keywords
-            if kw.arg in ("name", "model_type") and isinstance(kw.value, ast.Constant)}
+    return {
+        kw.value.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Architecture"
+        for kw in node.keywords
+        if kw.arg in ("name", "model_type") and isinstance(kw.value, ast.Constant)
+    }
 
 
 def test_only_the_record_names_an_architecture():
@@ -198,7 +219,10 @@ def test_only_the_record_names_an_architecture():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and node.value in names:
                 bad.append(f"{_where(mod, node.lineno)}: {node.value!r}")
-            elif isinstance(node, ast.Attribute) and node.attr == "signature" and \
-                    getattr(node.value, "id", None) == "inspect":
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr == "signature"
+                and getattr(node.value, "id", None) == "inspect"
+            ):
                 bad.append(f"{_where(mod, node.lineno)}: inspect.signature (say it in the record or the class)")
     assert not bad, "architecture names outside omni/architectures.py (read the record instead):\n" + "\n".join(bad)

@@ -5,6 +5,7 @@ pyproject maps omni.serve to serve/ (setuptools package-dir), which the runtime 
 import hook; no static tool runs that hook, so `make setup` links omni/serve -> ../serve, ... (the Makefile's `links`,
 gitignored). These tests fail if a link is missing or points elsewhere, or if mypy stops finding a layer's module.
 """
+
 import importlib.util
 import re
 import subprocess
@@ -14,12 +15,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"encoders": "omni.encoders", "decoders": "omni.decoders", "serve": "omni.serve", "demos": "omni.demos",
-          "configs": "omni.configs", "assets": "omni.assets"}
+LAYERS = {
+    "encoders": "omni.encoders",
+    "decoders": "omni.decoders",
+    "serve": "omni.serve",
+    "demos": "omni.demos",
+    "configs": "omni.configs",
+    "assets": "omni.assets",
+}
 # one module of each layer with Python in it: (import name, file in the checkout)
-MODULES = [("omni.serve.config", "serve/config.py"), ("omni.serve.api.protocol", "serve/api/protocol.py"),
-           ("omni.encoders.sources", "encoders/sources.py"), ("omni.decoders.token2wav", "decoders/token2wav.py"),
-           ("omni.demos.client", "demos/client.py"), ("omni.assets", "assets/__init__.py")]
+MODULES = [
+    ("omni.serve.config", "serve/config.py"),
+    ("omni.serve.api.protocol", "serve/api/protocol.py"),
+    ("omni.encoders.sources", "encoders/sources.py"),
+    ("omni.decoders.token2wav", "decoders/token2wav.py"),
+    ("omni.demos.client", "demos/client.py"),
+    ("omni.assets", "assets/__init__.py"),
+]
 
 
 @pytest.mark.parametrize("folder", sorted(LAYERS))
@@ -60,10 +72,22 @@ def test_mypy_resolves_each_layer_to_its_folder(tmp_path):
     config = tmp_path / "mypy.ini"
     # the project's modules are analysed (errors in them are make lint's business: silent), third-party ones are
     # found but not analysed, which keeps this test at a few seconds
-    config.write_text("[mypy]\nfollow_imports = skip\nignore_missing_imports = True\n"
-                      "[mypy-omni.*]\nfollow_imports = silent\nignore_missing_imports = False\n")
-    cmd = [sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir", str(tmp_path / "cache"),
-           "--verbose", "--no-error-summary", str(snippet)]
+    config.write_text(
+        "[mypy]\nfollow_imports = skip\nignore_missing_imports = True\n"
+        "[mypy-omni.*]\nfollow_imports = silent\nignore_missing_imports = False\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--config-file",
+        str(config),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--verbose",
+        "--no-error-summary",
+        str(snippet),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     report = [line for line in out.stdout.splitlines() if line.startswith(str(snippet))]
     assert not any("import" in line for line in report), out.stdout

@@ -1,6 +1,7 @@
 """The wheel is complete: built from the checkout, installed non-editable into a scratch directory outside it, it
 finds its serve configs and sample media as package data and builds the Serve app (what a Ray cluster's
 `runtime_env` pip install gets)."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -38,14 +39,27 @@ print("wheel ok")
 def test_wheel_installs_and_builds_the_app(tmp_path):
     dist, site = tmp_path / "dist", tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w", str(dist)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        pip + ["wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w", str(dist)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheels = list(dist.glob("omni-*.whl"))
     assert len(wheels) == 1
-    subprocess.run(pip + ["install", "--no-deps", "--target", str(site), str(wheels[0])], check=True,
-                   capture_output=True, timeout=300)
-    out = subprocess.run([sys.executable, "-c", CHECK, str(site)], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300, env={"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                           "HOME": str(Path.home())})
+    subprocess.run(
+        pip + ["install", "--no-deps", "--target", str(site), str(wheels[0])],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK, str(site)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "wheel ok" in out.stdout

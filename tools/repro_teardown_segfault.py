@@ -12,6 +12,7 @@ dump names the thread and the frames that crashed). Exit status 1 when some run 
 
     .venv/bin/python tools/repro_teardown_segfault.py [--runs 3] [tests/serve/cluster/test_two_nodes.py ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RAY_MODULES = ["tests/serve/cluster/test_two_nodes.py", "tests/serve/cluster/test_caption_cluster.py",
-               "tests/serve/cluster/test_qwen3_app.py"]
+RAY_MODULES = [
+    "tests/serve/cluster/test_two_nodes.py",
+    "tests/serve/cluster/test_caption_cluster.py",
+    "tests/serve/cluster/test_qwen3_app.py",
+]
 
 
 def main(argv=None) -> int:
@@ -34,8 +38,13 @@ def main(argv=None) -> int:
     env = {**os.environ, "OMNI_TEST_HARD_EXIT": "0", "HF_HUB_OFFLINE": "1"}
     crashed = 0
     for i in range(args.runs):
-        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               *args.tests], cwd=REPO, env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-X", "faulthandler", "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.tests],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         rc = proc.returncode
         how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit {rc}"
         print(f"run {i + 1}/{args.runs}: {how}", flush=True)

@@ -4,17 +4,19 @@ metrics track, backend stream, speech slot) released exactly once, and the speec
 not make the running ones stall (the machine makes only so many streams of real-time speech: BENCHMARKS.md measures
 it per stage). A speech request past that limit waits its turn, first come first served, up to `speech_wait_s`, then
 gets 503 + Retry-After. Text-only requests never wait on the gate."""
+
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Optional
 
 import anyio
 
-from omni.serve.api.metrics import RequestTrack
 from omni.types import Event
+from omni.serve.api.metrics import RequestTrack
 
 __all__ = ["Admission", "Admitted", "SpeechGate"]
 

@@ -1,5 +1,6 @@
 """Speech out as bytes: float32 PCM -> 16-bit little-endian PCM, a WAV (RIFF) file around it, and every common
 format (mp3, Ogg/Opus, FLAC, AAC) through PyAV, streamed chunk by chunk."""
+
 from __future__ import annotations
 
 import struct
@@ -8,8 +9,17 @@ import numpy as np
 
 from omni.types import AUDIO_SAMPLE_RATE
 
-__all__ = ["pcm16_bytes", "wav_bytes", "wav_header", "AUDIO_FORMATS", "ACCEPTED_FORMATS", "FORMAT_ALIASES",
-           "canonical_format", "AudioStreamEncoder", "encode_audio"]
+__all__ = [
+    "pcm16_bytes",
+    "wav_bytes",
+    "wav_header",
+    "AUDIO_FORMATS",
+    "ACCEPTED_FORMATS",
+    "FORMAT_ALIASES",
+    "canonical_format",
+    "AudioStreamEncoder",
+    "encode_audio",
+]
 
 _INT16_SCALE = 32767  # full scale: +1.0 -> 32767, -1.0 -> -32767 (symmetric, so the sign never overflows)
 
@@ -24,8 +34,22 @@ def pcm16_bytes(pcm: np.ndarray) -> bytes:
 def wav_header(n_bytes: int, sample_rate: int = AUDIO_SAMPLE_RATE, channels: int = 1) -> bytes:
     """The 44-byte canonical RIFF/WAVE header for `n_bytes` of 16-bit PCM data."""
     block_align = channels * 2
-    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + n_bytes, b"WAVE", b"fmt ", 16, 1, channels, sample_rate,
-                       sample_rate * block_align, block_align, 16, b"data", n_bytes)
+    return struct.pack(
+        "<4sI4s4sIHHIIHH4sI",
+        b"RIFF",
+        36 + n_bytes,
+        b"WAVE",
+        b"fmt ",
+        16,
+        1,
+        channels,
+        sample_rate,
+        sample_rate * block_align,
+        block_align,
+        16,
+        b"data",
+        n_bytes,
+    )
 
 
 def wav_bytes(pcm: np.ndarray, sample_rate: int = AUDIO_SAMPLE_RATE) -> bytes:
@@ -84,7 +108,7 @@ class AudioStreamEncoder:
 
     def _take(self) -> bytes:
         data = self._buf.getvalue()
-        out, self._sent = data[self._sent:], len(data)
+        out, self._sent = data[self._sent :], len(data)
         return out
 
     def _mux(self, frames) -> bytes:

@@ -1,11 +1,13 @@
 """What the HTTP handlers share (chat completions in server.py, speech in speech.py): the error type and its
 OpenAI error body, the classification of any exception into one, reading and parsing a bounded JSON body, and the
 streaming response that releases its admitted request however it ends."""
+
 from __future__ import annotations
 
 import json
 import re
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Optional
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -17,8 +19,19 @@ from omni.serve.api.convert import error_response
 from omni.serve.api.protocol import ChatCompletionRequest
 from omni.serve.config import field_path
 
-__all__ = ["HTTPError", "ClientGone", "classify_error", "error_json", "read_body", "check_json_nesting", "parse_body",
-           "StreamResponse", "RETRY_AFTER_S", "MAX_JSON_DEPTH", "MAX_JSON_CONTAINERS"]
+__all__ = [
+    "HTTPError",
+    "ClientGone",
+    "classify_error",
+    "error_json",
+    "read_body",
+    "check_json_nesting",
+    "parse_body",
+    "StreamResponse",
+    "RETRY_AFTER_S",
+    "MAX_JSON_DEPTH",
+    "MAX_JSON_CONTAINERS",
+]
 
 RETRY_AFTER_S = 1  # the Retry-After of a 503 (over the concurrency limit, or draining for shutdown)
 MAX_JSON_DEPTH = 32  # a chat request nests ~6 levels
@@ -78,7 +91,6 @@ def classify_error(exc: BaseException, request_id: Optional[str] = None) -> HTTP
     return HTTPError(500, f"internal server error{rid}; the server log has the details", code="internal_error")
 
 
-
 def error_json(err: HTTPError) -> JSONResponse:
     body = error_response(err.status, err.message, err.param, err.code)
     headers = {}
@@ -89,12 +101,12 @@ def error_json(err: HTTPError) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=err.status, headers=headers)
 
 
-
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, f"request body of {int(declared)} bytes is more than the {limit} allowed",
-                        code="request_too_large")
+        raise HTTPError(
+            413, f"request body of {int(declared)} bytes is more than the {limit} allowed", code="request_too_large"
+        )
     body = bytearray()
     async for piece in request.stream():
         body += piece
@@ -112,8 +124,9 @@ def check_json_nesting(body: bytes, max_depth: int = MAX_JSON_DEPTH, max_contain
     what is left is brackets. Raises HTTPError 400."""
     brackets = _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", body))
     if len(brackets) > 2 * max_containers:
-        raise HTTPError(400, f"request body has more than {max_containers} JSON arrays and objects",
-                        code="invalid_json")
+        raise HTTPError(
+            400, f"request body has more than {max_containers} JSON arrays and objects", code="invalid_json"
+        )
     depth = 0
     for b in brackets:
         depth += 1 if b in b"[{" else -1
@@ -138,9 +151,11 @@ class StreamResponse(StreamingResponse):
     (a client gone before the first byte)."""
 
     def __init__(self, body: AsyncIterator, admitted: Admitted, media_type: str = "text/event-stream"):
-        super().__init__(body, media_type=media_type,
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                  "X-Request-Id": admitted.request_id})
+        super().__init__(
+            body,
+            media_type=media_type,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": admitted.request_id},
+        )
         self.admitted = admitted
 
     async def __call__(self, scope, receive, send) -> None:

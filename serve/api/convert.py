@@ -9,29 +9,71 @@ TALKER_DEFAULT_SAMPLING and takes the request's `seed` unless `sampling_params_l
 makes the whole reply (text and speech) reproducible; the vocoder's seed is `sampling_params_list[2].seed`, else
 the Talker's.
 """
+
 from __future__ import annotations
 
 import base64
 import binascii
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
-from omni.types import (AUDIO_SAMPLE_RATE, DEFAULT_VOICE, TALKER_DEFAULT_SAMPLING, AudioChunk, AudioPart,
-                        ChatRequest, Event, Finished, ImagePart, InvalidRequest, Message, SamplingParams, TextDelta,
-                        TextPart, VideoPart)
+from omni.types import (
+    AUDIO_SAMPLE_RATE,
+    DEFAULT_VOICE,
+    TALKER_DEFAULT_SAMPLING,
+    AudioChunk,
+    AudioPart,
+    ChatRequest,
+    Event,
+    Finished,
+    ImagePart,
+    InvalidRequest,
+    Message,
+    SamplingParams,
+    TextDelta,
+    TextPart,
+    VideoPart,
+)
 from omni.encoders.sources import MediaLimits, MediaPolicy
 from omni.serve.api.audio_io import ACCEPTED_FORMATS, AudioStreamEncoder, canonical_format, encode_audio, pcm16_bytes
-from omni.serve.api.protocol import (AssistantMessage, AudioURLContent, ChatCompletionAudio,
-                                 ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, Delta,
-                                 DeltaAudio, ErrorInfo, ErrorResponse, ImageContent, InputAudioContent,
-                                 SpeechRequest, StageSamplingParams, StreamChoice, TextContent, Usage,
-                                 VideoURLContent)
+from omni.serve.api.protocol import (
+    AssistantMessage,
+    AudioURLContent,
+    ChatCompletionAudio,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    Delta,
+    DeltaAudio,
+    ErrorInfo,
+    ErrorResponse,
+    ImageContent,
+    InputAudioContent,
+    SpeechRequest,
+    StageSamplingParams,
+    StreamChoice,
+    TextContent,
+    Usage,
+    VideoURLContent,
+)
 
-__all__ = ["ConvertOptions", "to_chat_request", "to_speech_request", "resolve_sampling", "resolve_voice", "Completion",
-           "error_response", "sse", "SSE_DONE", "SPEECH_PROMPT"]
+__all__ = [
+    "ConvertOptions",
+    "to_chat_request",
+    "to_speech_request",
+    "resolve_sampling",
+    "resolve_voice",
+    "Completion",
+    "error_response",
+    "sse",
+    "SSE_DONE",
+    "SPEECH_PROMPT",
+]
 
 SSE_DONE = "data: [DONE]\n\n"
 AUDIO_EXPIRY_S = 3600  # message.audio.expires_at = created + this (OpenAI's field; nothing is kept server-side)
@@ -60,23 +102,33 @@ def _override(base: SamplingParams, over: Optional[StageSamplingParams]) -> Samp
     return replace(base, **changes)
 
 
-def resolve_sampling(req: ChatCompletionRequest, opts: ConvertOptions
-                     ) -> tuple[SamplingParams, SamplingParams, Optional[int]]:
+def resolve_sampling(
+    req: ChatCompletionRequest, opts: ConvertOptions
+) -> tuple[SamplingParams, SamplingParams, Optional[int]]:
     """-> (thinker, talker, vocoder seed); max_tokens past the server's limit raises InvalidRequest. The values are
     range-checked by the wire's types (protocol.py) and by the composition's one check (omni.serve.compose)."""
     stages = list(req.sampling_params_list or []) + [None, None, None]
     top = StageSamplingParams(
-        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-        repetition_penalty=req.repetition_penalty, stop_token_ids=req.stop_token_ids,
-        max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        seed=req.seed,
+        repetition_penalty=req.repetition_penalty,
+        stop_token_ids=req.stop_token_ids,
+        max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
+    )
     default = replace(opts.default_sampling, max_tokens=min(opts.default_max_tokens, opts.max_tokens_limit))
     thinker = _override(_override(default, top), stages[0])
-    talker = _override(replace(TALKER_DEFAULT_SAMPLING, seed=thinker.seed, max_tokens=opts.default_speech_tokens),
-                       stages[1])
+    talker = _override(
+        replace(TALKER_DEFAULT_SAMPLING, seed=thinker.seed, max_tokens=opts.default_speech_tokens), stages[1]
+    )
     vocoder_seed = stages[2].seed if stages[2] is not None else None
     if thinker.max_tokens > opts.max_tokens_limit:
-        raise InvalidRequest(f"max_tokens={thinker.max_tokens} is more than this server allows "
-                             f"({opts.max_tokens_limit})", "max_tokens", "max_tokens_too_large")
+        raise InvalidRequest(
+            f"max_tokens={thinker.max_tokens} is more than this server allows ({opts.max_tokens_limit})",
+            "max_tokens",
+            "max_tokens_too_large",
+        )
     return thinker, talker, vocoder_seed
 
 
@@ -106,8 +158,11 @@ def _convert_part(part, param: str, use_audio_in_video: bool, opts: ConvertOptio
         raw = _b64decode(part.input_audio.data, f"{param}.input_audio.data")
         return AudioPart(media.load_audio(raw, **kw))
     if isinstance(part, VideoURLContent):
-        return VideoPart(media.load_video(part.video_url.url, fps=None, num_frames=part.video_url.num_frames,
-                                          with_audio=use_audio_in_video, **kw))
+        return VideoPart(
+            media.load_video(
+                part.video_url.url, fps=None, num_frames=part.video_url.num_frames, with_audio=use_audio_in_video, **kw
+            )
+        )
     raise InvalidRequest(f"unsupported content part {type(part).__name__} at {param}", param)
 
 
@@ -133,26 +188,42 @@ def to_speech_request(req: SpeechRequest, request_id: str, opts: ConvertOptions 
     """/v1/audio/speech -> a chat whose reply is forced to `input`: the user turn asks for it to be read (with the
     `instructions` when given), the Thinker reads the reply in one prefill, the Talker and the vocoder speak it."""
     if req.speed != 1.0:
-        raise InvalidRequest(f"speed={req.speed} is not supported: the model speaks at its own pace (1.0)", "speed",
-                             "unsupported_speed")
+        raise InvalidRequest(
+            f"speed={req.speed} is not supported: the model speaks at its own pace (1.0)", "speed", "unsupported_speed"
+        )
     stages = list(req.sampling_params_list or []) + [None, None, None]
-    talker = _override(replace(TALKER_DEFAULT_SAMPLING, seed=req.seed, max_tokens=opts.default_speech_tokens),
-                       stages[1])
-    ask = f"{req.instructions.strip()}\n{SPEECH_PROMPT}" if req.instructions and req.instructions.strip() else \
-        SPEECH_PROMPT
-    return ChatRequest(messages=[Message("user", f"{ask}\n\n{req.input}")], sampling=SamplingParams(max_tokens=1),
-                       talker_sampling=talker, speak=True, voice=resolve_voice(req.voice, opts.voices),
-                       vocoder_seed=stages[2].seed if stages[2] is not None else None, request_id=request_id,
-                       forced_reply=req.input, sampling_names=SAMPLING_NAMES)
+    talker = _override(
+        replace(TALKER_DEFAULT_SAMPLING, seed=req.seed, max_tokens=opts.default_speech_tokens), stages[1]
+    )
+    ask = (
+        f"{req.instructions.strip()}\n{SPEECH_PROMPT}"
+        if req.instructions and req.instructions.strip()
+        else SPEECH_PROMPT
+    )
+    return ChatRequest(
+        messages=[Message("user", f"{ask}\n\n{req.input}")],
+        sampling=SamplingParams(max_tokens=1),
+        talker_sampling=talker,
+        speak=True,
+        voice=resolve_voice(req.voice, opts.voices),
+        vocoder_seed=stages[2].seed if stages[2] is not None else None,
+        request_id=request_id,
+        forced_reply=req.input,
+        sampling_names=SAMPLING_NAMES,
+    )
 
 
-def to_chat_request(req: ChatCompletionRequest, request_id: str, opts: ConvertOptions = ConvertOptions()
-                    ) -> ChatRequest:
+def to_chat_request(
+    req: ChatCompletionRequest, request_id: str, opts: ConvertOptions = ConvertOptions()
+) -> ChatRequest:
     """Decode the media and resolve sampling. Blocking (decoding, fetching): call it off the event loop.
     Raises InvalidRequest (or MediaError, a subclass with .status_code 400/413)."""
     if req.speak and req.audio is not None and req.audio.format not in ACCEPTED_FORMATS:
-        raise InvalidRequest(f"unsupported audio format {req.audio.format!r}; supported: {', '.join(ACCEPTED_FORMATS)}",
-                             "audio.format", "unsupported_audio_format")
+        raise InvalidRequest(
+            f"unsupported audio format {req.audio.format!r}; supported: {', '.join(ACCEPTED_FORMATS)}",
+            "audio.format",
+            "unsupported_audio_format",
+        )
     thinker, talker, vocoder_seed = resolve_sampling(req, opts)
     messages = []
     for i, msg in enumerate(req.messages):
@@ -172,9 +243,17 @@ def to_chat_request(req: ChatCompletionRequest, request_id: str, opts: ConvertOp
                     e.args = (e.message,)
                 raise
         messages.append(Message(role, parts))
-    return ChatRequest(messages=messages, sampling=thinker, talker_sampling=talker, speak=req.speak,
-                       voice=_voice(req, opts.voices), use_audio_in_video=req.use_audio_in_video,
-                       vocoder_seed=vocoder_seed, request_id=request_id, sampling_names=SAMPLING_NAMES)
+    return ChatRequest(
+        messages=messages,
+        sampling=thinker,
+        talker_sampling=talker,
+        speak=req.speak,
+        voice=_voice(req, opts.voices),
+        use_audio_in_video=req.use_audio_in_video,
+        vocoder_seed=vocoder_seed,
+        request_id=request_id,
+        sampling_names=SAMPLING_NAMES,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- response
@@ -192,11 +271,12 @@ class _StopStrings:
         hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.held = ""
-            return buf[:min(hits)], True
-        keep = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:k])),
-                   default=0)
-        self.held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep], False
+            return buf[: min(hits)], True
+        keep = max(
+            (k for s in self.stops for k in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:k])), default=0
+        )
+        self.held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
 
     def flush(self) -> str:
         text, self.held = self.held, ""
@@ -207,8 +287,16 @@ class Completion:
     """One request's reply as it is built from the backend's events; `feed` returns the chunks an event makes
     (streaming), `response()` the whole reply (non-streaming). `done` turns true at Finished or a stop string."""
 
-    def __init__(self, request_id: str, model: str, speak: bool = False, audio_format: str = "wav",
-                 include_usage: bool = False, stop: Sequence[str] = (), dialect: str = "openai"):
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        speak: bool = False,
+        audio_format: str = "wav",
+        include_usage: bool = False,
+        stop: Sequence[str] = (),
+        dialect: str = "openai",
+    ):
         self.request_id = request_id
         self.id, self.model, self.created = f"chatcmpl-{request_id}", model, int(time.time())
         self.audio_id = f"audio_{request_id}"
@@ -230,11 +318,16 @@ class Completion:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def _chunk(self, delta: Delta, finish_reason: Optional[str] = None,
-               modality: Optional[str] = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   choices=[StreamChoice(delta=delta, finish_reason=finish_reason)],
-                                   modality=(modality or "text") if self.vllm else None)
+    def _chunk(
+        self, delta: Delta, finish_reason: Optional[str] = None, modality: Optional[str] = None
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[StreamChoice(delta=delta, finish_reason=finish_reason)],
+            modality=(modality or "text") if self.vllm else None,
+        )
 
     def role_chunk(self) -> ChatCompletionChunk:
         return self._chunk(Delta(role="assistant", content=""))
@@ -282,8 +375,11 @@ class Completion:
         raise TypeError(f"unexpected backend event {type(ev).__name__}")
 
     def usage(self) -> Usage:
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens)
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
 
     def final_chunks(self) -> list[ChatCompletionChunk]:
         """The finish_reason chunk, and the usage chunk when stream_options.include_usage."""
@@ -291,8 +387,9 @@ class Completion:
             raise RuntimeError("the backend stream ended without a Finished event")
         chunks = [self._chunk(Delta(), self.finish_reason)]
         if self.include_usage:
-            chunks.append(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
-                                              usage=self.usage()))
+            chunks.append(
+                ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage())
+            )
         return chunks
 
     def waveform(self) -> np.ndarray:  # [n] float32 at 24 kHz
@@ -306,25 +403,35 @@ class Completion:
         if self.speak:
             pcm = self.waveform()
             raw = encode_audio(pcm, self.audio_format, AUDIO_SAMPLE_RATE)
-            audio = ChatCompletionAudio(id=self.audio_id, data=base64.b64encode(raw).decode("ascii"),
-                                        transcript=text, expires_at=self.created + AUDIO_EXPIRY_S)
+            audio = ChatCompletionAudio(
+                id=self.audio_id,
+                data=base64.b64encode(raw).decode("ascii"),
+                transcript=text,
+                expires_at=self.created + AUDIO_EXPIRY_S,
+            )
         if self.vllm and audio is not None:  # text and audio as two choices
-            choices = [Choice(index=0, message=AssistantMessage(content=text), finish_reason=self.finish_reason),
-                       Choice(index=1, message=AssistantMessage(content=None, audio=audio),
-                              finish_reason=self.finish_reason)]
+            choices = [
+                Choice(index=0, message=AssistantMessage(content=text), finish_reason=self.finish_reason),
+                Choice(index=1, message=AssistantMessage(content=None, audio=audio), finish_reason=self.finish_reason),
+            ]
         else:
             choices = [Choice(message=AssistantMessage(content=text, audio=audio), finish_reason=self.finish_reason)]
-        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                      usage=self.usage())
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage()
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- wire helpers
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                413: "invalid_request_error", 503: "server_overloaded"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    503: "server_overloaded",
+}
 
 
-def error_response(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None
-                   ) -> ErrorResponse:
+def error_response(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> ErrorResponse:
     kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
 

@@ -4,6 +4,7 @@ benchmarks that serve the in-process pipeline themselves (serve/bench/realtime.p
     with LocalServer(build_fastapi(pipeline)) as server:
         url = f"http://127.0.0.1:{server.port}"
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,11 +23,12 @@ class LocalServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.start_timeout_s = start_timeout_s
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        )
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         self.thread.start()
         deadline = time.monotonic() + self.start_timeout_s
         while not self.server.started:  # uvicorn sets it once the socket listens; nothing to wait on but a flag

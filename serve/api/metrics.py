@@ -5,10 +5,12 @@ records the end-to-end latency and the status. Hooks for the Ray app: `observe_s
 Per generating stage, read at each scrape from `watch_stages(source)` (the in-process pipeline's `stage_stats`):
 requests running and waiting, queue time and batch size (omni.loop.LoopStats).
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
@@ -77,12 +79,17 @@ class _StageCollector:
 
     def collect(self):
         p, stats = self.prefix, self._read()
-        running = GaugeMetricFamily(f"{p}_stage_requests_running", "Requests a stage is serving (in its batch)",
-                                    labels=["stage"])
-        waiting = GaugeMetricFamily(f"{p}_stage_requests_waiting", "Requests ready for a stage and not in its batch",
-                                    labels=["stage"])
-        queue = SummaryMetricFamily(f"{p}_stage_queue_seconds", "From a request's input being ready at a stage to the "
-                                    "start of the step that serves it, per step", labels=["stage"])
+        running = GaugeMetricFamily(
+            f"{p}_stage_requests_running", "Requests a stage is serving (in its batch)", labels=["stage"]
+        )
+        waiting = GaugeMetricFamily(
+            f"{p}_stage_requests_waiting", "Requests ready for a stage and not in its batch", labels=["stage"]
+        )
+        queue = SummaryMetricFamily(
+            f"{p}_stage_queue_seconds",
+            "From a request's input being ready at a stage to the start of the step that serves it, per step",
+            labels=["stage"],
+        )
         batch = SummaryMetricFamily(f"{p}_stage_batch_size", "Requests served per stage step", labels=["stage"])
         step = SummaryMetricFamily(f"{p}_stage_step_seconds", "Seconds per stage step", labels=["stage"])
         for stage, st in stats.items():
@@ -107,18 +114,25 @@ class _EncoderCacheCollector:
         if self.source is None:
             return []
         p, st = self.prefix, self.source()
-        hits = CounterMetricFamily(f"{p}_encoder_cache_hits", "Media items whose embeddings came from the encoder "
-                                   "cache (no encoder call)", labels=["kind"])
+        hits = CounterMetricFamily(
+            f"{p}_encoder_cache_hits",
+            "Media items whose embeddings came from the encoder cache (no encoder call)",
+            labels=["kind"],
+        )
         misses = CounterMetricFamily(f"{p}_encoder_cache_misses", "Media items sent to an encoder", labels=["kind"])
         for kind, n in st["hits"].items():
             hits.add_metric([kind], n)
         for kind, n in st["misses"].items():
             misses.add_metric([kind], n)
-        return [hits, misses,
-                CounterMetricFamily(f"{p}_encoder_cache_evictions", "Entries dropped to stay within the byte bound",
-                                    value=st["evictions"]),
-                GaugeMetricFamily(f"{p}_encoder_cache_bytes", "Bytes of cached embeddings", value=st["bytes"]),
-                GaugeMetricFamily(f"{p}_encoder_cache_entries", "Cached encoder outputs", value=st["entries"])]
+        return [
+            hits,
+            misses,
+            CounterMetricFamily(
+                f"{p}_encoder_cache_evictions", "Entries dropped to stay within the byte bound", value=st["evictions"]
+            ),
+            GaugeMetricFamily(f"{p}_encoder_cache_bytes", "Bytes of cached embeddings", value=st["bytes"]),
+            GaugeMetricFamily(f"{p}_encoder_cache_entries", "Cached encoder outputs", value=st["entries"]),
+        ]
 
 
 class Metrics:
@@ -131,39 +145,73 @@ class Metrics:
         self.stream_errors = Counter(f"{p}_stream_errors", "Streams that failed after their first byte", registry=r)
         self.cancelled = Counter(f"{p}_requests_cancelled", "Requests whose client went away", registry=r)
         self.in_flight = Gauge(f"{p}_requests_in_flight", "Requests admitted and not finished", registry=r)
-        self.waiting = Gauge(f"{p}_requests_waiting", "Admitted requests that have no output yet (queue depth)",
-                             registry=r)
-        self.e2e = Histogram(f"{p}_request_latency_seconds", "End-to-end latency of successful requests",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "Arrival to first text delta",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttfap = Histogram(f"{p}_time_to_first_audio_seconds", "Arrival to first audio chunk (TTFAP)",
-                               buckets=_LATENCY_BUCKETS, registry=r)
-        self.speech_ttfap = Histogram(f"{p}_speech_time_to_first_audio_seconds",
-                                      "/v1/audio/speech: arrival to first audio chunk", buckets=_LATENCY_BUCKETS,
-                                      registry=r)
-        self.speech_requests = Counter(f"{p}_speech_requests", "/v1/audio/speech requests by HTTP status",
-                                       ["status"], registry=r)
-        self.stage = Histogram(f"{p}_stage_latency_seconds", "Time spent per stage per request", ["stage"],
-                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.waiting = Gauge(
+            f"{p}_requests_waiting", "Admitted requests that have no output yet (queue depth)", registry=r
+        )
+        self.e2e = Histogram(
+            f"{p}_request_latency_seconds",
+            "End-to-end latency of successful requests",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            f"{p}_time_to_first_token_seconds", "Arrival to first text delta", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.ttfap = Histogram(
+            f"{p}_time_to_first_audio_seconds",
+            "Arrival to first audio chunk (TTFAP)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.speech_ttfap = Histogram(
+            f"{p}_speech_time_to_first_audio_seconds",
+            "/v1/audio/speech: arrival to first audio chunk",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.speech_requests = Counter(
+            f"{p}_speech_requests", "/v1/audio/speech requests by HTTP status", ["status"], registry=r
+        )
+        self.stage = Histogram(
+            f"{p}_stage_latency_seconds",
+            "Time spent per stage per request",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.completion_tokens = Counter(f"{p}_completion_tokens", "Generated text tokens", registry=r)
         self.audio_seconds = Counter(f"{p}_audio_output_seconds", "Seconds of speech sent", registry=r)
         # vllm-omni's names (audio_ttfp, audio_rtf, audio_underrun, audio_continuity_ok), measured where the server
         # sends: TTFAP of chat and speech streams alike; per stream, generation seconds (arrival to its last audio) /
         # seconds of speech; the gaps a client playing from the first packet would hear (Playback)
-        self.audio_ttfp = Histogram(f"{p}_audio_ttfp_seconds", "Arrival to first audio packet, chat and speech",
-                                    buckets=_LATENCY_BUCKETS, registry=r)
-        self.audio_rtf = Histogram(f"{p}_audio_rtf", "Per audio stream: arrival to last audio / seconds of speech",
-                                   buckets=_RTF_BUCKETS, registry=r)
-        self.audio_underrun = Histogram(f"{p}_audio_underrun_seconds", "Per audio stream: seconds a real-time "
-                                        "player starting at the first packet would wait for audio",
-                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.audio_ttfp = Histogram(
+            f"{p}_audio_ttfp_seconds",
+            "Arrival to first audio packet, chat and speech",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.audio_rtf = Histogram(
+            f"{p}_audio_rtf",
+            "Per audio stream: arrival to last audio / seconds of speech",
+            buckets=_RTF_BUCKETS,
+            registry=r,
+        )
+        self.audio_underrun = Histogram(
+            f"{p}_audio_underrun_seconds",
+            "Per audio stream: seconds a real-time player starting at the first packet would wait for audio",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.audio_streams = Counter(f"{p}_audio_streams", "Audio streams finished", registry=r)
-        self.audio_continuity_ok = Counter(f"{p}_audio_continuity_ok", f"Audio streams with no playback gap over "
-                                           f"{STALL_OK_S * 1000:.0f} ms", registry=r)
-        self.encoder_batch = Histogram(f"{p}_encoder_batch_size", "Items per encoder call", ["kind"],
-                                       buckets=_BATCH_BUCKETS, registry=r)
+        self.audio_continuity_ok = Counter(
+            f"{p}_audio_continuity_ok",
+            f"Audio streams with no playback gap over {STALL_OK_S * 1000:.0f} ms",
+            registry=r,
+        )
+        self.encoder_batch = Histogram(
+            f"{p}_encoder_batch_size", "Items per encoder call", ["kind"], buckets=_BATCH_BUCKETS, registry=r
+        )
         self._stages = _StageCollector(p)
         r.register(self._stages)
         self._encoder_cache = _EncoderCacheCollector(p)
@@ -177,7 +225,7 @@ class Metrics:
         """Export the encoder cache's hits / misses / evictions / bytes from `source()` (EncoderCache.stats)."""
         self._encoder_cache.source = source
 
-    def track(self, speech: bool = False) -> "RequestTrack":
+    def track(self, speech: bool = False) -> RequestTrack:
         """speech: a /v1/audio/speech request (its first audio goes to speech_ttfap)."""
         return RequestTrack(self, self.speech_ttfap if speech else self.ttfap)
 

@@ -5,19 +5,55 @@ Extensions follow vLLM's names: `top_k` (-1 off), `repetition_penalty`, `seed`, 
 `mm_processor_kwargs.use_audio_in_video`, `sampling_params_list` ([thinker, talker, vocoder]) and
 `video_url.num_frames`.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 __all__ = [
-    "ImageURL", "AudioURL", "VideoURL", "InputAudio", "TextContent", "ImageContent", "InputAudioContent",
-    "AudioURLContent", "VideoURLContent", "ContentPart", "ChatMessage", "AudioParams", "StreamOptions",
-    "StageSamplingParams", "ChatCompletionRequest", "ChatCompletionAudio", "AssistantMessage", "Choice", "Usage",
-    "ChatCompletionResponse", "DeltaAudio", "Delta", "StreamChoice", "ChatCompletionChunk", "ModelCard", "ModelList",
-    "ErrorInfo", "ErrorResponse", "MMProcessorKwargs", "SpeechRequest", "PART_TYPES", "MAX_SPEECH_INPUT",
+    "ImageURL",
+    "AudioURL",
+    "VideoURL",
+    "InputAudio",
+    "TextContent",
+    "ImageContent",
+    "InputAudioContent",
+    "AudioURLContent",
+    "VideoURLContent",
+    "ContentPart",
+    "ChatMessage",
+    "AudioParams",
+    "StreamOptions",
+    "StageSamplingParams",
+    "ChatCompletionRequest",
+    "ChatCompletionAudio",
+    "AssistantMessage",
+    "Choice",
+    "Usage",
+    "ChatCompletionResponse",
+    "DeltaAudio",
+    "Delta",
+    "StreamChoice",
+    "ChatCompletionChunk",
+    "ModelCard",
+    "ModelList",
+    "ErrorInfo",
+    "ErrorResponse",
+    "MMProcessorKwargs",
+    "SpeechRequest",
+    "PART_TYPES",
+    "MAX_SPEECH_INPUT",
 ]
 
 PART_TYPES = ("text", "image_url", "input_audio", "audio_url", "video_url")  # content part types this server reads
@@ -85,8 +121,13 @@ class VideoURLContent(_In):
 
 
 ContentPart = Union[TextContent, ImageContent, InputAudioContent, AudioURLContent, VideoURLContent]
-_PART_MODELS = {"text": TextContent, "image_url": ImageContent, "input_audio": InputAudioContent,
-                "audio_url": AudioURLContent, "video_url": VideoURLContent}
+_PART_MODELS = {
+    "text": TextContent,
+    "image_url": ImageContent,
+    "input_audio": InputAudioContent,
+    "audio_url": AudioURLContent,
+    "video_url": VideoURLContent,
+}
 _URL_FIELDS = ("image_url", "audio_url", "video_url")
 
 
@@ -95,7 +136,7 @@ class ChatMessage(_In):
     content: Union[str, list[ContentPart], None] = None  # None only for assistant turns (read as "")
 
     @model_validator(mode="after")
-    def _content_needed(self) -> "ChatMessage":
+    def _content_needed(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content: a {self.role} message needs content (a string or a list of parts)")
         return self
@@ -116,15 +157,17 @@ class ChatMessage(_In):
                 raise ValueError(f"content[{i}] must be an object with a `type`, got {type(part).__name__}")
             kind = part.get("type")
             if kind not in _PART_MODELS:
-                raise ValueError(f"unsupported content part type {kind!r} in content[{i}]; "
-                                 f"supported: {', '.join(PART_TYPES)}")
+                raise ValueError(
+                    f"unsupported content part type {kind!r} in content[{i}]; supported: {', '.join(PART_TYPES)}"
+                )
             if kind in _URL_FIELDS and isinstance(part.get(kind), str):
                 part = {**part, kind: {"url": part[kind]}}
             try:
                 parts.append(_PART_MODELS[kind].model_validate(part))
             except ValidationError as e:  # say which part: a nested model's error loses the list index
-                where = ", ".join(f"content[{i}]." + ".".join(map(str, err["loc"])) + f": {err['msg']}"
-                                  for err in e.errors()[:3])
+                where = ", ".join(
+                    f"content[{i}]." + ".".join(map(str, err["loc"])) + f": {err['msg']}" for err in e.errors()[:3]
+                )
                 raise ValueError(where) from None
         return parts
 
@@ -149,6 +192,7 @@ class MMProcessorKwargs(_In):
 
 class StageSamplingParams(_In):
     """One entry of vllm-omni's `sampling_params_list`; fields left out keep the stage's default."""
+
     temperature: Optional[Temperature] = None
     top_p: Optional[TopP] = None
     top_k: Optional[TopK] = None
@@ -181,7 +225,7 @@ class ChatCompletionRequest(_In):
     speaker: Optional[str] = None  # vllm-omni's name for audio.voice (audio.voice wins when both are given)
 
     @model_validator(mode="after")
-    def _check(self) -> "ChatCompletionRequest":
+    def _check(self) -> ChatCompletionRequest:
         if self.n != 1:
             raise ValueError(f"n={self.n} is not supported: only one choice per request")
         return self
@@ -202,6 +246,7 @@ class ChatCompletionRequest(_In):
 
 class SpeechRequest(_In):
     """OpenAI's POST /v1/audio/speech: the model reads `input` aloud, verbatim."""
+
     model: Optional[str] = None  # must be the served name when given
     input: str = Field(min_length=1, max_length=MAX_SPEECH_INPUT)  # the text to speak
     voice: Optional[str] = None  # a voice of the model (GET /v1/audio/voices); None: the default voice

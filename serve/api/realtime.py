@@ -7,6 +7,7 @@ bad JSON or base64, odd-length PCM, a response.create while one runs, over the r
 event and the session goes on; the session ends when the client closes or vanishes (its response, if any, is
 cancelled in every stage), or after `realtime.max_session_s` (an `error` event with code session_expired, then
 close 1000)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +15,8 @@ import hmac
 import json
 import logging
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse
@@ -60,16 +62,19 @@ def _secret_request(body: bytes, ttl_default: int) -> tuple[int, dict]:
     obj = parse_body(body, _Obj) if body.strip() else {}
     expires = obj.get("expires_after") or {}
     if not isinstance(expires, dict) or expires.get("anchor", "created_at") != "created_at":
-        raise HTTPError(400, 'expires_after must be {"anchor": "created_at", "seconds": N}', "expires_after",
-                        "invalid_value")
+        raise HTTPError(
+            400, 'expires_after must be {"anchor": "created_at", "seconds": N}', "expires_after", "invalid_value"
+        )
     ttl = expires.get("seconds", ttl_default)
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not 10 <= ttl <= 7200:
-        raise HTTPError(400, "expires_after.seconds must be an integer in 10..7200", "expires_after.seconds",
-                        "invalid_value")
+        raise HTTPError(
+            400, "expires_after.seconds must be an integer in 10..7200", "expires_after.seconds", "invalid_value"
+        )
     session = obj.get("session") or {}
     if not isinstance(session, dict) or session.get("type", "realtime") != "realtime":
-        raise HTTPError(400, 'session must be a realtime session ({"type": "realtime", ...})', "session",
-                        "invalid_value")
+        raise HTTPError(
+            400, 'session must be a realtime session ({"type": "realtime", ...})', "session", "invalid_value"
+        )
     return ttl, session
 
 
@@ -84,8 +89,9 @@ class _Connection:
     def authenticate(self) -> Optional[dict]:
         """-> the session patch the credential carries ({} for the API key or an open server); None: refused."""
         key = self.routes.settings.api_key
-        offered, in_query = credentials(self.ws.headers, list(self.ws.scope.get("subprotocols") or []),
-                                        self.ws.query_params)
+        offered, in_query = credentials(
+            self.ws.headers, list(self.ws.scope.get("subprotocols") or []), self.ws.query_params
+        )
         if key is None:
             return {}
         for token in offered + in_query:
@@ -99,8 +105,9 @@ class _Connection:
     async def refuse(self, message: str) -> None:
         body = error_response(401, message, None, "invalid_api_key").model_dump()
         try:
-            await self.ws.send_denial_response(JSONResponse(body, status_code=401,
-                                                            headers={"WWW-Authenticate": "Bearer"}))
+            await self.ws.send_denial_response(
+                JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            )
         except RuntimeError:  # the server has no denial responses: close before accepting (HTTP 403)
             await self.ws.close(code=1008, reason=message[:120])
 
@@ -117,8 +124,10 @@ class _Connection:
     async def run(self) -> None:
         patch = self.authenticate()
         if patch is None:
-            await self.refuse("missing or incorrect API key or client secret: send `Authorization: Bearer <key>`, "
-                              "or a client secret from POST /v1/realtime/client_secrets")
+            await self.refuse(
+                "missing or incorrect API key or client secret: send `Authorization: Bearer <key>`, "
+                "or a client secret from POST /v1/realtime/client_secrets"
+            )
             return
         routes = self.routes
         if routes.draining:
@@ -154,14 +163,20 @@ class _Connection:
         while True:
             left = deadline - time.monotonic()
             receive = asyncio.ensure_future(self.ws.receive())
-            done, _ = await asyncio.wait({receive, writer}, timeout=max(left, 0),
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({receive, writer}, timeout=max(left, 0), return_when=asyncio.FIRST_COMPLETED)
             if receive not in done:
                 receive.cancel()
                 if writer in done:  # the socket failed under the writer: the client is gone
                     return
-                self.emit(error_event(RealtimeError("the session reached its maximum length of "
-                                                    f"{self.limits.max_session_s} s", None, "session_expired")))
+                self.emit(
+                    error_event(
+                        RealtimeError(
+                            f"the session reached its maximum length of {self.limits.max_session_s} s",
+                            None,
+                            "session_expired",
+                        )
+                    )
+                )
                 self.out.put_nowait(None)
                 await asyncio.wait_for(writer, 5)
                 await self.ws.close(code=1000, reason="session expired")
@@ -176,12 +191,18 @@ class _Connection:
         client_id = None
         try:
             if not bucket.take():
-                raise RealtimeError(f"more than {self.limits.max_events_per_s:g} events per second; this event was "
-                                    "dropped", None, "rate_limit_exceeded")
+                raise RealtimeError(
+                    f"more than {self.limits.max_events_per_s:g} events per second; this event was dropped",
+                    None,
+                    "rate_limit_exceeded",
+                )
             size = len(raw.encode() if isinstance(raw, str) else raw)
             if size > self.limits.max_message_bytes:
-                raise RealtimeError(f"event of {size} bytes is more than the {self.limits.max_message_bytes} allowed",
-                                    None, "message_too_large")
+                raise RealtimeError(
+                    f"event of {size} bytes is more than the {self.limits.max_message_bytes} allowed",
+                    None,
+                    "message_too_large",
+                )
             try:
                 ev = json.loads(raw)
             except (ValueError, RecursionError) as e:
@@ -194,8 +215,12 @@ class _Connection:
             self.emit(error_event(e, client_id))
         except Exception as e:  # noqa: BLE001 - the session goes on
             log.exception("realtime event failed")
-            self.emit(error_event(RealtimeError(f"internal server error: {type(e).__name__}", None, "internal_error",
-                                                "server_error"), client_id))
+            self.emit(
+                error_event(
+                    RealtimeError(f"internal server error: {type(e).__name__}", None, "internal_error", "server_error"),
+                    client_id,
+                )
+            )
 
 
 def mount_realtime(app: FastAPI, routes, check_auth: Callable[[Request, object], None]) -> None:
@@ -210,13 +235,15 @@ def mount_realtime(app: FastAPI, routes, check_auth: Callable[[Request, object],
     @app.post("/v1/realtime/client_secrets")
     async def _client_secrets(request: Request):
         check_auth(request, settings)
-        ttl, patch = _secret_request(await read_body(request, settings.max_body_bytes),
-                                     settings.realtime.client_secret_ttl_s)
+        ttl, patch = _secret_request(
+            await read_body(request, settings.max_body_bytes), settings.realtime.client_secret_ttl_s
+        )
         probe = Session(routes, lambda e: None, SessionConfig())
         try:
             cfg = probe.check_config(SessionConfig().updated(patch, "session"))
         except RealtimeError as e:
             raise HTTPError(400, e.message, e.param, e.code) from None
         value, expires_at = secrets.issue(ttl, patch)
-        return JSONResponse({"value": value, "expires_at": expires_at,
-                             "session": cfg.wire(probe.id, routes.served_name, expires_at)})
+        return JSONResponse(
+            {"value": value, "expires_at": expires_at, "session": cfg.wire(probe.id, routes.served_name, expires_at)}
+        )

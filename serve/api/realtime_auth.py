@@ -8,6 +8,7 @@ A credential comes as `Authorization: Bearer <key or secret>`, as the WebSocket 
 A client secret is stateless: `ek_<payload>.<signature>`, the payload (expiry, a nonce and the session
 configuration it was issued with) signed with HMAC-SHA256 under the API key, so any ingress replica of the app
 accepts it until it expires, and none can be forged without the key."""
+
 from __future__ import annotations
 
 import base64
@@ -40,8 +41,11 @@ class ClientSecrets:
     def issue(self, ttl_s: int, session: Optional[dict]) -> tuple[str, int]:
         """-> (the secret, its expiry in seconds since the epoch)."""
         expires_at = int(time.time()) + int(ttl_s)
-        payload = _b64(json.dumps({"exp": expires_at, "n": secrets.token_hex(8), "s": session or {}},
-                                  separators=(",", ":")).encode())
+        payload = _b64(
+            json.dumps(
+                {"exp": expires_at, "n": secrets.token_hex(8), "s": session or {}}, separators=(",", ":")
+            ).encode()
+        )
         return f"{PREFIX}{payload}.{self._sign(payload)}", expires_at
 
     def _sign(self, payload: str) -> str:
@@ -51,7 +55,7 @@ class ClientSecrets:
         """The session configuration of a valid, unexpired secret; None otherwise."""
         if not token.startswith(PREFIX):
             return None
-        payload, _, sig = token[len(PREFIX):].partition(".")
+        payload, _, sig = token[len(PREFIX) :].partition(".")
         if not payload or not hmac.compare_digest(sig.encode(), self._sign(payload).encode()):
             return None
         try:
@@ -69,6 +73,6 @@ def credentials(headers, subprotocols: list[str], query) -> tuple[list[str], lis
     scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         offered.append(token.strip())
-    offered += [p[len(SUBPROTOCOL_PREFIX):] for p in subprotocols if p.startswith(SUBPROTOCOL_PREFIX)]
+    offered += [p[len(SUBPROTOCOL_PREFIX) :] for p in subprotocols if p.startswith(SUBPROTOCOL_PREFIX)]
     in_query = [q for q in query.getlist("client_secret") if q.startswith(PREFIX)]
     return offered, in_query

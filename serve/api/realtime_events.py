@@ -4,19 +4,33 @@ events built from them. No I/O here: serve/api/realtime.py runs the sessions.
 
 Audio on the wire is base64 PCM16 mono at 24 kHz (`{"type": "audio/pcm", "rate": 24000}`) both ways; the audio tower
 gets it resampled to 16 kHz by the media loader (librosa, as every other audio input)."""
+
 from __future__ import annotations
 
 import base64
 import binascii
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from omni.types import AUDIO_SAMPLE_RATE, DEFAULT_VOICE, Message, TextPart
 
-__all__ = ["RealtimeLimits", "RealtimeError", "TurnDetection", "SessionConfig", "Item", "new_id", "server_event",
-           "error_event", "decode_pcm16", "PCM_FORMAT", "SAMPLES_PER_MS", "MIN_COMMIT_MS", "to_messages",
-           "pcm16_to_wav_24k"]
+__all__ = [
+    "RealtimeLimits",
+    "RealtimeError",
+    "TurnDetection",
+    "SessionConfig",
+    "Item",
+    "new_id",
+    "server_event",
+    "error_event",
+    "decode_pcm16",
+    "PCM_FORMAT",
+    "SAMPLES_PER_MS",
+    "MIN_COMMIT_MS",
+    "to_messages",
+    "pcm16_to_wav_24k",
+]
 
 PCM_FORMAT = {"type": "audio/pcm", "rate": AUDIO_SAMPLE_RATE}  # the one audio format, in and out
 SAMPLES_PER_MS = AUDIO_SAMPLE_RATE // 1000  # 24 samples of 24 kHz audio per millisecond
@@ -26,6 +40,7 @@ MIN_COMMIT_MS = 100  # a commit of less audio is refused (OpenAI's limit)
 @dataclass(frozen=True)
 class RealtimeLimits:
     """Bounds of one `/v1/realtime` session (ServeConfig.realtime; README: Realtime)."""
+
     max_session_s: float = 1800.0  # a session is closed this long after it opened (OpenAI: 30 minutes)
     max_buffer_s: float = 60.0  # input audio held uncommitted at most; an append past it is refused
     max_events_per_s: float = 200.0  # client events per second (a bucket of that size, refilled each second)
@@ -47,8 +62,9 @@ class RealtimeLimits:
 class RealtimeError(Exception):
     """A client event that cannot be done: sent back as an `error` event; the session goes on."""
 
-    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self, message: str, param: Optional[str] = None, code: Optional[str] = None, kind: str = "invalid_request_error"
+    ):
         super().__init__(message)
         self.message, self.param, self.code, self.kind = message, param, code, kind
 
@@ -63,8 +79,16 @@ def server_event(kind: str, **fields) -> dict:
 
 def error_event(err: RealtimeError, client_event_id: Optional[str] = None) -> dict:
     """OpenAI's error event: {type: "error", event_id, error: {type, code, message, param, event_id}}."""
-    return server_event("error", error={"type": err.kind, "code": err.code, "message": err.message,
-                                        "param": err.param, "event_id": client_event_id})
+    return server_event(
+        "error",
+        error={
+            "type": err.kind,
+            "code": err.code,
+            "message": err.message,
+            "param": err.param,
+            "event_id": client_event_id,
+        },
+    )
 
 
 def decode_pcm16(data: Any, param: str) -> bytes:
@@ -76,8 +100,12 @@ def decode_pcm16(data: Any, param: str) -> bytes:
     except (binascii.Error, ValueError) as e:
         raise RealtimeError(f"{param} is not valid base64: {e}", param, "invalid_base64") from None
     if len(raw) % 2:
-        raise RealtimeError(f"{param}: {len(raw)} bytes is not whole 16-bit samples (audio/pcm is PCM16 mono at "
-                            f"{AUDIO_SAMPLE_RATE} Hz)", param, "invalid_audio_format")
+        raise RealtimeError(
+            f"{param}: {len(raw)} bytes is not whole 16-bit samples (audio/pcm is PCM16 mono at "
+            f"{AUDIO_SAMPLE_RATE} Hz)",
+            param,
+            "invalid_audio_format",
+        )
     return raw
 
 
@@ -85,6 +113,7 @@ def decode_pcm16(data: Any, param: str) -> bytes:
 @dataclass(frozen=True)
 class TurnDetection:
     """Server VAD (`turn_detection: {type: "server_vad", ...}`); None in the config: manual commits."""
+
     threshold: float = 0.5  # speech probability (Silero VAD) that starts speech
     prefix_padding_ms: int = 300  # audio before the detected start that is committed with the turn
     silence_duration_ms: int = 500  # silence that ends the turn
@@ -92,9 +121,14 @@ class TurnDetection:
     interrupt_response: bool = True  # speech while a response runs cancels it (barge-in)
 
     def wire(self) -> dict:
-        return {"type": "server_vad", "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
-                "silence_duration_ms": self.silence_duration_ms, "create_response": self.create_response,
-                "interrupt_response": self.interrupt_response}
+        return {
+            "type": "server_vad",
+            "threshold": self.threshold,
+            "prefix_padding_ms": self.prefix_padding_ms,
+            "silence_duration_ms": self.silence_duration_ms,
+            "create_response": self.create_response,
+            "interrupt_response": self.interrupt_response,
+        }
 
 
 _SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "seed": int, "max_output_audio_tokens": int}
@@ -105,6 +139,7 @@ class SessionConfig:
     """What session.update sets; response.create may override instructions, voice, modalities and max tokens for one
     response. Sampling (omni's extension of the session object): temperature, top_p, top_k, seed for the Thinker,
     max_output_audio_tokens for the Talker (codec tokens, 50 per second of speech)."""
+
     instructions: Optional[str] = None  # the system message (None: the model's default system prompt)
     output_modalities: tuple[str, ...] = ("audio",)  # ("audio",): speech and its transcript; ("text",): text only
     voice: str = DEFAULT_VOICE
@@ -114,14 +149,23 @@ class SessionConfig:
 
     def wire(self, session_id: str, model: str, expires_at: int) -> dict:
         td = self.turn_detection.wire() if self.turn_detection else None
-        return {"type": "realtime", "object": "realtime.session", "id": session_id, "model": model,
-                "output_modalities": list(self.output_modalities), "instructions": self.instructions or "",
-                "audio": {"input": {"format": PCM_FORMAT, "turn_detection": td},
-                          "output": {"format": PCM_FORMAT, "voice": self.voice}},
-                "max_output_tokens": self.max_output_tokens if self.max_output_tokens is not None else "inf",
-                "expires_at": expires_at, **dict(self.sampling)}
+        return {
+            "type": "realtime",
+            "object": "realtime.session",
+            "id": session_id,
+            "model": model,
+            "output_modalities": list(self.output_modalities),
+            "instructions": self.instructions or "",
+            "audio": {
+                "input": {"format": PCM_FORMAT, "turn_detection": td},
+                "output": {"format": PCM_FORMAT, "voice": self.voice},
+            },
+            "max_output_tokens": self.max_output_tokens if self.max_output_tokens is not None else "inf",
+            "expires_at": expires_at,
+            **dict(self.sampling),
+        }
 
-    def updated(self, patch: Any, param: str = "session", response: bool = False) -> "SessionConfig":
+    def updated(self, patch: Any, param: str = "session", response: bool = False) -> SessionConfig:
         """This config with the fields of a session.update's `session` (or a response.create's `response`) applied;
         fields this server does not use (tools, tracing, ...) are ignored; bad values raise RealtimeError."""
         if not isinstance(patch, dict):
@@ -135,8 +179,11 @@ class SessionConfig:
         if "output_modalities" in patch:
             m = patch["output_modalities"]
             if m not in (["audio"], ["text"], ("audio",), ("text",)):
-                raise RealtimeError(f'{param}.output_modalities must be ["audio"] or ["text"], got {m!r}',
-                                    f"{param}.output_modalities", "invalid_value")
+                raise RealtimeError(
+                    f'{param}.output_modalities must be ["audio"] or ["text"], got {m!r}',
+                    f"{param}.output_modalities",
+                    "invalid_value",
+                )
             cfg = replace(cfg, output_modalities=tuple(m))
         if "max_output_tokens" in patch:
             cfg = replace(cfg, max_output_tokens=_max_tokens(patch["max_output_tokens"], f"{param}.max_output_tokens"))
@@ -153,7 +200,7 @@ class SessionConfig:
                 sampling[name] = _number(patch[name], kind, f"{param}.{name}")
         return replace(cfg, sampling=tuple(sorted((k, v) for k, v in sampling.items() if v is not None)))
 
-    def _audio(self, audio: dict, param: str, response: bool) -> "SessionConfig":
+    def _audio(self, audio: dict, param: str, response: bool) -> SessionConfig:
         cfg = self
         out = audio.get("output") or {}
         if "voice" in out:
@@ -194,18 +241,21 @@ def _max_tokens(v, param: str) -> Optional[int]:
 def _check_format(fmt, param: str) -> None:
     if fmt is None:
         return
-    if not isinstance(fmt, dict) or fmt.get("type") != "audio/pcm" or fmt.get("rate", AUDIO_SAMPLE_RATE) != \
-            AUDIO_SAMPLE_RATE:
-        raise RealtimeError(f"{param}: only {PCM_FORMAT} is supported, got {fmt!r}", param,
-                            "unsupported_audio_format")
+    if (
+        not isinstance(fmt, dict)
+        or fmt.get("type") != "audio/pcm"
+        or fmt.get("rate", AUDIO_SAMPLE_RATE) != AUDIO_SAMPLE_RATE
+    ):
+        raise RealtimeError(f"{param}: only {PCM_FORMAT} is supported, got {fmt!r}", param, "unsupported_audio_format")
 
 
 def _turn_detection(td, param: str) -> Optional[TurnDetection]:
     if td is None:
         return None
     if not isinstance(td, dict) or td.get("type") != "server_vad":
-        raise RealtimeError(f'{param}: only {{"type": "server_vad", ...}} or null is supported', param,
-                            "unsupported_turn_detection")
+        raise RealtimeError(
+            f'{param}: only {{"type": "server_vad", ...}} or null is supported', param, "unsupported_turn_detection"
+        )
     base, kw = TurnDetection(), {}
     for name in ("threshold", "prefix_padding_ms", "silence_duration_ms"):
         if td.get(name) is not None:
@@ -220,8 +270,11 @@ def _turn_detection(td, param: str) -> Optional[TurnDetection]:
     if not 0.0 < out.threshold < 1.0:
         raise RealtimeError(f"{param}.threshold must be in (0, 1)", f"{param}.threshold", "invalid_value")
     if not (0 <= out.prefix_padding_ms <= 10_000 and 0 < out.silence_duration_ms <= 10_000):
-        raise RealtimeError(f"{param}: prefix_padding_ms must be in 0..10000 and silence_duration_ms in 1..10000",
-                            param, "invalid_value")
+        raise RealtimeError(
+            f"{param}: prefix_padding_ms must be in 0..10000 and silence_duration_ms in 1..10000",
+            param,
+            "invalid_value",
+        )
     return out
 
 
@@ -231,8 +284,9 @@ class Item:
     """One conversation item: its wire content (for events) and what the prompt gets (`parts` for user and system
     messages; for assistant messages the heard text). An assistant item keeps its streamed text piece by piece with
     the token count so far, and the audio sent, to be cut to what the user heard."""
+
     id: str
-    role: str  # user, assistant, system
+    role: Literal["system", "user", "assistant"]
     content: list[dict]  # the wire content parts (audio bytes left out)
     parts: list = field(default_factory=list)  # user/system: omni parts (TextPart, AudioPart, ImagePart)
     status: str = "completed"
@@ -241,8 +295,14 @@ class Item:
     heard_text: Optional[str] = None  # assistant: the text the next turn sees (None: all of it)
 
     def wire(self) -> dict:
-        return {"id": self.id, "object": "realtime.item", "type": "message", "status": self.status,
-                "role": self.role, "content": self.content}
+        return {
+            "id": self.id,
+            "object": "realtime.item",
+            "type": "message",
+            "status": self.status,
+            "role": self.role,
+            "content": self.content,
+        }
 
     @property
     def text(self) -> str:

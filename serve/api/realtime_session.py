@@ -7,13 +7,16 @@ A response is cancelled by response.cancel, by speech that starts while it runs 
 interrupt_response is on) and by the session's end (the client gone): its task is cancelled, the backend stream is
 closed (every stage frees the request's slot, as for a disconnected chat completion), and the assistant item keeps
 what was sent: the audio, and of the transcript what the Talker had been given by the last frame sent."""
+
 from __future__ import annotations
 
 import asyncio
 import base64
 import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Any, Optional
 
 from starlette.concurrency import run_in_threadpool
 
@@ -23,8 +26,18 @@ from omni.serve.api.audio_io import pcm16_bytes
 from omni.serve.api.common import classify_error
 from omni.serve.api.convert import resolve_sampling, resolve_voice
 from omni.serve.api.protocol import ChatCompletionRequest
-from omni.serve.api.realtime_events import (MIN_COMMIT_MS, SAMPLES_PER_MS, Item, RealtimeError, SessionConfig,
-                                            decode_pcm16, new_id, pcm16_to_wav_24k, server_event, to_messages)
+from omni.serve.api.realtime_events import (
+    MIN_COMMIT_MS,
+    SAMPLES_PER_MS,
+    Item,
+    RealtimeError,
+    SessionConfig,
+    decode_pcm16,
+    new_id,
+    pcm16_to_wav_24k,
+    server_event,
+    to_messages,
+)
 from omni.serve.api.realtime_vad import ServerVad, silero_model
 
 __all__ = ["Session"]
@@ -85,12 +98,18 @@ class Session:
     def check_config(self, cfg: SessionConfig) -> SessionConfig:
         voices = self.backend.voices
         if "audio" in cfg.output_modalities and not voices:
-            raise RealtimeError("this model has no speech output: use output_modalities [\"text\"]",
-                                "session.output_modalities", "invalid_value")
+            raise RealtimeError(
+                "this model has no speech output: use output_modalities [\"text\"]",
+                "session.output_modalities",
+                "invalid_value",
+            )
         voice = resolve_voice(cfg.voice, voices) if voices else cfg.voice
         if voices and voice not in voices:
-            raise RealtimeError(f"unknown voice {cfg.voice!r}; this model's voices: {', '.join(voices)}",
-                                "session.audio.output.voice", "invalid_value")
+            raise RealtimeError(
+                f"unknown voice {cfg.voice!r}; this model's voices: {', '.join(voices)}",
+                "session.audio.output.voice",
+                "invalid_value",
+            )
         return replace(cfg, voice=voice)
 
     # ------------------------------------------------------------------------------------------------ dispatch
@@ -98,8 +117,9 @@ class Session:
         kind = ev.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
-            raise RealtimeError(f"unknown event type {kind!r}; supported: {', '.join(sorted(_HANDLERS))}", "type",
-                                "invalid_event_type")
+            raise RealtimeError(
+                f"unknown event type {kind!r}; supported: {', '.join(sorted(_HANDLERS))}", "type", "invalid_event_type"
+            )
         await handler(self, ev)
 
     async def session_update(self, ev: dict) -> None:
@@ -117,8 +137,11 @@ class Session:
     async def audio_append(self, ev: dict) -> None:
         raw = decode_pcm16(ev.get("audio"), "audio")
         if (len(self.buffer) + len(raw)) / 2 / (SAMPLES_PER_MS * 1000) > self.limits.max_buffer_s:
-            raise RealtimeError(f"the input audio buffer holds at most {self.limits.max_buffer_s} s: commit or clear "
-                                "it", "audio", "input_audio_buffer_full")
+            raise RealtimeError(
+                f"the input audio buffer holds at most {self.limits.max_buffer_s} s: commit or clear it",
+                "audio",
+                "input_audio_buffer_full",
+            )
         self.buffer += raw
         if self.vad is None:
             return
@@ -137,6 +160,7 @@ class Session:
 
     async def _speech_stopped(self, ms: int) -> None:
         item_id, self.speech_item = self.speech_item, None
+        assert item_id is not None, "speech stopped only after it started"
         self.emit(server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=item_id))
         a = self.speech_start_ms * SAMPLES_PER_MS - self.buffer_start
         b = ms * SAMPLES_PER_MS - self.buffer_start
@@ -148,8 +172,11 @@ class Session:
     async def audio_commit(self, ev: dict) -> None:
         n = len(self.buffer) // 2
         if n < MIN_COMMIT_MS * SAMPLES_PER_MS:
-            raise RealtimeError(f"buffer too small: expected at least {MIN_COMMIT_MS} ms of audio, have "
-                                f"{n // SAMPLES_PER_MS} ms", None, "input_audio_buffer_commit_empty")
+            raise RealtimeError(
+                f"buffer too small: expected at least {MIN_COMMIT_MS} ms of audio, have {n // SAMPLES_PER_MS} ms",
+                None,
+                "input_audio_buffer_commit_empty",
+            )
         item_id, self.speech_item = self.speech_item or new_id("item"), None
         if self.vad is not None:
             self.vad.reset()
@@ -157,8 +184,8 @@ class Session:
 
     async def _commit(self, a: int, b: int, item_id: str) -> None:
         """Samples [a, b) of the buffer become a user item; the buffer keeps what follows b."""
-        raw = bytes(self.buffer[2 * a:2 * b])
-        del self.buffer[:2 * b]
+        raw = bytes(self.buffer[2 * a : 2 * b])
+        del self.buffer[: 2 * b]
         self.buffer_start += b
         if len(raw) < 2 * MIN_COMMIT_MS * SAMPLES_PER_MS:
             return
@@ -179,8 +206,9 @@ class Session:
         from omni.encoders import media
 
         try:
-            return await run_in_threadpool(media.load_audio, pcm16_to_wav_24k(raw),
-                                           limits=self.routes.settings.media_limits)
+            return await run_in_threadpool(
+                media.load_audio, pcm16_to_wav_24k(raw), limits=self.routes.settings.media_limits
+            )
         except InvalidRequest as e:
             raise RealtimeError(e.message, param, e.code or "invalid_audio") from None
 
@@ -213,12 +241,12 @@ class Session:
     async def item_create(self, ev: dict) -> None:
         spec = ev.get("item")
         if not isinstance(spec, dict) or spec.get("type", "message") != "message":
-            raise RealtimeError("item must be a message ({type: \"message\", role, content})", "item",
-                                "invalid_value")
+            raise RealtimeError("item must be a message ({type: \"message\", role, content})", "item", "invalid_value")
         role = spec.get("role")
         if role not in ("user", "system", "assistant"):
-            raise RealtimeError(f"item.role must be user, system or assistant, got {role!r}", "item.role",
-                                "invalid_value")
+            raise RealtimeError(
+                f"item.role must be user, system or assistant, got {role!r}", "item.role", "invalid_value"
+            )
         content = spec.get("content")
         if not isinstance(content, list) or not content:
             raise RealtimeError("item.content must be a non-empty list", "item.content", "invalid_value")
@@ -249,13 +277,15 @@ class Session:
         elif kind == "input_image" and item.role == "user":
             url = part.get("image_url")
             if not isinstance(url, str):
-                raise RealtimeError(f"{param}.image_url must be a data URI string", f"{param}.image_url",
-                                    "invalid_value")
+                raise RealtimeError(
+                    f"{param}.image_url must be a data URI string", f"{param}.image_url", "invalid_value"
+                )
             item.parts.append(ImagePart(await self._load_image(url, f"{param}.image_url")))
             item.content.append({"type": "input_image", "image_url": url[:64] + ("..." if len(url) > 64 else "")})
         else:
-            raise RealtimeError(f"unsupported content part type {kind!r} for a {item.role} item", f"{param}.type",
-                                "invalid_value")
+            raise RealtimeError(
+                f"unsupported content part type {kind!r} for a {item.role} item", f"{param}.type", "invalid_value"
+            )
 
     async def _load_image(self, url: str, param: str):
         from omni.encoders import media
@@ -277,16 +307,20 @@ class Session:
         item = self.items[self._index(ev.get("item_id"), "item_id")]
         if self.response is not None and item is self.response.item:
             raise RealtimeError("cancel the response before truncating its item", "item_id", "invalid_value")
-        if item.role != "assistant" or not item.audio_samples and not any(
-                p.get("type") == "output_audio" for p in item.content):
+        if (
+            item.role != "assistant"
+            or not item.audio_samples
+            and not any(p.get("type") == "output_audio" for p in item.content)
+        ):
             raise RealtimeError("only an assistant item with audio can be truncated", "item_id", "invalid_value")
         if ev.get("content_index", 0) != 0:
             raise RealtimeError("content_index must be 0", "content_index", "invalid_value")
         ms = ev.get("audio_end_ms")
         have = item.audio_samples // SAMPLES_PER_MS
         if isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms <= have:
-            raise RealtimeError(f"audio_end_ms must be an integer in 0..{have} (the item's audio)", "audio_end_ms",
-                                "invalid_value")
+            raise RealtimeError(
+                f"audio_end_ms must be an integer in 0..{have} (the item's audio)", "audio_end_ms", "invalid_value"
+            )
         item.cut_to_audio(ms)
         self.emit(server_event("conversation.item.truncated", item_id=item.id, content_index=0, audio_end_ms=ms))
 
@@ -296,8 +330,11 @@ class Session:
 
     async def create_response(self, spec: dict) -> None:
         if self.response is not None:
-            raise RealtimeError(f"conversation already has an active response in progress: {self.response.id}",
-                                None, "conversation_already_has_active_response")
+            raise RealtimeError(
+                f"conversation already has an active response in progress: {self.response.id}",
+                None,
+                "conversation_already_has_active_response",
+            )
         cfg = self.check_config(self.config.updated(spec, "response", response=True))
         resp = _Response(new_id("resp"), Item(new_id("item"), "assistant", [], status="in_progress"), cfg)
         chat = self._chat_request(cfg, resp.id)
@@ -308,47 +345,75 @@ class Session:
         self.response, self.responses = resp, self.responses + 1
         self.emit(server_event("response.created", response=self._response_wire(resp, "in_progress")))
         part = {"type": "audio", "transcript": ""} if resp.speak else {"type": "text", "text": ""}
-        resp.item.content.append({"type": "output_audio", "transcript": ""} if resp.speak else
-                                 {"type": "output_text", "text": ""})
-        self.emit(server_event("response.output_item.added", response_id=resp.id, output_index=0,
-                               item=resp.item.wire()))
+        resp.item.content.append(
+            {"type": "output_audio", "transcript": ""} if resp.speak else {"type": "output_text", "text": ""}
+        )
+        self.emit(
+            server_event("response.output_item.added", response_id=resp.id, output_index=0, item=resp.item.wire())
+        )
         self._add(resp.item)
-        self.emit(server_event("response.content_part.added", response_id=resp.id, item_id=resp.item.id,
-                               output_index=0, content_index=0, part=part))
+        self.emit(
+            server_event(
+                "response.content_part.added",
+                response_id=resp.id,
+                item_id=resp.item.id,
+                output_index=0,
+                content_index=0,
+                part=part,
+            )
+        )
         resp.task = asyncio.ensure_future(self._run(resp, chat))
 
     def _chat_request(self, cfg: SessionConfig, request_id: str) -> ChatRequest:
         s = dict(cfg.sampling)
-        body = {"messages": [{"role": "user", "content": "-"}], "temperature": s.get("temperature"),
-                "top_p": s.get("top_p"), "top_k": s.get("top_k"), "seed": s.get("seed"),
-                "max_tokens": cfg.max_output_tokens}
+        body = {
+            "messages": [{"role": "user", "content": "-"}],
+            "temperature": s.get("temperature"),
+            "top_p": s.get("top_p"),
+            "top_k": s.get("top_k"),
+            "seed": s.get("seed"),
+            "max_tokens": cfg.max_output_tokens,
+        }
         if s.get("max_output_audio_tokens") is not None:
             body["sampling_params_list"] = [{}, {"max_tokens": s["max_output_audio_tokens"]}]
         try:
-            thinker, talker, vocoder_seed = resolve_sampling(ChatCompletionRequest.model_validate(body),
-                                                             self.routes.convert_options)
+            thinker, talker, vocoder_seed = resolve_sampling(
+                ChatCompletionRequest.model_validate(body), self.routes.convert_options
+            )
         except InvalidRequest as e:
             raise RealtimeError(e.message, e.param, e.code or "invalid_value") from None
         messages = to_messages(self.items, cfg.instructions)
         if not messages:
-            raise RealtimeError("the conversation is empty: add an item or commit audio first", None,
-                                "conversation_empty")
-        return ChatRequest(messages=messages, sampling=thinker, talker_sampling=talker, speak="audio" in cfg.output_modalities,
-                           voice=cfg.voice,
-                           vocoder_seed=vocoder_seed, request_id=request_id)
+            raise RealtimeError(
+                "the conversation is empty: add an item or commit audio first", None, "conversation_empty"
+            )
+        return ChatRequest(
+            messages=messages,
+            sampling=thinker,
+            talker_sampling=talker,
+            speak="audio" in cfg.output_modalities,
+            voice=cfg.voice,
+            vocoder_seed=vocoder_seed,
+            request_id=request_id,
+        )
 
     async def _run(self, resp: _Response, chat: ChatRequest) -> None:
         routes, admitted, ok = self.routes, None, False
         try:
             if not routes.admission.try_acquire():
-                raise RealtimeError(f"server is at its limit of {routes.admission.limit} concurrent requests",
-                                    None, "overloaded", "server_error")
+                raise RealtimeError(
+                    f"server is at its limit of {routes.admission.limit} concurrent requests",
+                    None,
+                    "overloaded",
+                    "server_error",
+                )
             admitted = Admitted(routes.admission, routes.metrics.track(resp.speak))
             admitted.request_id = resp.id
             if resp.speak:
                 if not await routes.speech_gate.acquire():
-                    raise RealtimeError("all speech streams of this server are busy", None, "overloaded",
-                                        "server_error")
+                    raise RealtimeError(
+                        "all speech streams of this server are busy", None, "overloaded", "server_error"
+                    )
                 admitted.on_release = routes.speech_gate.release
             admitted.events = self.backend.stream(chat)
             async for ev in admitted.events:
@@ -377,8 +442,9 @@ class Session:
             raw = pcm16_bytes(ev.pcm)
             if raw:
                 resp.item.audio_samples += len(raw) // 2
-                self.emit(server_event("response.output_audio.delta", delta=base64.b64encode(raw).decode("ascii"),
-                                       **ids))
+                self.emit(
+                    server_event("response.output_audio.delta", delta=base64.b64encode(raw).decode("ascii"), **ids)
+                )
         elif isinstance(ev, Finished):
             resp.finished = ev
 
@@ -417,26 +483,40 @@ class Session:
         self.emit(server_event("response.done", response=self._response_wire(resp, status)))
 
     def _response_wire(self, resp: _Response, status: str) -> dict:
-        out = {"id": resp.id, "object": "realtime.response", "status": status, "output_modalities":
-               list(resp.cfg.output_modalities), "audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000},
-                                                                     "voice": resp.cfg.voice}},
-               "max_output_tokens": resp.cfg.max_output_tokens or "inf", "conversation_id": self.id,
-               "output": [] if status == "in_progress" else [resp.item.wire()], "status_details": None, "usage": None}
+        out: dict[str, Any] = {
+            "id": resp.id,
+            "object": "realtime.response",
+            "status": status,
+            "output_modalities": list(resp.cfg.output_modalities),
+            "audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": resp.cfg.voice}},
+            "max_output_tokens": resp.cfg.max_output_tokens or "inf",
+            "conversation_id": self.id,
+            "output": [] if status == "in_progress" else [resp.item.wire()],
+            "status_details": None,
+            "usage": None,
+        }
         if status == "cancelled":
             out["status_details"] = {"type": "cancelled", "reason": resp.cancel_reason}
         elif status == "failed":
             err = classify_error(resp.error or RuntimeError("no Finished event"), resp.id)
-            out["status_details"] = {"type": "failed", "error": {"type": "server_error" if err.status >= 500 else
-                                                                 "invalid_request_error", "code": err.code,
-                                                                 "message": err.message}}
+            out["status_details"] = {
+                "type": "failed",
+                "error": {
+                    "type": "server_error" if err.status >= 500 else "invalid_request_error",
+                    "code": err.code,
+                    "message": err.message,
+                },
+            }
         elif status == "incomplete":
             out["status_details"] = {"type": "incomplete", "reason": "max_output_tokens"}
         fin = resp.finished
         if fin is not None:
-            out["usage"] = {"total_tokens": fin.prompt_tokens + fin.completion_tokens + fin.codec_tokens,
-                            "input_tokens": fin.prompt_tokens, "output_tokens": fin.completion_tokens +
-                            fin.codec_tokens, "output_token_details": {"text_tokens": fin.completion_tokens,
-                                                                       "audio_tokens": fin.codec_tokens}}
+            out["usage"] = {
+                "total_tokens": fin.prompt_tokens + fin.completion_tokens + fin.codec_tokens,
+                "input_tokens": fin.prompt_tokens,
+                "output_tokens": fin.completion_tokens + fin.codec_tokens,
+                "output_token_details": {"text_tokens": fin.completion_tokens, "audio_tokens": fin.codec_tokens},
+            }
         return out
 
     async def response_cancel(self, ev: dict) -> None:
@@ -455,8 +535,13 @@ class Session:
         try:
             await resp.task
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():
-                raise
+            # the caller's own cancellation goes on; Task.cancelling() is Python 3.11+ (on 3.10, the pre-3.11 idiom:
+            # the CancelledError is taken as the response task's)
+            if sys.version_info >= (3, 11):
+                current = asyncio.current_task()
+                assert current is not None, "a coroutine runs in a task"
+                if current.cancelling():
+                    raise
         except Exception:  # noqa: BLE001 - already reported
             log.exception("response %s failed while cancelled", resp.id)
         if reason is not None:

@@ -8,6 +8,7 @@ it arrives.
 `audio_start_ms` is where speech was first detected less `prefix_padding_ms` (the start of the audio the turn
 commits); `audio_end_ms` is where `silence_duration_ms` of silence after the speech had passed (the end of it): both
 are milliseconds from the start of all audio appended in the session, as OpenAI's events give them."""
+
 from __future__ import annotations
 
 import threading

@@ -10,6 +10,7 @@ unknown model -> 404, body or media too large -> 413, missing or wrong key -> 40
 -> 503. A failure after a stream has started is sent as an SSE error event followed by `data: [DONE]`.
 A client that goes away cancels its request: the backend's iterator is closed on every path.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,9 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,35 +30,52 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omni.types import ChatRequest, Event, SamplingParams
 from omni.encoders.sources import MediaLimits, MediaPolicy
-from omni.serve.api.metrics import CONTENT_TYPE_LATEST, Metrics
 from omni.serve.api.admission import Admission, Admitted, SpeechGate
+from omni.serve.api.common import (  # noqa: F401 (re-exported)
+    MAX_JSON_CONTAINERS,
+    MAX_JSON_DEPTH,
+    RETRY_AFTER_S,
+    HTTPError,
+    check_json_nesting,
+    classify_error,
+)
+from omni.serve.api.common import ClientGone as _ClientGone
+from omni.serve.api.common import StreamResponse as _StreamResponse
+from omni.serve.api.common import error_json as _error_json  # noqa: F401
+from omni.serve.api.common import parse_body as _parse
+from omni.serve.api.common import read_body as _read_body
 from omni.serve.api.convert import SSE_DONE, Completion, ConvertOptions, error_response, sse, to_chat_request
+from omni.serve.api.metrics import CONTENT_TYPE_LATEST, Metrics
 from omni.serve.api.protocol import ChatCompletionRequest, ModelCard, ModelList
-from omni.serve.api.common import RETRY_AFTER_S, HTTPError, classify_error
-from omni.serve.api.common import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, check_json_nesting  # noqa: F401 (re-exported)
-from omni.serve.api.common import ClientGone as _ClientGone, StreamResponse as _StreamResponse
-from omni.serve.api.common import error_json as _error_json, parse_body as _parse, read_body as _read_body  # noqa: F401
-from omni.serve.api.speech import speech
 from omni.serve.api.realtime import mount_realtime
 from omni.serve.api.realtime_events import RealtimeLimits
+from omni.serve.api.speech import speech
 
 __all__ = ["Backend", "ServerSettings", "HTTPError", "build_fastapi", "classify_error"]
 
 log = logging.getLogger("omni.serve.api.server")
 
 
-
 class Backend(Protocol):
     """What the HTTP layer drives: omni.serve.compose.Composition (the in-process Pipeline, or the Ray app's
     handle-backed stages)."""
-    model_name: str
-    voices: list[str]
-    max_model_len: int  # prompt + max_tokens limit
 
-    def validate(self, request: ChatRequest) -> object: ...  # the one check: raises InvalidRequest, else -> the
-    #                                                          checked request (compose.CheckedRequest) stream takes
+    @property
+    def model_name(self) -> str: ...
 
-    def stream(self, checked) -> AsyncIterator[Event]: ...  # what validate returned; aclose() cancels the request
+    @property
+    def voices(self) -> list[str]: ...
+
+    @property
+    def max_model_len(self) -> int: ...  # prompt + max_tokens limit
+
+    def validate(self, request: ChatRequest) -> object:
+        """The one check: raises InvalidRequest, else returns the checked request (compose.CheckedRequest)."""
+        ...
+
+    def stream(self, checked) -> AsyncIterator[Event]:
+        """The events of what validate returned; aclose() cancels the request."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -79,14 +98,12 @@ class ServerSettings:
     realtime: RealtimeLimits = RealtimeLimits()  # /v1/realtime sessions: length, buffered audio, event rate and size
 
 
-
 def _log_failure(err: HTTPError, what: str, rid: str, exc: BaseException) -> None:
     """A 500 with its traceback; a 503 (a replica gone, the client retries) in one line; client errors not at all."""
     if err.status == 503:
         log.warning("%s %s: %s (%s)", what, rid, err.message, type(exc.__cause__ or exc).__name__)
     elif err.status >= 500:
         log.exception("%s %s failed", what, rid)
-
 
 
 def _check_auth(request: Request, settings: ServerSettings) -> None:
@@ -97,8 +114,6 @@ def _check_auth(request: Request, settings: ServerSettings) -> None:
         raise HTTPError(401, "missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
     if not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
         raise HTTPError(401, "incorrect API key", code="invalid_api_key")
-
-
 
 
 async def _watch_disconnect(request: Request, on_gone: Callable[[], None]) -> None:
@@ -133,8 +148,6 @@ async def _until_disconnect(request: Request, awaitable):
         raise
     finally:
         watcher.cancel()
-
-
 
 
 async def _sse_body(first: Event, comp: Completion, admitted: Admitted, metrics: Metrics) -> AsyncIterator[str]:
@@ -181,15 +194,26 @@ class _Routes:
         self.served_name = settings.served_model_name or backend.model_name
         limit = min(settings.max_tokens or backend.max_model_len, backend.max_model_len)
         self.convert_options = ConvertOptions(
-            max_tokens_limit=limit, default_max_tokens=settings.default_max_tokens,
-            default_sampling=settings.default_sampling, default_speech_tokens=settings.default_speech_tokens,
-            media_limits=settings.media_limits, media_policy=settings.media_policy, voices=tuple(backend.voices))
+            max_tokens_limit=limit,
+            default_max_tokens=settings.default_max_tokens,
+            default_sampling=settings.default_sampling,
+            default_speech_tokens=settings.default_speech_tokens,
+            media_limits=settings.media_limits,
+            media_policy=settings.media_policy,
+            voices=tuple(backend.voices),
+        )
 
     def models(self, request: Request) -> dict:
         _check_auth(request, self.settings)
         b = self.backend
-        card = ModelCard(id=self.served_name, created=self.settings.created, root=b.model_name,
-                         max_model_len=b.max_model_len, speaks=bool(b.voices), voices=list(b.voices))
+        card = ModelCard(
+            id=self.served_name,
+            created=self.settings.created,
+            root=b.model_name,
+            max_model_len=b.max_model_len,
+            speaks=bool(b.voices),
+            voices=list(b.voices),
+        )
         return ModelList(data=[card]).model_dump()
 
     def voices(self, request: Request) -> dict:
@@ -208,15 +232,21 @@ class _Routes:
         if self.draining:
             raise HTTPError(503, "server is shutting down; retry on another replica", code="shutting_down")
         if not self.admission.try_acquire():
-            raise HTTPError(503, f"server is at its limit of {self.admission.limit} concurrent requests; retry later",
-                            code="overloaded")
+            raise HTTPError(
+                503,
+                f"server is at its limit of {self.admission.limit} concurrent requests; retry later",
+                code="overloaded",
+            )
         return Admitted(self.admission, self.metrics.track(speech))
 
     async def speech_slot(self, request: Request, admitted: Admitted) -> None:
         """Wait for one of the speech streams' slots (released with `admitted`); HTTPError 503 past speech_wait_s."""
         if not await _until_disconnect(request, self.speech_gate.acquire()):
-            raise HTTPError(503, f"all {self.speech_gate.limit} speech streams of this server are busy; retry later",
-                            code="overloaded")
+            raise HTTPError(
+                503,
+                f"all {self.speech_gate.limit} speech streams of this server are busy; retry later",
+                code="overloaded",
+            )
         admitted.on_release = self.speech_gate.release
 
     async def _convert(self, request: Request, request_id: str) -> tuple[ChatCompletionRequest, ChatRequest, object]:
@@ -227,7 +257,8 @@ class _Routes:
             raise HTTPError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
         t_media = time.perf_counter()
         chat = await _until_disconnect(
-            request, run_in_threadpool(to_chat_request, req, request_id, self.convert_options))
+            request, run_in_threadpool(to_chat_request, req, request_id, self.convert_options)
+        )
         self.metrics.observe_stage("ingress_media", time.perf_counter() - t_media)
         return req, chat, self.backend.validate(chat)
 
@@ -262,10 +293,15 @@ class _Routes:
         request_id = admitted.request_id = uuid.uuid4().hex
         try:
             req, chat, checked = await self._convert(request, request_id)
-            comp = Completion(chat.request_id, self.served_name, speak=chat.speak,
-                              audio_format=req.audio.format if req.audio else "wav",
-                              include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                              stop=req.stop_strings, dialect=self.settings.api_dialect)
+            comp = Completion(
+                chat.request_id,
+                self.served_name,
+                speak=chat.speak,
+                audio_format=req.audio.format if req.audio else "wav",
+                include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                stop=req.stop_strings,
+                dialect=self.settings.api_dialect,
+            )
             if chat.speak:
                 await self.speech_slot(request, admitted)
             admitted.events = self.backend.stream(checked)
@@ -287,8 +323,9 @@ class _Routes:
             return _error_json(err)
 
 
-def build_fastapi(backend: Backend, settings: ServerSettings = ServerSettings(),
-                  metrics: Optional[Metrics] = None) -> FastAPI:
+def build_fastapi(
+    backend: Backend, settings: ServerSettings = ServerSettings(), metrics: Optional[Metrics] = None
+) -> FastAPI:
     """The app over `backend`; `metrics`: the registry to record into (a fresh one by default)."""
     app = FastAPI(title="omni", docs_url=None, redoc_url=None, openapi_url=None)
     routes = _Routes(backend, settings, metrics or Metrics())

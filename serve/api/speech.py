@@ -9,6 +9,7 @@ text decoding. The answer streams as it is produced:
 Errors before the first audio are JSON error bodies with their status; after it, the stream ends (sse: an error
 event).
 """
+
 from __future__ import annotations
 
 import base64
@@ -16,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -24,8 +25,15 @@ from starlette.concurrency import run_in_threadpool
 
 from omni.types import AudioChunk, Event, Finished
 from omni.serve.api.audio_io import AUDIO_FORMATS, AudioStreamEncoder
-from omni.serve.api.common import (ClientGone, HTTPError, StreamResponse, classify_error, error_json, parse_body,
-                                   read_body)
+from omni.serve.api.common import (
+    ClientGone,
+    HTTPError,
+    StreamResponse,
+    classify_error,
+    error_json,
+    parse_body,
+    read_body,
+)
 from omni.serve.api.convert import error_response, to_speech_request
 from omni.serve.api.protocol import SpeechRequest
 
@@ -38,8 +46,9 @@ def _sse(obj: dict) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
 
-async def _body(first: Event, events: AsyncIterator[Event], req: SpeechRequest, admitted,
-                metrics) -> AsyncIterator[bytes]:
+async def _body(
+    first: Event, events: AsyncIterator[Event], req: SpeechRequest, admitted, metrics
+) -> AsyncIterator[bytes]:
     """Encoded audio (or SSE events) from the first event on; releases the request however it ends."""
     enc = AudioStreamEncoder(req.response_format)
     sse, ok, fin = req.stream_format == "sse", False, None
@@ -67,8 +76,12 @@ async def _body(first: Event, events: AsyncIterator[Event], req: SpeechRequest, 
         if sse:
             n_in = fin.prompt_tokens + fin.completion_tokens if fin else 0
             n_out = fin.codec_tokens if fin else 0
-            yield _sse({"type": "speech.audio.done",
-                        "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}})
+            yield _sse(
+                {
+                    "type": "speech.audio.done",
+                    "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out},
+                }
+            )
         ok = True
     except Exception as e:  # noqa: BLE001 - after the headers: an error event (sse) or a cut stream (audio)
         err = classify_error(e, admitted.request_id)
@@ -121,4 +134,3 @@ async def speech(routes, request: Request) -> Response:
             log.exception("speech %s failed", admitted.request_id)
         metrics.speech_requests.labels(status=str(err.status)).inc()
         return error_json(err)
-

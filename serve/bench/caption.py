@@ -13,6 +13,7 @@ PROMPT` sends (the default prompt of its media type), greedy, `max_tokens` token
   the other: what a script without this project does.
 Writes `<out>/caption.json` and prints a Markdown table. Captions are compared too (greedy: they should agree).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -35,7 +36,7 @@ class CaptionBenchConfig:
     out: str = "out/bench"  # caption.json goes here
 
     @classmethod
-    def from_args(cls, args) -> "CaptionBenchConfig":
+    def from_args(cls, args) -> CaptionBenchConfig:
         # --model --files --max-tokens --out; the serving bench's --concurrency (levels) means something else here
         keys = ("model", "files", "max_tokens", "out")
         kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
@@ -59,16 +60,37 @@ def make_files(folder: Path, n: int) -> list[Path]:
         elif kind == "audio":
             path = folder / f"speech{i:03d}.wav"
             if espeak:
-                subprocess.run([espeak, "-w", str(path), f"Sample number {i}. The quick brown fox jumps over the "
-                                "lazy dog."], check=True, capture_output=True)
+                subprocess.run(
+                    [espeak, "-w", str(path), f"Sample number {i}. The quick brown fox jumps over the lazy dog."],
+                    check=True,
+                    capture_output=True,
+                )
             else:
                 sf.write(path, tone(3.0, 180.0 + 10 * i), 16000)
         else:
             path = folder / f"video{i:03d}.mp4"
             pattern = ("testsrc", "testsrc2", "smptebars", "rgbtestsrc")[i // 4 % 4]
-            subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-                            f"{pattern}=size=160x120:rate=8:duration={2 + i % 2}", "-vf", f"hue=h={(i * 37) % 360}",
-                            "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path)], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "ffmpeg",
+                    "-loglevel",
+                    "error",
+                    "-y",
+                    "-f",
+                    "lavfi",
+                    "-i",
+                    f"{pattern}=size=160x120:rate=8:duration={2 + i % 2}",
+                    "-vf",
+                    f"hue=h={(i * 37) % 360}",
+                    "-c:v",
+                    "libx264",
+                    "-pix_fmt",
+                    "yuv420p",
+                    str(path),
+                ],
+                check=True,
+                capture_output=True,
+            )
         files.append(path)
     return files
 
@@ -94,9 +116,13 @@ def _loop(files: list[Path], config: CaptionBenchConfig) -> dict:
         print(f"[bench caption] loop: {i + 1}/{len(files)} files", end="\r", flush=True)
     print()
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "files_per_s": len(files) / wall, "files_per_s_after_load": len(files) / (wall - load_s),
-            "stage_s": {"model load": load_s, "decode": decode_s, "generate (processor + encoders + LM)": generate_s},
-            "captions": captions}
+    return {
+        "wall_s": wall,
+        "files_per_s": len(files) / wall,
+        "files_per_s_after_load": len(files) / (wall - load_s),
+        "stage_s": {"model load": load_s, "decode": decode_s, "generate (processor + encoders + LM)": generate_s},
+        "captions": captions,
+    }
 
 
 def _ours(files: list[Path], folder: Path, config: CaptionBenchConfig) -> dict:
@@ -104,19 +130,27 @@ def _ours(files: list[Path], folder: Path, config: CaptionBenchConfig) -> dict:
     from omni.serve.cluster.caption import CaptionOptions, run_caption
 
     out = folder.parent / "captions.jsonl"
-    opts = CaptionOptions(model=config.model, max_tokens=config.max_tokens, batch_size=config.batch_size,
-                          concurrency=config.concurrency)
+    opts = CaptionOptions(
+        model=config.model, max_tokens=config.max_tokens, batch_size=config.batch_size, concurrency=config.concurrency
+    )
     report = run_caption([str(f) for f in files], str(out), opts, progress_every_s=5.0)
     rows = CaptionOutput(str(out)).read()
     t = report.timeline
     ready = max(t.get("encode_ready", 0.0), t.get("thinker_ready", 0.0))
-    return {"wall_s": report.seconds, "files_per_s": report.files_per_s,
-            "files_per_s_after_startup": report.files / max(report.seconds - ready, 1e-9),
-            "ok": report.ok, "failed": report.failed, "timeline_s": t,
-            "stage_s": {"decode (read, decode, processor)": report.stage_seconds["decode"],
-                        "encode (towers, batched)": report.stage_seconds["encode"],
-                        "thinker (continuous batch)": report.stage_seconds["thinker"]},
-            "captions": {r["path"]: r["caption"] for r in rows}}
+    return {
+        "wall_s": report.seconds,
+        "files_per_s": report.files_per_s,
+        "files_per_s_after_startup": report.files / max(report.seconds - ready, 1e-9),
+        "ok": report.ok,
+        "failed": report.failed,
+        "timeline_s": t,
+        "stage_s": {
+            "decode (read, decode, processor)": report.stage_seconds["decode"],
+            "encode (towers, batched)": report.stage_seconds["encode"],
+            "thinker (continuous batch)": report.stage_seconds["thinker"],
+        },
+        "captions": {r["path"]: r["caption"] for r in rows},
+    }
 
 
 def run_caption_bench(config: CaptionBenchConfig) -> dict:
@@ -138,24 +172,37 @@ def run_caption_bench(config: CaptionBenchConfig) -> dict:
     same = sum(ours["captions"].get(p) == c for p, c in loop["captions"].items())
     for side in (ours, loop):
         del side["captions"]
-    return {"config": asdict(config), "cpu_cores": os.cpu_count(), "machine": platform.machine(), "ours": ours,
-            "loop": loop, "ratio": ours["files_per_s"] / loop["files_per_s"],
-            "ratio_steady": ours["files_per_s_after_startup"] / loop["files_per_s_after_load"],
-            "captions_equal": same, "files": len(files)}
+    return {
+        "config": asdict(config),
+        "cpu_cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "ours": ours,
+        "loop": loop,
+        "ratio": ours["files_per_s"] / loop["files_per_s"],
+        "ratio_steady": ours["files_per_s_after_startup"] / loop["files_per_s_after_load"],
+        "captions_equal": same,
+        "files": len(files),
+    }
 
 
 def markdown(r: dict) -> str:
     o, lp, c = r["ours"], r["loop"], r["config"]
-    lines = [f"## omni caption vs a sequential loop over the official path ({c['model']}, {r['files']} files, "
-             f"max_tokens {c['max_tokens']}, {r['cpu_cores']} CPU cores)", "",
-             "| | omni caption | official loop | ratio |", "|---|---|---|---|",
-             f"| files/s, end to end (Ray start + model loads included) | {o['files_per_s']:.2f} | "
-             f"{lp['files_per_s']:.2f} | **{r['ratio']:.2f}x** |",
-             f"| files/s after startup (actors ready / model loaded) | {o['files_per_s_after_startup']:.2f} | "
-             f"{lp['files_per_s_after_load']:.2f} | {r['ratio_steady']:.2f}x |",
-             f"| wall seconds | {o['wall_s']:.1f} | {lp['wall_s']:.1f} | |",
-             f"| captions equal to the official path's | {r['captions_equal']}/{r['files']} | | |", "",
-             "Where the time goes (seconds; omni caption's stages are summed per file and overlap each other):", ""]
+    lines = [
+        f"## omni caption vs a sequential loop over the official path ({c['model']}, {r['files']} files, "
+        f"max_tokens {c['max_tokens']}, {r['cpu_cores']} CPU cores)",
+        "",
+        "| | omni caption | official loop | ratio |",
+        "|---|---|---|---|",
+        f"| files/s, end to end (Ray start + model loads included) | {o['files_per_s']:.2f} | "
+        f"{lp['files_per_s']:.2f} | **{r['ratio']:.2f}x** |",
+        f"| files/s after startup (actors ready / model loaded) | {o['files_per_s_after_startup']:.2f} | "
+        f"{lp['files_per_s_after_load']:.2f} | {r['ratio_steady']:.2f}x |",
+        f"| wall seconds | {o['wall_s']:.1f} | {lp['wall_s']:.1f} | |",
+        f"| captions equal to the official path's | {r['captions_equal']}/{r['files']} | | |",
+        "",
+        "Where the time goes (seconds; omni caption's stages are summed per file and overlap each other):",
+        "",
+    ]
     lines += [f"- omni caption, {k}: {v:.1f}" for k, v in o["stage_s"].items()]
     t = o["timeline_s"]
     lines.append("- omni caption, timeline from the start: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))

@@ -24,6 +24,7 @@ Goals (met / not met, each with its measured ratio):
 Writes `<out>/engine.json` and `<out>/engine.md`; prints the Markdown. Works with the EngineConfig of before and after
 the slot-cache rewrite: fields it lacks (`kv_cache_tokens`, `compile`) are left out and listed in the JSON.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,14 +33,28 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-__all__ = ["EngineBenchConfig", "Goal", "CellResult", "engine_config", "random_prompt", "bench_sequence",
-           "cpu_step_memory", "step_memory", "run_context", "run_engine_bench", "goals", "markdown", "main"]
+__all__ = [
+    "EngineBenchConfig",
+    "Goal",
+    "CellResult",
+    "engine_config",
+    "random_prompt",
+    "bench_sequence",
+    "cpu_step_memory",
+    "step_memory",
+    "run_context",
+    "run_engine_bench",
+    "goals",
+    "markdown",
+    "main",
+]
 
 
 def _ints(text) -> tuple[int, ...]:
@@ -65,7 +80,7 @@ class EngineBenchConfig:
     out: str = "out/bench-engine"
 
     @classmethod
-    def from_args(cls, args) -> "EngineBenchConfig":
+    def from_args(cls, args) -> EngineBenchConfig:
         kw = {}
         for k in ("model", "steps", "warmup", "admit_tokens", "admits", "goal_batch", "threads", "device", "out"):
             if getattr(args, k, None) is not None:
@@ -134,8 +149,9 @@ def bench_sequence(thinker, request_id: str, prompt, max_tokens: int):
     """The Thinker's own sequence, greedy, with no stop id: it decodes until max_tokens or cancelled."""
     from omni.types import MediaEmbeddings, SamplingParams
 
-    seq = thinker.sequence_cls(thinker, request_id, prompt, MediaEmbeddings(), SamplingParams(max_tokens=max_tokens),
-                               False)
+    seq = thinker.sequence_cls(
+        thinker, request_id, prompt, MediaEmbeddings(), SamplingParams(max_tokens=max_tokens), False
+    )
     seq.stop_ids = set()
     return seq
 
@@ -168,9 +184,10 @@ def cpu_step_memory(fn: Callable) -> tuple[int, int]:
         events = json.loads(Path(path).read_text()).get("traceEvents", [])
     finally:
         os.unlink(path)
-    mem = sorted((e for e in events
-                  if e.get("name") == "[memory]" and int(e.get("args", {}).get("Device Type", 0)) == 0),
-                 key=lambda e: e.get("ts", 0))
+    mem = sorted(
+        (e for e in events if e.get("name") == "[memory]" and int(e.get("args", {}).get("Device Type", 0)) == 0),
+        key=lambda e: e.get("ts", 0),
+    )
     if not mem:
         return 0, 0
     sizes = [int(e["args"]["Bytes"]) for e in mem]
@@ -209,8 +226,9 @@ def _fill(engine, rows: int, max_steps: int = 64) -> None:
     raise RuntimeError(f"the engine holds {engine.num_running} rows after {max_steps} steps, wanted {rows}")
 
 
-def run_context(thinker, context: int, batches, cfg: EngineBenchConfig, generator: torch.Generator,
-                admit: bool = True, log=print) -> list[CellResult]:
+def run_context(
+    thinker, context: int, batches, cfg: EngineBenchConfig, generator: torch.Generator, admit: bool = True, log=print
+) -> list[CellResult]:
     """Grow one running batch of `context`-token prompts through `batches` (ascending) and measure each cell."""
     engine, device = thinker.engine, thinker.device
     vocab = thinker.cfg.text_config.vocab_size
@@ -220,8 +238,9 @@ def run_context(thinker, context: int, batches, cfg: EngineBenchConfig, generato
 
     def admit_one(tag: str, measure: Callable):
         """Add one `admit_tokens` prompt, run the admitting step through `measure`, then retire the row."""
-        new = bench_sequence(thinker, f"c{context}-{tag}", random_prompt(cfg.admit_tokens, vocab, avoid, generator),
-                             max_tokens)
+        new = bench_sequence(
+            thinker, f"c{context}-{tag}", random_prompt(cfg.admit_tokens, vocab, avoid, generator), max_tokens
+        )
         engine.add(new)
         result = measure(engine.step)
         _check([new])
@@ -232,8 +251,9 @@ def run_context(thinker, context: int, batches, cfg: EngineBenchConfig, generato
     for B in sorted(batches):
         t0 = time.perf_counter()
         for _ in range(B - len(live)):
-            seq = bench_sequence(thinker, f"c{context}-r{len(live)}", random_prompt(context, vocab, avoid, generator),
-                                 max_tokens)
+            seq = bench_sequence(
+                thinker, f"c{context}-r{len(live)}", random_prompt(context, vocab, avoid, generator), max_tokens
+            )
             live.append(seq)
             engine.add(seq)
         _fill(engine, B)
@@ -248,10 +268,12 @@ def run_context(thinker, context: int, batches, cfg: EngineBenchConfig, generato
         _check(live)
         rows = engine.num_running
         med = statistics.median(times)
-        cell = CellResult(B, context, rows, fill_s, [t * 1e3 for t in times], med * 1e3, min(times) * 1e3, B / med,
-                          None, None)
+        cell = CellResult(
+            B, context, rows, fill_s, [t * 1e3 for t in times], med * 1e3, min(times) * 1e3, B / med, None, None
+        )
         if admit:
             if device.type == "cuda":  # the allocator counters cost nothing: time and memory in the same step
+
                 def measure(step):
                     t = time.perf_counter()
                     peak = step_memory(step, device)[1]
@@ -260,18 +282,24 @@ def run_context(thinker, context: int, batches, cfg: EngineBenchConfig, generato
                 got = [admit_one(f"admit{B}-{i}", measure) for i in range(cfg.admits)]
                 t_admit, cell.admit_peak_bytes = statistics.median(t for t, _ in got), max(p for _, p in got)
             else:  # the profiler slows the step: time the admissions, profile one more
-                t_admit = statistics.median(admit_one(f"admit{B}-{i}", lambda step: _timed(step, device))
-                                            for i in range(cfg.admits))
+                t_admit = statistics.median(
+                    admit_one(f"admit{B}-{i}", lambda step: _timed(step, device)) for i in range(cfg.admits)
+                )
                 cell.admit_peak_bytes = admit_one(f"admit{B}b", cpu_step_memory)[1]
             cell.admit_step_ms = t_admit * 1e3
             cell.admit_extra_ms = (t_admit - med) * 1e3
         cell.step_alloc_bytes, cell.step_peak_bytes = step_memory(engine.step, device)
         if engine.num_running != B:
             raise RuntimeError(f"{engine.num_running} rows after cell {B} x {context}, expected {B}")
-        log(f"  B={B:3d} T={context:5d}  step {cell.step_ms_median:8.2f} ms  {cell.tokens_per_s:8.1f} tok/s  "
+        log(
+            f"  B={B:3d} T={context:5d}  step {cell.step_ms_median:8.2f} ms  {cell.tokens_per_s:8.1f} tok/s  "
             f"alloc/step {_mib(cell.step_alloc_bytes)}  peak {_mib(cell.step_peak_bytes)}"
-            + (f"  admit {cell.admit_step_ms:8.2f} ms (+{cell.admit_extra_ms:.2f})  peak {_mib(cell.admit_peak_bytes)}"
-               if admit else ""))
+            + (
+                f"  admit {cell.admit_step_ms:8.2f} ms (+{cell.admit_extra_ms:.2f})  peak {_mib(cell.admit_peak_bytes)}"
+                if admit
+                else ""
+            )
+        )
         out.append(cell)
     for s in live:
         s.cancel()
@@ -288,8 +316,9 @@ def _thinker(loaded, cfg: EngineBenchConfig, rows: int, context: int):
     from omni.serve.models import thinker_of
 
     kv = rows * (context + cfg.admit_tokens + 512)
-    ec, missing = engine_config(max_num_seqs=rows + 1, max_prefill_tokens=0, prefill_chunk_tokens=0,
-                                kv_cache_tokens=kv, compile=cfg.compile)
+    ec, missing = engine_config(
+        max_num_seqs=rows + 1, max_prefill_tokens=0, prefill_chunk_tokens=0, kv_cache_tokens=kv, compile=cfg.compile
+    )
     return thinker_of(loaded, ec, max_model_len=context + cfg.admit_tokens + 1024), ec, missing
 
 
@@ -310,11 +339,20 @@ def run_engine_bench(cfg: EngineBenchConfig, loaded=None, log=print) -> dict:
         thinker, _, _ = _thinker(loaded, cfg, cfg.goal_batch, T)
         goal_cells += run_context(thinker, T, (cfg.goal_batch,), cfg, g, admit=False, log=log)
         stats[f"goal T={T}"] = thinker.engine.stats()
-    report = {"config": asdict(cfg), "model": loaded.name, "device": str(loaded.device),
-              "dtype": str(loaded.model.dtype).removeprefix("torch."), "torch": torch.__version__,
-              "torch_threads": torch.get_num_threads(), "loadavg_at_start": list(os.getloadavg()),
-              "engine_config": asdict(ec), "engine_fields_missing": missing, "engine_stats": stats,
-              "cells": [asdict(c) for c in cells], "goal_cells": [asdict(c) for c in goal_cells]}
+    report = {
+        "config": asdict(cfg),
+        "model": loaded.name,
+        "device": str(loaded.device),
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_at_start": list(os.getloadavg()),
+        "engine_config": asdict(ec),
+        "engine_fields_missing": missing,
+        "engine_stats": stats,
+        "cells": [asdict(c) for c in cells],
+        "goal_cells": [asdict(c) for c in goal_cells],
+    }
     report["goals"] = [x.to_json() for x in goals(cells, goal_cells, cfg)]
     return report
 
@@ -331,25 +369,42 @@ def goals(cells: list[CellResult], goal_cells: list[CellResult], cfg: EngineBenc
         hi = max(adm, key=lambda c: (c.batch * c.context, c.batch))
         # the cost can be ~0 on a small cell: floor the denominator at 1% of its plain step
         base = max(lo.admit_extra_ms, 0.01 * lo.step_ms_median)
-        out.append(Goal(f"admission cost ({cfg.admit_tokens}-token prompt) into {hi.batch} x {hi.context} / into "
-                        f"{lo.batch} x {lo.context}", _ratio(max(hi.admit_extra_ms, 0.0), base), 1.5,
-                        f"extra over a plain step {hi.admit_extra_ms:.2f} vs {lo.admit_extra_ms:.2f} ms; whole "
-                        f"admitting step {hi.admit_step_ms:.2f} vs {lo.admit_step_ms:.2f} ms "
-                        f"({_ratio(hi.admit_step_ms, lo.admit_step_ms):.2f}x)"))
+        out.append(
+            Goal(
+                f"admission cost ({cfg.admit_tokens}-token prompt) into {hi.batch} x {hi.context} / into "
+                f"{lo.batch} x {lo.context}",
+                _ratio(max(hi.admit_extra_ms, 0.0), base),
+                1.5,
+                f"extra over a plain step {hi.admit_extra_ms:.2f} vs {lo.admit_extra_ms:.2f} ms; whole "
+                f"admitting step {hi.admit_step_ms:.2f} vs {lo.admit_step_ms:.2f} ms "
+                f"({_ratio(hi.admit_step_ms, lo.admit_step_ms):.2f}x)",
+            )
+        )
     else:
         out.append(Goal("admission cost, largest cell / smallest", None, 1.5, "no cell measured admission"))
     short = min(goal_cells, key=lambda c: c.context, default=None)
     long = max(goal_cells, key=lambda c: c.context, default=None)
     same = short is not None and long is not short
-    out.append(Goal(f"step at {cfg.goal_batch} rows: {long.context if same else '?'}-token contexts / "
-                    f"{short.context if same else '?'}", _ratio(long.step_ms_median, short.step_ms_median)
-                    if same else None, 1.5,
-                    f"{long.step_ms_median:.2f} vs {short.step_ms_median:.2f} ms" if same else "needs two contexts"))
-    out.append(Goal(f"bytes allocated per step at {cfg.goal_batch} rows: {long.context if same else '?'}-token "
-                    f"contexts / {short.context if same else '?'}",
-                    _ratio(long.step_alloc_bytes, short.step_alloc_bytes) if same else None, 1.5,
-                    f"{_mib(long.step_alloc_bytes).strip()} vs {_mib(short.step_alloc_bytes).strip()}" if same
-                    else "needs two contexts"))
+    out.append(
+        Goal(
+            f"step at {cfg.goal_batch} rows: {long.context if same else '?'}-token contexts / "
+            f"{short.context if same else '?'}",
+            _ratio(long.step_ms_median, short.step_ms_median) if same else None,
+            1.5,
+            f"{long.step_ms_median:.2f} vs {short.step_ms_median:.2f} ms" if same else "needs two contexts",
+        )
+    )
+    out.append(
+        Goal(
+            f"bytes allocated per step at {cfg.goal_batch} rows: {long.context if same else '?'}-token "
+            f"contexts / {short.context if same else '?'}",
+            _ratio(long.step_alloc_bytes, short.step_alloc_bytes) if same else None,
+            1.5,
+            f"{_mib(long.step_alloc_bytes).strip()} vs {_mib(short.step_alloc_bytes).strip()}"
+            if same
+            else "needs two contexts",
+        )
+    )
     return out
 
 
@@ -359,10 +414,13 @@ def _met(g: dict) -> str:
 
 def markdown(report: dict) -> str:
     cfg = report["config"]
-    lines = [f"`omni bench engine --model {report['model']}` on {report['device']} ({report['dtype']}, torch "
-             f"{report['torch']}): random-id prompts, greedy, {cfg['steps']} timed decode steps per cell (median).", "",
-             "| rows | context | step | tokens/s | alloc/step | step peak | admit step | admission cost | admit peak |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`omni bench engine --model {report['model']}` on {report['device']} ({report['dtype']}, torch "
+        f"{report['torch']}): random-id prompts, greedy, {cfg['steps']} timed decode steps per cell (median).",
+        "",
+        "| rows | context | step | tokens/s | alloc/step | step peak | admit step | admission cost | admit peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def fmt(v, unit="ms"):
         if v is None:
@@ -370,16 +428,21 @@ def markdown(report: dict) -> str:
         return f"{v:.2f} ms" if unit == "ms" else f"{v / 2**20:.2f} MiB"
 
     for c in report["cells"] + report["goal_cells"]:
-        lines.append(f"| {c['batch']} | {c['context']} | {fmt(c['step_ms_median'])} | {c['tokens_per_s']:.1f} | "
-                     f"{fmt(c['step_alloc_bytes'], 'b')} | {fmt(c['step_peak_bytes'], 'b')} | "
-                     f"{fmt(c['admit_step_ms'])} | {fmt(c['admit_extra_ms'])} | {fmt(c['admit_peak_bytes'], 'b')} |")
+        lines.append(
+            f"| {c['batch']} | {c['context']} | {fmt(c['step_ms_median'])} | {c['tokens_per_s']:.1f} | "
+            f"{fmt(c['step_alloc_bytes'], 'b')} | {fmt(c['step_peak_bytes'], 'b')} | "
+            f"{fmt(c['admit_step_ms'])} | {fmt(c['admit_extra_ms'])} | {fmt(c['admit_peak_bytes'], 'b')} |"
+        )
     lines += ["", "| goal | measured | bound | verdict | detail |", "|---|---|---|---|---|"]
     for g in report["goals"]:
         v = "-" if g["value"] is None else f"{g['value']:.2f}x"
         lines.append(f"| {g['name']} | {v} | {g['bound']}x | {_met(g)} | {g['detail']} |")
     if report["engine_fields_missing"]:
-        lines += ["", f"EngineConfig without {', '.join(report['engine_fields_missing'])} (the engine before the "
-                      f"slot-cache rewrite): left out."]
+        lines += [
+            "",
+            f"EngineConfig without {', '.join(report['engine_fields_missing'])} (the engine before the "
+            f"slot-cache rewrite): left out.",
+        ]
     return "\n".join(lines)
 
 
@@ -388,8 +451,10 @@ def main(args) -> int:
     from omni.checkpoint import load_model
 
     loaded = load_model(cfg.model, device=cfg.device)
-    print(f"omni bench engine: {cfg.model} on {loaded.device}, batches {cfg.batches}, contexts {cfg.contexts}, "
-          f"goal cells {cfg.goal_batch} x {cfg.goal_contexts}")
+    print(
+        f"omni bench engine: {cfg.model} on {loaded.device}, batches {cfg.batches}, contexts {cfg.contexts}, "
+        f"goal cells {cfg.goal_batch} x {cfg.goal_contexts}"
+    )
     t0 = time.perf_counter()
     report = run_engine_bench(cfg, loaded)
     report["seconds"] = time.perf_counter() - t0

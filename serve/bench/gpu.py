@@ -25,6 +25,7 @@ Goals: the decode step at batch 1 within 1.5x of the roofline; batch 64 within 2
 and <= 600 ms at c=16. Random weights: no stop ids (every row decodes its full length); DiT `num_embeds` is raised to
 the talker vocabulary (8448) so that any code a random talker emits is a valid DiT input.
 """
+
 from __future__ import annotations
 
 import sys
@@ -67,12 +68,38 @@ def _omni_importable() -> None:
 
 # per shape: the sizes of every stage's measurements (tiny: seconds on a CPU)
 SHAPES = {
-    "7b": dict(batches=(1, 4, 16, 64), prompt=128, steps=16, admit_rows=32, admit_context=2048, admit_tokens=256,
-               talker_batches=(1, 16), dit_codes=(24, 48), dit_batches=(1, 16), dit_reps=3, ttfap_c=(1, 16),
-               text_tokens=32, speech_codes=64, pickle_rows=200),
-    "tiny": dict(batches=(1, 2), prompt=16, steps=3, admit_rows=2, admit_context=64, admit_tokens=16,
-                 talker_batches=(1, 2), dit_codes=(24,), dit_batches=(1,), dit_reps=1, ttfap_c=(1, 2),
-                 text_tokens=6, speech_codes=26, pickle_rows=20),
+    "7b": dict(
+        batches=(1, 4, 16, 64),
+        prompt=128,
+        steps=16,
+        admit_rows=32,
+        admit_context=2048,
+        admit_tokens=256,
+        talker_batches=(1, 16),
+        dit_codes=(24, 48),
+        dit_batches=(1, 16),
+        dit_reps=3,
+        ttfap_c=(1, 16),
+        text_tokens=32,
+        speech_codes=64,
+        pickle_rows=200,
+    ),
+    "tiny": dict(
+        batches=(1, 2),
+        prompt=16,
+        steps=3,
+        admit_rows=2,
+        admit_context=64,
+        admit_tokens=16,
+        talker_batches=(1, 2),
+        dit_codes=(24,),
+        dit_batches=(1,),
+        dit_reps=1,
+        ttfap_c=(1, 2),
+        text_tokens=6,
+        speech_codes=26,
+        pickle_rows=20,
+    ),
 }
 
 
@@ -87,11 +114,26 @@ def omni_config(shape: str):
     if shape == "7b":
         rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
         th = d["thinker_config"]
-        th["text_config"].update(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                 num_attention_heads=28, num_key_value_heads=4, rope_parameters=rope)
+        th["text_config"].update(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            rope_parameters=rope,
+        )
         th["vision_config"]["out_hidden_size"] = th["audio_config"]["output_dim"] = 3584  # tiny towers, real width
-        d["talker_config"].update(embedding_size=3584, hidden_size=896, intermediate_size=18944, num_hidden_layers=24,
-                                  num_attention_heads=12, num_key_value_heads=4, head_dim=128, rope_parameters=rope)
+        d["talker_config"].update(
+            embedding_size=3584,
+            hidden_size=896,
+            intermediate_size=18944,
+            num_hidden_layers=24,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            head_dim=128,
+            rope_parameters=rope,
+        )
         d["token2wav_config"] = {"dit_config": {"num_embeds": CODEC_VOCAB}, "bigvgan_config": {}}
     elif shape != "tiny":
         raise ValueError(f"unknown shape {shape!r}; one of {sorted(SHAPES)}")
@@ -117,11 +159,11 @@ class Built:
 def build(shape: str, device: str) -> Built:
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    from omni.decoders import Token2Wav, VocoderConfig
-    from omni.serve.bench.engine import engine_config
     from omni.talker import Talker, TalkerConfig
     from omni.thinker import Thinker
     from omni.tiny import speaker_dict
+    from omni.decoders import Token2Wav, VocoderConfig
+    from omni.serve.bench.engine import engine_config
 
     config = omni_config(shape)
     dev = torch.device(device)
@@ -170,19 +212,38 @@ def _no_stop(seq):
 def s0_env(ctx) -> dict:
     import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "transformers_path": str(Path(transformers.__file__).parent), "cuda": torch.version.cuda,
-           "device": ctx.device}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "transformers_path": str(Path(transformers.__file__).parent),
+        "cuda": torch.version.cuda,
+        "device": ctx.device,
+    }
     if ctx.dev.type == "cuda":
         free, total = torch.cuda.mem_get_info()
         p = torch.cuda.get_device_properties(ctx.dev)
-        out.update(device_name=p.name, capability=f"{p.major}.{p.minor}", free_bytes=free, total_bytes=total,
-                   sdpa={k: getattr(torch.backends.cuda, f"{k}_sdp_enabled")() for k in
-                         ("flash", "mem_efficient", "math", "cudnn")
-                         if hasattr(torch.backends.cuda, f"{k}_sdp_enabled")})
+        out.update(
+            device_name=p.name,
+            capability=f"{p.major}.{p.minor}",
+            free_bytes=free,
+            total_bytes=total,
+            sdpa={
+                k: getattr(torch.backends.cuda, f"{k}_sdp_enabled")()
+                for k in ("flash", "mem_efficient", "math", "cudnn")
+                if hasattr(torch.backends.cuda, f"{k}_sdp_enabled")
+            },
+        )
     imports = {}
-    for mod in ("omni.engine", "omni.thinker", "omni.talker", "omni.decoders", "omni.serve.stages",
-                "omni.serve.bench.engine", "omni.serve.pipeline"):
+    for mod in (
+        "omni.engine",
+        "omni.thinker",
+        "omni.talker",
+        "omni.decoders",
+        "omni.serve.stages",
+        "omni.serve.bench.engine",
+        "omni.serve.pipeline",
+    ):
         try:
             importlib.import_module(mod)
             imports[mod] = "ok"
@@ -200,10 +261,14 @@ def s1_sync(ctx) -> dict:
     rows = SHAPES[ctx.shape]["pickle_rows"]
     dt = torch.bfloat16 if ctx.dev.type == "cuda" else torch.float32
     logits = torch.randn(1, vocab, device=ctx.dev)
-    out = {"h2d_us": _us_per(lambda: torch.tensor([7], device=ctx.dev), 200, ctx.dev),
-           "argmax_int_us": _us_per(lambda: int(logits.argmax(-1)), 200, ctx.dev)}
-    for name, t in ((f"pickle_{hidden}_us", torch.randn(hidden, device=ctx.dev, dtype=dt)),
-                    (f"pickle_{rows}x{hidden}_us", torch.randn(rows, hidden, device=ctx.dev, dtype=dt))):
+    out = {
+        "h2d_us": _us_per(lambda: torch.tensor([7], device=ctx.dev), 200, ctx.dev),
+        "argmax_int_us": _us_per(lambda: int(logits.argmax(-1)), 200, ctx.dev),
+    }
+    for name, t in (
+        (f"pickle_{hidden}_us", torch.randn(hidden, device=ctx.dev, dtype=dt)),
+        (f"pickle_{rows}x{hidden}_us", torch.randn(rows, hidden, device=ctx.dev, dtype=dt)),
+    ):
         out[name] = _us_per(lambda t=t: pickle.loads(pickle.dumps(t)), 50, ctx.dev)
     return out
 
@@ -215,12 +280,18 @@ def s2_build(ctx) -> dict:
     m = b.model
     lm = m.thinker.model.language_model
     # a decode step reads every LM weight once, except the embedding table (one row per row of the batch)
-    ctx.lm_bytes = (sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed_tokens" not in n)
-                    + sum(p.numel() * p.element_size() for p in m.thinker.lm_head.parameters()))
+    ctx.lm_bytes = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed_tokens" not in n) + sum(
+        p.numel() * p.element_size() for p in m.thinker.lm_head.parameters()
+    )
     count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
-    out = {"seconds": time.perf_counter() - t0, "thinker_params": count(m.thinker), "talker_params": count(m.talker),
-           "token2wav_params": count(m.token2wav), "lm_weight_bytes": ctx.lm_bytes,
-           "engine_config": dataclasses.asdict(b.thinker.engine.config)}
+    out = {
+        "seconds": time.perf_counter() - t0,
+        "thinker_params": count(m.thinker),
+        "talker_params": count(m.talker),
+        "token2wav_params": count(m.token2wav),
+        "lm_weight_bytes": ctx.lm_bytes,
+        "engine_config": dataclasses.asdict(b.thinker.engine.config),
+    }
     if ctx.dev.type == "cuda":
         out["allocated_bytes"] = torch.cuda.memory_allocated()
     return out
@@ -248,12 +319,20 @@ def s3_thinker(ctx) -> dict:
     by_b = {c.batch: c for c in cells}
     b1, bmax = by_b.get(1), by_b.get(max(by_b))
     roof = ctx.lm_bytes / bw * 1e3 if bw else None
-    out.update(roofline_ms=roof, hbm_bytes_per_s=bw, lm_weight_bytes=ctx.lm_bytes,
-               roofline_ratio=b1.step_ms_median / roof if roof and b1 else None)
-    ctx.goals["decode_b1_vs_roofline"] = _goal("decode step at batch 1 / roofline (LM weight bytes / HBM bandwidth)",
-                                               out["roofline_ratio"], 1.5)
-    ctx.goals["decode_bmax_vs_b1"] = _goal(f"decode step at batch {bmax.batch} / batch 1",
-                                           bmax.step_ms_median / b1.step_ms_median if b1 and bmax else None, 2.0)
+    out.update(
+        roofline_ms=roof,
+        hbm_bytes_per_s=bw,
+        lm_weight_bytes=ctx.lm_bytes,
+        roofline_ratio=b1.step_ms_median / roof if roof and b1 else None,
+    )
+    ctx.goals["decode_b1_vs_roofline"] = _goal(
+        "decode step at batch 1 / roofline (LM weight bytes / HBM bandwidth)", out["roofline_ratio"], 1.5
+    )
+    ctx.goals["decode_bmax_vs_b1"] = _goal(
+        f"decode step at batch {bmax.batch} / batch 1",
+        bmax.step_ms_median / b1.step_ms_median if b1 and bmax else None,
+        2.0,
+    )
     return out
 
 
@@ -306,8 +385,10 @@ def s4_talker_dit(ctx) -> dict:
             for B in s["dit_batches"]:
                 codes = torch.randint(0, 8192, (B, n), device=t2w.device)
                 noise = torch.randn(B, n * t2w.repeats, t2w.mel_dim, device=t2w.device)
+
                 def run(B=B, codes=codes, noise=noise):
                     return t2w._dit(cond.expand(B, -1), ref.expand(B, -1, -1), codes, noise)
+
                 ms = _us_per(run, s["dit_reps"], t2w.device) / 1e3
                 out["dit"].append({"tf32": tf32, "codes": n, "batch": B, "ms": ms})
                 ctx.log(f"  DiT {n} codes B={B} tf32={tf32}: {ms:.1f} ms")
@@ -324,8 +405,14 @@ async def _speech(ctx, stages, c: int, i0: int) -> list[dict]:
     thinker_stage, talker_stage, vocoder_stage = stages
 
     async def one(i: int) -> dict:
-        gen = Generation(f"sp{i}", SamplingParams(max_tokens=s["text_tokens"]), speak=True, voice="Chelsie",
-                         talker_sampling=SamplingParams(max_tokens=s["speech_codes"]), vocoder_seed=i)
+        gen = Generation(
+            f"sp{i}",
+            SamplingParams(max_tokens=s["text_tokens"]),
+            speak=True,
+            voice="Chelsie",
+            talker_sampling=SamplingParams(max_tokens=s["speech_codes"]),
+            vocoder_seed=i,
+        )
         prompt = random_prompt(s["prompt"], 384, set(), g)
         t0 = time.perf_counter()
         first, samples = None, 0
@@ -335,16 +422,19 @@ async def _speech(ctx, stages, c: int, i0: int) -> list[dict]:
                 first = first or time.perf_counter()
                 samples += len(item.pcm)
         end = time.perf_counter()
-        return {"ttfap_ms": None if first is None else (first - t0) * 1e3, "e2e_ms": (end - t0) * 1e3,
-                "audio_s": samples / 24000}
+        return {
+            "ttfap_ms": None if first is None else (first - t0) * 1e3,
+            "e2e_ms": (end - t0) * 1e3,
+            "audio_s": samples / 24000,
+        }
 
     return await asyncio.gather(*[one(i0 + i) for i in range(c)])
 
 
 def s5_ttfap(ctx) -> dict:
+    from omni.thinker import Thinker
     from omni.decoders import VocoderLoop
     from omni.serve.stages import TalkerStage, ThinkerStage, VocoderStage
-    from omni.thinker import Thinker
 
     b = ctx.built
     out = {"pipeline_import": "ok"}
@@ -367,9 +457,13 @@ def s5_ttfap(ctx) -> dict:
     for c in SHAPES[ctx.shape]["ttfap_c"]:
         rows = asyncio.run(_speech(ctx, stages, c, 100 * c))
         ttfap = sorted(r["ttfap_ms"] for r in rows if r["ttfap_ms"] is not None)
-        lv = {"c": c, "ttfap_ms_p50": statistics.median(ttfap) if ttfap else None,
-              "ttfap_ms_max": max(ttfap, default=None), "e2e_ms_p50": statistics.median(r["e2e_ms"] for r in rows),
-              "requests": rows}
+        lv = {
+            "c": c,
+            "ttfap_ms_p50": statistics.median(ttfap) if ttfap else None,
+            "ttfap_ms_max": max(ttfap, default=None),
+            "e2e_ms_p50": statistics.median(r["e2e_ms"] for r in rows),
+            "requests": rows,
+        }
         out["levels"].append(lv)
         ctx.log(f"  TTFAP c={c}: p50 {lv['ttfap_ms_p50']} ms")
         ctx.goals[f"ttfap_c{c}"] = _goal(f"TTFAP p50 at c={c} (ms)", lv["ttfap_ms_p50"], 250.0 if c == 1 else 600.0)
@@ -418,9 +512,12 @@ def run_check(shape: str = "7b", device: str | None = None, out: str = "out/gpu-
         rec["seconds"] = time.perf_counter() - t0
         ctx.save()
         if name == "S0" and not rec.get("transformers_ok", True):
-            rec.update(status="error", error=f"transformers {rec.get('transformers')} < "
-                                             f"{'.'.join(map(str, MIN_TRANSFORMERS))}: carry the wheels "
-                                             f"(make gpu-wheels) and run tools/gpu_check.sh")
+            rec.update(
+                status="error",
+                error=f"transformers {rec.get('transformers')} < "
+                f"{'.'.join(map(str, MIN_TRANSFORMERS))}: carry the wheels "
+                f"(make gpu-wheels) and run tools/gpu_check.sh",
+            )
             ctx.save()
             raise SystemExit(f"gpu check: {rec['error']}")
     return ctx.report

@@ -14,24 +14,35 @@ Per request (an image request and a video request, text + speech), per layout:
   last deployment sends the ingress); one message per item before, per list of the items ready at once now.
 No Ray here: the layouts' process boundaries are modelled from serve/cluster/deployments.py's call structure.
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
 import pickle
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import numpy as np
 
-from omni.types import (TALKER_DEFAULT_SAMPLING, ChatRequest, ImagePart, Message, SamplingParams, TextPart,
-                        Video, VideoPart)
+from omni.types import (
+    TALKER_DEFAULT_SAMPLING,
+    ChatRequest,
+    ImagePart,
+    Message,
+    SamplingParams,
+    TextPart,
+    Video,
+    VideoPart,
+)
 
 __all__ = ["request_bytes", "main"]
 
-LAYOUTS = {"split, before": (("thinker",), ("talker",), ("vocoder",)),
-           "split": (("thinker",), ("talker",), ("vocoder",)),
-           "colocated": (("thinker", "talker", "vocoder"),)}
+LAYOUTS = {
+    "split, before": (("thinker",), ("talker",), ("vocoder",)),
+    "split": (("thinker",), ("talker",), ("vocoder",)),
+    "colocated": (("thinker", "talker", "vocoder"),),
+}
 REF_BYTES = 64  # a pickled ObjectRef in a MediaRef: its id and owner address (~60 bytes)
 
 
@@ -83,8 +94,14 @@ def request_bytes(pipeline, request: ChatRequest) -> dict[str, dict[str, int]]:
         store = 0 if before else _size(media)
         streamed, n_items = _stream_bytes(out, groups)
         generate = hop * len(groups)
-        result[name] = {"encoder_calls": encoder, "generate_calls": generate, "object_store": store,
-                        "streamed": streamed, "items": n_items, "total": encoder + generate + store + streamed}
+        result[name] = {
+            "encoder_calls": encoder,
+            "generate_calls": generate,
+            "object_store": store,
+            "streamed": streamed,
+            "items": n_items,
+            "total": encoder + generate + store + streamed,
+        }
     return result
 
 
@@ -95,10 +112,19 @@ def _requests(max_tokens: int, speech_tokens: int) -> dict[str, ChatRequest]:
     image = Image.fromarray(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8))
     video = Video(frames=rng.integers(0, 255, (20, 448, 448, 3), dtype=np.uint8), fps=2.0)
     talker = dataclasses.replace(TALKER_DEFAULT_SAMPLING, temperature=0.0, max_tokens=speech_tokens)
-    ask = lambda part, q: ChatRequest([Message("user", [part, TextPart(q)])], speak=True,  # noqa: E731
-                                      sampling=SamplingParams(max_tokens=max_tokens), talker_sampling=talker)
-    return {"image 448x448": ask(ImagePart(image), "What is in the picture?"),
-            "video 20 x 448x448": ask(VideoPart(video), "What happens in the video?")}
+
+    def ask(part, q: str) -> ChatRequest:
+        return ChatRequest(
+            [Message("user", [part, TextPart(q)])],
+            speak=True,
+            sampling=SamplingParams(max_tokens=max_tokens),
+            talker_sampling=talker,
+        )
+
+    return {
+        "image 448x448": ask(ImagePart(image), "What is in the picture?"),
+        "video 20 x 448x448": ask(VideoPart(video), "What happens in the video?"),
+    }
 
 
 def main(argv=None) -> int:
@@ -115,8 +141,10 @@ def main(argv=None) -> int:
     kib = lambda n: f"{n / 1024:,.1f} KiB"  # noqa: E731
     for what, req in _requests(a.max_tokens, a.speech_tokens).items():
         for layout, b in request_bytes(pipeline, req).items():
-            print(f"| {what} | {layout} | {kib(b['encoder_calls'])} | {kib(b['generate_calls'])} | "
-                  f"{kib(b['object_store'])} | {kib(b['streamed'])} ({b['items']}) | {kib(b['total'])} |")
+            print(
+                f"| {what} | {layout} | {kib(b['encoder_calls'])} | {kib(b['generate_calls'])} | "
+                f"{kib(b['object_store'])} | {kib(b['streamed'])} ({b['items']}) | {kib(b['total'])} |"
+            )
     return 0
 
 

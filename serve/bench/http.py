@@ -7,6 +7,7 @@ media (the drawn picture as PNG, the bundled speech.wav, the bundled clip.mp4, a
 to the arrays the in-process path loads), greedy, the same token bounds. So the official path, run in this process on
 the same checkpoint, gives the replies the server should give: `run.matches` compares their text and audio length.
 """
+
 from __future__ import annotations
 
 import base64
@@ -39,33 +40,48 @@ def media_parts(kinds) -> dict[str, dict]:
         data = base64.b64encode((samples_dir() / "speech.wav").read_bytes()).decode()
         parts["audio"] = {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
     if "video" in kinds:
-        parts["video"] = {"type": "video_url",
-                          "video_url": {"url": uri("video/mp4", (samples_dir() / "clip.mp4").read_bytes())}}
+        parts["video"] = {
+            "type": "video_url",
+            "video_url": {"url": uri("video/mp4", (samples_dir() / "clip.mp4").read_bytes())},
+        }
     return parts
 
 
 def chat_body(question: str, kind: str, speak: bool, max_tokens: int, speech_tokens: int, parts: dict) -> dict:
     """A streaming chat completion: the media of `kind` (or none for "text"), the question, greedy."""
     content = ([parts[kind]] if kind in parts else []) + [{"type": "text", "text": question}]
-    body = {"messages": [{"role": "user", "content": content}], "stream": True, "max_tokens": max_tokens,
-            "temperature": 0, "stream_options": {"include_usage": True}}
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
     if speak:
-        body.update(modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "pcm16"},
-                    sampling_params_list=[{}, {"temperature": 0.0, "max_tokens": speech_tokens}])
+        body.update(
+            modalities=["text", "audio"],
+            audio={"voice": "Chelsie", "format": "pcm16"},
+            sampling_params_list=[{}, {"temperature": 0.0, "max_tokens": speech_tokens}],
+        )
     return body
 
 
 def speech_body(text: str, speech_tokens: int) -> dict:
     """/v1/audio/speech reading `text` aloud, streamed raw PCM16, greedy Talker."""
-    return {"input": text, "voice": "Chelsie", "response_format": "pcm",
-            "sampling_params_list": [None, {"temperature": 0.0, "max_tokens": speech_tokens}]}
+    return {
+        "input": text,
+        "voice": "Chelsie",
+        "response_format": "pcm",
+        "sampling_params_list": [None, {"temperature": 0.0, "max_tokens": speech_tokens}],
+    }
 
 
 class HttpClient:
     """One httpx client for a level's streams; `chat(body)` and `speech(body)` -> results.Sample."""
 
-    def __init__(self, url: str, clients: int, parts: dict, timeout: float = 600.0, transport=None,
-                 api_key: Optional[str] = None):
+    def __init__(
+        self, url: str, clients: int, parts: dict, timeout: float = 600.0, transport=None, api_key: Optional[str] = None
+    ):
         import httpx
 
         self.url = url.rstrip("/")
@@ -73,8 +89,7 @@ class HttpClient:
         self.timeout = timeout
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30), limits=limits,
-                                        transport=transport)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30), limits=limits, transport=transport)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -85,9 +100,13 @@ class HttpClient:
         from prometheus_client.parser import text_string_to_metric_families
 
         r = await self.client.get(f"{self.url}/metrics", headers=self.headers)
-        names = {"omni_stage_batch_size_count": "steps", "omni_stage_batch_size_sum": "step_items",
-                 "omni_stage_step_seconds_sum": "step_s", "omni_stage_queue_seconds_count": "queued",
-                 "omni_stage_queue_seconds_sum": "queue_s"}
+        names = {
+            "omni_stage_batch_size_count": "steps",
+            "omni_stage_batch_size_sum": "step_items",
+            "omni_stage_step_seconds_sum": "step_s",
+            "omni_stage_queue_seconds_count": "queued",
+            "omni_stage_queue_seconds_sum": "queue_s",
+        }
         out: dict[str, dict] = {}
         for fam in text_string_to_metric_families(r.text):
             for s in fam.samples:
@@ -100,9 +119,18 @@ class HttpClient:
         if o.kind != "ok":
             raise RuntimeError(f"bench over HTTP: a request ended {o.kind} (status {o.status}, {o.error_code})")
         n_samples = round(o.audio_s * SAMPLE_RATE)
-        return Sample(ttft=o.ttft if o.text else None, ttfap=o.ttfap, e2e=o.seconds,
-                      text_tokens=o.completion_tokens, codec_tokens=n_samples // 480, audio_s=o.audio_s,
-                      token_ids=None, codec_ids=None, text=o.text, audio_chunks=list(o.audio_chunks))
+        return Sample(
+            ttft=o.ttft if o.text else None,
+            ttfap=o.ttfap,
+            e2e=o.seconds,
+            text_tokens=o.completion_tokens,
+            codec_tokens=n_samples // 480,
+            audio_s=o.audio_s,
+            token_ids=None,
+            codec_ids=None,
+            text=o.text,
+            audio_chunks=list(o.audio_chunks),
+        )
 
     async def speech(self, body: dict):
         """The speech endpoint's raw PCM stream: each body chunk is an audio packet."""
@@ -117,6 +145,15 @@ class HttpClient:
                     n_bytes += len(data)
         e2e = time.perf_counter() - t0
         audio_s = n_bytes / 2 / SAMPLE_RATE
-        return Sample(ttft=None, ttfap=chunks[0][0] if chunks else None, e2e=e2e, text_tokens=0,
-                      codec_tokens=n_bytes // 2 // 480, audio_s=audio_s, token_ids=None, codec_ids=None,
-                      text=body["input"], audio_chunks=chunks)
+        return Sample(
+            ttft=None,
+            ttfap=chunks[0][0] if chunks else None,
+            e2e=e2e,
+            text_tokens=0,
+            codec_tokens=n_bytes // 2 // 480,
+            audio_s=audio_s,
+            token_ids=None,
+            codec_ids=None,
+            text=body["input"],
+            audio_chunks=chunks,
+        )

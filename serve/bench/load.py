@@ -11,6 +11,7 @@ at "start" is their working level. Replica memory is read by process id from the
 (omni.serve.cluster.replicas): when this run starts the server, or with --ray-address / RAY_ADDRESS.
 Writes load.json and load.md under `out` (the table is also printed).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,14 +22,14 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from omni.serve.bench.load_results import LoadResults, Outcome, Phase, ReplicaMemory, markdown
 
-__all__ = ["LoadConfig", "MIX_KINDS", "request_body", "one_request", "drive", "run_load", "write_load_report",
-           "main"]
+__all__ = ["LoadConfig", "MIX_KINDS", "request_body", "one_request", "drive", "run_load", "write_load_report", "main"]
 
 MIX_KINDS = ("text", "speech", "image", "audio+speech")  # what a request of the mix carries and asks for
 
@@ -60,7 +61,7 @@ class LoadConfig:
             raise ValueError("max_tokens and speech_tokens must be >= 1")
 
     @classmethod
-    def from_args(cls, args) -> "LoadConfig":
+    def from_args(cls, args) -> LoadConfig:
         """From argparse args; flags absent or None take the defaults."""
         values = {}
         for f in fields(cls):
@@ -81,8 +82,10 @@ def _media_parts() -> dict[str, dict]:
 
     buf = io.BytesIO()
     drawn_image(0).save(buf, format="PNG")
-    image = {"type": "image_url",
-             "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+    image = {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()},
+    }
     speech = (samples_dir() / "speech.wav").read_bytes()
     audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(speech).decode(), "format": "wav"}}
     return {"image": image, "audio": audio}
@@ -94,11 +97,19 @@ def request_body(kind: str, i: int, cfg: LoadConfig, media: dict[str, dict]) -> 
 
     text = {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}
     content = [media[k] for k in ("image", "audio") if k in kind] + [text]
-    body = {"messages": [{"role": "user", "content": content}], "stream": True, "max_tokens": cfg.max_tokens,
-            "temperature": 0, "stream_options": {"include_usage": True}}
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "stream": True,
+        "max_tokens": cfg.max_tokens,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
     if "speech" in kind:
-        body.update(modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "pcm16"},
-                    sampling_params_list=[{}, {"temperature": 0.0, "max_tokens": cfg.speech_tokens}])
+        body.update(
+            modalities=["text", "audio"],
+            audio={"voice": "Chelsie", "format": "pcm16"},
+            sampling_params_list=[{}, {"temperature": 0.0, "max_tokens": cfg.speech_tokens}],
+        )
     return body
 
 
@@ -163,8 +174,11 @@ async def one_request(client, url: str, body: dict, t0: float, timeout: float, h
                         finish = ch.get("finish_reason") or finish
                     if chunk.get("usage"):
                         info["completion_tokens"] = chunk["usage"].get("completion_tokens", 0)
-                info.update(audio_s=audio_bytes / 2 / 24000,  # PCM16 at 24 kHz
-                            text="".join(text), audio_chunks=tuple(chunks))
+                info.update(
+                    audio_s=audio_bytes / 2 / 24000,  # PCM16 at 24 kHz
+                    text="".join(text),
+                    audio_chunks=tuple(chunks),
+                )
                 if "error_code" in info:
                     return out("error_event", status)
                 return out("ok" if done and finish else "incomplete", status)
@@ -174,9 +188,15 @@ async def one_request(client, url: str, body: dict, t0: float, timeout: float, h
         return out("transport", status)
 
 
-async def drive(url: str, cfg: LoadConfig, seconds: float, t0: Optional[float] = None,
-                on_outcome: Optional[Callable[[Outcome], None]] = None,
-                stop: Optional[threading.Event] = None, transport=None) -> list[Outcome]:
+async def drive(
+    url: str,
+    cfg: LoadConfig,
+    seconds: float,
+    t0: Optional[float] = None,
+    on_outcome: Optional[Callable[[Outcome], None]] = None,
+    stop: Optional[threading.Event] = None,
+    transport=None,
+) -> list[Outcome]:
     """`cfg.clients` closed-loop clients start requests for `seconds` (or until `stop` is set), then finish the ones
     they started -> every outcome, in the order they ended (times from `t0`, default now); `on_outcome` sees each
     as it ends. `transport`: an httpx transport (an in-process ASGI app); None: the network."""
@@ -187,7 +207,7 @@ async def drive(url: str, cfg: LoadConfig, seconds: float, t0: Optional[float] =
     media = _media_parts() if any(k != "text" and k != "speech" for k in cfg.mix) else {}
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     outcomes: list[Outcome] = []
-    counter = iter(range(10 ** 12))
+    counter = iter(range(10**12))
     limits = httpx.Limits(max_connections=cfg.clients + 4, max_keepalive_connections=cfg.clients + 4)
 
     async def client_loop(client):
@@ -203,8 +223,9 @@ async def drive(url: str, cfg: LoadConfig, seconds: float, t0: Optional[float] =
             elif o.kind not in ("ok", "error_event"):
                 await asyncio.sleep(0.2)  # no hot loop against a server that is gone
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout, connect=30), limits=limits,
-                                 transport=transport) as client:
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(cfg.request_timeout, connect=30), limits=limits, transport=transport
+    ) as client:
         await asyncio.gather(*[client_loop(client) for _ in range(cfg.clients)])
     return outcomes
 
@@ -238,6 +259,7 @@ class _MemorySampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+
         def mb(m, part: str = "rss") -> Optional[float]:
             return None if m is None else getattr(m, part) / 2**20
 
@@ -246,8 +268,20 @@ class _MemorySampler:
             mems = [s.get(r.name) for s in self.samples]
             rss = [mb(m) for m in mems]
             seen = [v for v in rss if v is not None]
-            out.append(ReplicaMemory(r.deployment, r.name, r.node_id, r.pid, rss[0], rss[-1],
-                                     max(seen) if seen else None, rss, mb(mems[0], "anon"), mb(mems[-1], "anon")))
+            out.append(
+                ReplicaMemory(
+                    r.deployment,
+                    r.name,
+                    r.node_id,
+                    r.pid,
+                    rss[0],
+                    rss[-1],
+                    max(seen) if seen else None,
+                    rss,
+                    mb(mems[0], "anon"),
+                    mb(mems[-1], "anon"),
+                )
+            )
         return out
 
 
@@ -273,8 +307,10 @@ def run_load(cfg: LoadConfig) -> LoadResults:
     server, notes = None, []
     if cfg.url is None:
         _say(f"starting omni serve --model {cfg.model} --config {cfg.config} (its log: {cfg.out}/serve.log) ...")
-        server = ServeProcess(["--model", cfg.model, "--config", cfg.config] +
-                              (["--api-key", cfg.api_key] if cfg.api_key else []), Path(cfg.out) / "serve.log").start()
+        server = ServeProcess(
+            ["--model", cfg.model, "--config", cfg.config] + (["--api-key", cfg.api_key] if cfg.api_key else []),
+            Path(cfg.out) / "serve.log",
+        ).start()
         url, ray_address = server.url, server.ray_address
     else:
         url, ray_address = cfg.url.rstrip("/"), cfg.ray_address or os.environ.get("RAY_ADDRESS")
@@ -298,13 +334,20 @@ def run_load(cfg: LoadConfig) -> LoadResults:
     finally:
         if server is not None:
             server.stop()
-    return LoadResults(url=url, model=cfg.model if cfg.url is None else None,
-                       config=cfg.config if cfg.url is None else None,
-                       max_concurrent_requests=_limit(cfg.config if cfg.url is None else None), clients=cfg.clients,
-                       settings={f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "api_key"},
-                       warmup=Phase.of(warm, cfg.warmup), load=Phase.of(outcomes, load_s),
-                       replicas=memory, rss_tolerance=cfg.rss_tolerance, notes=notes,
-                       wall_s=time.monotonic() - t_run)
+    return LoadResults(
+        url=url,
+        model=cfg.model if cfg.url is None else None,
+        config=cfg.config if cfg.url is None else None,
+        max_concurrent_requests=_limit(cfg.config if cfg.url is None else None),
+        clients=cfg.clients,
+        settings={f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "api_key"},
+        warmup=Phase.of(warm, cfg.warmup),
+        load=Phase.of(outcomes, load_s),
+        replicas=memory,
+        rss_tolerance=cfg.rss_tolerance,
+        notes=notes,
+        wall_s=time.monotonic() - t_run,
+    )
 
 
 def write_load_report(results: LoadResults, out: Path) -> str:

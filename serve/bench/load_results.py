@@ -1,4 +1,5 @@
 """`omni bench load`'s results, typed (results.json is `asdict` of them), and their Markdown table."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ OUTCOME_KINDS = ("ok", "refused", "error_event", "http_error", "incomplete", "tr
 @dataclass(frozen=True)
 class Outcome:
     """One request as its client saw it; times in seconds from the start of the run."""
+
     kind: str  # one of OUTCOME_KINDS
     status: Optional[int]  # the HTTP status; None when no response came
     speak: bool  # asked for speech
@@ -41,13 +43,14 @@ class Outcome:
 @dataclass(frozen=True)
 class Percentiles:
     """Over a phase's completed requests, seconds."""
+
     mean: float
     p50: float
     p95: float
     max: float
 
     @classmethod
-    def of(cls, values: list[float]) -> Optional["Percentiles"]:
+    def of(cls, values: list[float]) -> Optional[Percentiles]:
         if not values:
             return None
         v = np.asarray(values, dtype=np.float64)
@@ -57,6 +60,7 @@ class Percentiles:
 @dataclass(frozen=True)
 class Phase:
     """The requests started in one phase (warm-up, or the measured load)."""
+
     seconds: float  # the phase's wall time: clients start requests for its duration, then finish the ones started
     requests: int  # requests sent (a retry after a 503 is another request)
     speech_requests: int  # of them, asking for speech
@@ -73,7 +77,7 @@ class Phase:
     longest_s: float  # the longest request of any kind (a bound on how long one may hang)
 
     @classmethod
-    def of(cls, outcomes: list[Outcome], seconds: float) -> "Phase":
+    def of(cls, outcomes: list[Outcome], seconds: float) -> Phase:
         kinds = {k: sum(o.kind == k for o in outcomes) for k in OUTCOME_KINDS}
         statuses: dict[str, int] = {}
         for o in outcomes:
@@ -82,16 +86,21 @@ class Phase:
         ok = [o for o in outcomes if o.kind == "ok"]
         refused = [o for o in outcomes if o.status == 503]  # "refused" when it had a Retry-After, else "http_error"
         return cls(
-            seconds=seconds, requests=len(outcomes), speech_requests=sum(o.speak for o in outcomes),
-            outcomes=kinds, statuses=dict(sorted(statuses.items())),
+            seconds=seconds,
+            requests=len(outcomes),
+            speech_requests=sum(o.speak for o in outcomes),
+            outcomes=kinds,
+            statuses=dict(sorted(statuses.items())),
             refused_without_retry_after=sum(o.retry_after is None for o in refused),
             retry_after=sorted({o.retry_after for o in refused if o.retry_after is not None}),
             completed_per_s=len(ok) / seconds if seconds > 0 else 0.0,
-            completion_tokens=sum(o.completion_tokens for o in ok), audio_s=sum(o.audio_s for o in ok),
+            completion_tokens=sum(o.completion_tokens for o in ok),
+            audio_s=sum(o.audio_s for o in ok),
             e2e_s=Percentiles.of([o.seconds for o in ok]),
             ttft_s=Percentiles.of([o.ttft for o in ok if o.ttft is not None]),
             ttfap_s=Percentiles.of([o.ttfap for o in ok if o.ttfap is not None]),
-            longest_s=max((o.seconds for o in outcomes), default=0.0))
+            longest_s=max((o.seconds for o in outcomes), default=0.0),
+        )
 
     @property
     def server_errors(self) -> int:
@@ -145,8 +154,12 @@ class LoadResults:
     def passed(self) -> bool:
         """No 5xx but 503 refusals (each with Retry-After), every other request completed, RSS flat (when read)."""
         p = self.load
-        return (p.server_errors == 0 and p.refused_without_retry_after == 0
-                and p.outcomes["ok"] + p.outcomes["refused"] == p.requests and self.rss_flat is not False)
+        return (
+            p.server_errors == 0
+            and p.refused_without_retry_after == 0
+            and p.outcomes["ok"] + p.outcomes["refused"] == p.requests
+            and self.rss_flat is not False
+        )
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -167,35 +180,55 @@ def _mb(x: Optional[float]) -> str:
 def markdown(r: LoadResults) -> str:
     p, s = r.load, r.settings
     limit = f", server limit {r.max_concurrent_requests} concurrent requests" if r.max_concurrent_requests else ""
-    lines = [f"# omni bench load: {r.clients} streaming clients for {s['duration']:g} s against {r.url}", "",
-             f"Model {r.model or '(a running server)'}, config {r.config or '-'}{limit}. Each client sends its next "
-             f"request when the last one ends (after Retry-After on a 503); mix: {', '.join(s['mix'])}; at most "
-             f"{s['max_tokens']} text and {s['speech_tokens']} codec tokens per reply; greedy. Warm-up: "
-             f"{r.warmup.seconds:.0f} s at the same load ({r.warmup.requests} requests, not below). The measured phase "
-             f"took {p.seconds:.0f} s with its last requests finishing; ok/s is over that time.", "",
-             "| requests | ok | refused (503) | other | 5xx but 503 | ok/s | text tok | speech s | e2e p50 / p95 (ms) "
-             "| TTFT p50 / p95 (ms) | TTFAP p50 / p95 (ms) | longest (s) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# omni bench load: {r.clients} streaming clients for {s['duration']:g} s against {r.url}",
+        "",
+        f"Model {r.model or '(a running server)'}, config {r.config or '-'}{limit}. Each client sends its next "
+        f"request when the last one ends (after Retry-After on a 503); mix: {', '.join(s['mix'])}; at most "
+        f"{s['max_tokens']} text and {s['speech_tokens']} codec tokens per reply; greedy. Warm-up: "
+        f"{r.warmup.seconds:.0f} s at the same load ({r.warmup.requests} requests, not below). The measured phase "
+        f"took {p.seconds:.0f} s with its last requests finishing; ok/s is over that time.",
+        "",
+        "| requests | ok | refused (503) | other | 5xx but 503 | ok/s | text tok | speech s | e2e p50 / p95 (ms) "
+        "| TTFT p50 / p95 (ms) | TTFAP p50 / p95 (ms) | longest (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     other = p.requests - p.outcomes["ok"] - p.outcomes["refused"]
-    lines.append(f"| {p.requests} | {p.outcomes['ok']} | {p.outcomes['refused']} | {other} | {p.server_errors} | "
-                 f"{p.completed_per_s:.2f} | {p.completion_tokens} | {p.audio_s:.1f} | "
-                 f"{_ms(p.e2e_s, 'p50')} / {_ms(p.e2e_s, 'p95')} | {_ms(p.ttft_s, 'p50')} / {_ms(p.ttft_s, 'p95')} | "
-                 f"{_ms(p.ttfap_s, 'p50')} / {_ms(p.ttfap_s, 'p95')} | {p.longest_s:.1f} |")
-    lines += ["", "Statuses: " + ", ".join(f"{k}: {v}" for k, v in p.statuses.items())
-              + "; outcomes: " + ", ".join(f"{k}: {v}" for k, v in p.outcomes.items() if v)
-              + (f"; Retry-After: {', '.join(p.retry_after)} s" if p.retry_after else "")]
+    lines.append(
+        f"| {p.requests} | {p.outcomes['ok']} | {p.outcomes['refused']} | {other} | {p.server_errors} | "
+        f"{p.completed_per_s:.2f} | {p.completion_tokens} | {p.audio_s:.1f} | "
+        f"{_ms(p.e2e_s, 'p50')} / {_ms(p.e2e_s, 'p95')} | {_ms(p.ttft_s, 'p50')} / {_ms(p.ttft_s, 'p95')} | "
+        f"{_ms(p.ttfap_s, 'p50')} / {_ms(p.ttfap_s, 'p95')} | {p.longest_s:.1f} |"
+    )
+    lines += [
+        "",
+        "Statuses: "
+        + ", ".join(f"{k}: {v}" for k, v in p.statuses.items())
+        + "; outcomes: "
+        + ", ".join(f"{k}: {v}" for k, v in p.outcomes.items() if v)
+        + (f"; Retry-After: {', '.join(p.retry_after)} s" if p.retry_after else ""),
+    ]
     if r.replicas:
-        lines += ["", f"## Replica memory (RSS, MiB; flat = within {r.rss_tolerance:.0%})", "",
-                  "| deployment | replica | pid | start | end | max | change | anonymous start / end |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## Replica memory (RSS, MiB; flat = within {r.rss_tolerance:.0%})",
+            "",
+            "| deployment | replica | pid | start | end | max | change | anonymous start / end |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for m in r.replicas:
             change = "-" if m.change is None else f"{m.change:+.1%}"
-            lines.append(f"| {m.deployment} | {m.replica.rsplit('#', 1)[-1]} | {m.pid} | {_mb(m.rss_start_mb)} | "
-                         f"{_mb(m.rss_end_mb)} | {_mb(m.rss_max_mb)} | {change} | {_mb(m.anon_start_mb)} / "
-                         f"{_mb(m.anon_end_mb)} |")
+            lines.append(
+                f"| {m.deployment} | {m.replica.rsplit('#', 1)[-1]} | {m.pid} | {_mb(m.rss_start_mb)} | "
+                f"{_mb(m.rss_end_mb)} | {_mb(m.rss_max_mb)} | {change} | {_mb(m.anon_start_mb)} / "
+                f"{_mb(m.anon_end_mb)} |"
+            )
     flat = {True: "flat", False: "NOT flat", None: "not read"}[r.rss_flat]
-    lines += ["", f"**{'PASS' if r.passed else 'FAIL'}**: {p.server_errors} 5xx but 503, "
-                  f"{p.refused_without_retry_after} 503 without Retry-After, {other} requests neither completed nor "
-                  f"refused; RSS {flat}. Whole run {r.wall_s:.0f} s."]
+    lines += [
+        "",
+        f"**{'PASS' if r.passed else 'FAIL'}**: {p.server_errors} 5xx but 503, "
+        f"{p.refused_without_retry_after} 503 without Retry-After, {other} requests neither completed nor "
+        f"refused; RSS {flat}. Whole run {r.wall_s:.0f} s.",
+    ]
     lines += [f"- {n}" for n in r.notes]
     return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ prompts arrive together. Measured on the running request: its largest gap betwee
 policy must give the same ids (greedy): the report says so, and the run fails if not. Writes `<out>/prefill.json`
 and prints a Markdown table with each policy's stall as a ratio of the unbounded one's.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,9 +41,12 @@ class PrefillBenchConfig:
     out: str = "out/bench"
 
     @classmethod
-    def from_args(cls, args) -> "PrefillBenchConfig":
-        kw = {k: getattr(args, k) for k in ("model", "arrivals", "prompt_tokens", "chunk", "out")
-              if getattr(args, k, None) is not None}
+    def from_args(cls, args) -> PrefillBenchConfig:
+        kw = {
+            k: getattr(args, k)
+            for k in ("model", "arrivals", "prompt_tokens", "chunk", "out")
+            if getattr(args, k, None) is not None
+        }
         return cls(**kw)
 
 
@@ -77,9 +81,11 @@ def _prompts(loaded, cfg: PrefillBenchConfig):
     running = prepare_prompt(loaded.processor, ChatRequest([Message("user", "Tell me a long story.")]))
     tok = loaded.processor.tokenizer
     words = " ".join(f"item{i}" for i in range(cfg.prompt_tokens))  # more than enough tokens, then cut
-    words = tok.decode(tok(words, add_special_tokens=False).input_ids[:max(1, cfg.prompt_tokens - 40)])
-    long = [prepare_prompt(loaded.processor, ChatRequest([Message("user", f"{j}: {words} Summarise.")]))
-            for j in range(cfg.arrivals)]
+    words = tok.decode(tok(words, add_special_tokens=False).input_ids[: max(1, cfg.prompt_tokens - 40)])
+    long = [
+        prepare_prompt(loaded.processor, ChatRequest([Message("user", f"{j}: {words} Summarise.")]))
+        for j in range(cfg.arrivals)
+    ]
     return running, long
 
 
@@ -115,8 +121,12 @@ async def _measure(thinker, running, long, cfg: PrefillBenchConfig) -> dict:
     pairs = list(zip(stamps, stamps[1:]))
     gaps = [b - a for a, b in pairs]
     during = [b - a for a, b in pairs if b >= t0 and a <= last_first] or gaps  # while the arrivals prefill
-    return {"ids": [ids] + [r[0] for r in rest], "stall_max": max(during), "gap_p50": statistics.median(gaps),
-            "ttft": sorted(first - t0 for _, first in rest)}
+    return {
+        "ids": [ids] + [r[0] for r in rest],
+        "stall_max": max(during),
+        "gap_p50": statistics.median(gaps),
+        "ttft": sorted(first - t0 for _, first in rest),
+    }
 
 
 def run_prefill_bench(cfg: PrefillBenchConfig, loaded=None, log=print) -> tuple[int, list[PolicyResult]]:
@@ -134,12 +144,22 @@ def run_prefill_bench(cfg: PrefillBenchConfig, loaded=None, log=print) -> tuple[
         asyncio.run(_measure(thinker, running, long[:1], replace(cfg, arrivals=1, running_tokens=8)))  # warm-up
         forwards = thinker.engine.num_prefill_chunks
         m = asyncio.run(_measure(thinker, running, long, cfg))
-        r = PolicyResult(name, ec.max_prefill_tokens, ec.prefill_chunk_tokens, m["stall_max"] * 1e3,
-                         m["gap_p50"] * 1e3, statistics.median(m["ttft"]) * 1e3, m["ttft"][-1] * 1e3,
-                         thinker.engine.num_prefill_chunks - forwards, m["ids"])
-        log(f"  {name:10s} stall {r.stall_max_ms:8.1f} ms   gap p50 {r.gap_p50_ms:6.1f} ms   arrivals TTFT p50 "
+        r = PolicyResult(
+            name,
+            ec.max_prefill_tokens,
+            ec.prefill_chunk_tokens,
+            m["stall_max"] * 1e3,
+            m["gap_p50"] * 1e3,
+            statistics.median(m["ttft"]) * 1e3,
+            m["ttft"][-1] * 1e3,
+            thinker.engine.num_prefill_chunks - forwards,
+            m["ids"],
+        )
+        log(
+            f"  {name:10s} stall {r.stall_max_ms:8.1f} ms   gap p50 {r.gap_p50_ms:6.1f} ms   arrivals TTFT p50 "
             f"{r.arrival_ttft_p50_ms:8.1f} ms max {r.arrival_ttft_max_ms:8.1f} ms   ({r.prefill_forwards} prefill "
-            f"forwards)")
+            f"forwards)"
+        )
         results.append(r)
     return prompt_len, results
 
@@ -147,15 +167,20 @@ def run_prefill_bench(cfg: PrefillBenchConfig, loaded=None, log=print) -> tuple[
 def markdown(results: list[PolicyResult], cfg: PrefillBenchConfig, prompt_len: int) -> str:
     base = results[0].stall_max_ms
     same = all(r.token_ids == results[0].token_ids for r in results)
-    lines = [f"`omni bench prefill --model {cfg.model} --arrivals {cfg.arrivals} --prompt-tokens {cfg.prompt_tokens} "
-             f"--chunk {cfg.chunk}`: {cfg.arrivals} prompts of {prompt_len} tokens arrive while one request decodes.",
-             "", "| policy | max_prefill_tokens | prefill_chunk_tokens | running request's stall | vs unbounded "
-             "| its gap p50 | arrivals' TTFT p50 | TTFT max | prefill forwards |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`omni bench prefill --model {cfg.model} --arrivals {cfg.arrivals} --prompt-tokens {cfg.prompt_tokens} "
+        f"--chunk {cfg.chunk}`: {cfg.arrivals} prompts of {prompt_len} tokens arrive while one request decodes.",
+        "",
+        "| policy | max_prefill_tokens | prefill_chunk_tokens | running request's stall | vs unbounded "
+        "| its gap p50 | arrivals' TTFT p50 | TTFT max | prefill forwards |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r.policy} | {r.max_prefill_tokens or 'none'} | {r.prefill_chunk_tokens or 'whole'} | "
-                     f"{r.stall_max_ms:.0f} ms | {r.stall_max_ms / base:.2f}x | {r.gap_p50_ms:.1f} ms | "
-                     f"{r.arrival_ttft_p50_ms:.0f} ms | {r.arrival_ttft_max_ms:.0f} ms | {r.prefill_forwards} |")
+        lines.append(
+            f"| {r.policy} | {r.max_prefill_tokens or 'none'} | {r.prefill_chunk_tokens or 'whole'} | "
+            f"{r.stall_max_ms:.0f} ms | {r.stall_max_ms / base:.2f}x | {r.gap_p50_ms:.1f} ms | "
+            f"{r.arrival_ttft_p50_ms:.0f} ms | {r.arrival_ttft_max_ms:.0f} ms | {r.prefill_forwards} |"
+        )
     lines += ["", f"Token ids equal across policies (greedy): {'yes' if same else 'NO'}."]
     return "\n".join(lines)
 
@@ -169,8 +194,11 @@ def main(args) -> int:
     prompt_len, results = run_prefill_bench(cfg, loaded)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prefill.json").write_text(json.dumps({"config": asdict(cfg), "prompt_tokens": prompt_len,
-                                                  "results": [asdict(r) for r in results]}, indent=1))
+    (out / "prefill.json").write_text(
+        json.dumps(
+            {"config": asdict(cfg), "prompt_tokens": prompt_len, "results": [asdict(r) for r in results]}, indent=1
+        )
+    )
     md = markdown(results, cfg, prompt_len)
     (out / "prefill.md").write_text(md + "\n")
     print(md)

@@ -17,6 +17,7 @@ tokens) so a turn measures the way to the first audio, not a long reply. The cli
 Each path starts with an empty encoder cache; per turn the median over `repeats` conversations. Writes
 `<out>/realtime.json` and prints a Markdown table. On a CPU, read the ratios, not the absolute times.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,9 +43,16 @@ RATE = 24000  # the Realtime API's audio/pcm rate
 CHUNK = RATE // 10  # samples per input_audio_buffer.append: 100 ms
 EVENT_TIMEOUT_S = 300.0  # the longest wait for the server's next event before the bench gives up
 PATHS = ("realtime", "chat", "chat_no_cache")  # the measured paths, in the table's order
-QUESTIONS = ("What is the capital of France?", "And how many people live there?", "What is it famous for?",
-             "Which river runs through it?", "What should I see first?", "How do I get there by train?",
-             "What is the weather like in spring?", "Thank you, goodbye.")
+QUESTIONS = (
+    "What is the capital of France?",
+    "And how many people live there?",
+    "What is it famous for?",
+    "Which river runs through it?",
+    "What should I see first?",
+    "How do I get there by train?",
+    "What is the weather like in spring?",
+    "Thank you, goodbye.",
+)
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ class RealtimeBenchConfig:
     out: str = "out/bench"  # realtime.json goes here
 
     @classmethod
-    def from_args(cls, args) -> "RealtimeBenchConfig":
+    def from_args(cls, args) -> RealtimeBenchConfig:
         names = ("model", "turns", "repeats", "max_tokens", "speech_tokens", "out")
         return cls(**{k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
 
@@ -72,8 +80,9 @@ def spoken_questions(n: int) -> list[bytes]:
         for i in range(n):
             if shutil.which("espeak-ng"):
                 path = Path(tmp) / f"q{i}.wav"
-                subprocess.run(["espeak-ng", "-w", str(path), QUESTIONS[i % len(QUESTIONS)]], check=True,
-                               capture_output=True)
+                subprocess.run(
+                    ["espeak-ng", "-w", str(path), QUESTIONS[i % len(QUESTIONS)]], check=True, capture_output=True
+                )
                 wav, sr = sf.read(path, dtype="float32")
                 wav = librosa.resample(wav, orig_sr=sr, target_sr=RATE) if sr != RATE else wav
             else:
@@ -106,17 +115,23 @@ async def _recv(conn):
     return ev
 
 
-async def realtime_conversation(client, model: str, voice: str, questions: list[bytes],
-                                cfg: RealtimeBenchConfig) -> list[dict]:
+async def realtime_conversation(
+    client, model: str, voice: str, questions: list[bytes], cfg: RealtimeBenchConfig
+) -> list[dict]:
     """One session, one manual turn per question -> per turn {ttfa_s, reply}."""
     turns = []
     async with client.realtime.connect(model=model) as conn:
-        await conn.session.update(session={"type": "realtime", "output_modalities": ["audio"],
-                                           "audio": {"input": {"turn_detection": None}, "output": {"voice": voice}}})
+        await conn.session.update(
+            session={
+                "type": "realtime",
+                "output_modalities": ["audio"],
+                "audio": {"input": {"turn_detection": None}, "output": {"voice": voice}},
+            }
+        )
         await _until(conn, "session.updated")
         for pcm in questions:
             for i in range(0, len(pcm), 2 * CHUNK):
-                await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + 2 * CHUNK]).decode())
+                await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 2 * CHUNK]).decode())
             await conn.input_audio_buffer.commit()
             await _until(conn, "input_audio_buffer.committed")
             t0 = time.perf_counter()
@@ -138,19 +153,34 @@ async def realtime_conversation(client, model: str, voice: str, questions: list[
     return turns
 
 
-async def chat_conversation(client, model: str, voice: str, questions: list[bytes], replies: list[str],
-                            cfg: RealtimeBenchConfig) -> list[dict]:
+async def chat_conversation(
+    client, model: str, voice: str, questions: list[bytes], replies: list[str], cfg: RealtimeBenchConfig
+) -> list[dict]:
     """The same conversation as chat completions, each turn resending the earlier ones -> per turn {ttfa_s,
     prompt_tokens}."""
     messages, turns = [], []
     for pcm, reply in zip(questions, replies):
-        messages.append({"role": "user", "content": [{"type": "input_audio", "input_audio": {
-            "data": base64.b64encode(_wav(pcm)).decode(), "format": "wav"}}]})
+        messages.append(
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "input_audio",
+                        "input_audio": {"data": base64.b64encode(_wav(pcm)).decode(), "format": "wav"},
+                    }
+                ],
+            }
+        )
         t0, ttfa, prompt_tokens = time.perf_counter(), None, None
         stream = await client.chat.completions.create(
-            model=model, messages=messages, stream=True, max_tokens=cfg.max_tokens, modalities=["text", "audio"],
+            model=model,
+            messages=messages,
+            stream=True,
+            max_tokens=cfg.max_tokens,
+            modalities=["text", "audio"],
             audio={"voice": voice, "format": "pcm16"},
-            stream_options={"include_usage": True})
+            stream_options={"include_usage": True},
+        )
         async for chunk in stream:
             if chunk.usage is not None:
                 prompt_tokens = chunk.usage.prompt_tokens
@@ -204,36 +234,60 @@ def run_realtime_bench(cfg: RealtimeBenchConfig) -> dict:
     turns = []
     for k in range(cfg.turns):
         samples = {p: [run[k]["ttfa_s"] for run in runs[p]] for p in PATHS}
-        turns.append({"turn": k + 1, "question_s": len(questions[k]) / 2 / RATE,
-                      "prompt_tokens": runs["chat"][0][k]["prompt_tokens"],
-                      "ttfa_s": {p: statistics.median(v) for p, v in samples.items()}, "samples_s": samples})
+        turns.append(
+            {
+                "turn": k + 1,
+                "question_s": len(questions[k]) / 2 / RATE,
+                "prompt_tokens": runs["chat"][0][k]["prompt_tokens"],
+                "ttfa_s": {p: statistics.median(v) for p, v in samples.items()},
+                "samples_s": samples,
+            }
+        )
     first = turns[0]["ttfa_s"]
-    ratios = {"vs_turn_1": {p: {t["turn"]: t["ttfa_s"][p] / first[p] for t in turns} for p in PATHS},
-              "realtime_over_chat": {t["turn"]: t["ttfa_s"]["realtime"] / t["ttfa_s"]["chat"] for t in turns},
-              "chat_over_chat_no_cache": {t["turn"]: t["ttfa_s"]["chat"] / t["ttfa_s"]["chat_no_cache"]
-                                          for t in turns}}
-    return {"config": asdict(cfg), "cpu_cores": os.cpu_count(), "machine": platform.machine(), "turns": turns,
-            "ratios": ratios}
-
+    ratios = {
+        "vs_turn_1": {p: {t["turn"]: t["ttfa_s"][p] / first[p] for t in turns} for p in PATHS},
+        "realtime_over_chat": {t["turn"]: t["ttfa_s"]["realtime"] / t["ttfa_s"]["chat"] for t in turns},
+        "chat_over_chat_no_cache": {t["turn"]: t["ttfa_s"]["chat"] / t["ttfa_s"]["chat_no_cache"] for t in turns},
+    }
+    return {
+        "config": asdict(cfg),
+        "cpu_cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "turns": turns,
+        "ratios": ratios,
+    }
 
 
 def markdown(r: dict) -> str:
     c, turns, ratios = r["config"], r["turns"], r["ratios"]
-    lines = [f"## Time to first audio per turn of a spoken conversation ({c['model']}, {c['turns']} turns, median of "
-             f"{c['repeats']}, replies of {c['max_tokens']} text / {c['speech_tokens']} codec tokens at most, "
-             f"{r['cpu_cores']} CPU cores)", "",
-             "| turn | question (s) | chat prompt tokens | realtime TTFA (s) | chat TTFA (s) | chat, no encoder cache, "
-             "TTFA (s) | realtime / chat |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Time to first audio per turn of a spoken conversation ({c['model']}, {c['turns']} turns, median of "
+        f"{c['repeats']}, replies of {c['max_tokens']} text / {c['speech_tokens']} codec tokens at most, "
+        f"{r['cpu_cores']} CPU cores)",
+        "",
+        "| turn | question (s) | chat prompt tokens | realtime TTFA (s) | chat TTFA (s) | chat, no encoder cache, "
+        "TTFA (s) | realtime / chat |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for t in turns:
         a = t["ttfa_s"]
-        lines.append(f"| {t['turn']} | {t['question_s']:.2f} | {t['prompt_tokens']} | {a['realtime']:.3f} | "
-                     f"{a['chat']:.3f} | {a['chat_no_cache']:.3f} | {ratios['realtime_over_chat'][t['turn']]:.2f} |")
-    lines += ["", "Turn k's TTFA over turn 1's (1.00: a later turn answers as fast as the first):", "",
-              "| turn | realtime | chat | chat, no encoder cache |", "|---|---|---|---|"]
+        lines.append(
+            f"| {t['turn']} | {t['question_s']:.2f} | {t['prompt_tokens']} | {a['realtime']:.3f} | "
+            f"{a['chat']:.3f} | {a['chat_no_cache']:.3f} | {ratios['realtime_over_chat'][t['turn']]:.2f} |"
+        )
+    lines += [
+        "",
+        "Turn k's TTFA over turn 1's (1.00: a later turn answers as fast as the first):",
+        "",
+        "| turn | realtime | chat | chat, no encoder cache |",
+        "|---|---|---|---|",
+    ]
     for t in turns[1:]:
         k = t["turn"]
-        lines.append(f"| {k} | {ratios['vs_turn_1']['realtime'][k]:.2f} | {ratios['vs_turn_1']['chat'][k]:.2f} | "
-                     f"{ratios['vs_turn_1']['chat_no_cache'][k]:.2f} |")
+        lines.append(
+            f"| {k} | {ratios['vs_turn_1']['realtime'][k]:.2f} | {ratios['vs_turn_1']['chat'][k]:.2f} | "
+            f"{ratios['vs_turn_1']['chat_no_cache'][k]:.2f} |"
+        )
     return "\n".join(lines)
 
 

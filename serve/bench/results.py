@@ -1,4 +1,5 @@
 """`omni bench`'s results, typed: what run.py measures and report.py renders; results.json is `asdict` of them."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,18 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["Sample", "Stats", "Summary", "Ratios", "Match", "Level", "EncoderResult", "Encoders", "BenchResults",
-           "save_and_print"]
+__all__ = [
+    "Sample",
+    "Stats",
+    "Summary",
+    "Ratios",
+    "Match",
+    "Level",
+    "EncoderResult",
+    "Encoders",
+    "BenchResults",
+    "save_and_print",
+]
 
 
 def save_and_print(out: str, name: str, results: dict, table: str) -> int:
@@ -25,6 +36,7 @@ def save_and_print(out: str, name: str, results: dict, table: str) -> int:
 @dataclass
 class Sample:
     """One request's measurements; times in seconds from its submission."""
+
     ttft: Optional[float]  # first visible text (a non-empty TextDelta); None when the reply's text is empty
     ttfap: Optional[float]  # first audio packet; None for text-only (or no speech produced)
     e2e: float  # last event
@@ -52,6 +64,7 @@ class Sample:
 @dataclass(frozen=True)
 class Stats:
     """Latency statistics over a level's requests, seconds."""
+
     mean: float
     p50: float
     p90: float
@@ -60,7 +73,7 @@ class Stats:
     max: float
 
     @classmethod
-    def of(cls, values: list[float]) -> Optional["Stats"]:
+    def of(cls, values: list[float]) -> Optional[Stats]:
         if not values:
             return None
         v = np.asarray(values, dtype=np.float64)
@@ -71,6 +84,7 @@ class Stats:
 @dataclass(frozen=True)
 class Summary:
     """One backend at one load level: throughput over the level's wall time, latency over its requests."""
+
     requests: int
     wall_s: float
     req_per_s: float
@@ -91,6 +105,7 @@ class Summary:
 @dataclass(frozen=True)
 class Ratios:
     """ours / official of one level (None where either side has no value)."""
+
     req_per_s: Optional[float]
     text_tokens_per_s: Optional[float]
     ttft: Optional[float]
@@ -99,21 +114,25 @@ class Ratios:
     rtf: Optional[float]
 
     @classmethod
-    def of(cls, ours: Summary, official: Summary) -> "Ratios":
+    def of(cls, ours: Summary, official: Summary) -> Ratios:
         def mean(s: Optional[Stats]):
             return None if s is None else s.mean
 
-        pairs = {"req_per_s": (ours.req_per_s, official.req_per_s),
-                 "text_tokens_per_s": (ours.text_tokens_per_s, official.text_tokens_per_s),
-                 "ttft": (mean(ours.ttft_s), mean(official.ttft_s)),
-                 "ttfap": (mean(ours.ttfap_s), mean(official.ttfap_s)),
-                 "e2e": (ours.e2e_s.mean, official.e2e_s.mean), "rtf": (ours.rtf, official.rtf)}
+        pairs = {
+            "req_per_s": (ours.req_per_s, official.req_per_s),
+            "text_tokens_per_s": (ours.text_tokens_per_s, official.text_tokens_per_s),
+            "ttft": (mean(ours.ttft_s), mean(official.ttft_s)),
+            "ttfap": (mean(ours.ttfap_s), mean(official.ttfap_s)),
+            "e2e": (ours.e2e_s.mean, official.e2e_s.mean),
+            "rtf": (ours.rtf, official.rtf),
+        }
         return cls(**{k: (a / b if a is not None and b else None) for k, (a, b) in pairs.items()})
 
 
 @dataclass(frozen=True)
 class Match:
     """Share of requests whose ids are the same in both paths (a greedy run gives 1.0)."""
+
     text_ids: float
     codec_ids: float
 

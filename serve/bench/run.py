@@ -34,6 +34,7 @@ with the buffer empty; `continuity_ok` is the share of streams with no stall ove
 speech as one packet: it never stalls, it only starts late. On a CPU, read the ratios (ours / official), not the
 absolute times.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,20 +42,28 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Awaitable, Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from omni.serve.bench.results import (BenchResults, EncoderResult, Encoders, Level, Match, Ratios, Sample, Stats,
-                                      Summary)
 from omni.reference import reference_generate
-from omni.serve.bench.workload import (INPUT_KINDS, MODES, QUESTIONS, Media, drawn_image, load_media, make_request,
-                                      tone)
-from omni.types import (AUDIO_SAMPLE_RATE, AudioChunk, AudioPart, ChatRequest, Finished, ImagePart, Message, TextDelta,
-                        TextPart)
+from omni.types import (
+    AUDIO_SAMPLE_RATE,
+    AudioChunk,
+    AudioPart,
+    ChatRequest,
+    Finished,
+    ImagePart,
+    Message,
+    TextDelta,
+    TextPart,
+)
+from omni.serve.bench.results import BenchResults, EncoderResult, Encoders, Level, Match, Ratios, Sample, Stats, Summary
+from omni.serve.bench.workload import INPUT_KINDS, MODES, QUESTIONS, Media, drawn_image, load_media, make_request, tone
 
 __all__ = ["BenchConfig", "QUICK", "Sample", "run_bench", "summarize", "closed_loop", "open_loop", "main"]
 
@@ -87,8 +96,10 @@ class BenchConfig:
         if not self.concurrency or min(self.concurrency) < 1:
             raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
         if self.requests < 1 or self.max_tokens < 2 or self.speech_tokens < 1 or self.encoder_items < 1:
-            raise ValueError("requests, speech_tokens and encoder_items must be >= 1 and max_tokens >= 2 "
-                             "(a one-token reply makes the official talker raise)")
+            raise ValueError(
+                "requests, speech_tokens and encoder_items must be >= 1 and max_tokens >= 2 "
+                "(a one-token reply makes the official talker raise)"
+            )
         if not self.inputs or set(self.inputs) - set(INPUT_KINDS):
             raise ValueError(f"inputs must be among {', '.join(INPUT_KINDS)}, got {', '.join(self.inputs)}")
         if not self.modes or set(self.modes) - set(MODES):
@@ -99,7 +110,7 @@ class BenchConfig:
             raise ValueError(f"request rates must be > 0 and finite, got {self.request_rate}")
 
     @classmethod
-    def from_args(cls, args) -> "BenchConfig":
+    def from_args(cls, args) -> BenchConfig:
         """From argparse args; flags absent from `args` or left at None take the defaults (QUICK's with --quick)."""
         base = dict(QUICK) if getattr(args, "quick", False) else {}
         for f in fields(cls):
@@ -108,8 +119,10 @@ class BenchConfig:
                 continue
             if f.name in ("concurrency", "inputs", "modes", "request_rate") and isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
-                value = {"concurrency": lambda v: tuple(int(x) for x in v),
-                         "request_rate": lambda v: tuple(float(x) for x in v)}.get(f.name, tuple)(value)
+                value = {
+                    "concurrency": lambda v: tuple(int(x) for x in v),
+                    "request_rate": lambda v: tuple(float(x) for x in v),
+                }.get(f.name, tuple)(value)
             base[f.name] = value
         if getattr(args, "no_plot", False):
             base["plot"] = False
@@ -119,8 +132,15 @@ class BenchConfig:
 
 
 # a smoke run: two levels, two requests each, few tokens, text and image, small encoder batches (~40 s on tiny)
-QUICK = dict(concurrency=(1, 2), requests=2, max_tokens=8, speech_tokens=32, inputs=("text", "image"),
-             encoder_items=4, encoder_repeats=1)
+QUICK = dict(
+    concurrency=(1, 2),
+    requests=2,
+    max_tokens=8,
+    speech_tokens=32,
+    inputs=("text", "image"),
+    encoder_items=4,
+    encoder_repeats=1,
+)
 
 
 async def ours_one(pipeline, request: ChatRequest) -> Sample:
@@ -139,10 +159,18 @@ async def ours_one(pipeline, request: ChatRequest) -> Sample:
         elif isinstance(ev, Finished):
             fin = ev
     e2e = time.perf_counter() - t0
-    return Sample(ttft=first_text, ttfap=first_audio, e2e=e2e,
-                  text_tokens=fin.completion_tokens, codec_tokens=fin.codec_tokens, audio_s=n_pcm / AUDIO_SAMPLE_RATE,
-                  token_ids=list(fin.token_ids), codec_ids=list(fin.codec_ids), text="".join(text),
-                  audio_chunks=chunks)
+    return Sample(
+        ttft=first_text,
+        ttfap=first_audio,
+        e2e=e2e,
+        text_tokens=fin.completion_tokens,
+        codec_tokens=fin.codec_tokens,
+        audio_s=n_pcm / AUDIO_SAMPLE_RATE,
+        token_ids=list(fin.token_ids),
+        codec_ids=list(fin.codec_ids),
+        text="".join(text),
+        audio_chunks=chunks,
+    )
 
 
 def official_path(pipeline) -> Callable[[ChatRequest], Awaitable[Sample]]:
@@ -157,16 +185,25 @@ def official_path(pipeline) -> Callable[[ChatRequest], Awaitable[Sample]]:
             ref = await asyncio.to_thread(reference_generate, pipeline.loaded, request, 0, forced)
         e2e = time.perf_counter() - t0
         audio_s = 0.0 if ref.waveform is None else len(ref.waveform) / ref.sample_rate
-        return Sample(ttft=e2e if ref.text else None, ttfap=e2e if audio_s > 0 else None, e2e=e2e,
-                      text_tokens=len(ref.token_ids), codec_tokens=len(ref.codec_ids), audio_s=audio_s,
-                      token_ids=ref.token_ids, codec_ids=ref.codec_ids, text=ref.text,
-                      audio_chunks=[(e2e, audio_s)] if audio_s > 0 else [])  # one packet: the whole reply
+        return Sample(
+            ttft=e2e if ref.text else None,
+            ttfap=e2e if audio_s > 0 else None,
+            e2e=e2e,
+            text_tokens=len(ref.token_ids),
+            codec_tokens=len(ref.codec_ids),
+            audio_s=audio_s,
+            token_ids=ref.token_ids,
+            codec_ids=ref.codec_ids,
+            text=ref.text,
+            audio_chunks=[(e2e, audio_s)] if audio_s > 0 else [],
+        )  # one packet: the whole reply
 
     return one
 
 
-async def closed_loop(one: Callable[[int], Awaitable[Sample]], n: int, concurrency: int,
-                      progress: Callable[[int], None]) -> tuple[list[Sample], float]:
+async def closed_loop(
+    one: Callable[[int], Awaitable[Sample]], n: int, concurrency: int, progress: Callable[[int], None]
+) -> tuple[list[Sample], float]:
     """`concurrency` clients, each sending its next request (`one(i)`, i < n) as soon as its last one finished ->
     (samples in request order, wall seconds from the first submission to the last reply)."""
     pending = list(range(n))
@@ -189,8 +226,9 @@ def arrivals(n: int, rate: float, seed: int) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(gaps[1:])])
 
 
-async def open_loop(one: Callable[[int], Awaitable[Sample]], n: int, rate: float, seed: int,
-                    progress: Callable[[int], None]) -> tuple[list[Sample], float]:
+async def open_loop(
+    one: Callable[[int], Awaitable[Sample]], n: int, rate: float, seed: int, progress: Callable[[int], None]
+) -> tuple[list[Sample], float]:
     """Request i sent at its Poisson arrival time whatever is still running (open loop) -> (samples in request order,
     wall seconds from the first submission to the last reply). Latencies count from each request's own submission."""
     done = 0
@@ -218,16 +256,22 @@ def summarize(samples: list[Sample], wall_s: float) -> Summary:
     text_tokens, codec_tokens = sum(s.text_tokens for s in samples), sum(s.codec_tokens for s in samples)
     plays = [s.playback() for s in samples if s.audio_chunks]
     return Summary(
-        requests=len(samples), wall_s=wall_s, req_per_s=len(samples) / wall_s,
-        text_tokens=text_tokens, text_tokens_per_s=text_tokens / wall_s,
-        codec_tokens=codec_tokens, codec_tokens_per_s=codec_tokens / wall_s,
-        audio_s=audio_s, rtf=wall_s / audio_s if audio_s > 0 else None,
+        requests=len(samples),
+        wall_s=wall_s,
+        req_per_s=len(samples) / wall_s,
+        text_tokens=text_tokens,
+        text_tokens_per_s=text_tokens / wall_s,
+        codec_tokens=codec_tokens,
+        codec_tokens_per_s=codec_tokens / wall_s,
+        audio_s=audio_s,
+        rtf=wall_s / audio_s if audio_s > 0 else None,
         ttft_s=Stats.of([s.ttft for s in samples if s.ttft is not None]),
         visible_text=sum(s.ttft is not None for s in samples) / len(samples),  # replies with any text
         ttfap_s=Stats.of([s.ttfap for s in samples if s.ttfap is not None]),
         e2e_s=Stats.of([s.e2e for s in samples]),
         stall_s=Stats.of([p.stall_s for p in plays]),
-        continuity_ok=sum(p.continuous for p in plays) / len(plays) if plays else None)
+        continuity_ok=sum(p.continuous for p in plays) / len(plays) if plays else None,
+    )
 
 
 def matches(ours: list[Sample], official: list[Sample]) -> Match:
@@ -235,11 +279,18 @@ def matches(ours: list[Sample], official: list[Sample]) -> Match:
     HTTP, where ids are not sent: the same text (the same number of audio samples)."""
     n = len(ours)
     if any(a.token_ids is None for a in ours):
-        return Match(text_ids=sum(a.text == b.text for a, b in zip(ours, official)) / n,
-                     codec_ids=sum(round(a.audio_s * AUDIO_SAMPLE_RATE) == round(b.audio_s * AUDIO_SAMPLE_RATE)
-                                   for a, b in zip(ours, official)) / n)
-    return Match(text_ids=sum(a.token_ids == b.token_ids for a, b in zip(ours, official)) / n,
-                 codec_ids=sum(a.codec_ids == b.codec_ids for a, b in zip(ours, official)) / n)
+        return Match(
+            text_ids=sum(a.text == b.text for a, b in zip(ours, official)) / n,
+            codec_ids=sum(
+                round(a.audio_s * AUDIO_SAMPLE_RATE) == round(b.audio_s * AUDIO_SAMPLE_RATE)
+                for a, b in zip(ours, official)
+            )
+            / n,
+        )
+    return Match(
+        text_ids=sum(a.token_ids == b.token_ids for a, b in zip(ours, official)) / n,
+        codec_ids=sum(a.codec_ids == b.codec_ids for a, b in zip(ours, official)) / n,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -256,6 +307,7 @@ class Progress:
         def done(n: int) -> None:
             if self.tty or n == total:
                 self._line(name, n, total, end="\n" if n == total else "")
+
         return done
 
     def note(self, text: str) -> None:
@@ -263,15 +315,14 @@ class Progress:
 
     def _line(self, name, n, total, end):
         counts = f": {n}/{total} requests done" if total else ""
-        print(f"\r[bench {time.perf_counter() - self.t0:6.1f}s] {name}{counts}", end=end, file=self.stream,
-              flush=True)
+        print(f"\r[bench {time.perf_counter() - self.t0:6.1f}s] {name}{counts}", end=end, file=self.stream, flush=True)
 
 
 Backend = Callable[[int, object], Awaitable[Sample]]  # (request index, speak) -> its sample
 
 
 def make_backends(pipeline, media: Media, config: BenchConfig, http=None) -> dict[str, Backend]:
-    """"ours" (the in-process pipeline, or the server behind `http`, an http.HttpClient) and "official", sending
+    """ "ours" (the in-process pipeline, or the server behind `http`, an http.HttpClient) and "official", sending
     request i of `config` (make_request; its HTTP body over HTTP). speak: False, True or "speech"."""
     official = official_path(pipeline)
 
@@ -283,8 +334,16 @@ def make_backends(pipeline, media: Media, config: BenchConfig, http=None) -> dic
         question = QUESTIONS[i % len(QUESTIONS)]
         if speak == "speech":
             return http.speech(speech_body(question, config.speech_tokens))
-        return http.chat(chat_body(question, config.inputs[i % len(config.inputs)], speak, config.max_tokens,
-                                   config.speech_tokens, http.parts))
+        return http.chat(
+            chat_body(
+                question,
+                config.inputs[i % len(config.inputs)],
+                speak,
+                config.max_tokens,
+                config.speech_tokens,
+                http.parts,
+            )
+        )
 
     return {"ours": ours, "official": lambda i, speak: official(make_request(media, i, speak, config))}
 
@@ -304,9 +363,13 @@ def stage_profile(before: dict, after: dict, wall_s: float) -> dict[str, dict]:
         d = {k: a.get(k, 0) - b.get(k, 0) for k in ("steps", "step_items", "step_s", "queued", "queue_s")}
         if d["steps"] <= 0:
             continue
-        out[stage] = {"steps": int(d["steps"]), "mean_batch": d["step_items"] / d["steps"], "busy_s": d["step_s"],
-                      "busy_share": d["step_s"] / wall_s if wall_s > 0 else None,
-                      "mean_queue_ms": 1000 * d["queue_s"] / d["queued"] if d["queued"] else None}
+        out[stage] = {
+            "steps": int(d["steps"]),
+            "mean_batch": d["step_items"] / d["steps"],
+            "busy_s": d["step_s"],
+            "busy_share": d["step_s"] / wall_s if wall_s > 0 else None,
+            "mean_queue_ms": 1000 * d["queue_s"] / d["queued"] if d["queued"] else None,
+        }
     return out
 
 
@@ -331,19 +394,32 @@ async def load_sweep(pipeline, media: Media, config: BenchConfig, progress: Prog
             samples, summary = {}, {}
             before = await stage_counters(pipeline, http)
             for name, one in backends.items():
+
                 def send(i, one=one, speak=speak):
                     return one(i, speak)
+
                 if rate is None:
                     samples[name], wall = await closed_loop(send, n, c, progress.phase(f"{mode} c={c} {name}", n))
                 else:
-                    samples[name], wall = await open_loop(send, n, rate, config.seed,
-                                                          progress.phase(f"{mode} {rate:g}/s {name}", n))
+                    samples[name], wall = await open_loop(
+                        send, n, rate, config.seed, progress.phase(f"{mode} {rate:g}/s {name}", n)
+                    )
                 summary[name] = summarize(samples[name], wall)
                 if name == "ours":
                     stages = stage_profile(before, await stage_counters(pipeline, http), wall)
-            levels.append(Level(mode, c, n, summary["ours"], summary["official"],
-                                Ratios.of(summary["ours"], summary["official"]),
-                                matches(samples["ours"], samples["official"]), request_rate=rate, stages=stages))
+            levels.append(
+                Level(
+                    mode,
+                    c,
+                    n,
+                    summary["ours"],
+                    summary["official"],
+                    Ratios.of(summary["ours"], summary["official"]),
+                    matches(samples["ours"], samples["official"]),
+                    request_rate=rate,
+                    stages=stages,
+                )
+            )
     return levels
 
 
@@ -375,8 +451,9 @@ def bench_encoders(pipeline, media: Media, config: BenchConfig, progress: Progre
         enc.encode(items[:1])  # warm-up
         one = _best_time(lambda enc=enc, items=items: [enc.encode([it]) for it in items], config.encoder_repeats)
         batched = _best_time(lambda enc=enc, items=items: enc.encode(items), config.encoder_repeats)
-        out[name] = EncoderResult(items=k, batch1_items_per_s=k / one, batch_items_per_s=k / batched,
-                                  batch_size=k, speedup=one / batched)
+        out[name] = EncoderResult(
+            items=k, batch1_items_per_s=k / one, batch_items_per_s=k / batched, batch_size=k, speedup=one / batched
+        )
     return Encoders(image=out["image"], audio=out["audio"], processor_s=processor_s)
 
 
@@ -385,16 +462,16 @@ async def _sweep(pipeline, media: Media, config: BenchConfig, progress: Progress
         return await load_sweep(pipeline, media, config, progress)
     from omni.serve.bench.http import HttpClient, media_parts
 
-    http = HttpClient(url, max(config.concurrency + (config.requests,)), media_parts(config.inputs),
-                      transport=transport)
+    http = HttpClient(
+        url, max(config.concurrency + (config.requests,)), media_parts(config.inputs), transport=transport
+    )
     try:
         return await load_sweep(pipeline, media, config, progress, http)
     finally:
         await http.aclose()
 
 
-def run_bench(config: BenchConfig, progress: Optional[Progress] = None, transport=None,
-              pipeline=None) -> BenchResults:
+def run_bench(config: BenchConfig, progress: Optional[Progress] = None, transport=None, pipeline=None) -> BenchResults:
     """Load the model once (or use `pipeline`), run every phase, return the results (what results.json holds). With
     via http, ours is `config.url`, else an `omni serve` started here, else (tests) the ASGI app of `transport`."""
     import transformers
@@ -421,13 +498,20 @@ def run_bench(config: BenchConfig, progress: Optional[Progress] = None, transpor
             server.stop()
     encoders = bench_encoders(pipeline, media, config, progress) if config.encoders else None
     device = pipeline.loaded.device
-    return BenchResults(via=config.via, url=url if config.via == "http" else None,
-        model=config.model, device=str(device),
+    return BenchResults(
+        via=config.via,
+        url=url if config.via == "http" else None,
+        model=config.model,
+        device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
         versions={"torch": torch.__version__, "transformers": transformers.__version__},
         settings={f.name: getattr(config, f.name) for f in fields(config)},
-        levels=levels, encoders=encoders, wall_s=time.perf_counter() - t0)
+        levels=levels,
+        encoders=encoders,
+        wall_s=time.perf_counter() - t0,
+    )
 
 
 def main(args) -> int:

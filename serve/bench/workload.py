@@ -1,5 +1,6 @@
 """What `omni bench` sends: the media (drawn pictures, the bundled speech and clip), the questions, and request i of a
 level as a ChatRequest for the in-process paths (serve/bench/http.py builds its HTTP body from the same parts)."""
+
 from __future__ import annotations
 
 import uuid
@@ -8,18 +9,30 @@ from typing import Optional
 
 import numpy as np
 
-from omni.assets import samples_dir
 from omni.types import AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart, VideoPart
+from omni.assets import samples_dir
 
 __all__ = ["INPUT_KINDS", "MODES", "QUESTIONS", "Media", "drawn_image", "tone", "load_media", "make_request"]
 
 SAMPLES_DIR = samples_dir()  # bundled speech.wav, clip.mp4
 INPUT_KINDS = ("text", "image", "audio", "video")  # what a request carries besides its question (text: nothing)
 QUESTIONS = [
-    "What do you see?", "Describe this in one sentence.", "What colours are there?", "Is anything moving?",
-    "Tell me a short story about it.", "What shape is in the middle?", "Where could this be?", "Name three things.",
-    "What would you call this picture?", "How does it make you feel?", "Count the objects.", "What is missing?",
-    "Explain it to a child.", "Give it a title.", "What happens next?", "Say something nice about it.",
+    "What do you see?",
+    "Describe this in one sentence.",
+    "What colours are there?",
+    "Is anything moving?",
+    "Tell me a short story about it.",
+    "What shape is in the middle?",
+    "Where could this be?",
+    "Name three things.",
+    "What would you call this picture?",
+    "How does it make you feel?",
+    "Count the objects.",
+    "What is missing?",
+    "Explain it to a child.",
+    "Give it a title.",
+    "What happens next?",
+    "Say something nice about it.",
 ]
 
 
@@ -71,12 +84,20 @@ def make_request(media: Media, i: int, speak, config) -> ChatRequest:
         from omni.serve.api.protocol import SpeechRequest
 
         talker = {"temperature": 0.0, "max_tokens": config.speech_tokens}
-        return to_speech_request(SpeechRequest(input=QUESTIONS[i % len(QUESTIONS)], response_format="pcm",
-                                               sampling_params_list=[None, talker]), uuid.uuid4().hex,
-                                 ConvertOptions(default_speech_tokens=config.speech_tokens))
+        return to_speech_request(
+            SpeechRequest(
+                input=QUESTIONS[i % len(QUESTIONS)], response_format="pcm", sampling_params_list=[None, talker]
+            ),
+            uuid.uuid4().hex,
+            ConvertOptions(default_speech_tokens=config.speech_tokens),
+        )
     parts = {"image": ImagePart(media.image), "audio": AudioPart(media.audio), "video": VideoPart(media.video)}
     kind = config.inputs[i % len(config.inputs)]
     content = ([parts[kind]] if kind in parts else []) + [TextPart(QUESTIONS[i % len(QUESTIONS)])]
-    return ChatRequest([Message("user", content)], sampling=SamplingParams(max_tokens=config.max_tokens),
-                       talker_sampling=SamplingParams(max_tokens=config.speech_tokens), speak=speak,
-                       request_id=uuid.uuid4().hex)
+    return ChatRequest(
+        [Message("user", content)],
+        sampling=SamplingParams(max_tokens=config.max_tokens),
+        talker_sampling=SamplingParams(max_tokens=config.speech_tokens),
+        speak=speak,
+        request_id=uuid.uuid4().hex,
+    )

@@ -7,6 +7,7 @@ Topology (typed Python, here); resources and limits (YAML, configs/serve/, omni.
                                   -> Thinker                         (text only)
 With `colocate`, adjacent generating stages are one deployment (ThinkerTalkerVocoder, TalkerVocoder, ThinkerTalker).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,20 +22,35 @@ from ray import serve
 from ray.serve import Application
 
 from omni.checkpoint import generation_defaults, list_voices, resolve_model
+from omni.serve.cluster.deployments import (
+    DRAIN_FLAG,
+    DRAIN_POLL_S,
+    AudioEncoderDeployment,
+    DrainFlag,
+    GenerationDeployment,
+    Ingress,
+    VisionEncoderDeployment,
+    group_name,
+    group_options,
+)
 from omni.serve.config import ServeConfig, config_error, load_serve_config
-from omni.serve.cluster.deployments import (DRAIN_FLAG, DRAIN_POLL_S, AudioEncoderDeployment, DrainFlag,
-                                            GenerationDeployment, Ingress, VisionEncoderDeployment, group_name,
-                                            group_options)
 
 __all__ = ["AppArgs", "build_app", "run_server", "server_settings", "DEPLOYMENT_NAMES", "stage_deployments"]
 
 # deployment name -> the ServeConfig.deployments field that holds its resources (colocate: none)
-DEPLOYMENT_NAMES = {"Ingress": "ingress", "VisionEncoder": "vision_encoder", "AudioEncoder": "audio_encoder",
-                    "Thinker": "thinker", "Talker": "talker", "Vocoder": "vocoder"}
+DEPLOYMENT_NAMES = {
+    "Ingress": "ingress",
+    "VisionEncoder": "vision_encoder",
+    "AudioEncoder": "audio_encoder",
+    "Thinker": "thinker",
+    "Talker": "talker",
+    "Vocoder": "vocoder",
+}
 
 
 class AppArgs(BaseModel):
     """`build_app`'s arguments (strings from `serve run ... key=value`, or the CLI's); an unknown one is an error."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: Optional[str] = None  # preset, directory or hub id; None: the config's
     config: Optional[str] = None  # a configs/serve name or a YAML path; None: the defaults
@@ -49,15 +65,24 @@ def server_settings(cfg: ServeConfig, args: AppArgs, model: str):
     from omni.encoders.media import MediaPolicy
     from omni.serve.api.server import ServerSettings
 
-    return ServerSettings(served_model_name=args.served_model_name, api_key=args.api_key, api_dialect=args.api_dialect,
-                          max_body_bytes=cfg.max_body_bytes, max_tokens=cfg.max_tokens,
-                          max_concurrent_requests=cfg.max_concurrent_requests,
-                          max_speech_streams=cfg.max_speech_streams, speech_wait_s=cfg.speech_wait_s,
-                          default_max_tokens=cfg.default_max_tokens, default_sampling=generation_defaults(model),
-                          default_speech_tokens=cfg.default_speech_tokens, media_limits=cfg.media,
-                          realtime=cfg.realtime,
-                          media_policy=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
-                                                   allow_http=args.allow_http_media))
+    return ServerSettings(
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        api_dialect=args.api_dialect,
+        max_body_bytes=cfg.max_body_bytes,
+        max_tokens=cfg.max_tokens,
+        max_concurrent_requests=cfg.max_concurrent_requests,
+        max_speech_streams=cfg.max_speech_streams,
+        speech_wait_s=cfg.speech_wait_s,
+        default_max_tokens=cfg.default_max_tokens,
+        default_sampling=generation_defaults(model),
+        default_speech_tokens=cfg.default_speech_tokens,
+        media_limits=cfg.media,
+        realtime=cfg.realtime,
+        media_policy=MediaPolicy(
+            allowed_local_media_path=args.allowed_local_media_path, allow_http=args.allow_http_media
+        ),
+    )
 
 
 def _deployment(cls, cfg: ServeConfig, name: str):
@@ -87,11 +112,15 @@ def build_app(args: dict[str, Any]) -> Application:
     # each group pulls from the one before it; without speech output, the Thinker alone
     for group in cfg.generation_groups if voices else [("thinker",)]:
         opts = group_options(cfg, group)
-        speech = serve.deployment(GenerationDeployment, name=group_name(group)).options(**opts.serve_options()) \
+        speech = (
+            serve.deployment(GenerationDeployment, name=group_name(group))
+            .options(**opts.serve_options())
             .bind(model, cfg, group, opts, speech)
+        )
         thinker = thinker or speech
-    return _deployment(Ingress, cfg, "Ingress").bind(model, cfg, server_settings(cfg, a, model), vision, audio,
-                                                     thinker, speech, voices)
+    return _deployment(Ingress, cfg, "Ingress").bind(
+        model, cfg, server_settings(cfg, a, model), vision, audio, thinker, speech, voices
+    )
 
 
 def _drain(flag, timeout_s: float) -> tuple[int, float]:
@@ -116,12 +145,22 @@ def run_server(args) -> int:
     import ray
 
     cfg_path = args.config or "tiny"
-    app = build_app({"model": args.model, "config": cfg_path, "served_model_name": args.served_model_name,
-                     "api_key": args.api_key, "allowed_local_media_path": args.allowed_local_media_path,
-                     "allow_http_media": bool(getattr(args, "allow_http_media", False)),
-                     "api_dialect": getattr(args, "api_dialect", None) or "openai"})
-    drain_timeout = args.drain_timeout if getattr(args, "drain_timeout", None) is not None else \
-        load_serve_config(cfg_path).drain_timeout_s
+    app = build_app(
+        {
+            "model": args.model,
+            "config": cfg_path,
+            "served_model_name": args.served_model_name,
+            "api_key": args.api_key,
+            "allowed_local_media_path": args.allowed_local_media_path,
+            "allow_http_media": bool(getattr(args, "allow_http_media", False)),
+            "api_dialect": getattr(args, "api_dialect", None) or "openai",
+        }
+    )
+    drain_timeout = (
+        args.drain_timeout
+        if getattr(args, "drain_timeout", None) is not None
+        else load_serve_config(cfg_path).drain_timeout_s
+    )
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="WARNING")
@@ -145,8 +184,11 @@ def run_server(args) -> int:
     # before the ready line: tools that start `omni serve` (omni bench load, the tests) connect to this Ray to find
     # the replicas (`ray.init(address=...)`; "auto" is ambiguous when other Ray instances run on the machine)
     print(f"ray address: {ray.get_runtime_context().gcs_address}", file=sys.stderr, flush=True)
-    print(f"ready in {time.time() - t0:.1f}s: http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C stops",
-          file=sys.stderr, flush=True)
+    print(
+        f"ready in {time.time() - t0:.1f}s: http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C stops",
+        file=sys.stderr,
+        flush=True,
+    )
     while not stop.wait(0.5):
         pass
     left, waited = _drain(flag, drain_timeout)

@@ -18,6 +18,7 @@ drops it, so only rows travel back to the driver (plus 16-bit PCM in `speech` wi
 Runs where Ray runs: a local Ray started here, or the cluster in RAY_ADDRESS. `encoder_resources` /
 `thinker_resources` (custom Ray resources) pin each actor pool to the nodes that have them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,9 +26,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from omni.serve.caption_io import CaptionError, InputFile, list_inputs, one_line
 from omni.serve.caption_output import CaptionOutput, CommitGuard, Interrupted, Progress, write_speech
@@ -69,16 +71,37 @@ def build_dataset(files: list[InputFile], opts: CaptionOptions):
     # 2 files per read/decode task, so decoded rows reach the encoders early; at most 4096 tasks for huge inputs
     blocks = min(max(1, -(-len(files) // 2)), 4096)
     ds = ray.data.from_items([{"path": f.path, "rel": f.rel} for f in files], override_num_blocks=blocks)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"opts": opts}, batch_size=None, num_cpus=opts.decode_cpus,
-                        compute=TaskPoolStrategy(size=decode_tasks), runtime_env=env)
-    ds = ds.map_batches(CaptionEncoders, fn_constructor_kwargs={"opts": opts}, batch_size=opts.batch_size,
-                        num_cpus=opts.encoder_cpus, num_gpus=gpus, resources=opts.encoder_resources or None,
-                        compute=ActorPoolStrategy(size=opts.concurrency), runtime_env=env)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"opts": opts},
+        batch_size=None,
+        num_cpus=opts.decode_cpus,
+        compute=TaskPoolStrategy(size=decode_tasks),
+        runtime_env=env,
+    )
+    ds = ds.map_batches(
+        CaptionEncoders,
+        fn_constructor_kwargs={"opts": opts},
+        batch_size=opts.batch_size,
+        num_cpus=opts.encoder_cpus,
+        num_gpus=gpus,
+        resources=opts.encoder_resources or None,
+        compute=ActorPoolStrategy(size=opts.concurrency),
+        runtime_env=env,
+    )
     calls = max(1, opts.thinker_calls)
-    return ds.map_batches(CaptionGenerator, fn_constructor_kwargs={"opts": opts}, batch_size=opts.batch_size,
-                          num_cpus=opts.thinker_cpus, num_gpus=gpus, resources=opts.thinker_resources or None,
-                          compute=ActorPoolStrategy(size=opts.concurrency, max_tasks_in_flight_per_actor=calls,
-                                                    max_concurrent_calls_per_actor=calls), runtime_env=env)
+    return ds.map_batches(
+        CaptionGenerator,
+        fn_constructor_kwargs={"opts": opts},
+        batch_size=opts.batch_size,
+        num_cpus=opts.thinker_cpus,
+        num_gpus=gpus,
+        resources=opts.thinker_resources or None,
+        compute=ActorPoolStrategy(
+            size=opts.concurrency, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls
+        ),
+        runtime_env=env,
+    )
 
 
 def _check_voice(opts: CaptionOptions) -> None:
@@ -97,14 +120,17 @@ def _check_voice(opts: CaptionOptions) -> None:
 def _init_ray() -> bool:
     """Connect to RAY_ADDRESS or start a local Ray, unless this process already has one -> whether we started it.
     Also sets this process's Ray Data context for the job (quiet, tolerant of actors dying while they start)."""
-    import logging
 
     import ray.data
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level=logging.ERROR,
-                 log_to_driver=False)
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or None,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress lines replace Ray Data's bars and execution logs
     ctx.max_consecutive_actor_init_deaths = 3  # an actor whose worker dies while loading its model is replaced
@@ -112,9 +138,15 @@ def _init_ray() -> bool:
     return started
 
 
-def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptions(), resume: bool = False,
-                retry_errors: bool = False, on_batch: Optional[Callable[[list[dict]], None]] = None,
-                progress_every_s: float = 1.0) -> CaptionReport:
+def run_caption(
+    inputs: list[str],
+    out: str,
+    opts: CaptionOptions = CaptionOptions(),
+    resume: bool = False,
+    retry_errors: bool = False,
+    on_batch: Optional[Callable[[list[dict]], None]] = None,
+    progress_every_s: float = 1.0,
+) -> CaptionReport:
     """Caption every file of `inputs` into `out` (see the module docstring); `retry_errors` implies `resume`. Raises
     CaptionError when the job cannot start or its output cannot be written; SIGINT/SIGTERM stop it cleanly
     (report.interrupted)."""
@@ -188,8 +220,13 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
     except CaptionError:
         raise
     except Exception as e:  # noqa: BLE001 - Ray gave up (an actor that cannot start, a lost cluster): rows so far stay
-        raise CaptionError(one_line(f"the job stopped after {progress.done} of {progress.total} files: "
-                                    f"{type(e).__name__}: {e}; run again with --resume", 1000)) from e
+        raise CaptionError(
+            one_line(
+                f"the job stopped after {progress.done} of {progress.total} files: "
+                f"{type(e).__name__}: {e}; run again with --resume",
+                1000,
+            )
+        ) from e
     finally:
         output.close()
         if started:
@@ -200,7 +237,17 @@ def run_caption(inputs: list[str], out: str, opts: CaptionOptions = CaptionOptio
         progress.update([], force=True)
     progress.summary(out, bool(interrupted))
     seconds = timeline["end"] = time.perf_counter() - t0
-    return CaptionReport(out=out, files=progress.done, ok=progress.ok, failed=progress.failed,
-                         skipped=progress.skipped, seconds=seconds, files_per_s=progress.done / max(seconds, 1e-9),
-                         stage_seconds=stage_s, nodes={s: sorted(v) for s, v in nodes.items()},
-                         interrupted=int(interrupted), thinker_pids=sorted(pids), timeline=timeline)
+    return CaptionReport(
+        out=out,
+        files=progress.done,
+        ok=progress.ok,
+        failed=progress.failed,
+        skipped=progress.skipped,
+        seconds=seconds,
+        files_per_s=progress.done / max(seconds, 1e-9),
+        stage_seconds=stage_s,
+        nodes={s: sorted(v) for s, v in nodes.items()},
+        interrupted=int(interrupted),
+        thinker_pids=sorted(pids),
+        timeline=timeline,
+    )

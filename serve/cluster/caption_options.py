@@ -1,15 +1,16 @@
 """`omni caption`'s options: what the job's driver (serve/cluster/caption.py) and its Ray Data stages
 (serve/cluster/caption_stages.py) both read. The stages' own settings (context, the Thinker's running batch, the
 Talker and vocoder) are a serving `PipelineConfig`, the defaults written once in serve/config.py. No ray import."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
 from omni.checkpoint import default_dtype
+from omni.types import DEFAULT_VOICE
 from omni.serve.caption_io import CaptionError
 from omni.serve.config import PipelineConfig
-from omni.types import DEFAULT_VOICE
 
 __all__ = ["CaptionOptions"]
 

@@ -8,6 +8,7 @@ stages. Columns are arrow-friendly ("" for no error / no type: a column of only 
 (PromptLayout, Generation, MediaEmbeddings) after the encoders, dropped by the generator. The Generation (sampling,
 voice, speech limits) is the request's own, built once by the decode stage from `caption_request`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -54,26 +55,41 @@ def decode_batch(batch: dict, opts: CaptionOptions) -> dict:
 
     _set_threads(1)
     processor, node = _processor(opts.model), _node()
-    out: dict[str, list] = {k: [] for k in ("path", "rel", "media_type", "prompt", "error", "payload", "decode_s",
-                                            "decode_node")}
+    out: dict[str, list] = {
+        k: [] for k in ("path", "rel", "media_type", "prompt", "error", "payload", "decode_s", "decode_node")
+    }
     for path, rel in zip(batch["path"], batch["rel"]):
         t0 = time.perf_counter()
         kind, prompt, error, payload = "", opts.prompt or "", "", b""  # "" for none: an all-None column is no string
         try:
             kind, media = load_file(str(path), opts.use_audio_in_video)
             prompt = opts.prompt or DEFAULT_PROMPTS[kind]
-            request = caption_request(kind, media, prompt, opts.max_tokens, opts.use_audio_in_video,
-                                      speak=opts.speak_dir is not None, voice=opts.voice,
-                                      max_speech_tokens=opts.max_speech_tokens)
+            request = caption_request(
+                kind,
+                media,
+                prompt,
+                opts.max_tokens,
+                opts.use_audio_in_video,
+                speak=opts.speak_dir is not None,
+                voice=opts.voice,
+                max_speech_tokens=opts.max_speech_tokens,
+            )
             prepared = prepare_and_check(processor, request, opts.config.max_model_len)  # the composition's check
             payload = pickle.dumps((prepared, request.generation))
         except Exception as e:  # noqa: BLE001 - per file: whatever a decoder raises on bad bytes is that file's error
             kind = getattr(e, "media_type", kind) or ""
             prompt = opts.prompt or DEFAULT_PROMPTS.get(kind, "")
             error = one_line(e) if str(e) else type(e).__name__
-        for k, v in (("path", str(path)), ("rel", str(rel)), ("media_type", kind), ("prompt", prompt),
-                     ("error", error), ("payload", payload), ("decode_s", time.perf_counter() - t0),
-                     ("decode_node", node)):
+        for k, v in (
+            ("path", str(path)),
+            ("rel", str(rel)),
+            ("media_type", kind),
+            ("prompt", prompt),
+            ("error", error),
+            ("payload", payload),
+            ("decode_s", time.perf_counter() - t0),
+            ("decode_node", node),
+        ):
             out[k].append(v)
     return {k: np.array(v, dtype=object) if k != "decode_s" else np.array(v) for k, v in out.items()}
 
@@ -88,8 +104,9 @@ class CaptionEncoders:
 
         if not opts.device.startswith("cuda"):
             _set_threads(max(1, int(opts.encoder_cpus)))
-        self.vision, self.audio = load_encoders(opts.model, EncoderConfig(device=opts.device, dtype=opts.dtype,
-                                                                         max_batch_items=max(16, opts.batch_size)))
+        self.vision, self.audio = load_encoders(
+            opts.model, EncoderConfig(device=opts.device, dtype=opts.dtype, max_batch_items=max(16, opts.batch_size))
+        )
         self.node = _node()
         self.ready_at = time.time()  # wall clock when this actor was set up (process started, model loaded)
 
@@ -120,10 +137,14 @@ class CaptionEncoders:
             # the generator reads the layout and the embeddings, never the pixels or features
             payload[j] = pickle.dumps((prompts[j].layout, decoded[j][1], media[j])) if j in media else b""
         per_file = (time.perf_counter() - t0) / max(1, len(todo))
-        return {**batch, "error": np.array(errors, dtype=object), "payload": np.array(payload, dtype=object),
-                "encode_s": np.array([per_file if j in media else 0.0 for j in range(n)]),
-                "encode_node": np.array([self.node] * n, dtype=object),
-                "encode_ready_at": np.array([self.ready_at] * n)}
+        return {
+            **batch,
+            "error": np.array(errors, dtype=object),
+            "payload": np.array(payload, dtype=object),
+            "encode_s": np.array([per_file if j in media else 0.0 for j in range(n)]),
+            "encode_node": np.array([self.node] * n, dtype=object),
+            "encode_ready_at": np.array([self.ready_at] * n),
+        }
 
 
 # ---------------------------------------------------------------------------------------------------- stage 3: Thinker
@@ -179,7 +200,14 @@ class CaptionGenerator:
 
         await asyncio.gather(*(run(j) for j in range(n) if not errors[j]))
         rest = {k: v for k, v in batch.items() if k != "payload"}
-        return {**rest, "error": np.array(errors, dtype=object), "caption": np.array(captions, dtype=object),
-                "num_tokens": np.array(tokens), "speech": np.array(speech, dtype=object),
-                "thinker_s": np.array(secs), "thinker_node": np.array([self.node] * n, dtype=object),
-                "thinker_pid": np.array([self.pid] * n), "thinker_ready_at": np.array([self.ready_at] * n)}
+        return {
+            **rest,
+            "error": np.array(errors, dtype=object),
+            "caption": np.array(captions, dtype=object),
+            "num_tokens": np.array(tokens),
+            "speech": np.array(speech, dtype=object),
+            "thinker_s": np.array(secs),
+            "thinker_node": np.array([self.node] * n, dtype=object),
+            "thinker_pid": np.array([self.pid] * n),
+            "thinker_ready_at": np.array([self.ready_at] * n),
+        }

@@ -13,6 +13,7 @@ store once by the ingress (`MediaRef`), never the pixels or features. Encoders a
 `@serve.batch` merges items of concurrent requests into one forward. Cancelling a stream (client gone) cancels the
 upstream call, which frees the request's slot in every engine.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,8 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import AsyncIterator, Callable, Optional
+from collections.abc import AsyncIterator, Callable
+from typing import Optional
 
 import ray
 import torch
@@ -35,8 +37,19 @@ from omni.serve.encoder_cache import EncoderCache
 from omni.serve.models import load_talker, load_thinker, load_vocoder
 from omni.serve.stages import StageGroup, TalkerStage, ThinkerStage, VocoderStage, batches
 
-__all__ = ["VisionEncoderDeployment", "AudioEncoderDeployment", "GenerationDeployment", "MediaRef", "group_options",
-           "group_name", "HandleStages", "Ingress", "Encoded", "DrainFlag", "DRAIN_FLAG"]
+__all__ = [
+    "VisionEncoderDeployment",
+    "AudioEncoderDeployment",
+    "GenerationDeployment",
+    "MediaRef",
+    "group_options",
+    "group_name",
+    "HandleStages",
+    "Ingress",
+    "Encoded",
+    "DrainFlag",
+    "DRAIN_FLAG",
+]
 
 log = logging.getLogger("omni.serve")
 
@@ -76,6 +89,7 @@ def _replica_process(cfg: ServeConfig, opts: DeploymentOptions) -> None:
 @dataclasses.dataclass(frozen=True)
 class Encoded:
     """An encoder deployment's answer for one item."""
+
     embeds: torch.Tensor  # [n_tokens, H] float32, CPU
     batch_size: int  # items in the forward that computed it (the batching metric)
     deepstack: Optional[torch.Tensor] = None  # [n_levels, n_tokens, H]: Qwen3 vision only
@@ -94,7 +108,9 @@ class _EncoderDeployment:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def encode(self, items: list) -> list[Encoded]:
         """One item per call from the caller's side; a list here."""
-        pairs = await asyncio.to_thread(self.encoder.encode_with_deepstack, items)  # (embeds, Qwen3's deepstack or None)
+        pairs = await asyncio.to_thread(
+            self.encoder.encode_with_deepstack, items
+        )  # (embeds, Qwen3's deepstack or None)
         return [Encoded(e, len(items), d) for e, d in pairs]
 
 
@@ -116,6 +132,7 @@ class AudioEncoderDeployment(_EncoderDeployment):
 class MediaRef:
     """A request's MediaEmbeddings in the object store (put once by the ingress): the chain's stages before the
     Thinker pass this ref on, only the replica hosting the Thinker reads the embeddings."""
+
     ref: ray.ObjectRef
 
 
@@ -135,8 +152,7 @@ class GenerationDeployment:
     the Thinker pulls its input from the deployment before it (`upstream`). Its stream crosses to the next process in
     lists (`batches`: every item ready at once in one message)."""
 
-    def __init__(self, model: str, cfg: ServeConfig, stages: tuple[str, ...], opts: DeploymentOptions,
-                 upstream=None):
+    def __init__(self, model: str, cfg: ServeConfig, stages: tuple[str, ...], opts: DeploymentOptions, upstream=None):
         from omni.decoders import VocoderLoop
 
         _replica_process(cfg, opts)
@@ -189,8 +205,13 @@ def group_options(cfg: ServeConfig, stages: tuple[str, ...]) -> DeploymentOption
     for o in each:
         for k, v in o.resources.items():
             resources[k] = resources.get(k, 0.0) + v
-    return each[0].model_copy(update={"num_cpus": sum(o.num_cpus for o in each),
-                                      "num_gpus": sum(o.num_gpus for o in each), "resources": resources})
+    return each[0].model_copy(
+        update={
+            "num_cpus": sum(o.num_cpus for o in each),
+            "num_gpus": sum(o.num_gpus for o in each),
+            "resources": resources,
+        }
+    )
 
 
 def group_name(stages: tuple[str, ...]) -> str:
@@ -200,8 +221,12 @@ def group_name(stages: tuple[str, ...]) -> str:
 
 # what a handle call raises when the replica serving it died or none is up: Ray's actor errors (ActorDiedError,
 # ActorUnavailableError; wrapped in a RayTaskError when a stage further up the chain saw them) and Serve's
-_REPLICA_FAILURES = (ray.exceptions.RayActorError, serve.exceptions.ReplicaUnavailableError,
-                     serve.exceptions.DeploymentUnavailableError, serve.exceptions.BackPressureError)
+_REPLICA_FAILURES = (
+    ray.exceptions.RayActorError,
+    serve.exceptions.ReplicaUnavailableError,
+    serve.exceptions.DeploymentUnavailableError,
+    serve.exceptions.BackPressureError,
+)
 
 
 def _replica_failure(exc: BaseException) -> Optional[BaseException]:
@@ -240,8 +265,17 @@ async def _within(awaitable, seconds: float, what: str):
 class HandleStages:
     """serve/compose.py's `Stages` over DeploymentHandles (runs in the ingress replica)."""
 
-    def __init__(self, model: str, cfg: ServeConfig, vision, audio, thinker, speech, voices: list[str],
-                 observe_batch: Optional[Callable[[str, int], None]] = None):
+    def __init__(
+        self,
+        model: str,
+        cfg: ServeConfig,
+        vision,
+        audio,
+        thinker,
+        speech,
+        voices: list[str],
+        observe_batch: Optional[Callable[[str, int], None]] = None,
+    ):
         from transformers import AutoProcessor
 
         self.model_name, self.cfg = model, cfg
@@ -272,7 +306,9 @@ class HandleStages:
             for i, r in enumerate(results):
                 self.observe_batch("vision" if i < n_img + n_vid else "audio", r.batch_size)
         pairs = [(r.embeds, r.deepstack) for r in results]  # deepstack: Qwen3's vision features, else None
-        return MediaEmbeddings.assemble(pairs[:n_img], pairs[n_img:n_img + n_vid], [e for e, _ in pairs[n_img + n_vid:]])
+        return MediaEmbeddings.assemble(
+            pairs[:n_img], pairs[n_img : n_img + n_vid], [e for e, _ in pairs[n_img + n_vid :]]
+        )
 
     async def generate(self, gen: Generation, prompt: PromptLayout, media: MediaEmbeddings) -> AsyncIterator:
         head = self.speech if gen.speak else self.thinker
@@ -323,8 +359,7 @@ class DrainFlag:
 class Ingress:
     """FastAPI ingress (serve/api/server.py's app over the composition), built in the replica after the constructor."""
 
-    async def __init__(self, model: str, cfg: ServeConfig, settings, vision, audio, thinker, speech,
-                       voices: list[str]):
+    async def __init__(self, model: str, cfg: ServeConfig, settings, vision, audio, thinker, speech, voices: list[str]):
         from omni.serve.api.metrics import Metrics
 
         self.settings, self.metrics = settings, Metrics()

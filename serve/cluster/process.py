@@ -12,6 +12,7 @@ only the parent, which stops the child: SIGTERM (the server drains, shuts down S
 the whole group (Ray's workers included) if it is still there after `grace_s`. This module imports ray only in
 `connect_ray` and, when this process is connected, in `stop`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 __all__ = ["ServeProcess", "ServeStartError", "connect_ray", "free_port", "READY_LINE"]
 
@@ -47,8 +49,7 @@ def _token_auth_like_auto() -> None:
     `ray.init(address="auto")` follows it when a token exists (~/.ray/auth_token), but an explicit address never does:
     do what "auto" does (Ray's own function; this process's cached config is refreshed with it)."""
     try:
-        from ray._private.authentication.authentication_token_setup import \
-            maybe_enable_token_auth_if_token_available
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     except ImportError:  # a Ray without token authentication
         return
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
@@ -75,9 +76,15 @@ class ServeProcess:
     """One `omni serve` child on host:port (a free port when None), its output in `log_path` (a temp file when None);
     `env` is added to its environment."""
 
-    def __init__(self, args: Sequence[str] = ("--model", "tiny"), log_path: Optional[str | os.PathLike] = None,
-                 host: str = "127.0.0.1", port: Optional[int] = None, cwd: Optional[str | os.PathLike] = None,
-                 env: Optional[dict] = None):
+    def __init__(
+        self,
+        args: Sequence[str] = ("--model", "tiny"),
+        log_path: Optional[str | os.PathLike] = None,
+        host: str = "127.0.0.1",
+        port: Optional[int] = None,
+        cwd: Optional[str | os.PathLike] = None,
+        env: Optional[dict] = None,
+    ):
         self.args, self.host, self.port = list(args), host, port or free_port(host)
         if log_path is None:
             import tempfile
@@ -101,7 +108,7 @@ class ServeProcess:
         except FileNotFoundError:
             return ""
 
-    def start(self, timeout_s: float = 420.0) -> "ServeProcess":
+    def start(self, timeout_s: float = 420.0) -> ServeProcess:
         """Starts the child and waits for run_server's ready line and a 200 from /health; raises ServeStartError (with
         the log's tail) if the child exits or the time runs out first. A Ctrl-C while it starts stops it."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,22 +116,40 @@ class ServeProcess:
         environ.update(self.env or {})  # ... unless `env` names a cluster
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "omni.serve.cli", "serve", *self.args, "--host", self.host,
-                 "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.cwd, env=environ, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "omni.serve.cli",
+                    "serve",
+                    *self.args,
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.cwd,
+                env=environ,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout_s
         try:
-            while not (READY_LINE in self.log_tail(10 ** 7) and self._healthy()):
+            while not (READY_LINE in self.log_tail(10**7) and self._healthy()):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    why = (f"exited with {self.proc.returncode}" if self.proc.poll() is not None
-                           else f"was not ready after {timeout_s:.0f} s")
+                    why = (
+                        f"exited with {self.proc.returncode}"
+                        if self.proc.poll() is not None
+                        else f"was not ready after {timeout_s:.0f} s"
+                    )
                     self.stop(grace_s=5)
                     raise ServeStartError(f"omni serve {why}; its log ({self.log_path}) ends with:\n{self.log_tail()}")
                 time.sleep(0.5)
         except KeyboardInterrupt:  # no orphaned server
             self.stop()
             raise
-        found = _RAY_ADDRESS.search(self.log_tail(10 ** 7))
+        found = _RAY_ADDRESS.search(self.log_tail(10**7))
         self.ray_address = found.group(1) if found else ""
         return self
 
@@ -162,7 +187,7 @@ class ServeProcess:
         self.proc.wait()
         return self.proc.returncode
 
-    def __enter__(self) -> "ServeProcess":
+    def __enter__(self) -> ServeProcess:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc) -> None:

@@ -6,16 +6,25 @@ Replica actors are named `SERVE_REPLICA::<app>#<deployment>#<id>` in namespace "
 `ServeReplica:<app>:<deployment>` (Ray 2.60). They are read from the GCS actor table: `ray.util.state.list_actors`
 would need the dashboard, which `omni serve` does not start.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import ray
 
-__all__ = ["Replica", "Memory", "list_replicas", "replica_memory", "kill_replica", "wait_for_new_replica",
-           "SERVE_NAMESPACE"]
+__all__ = [
+    "Replica",
+    "Memory",
+    "list_replicas",
+    "replica_memory",
+    "kill_replica",
+    "wait_for_new_replica",
+    "SERVE_NAMESPACE",
+]
 
 SERVE_NAMESPACE = "serve"  # where Serve names its actors
 
@@ -39,7 +48,7 @@ def list_replicas(app: str = "omni", deployment: Optional[str] = None) -> list[R
         cls = a.get("ActorClassName", "")
         if a.get("State") != "ALIVE" or not cls.startswith(prefix):
             continue
-        dep = cls[len(prefix):]
+        dep = cls[len(prefix) :]
         if deployment is None or dep == deployment:
             out.append(Replica(dep, a["Name"], actor_id, int(a["Pid"]), a["Address"]["NodeID"]))
     return sorted(out, key=lambda r: (r.deployment, r.name))
@@ -47,6 +56,7 @@ def list_replicas(app: str = "omni", deployment: Optional[str] = None) -> list[R
 
 class Memory(NamedTuple):
     """A process's resident memory, bytes."""
+
     rss: int  # resident set size (VmRSS): anonymous + file-backed + shared pages
     anon: int  # its anonymous part (RssAnon: heap, tensors): what a leak grows; file pages (the mapped libraries)
     #            are what the kernel evicts first when the host runs short of memory
@@ -85,8 +95,12 @@ def replica_memory(replicas: Iterable[Replica]) -> dict[str, Optional[Memory]]:
         if node == here:
             mem = _memory(pids)
         else:
-            mem = ray.get(_memory_on_node.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(pids), timeout=120)
+            mem = ray.get(
+                _memory_on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+                    pids
+                ),
+                timeout=120,
+            )
         out.update({r.name: mem[r.pid] for r in reps})
     return out
 

@@ -2,6 +2,7 @@
 waveform, streaming from the first frames with left context only equals offline decoding (exactly in float64, within
 MAX_STREAM_ERROR in float32) for every schedule, the receptive field computed from the config is the measured one,
 and streams batch."""
+
 import copy
 
 import numpy as np
@@ -30,7 +31,7 @@ def stream(vocoder: Code2Wav, frames, push: int = 3) -> tuple[np.ndarray, list[i
     """Frames pushed `push` at a time, as a talker hands them over; -> (waveform, samples out after each push)."""
     s, pcm, out = vocoder.open_stream(), [], []
     for i in range(0, len(frames), push):
-        s.push(frames[i:i + push], last=i + push >= len(frames))
+        s.push(frames[i : i + push], last=i + push >= len(frames))
         pcm += vocoder.step([s])[0]
         out.append(sum(len(p) for p in pcm))
     assert s.finished and not s.ready
@@ -38,13 +39,17 @@ def stream(vocoder: Code2Wav, frames, push: int = 3) -> tuple[np.ndarray, list[i
 
 
 def test_offline_is_the_official_waveform(tiny_qwen3, media_dir):
-    from omni.encoders.media import MediaPolicy, load_image
     from omni.reference import reference_generate
     from omni.types import ChatRequest, ImagePart, Message, SamplingParams, TextPart
+    from omni.encoders.media import MediaPolicy, load_image
 
     image = load_image(str(media_dir / "image.png"), MediaPolicy(allowed_local_media_path=str(media_dir)))
-    req = ChatRequest([Message("user", [ImagePart(image), TextPart("What is it?")])],
-                      sampling=SamplingParams(max_tokens=6), talker_sampling=SamplingParams(max_tokens=24), speak=True)
+    req = ChatRequest(
+        [Message("user", [ImagePart(image), TextPart("What is it?")])],
+        sampling=SamplingParams(max_tokens=6),
+        talker_sampling=SamplingParams(max_tokens=24),
+        speak=True,
+    )
     ref = reference_generate(tiny_qwen3, req)
     vocoder = Code2Wav.from_pretrained(tiny_qwen3.path)  # only the code2wav weights
     offline = vocoder.offline(ref.codec_ids)
@@ -61,7 +66,7 @@ def test_streamed_equals_offline_from_the_first_frames(c2w, frames, first, chunk
     streamed, out = stream(vocoder, frames, push=1)
     assert streamed.shape == offline.shape == (N * 1920 - 555,)
     assert np.abs(streamed - offline).max() <= MAX_STREAM_ERROR
-    assert out[first - 1] == first * 1920 - 555 and out[first - 2:first - 1] in ([], [0])  # audio after `first`
+    assert out[first - 1] == first * 1920 - 555 and out[first - 2 : first - 1] in ([], [0])  # audio after `first`
 
 
 def test_streaming_is_exact_in_float64_and_context_matters(c2w, frames):
@@ -97,7 +102,7 @@ def test_streams_batch_into_one_call(c2w, frames):
     for i in range(0, N, 3):
         for s, f in zip(streams, (frames, frames[::-1], frames[:30])):
             if not s._last:
-                s.push(f[i:i + 3], last=i + 3 >= len(f))
+                s.push(f[i : i + 3], last=i + 3 >= len(f))
         for p, new in zip(pcm, vocoder.step(streams)):
             p += new
     together = [np.concatenate(p) for p in pcm]

@@ -1,6 +1,7 @@
 """The vocoder loop's schedule on the tiny vocoder: first chunks before later chunks of other streams, started streams
 by deadline (when their audio sent so far runs out), an about-to-run-dry stream never left behind; and the order
 changes when audio comes, not what it is (each stream's PCM equals its solo stream)."""
+
 import asyncio
 import time
 
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from omni.decoders import Token2Wav, VocoderLoop
 from omni.types import TalkerToVocoder
+from omni.decoders import Token2Wav, VocoderLoop
 
 BATCH_TOL = 5e-5  # as tests/decoders/test_token2wav.py: batched vs solo kernels
 
@@ -62,7 +63,7 @@ def test_concurrent_streams_equal_their_solo_runs(vocoder):
         async def feed():
             c = codes(n, seed)
             for k in range(0, n, 4):  # the Talker's emit_every 4
-                yield TalkerToVocoder(c[k:k + 4], last=k + 4 >= n)
+                yield TalkerToVocoder(c[k : k + 4], last=k + 4 >= n)
                 await asyncio.sleep(0.005)
 
         stream = vocoder.open_stream(voice, seed)

@@ -3,16 +3,15 @@ blocks and chunking errors are real): offline == the official `model.token2wav` 
 offline within MIN_STREAM_SNR_DB for the schedules VocoderConfig allows, batching == solo.
 
 The SNR table of the sweep: `pytest tests/decoders/test_token2wav.py -k sweep -s` (prints one line per schedule)."""
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from omni.decoders import MIN_STREAM_SNR_DB, Token2Wav, VocoderConfig, snr_db
-from omni.decoders.token2wav import FIRST_CHUNK_SNR_DB, LOOKAHEAD_STREAM_SNR_DB
-from omni.decoders.dit import draw_noise
 from omni.types import InvalidRequest
+from omni.decoders import MIN_STREAM_SNR_DB, Token2Wav, VocoderConfig, snr_db
+from omni.decoders.dit import draw_noise
+from omni.decoders.token2wav import FIRST_CHUNK_SNR_DB, LOOKAHEAD_STREAM_SNR_DB
 
 SAMPLES_PER_CODE = 480  # 2 mel frames x 240 samples at 24 kHz
 OFFLINE_TOL = 1e-6  # offline vs the official token2wav (measured: 0.0, the same float ops in the same order)
@@ -68,7 +67,7 @@ def run_streams(t2w: Token2Wav, utterances, bursts=None) -> list[list[np.ndarray
         live = [i for i, s in enumerate(streams) if not s.finished]
         for i in live:
             if pos[i] < len(codes[i]):
-                new = codes[i][pos[i]:pos[i] + k]
+                new = codes[i][pos[i] : pos[i] + k]
                 pos[i] += len(new)
                 streams[i].push(new, last=pos[i] == len(codes[i]))
         for i, got in zip(live, t2w.step([streams[i] for i in live])):
@@ -93,8 +92,13 @@ def test_offline_equals_official_token2wav(tiny, vocoder, n, voice, seed):
     spk = tiny.model.speaker_map[voice]
     torch.manual_seed(seed)
     with torch.no_grad():
-        ref = tiny.model.token2wav(torch.tensor([codes]), conditioning=spk["cond"].float(),
-                                   reference_mel=spk["ref_mel"].float()).reshape(-1).numpy()
+        ref = (
+            tiny.model.token2wav(
+                torch.tensor([codes]), conditioning=spk["cond"].float(), reference_mel=spk["ref_mel"].float()
+            )
+            .reshape(-1)
+            .numpy()
+        )
     wav = vocoder.offline(codes, voice, seed)
     assert wav.dtype == np.float32 and wav.shape == (n * SAMPLES_PER_CODE,)
     assert np.abs(wav - ref).max() <= OFFLINE_TOL
@@ -136,10 +140,21 @@ def test_stream_matches_offline(vocoder, offline_refs, bursts):
     assert np.abs(offline_refs[7] - np.concatenate(chunks[0])).max() <= BATCH_TOL
 
 
-SCHEDULES = [dict(first_chunk_codes=f, chunk_codes=c, past_blocks=p, future_blocks=a)
-             for f in (12, 24) for c in (24, 36, 48) for p in (2, 4) for a in (1, 2)]
-SCHEDULES += [dict(first_chunk_codes=24, bigvgan_context=28), dict(num_steps=6), dict(num_steps=32),
-              dict(guidance_scale=0.0), dict(guidance_scale=1.0), dict(num_steps=6, guidance_scale=1.0, chunk_codes=24)]
+SCHEDULES = [
+    dict(first_chunk_codes=f, chunk_codes=c, past_blocks=p, future_blocks=a)
+    for f in (12, 24)
+    for c in (24, 36, 48)
+    for p in (2, 4)
+    for a in (1, 2)
+]
+SCHEDULES += [
+    dict(first_chunk_codes=24, bigvgan_context=28),
+    dict(num_steps=6),
+    dict(num_steps=32),
+    dict(guidance_scale=0.0),
+    dict(guidance_scale=1.0),
+    dict(num_steps=6, guidance_scale=1.0, chunk_codes=24),
+]
 
 
 @pytest.mark.slow
@@ -148,8 +163,11 @@ def test_stream_schedule_sweep(vocoder, offline_refs, schedule):
     """Every kind of schedule VocoderConfig allows (the minimum contexts included), codes one at a time."""
     t2w = with_config(vocoder, **schedule)
     ode = {k: v for k, v in schedule.items() if k in ("num_steps", "guidance_scale")}
-    refs = offline_refs if not ode else {n: with_config(vocoder, **ode).offline(make_codes(n, s), v, s)
-                                         for n, v, s in UTTERANCES}
+    refs = (
+        offline_refs
+        if not ode
+        else {n: with_config(vocoder, **ode).offline(make_codes(n, s), v, s) for n, v, s in UTTERANCES}
+    )
     chunks = run_streams(t2w, UTTERANCES)
     snrs = []
     for (n, _, _), got in zip(UTTERANCES, chunks):
@@ -166,18 +184,31 @@ def test_window_plan_and_dit_cost(vocoder):
     s = vocoder.open_stream("Chelsie", 0)
     s.push(make_codes(173, 0), last=True)
     plan = s._windows()
-    assert plan == [(0, 24, 0, 48), (24, 96, 0, 120), (96, 168, 48, 192), (168, 240, 120, 264), (240, 312, 192, 336),
-                    (312, 346, 264, 346)]
+    assert plan == [
+        (0, 24, 0, 48),
+        (24, 96, 0, 120),
+        (96, 168, 48, 192),
+        (168, 240, 120, 264),
+        (240, 312, 192, 336),
+        (312, 346, 264, 346),
+    ]
     assert sum(we - ws for _, _, ws, we in plan) / 346 == pytest.approx(1.97, abs=0.01)
 
 
-@pytest.mark.parametrize("first, ahead, first_ahead, right", [(12, 1, None, "hold"), (24, 2, None, "hold"),
-                                                            (12, 2, 1, "hold"), (12, 1, None, "lookahead")])
+@pytest.mark.parametrize(
+    "first, ahead, first_ahead, right",
+    [(12, 1, None, "hold"), (24, 2, None, "hold"), (12, 2, 1, "hold"), (12, 1, None, "lookahead")],
+)
 def test_first_audio_after_first_chunk_plus_its_lookahead(vocoder, offline_refs, first, ahead, first_ahead, right):
     """What gates the first packet: first_chunk_codes + the first chunk's look-ahead codes; how much audio it holds
     ("hold": the chunk minus the BigVGAN context held back; "lookahead": the whole chunk); its SNR against offline."""
-    t2w = with_config(vocoder, first_chunk_codes=first, future_blocks=ahead, first_future_blocks=first_ahead,
-                      first_chunk_right_context=right)
+    t2w = with_config(
+        vocoder,
+        first_chunk_codes=first,
+        future_blocks=ahead,
+        first_future_blocks=first_ahead,
+        first_chunk_right_context=right,
+    )
     n, voice, seed = UTTERANCES[2]
     s = t2w.open_stream(voice, seed)
     codes, need = make_codes(n, seed), first + (ahead if first_ahead is None else first_ahead) * 12
@@ -188,7 +219,7 @@ def test_first_audio_after_first_chunk_plus_its_lookahead(vocoder, offline_refs,
         assert (got != []) == (i == need) and not s.finished
     frames = first * 2 - 20 if right == "hold" else first * 2
     assert len(got) == 1 and got[0].shape == (frames * 240,)
-    assert snr_db(offline_refs[n][:frames * 240], got[0]) >= FIRST_CHUNK_SNR_DB[right]
+    assert snr_db(offline_refs[n][: frames * 240], got[0]) >= FIRST_CHUNK_SNR_DB[right]
     s.push(codes[need:], last=True)
     while not s.finished:
         got += t2w.step([s])[0]
@@ -218,7 +249,7 @@ def test_a_first_window_without_lookahead_is_the_30_db_schedule(vocoder, offline
     s.push(make_codes(n, seed)[:12])
     assert s.ready
     first = t2w.step([s])[0][0]
-    assert 20 <= snr_db(offline_refs[n][:len(first)], first) < MIN_STREAM_SNR_DB
+    assert 20 <= snr_db(offline_refs[n][: len(first)], first) < MIN_STREAM_SNR_DB
 
 
 def test_batched_steps_equal_solo_with_fewer_dit_calls(vocoder):
@@ -304,12 +335,18 @@ def test_bad_codes_configs_and_misuse(vocoder):
         s.push([2])
     with pytest.raises(ValueError, match="twice"):
         vocoder.step([s, s])
-    for bad, msg in ((dict(first_future_blocks=2), "first_future_blocks"),
-                     (dict(first_chunk_right_context="maybe"), "first_chunk_right_context"),
-                     (dict(chunk_codes=30), "multiple of 12"), (dict(first_chunk_codes=18), "multiple of 12"),
-                     (dict(chunk_codes=12), "chunk_codes must be >= 24"), (dict(past_blocks=1), "past_blocks"),
-                     (dict(future_blocks=0), "future_blocks"), (dict(bigvgan_context=10), "bigvgan_context"),
-                     (dict(num_steps=4), "num_steps"), (dict(guidance_scale=2.0), "guidance_scale"),
-                     (dict(device="gpu0"), "device")):
+    for bad, msg in (
+        (dict(first_future_blocks=2), "first_future_blocks"),
+        (dict(first_chunk_right_context="maybe"), "first_chunk_right_context"),
+        (dict(chunk_codes=30), "multiple of 12"),
+        (dict(first_chunk_codes=18), "multiple of 12"),
+        (dict(chunk_codes=12), "chunk_codes must be >= 24"),
+        (dict(past_blocks=1), "past_blocks"),
+        (dict(future_blocks=0), "future_blocks"),
+        (dict(bigvgan_context=10), "bigvgan_context"),
+        (dict(num_steps=4), "num_steps"),
+        (dict(guidance_scale=2.0), "guidance_scale"),
+        (dict(device="gpu0"), "device"),
+    ):
         with pytest.raises(ValueError, match=msg):
             with_config(vocoder, **bad)

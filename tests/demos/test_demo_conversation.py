@@ -1,9 +1,10 @@
 """The demo's conversation bookkeeping, without a server: what each turn sends, and the reply's WAV."""
+
 import base64
 import wave
 
-from omni.demos.gradio_app import Turn, chat_messages
 from omni.prompt import DEFAULT_SYSTEM_PROMPT
+from omni.demos.gradio_app import Turn, chat_messages
 
 
 def test_every_turn_sends_the_earlier_turns_media_and_replies(media_dir):

@@ -4,6 +4,7 @@ the tiny default itself), driven by headless Chromium through Selenium and chrom
 
 A screenshot of the page after an answer is saved to out/artifacts/demo.png (a test artifact); with
 OMNI_UPDATE_SCREENSHOT=1 it also replaces assets/demo.png, the README's picture."""
+
 import os
 import re
 import shutil
@@ -49,8 +50,12 @@ def demo(tmp_path_factory):
     port = _free_port()
     log_path = tmp_path_factory.mktemp("demo") / "demo.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "omni.serve.cli", "demo", "--api-key", KEY, "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "omni.serve.cli", "demo", "--api-key", KEY, "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
     from omni.demos.gradio_app import READY_LINE
 
     def ready():
@@ -78,16 +83,27 @@ def demo(tmp_path_factory):
 def browser():
     for exe in ("chromium", "chromedriver"):
         if shutil.which(exe) is None:
-            pytest.fail(f"{exe} is missing: run `make setup` (it installs the Debian packages chromium and "
-                        "chromium-driver)")
+            pytest.fail(
+                f"{exe} is missing: run `make setup` (it installs the Debian packages chromium and chromium-driver)"
+            )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1200",
-                "--autoplay-policy=no-user-gesture-required", "--mute-audio", "--disable-gpu", "--disable-extensions",
-                "--no-first-run", "--disable-background-networking", "--disable-sync"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1200",
+        "--autoplay-policy=no-user-gesture-required",
+        "--mute-audio",
+        "--disable-gpu",
+        "--disable-extensions",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-sync",
+    ):
         options.add_argument(arg)
     options.page_load_strategy = "eager"  # the page is ready when its status line says so (see _open)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
@@ -107,8 +123,14 @@ def _open(browser, url):
     from selenium.webdriver.common.by import By
 
     browser.get(url)
-    _wait(lambda: browser.find_elements(By.ID, "status") and re.search(
-        "Connected|⚠️", browser.find_element(By.ID, "status").text), 90, "the page to connect")
+    _wait(
+        lambda: (
+            browser.find_elements(By.ID, "status")
+            and re.search("Connected|⚠️", browser.find_element(By.ID, "status").text)
+        ),
+        90,
+        "the page to connect",
+    )
     return browser
 
 
@@ -143,8 +165,13 @@ def _ask(driver, text: str) -> None:
 
 
 def _asked(driver) -> list[str]:
-    return [t for t in driver.execute_script(
-        "return [...document.querySelectorAll('#chat [data-testid=user]')].map(e => e.innerText)") if t.strip()]
+    return [
+        t
+        for t in driver.execute_script(
+            "return [...document.querySelectorAll('#chat [data-testid=user]')].map(e => e.innerText)"
+        )
+        if t.strip()
+    ]
 
 
 def _busy(driver) -> bool:
@@ -158,7 +185,8 @@ def _idle(driver) -> bool:
 
 def _replies(driver) -> list[str]:
     return driver.execute_script(
-        "return [...document.querySelectorAll('#chat [data-testid=bot]')].map(e => e.innerText)")
+        "return [...document.querySelectorAll('#chat [data-testid=bot]')].map(e => e.innerText)"
+    )
 
 
 def _chat_text(driver) -> str:
@@ -189,14 +217,17 @@ return Promise.all(audios.map(a => new Promise(done => {
 
 def _chat_audio(driver) -> list[dict]:
     """The <audio> elements in the chat once the browser has loaded their metadata (or failed to)."""
-    return driver.execute_async_script("const done = arguments[arguments.length - 1];"
-                                       f"(async () => {{ {_CHAT_AUDIO} }})().then(done);")
+    return driver.execute_async_script(
+        f"const done = arguments[arguments.length - 1];(async () => {{ {_CHAT_AUDIO} }})().then(done);"
+    )
 
 
 def _speech_player(driver) -> dict:
     """The live (streaming) speech player's state."""
-    return driver.execute_script("const a = document.querySelector('#speech audio');"
-                                 "return a ? {t: a.currentTime, paused: a.paused} : {t: 0, paused: true};")
+    return driver.execute_script(
+        "const a = document.querySelector('#speech audio');"
+        "return a ? {t: a.currentTime, paused: a.paused} : {t: 0, paused: true};"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the API and client
@@ -208,10 +239,29 @@ def test_voices_route_lists_the_models_voices(demo):
 
 
 def test_client_streams_text_and_writes_the_speech(demo, media_dir, tmp_path):
-    out = subprocess.run([sys.executable, "demos/client.py", "--api-url", demo["api"], "--api-key", KEY,
-                          "--image", str(media_dir / "image.png"), "--audio", str(media_dir / "speech.wav"),
-                          "--max-tokens", "16", "--out", str(tmp_path / "answer.wav"), "What do you see and hear?"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "demos/client.py",
+            "--api-url",
+            demo["api"],
+            "--api-key",
+            KEY,
+            "--image",
+            str(media_dir / "image.png"),
+            "--audio",
+            str(media_dir / "speech.wav"),
+            "--max-tokens",
+            "16",
+            "--out",
+            str(tmp_path / "answer.wav"),
+            "What do you see and hear?",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip(), "no text streamed"
     with wave.open(str(tmp_path / "answer.wav")) as w:
@@ -221,9 +271,25 @@ def test_client_streams_text_and_writes_the_speech(demo, media_dir, tmp_path):
 
 
 def test_client_reports_a_server_error(demo, tmp_path):
-    out = subprocess.run([sys.executable, "demos/client.py", "--api-url", demo["api"], "--api-key", KEY,
-                          "--voice", "Nobody", "--out", str(tmp_path / "x.wav"), "hi"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "demos/client.py",
+            "--api-url",
+            demo["api"],
+            "--api-key",
+            KEY,
+            "--voice",
+            "Nobody",
+            "--out",
+            str(tmp_path / "x.wav"),
+            "hi",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "400" in out.stderr and "Chelsie" in out.stderr and "Ethan" in out.stderr
 
@@ -234,8 +300,12 @@ def test_page_fills_the_voices_from_the_server(page):
     _el(page, "#voice input").click()
 
     def offered():
-        return {t.replace("✓", "").strip() for t in page.execute_script(
-            "return [...document.querySelectorAll('ul[role=listbox] li')].map(li => li.textContent)")}
+        return {
+            t.replace("✓", "").strip()
+            for t in page.execute_script(
+                "return [...document.querySelectorAll('ul[role=listbox] li')].map(li => li.textContent)"
+            )
+        }
 
     _wait(lambda: {"Chelsie", "Ethan"} <= offered(), 10, "the voice list to offer Chelsie and Ethan")
     _el(page, "#prompt textarea").click()  # closes the list
@@ -244,8 +314,14 @@ def test_page_fills_the_voices_from_the_server(page):
 def test_image_and_wav_question_streams_text_and_keeps_playable_speech(page, demo, media_dir):
     _upload(page, "image", media_dir / "image.png")
     _upload(page, "audio", media_dir / "speech.wav")
-    _wait(lambda: page.find_elements("css selector", "#image img") and page.find_elements(
-        "css selector", "#audio [data-testid^=waveform], #audio audio"), 30, "the uploads to show")
+    _wait(
+        lambda: (
+            page.find_elements("css selector", "#image img")
+            and page.find_elements("css selector", "#audio [data-testid^=waveform], #audio audio")
+        ),
+        30,
+        "the uploads to show",
+    )
     _set_number(page, "max-tokens", 40)  # a short answer: the screenshot shows the whole exchange
     before = _metrics(demo)
     _ask(page, "What do you see and hear?")
@@ -364,8 +440,27 @@ def _fake_microphone(path: Path) -> Path:
     question comes again while the reply to it still plays."""
     raw = path.with_suffix(".raw.wav")
     subprocess.run(["espeak-ng", "-w", str(raw), "What is the capital of France?"], check=True, capture_output=True)
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(raw), "-af", "apad=pad_dur=6", "-ar", "48000",
-                    "-ac", "1", "-c:a", "pcm_s16le", str(path)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-y",
+            "-i",
+            str(raw),
+            "-af",
+            "apad=pad_dur=6",
+            "-ar",
+            "48000",
+            "-ac",
+            "1",
+            "-c:a",
+            "pcm_s16le",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return path
 
 
@@ -386,17 +481,25 @@ def test_live_voice_answers_the_microphone_and_speaking_interrupts_it(pipeline, 
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1200",
-                "--autoplay-policy=no-user-gesture-required", "--mute-audio", "--disable-gpu", "--no-first-run",
-                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={_fake_microphone(tmp_path / 'question.wav')}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1200",
+        "--autoplay-policy=no-user-gesture-required",
+        "--mute-audio",
+        "--disable-gpu",
+        "--no-first-run",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={_fake_microphone(tmp_path / 'question.wav')}",
+    ):
         options.add_argument(arg)
     options.page_load_strategy = "eager"
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     with LocalServer(build_fastapi(pipeline, ServerSettings(api_key=KEY))) as server:
         port = _free_port()
-        demo = launch_demo(DemoSettings(api_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY), "127.0.0.1",
-                           port)
+        demo = launch_demo(DemoSettings(api_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY), "127.0.0.1", port)
         try:
             page = _open(driver, f"http://127.0.0.1:{port}/")
             assert "Connected" in _el(page, "#status").text
@@ -404,13 +507,24 @@ def test_live_voice_answers_the_microphone_and_speaking_interrupts_it(pipeline, 
             _wait(lambda: "session.created" in _live(page).get("events", ()), 30, "the realtime session to open")
             _wait(lambda: _live(page)["audioDeltas"] >= 3, 60, "the reply's audio deltas")
             events = _live(page)["events"]
-            order = [events.index(e) for e in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-                                               "input_audio_buffer.committed", "response.created",
-                                               "response.output_audio.delta")]
+            order = [
+                events.index(e)
+                for e in (
+                    "input_audio_buffer.speech_started",
+                    "input_audio_buffer.speech_stopped",
+                    "input_audio_buffer.committed",
+                    "response.created",
+                    "response.output_audio.delta",
+                )
+            ]
             assert order == sorted(order), events[:40]
-            _wait(lambda: page.execute_script(
-                "const e = document.querySelector('#live-log .live-assistant'); return e && e.textContent.trim()"),
-                30, "the reply's transcript on the page")
+            _wait(
+                lambda: page.execute_script(
+                    "const e = document.querySelector('#live-log .live-assistant'); return e && e.textContent.trim()"
+                ),
+                30,
+                "the reply's transcript on the page",
+            )
             # the looped question comes again while the reply plays: barge-in
             _wait(lambda: "cancelled" in _live(page)["responses"].values(), 45, "speaking to cancel the reply")
             stats = _live(page)

@@ -1,4 +1,5 @@
 """Real media for the media-loading tests, made once per session with espeak-ng, ffmpeg and PIL."""
+
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,8 +11,9 @@ CLIP = dict(width=160, height=120, rate=10, seconds=3)  # the test-pattern video
 
 
 def _ffmpeg(*args, stdout=None):
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *map(str, args)], check=True, stdout=stdout,
-                   stderr=subprocess.PIPE)
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", *map(str, args)], check=True, stdout=stdout, stderr=subprocess.PIPE
+    )
 
 
 @pytest.fixture(scope="session")
@@ -50,19 +52,45 @@ def media(tmp_path_factory) -> dict[str, Path]:
     f["rgba.png"] = d / "rgba.png"
     rgba.save(f["rgba.png"])
     f["cover.mp3"] = d / "cover.mp3"
-    _ffmpeg("-i", f["raw.wav"], "-i", f["image.png"], "-map", "0", "-map", "1", "-c:v", "png",
-            "-disposition:v", "attached_pic", f["cover.mp3"])
+    _ffmpeg(
+        "-i",
+        f["raw.wav"],
+        "-i",
+        f["image.png"],
+        "-map",
+        "0",
+        "-map",
+        "1",
+        "-c:v",
+        "png",
+        "-disposition:v",
+        "attached_pic",
+        f["cover.mp3"],
+    )
 
     pattern = f"testsrc=size={CLIP['width']}x{CLIP['height']}:rate={CLIP['rate']}"
-    codecs = {"mp4": ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
-              "webm": ["-c:v", "libvpx", "-b:v", "300k", "-c:a", "libopus"],
-              "mkv": ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "flac"]}
+    codecs = {
+        "mp4": ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac"],
+        "webm": ["-c:v", "libvpx", "-b:v", "300k", "-c:a", "libopus"],
+        "mkv": ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "flac"],
+    }
     for ext, codec in codecs.items():
         f[f"clip.{ext}"] = d / f"clip.{ext}"
         _ffmpeg("-f", "lavfi", "-i", pattern, "-i", f["raw.wav"], "-t", CLIP["seconds"], *codec, f[f"clip.{ext}"])
     f["noaudio.mp4"] = d / "noaudio.mp4"
     _ffmpeg("-f", "lavfi", "-i", pattern, "-t", CLIP["seconds"], *codecs["mp4"][:4], f["noaudio.mp4"])
     f["counter.mkv"] = d / "counter.mkv"
-    _ffmpeg("-f", "lavfi", "-i", "color=black:size=64x48:rate=10:duration=3,geq=lum='16+N*7':cb=128:cr=128",
-            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", 10, f["counter.mkv"])
+    _ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "color=black:size=64x48:rate=10:duration=3,geq=lum='16+N*7':cb=128:cr=128",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-crf",
+        10,
+        f["counter.mkv"],
+    )
     return f

@@ -7,17 +7,24 @@ convolutions run over all 1-s windows of the batch at once, and oneDNN picks its
 Conv1d over [3, C, T] is not bitwise the same as over [1, C, T]). Against the official thinker's own encoder calls on
 the processor's batch (same grouping), the embeddings are bitwise equal, so a thinker fed with them is token-exact.
 """
+
 import av
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from omni.encoders import (AudioEncoder, EncoderConfig, VisionEncoder, encode_prompt, encode_prompts, load_encoders,
-                           plan_batches)
 from omni.prompt import prepare_prompt, processor_inputs
-from omni.types import (AudioItem, AudioPart, ChatRequest, ImagePart, Message, TextPart, Video, VideoPart,
-                        VisionItem)
+from omni.types import AudioItem, AudioPart, ChatRequest, ImagePart, Message, TextPart, Video, VideoPart, VisionItem
+from omni.encoders import (
+    AudioEncoder,
+    EncoderConfig,
+    VisionEncoder,
+    encode_prompt,
+    encode_prompts,
+    load_encoders,
+    plan_batches,
+)
 
 TOL = 1e-6  # batched vs one-by-one (see the module docstring)
 
@@ -47,9 +54,12 @@ def images() -> list:
 def mixed(images, speech, frames) -> ChatRequest:
     """3 images, 3 audios and 2 videos, all of different sizes, in one request."""
     videos = [Video(frames[:8], fps=8.0), Video(frames[:12, :84], fps=8.0)]
-    parts = ([TextPart("Describe all of this.")] + [ImagePart(im) for im in images]
-             + [AudioPart(speech[:8000]), AudioPart(speech), AudioPart(speech[:23456])]
-             + [VideoPart(v) for v in videos])
+    parts = (
+        [TextPart("Describe all of this.")]
+        + [ImagePart(im) for im in images]
+        + [AudioPart(speech[:8000]), AudioPart(speech), AudioPart(speech[:23456])]
+        + [VideoPart(v) for v in videos]
+    )
     return ChatRequest([Message("user", parts)])
 
 
@@ -86,10 +96,16 @@ def official(tiny):
     @torch.no_grad()
     def run(request):
         x = processor_inputs(tiny.processor, request)
-        images = model.get_image_features(x["pixel_values"], x["image_grid_thw"]).pooler_output \
-            if "pixel_values" in x else ()
-        videos = model.get_video_features(x["pixel_values_videos"], x["video_grid_thw"]).pooler_output \
-            if "pixel_values_videos" in x else ()
+        images = (
+            model.get_image_features(x["pixel_values"], x["image_grid_thw"]).pooler_output
+            if "pixel_values" in x
+            else ()
+        )
+        videos = (
+            model.get_video_features(x["pixel_values_videos"], x["video_grid_thw"]).pooler_output
+            if "pixel_values_videos" in x
+            else ()
+        )
         audios = ()
         if "input_features" in x:
             flat = model.get_audio_features(x["input_features"], x["feature_attention_mask"]).last_hidden_state
@@ -150,8 +166,10 @@ def test_shapes_match_placeholders(tiny, mixed_prompt, av_prompt, encoders):
         assert [t.shape[0] for t in emb.audios] == placeholder_counts(ids, cfg.audio_token_id, cfg.audio_start_token_id)
         assert [t.shape[0] for t in emb.images + emb.videos] == [vision.num_tokens(i) for i in p.images + p.videos]
         assert [t.shape[0] for t in emb.audios] == [audio.num_tokens(a) for a in p.audios]
-        assert all(t.shape[1] == cfg.text_config.hidden_size == vision.out_hidden_size == audio.out_hidden_size
-                   for t in emb.images + emb.videos + emb.audios)
+        assert all(
+            t.shape[1] == cfg.text_config.hidden_size == vision.out_hidden_size == audio.out_hidden_size
+            for t in emb.images + emb.videos + emb.audios
+        )
 
 
 def test_plan_batches():
@@ -166,8 +184,11 @@ def test_batch_limits_split_like_one_call(mixed_prompt, encoders):
     p = mixed_prompt
     items = p.images + p.videos  # 48, 192, 88, 2304, 3360 patches
     whole = vision.encode(items)
-    for cfg in (EncoderConfig(max_batch_items=2), EncoderConfig(max_batch_items=1),
-                EncoderConfig(max_batch_tokens=250)):
+    for cfg in (
+        EncoderConfig(max_batch_items=2),
+        EncoderConfig(max_batch_items=1),
+        EncoderConfig(max_batch_tokens=250),
+    ):
         assert close(VisionEncoder(vision.visual, cfg).encode(items), whole)
     whole = audio.encode(p.audios)  # 50, 397, 147 frames
     for cfg in (EncoderConfig(max_batch_items=2), EncoderConfig(max_batch_tokens=400)):
@@ -210,14 +231,19 @@ def test_from_pretrained_loads_only_the_tower(tiny, mixed_prompt):
     p = mixed_prompt
     vision, audio = VisionEncoder.from_pretrained("tiny"), AudioEncoder.from_pretrained("tiny")
     with safe_open(f"{tiny.path}/model.safetensors", "pt") as f:
-        numel = {prefix: sum(f.get_tensor(k).numel() for k in f.keys() if k.startswith(prefix))
-                 for prefix in ("thinker.visual.", "thinker.audio_tower.")}
-    for enc, prefix, tower in ((vision, "thinker.visual.", "Qwen2_5OmniVisionEncoder"),
-                               (audio, "thinker.audio_tower.", "Qwen2_5OmniAudioEncoder")):
+        numel = {
+            prefix: sum(f.get_tensor(k).numel() for k in f.keys() if k.startswith(prefix))
+            for prefix in ("thinker.visual.", "thinker.audio_tower.")
+        }
+    for enc, prefix, tower in (
+        (vision, "thinker.visual.", "Qwen2_5OmniVisionEncoder"),
+        (audio, "thinker.audio_tower.", "Qwen2_5OmniAudioEncoder"),
+    ):
         names = _modules(enc)
         assert names[0] == tower
-        assert not [n for n in names if any(s in n for s in ("Talker", "Token2Wav", "DiT", "BigVGAN", "TextModel",
-                                                             "Thinker"))]
+        assert not [
+            n for n in names if any(s in n for s in ("Talker", "Token2Wav", "DiT", "BigVGAN", "TextModel", "Thinker"))
+        ]
         assert sum(t.numel() for t in (enc.visual if enc is vision else enc.audio_tower).parameters()) == numel[prefix]
     towers = tiny.model.thinker.model
     assert equal(vision.encode(p.images), VisionEncoder(towers.visual).encode(p.images))

@@ -1,5 +1,6 @@
 """Media loading on real files: every format from every kind of source, Qwen's sampling and resize numbers, and
 every way a client can get it wrong (MediaError with its status code and a message that says what)."""
+
 import base64
 import http.server
 import os
@@ -10,17 +11,34 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from omni.encoders import sources as src
-from omni.encoders.media import (MediaError, MediaLimits, MediaPolicy, load_audio, load_bytes, load_image,
-                                 load_video, smart_resize)
 from omni.types import InvalidRequest, Video
+from omni.encoders import sources as src
+from omni.encoders.media import (
+    MediaError,
+    MediaLimits,
+    MediaPolicy,
+    load_audio,
+    load_bytes,
+    load_image,
+    load_video,
+    smart_resize,
+)
 
 AUDIO = ["speech.wav", "speech.flac", "speech.mp3", "speech.ogg"]
 VIDEO = ["clip.mp4", "clip.webm", "clip.mkv"]
 IMAGE = ["image.png", "image.jpg", "image.webp"]
-MIME = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg", "ogg": "audio/ogg", "mp4": "video/mp4",
-        "webm": "video/webm", "mkv": "video/x-matroska", "png": "image/png", "jpg": "image/jpeg",
-        "webp": "image/webp"}
+MIME = {
+    "wav": "audio/wav",
+    "flac": "audio/flac",
+    "mp3": "audio/mpeg",
+    "ogg": "audio/ogg",
+    "mp4": "video/mp4",
+    "webm": "video/webm",
+    "mkv": "video/x-matroska",
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "webp": "image/webp",
+}
 SOURCES = ["bytes", "data_uri", "path", "file_url", "base64"]
 
 
@@ -37,11 +55,13 @@ def speech_seconds(media):
 
 def source(path: Path, kind: str):
     data = path.read_bytes()
-    return {"bytes": lambda: data,
-            "data_uri": lambda: f"data:{MIME[path.suffix[1:]]};base64,{base64.b64encode(data).decode()}",
-            "path": lambda: str(path),
-            "file_url": lambda: path.as_uri(),
-            "base64": lambda: base64.b64encode(data).decode()}[kind]()
+    return {
+        "bytes": lambda: data,
+        "data_uri": lambda: f"data:{MIME[path.suffix[1:]]};base64,{base64.b64encode(data).decode()}",
+        "path": lambda: str(path),
+        "file_url": lambda: path.as_uri(),
+        "base64": lambda: base64.b64encode(data).decode(),
+    }[kind]()
 
 
 def raises(fn, status: int, *fragments: str) -> MediaError:
@@ -124,15 +144,18 @@ def _frame_indices(media, video: Video) -> list[int]:
     return [int(np.abs(means - frame.mean()).argmin()) for frame in video.frames]
 
 
-@pytest.mark.parametrize("kwargs, indices, fps", [
-    # qwen-vl-utils: nframes = 30 / 10 * fps, at least 4, even; linspace(0, 29, n).round()
-    ({}, [0, 6, 12, 17, 23, 29], 2.0),
-    ({"fps": 1.0}, [0, 10, 19, 29], 4 / 3),  # 3 frames -> at least 4; fps = 4 sampled / 3 s
-    ({"fps": 100.0}, list(range(30)), 10.0),  # never more than the source has
-    ({"num_frames": 5}, [0, 7, 14, 22, 29, 29], 5 / 3),  # exactly 5, padded to even with the last frame
-    ({"num_frames": 8, "fps": 1.0}, [0, 4, 8, 12, 17, 21, 25, 29], 8 / 3),  # num_frames wins
-    ({"num_frames": 1}, [0, 0], 1 / 3),
-])
+@pytest.mark.parametrize(
+    "kwargs, indices, fps",
+    [
+        # qwen-vl-utils: nframes = 30 / 10 * fps, at least 4, even; linspace(0, 29, n).round()
+        ({}, [0, 6, 12, 17, 23, 29], 2.0),
+        ({"fps": 1.0}, [0, 10, 19, 29], 4 / 3),  # 3 frames -> at least 4; fps = 4 sampled / 3 s
+        ({"fps": 100.0}, list(range(30)), 10.0),  # never more than the source has
+        ({"num_frames": 5}, [0, 7, 14, 22, 29, 29], 5 / 3),  # exactly 5, padded to even with the last frame
+        ({"num_frames": 8, "fps": 1.0}, [0, 4, 8, 12, 17, 21, 25, 29], 8 / 3),  # num_frames wins
+        ({"num_frames": 1}, [0, 0], 1 / 3),
+    ],
+)
 def test_video_frame_sampling(media, policy, kwargs, indices, fps):
     video = load_video(media["counter.mkv"], policy, **kwargs)
     assert _frame_indices(media, video) == indices
@@ -201,16 +224,19 @@ def test_garbage_and_empty(loader):
     raises(lambda: loader("ftp://example.com/a.png"), 400, "unsupported media URL scheme 'ftp'")
 
 
-@pytest.mark.parametrize("name, fragment", [
-    ("image.png", "corrupt or truncated PNG image"),
-    ("image.jpg", "looks like JPEG"),
-    ("image.webp", "not a decodable image"),
-    ("speech.wav", "truncated audio file: the RIFF header declares"),
-    ("speech.flac", "corrupt or truncated flac audio"),
-    ("clip.mp4", "not a decodable video file"),
-    ("clip.webm", "truncated matroska,webm video: it declares 3.0"),
-    ("clip.mkv", "truncated matroska,webm video: it declares 3.0"),
-])
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("image.png", "corrupt or truncated PNG image"),
+        ("image.jpg", "looks like JPEG"),
+        ("image.webp", "not a decodable image"),
+        ("speech.wav", "truncated audio file: the RIFF header declares"),
+        ("speech.flac", "corrupt or truncated flac audio"),
+        ("clip.mp4", "not a decodable video file"),
+        ("clip.webm", "truncated matroska,webm video: it declares 3.0"),
+        ("clip.mkv", "truncated matroska,webm video: it declares 3.0"),
+    ],
+)
 def test_truncated(media, name, fragment):
     data = media[name].read_bytes()[: int(media[name].stat().st_size * 0.6)]
     loader = {"image": load_image, "speech": load_audio, "clip": load_video}[name.split(".")[0]]
@@ -222,16 +248,20 @@ def test_size_limits(media, policy):
     tiny = MediaLimits(max_bytes=1000)
     raises(lambda: load_bytes(b"x" * 1001, limits=tiny), 413, "media is 1001 bytes", "1000 (max_bytes)")
     # a data: URI is refused from its length, before the base64 is decoded
-    raises(lambda: load_image("data:image/png;base64," + "A" * 4000, limits=tiny), 413, "about 3000 bytes",
-           "max_bytes")
+    raises(lambda: load_image("data:image/png;base64," + "A" * 4000, limits=tiny), 413, "about 3000 bytes", "max_bytes")
     raises(lambda: load_audio(str(media["speech.wav"]), policy, tiny), 413, "speech.wav", "max_bytes")
 
 
 def test_image_limits(media, policy):
-    raises(lambda: load_image(media["image.png"], policy, MediaLimits(max_image_pixels=6000)), 413,
-           "96x64 = 6144 pixels", "6000 (max_image_pixels)")
-    from PIL import Image
+    raises(
+        lambda: load_image(media["image.png"], policy, MediaLimits(max_image_pixels=6000)),
+        413,
+        "96x64 = 6144 pixels",
+        "6000 (max_image_pixels)",
+    )
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("1", (6000, 6000)).save(buf, "PNG")  # 36 Mpx of zeros: 5 kB compressed, 108 MB once RGB
@@ -242,15 +272,30 @@ def test_image_limits(media, policy):
 
 
 def test_duration_limits(media, policy):
-    raises(lambda: load_audio(media["speech.ogg"], policy, MediaLimits(max_audio_seconds=2.0)), 413,
-           "audio duration is 2.78 s", "2.0 s (max_audio_seconds)")
+    raises(
+        lambda: load_audio(media["speech.ogg"], policy, MediaLimits(max_audio_seconds=2.0)),
+        413,
+        "audio duration is 2.78 s",
+        "2.0 s (max_audio_seconds)",
+    )
     # no declared duration (Matroska written to a pipe): refused while decoding, as soon as it passes the limit
-    raises(lambda: load_audio(media["stream.mka"], policy, MediaLimits(max_audio_seconds=2.0)), 413,
-           "audio is longer than the limit of 2.0 s (max_audio_seconds)")
-    raises(lambda: load_video(media["clip.webm"], policy, MediaLimits(max_video_seconds=2.5)), 413,
-           "video duration is 3.01 s", "2.5 s (max_video_seconds)")
-    raises(lambda: load_video(media["clip.mp4"], policy, MediaLimits(max_image_pixels=19199)), 413,
-           "video frame size is 160x120 = 19200 pixels", "max_image_pixels")
+    raises(
+        lambda: load_audio(media["stream.mka"], policy, MediaLimits(max_audio_seconds=2.0)),
+        413,
+        "audio is longer than the limit of 2.0 s (max_audio_seconds)",
+    )
+    raises(
+        lambda: load_video(media["clip.webm"], policy, MediaLimits(max_video_seconds=2.5)),
+        413,
+        "video duration is 3.01 s",
+        "2.5 s (max_video_seconds)",
+    )
+    raises(
+        lambda: load_video(media["clip.mp4"], policy, MediaLimits(max_image_pixels=19199)),
+        413,
+        "video frame size is 160x120 = 19200 pixels",
+        "max_image_pixels",
+    )
 
 
 def test_bad_sampling_arguments(media, policy):
@@ -290,9 +335,18 @@ def test_bare_base64_is_not_taken_for_a_path(media):
 
 
 # ---------------------------------------------------------------------------------------------------- http(s)
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9/a.png", "http://localhost/a.png", "https://[::1]/a.png",
-                                 "http://10.1.2.3/a.png", "http://169.254.169.254/latest/meta-data",
-                                 "http://[::ffff:127.0.0.1]/a.png", "http://0.0.0.0/a.png"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/a.png",
+        "http://localhost/a.png",
+        "https://[::1]/a.png",
+        "http://10.1.2.3/a.png",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::ffff:127.0.0.1]/a.png",
+        "http://0.0.0.0/a.png",
+    ],
+)
 def test_http_to_private_addresses_is_refused(url):
     raises(lambda: load_image(url, MediaPolicy(allow_http=True)), 400, "private/loopback/link-local", "refused")
 

@@ -3,6 +3,7 @@ Qwen's cookbooks decode media with (omni/reference_inputs.py runs it for the gol
 the decoded pixels, samples and frames are equal, or differ by a measured amount that is explained here; then the
 processor's inputs (prompt ids with use_audio_in_video, pixels, features, TMRoPE time per grid) built by the
 processor's own chat template from the cookbook's media equal the ones our prompt building gives."""
+
 import logging
 import subprocess
 
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from omni.encoders.media import MediaLimits, MediaPolicy, _frame_plan, load_audio, load_image, load_video
 from omni.prompt import prepare_prompt, processor_inputs
 from omni.reference_inputs import cookbook_request, official_inputs
 from omni.types import AudioPart, ChatRequest, ImagePart, Message, TextPart, VideoPart
+from omni.encoders.media import MediaLimits, MediaPolicy, _frame_plan, load_audio, load_image, load_video
 
 INT16_STEP = 1 / 32768
 
@@ -32,13 +33,35 @@ def files(media):
         out[f"speech{rate}.wav"] = d / f"speech{rate}.wav"
         _ffmpeg("-i", media["raw.wav"], "-ac", 1, "-ar", rate, out[f"speech{rate}.wav"])
     out["short.mkv"] = d / "short.mkv"
-    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=10", "-t", 1, "-c:v", "libx264", "-pix_fmt", "yuv420p",
-            out["short.mkv"])
+    _ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=160x120:rate=10",
+        "-t",
+        1,
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        out["short.mkv"],
+    )
     out["photo.jpg"] = d / "photo.jpg"  # 500x375: resized (the 96x64 image lands on 84x56 either way)
     _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=500x375", "-frames:v", 1, out["photo.jpg"])
     out["wide.mp4"] = d / "wide.mp4"
-    _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25", "-t", 2, "-c:v", "libx264", "-pix_fmt", "yuv420p",
-            out["wide.mp4"])
+    _ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=640x360:rate=25",
+        "-t",
+        2,
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        out["wide.mp4"],
+    )
     return out
 
 
@@ -64,8 +87,9 @@ def test_image_pixels_equal_the_cookbooks(files, policy, name):
     assert np.array_equal(np.asarray(ours), np.asarray(ref))
 
 
-@pytest.mark.parametrize("name", ["speech8000.wav", "speech.wav", "speech44100.wav", "speech48000.wav", "speech.flac",
-                                  "stereo.flac"])
+@pytest.mark.parametrize(
+    "name", ["speech8000.wav", "speech.wav", "speech44100.wav", "speech48000.wav", "speech.flac", "stereo.flac"]
+)
 def test_audio_samples_equal_the_cookbooks(files, policy, name):
     """22.05 kHz for speech.{wav,flac}; stereo.flac is 44.1 kHz, 2 channels (averaged to mono, as librosa)."""
     ref = _cookbook("audio", files[name])
@@ -92,8 +116,9 @@ def test_video_frames_sizes_and_times_equal_the_cookbooks(files, policy, name):
     from qwen_omni_utils import process_mm_info
 
     conv = [{"role": "user", "content": [{"type": "video", "video": str(files[name])}]}]
-    _, _, [(frames, meta)], kw = process_mm_info(conv, use_audio_in_video=False, return_video_kwargs=True,
-                                                 return_video_metadata=True)
+    _, _, [(frames, meta)], kw = process_mm_info(
+        conv, use_audio_in_video=False, return_video_kwargs=True, return_video_metadata=True
+    )
     ours = load_video(name, policy)
     ref = _cookbook("video", files[name])
     assert ours.frames.shape == ref.frames.shape and ours.frames.shape[1:3] == tuple(frames.shape[2:])
@@ -134,13 +159,27 @@ def test_webm_opus_track_starts_where_ffmpeg_cli_starts_it(files, policy):
 def _requests(files, policy, use_audio_in_video: bool):
     """(ours, the cookbook's): image, audio and video (with its track when use_audio_in_video) and a question."""
     names = {"image": "image.jpg", "audio": "speech.wav", "video": "clip.mkv"}  # a FLAC track: equal samples
-    conv = [{"role": "user", "content": [{"type": k, k: str(files[v])} for k, v in names.items()]
-             + [{"type": "text", "text": "What do you see and hear?"}]}]
-    ours = ChatRequest([Message("user", [ImagePart(load_image(names["image"], policy)),
-                                         AudioPart(load_audio(names["audio"], policy)),
-                                         VideoPart(load_video(names["video"], policy)),
-                                         TextPart("What do you see and hear?")])],
-                       use_audio_in_video=use_audio_in_video)
+    conv = [
+        {
+            "role": "user",
+            "content": [{"type": k, k: str(files[v])} for k, v in names.items()]
+            + [{"type": "text", "text": "What do you see and hear?"}],
+        }
+    ]
+    ours = ChatRequest(
+        [
+            Message(
+                "user",
+                [
+                    ImagePart(load_image(names["image"], policy)),
+                    AudioPart(load_audio(names["audio"], policy)),
+                    VideoPart(load_video(names["video"], policy)),
+                    TextPart("What do you see and hear?"),
+                ],
+            )
+        ],
+        use_audio_in_video=use_audio_in_video,
+    )
     return ours, cookbook_request(conv, use_audio_in_video)
 
 

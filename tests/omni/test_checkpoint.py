@@ -1,4 +1,5 @@
 """The tiny checkpoint: real transformers classes, offline round trip, determinism, processor, voices, presets."""
+
 import hashlib
 import json
 
@@ -59,9 +60,11 @@ def test_tokenizer_has_qwen_specials_and_chat_template(tiny):
     assert all(tok.decode([i]) for i in range(398, 512))
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": "Hi"}]}]
     prompt = tiny.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-    assert prompt == (f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
-                      "<|vision_bos|><|IMAGE|><|vision_eos|><|audio_bos|><|AUDIO|><|audio_eos|>Hi<|im_end|>\n"
-                      "<|im_start|>assistant\n")
+    assert prompt == (
+        f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+        "<|vision_bos|><|IMAGE|><|vision_eos|><|audio_bos|><|AUDIO|><|audio_eos|>Hi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
 
 
 def test_processor_expands_placeholders(tiny, speech):
@@ -71,8 +74,9 @@ def test_processor_expands_placeholders(tiny, speech):
     from omni.types import AudioPart, ChatRequest, ImagePart, Message, TextPart
 
     img = Image.new("RGB", (112, 84), (10, 200, 30))
-    p = prepare_prompt(tiny.processor, ChatRequest([Message("user", [ImagePart(img), AudioPart(speech),
-                                                                     TextPart("What?")])]))
+    p = prepare_prompt(
+        tiny.processor, ChatRequest([Message("user", [ImagePart(img), AudioPart(speech), TextPart("What?")])])
+    )
     ids = p.input_ids
     from omni.tiny import TOKEN_IDS
 
@@ -92,7 +96,7 @@ def test_speech_is_audible(tiny):
     with torch.no_grad():
         wav = t2w(codes, conditioning=spk["cond"], reference_mel=spk["ref_mel"]).reshape(-1).float().numpy()
     assert wav.shape == (50 * 480,)
-    rms = float(np.sqrt((wav ** 2).mean()))
+    rms = float(np.sqrt((wav**2).mean()))
     assert rms > 0.02 and np.abs(wav).max() <= 1.0  # audible, unlike the library init (absmax ~3e-5)
 
 

@@ -1,5 +1,6 @@
 """The decode engine and the Thinker on it: batched rows equal solo rows, requests join mid-run, sampling with a
 per-request generator equals the official sampled generate, stop ids and max tokens."""
+
 import asyncio
 
 import pytest
@@ -10,8 +11,12 @@ from omni.prompt import prepare_prompt
 from omni.thinker import Thinker, ThinkerDone
 from omni.types import ChatRequest, MediaEmbeddings, Message, SamplingParams, TextDelta
 
-PROMPTS = ["Hello, how are you today?", "What is shown in the image?", "Describe the audio clip and the video.",
-           "Über naïve café 你好"]
+PROMPTS = [
+    "Hello, how are you today?",
+    "What is shown in the image?",
+    "Describe the audio clip and the video.",
+    "Über naïve café 你好",
+]
 
 
 def _prompt(tiny, text):
@@ -20,7 +25,8 @@ def _prompt(tiny, text):
 
 def _official(tiny, text, sampling: SamplingParams, seed=0):
     x = tiny.processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "text", "text": text}]}], add_generation_prompt=True, tokenize=False)
+        [{"role": "user", "content": [{"type": "text", "text": text}]}], add_generation_prompt=True, tokenize=False
+    )
     inputs = tiny.processor(text=[x], return_tensors="pt")
     kw = dict(max_new_tokens=sampling.max_tokens, do_sample=not sampling.greedy)
     if not sampling.greedy:
@@ -30,7 +36,7 @@ def _official(tiny, text, sampling: SamplingParams, seed=0):
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = tiny.model.thinker.generate(**inputs, **kw)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 async def _generate(thinker, prompt, sampling, delay=0.0):
@@ -54,8 +60,12 @@ def test_batched_and_joining_rows_equal_official(tiny, thinker):
     samplings[1] = SamplingParams(max_tokens=20, repetition_penalty=1.3)
 
     async def go():  # staggered arrivals; max_num_seqs=3 makes the 4th wait for a free slot
-        return await asyncio.gather(*[_generate(thinker, _prompt(tiny, p), s, delay=0.01 * i)
-                                      for i, (p, s) in enumerate(zip(PROMPTS, samplings))])
+        return await asyncio.gather(
+            *[
+                _generate(thinker, _prompt(tiny, p), s, delay=0.01 * i)
+                for i, (p, s) in enumerate(zip(PROMPTS, samplings))
+            ]
+        )
 
     steps0 = thinker.engine.num_steps
     results = asyncio.run(go())
@@ -75,8 +85,9 @@ def test_seeded_sampling_equals_official(tiny, thinker, seed):
     other = SamplingParams(temperature=1.3, max_tokens=12, seed=99)
 
     async def go():
-        return await asyncio.gather(_generate(thinker, _prompt(tiny, PROMPTS[0]), s),
-                                    _generate(thinker, _prompt(tiny, PROMPTS[1]), other))
+        return await asyncio.gather(
+            _generate(thinker, _prompt(tiny, PROMPTS[0]), s), _generate(thinker, _prompt(tiny, PROMPTS[1]), other)
+        )
 
     (ids, _), _ = asyncio.run(go())
     assert ids == _official(tiny, PROMPTS[0], s, seed=seed)
@@ -86,9 +97,10 @@ def test_stop_token_ids_end_generation(tiny, thinker):
     full, _ = asyncio.run(_generate(thinker, _prompt(tiny, PROMPTS[0]), SamplingParams(max_tokens=12)))
     stop = full[4]
     k = full.index(stop)
-    ids, _ = asyncio.run(_generate(thinker, _prompt(tiny, PROMPTS[0]),
-                                   SamplingParams(max_tokens=12, stop_token_ids=(stop,))))
-    assert ids == full[:k + 1]  # the stop id is kept, as with EOS
+    ids, _ = asyncio.run(
+        _generate(thinker, _prompt(tiny, PROMPTS[0]), SamplingParams(max_tokens=12, stop_token_ids=(stop,)))
+    )
+    assert ids == full[: k + 1]  # the stop id is kept, as with EOS
 
 
 def test_context_limit(tiny):
@@ -108,8 +120,9 @@ def test_cache_compaction_keeps_rows_exact(tiny):
     th = Thinker(tiny.model.thinker, tiny.processor.tokenizer, EngineConfig(max_dead_columns=1))
 
     async def go():
-        return await asyncio.gather(*[_generate(th, _prompt(tiny, p), SamplingParams(max_tokens=4 + 4 * i))
-                                      for i, p in enumerate(PROMPTS[:3])])
+        return await asyncio.gather(
+            *[_generate(th, _prompt(tiny, p), SamplingParams(max_tokens=4 + 4 * i)) for i, p in enumerate(PROMPTS[:3])]
+        )
 
     for (ids, _), p, n in zip(asyncio.run(go()), PROMPTS, (4, 8, 12)):
         assert ids == _official(tiny, p, SamplingParams(max_tokens=n))
@@ -125,8 +138,11 @@ def test_a_failing_prefill_fails_only_its_request(tiny, thinker):
     bad.input_ids = torch.cat([bad.input_ids[:3], slots, bad.input_ids[3:]])
 
     async def go():
-        return await asyncio.gather(_generate(thinker, good, SamplingParams(max_tokens=8)),
-                                    _generate(thinker, bad, SamplingParams(max_tokens=8)), return_exceptions=True)
+        return await asyncio.gather(
+            _generate(thinker, good, SamplingParams(max_tokens=8)),
+            _generate(thinker, bad, SamplingParams(max_tokens=8)),
+            return_exceptions=True,
+        )
 
     ok, err = asyncio.run(go())
     assert isinstance(err, InvalidRequest) and "placeholder" in str(err)
@@ -141,9 +157,11 @@ def _steps_with_arrivals(tiny, config: EngineConfig):
     from omni.thinker import ThinkerSequence
 
     th = Thinker(tiny.model.thinker, tiny.processor.tokenizer, config)
+
     def mk(text, n):
-        return ThinkerSequence(th, text, _prompt(tiny, text), MediaEmbeddings(), SamplingParams(max_tokens=n),
-                               for_talker=False)
+        return ThinkerSequence(
+            th, text, _prompt(tiny, text), MediaEmbeddings(), SamplingParams(max_tokens=n), for_talker=False
+        )
 
     running = mk(PROMPTS[0], 60)
     th.engine.add(running)
@@ -171,7 +189,8 @@ def test_prefill_budget_and_chunks_keep_decoding_between_arrivals_and_tokens_exa
     still gets one token per step; every request's ids equal the official generate's."""
     lengths = [int(_prompt(tiny, p).input_ids.shape[0]) for p in PROMPTS[1:]]
     refs = [_official(tiny, PROMPTS[0], SamplingParams(max_tokens=60))] + [
-        _official(tiny, p, SamplingParams(max_tokens=6)) for p in PROMPTS[1:]]
+        _official(tiny, p, SamplingParams(max_tokens=6)) for p in PROMPTS[1:]
+    ]
 
     gained, prefilled, ids = _steps_with_arrivals(tiny, EngineConfig(max_prefill_tokens=0))
     assert prefilled[0] == sum(lengths) and ids == refs  # all three in the first step, before its decode
@@ -181,8 +200,9 @@ def test_prefill_budget_and_chunks_keep_decoding_between_arrivals_and_tokens_exa
     assert all(g == 1 for g in gained)
 
     chunk = 16
-    gained, prefilled, ids = _steps_with_arrivals(tiny, EngineConfig(max_prefill_tokens=chunk,
-                                                                     prefill_chunk_tokens=chunk))
+    gained, prefilled, ids = _steps_with_arrivals(
+        tiny, EngineConfig(max_prefill_tokens=chunk, prefill_chunk_tokens=chunk)
+    )
     assert max(prefilled) == chunk and len([p for p in prefilled if p]) >= sum(lengths) // chunk
     assert len(gained) >= sum(lengths) // chunk and all(g == 1 for g in gained)  # a decode between two chunks
     assert ids == refs  # chunked attention over the earlier chunks' cache: the same tokens

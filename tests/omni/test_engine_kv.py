@@ -1,21 +1,23 @@
 """The engine's slot KV cache (admission writes only its own slot, retiring copies nothing, a step allocates nothing
 that grows with the batch's KV), memory-aware admission (wait, 503 past max_waiting, 400 past the budget), an
 out-of-memory error that fails only its request, one host transfer per decode step, and the compiled step."""
+
 import asyncio
 
 import pytest
 import torch
+from test_engine import PROMPTS, _generate, _official, _prompt
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from omni.engine import EngineConfig
 from omni.thinker import Thinker, ThinkerSequence
 from omni.types import InvalidRequest, MediaEmbeddings, PreparedPrompt, SamplingParams, StageUnavailable
-from test_engine import PROMPTS, _generate, _official, _prompt
 
 
 def _seq(th, tiny, text, n, sampling=None):
-    return ThinkerSequence(th, text, _prompt(tiny, text), MediaEmbeddings(), sampling or SamplingParams(max_tokens=n),
-                           for_talker=False)
+    return ThinkerSequence(
+        th, text, _prompt(tiny, text), MediaEmbeddings(), sampling or SamplingParams(max_tokens=n), for_talker=False
+    )
 
 
 def _random_seq(th, length, n, seed):
@@ -23,8 +25,14 @@ def _random_seq(th, length, n, seed):
     media = {th.cfg.audio_token_id, th.cfg.image_token_id, th.cfg.video_token_id}
     allowed = torch.tensor([i for i in range(th.cfg.text_config.vocab_size) if i not in media])
     ids = allowed[torch.randint(0, len(allowed), (length,), generator=g)]
-    seq = ThinkerSequence(th, f"r{seed}", PreparedPrompt(ids, [], [], [], None), MediaEmbeddings(),
-                          SamplingParams(max_tokens=n), for_talker=False)
+    seq = ThinkerSequence(
+        th,
+        f"r{seed}",
+        PreparedPrompt(ids, [], [], [], None),
+        MediaEmbeddings(),
+        SamplingParams(max_tokens=n),
+        for_talker=False,
+    )
     seq.stop_ids = set()  # random weights: decode the whole length
     return seq
 
@@ -48,8 +56,7 @@ def test_admission_and_retirement_touch_no_other_row(tiny):
     kv = e.kv
     ptrs = [k.data_ptr() for k in kv.keys]
     grows = kv.grows
-    held = {s.slot: (kv.lengths[s.slot], [k[s.slot, :, :kv.lengths[s.slot]].clone() for k in kv.keys])
-            for s in seqs}
+    held = {s.slot: (kv.lengths[s.slot], [k[s.slot, :, : kv.lengths[s.slot]].clone() for k in kv.keys]) for s in seqs}
     late = _seq(th, tiny, PROMPTS[3], 10)
     e.add(late)
     e.step()
@@ -103,8 +110,7 @@ def test_a_request_waits_for_kv_room_and_runs_exact(tiny):
     """A budget that holds one request at a time: the second waits for the first to finish (never two rows), then
     runs; both equal the official generate."""
     lengths = [int(_prompt(tiny, p).input_ids.shape[0]) for p in PROMPTS[:2]]
-    th = Thinker(tiny.model.thinker, tiny.processor.tokenizer,
-                 EngineConfig(kv_cache_tokens=max(lengths) + 40))
+    th = Thinker(tiny.model.thinker, tiny.processor.tokenizer, EngineConfig(kv_cache_tokens=max(lengths) + 40))
     a, b = _seq(th, tiny, PROMPTS[0], 12), _seq(th, tiny, PROMPTS[1], 12)
     th.engine.add(a)
     th.engine.add(b)
@@ -169,6 +175,7 @@ def test_out_of_memory_fails_only_the_request_that_caused_it(tiny, where):
 
 class _HostSyncs(TorchDispatchMode):
     """Counts the ops that bring a device value to the host (int(t), t.item(), bool(t), nonzero, ...)."""
+
     SYNC_OPS = {"_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal"}
 
     def __init__(self):
@@ -185,10 +192,11 @@ def test_a_decode_step_brings_values_to_the_host_once(tiny):
     """Greedy, repetition-penalised and seeded sampled rows decode together: in steady state no op in the step reads
     a device value into Python (no int(argmax), no per-row upload or mask check); the ids arrive in one transfer."""
     th = Thinker(tiny.model.thinker, tiny.processor.tokenizer)
-    seqs = [_seq(th, tiny, PROMPTS[0], 30), _seq(th, tiny, PROMPTS[1], 30,
-                                                  SamplingParams(max_tokens=30, repetition_penalty=1.3)),
-            _seq(th, tiny, PROMPTS[2], 30, SamplingParams(max_tokens=30, temperature=0.8, top_k=20, top_p=0.9,
-                                                          seed=3))]
+    seqs = [
+        _seq(th, tiny, PROMPTS[0], 30),
+        _seq(th, tiny, PROMPTS[1], 30, SamplingParams(max_tokens=30, repetition_penalty=1.3)),
+        _seq(th, tiny, PROMPTS[2], 30, SamplingParams(max_tokens=30, temperature=0.8, top_k=20, top_p=0.9, seed=3)),
+    ]
     for s in seqs:
         th.engine.add(s)
     while any(len(s.tokens) < 2 for s in seqs):
@@ -214,6 +222,7 @@ def test_the_compiled_step_is_token_exact(tiny):
         async def later(i):
             await asyncio.sleep(0.2 * i)
             return await _generate(th, _prompt(tiny, PROMPTS[i]), samplings[i])
+
         return await asyncio.gather(*[later(i) for i in range(3)])
 
     results = asyncio.run(go())

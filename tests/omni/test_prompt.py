@@ -1,4 +1,5 @@
 """Prompt building: the short audio padding gives the official processor's valid features, bit for bit."""
+
 import numpy as np
 import pytest
 import torch
@@ -31,13 +32,27 @@ def test_each_item_carries_only_its_own_tensors(tiny, media):
     from omni.types import ImagePart
 
     clip = media["audio"][:16000]  # 1 s
-    req = ChatRequest([Message("user", [ImagePart(media["image"]), ImagePart(media["image"]), AudioPart(clip),
-                                        TextPart("What do you see and hear?")])])
+    req = ChatRequest(
+        [
+            Message(
+                "user",
+                [
+                    ImagePart(media["image"]),
+                    ImagePart(media["image"]),
+                    AudioPart(clip),
+                    TextPart("What do you see and hear?"),
+                ],
+            )
+        ]
+    )
     p = prepare_prompt(tiny.processor, req)
     assert len(p.images) == 2 and len(p.audios) == 1
     margin = 1024  # pickle's own framing (the tensor's metadata, the storage header)
-    tensors = {f"image {i} {name}": getattr(item, name) for i, item in enumerate(p.images)
-               for name in ("pixel_values", "grid_thw")}
+    tensors = {
+        f"image {i} {name}": getattr(item, name)
+        for i, item in enumerate(p.images)
+        for name in ("pixel_values", "grid_thw")
+    }
     tensors["audio 0 features"] = p.audios[0].features
     for what, t in tensors.items():
         assert len(pickle.dumps(t)) <= t.nbytes + margin, f"{what}: pickles its whole batch's storage"
@@ -53,8 +68,19 @@ def test_the_generating_stages_get_the_layout_not_the_media(tiny, media):
 
     from omni.types import ImagePart, VideoPart
 
-    req = ChatRequest([Message("user", [ImagePart(media["image"]), VideoPart(media["video"]), AudioPart(media["audio"]),
-                                        TextPart("What do you see and hear?")])])
+    req = ChatRequest(
+        [
+            Message(
+                "user",
+                [
+                    ImagePart(media["image"]),
+                    VideoPart(media["video"]),
+                    AudioPart(media["audio"]),
+                    TextPart("What do you see and hear?"),
+                ],
+            )
+        ]
+    )
     p = prepare_prompt(tiny.processor, req)
     layout = p.layout
     assert torch.equal(layout.input_ids, p.input_ids)

@@ -1,11 +1,11 @@
 """omni.reference: the official transformers generate, on real media (espeak-ng speech, an ffmpeg video with its
 audio track, a PIL image) decoded by qwen-omni-utils as the cookbooks do."""
+
 import numpy as np
 import pytest
 
 from omni.reference import reference_generate
-from omni.types import (AudioPart, ChatRequest, ImagePart, InvalidRequest, Message, SamplingParams, TextPart,
-                        VideoPart)
+from omni.types import AudioPart, ChatRequest, ImagePart, InvalidRequest, Message, SamplingParams, TextPart, VideoPart
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +17,17 @@ def media(cookbook_media):
 def _request(media, **kw):
     image, audio, video = media
     assert video.audio is not None
-    return ChatRequest([Message("user", [ImagePart(image), AudioPart(audio), VideoPart(video),
-                                         TextPart("What do you see and hear?")])],
-                       sampling=SamplingParams(max_tokens=10), talker_sampling=SamplingParams(max_tokens=40),
-                       use_audio_in_video=True, **kw)
+    return ChatRequest(
+        [
+            Message(
+                "user", [ImagePart(image), AudioPart(audio), VideoPart(video), TextPart("What do you see and hear?")]
+            )
+        ],
+        sampling=SamplingParams(max_tokens=10),
+        talker_sampling=SamplingParams(max_tokens=40),
+        use_audio_in_video=True,
+        **kw,
+    )
 
 
 def test_text_and_speech_for_image_audio_and_video_with_its_track(tiny, media, stop_codes):
@@ -33,7 +40,7 @@ def test_text_and_speech_for_image_audio_and_video_with_its_track(tiny, media, s
     n_audio_codes = len([c for c in out.codec_ids if c not in stop_codes])
     assert out.sample_rate == 24000 and out.waveform.dtype == np.float32
     assert out.waveform.shape == (480 * n_audio_codes,)
-    assert float(np.sqrt((out.waveform ** 2).mean())) > 0.02  # audible
+    assert float(np.sqrt((out.waveform**2).mean())) > 0.02  # audible
     prompt = np.array(out.prompt_ids)
     for placeholder in ("<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>"):
         assert (prompt == TOKEN_IDS[placeholder]).sum() > 0, placeholder

@@ -4,6 +4,7 @@ speech on), teacher-forcing that very reply must give the Talker the same inputs
 codes; Qwen3: frames of 16 codebooks) and the same speech. The free reply stops at max_tokens here (the random tiny
 model rarely writes its end of turn), where the endpoint's ends with <|im_end|>: the layout of the hand-offs is the
 same (the last reply id is never fed to the Thinker), so this checks every one of them."""
+
 import numpy as np
 import pytest
 
@@ -21,9 +22,13 @@ def _free_then_forced(loaded, req):
 @pytest.mark.parametrize("kind", ["text", "image"])
 def test_teacher_forced_thinker_equals_free_running_generate(tiny, cookbook_media, kind):
     parts = [ImagePart(cookbook_media["image"])] if kind == "image" else []  # the image: media merged, TMRoPE positions
-    req = ChatRequest([Message("user", parts + [TextPart("Tell me a short story about a cat.")])],
-                      sampling=SamplingParams(max_tokens=12), talker_sampling=SamplingParams(max_tokens=48),
-                      speak=True, voice="Ethan")
+    req = ChatRequest(
+        [Message("user", parts + [TextPart("Tell me a short story about a cat.")])],
+        sampling=SamplingParams(max_tokens=12),
+        talker_sampling=SamplingParams(max_tokens=48),
+        speak=True,
+        voice="Ethan",
+    )
     free, forced = _free_then_forced(tiny, req)
     assert forced.token_ids == free.token_ids and forced.prompt_ids == free.prompt_ids
     assert forced.codec_ids == free.codec_ids and len(free.codec_ids) > 12
@@ -31,8 +36,13 @@ def test_teacher_forced_thinker_equals_free_running_generate(tiny, cookbook_medi
 
 
 def test_teacher_forced_thinker_equals_free_running_generate_qwen3(tiny_qwen3):
-    req = ChatRequest([Message("user", "Tell me a short story about a cat.")], sampling=SamplingParams(max_tokens=12),
-                      talker_sampling=SamplingParams(max_tokens=30), speak=True, voice="Ethan")
+    req = ChatRequest(
+        [Message("user", "Tell me a short story about a cat.")],
+        sampling=SamplingParams(max_tokens=12),
+        talker_sampling=SamplingParams(max_tokens=30),
+        speak=True,
+        voice="Ethan",
+    )
     free, forced = _free_then_forced(tiny_qwen3, req)
     assert forced.token_ids == free.token_ids and forced.prompt_ids == free.prompt_ids
     assert forced.codec_ids == free.codec_ids and len(free.codec_ids) > 4 and len(free.codec_ids[0]) == 16

@@ -5,6 +5,7 @@ transformers' generate drops an all-ones attention mask, so a single unpadded re
 `generate` runs a left-padded batch, where the mask is not all ones and nothing is dropped: every row, the padded one
 and the unpadded longest one alike, gives the patched single-request oracle's text ids and codec ids, and its Talker
 logits to float noise. The unpatched single request is the odd one out."""
+
 import contextlib
 
 import pytest
@@ -21,8 +22,12 @@ RECIPE_GAP = 1e-3  # unpatched vs patched, first Talker step: measured ~9e-3 on 
 
 
 def _request(parts, text: str) -> ChatRequest:
-    return ChatRequest([Message("user", parts + [TextPart(text)])], sampling=SamplingParams(max_tokens=12),
-                       talker_sampling=SamplingParams(max_tokens=48), speak=True)
+    return ChatRequest(
+        [Message("user", parts + [TextPart(text)])],
+        sampling=SamplingParams(max_tokens=12),
+        talker_sampling=SamplingParams(max_tokens=48),
+        speak=True,
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,9 +41,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def requests_(cookbook_media):
-    return [_request([ImagePart(cookbook_media["image"]), AudioPart(cookbook_media["audio"])],
-                     "What do you see and hear?"),
-            _request([], "Hi.")]
+    return [
+        _request([ImagePart(cookbook_media["image"]), AudioPart(cookbook_media["audio"])], "What do you see and hear?"),
+        _request([], "Hi."),
+    ]
 
 
 @contextlib.contextmanager
@@ -55,7 +61,7 @@ def _cut(codes: list[int], stops) -> list[int]:
     """A row's codes up to and including its first stop code (later ones are the batch's padding)."""
     for i, c in enumerate(codes):
         if c in stops:
-            return codes[:i + 1]
+            return codes[: i + 1]
     return codes
 
 
@@ -68,8 +74,11 @@ def _official(loaded, inputs: dict, request: ChatRequest):
     with torch.inference_mode(), _capture_talker_codes(model, codes), _talker_logits(model, logits):
         seqs, _ = model.generate(**inputs, **kw)
     stops = (model.talker.codec_pad_token, model.talker.codec_eos_token)
-    return (seqs[:, inputs["input_ids"].shape[1]:].tolist(), [_cut(r, stops) for r in codes[0].tolist()],
-            torch.stack(logits, 1))
+    return (
+        seqs[:, inputs["input_ids"].shape[1] :].tolist(),
+        [_cut(r, stops) for r in codes[0].tolist()],
+        torch.stack(logits, 1),
+    )
 
 
 def _left_padded(rows: list[dict], pad_id: int) -> dict:
@@ -77,10 +86,14 @@ def _left_padded(rows: list[dict], pad_id: int) -> dict:
     attention_mask padded on the left, the media tensors (pixel values, grids, audio features) concatenated."""
     width = max(x["input_ids"].shape[1] for x in rows)
     pads = [width - x["input_ids"].shape[1] for x in rows]
-    out = {"input_ids": torch.cat([torch.cat([torch.full((1, p), pad_id), x["input_ids"]], 1)
-                                   for p, x in zip(pads, rows)]),
-           "attention_mask": torch.cat([torch.cat([torch.zeros(1, p, dtype=torch.long), x["attention_mask"]], 1)
-                                        for p, x in zip(pads, rows)])}
+    out = {
+        "input_ids": torch.cat(
+            [torch.cat([torch.full((1, p), pad_id), x["input_ids"]], 1) for p, x in zip(pads, rows)]
+        ),
+        "attention_mask": torch.cat(
+            [torch.cat([torch.zeros(1, p, dtype=torch.long), x["attention_mask"]], 1) for p, x in zip(pads, rows)]
+        ),
+    }
     for key in sorted(set().union(*rows) - set(out)):
         out[key] = torch.cat([x[key] for x in rows if key in x])
     return out
@@ -105,7 +118,7 @@ def test_unpatched_padded_batch_equals_patched_oracle(tiny, requests_, oracles):
     assert batch["attention_mask"][0].all() and not batch["attention_mask"][1].all()
     texts, codes, logits = _official(tiny, batch, requests_[0])
     for i, (ref, ref_logits) in enumerate(oracles):
-        assert texts[i][:len(ref.token_ids)] == ref.token_ids, i
+        assert texts[i][: len(ref.token_ids)] == ref.token_ids, i
         assert codes[i] == ref.codec_ids and len(ref.codec_ids) == 48, i
         n = min(len(ref_logits), logits.shape[1])
         assert (logits[i, :n] - ref_logits[:n]).abs().max() <= LOGIT_TOL, i
@@ -114,8 +127,10 @@ def test_unpatched_padded_batch_equals_patched_oracle(tiny, requests_, oracles):
 def test_single_request_with_a_leading_pad_equals_patched_oracle(tiny, requests_, oracles):
     """The smallest non-all-ones mask: the text request alone, one pad token in front."""
     x = official_inputs(tiny.processor, requests_[1])
-    x = {"input_ids": torch.cat([torch.tensor([[tiny.processor.tokenizer.pad_token_id]]), x["input_ids"]], 1),
-         "attention_mask": torch.cat([torch.zeros(1, 1, dtype=torch.long), x["attention_mask"]], 1)}
+    x = {
+        "input_ids": torch.cat([torch.tensor([[tiny.processor.tokenizer.pad_token_id]]), x["input_ids"]], 1),
+        "attention_mask": torch.cat([torch.zeros(1, 1, dtype=torch.long), x["attention_mask"]], 1),
+    }
     assert x["attention_mask"][0].tolist()[:2] == [0, 1]
     ref, ref_logits = oracles[1]
     texts, codes, logits = _official(tiny, x, requests_[1])

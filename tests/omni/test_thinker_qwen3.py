@@ -2,32 +2,51 @@
 transformers code on the tiny checkpoint with real media: encoder outputs equal the thinker's own encoder calls,
 text ids equal the official generate for every input mix (greedy and seeded sampling), prefill logits equal the
 official forward's, and concurrent requests batch in one engine while each gets its solo tokens."""
+
 import asyncio
 import dataclasses
 
 import pytest
 import torch
 
-from omni.types import (AudioPart, ChatRequest, ImagePart, Message, Qwen3TalkerPrompt, SamplingParams, TextPart,
-                        ThinkerDone, ThinkerToTalker, VideoPart)
+from omni.types import (
+    AudioPart,
+    ChatRequest,
+    ImagePart,
+    Message,
+    Qwen3TalkerPrompt,
+    SamplingParams,
+    TextPart,
+    ThinkerDone,
+    ThinkerToTalker,
+    VideoPart,
+)
 
 KINDS = ["text", "image", "audio", "video", "video+audio", "all"]
 
 
 def make_request(media, kind: str, max_tokens: int = 12, **kw) -> ChatRequest:
-    parts = {"text": [], "image": [ImagePart(media["image"])], "audio": [AudioPart(media["audio"])],
-             "video": [VideoPart(media["video"])], "video+audio": [VideoPart(media["video"])],
-             "all": [ImagePart(media["image"]), AudioPart(media["audio"]), VideoPart(media["video"])]}[kind]
-    return ChatRequest([Message("user", parts + [TextPart(f"Describe the {kind}, please.")])],
-                       sampling=SamplingParams(max_tokens=max_tokens),
-                       use_audio_in_video=kind in ("video+audio", "all"), **kw)
+    parts = {
+        "text": [],
+        "image": [ImagePart(media["image"])],
+        "audio": [AudioPart(media["audio"])],
+        "video": [VideoPart(media["video"])],
+        "video+audio": [VideoPart(media["video"])],
+        "all": [ImagePart(media["image"]), AudioPart(media["audio"]), VideoPart(media["video"])],
+    }[kind]
+    return ChatRequest(
+        [Message("user", parts + [TextPart(f"Describe the {kind}, please.")])],
+        sampling=SamplingParams(max_tokens=max_tokens),
+        use_audio_in_video=kind in ("video+audio", "all"),
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
 def stages(tiny_qwen3):
+    from omni.thinker_qwen3 import Qwen3Thinker
     from omni.encoders import AudioEncoder, VisionEncoder
     from omni.encoders.qwen3 import Qwen3AudioEncoder, Qwen3VisionEncoder
-    from omni.thinker_qwen3 import Qwen3Thinker
 
     torch.set_num_threads(1)  # tiny model, shared 2-core machine
     m = tiny_qwen3.model
@@ -37,8 +56,8 @@ def stages(tiny_qwen3):
 
 
 def generate(tiny_qwen3, stages, req, for_talker=False):
-    from omni.encoders import encode_prompt
     from omni.prompt import prepare_prompt
+    from omni.encoders import encode_prompt
 
     vision, audio, thinker = stages
     prompt = prepare_prompt(tiny_qwen3.processor, req)
@@ -46,6 +65,7 @@ def generate(tiny_qwen3, stages, req, for_talker=False):
 
     async def go():
         return [x async for x in thinker.generate(req.request_id, prompt, media, req.sampling, for_talker)]
+
     return asyncio.run(go())
 
 
@@ -63,16 +83,18 @@ def test_encoders_equal_the_thinkers_own_calls(tiny_qwen3, stages, media):
     tm = tiny_qwen3.model.thinker.model
     with torch.no_grad():
         for kind, items, official in (
-                ("image", prompt.images, tm.get_image_features(x["pixel_values"], x["image_grid_thw"])),
-                ("video", prompt.videos, tm.get_video_features(x["pixel_values_videos"], x["video_grid_thw"]))):
-            (emb, deep), = vision.encode_with_deepstack(items)
+            ("image", prompt.images, tm.get_image_features(x["pixel_values"], x["image_grid_thw"])),
+            ("video", prompt.videos, tm.get_video_features(x["pixel_values_videos"], x["video_grid_thw"])),
+        ):
+            ((emb, deep),) = vision.encode_with_deepstack(items)
             assert torch.equal(emb, official.pooler_output[0]), kind
             assert deep.shape[0] == 2 and all(torch.equal(deep[i], official.deepstack_features[i][0]) for i in range(2))
         official = tm.get_audio_features(x["input_features"], x["feature_attention_mask"]).last_hidden_state
     ours = torch.cat(audio.encode(prompt.audios))  # the audio part and the video's track, one forward
     assert ours.shape == official.shape and (ours - official).abs().max() <= 1e-6
-    solo = [audio.encode([a])[0] for a in prompt.audios] + [vision.encode_with_deepstack([v])[0][1] for v in
-                                                             prompt.images + prompt.videos]
+    solo = [audio.encode([a])[0] for a in prompt.audios] + [
+        vision.encode_with_deepstack([v])[0][1] for v in prompt.images + prompt.videos
+    ]
     batched = audio.encode(prompt.audios) + [d for _, d in vision.encode_with_deepstack(prompt.images + prompt.videos)]
     assert all((a - b).abs().max() <= 1e-6 for a, b in zip(solo, batched))  # an item is independent of its batch
 
@@ -137,8 +159,8 @@ def test_talker_hand_off_follows_the_official_recipe(tiny_qwen3, stages, media):
 
 
 def test_concurrent_requests_batch_and_equal_solo(tiny_qwen3, stages, media):
-    from omni.encoders import encode_prompt
     from omni.prompt import prepare_prompt
+    from omni.encoders import encode_prompt
 
     vision, audio, thinker = stages
     reqs = [make_request(media, k, max_tokens=10 + 3 * i) for i, k in enumerate(["text", "image", "audio", "all"])]
@@ -150,6 +172,7 @@ def test_concurrent_requests_batch_and_equal_solo(tiny_qwen3, stages, media):
     async def together():
         async def one(r, p, m):
             return [x async for x in thinker.generate(r.request_id, p, m, r.sampling)]
+
         return await asyncio.gather(*[one(*x) for x in prepared])
 
     outs = asyncio.run(together())

@@ -1,6 +1,7 @@
 """The tiny Qwen3-Omni checkpoint: real transformers classes loaded offline, determinism, voices and architecture read
 from the config, the text-only variant, and the official generate (omni.reference) on it: text, 16-codebook frames,
 audible speech."""
+
 import hashlib
 import json
 from pathlib import Path
@@ -10,7 +11,6 @@ import pytest
 import torch
 
 from omni.types import AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart
-
 
 
 def _digest(d):
@@ -73,10 +73,18 @@ def request_all(media_dir):
     from omni.encoders.media import MediaPolicy, load_audio, load_image
 
     policy = MediaPolicy(allowed_local_media_path=str(media_dir))
-    parts = [ImagePart(load_image(str(media_dir / "image.png"), policy)),
-             AudioPart(load_audio(str(media_dir / "speech.wav"), policy)), TextPart("What do you see and hear?")]
-    return ChatRequest([Message("user", parts)], sampling=SamplingParams(max_tokens=8),
-                       talker_sampling=SamplingParams(max_tokens=20), speak=True, voice="Ethan")
+    parts = [
+        ImagePart(load_image(str(media_dir / "image.png"), policy)),
+        AudioPart(load_audio(str(media_dir / "speech.wav"), policy)),
+        TextPart("What do you see and hear?"),
+    ]
+    return ChatRequest(
+        [Message("user", parts)],
+        sampling=SamplingParams(max_tokens=8),
+        talker_sampling=SamplingParams(max_tokens=20),
+        speak=True,
+        voice="Ethan",
+    )
 
 
 def test_reference_speaks_in_frames_of_16_codebooks(tiny_qwen3, request_all):
@@ -91,5 +99,5 @@ def test_reference_speaks_in_frames_of_16_codebooks(tiny_qwen3, request_all):
     assert frames.shape == (19, 16)  # 20 talker steps without EOS: the last codebook-0 id gets no frame
     assert frames.min() >= 0 and frames.max() < 2048
     assert ref.waveform.dtype == np.float32 and len(ref.waveform) == 19 * 1920 - 555  # causal deconvs drop 555
-    assert 0.05 < float(np.sqrt((ref.waveform ** 2).mean())) < 0.5  # audible, barely clipped
+    assert 0.05 < float(np.sqrt((ref.waveform**2).mean())) < 0.5  # audible, barely clipped
     assert float((np.abs(ref.waveform) >= 1).mean()) < 1e-3

@@ -1,6 +1,7 @@
 """`omni caption`'s no-Ray half (serve/caption_io.py, serve/caption_output.py) on real media: listing (files,
 folders, @lists), sniffing by content, the request it builds (the one `omni chat` builds), and the output file's
 commit / repair / resume rules (JSON lines and Parquet)."""
+
 import json
 import os
 import shutil
@@ -9,14 +10,30 @@ import subprocess
 import numpy as np
 import pytest
 
-from omni.serve.caption_io import (DEFAULT_PROMPTS, ROW_FIELDS, CaptionError, caption_request, list_inputs,
-                                   load_file, sniff_media_type)
+from omni.serve.caption_io import (
+    DEFAULT_PROMPTS,
+    ROW_FIELDS,
+    CaptionError,
+    caption_request,
+    list_inputs,
+    load_file,
+    sniff_media_type,
+)
 from omni.serve.caption_output import CaptionOutput, Progress
 
 
 def row(path, error=None, caption="x", **kw):
-    return {"path": path, "media_type": "image", "caption": "" if error else caption, "prompt": "p",
-            "num_tokens": 0 if error else 3, "seconds": 0.5, "model": "tiny", "error": error, **kw}
+    return {
+        "path": path,
+        "media_type": "image",
+        "caption": "" if error else caption,
+        "prompt": "p",
+        "num_tokens": 0 if error else 3,
+        "seconds": 0.5,
+        "model": "tiny",
+        "error": error,
+        **kw,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- listing
@@ -31,8 +48,14 @@ def test_list_inputs_recurses_reads_lists_and_dedupes(tmp_path):
     lst = tmp_path / "list.txt"
     lst.write_text(f"# comment\n\none.jpg\n{d / 'a.wav'}\nmissing.png\n")
     files = list_inputs([str(d), f"@{lst}", str(one)])
-    assert [f.path for f in files] == [str(d / "a.wav"), str(d / "b.png"), str(d / "sub/c.mp4"),
-                                       str(d / "sub/deeper/d.png"), str(one), str(tmp_path / "missing.png")]
+    assert [f.path for f in files] == [
+        str(d / "a.wav"),
+        str(d / "b.png"),
+        str(d / "sub/c.mp4"),
+        str(d / "sub/deeper/d.png"),
+        str(one),
+        str(tmp_path / "missing.png"),
+    ]
     assert [f.rel for f in files][:5] == ["a.wav", "b.png", "sub/c.mp4", "sub/deeper/d.png", "one.jpg"]
     assert all(os.path.isabs(f.path) for f in files)
     with pytest.raises(CaptionError, match="no such file or folder"):
@@ -57,13 +80,28 @@ def disguised(media_dir, tmp_path_factory):
     shutil.copy(media_dir / "image.png", d / "photo.mp3")
     shutil.copy(media_dir / "speech.wav", d / "voice.png")
     shutil.copy(media_dir / "clip.mp4", d / "movie.wav")
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(media_dir / "speech.wav"), "-c:a", "aac",
-                    "-f", "mp4", str(d / "song.mp4")], check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-y",
+            "-i",
+            str(media_dir / "speech.wav"),
+            "-c:a",
+            "aac",
+            "-f",
+            "mp4",
+            str(d / "song.mp4"),
+        ],
+        check=True,
+    )
     return d
 
 
-@pytest.mark.parametrize("name, kind", [("photo.mp3", "image"), ("voice.png", "audio"), ("movie.wav", "video"),
-                                        ("song.mp4", "audio")])
+@pytest.mark.parametrize(
+    "name, kind", [("photo.mp3", "image"), ("voice.png", "audio"), ("movie.wav", "video"), ("song.mp4", "audio")]
+)
 def test_media_type_comes_from_the_content(disguised, name, kind):
     assert sniff_media_type((disguised / name).read_bytes()) == kind
     got, media = load_file(str(disguised / name))
@@ -79,11 +117,13 @@ def test_bad_files_raise_one_line_reasons(media_dir, tmp_path):
 
     png = (media_dir / "image.png").read_bytes()
     mp4 = (media_dir / "clip.mp4").read_bytes()
-    cases = {"corrupt.png": (png[:40] + b"\0" * 60, "image", "not a decodable image"),
-             "truncated.mp4": (mp4[: len(mp4) // 2], "video", "not a decodable video"),
-             "empty.wav": (b"", None, "empty file (0 bytes)"),
-             "notes.txt": (b"just some text\n", None, "unsupported file: not an image, audio or video"),
-             "short.wav": ((media_dir / "speech.wav").read_bytes()[:3000], "audio", "truncated audio file")}
+    cases = {
+        "corrupt.png": (png[:40] + b"\0" * 60, "image", "not a decodable image"),
+        "truncated.mp4": (mp4[: len(mp4) // 2], "video", "not a decodable video"),
+        "empty.wav": (b"", None, "empty file (0 bytes)"),
+        "notes.txt": (b"just some text\n", None, "unsupported file: not an image, audio or video"),
+        "short.wav": ((media_dir / "speech.wav").read_bytes()[:3000], "audio", "truncated audio file"),
+    }
     for name, (data, kind, reason) in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(MediaError) as exc:
@@ -104,8 +144,9 @@ def test_request_is_the_one_omni_chat_builds(media_dir, kind):
     from omni.serve.cluster.caption_stages import _processor
 
     path = str(media_dir / {"image": "image.png", "audio": "speech.wav", "video": "clip.mp4"}[kind])
-    chat = build_chat_request(parser().parse_args(["chat", f"--{kind}", path, "--max-tokens", "9",
-                                                   DEFAULT_PROMPTS[kind]]))
+    chat = build_chat_request(
+        parser().parse_args(["chat", f"--{kind}", path, "--max-tokens", "9", DEFAULT_PROMPTS[kind]])
+    )
     got, media = load_file(path)
     ours = caption_request(got, media, DEFAULT_PROMPTS[kind], max_tokens=9)
     assert ours.sampling == chat.sampling and ours.use_audio_in_video == chat.use_audio_in_video

@@ -1,4 +1,5 @@
 """The `omni` command as a user runs it: make-tiny, and chat on the bundled sample media (the README's run command)."""
+
 import subprocess
 import sys
 import wave
@@ -11,8 +12,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def omni(*args, timeout=600):
     """`omni ARGS` in a new process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "omni.serve.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "omni.serve.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def omni_here(*args):
@@ -47,22 +49,44 @@ def test_make_tiny_writes_a_loadable_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_chat_streams_text_and_writes_speech(tmp_path, tiny):
     """`omni chat` with an image, audio and video prints the reply the reference path gives and writes a WAV."""
-    from omni.encoders.media import MediaPolicy, load_audio, load_image, load_video
     from omni.reference import reference_generate
     from omni.types import AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart, VideoPart
+    from omni.encoders.media import MediaPolicy, load_audio, load_image, load_video
 
     samples = REPO / "assets" / "samples"
     wav = tmp_path / "answer.wav"
-    out = omni("chat", "--image", str(samples / "image.png"), "--audio", str(samples / "speech.wav"),
-               "--video", str(samples / "clip.mp4"), "--max-tokens", "12", "--max-speech-tokens", "60",
-               "--speak", str(wav), "What do you see and hear?")
+    out = omni(
+        "chat",
+        "--image",
+        str(samples / "image.png"),
+        "--audio",
+        str(samples / "speech.wav"),
+        "--video",
+        str(samples / "clip.mp4"),
+        "--max-tokens",
+        "12",
+        "--max-speech-tokens",
+        "60",
+        "--speak",
+        str(wav),
+        "What do you see and hear?",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     policy = MediaPolicy(allowed_local_media_path=str(samples))
-    req = ChatRequest([Message("user", [ImagePart(load_image(str(samples / "image.png"), policy)),
-                                        AudioPart(load_audio(str(samples / "speech.wav"), policy)),
-                                        VideoPart(load_video(str(samples / "clip.mp4"), policy, with_audio=False)),
-                                        TextPart("What do you see and hear?")])],
-                      sampling=SamplingParams(max_tokens=12))
+    req = ChatRequest(
+        [
+            Message(
+                "user",
+                [
+                    ImagePart(load_image(str(samples / "image.png"), policy)),
+                    AudioPart(load_audio(str(samples / "speech.wav"), policy)),
+                    VideoPart(load_video(str(samples / "clip.mp4"), policy, with_audio=False)),
+                    TextPart("What do you see and hear?"),
+                ],
+            )
+        ],
+        sampling=SamplingParams(max_tokens=12),
+    )
     assert out.stdout.rstrip("\n") == reference_generate(tiny, req).text
     assert "12 tokens" in out.stderr and "wrote" in out.stderr
     with wave.open(str(wav)) as w:
@@ -107,15 +131,30 @@ def test_speak_writes_the_speech_endpoints_audio(tmp_path, pipeline):
     from omni.serve.api.convert import ConvertOptions, to_speech_request
     from omni.serve.api.protocol import SpeechRequest
 
-    out = omni_here("speak", "Hello from omni.", "--voice", "Ethan", "--out", str(tmp_path / "hello.flac"),
-                    "--max-speech-tokens", "40")
+    out = omni_here(
+        "speak",
+        "Hello from omni.",
+        "--voice",
+        "Ethan",
+        "--out",
+        str(tmp_path / "hello.flac"),
+        "--max-speech-tokens",
+        "40",
+    )
     assert out.returncode == 0, out.stderr
     assert "wrote" in out.stderr and "voice Ethan" in out.stderr
     with av.open(str(tmp_path / "hello.flac")) as c:
         got = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
-    req = to_speech_request(SpeechRequest(input="Hello from omni.", voice="Ethan", response_format="flac",
-                                          sampling_params_list=[None, {"max_tokens": 40, "temperature": 0.0}]),
-                            "t", ConvertOptions(voices=tuple(pipeline.voices), default_speech_tokens=40))
+    req = to_speech_request(
+        SpeechRequest(
+            input="Hello from omni.",
+            voice="Ethan",
+            response_format="flac",
+            sampling_params_list=[None, {"max_tokens": 40, "temperature": 0.0}],
+        ),
+        "t",
+        ConvertOptions(voices=tuple(pipeline.voices), default_speech_tokens=40),
+    )
     want = asyncio.run(pipeline.run(req)).waveform
     assert np.array_equal(got, np.rint(np.clip(want, -1, 1) * 32767).astype(np.int16))
     bad = omni_here("speak", "x", "--out", str(tmp_path / "a.xyz"))

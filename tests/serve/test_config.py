@@ -1,5 +1,6 @@
 """The typed config tree: the shipped YAML files load; unknown keys and bad values are refused with their path;
 `build_app` validates its arguments and gives each deployment the options its YAML section says."""
+
 import pytest
 import yaml
 
@@ -7,7 +8,7 @@ from omni.engine import EngineConfig
 from omni.talker import TalkerConfig
 from omni.decoders import VocoderConfig
 from omni.encoders.media import MediaLimits
-from omni.serve.config import (CONFIG_DIR, ConfigError, Deployments, PipelineConfig, ServeConfig, load_serve_config)
+from omni.serve.config import CONFIG_DIR, ConfigError, Deployments, PipelineConfig, ServeConfig, load_serve_config
 
 STAGES = tuple(Deployments.model_fields)
 
@@ -48,8 +49,8 @@ def test_qwen3_config_gives_the_thinker_a_gpu_and_shares_another():
 
 
 def test_build_app_for_a_text_only_checkpoint_has_no_speech_chain(tmp_path):
-    from omni.serve.app import build_app
     from omni.tiny_qwen3 import build_qwen3_checkpoint
+    from omni.serve.app import build_app
 
     path = build_qwen3_checkpoint(tmp_path / "captioner", audio_output=False)
     deps = _deployments(build_app({"model": str(path), "config": "tiny"}))
@@ -63,20 +64,25 @@ def test_each_default_lives_with_its_stage():
     assert cfg.media == MediaLimits() and cfg.talker.batch_wait_s > 0
 
 
-@pytest.mark.parametrize("text, message", [
-    ("vocoder: {first_chunk_codez: 12}\n", "vocoder.first_chunk_codez: unknown field"),
-    ("thinker: {num_replica: 2}\n", "thinker.num_replica: unknown field"),
-    ("deployments: {ingress: {max_num_seqs: 4}}\n", "deployments.ingress.max_num_seqs: unknown field"),
-    ("deployments: {talker: {num_cpus: -1}}\n",
-     "deployments.talker.num_cpus: Input should be greater than or equal to 0"),
-    ("media: {max_video_framez: 3}\n", "media.max_video_framez: unknown field"),
-    ("talker: {emit_every: 0}\n", "talker: emit_every must be >= 1"),
-    ("thinker: {max_num_seqs: 0}\n", "thinker: max_num_seqs and max_dead_columns must be >= 1"),
-    ("vocoder: {past_blocks: 1}\n", "vocoder: VocoderConfig: past_blocks must be >= 2"),
-    ("dtype: float8\n", "dtype: dtype must be float32, bfloat16 or float16"),
-    ("max_model_len: many\n", "max_model_len: Input should be a valid integer"),
-    ("colocate: thinker+vocoder\n", "colocate: Input should be 'none', 'thinker+talker', 'talker+vocoder' or"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("vocoder: {first_chunk_codez: 12}\n", "vocoder.first_chunk_codez: unknown field"),
+        ("thinker: {num_replica: 2}\n", "thinker.num_replica: unknown field"),
+        ("deployments: {ingress: {max_num_seqs: 4}}\n", "deployments.ingress.max_num_seqs: unknown field"),
+        (
+            "deployments: {talker: {num_cpus: -1}}\n",
+            "deployments.talker.num_cpus: Input should be greater than or equal to 0",
+        ),
+        ("media: {max_video_framez: 3}\n", "media.max_video_framez: unknown field"),
+        ("talker: {emit_every: 0}\n", "talker: emit_every must be >= 1"),
+        ("thinker: {max_num_seqs: 0}\n", "thinker: max_num_seqs and max_dead_columns must be >= 1"),
+        ("vocoder: {past_blocks: 1}\n", "vocoder: VocoderConfig: past_blocks must be >= 2"),
+        ("dtype: float8\n", "dtype: dtype must be float32, bfloat16 or float16"),
+        ("max_model_len: many\n", "max_model_len: Input should be a valid integer"),
+        ("colocate: thinker+vocoder\n", "colocate: Input should be 'none', 'thinker+talker', 'talker+vocoder' or"),
+    ],
+)
 def test_bad_keys_and_values_are_refused_with_their_path(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
@@ -120,8 +126,12 @@ def test_build_app_gives_each_deployment_its_yaml_options(name):
 
     raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())["deployments"]
     groups = load_serve_config(name).generation_groups
-    want_of = {"Ingress": ["ingress"], "VisionEncoder": ["vision_encoder"], "AudioEncoder": ["audio_encoder"],
-               **{group_name(g): list(g) for g in groups}}
+    want_of = {
+        "Ingress": ["ingress"],
+        "VisionEncoder": ["vision_encoder"],
+        "AudioEncoder": ["audio_encoder"],
+        **{group_name(g): list(g) for g in groups},
+    }
     deps = _deployments(build_app({"model": "tiny", "config": name, "served_model_name": "omni-test"}))
     assert set(deps) == set(want_of)
     for dep_name, keys in want_of.items():
@@ -131,8 +141,10 @@ def test_build_app_gives_each_deployment_its_yaml_options(name):
         assert d.max_ongoing_requests == want.get("max_ongoing_requests", 64), dep_name
         if "autoscaling_config" in want:
             auto = d._deployment_config.autoscaling_config
-            assert (auto.min_replicas, auto.max_replicas) == (want["autoscaling_config"]["min_replicas"],
-                                                              want["autoscaling_config"]["max_replicas"])
+            assert (auto.min_replicas, auto.max_replicas) == (
+                want["autoscaling_config"]["min_replicas"],
+                want["autoscaling_config"]["max_replicas"],
+            )
         else:
             assert d.num_replicas == want["num_replicas"], dep_name
     # the speech chain is bound in order: Ingress -> the last group -> ... -> the Thinker's group
@@ -143,12 +155,15 @@ def test_build_app_gives_each_deployment_its_yaml_options(name):
     assert names(deps["Ingress"]) == ["VisionEncoder", "AudioEncoder", group_name(groups[0]), group_name(groups[-1])]
 
 
-@pytest.mark.parametrize("colocate, groups", [
-    ("none", [("thinker",), ("talker",), ("vocoder",)]),
-    ("thinker+talker", [("thinker", "talker"), ("vocoder",)]),
-    ("talker+vocoder", [("thinker",), ("talker", "vocoder")]),
-    ("thinker+talker+vocoder", [("thinker", "talker", "vocoder")]),
-])
+@pytest.mark.parametrize(
+    "colocate, groups",
+    [
+        ("none", [("thinker",), ("talker",), ("vocoder",)]),
+        ("thinker+talker", [("thinker", "talker"), ("vocoder",)]),
+        ("talker+vocoder", [("thinker",), ("talker", "vocoder")]),
+        ("thinker+talker+vocoder", [("thinker", "talker", "vocoder")]),
+    ],
+)
 def test_colocate_groups_adjacent_stages_into_one_deployment(tmp_path, colocate, groups):
     from omni.serve.app import build_app
     from omni.serve.cluster.builder import stage_deployments
@@ -160,8 +175,9 @@ def test_colocate_groups_adjacent_stages_into_one_deployment(tmp_path, colocate,
     deps = _deployments(build_app({"model": "tiny", "config": str(path)}))
     named = stage_deployments(cfg)
     assert set(deps) == {"Ingress", "VisionEncoder", "AudioEncoder", *named.values()}
-    assert [named[s] for s in ("thinker", "talker", "vocoder")] == \
-        ["".join(x.capitalize() for x in g) for g in groups for _ in g]
+    assert [named[s] for s in ("thinker", "talker", "vocoder")] == [
+        "".join(x.capitalize() for x in g) for g in groups for _ in g
+    ]
 
 
 def test_build_app_refuses_unknown_arguments():

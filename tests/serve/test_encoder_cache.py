@@ -1,6 +1,7 @@
 """The encoder output cache (serve/encoder_cache.py) in the in-process pipeline and its HTTP app: a hit is the fresh
 encode's tensors, a resent image makes no encoder call and the reply keeps the official path's ids, the byte bound
 evicts least recently used entries, and /metrics counts hits and misses."""
+
 import asyncio
 import base64
 import io
@@ -12,11 +13,20 @@ import torch
 from PIL import Image
 
 from omni.reference import reference_generate
+from omni.types import (
+    AudioItem,
+    AudioPart,
+    ChatRequest,
+    ImagePart,
+    MediaEmbeddings,
+    Message,
+    PreparedPrompt,
+    SamplingParams,
+    TextPart,
+)
 from omni.serve.api.server import build_fastapi
 from omni.serve.config import PipelineConfig
 from omni.serve.encoder_cache import EncoderCache, item_key
-from omni.types import (AudioItem, AudioPart, ChatRequest, ImagePart, MediaEmbeddings, Message, PreparedPrompt,
-                        SamplingParams, TextPart)
 
 
 def unique_image(seed: int) -> Image.Image:
@@ -35,14 +45,17 @@ class CountingEncoders:
 
     def __init__(self, pipeline, monkeypatch):
         self.items = {"vision": 0, "audio": 0}
-        for name, enc, method in (("vision", pipeline.stages.vision, "encode_with_deepstack"),
-                                  ("audio", pipeline.stages.audio, "encode")):  # what encode_prompt calls
+        for name, enc, method in (
+            ("vision", pipeline.stages.vision, "encode_with_deepstack"),
+            ("audio", pipeline.stages.audio, "encode"),
+        ):  # what encode_prompt calls
             monkeypatch.setattr(enc, method, self._wrap(name, getattr(enc, method)))
 
     def _wrap(self, name, fn):
         def encode(items):
             self.items[name] += len(items)
             return fn(items)
+
         return encode
 
 
@@ -85,8 +98,10 @@ def test_resent_image_makes_no_encoder_call_and_keeps_the_official_ids(pipeline,
 def test_same_item_twice_in_one_prompt_is_encoded_once(pipeline, monkeypatch):
     counted = CountingEncoders(pipeline, monkeypatch)
     img = unique_image(3)
-    req = ChatRequest([Message("user", [ImagePart(img), ImagePart(img), TextPart("Two of the same?")])],
-                      sampling=SamplingParams(max_tokens=6))
+    req = ChatRequest(
+        [Message("user", [ImagePart(img), ImagePart(img), TextPart("Two of the same?")])],
+        sampling=SamplingParams(max_tokens=6),
+    )
     out = asyncio.run(pipeline.run(req))
     assert counted.items["vision"] == 1
     assert out.token_ids == reference_generate(pipeline.loaded, req).token_ids
@@ -130,8 +145,9 @@ def test_byte_bound_evicts_least_recently_used():
 def test_key_is_the_content_not_the_object():
     assert item_key("audio", _audio(20, 1.0)) == item_key("audio", _audio(20, 1.0))
     assert item_key("audio", _audio(20, 1.0)) != item_key("audio", _audio(21, 1.0))  # the length is in the key
-    assert item_key("audio", _audio(20, 1.0)) != item_key("audio", AudioItem(torch.full((128, 20), 1.0,
-                                                                                          dtype=torch.float64)))
+    assert item_key("audio", _audio(20, 1.0)) != item_key(
+        "audio", AudioItem(torch.full((128, 20), 1.0, dtype=torch.float64))
+    )
     assert PipelineConfig().encoder_cache_bytes == 256 * 2**20
 
 
@@ -148,9 +164,19 @@ def _counter(text: str, name: str, kind: str) -> float:
 
 def test_metrics_count_hits_and_misses(pipeline):
     app = build_fastapi(pipeline)
-    body = {"model": pipeline.model_name, "max_tokens": 4,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png_uri(
-                unique_image(4))}}, {"type": "text", "text": "What is it?"}]}]}
+    body = {
+        "model": pipeline.model_name,
+        "max_tokens": 4,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": _png_uri(unique_image(4))}},
+                    {"type": "text", "text": "What is it?"},
+                ],
+            }
+        ],
+    }
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
@@ -200,11 +226,16 @@ def test_a_realtime_turn_encodes_only_its_new_audio(pipeline, speech, monkeypatc
     async def talk(url):
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         async with client.realtime.connect(model=pipeline.model_name) as conn:
-            await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
-                                               "audio": {"input": {"turn_detection": None}}})
+            await conn.session.update(
+                session={
+                    "type": "realtime",
+                    "output_modalities": ["text"],
+                    "audio": {"input": {"turn_detection": None}},
+                }
+            )
             for pcm in questions:
                 for i in range(0, len(pcm), 9600):
-                    await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + 9600]).decode())
+                    await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 9600]).decode())
                 await conn.input_audio_buffer.commit()
                 await conn.response.create(response={"max_output_tokens": 3})
                 while True:

@@ -1,16 +1,27 @@
 """The in-process staged pipeline against the official transformers path (omni.reference), on the tiny checkpoint
 with real media: golden token ids and codec ids, the vocoder's offline and streamed waveforms, concurrency and
 streaming order."""
+
 import asyncio
 import dataclasses
 
 import numpy as np
 import pytest
 
-from omni.decoders import snr_db
 from omni.reference import reference_generate
-from omni.types import (AudioChunk, AudioPart, ChatRequest, Finished, ImagePart, InvalidRequest, Message,
-                        SamplingParams, TextPart, VideoPart)
+from omni.types import (
+    AudioChunk,
+    AudioPart,
+    ChatRequest,
+    Finished,
+    ImagePart,
+    InvalidRequest,
+    Message,
+    SamplingParams,
+    TextPart,
+    VideoPart,
+)
+from omni.decoders import snr_db
 
 GREEDY_TALKER = SamplingParams(max_tokens=48)
 OFFLINE_TOL = 1e-4  # whole-utterance vocoder vs the reference waveform, max abs
@@ -25,9 +36,14 @@ def make_request(media, kind: str, speak: bool, max_tokens: int = 12, **kw) -> C
         "video+audio": [VideoPart(media["video"])],
         "all": [ImagePart(media["image"]), AudioPart(media["audio"]), VideoPart(media["video"])],
     }[kind]
-    return ChatRequest([Message("user", parts + [TextPart(f"Describe the {kind}, please.")])],
-                       sampling=SamplingParams(max_tokens=max_tokens), talker_sampling=GREEDY_TALKER, speak=speak,
-                       use_audio_in_video=kind in ("video+audio", "all"), **kw)
+    return ChatRequest(
+        [Message("user", parts + [TextPart(f"Describe the {kind}, please.")])],
+        sampling=SamplingParams(max_tokens=max_tokens),
+        talker_sampling=GREEDY_TALKER,
+        speak=speak,
+        use_audio_in_video=kind in ("video+audio", "all"),
+        **kw,
+    )
 
 
 def run(coro):
@@ -60,8 +76,9 @@ def test_golden_against_reference(pipeline, media, cookbook, kind, speak, stop_c
 def test_sampled_talker_matches_reference_seeded(pipeline, media, cookbook):
     """Greedy Thinker + sampled Talker: our per-request generator equals the official global-RNG draws."""
     req = make_request(media, "audio", True)
-    req.talker_sampling = SamplingParams(temperature=0.9, top_k=40, top_p=0.8, repetition_penalty=1.05,
-                                         max_tokens=40, seed=7)
+    req.talker_sampling = SamplingParams(
+        temperature=0.9, top_k=40, top_p=0.8, repetition_penalty=1.05, max_tokens=40, seed=7
+    )
     ref = reference_generate(pipeline.loaded, cookbook(req), seed=7)
     out = run(pipeline.run(req))
     assert out.token_ids == ref.token_ids and out.codec_ids == ref.codec_ids
@@ -103,6 +120,7 @@ def test_concurrent_requests_equal_solo_and_share_steps(pipeline, media):
         async def one(i, r):
             await asyncio.sleep(stagger * i)
             return await pipeline.run(dataclasses.replace(r))
+
         return await asyncio.gather(*[one(i, r) for i, r in enumerate(reqs)])
 
     for stagger, bound in ((0.0, 0.6), (0.05, 0.8)):
@@ -162,12 +180,14 @@ def test_chunked_prefills_in_both_engines_keep_every_token(tiny, media, cookbook
     """Thinker and Talker prefilling 16 prompt tokens per step (media included): text and codec ids still equal the
     official path's."""
     from omni.engine import EngineConfig
+    from omni.talker import TalkerConfig
     from omni.serve.config import PipelineConfig
     from omni.serve.pipeline import Pipeline
-    from omni.talker import TalkerConfig
 
-    cfg = PipelineConfig(thinker=EngineConfig(prefill_chunk_tokens=16, max_prefill_tokens=16),
-                         talker=TalkerConfig(prefill_chunk_tokens=16, max_prefill_tokens=16))
+    cfg = PipelineConfig(
+        thinker=EngineConfig(prefill_chunk_tokens=16, max_prefill_tokens=16),
+        talker=TalkerConfig(prefill_chunk_tokens=16, max_prefill_tokens=16),
+    )
     chunked = Pipeline(tiny, cfg)
     req = make_request(media, "all", True)
     ref = reference_generate(chunked.loaded, cookbook(req))

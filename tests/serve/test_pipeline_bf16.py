@@ -6,13 +6,14 @@ Measured on tiny: for every input mix below the text ids and the Talker's codec 
 the vocoder runs in float32 in both paths (the official one casts token2wav to float), so the waveform is held to the
 streaming bound against offline decoding of the same codes. A longer reply or another checkpoint can flip a near-tied
 argmax in bf16 where float32 does not: exactness in bf16 is per input, measured here, not a guarantee."""
+
 import asyncio
 
 import numpy as np
 import pytest
 
-from omni.decoders import MIN_STREAM_SNR_DB, snr_db
 from omni.reference import reference_generate
+from omni.decoders import MIN_STREAM_SNR_DB, snr_db
 from omni.serve.pipeline import Pipeline
 
 from .test_pipeline import make_request

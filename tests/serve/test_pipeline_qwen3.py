@@ -3,30 +3,49 @@ implementations picked from the checkpoint's config) against the official genera
 media: text ids and all 16 codebooks of every frame equal for every input mix, speech on and off; the offline Code2Wav
 waveform within 1e-4 of the official one, the streamed one within MAX_STREAM_ERROR of offline; the first audio after
 `first_chunk_frames` frames while the reply is still being written; voices per model; the text-only variant."""
+
 import asyncio
 import dataclasses
 
 import numpy as np
 import pytest
 
-from omni.decoders import MAX_STREAM_ERROR
 from omni.reference import reference_generate
-from omni.types import (AudioChunk, AudioPart, ChatRequest, Finished, ImagePart, InvalidRequest, Message,
-                        SamplingParams, TextPart, VideoPart)
+from omni.types import (
+    AudioChunk,
+    AudioPart,
+    ChatRequest,
+    Finished,
+    ImagePart,
+    InvalidRequest,
+    Message,
+    SamplingParams,
+    TextPart,
+    VideoPart,
+)
+from omni.decoders import MAX_STREAM_ERROR
 
 OFFLINE_TOL = 1e-4  # offline Code2Wav vs the official generate's waveform, max abs
 KINDS = ["text", "image", "audio", "video", "video+audio", "all"]
 
 
 def make_request(media, kind: str, speak: bool, max_tokens: int = 10, frames: int = 16, **kw) -> ChatRequest:
-    parts = {"text": lambda: [], "image": lambda: [ImagePart(media["image"])],
-             "audio": lambda: [AudioPart(media["audio"])], "video": lambda: [VideoPart(media["video"])],
-             "video+audio": lambda: [VideoPart(media["video"])],
-             "all": lambda: [ImagePart(media["image"]), AudioPart(media["audio"]), VideoPart(media["video"])]}[kind]()
-    return ChatRequest([Message("user", parts + [TextPart(f"Describe the {kind}, please.")])],
-                       sampling=SamplingParams(max_tokens=max_tokens),
-                       talker_sampling=SamplingParams(max_tokens=frames), speak=speak,
-                       use_audio_in_video=kind in ("video+audio", "all"), **kw)
+    parts = {
+        "text": lambda: [],
+        "image": lambda: [ImagePart(media["image"])],
+        "audio": lambda: [AudioPart(media["audio"])],
+        "video": lambda: [VideoPart(media["video"])],
+        "video+audio": lambda: [VideoPart(media["video"])],
+        "all": lambda: [ImagePart(media["image"]), AudioPart(media["audio"]), VideoPart(media["video"])],
+    }[kind]()
+    return ChatRequest(
+        [Message("user", parts + [TextPart(f"Describe the {kind}, please.")])],
+        sampling=SamplingParams(max_tokens=max_tokens),
+        talker_sampling=SamplingParams(max_tokens=frames),
+        speak=speak,
+        use_audio_in_video=kind in ("video+audio", "all"),
+        **kw,
+    )
 
 
 def run(coro):
@@ -34,9 +53,9 @@ def run(coro):
 
 
 def test_the_checkpoint_picks_the_qwen3_stages(pipeline_qwen3):
-    from omni.decoders import Code2Wav
     from omni.talker_qwen3 import Qwen3Talker
     from omni.thinker_qwen3 import Qwen3Thinker
+    from omni.decoders import Code2Wav
 
     p = pipeline_qwen3
     assert isinstance(p.thinker, Qwen3Thinker) and isinstance(p.talker, Qwen3Talker)
@@ -60,7 +79,7 @@ def test_golden_against_reference(pipeline_qwen3, media, cookbook, kind, speak):
     assert len(out.waveform) == len(offline) == len(ref.waveform) == 15 * 1920 - 555
     assert np.abs(offline - ref.waveform).max() <= OFFLINE_TOL
     assert np.abs(out.waveform - offline).max() <= MAX_STREAM_ERROR
-    assert float(np.sqrt((out.waveform ** 2).mean())) > 0.05  # audible
+    assert float(np.sqrt((out.waveform**2).mean())) > 0.05  # audible
 
 
 def test_sampled_talker_matches_reference_seeded(pipeline_qwen3, media, cookbook):
@@ -100,8 +119,9 @@ def test_first_audio_after_the_first_frames_while_text_is_written(pipeline_qwen3
 
 def test_concurrent_requests_equal_solo(pipeline_qwen3, media):
     kinds = ["text", "image", "audio", "all"]
-    reqs = [make_request(media, k, speak=i % 2 == 0, max_tokens=8 + 3 * i, frames=12 + 2 * i)
-            for i, k in enumerate(kinds)]
+    reqs = [
+        make_request(media, k, speak=i % 2 == 0, max_tokens=8 + 3 * i, frames=12 + 2 * i) for i, k in enumerate(kinds)
+    ]
     solo = [run(pipeline_qwen3.run(dataclasses.replace(r))) for r in reqs]
 
     async def together():
@@ -114,8 +134,8 @@ def test_concurrent_requests_equal_solo(pipeline_qwen3, media):
 
 
 def test_text_only_variant_serves_text_and_refuses_audio(tmp_path_factory, media, cookbook):
-    from omni.serve.pipeline import Pipeline
     from omni.tiny_qwen3 import build_qwen3_checkpoint
+    from omni.serve.pipeline import Pipeline
 
     path = build_qwen3_checkpoint(tmp_path_factory.mktemp("captioner"), audio_output=False)
     p = Pipeline.from_pretrained(str(path))
@@ -148,12 +168,14 @@ def test_chunked_prefills_keep_deepstack_and_the_talker_prompt_exact(tiny_qwen3,
     """Thinker and Talker prefilling 16 prompt tokens per step: the deepstack rows of each chunk's vision tokens and
     the accept layer's output chunk by chunk give the same text ids and all 16 codebooks of every frame."""
     from omni.engine import EngineConfig
+    from omni.talker import TalkerConfig
     from omni.serve.config import PipelineConfig
     from omni.serve.pipeline import Pipeline
-    from omni.talker import TalkerConfig
 
-    cfg = PipelineConfig(thinker=EngineConfig(prefill_chunk_tokens=16, max_prefill_tokens=16),
-                         talker=TalkerConfig(prefill_chunk_tokens=16, max_prefill_tokens=16))
+    cfg = PipelineConfig(
+        thinker=EngineConfig(prefill_chunk_tokens=16, max_prefill_tokens=16),
+        talker=TalkerConfig(prefill_chunk_tokens=16, max_prefill_tokens=16),
+    )
     chunked = Pipeline(tiny_qwen3, cfg)
     req = make_request(media, "all", True, voice="Ethan")
     ref = reference_generate(chunked.loaded, cookbook(req))

@@ -1,5 +1,6 @@
 """A normal run prints no warning from transformers in the middle of the streamed answer (it once printed the
 Talker's "`past_key_values` is deprecated ... Use `cache` instead" between text deltas)."""
+
 import asyncio
 import logging
 import warnings

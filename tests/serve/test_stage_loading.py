@@ -1,6 +1,7 @@
 """Each replica loads only the weights it runs (omni.parts): the Talker, the encoder towers and the vocoder loaded alone
 hold exactly the full model's tensors of their part, far fewer than the whole model, and the Talker built from its
 partial load gives the codec ids of the one built over the whole model (greedy and seeded sampling)."""
+
 import asyncio
 import dataclasses
 
@@ -9,8 +10,8 @@ import torch
 
 from omni.checkpoint import load_model
 from omni.parts import load_talker_part, load_tower
-from omni.serve.config import PipelineConfig
 from omni.types import AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart
+from omni.serve.config import PipelineConfig
 
 PRESETS = ["small", "tiny-qwen3"]
 
@@ -46,15 +47,19 @@ def test_talker_loads_the_talker_and_a_few_embedding_rows(full):
         assert len(part.thinker_embed.ids) <= 8  # the voices' bos ids and tts_text_{bos,eos,pad}
         assert part.speakers.keys() == full.model.speaker_map.keys()
         for voice, spk in part.speakers.items():
-            assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(full.model.speaker_map[voice][k]))
-                       for k, v in spk.items())
+            assert all(
+                torch.equal(torch.as_tensor(v), torch.as_tensor(full.model.speaker_map[voice][k]))
+                for k, v in spk.items()
+            )
         extra = _count(part.thinker_embed)
     loaded = _count(part.talker) + extra
     assert _count(part.talker) == _count(full.model.talker)
     # nothing of the thinker but `extra` rows (the small preset's talker is about as large as its thinker)
     assert loaded == _count(full.model) - _count(full.model.thinker) - _count(_vocoder_of(full)) + extra
-    print(f"{full.name}: talker part {loaded} parameters (of which {extra} thinker embedding values), whole model "
-          f"{_count(full.model)}")
+    print(
+        f"{full.name}: talker part {loaded} parameters (of which {extra} thinker embedding values), whole model "
+        f"{_count(full.model)}"
+    )
 
 
 @pytest.mark.parametrize("name", ["visual", "audio_tower"])
@@ -94,9 +99,12 @@ def test_vocoder_loads_alone(full):
 
 
 def _request(media, sampling: SamplingParams) -> ChatRequest:
-    return ChatRequest([Message("user", [ImagePart(media["image"]), AudioPart(media["audio"]),
-                                         TextPart("Describe both, please.")])],
-                       sampling=SamplingParams(max_tokens=10), talker_sampling=sampling, speak=True)
+    return ChatRequest(
+        [Message("user", [ImagePart(media["image"]), AudioPart(media["audio"]), TextPart("Describe both, please.")])],
+        sampling=SamplingParams(max_tokens=10),
+        talker_sampling=sampling,
+        speak=True,
+    )
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "tiny-qwen3"])
@@ -111,9 +119,13 @@ def test_talker_from_its_own_load_gives_the_same_codes(preset, media):
     config = PipelineConfig()
     pipeline = Pipeline(loaded, config)
     voice = loaded.voices[0]
-    reqs = [dataclasses.replace(_request(media, s), voice=voice)
-            for s in (SamplingParams(max_tokens=30),
-                      SamplingParams(temperature=0.9, top_k=40, top_p=0.8, max_tokens=30, seed=3))]
+    reqs = [
+        dataclasses.replace(_request(media, s), voice=voice)
+        for s in (
+            SamplingParams(max_tokens=30),
+            SamplingParams(temperature=0.9, top_k=40, top_p=0.8, max_tokens=30, seed=3),
+        )
+    ]
     whole = [asyncio.run(pipeline.run(dataclasses.replace(r))) for r in reqs]
     talker = load_talker(preset, config, "cpu", "float32")
     pipeline.stages.talker, pipeline.stages.chain["talker"] = talker, TalkerStage(talker)

@@ -1,4 +1,5 @@
 """serve/stages.py's `batches`: how a stream crosses a process (one message per list of the items ready at once)."""
+
 import asyncio
 
 import pytest

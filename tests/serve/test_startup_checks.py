@@ -1,5 +1,6 @@
 """A model that cannot be loaded, or a transformers outside the supported versions, fails at start: one line on stderr
 naming the cause and exit code 2 (no traceback), before Ray starts or anything is loaded."""
+
 import json
 
 import pytest
@@ -23,8 +24,9 @@ def _not_omni(tmp_path):
     return d
 
 
-@pytest.mark.parametrize("cmd", [["chat", "hi"], ["serve"], ["speak", "hi"], ["caption", "x.png", "--out", "o.jsonl"],
-                                 ["bench", "--quick"]])
+@pytest.mark.parametrize(
+    "cmd", [["chat", "hi"], ["serve"], ["speak", "hi"], ["caption", "x.png", "--out", "o.jsonl"], ["bench", "--quick"]]
+)
 def test_a_missing_directory_fails_in_one_line(cmd, capsys):
     assert main(cmd + ["--model", "/nonexistent/omni-model"]) == 2
     line = _one_line(capsys)
@@ -39,10 +41,12 @@ def test_each_cause_is_named(cmd, tmp_path, capsys, monkeypatch):
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text(json.dumps({"model_type": "qwen2_5_omni"}))
-    causes = {str(empty): "has no config.json",
-              str(no_weights): "no weights",
-              "omni-test/no-such-model": "hub is offline (HF_HUB_OFFLINE=1); pass a local checkpoint path",
-              str(_not_omni(tmp_path)): "not a Qwen-Omni checkpoint (model_type 'llama'"}
+    causes = {
+        str(empty): "has no config.json",
+        str(no_weights): "no weights",
+        "omni-test/no-such-model": "hub is offline (HF_HUB_OFFLINE=1); pass a local checkpoint path",
+        str(_not_omni(tmp_path)): "not a Qwen-Omni checkpoint (model_type 'llama'",
+    }
     for model, cause in causes.items():
         assert main(cmd + ["--model", model]) == 2
         line = _one_line(capsys)

@@ -1,6 +1,7 @@
 """`--api-dialect vllm-omni`: the response shapes vllm-omni's clients read, driven by a client written from their
 description (streamed chunks carry `modality`, an audio chunk is a base64 WAV in `delta.content`; a whole reply has
 its text and its audio as two choices; the voice comes as `speaker`). The default dialect stays OpenAI's."""
+
 import base64
 import io
 import json
@@ -15,9 +16,14 @@ from omni.serve.api.server import ServerSettings, build_fastapi
 
 from .uvicorn_server import Server
 
-BODY = {"model": "Qwen/Qwen2.5-Omni-7B", "messages": [{"role": "user", "content": "Say something."}],
-        "max_tokens": 8, "modalities": ["text", "audio"], "speaker": "Ethan",
-        "sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 48}]}
+BODY = {
+    "model": "Qwen/Qwen2.5-Omni-7B",
+    "messages": [{"role": "user", "content": "Say something."}],
+    "max_tokens": 8,
+    "modalities": ["text", "audio"],
+    "speaker": "Ethan",
+    "sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 48}],
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +40,13 @@ def wav_frames(data: bytes) -> bytes:
 
 
 def test_vllm_omni_streaming_and_whole_shapes(server, pipeline):
-    want = server.call(pipeline.run(to_chat_request(ChatCompletionRequest.model_validate(BODY), "ref",
-                                                    ConvertOptions(voices=tuple(pipeline.voices)))))
+    want = server.call(
+        pipeline.run(
+            to_chat_request(
+                ChatCompletionRequest.model_validate(BODY), "ref", ConvertOptions(voices=tuple(pipeline.voices))
+            )
+        )
+    )
     assert want.waveform is not None and len(want.waveform) > 0
     text, audio, modalities = [], b"", set()
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**BODY, "stream": True}, timeout=120) as r:
@@ -64,8 +75,8 @@ def test_vllm_omni_streaming_and_whole_shapes(server, pipeline):
 
 
 def test_openai_dialect_chunks_have_no_modality():
-    from omni.serve.api.convert import Completion
     from omni.types import TextDelta
+    from omni.serve.api.convert import Completion
 
     chunk = Completion("x", "m").feed(TextDelta("hi", [1]))[0]
     assert "modality" not in json.loads(chunk.model_dump_json())

@@ -1,6 +1,7 @@
 """The HTTP app on a real uvicorn server, driven by the official `openai` SDK and raw httpx, in front of the real
 in-process Pipeline on the tiny checkpoint (and, for failure modes a real model cannot be made to show on demand, a
 small gated backend that emits real events)."""
+
 import asyncio
 import base64
 import io
@@ -15,13 +16,13 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from omni.serve.api.audio_io import pcm16_bytes
-from omni.serve.api.metrics import STALL_OK_S
-from omni.serve.api.server import ServerSettings, build_fastapi
-from omni.serve.api.convert import ConvertOptions, to_chat_request
-from omni.serve.api.protocol import ChatCompletionRequest
 from omni.prompt import DEFAULT_SYSTEM_PROMPT
 from omni.types import Finished, InvalidRequest, TextDelta
+from omni.serve.api.audio_io import pcm16_bytes
+from omni.serve.api.convert import ConvertOptions, to_chat_request
+from omni.serve.api.metrics import STALL_OK_S
+from omni.serve.api.protocol import ChatCompletionRequest
+from omni.serve.api.server import ServerSettings, build_fastapi
 
 from .uvicorn_server import Server
 
@@ -33,8 +34,7 @@ SAMPLES_PER_CODE = 480  # 24 kHz / 50 codes per second
 
 @pytest.fixture(scope="module")
 def server(pipeline):
-    settings = ServerSettings(served_model_name="qwen-omni-tiny", api_key=KEY, max_body_bytes=4 * 2**20,
-                              max_tokens=512)
+    settings = ServerSettings(served_model_name="qwen-omni-tiny", api_key=KEY, max_body_bytes=4 * 2**20, max_tokens=512)
     with Server(build_fastapi(pipeline, settings)) as s:
         yield s
 
@@ -68,8 +68,11 @@ def direct(server, pipeline, body):
 
 def metric_samples(server) -> dict:
     text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- happy paths
@@ -93,13 +96,29 @@ def test_text_non_streaming_equals_the_pipeline(server, pipeline, client):
 
 def test_text_and_audio_non_streaming_is_a_wav_of_the_codes(server, pipeline, client, stop_codes):
     messages = [{"role": "user", "content": "Say something."}]
-    r = client.chat.completions.create(model="qwen-omni-tiny", messages=messages, max_tokens=8, seed=3,
-                                       modalities=["text", "audio"], audio={"voice": "Ethan", "format": "wav"},
-                                       extra_body=SPEAK)
+    r = client.chat.completions.create(
+        model="qwen-omni-tiny",
+        messages=messages,
+        max_tokens=8,
+        seed=3,
+        modalities=["text", "audio"],
+        audio={"voice": "Ethan", "format": "wav"},
+        extra_body=SPEAK,
+    )
     audio = r.choices[0].message.audio
     pcm = read_wav(base64.b64decode(audio.data))
-    ref = direct(server, pipeline, {"messages": messages, "max_tokens": 8, "seed": 3, "modalities": ["text", "audio"],
-                                    "audio": {"voice": "Ethan"}, **SPEAK})
+    ref = direct(
+        server,
+        pipeline,
+        {
+            "messages": messages,
+            "max_tokens": 8,
+            "seed": 3,
+            "modalities": ["text", "audio"],
+            "audio": {"voice": "Ethan"},
+            **SPEAK,
+        },
+    )
     codes = [c for c in ref.codec_ids if c not in stop_codes]
     assert 0 < len(codes) <= TALKER["max_tokens"]
     assert len(pcm) // 2 == SAMPLES_PER_CODE * len(codes)
@@ -107,18 +126,31 @@ def test_text_and_audio_non_streaming_is_a_wav_of_the_codes(server, pipeline, cl
     assert r.choices[0].message.content == ref.text == audio.transcript
     assert audio.id.startswith("audio_") and audio.expires_at > r.created
 
-    raw = client.chat.completions.create(model="qwen-omni-tiny", messages=messages, max_tokens=8, seed=3,
-                                         modalities=["text", "audio"], audio={"voice": "Ethan", "format": "pcm16"},
-                                         extra_body=SPEAK)
+    raw = client.chat.completions.create(
+        model="qwen-omni-tiny",
+        messages=messages,
+        max_tokens=8,
+        seed=3,
+        modalities=["text", "audio"],
+        audio={"voice": "Ethan", "format": "pcm16"},
+        extra_body=SPEAK,
+    )
     assert base64.b64decode(raw.choices[0].message.audio.data) == pcm
 
 
 def test_streaming_text_and_audio_matches_non_streaming(server, client):
-    kw = dict(model="qwen-omni-tiny", messages=[{"role": "user", "content": "Sing."}], max_tokens=8, seed=4,
-              modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "wav"})
+    kw = dict(
+        model="qwen-omni-tiny",
+        messages=[{"role": "user", "content": "Sing."}],
+        max_tokens=8,
+        seed=4,
+        modalities=["text", "audio"],
+        audio={"voice": "Chelsie", "format": "wav"},
+    )
     whole = client.chat.completions.create(**kw, extra_body=SPEAK)
-    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True},
-                                                 extra_body=SPEAK))
+    chunks = list(
+        client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}, extra_body=SPEAK)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     kinds, text, audio = [], [], []
     for c in chunks[1:]:
@@ -142,8 +174,13 @@ def test_streaming_text_and_audio_matches_non_streaming(server, client):
     assert len({c.id for c in chunks}) == 1
 
     # on the wire: `data: {json}` events and a final `data: [DONE]`
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=120,
-                      headers={"Authorization": f"Bearer {KEY}"}, json={**kw, "stream": True, **SPEAK}) as resp:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        timeout=120,
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={**kw, "stream": True, **SPEAK},
+    ) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = [line for line in resp.iter_lines() if line]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
@@ -154,19 +191,50 @@ def test_vllm_omni_shaped_request(server, media_dir):
         "model": "qwen-omni-tiny",
         "messages": [
             {"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]},
-            {"role": "user", "content": [
-                {"type": "audio_url", "audio_url": {"url": data_uri(media_dir / "speech.wav", "audio/wav")}},
-                {"type": "image_url", "image_url": {"url": data_uri(media_dir / "image.png", "image/png")}},
-                {"type": "video_url", "video_url": {"url": data_uri(media_dir / "clip.mp4", "video/mp4"),
-                                                    "num_frames": 4}},
-                {"type": "text", "text": "What do you see and hear?"}]}],
+            {
+                "role": "user",
+                "content": [
+                    {"type": "audio_url", "audio_url": {"url": data_uri(media_dir / "speech.wav", "audio/wav")}},
+                    {"type": "image_url", "image_url": {"url": data_uri(media_dir / "image.png", "image/png")}},
+                    {
+                        "type": "video_url",
+                        "video_url": {"url": data_uri(media_dir / "clip.mp4", "video/mp4"), "num_frames": 4},
+                    },
+                    {"type": "text", "text": "What do you see and hear?"},
+                ],
+            },
+        ],
         "sampling_params_list": [
-            {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 10, "seed": 42, "detokenize": True,
-             "repetition_penalty": 1.05, "stop_token_ids": [151645]},
-            {"temperature": 0.9, "top_p": 0.8, "top_k": 40, "max_tokens": 48, "seed": 42, "detokenize": True,
-             "repetition_penalty": 1.05, "stop_token_ids": [8294]},
-            {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 2048, "seed": 42, "detokenize": True,
-             "repetition_penalty": 1.1}],
+            {
+                "temperature": 0.0,
+                "top_p": 1.0,
+                "top_k": -1,
+                "max_tokens": 10,
+                "seed": 42,
+                "detokenize": True,
+                "repetition_penalty": 1.05,
+                "stop_token_ids": [151645],
+            },
+            {
+                "temperature": 0.9,
+                "top_p": 0.8,
+                "top_k": 40,
+                "max_tokens": 48,
+                "seed": 42,
+                "detokenize": True,
+                "repetition_penalty": 1.05,
+                "stop_token_ids": [8294],
+            },
+            {
+                "temperature": 0.0,
+                "top_p": 1.0,
+                "top_k": -1,
+                "max_tokens": 2048,
+                "seed": 42,
+                "detokenize": True,
+                "repetition_penalty": 1.1,
+            },
+        ],
         "modalities": ["text", "audio"],
         "mm_processor_kwargs": {"use_audio_in_video": True},
     }
@@ -184,20 +252,47 @@ def _video_part(data: bytes):
 
 
 BAD = {
-    "bad base64": ({"messages": [{"role": "user", "content": [
-        {"type": "input_audio", "input_audio": {"data": "%%%not-base64%%%", "format": "wav"}}]}]},
-        400, "input_audio.data is not valid base64"),
-    "unsupported part": ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "x"}}]}]},
-                         400, "unsupported content part type 'file'"),
-    "corrupt video": ({"messages": [{"role": "user", "content": [_video_part(b"\x00\x00\x00\x18ftypmp42" + b"\x07"
-                                                                             * 500)]}]}, 400, "video"),
-    "unknown voice": ({"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"],
-                       "audio": {"voice": "alloy", "format": "wav"}}, 400,
-                      "unknown voice 'alloy'; valid voices: Chelsie, Ethan"),
-    "max_tokens too large": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400,
-                             "max_tokens=100000 is more than this server allows \\(512\\)"),
-    "wrong model": ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404,
-                    "The model `gpt-4o` does not exist"),
+    "bad base64": (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "input_audio", "input_audio": {"data": "%%%not-base64%%%", "format": "wav"}}],
+                }
+            ]
+        },
+        400,
+        "input_audio.data is not valid base64",
+    ),
+    "unsupported part": (
+        {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "x"}}]}]},
+        400,
+        "unsupported content part type 'file'",
+    ),
+    "corrupt video": (
+        {"messages": [{"role": "user", "content": [_video_part(b"\x00\x00\x00\x18ftypmp42" + b"\x07" * 500)]}]},
+        400,
+        "video",
+    ),
+    "unknown voice": (
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "modalities": ["text", "audio"],
+            "audio": {"voice": "alloy", "format": "wav"},
+        },
+        400,
+        "unknown voice 'alloy'; valid voices: Chelsie, Ethan",
+    ),
+    "max_tokens too large": (
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000},
+        400,
+        "max_tokens=100000 is more than this server allows \\(512\\)",
+    ),
+    "wrong model": (
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+        404,
+        "The model `gpt-4o` does not exist",
+    ),
     "no messages": ({"messages": []}, 400, "messages"),
     "bad role": ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
 }
@@ -216,21 +311,28 @@ def test_client_errors_are_4xx_with_an_openai_body(server, client, case):
         client.chat.completions.create(**{"model": "qwen-omni-tiny", "max_tokens": 4, **body})
     assert e.value.status_code == status
     # and the server keeps serving
-    ok = client.chat.completions.create(model="qwen-omni-tiny", messages=[{"role": "user", "content": "hi"}],
-                                        max_tokens=2)
+    ok = client.chat.completions.create(
+        model="qwen-omni-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
 RAW_BAD = {  # bodies as sent on the wire (not all are JSON a client library would write), with the param named
     "temperature NaN": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
-    "temperature Infinity": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
-                             "temperature"),
+    "temperature Infinity": (
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
+        "temperature",
+    ),
     "top_p -Infinity": (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity}', "top_p"),
     "user content null": (b'{"messages": [{"role": "user", "content": null}]}', "messages[0]"),
-    "deep nesting": (b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 100_000 + b"]" * 100_000
-                     + b"}", None),
-    "text part without text": (b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}',
-                               "messages[0].content"),
+    "deep nesting": (
+        b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        None,
+    ),
+    "text part without text": (
+        b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}',
+        "messages[0].content",
+    ),
     "seed too large": (b'{"messages": [{"role": "user", "content": "hi"}], "seed": 1e30}', "seed"),
     "not an object": (b'[1, 2, 3]', None),
     "not utf-8": (b'{"messages": "\xff\xfe"}', None),
@@ -240,18 +342,28 @@ RAW_BAD = {  # bodies as sent on the wire (not all are JSON a client library wou
 @pytest.mark.parametrize("case", list(RAW_BAD))
 def test_malformed_bodies_are_400_naming_the_param(server, case):
     body, param = RAW_BAD[case]
-    r = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=30,
-                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=body,
+        timeout=30,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == param, err
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
-@pytest.mark.parametrize("case, param", [("unknown voice", "audio.voice"), ("bad base64",
-                                           "messages[0].content[0].input_audio.data"),
-                                           ("unsupported part", "messages[0].content"),
-                                           ("corrupt video", "messages[0].content[0]"), ("wrong model", "model")])
+@pytest.mark.parametrize(
+    "case, param",
+    [
+        ("unknown voice", "audio.voice"),
+        ("bad base64", "messages[0].content[0].input_audio.data"),
+        ("unsupported part", "messages[0].content"),
+        ("corrupt video", "messages[0].content[0]"),
+        ("wrong model", "model"),
+    ],
+)
 def test_errors_name_the_param(server, case, param):
     err = post(server, {"model": "qwen-omni-tiny", **BAD[case][0]}).json()["error"]
     assert err["param"] == param
@@ -271,8 +383,12 @@ def test_auth_and_body_limits(server, client):
     big = {**body, "messages": [{"role": "user", "content": "x" * (5 * 2**20)}]}
     r = post(server, big)
     assert r.status_code == 413 and "more than the 4194304" in r.json()["error"]["message"]
-    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", timeout=30,
-                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=b"{not json",
+        timeout=30,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.get(f"{server.url}/v1/nope", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 404 and "error" in r.json()
@@ -281,8 +397,13 @@ def test_auth_and_body_limits(server, client):
 
 def test_metrics_after_requests(server, client):
     before = metric_samples(server)
-    client.chat.completions.create(model="qwen-omni-tiny", messages=[{"role": "user", "content": "hey"}],
-                                   max_tokens=4, modalities=["text", "audio"], extra_body=SPEAK)
+    client.chat.completions.create(
+        model="qwen-omni-tiny",
+        messages=[{"role": "user", "content": "hey"}],
+        max_tokens=4,
+        modalities=["text", "audio"],
+        extra_body=SPEAK,
+    )
     post(server, {"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
     after = metric_samples(server)
 
@@ -322,6 +443,7 @@ def test_metrics_after_requests(server, client):
 class GatedBackend:
     """Emits one real TextDelta, then waits for `release` (a threading.Event) and finishes, or fails when `fail`.
     Records when its stream is closed (cancellation reached the backend)."""
+
     model_name, voices, max_model_len = "gated", ["Chelsie"], 1024
 
     def __init__(self):
@@ -378,8 +500,11 @@ def test_speech_streams_past_the_limit_wait_their_turn_or_get_503():
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
             assert refused.headers["retry-after"] == "1" and time.monotonic() - t0 >= 1.9  # it waited its turn
             t0 = time.monotonic()
-            tts = httpx.post(f"{server.url}/v1/audio/speech", json={"model": "gated", "input": "hello",
-                                                                     "voice": "Chelsie"}, timeout=30)
+            tts = httpx.post(
+                f"{server.url}/v1/audio/speech",
+                json={"model": "gated", "input": "hello", "voice": "Chelsie"},
+                timeout=30,
+            )
             assert tts.status_code == 503 and tts.json()["error"]["code"] == "overloaded", tts.text
             assert tts.headers["retry-after"] == "1" and time.monotonic() - t0 >= 1.9  # the same gate
             with httpx.stream("POST", url, json=_body(True), timeout=30) as text:  # text never waits for speech
@@ -405,8 +530,12 @@ def test_over_the_concurrency_limit_is_503_then_serves_again(gated):
         backend.release.set()
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
-    assert httpx.post(f"{server.url}/v1/chat/completions", json=_body(False), timeout=30).json()[
-        "choices"][0]["message"]["content"] == "Hi there"
+    assert (
+        httpx.post(f"{server.url}/v1/chat/completions", json=_body(False), timeout=30).json()["choices"][0]["message"][
+            "content"
+        ]
+        == "Hi there"
+    )
 
 
 def test_error_after_the_stream_started_is_an_sse_error_then_done(gated):
@@ -419,15 +548,17 @@ def test_error_after_the_stream_started_is_an_sse_error_then_done(gated):
     err = json.loads(events[-2].removeprefix("data: "))["error"]
     # a server fault: the request id to find it in the log, no internals
     assert err["type"] == "server_error" and "replica died" not in err["message"]
-    assert re.fullmatch(r"internal server error \(request id [0-9a-f]{32}\); the server log has the details",
-                        err["message"]), err["message"]
+    assert re.fullmatch(
+        r"internal server error \(request id [0-9a-f]{32}\); the server log has the details", err["message"]
+    ), err["message"]
     sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.APIError, match="internal server error"):
         list(sdk.chat.completions.create(model="gated", messages=[{"role": "user", "content": "hi"}], stream=True))
 
 
-@pytest.mark.parametrize("exc, status", [(RuntimeError("backend exploded"), 500),
-                                         (InvalidRequest("prompt is too long", "messages"), 400)])
+@pytest.mark.parametrize(
+    "exc, status", [(RuntimeError("backend exploded"), 500), (InvalidRequest("prompt is too long", "messages"), 400)]
+)
 def test_failure_before_the_first_event_gets_its_status(gated, exc, status):
     server, backend = gated
     backend.fail_before = exc
@@ -464,7 +595,10 @@ def test_encoder_batch_hook_shows_in_metrics(gated):
     server, _ = gated
     app = server.server.config.app
     app.state.metrics.observe_encoder_batch("vision", 3)
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in
-               text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text) for s in fam.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+        for s in fam.samples
+    }
     assert samples[("omni_encoder_batch_size_bucket", (("kind", "vision"), ("le", "4.0")))] == 1
     assert samples[("omni_encoder_batch_size_bucket", (("kind", "vision"), ("le", "2.0")))] == 0

@@ -2,6 +2,7 @@
 SDK's realtime client (`client.realtime.connect`), and raw `websockets` where the SDK hides what is tested (the HTTP
 status of a refused handshake, a socket dropped mid-response). Golden answers: the official transformers path
 (omni.reference) for text, and the chat completions of the same conversation for speech."""
+
 import asyncio
 import base64
 import json
@@ -16,10 +17,10 @@ import pytest
 import soundfile as sf
 import websockets
 
-from omni.encoders.media import load_audio
 from omni.prompt import prepare_prompt
 from omni.reference import reference_generate
 from omni.types import AudioPart, ChatRequest, Message
+from omni.encoders.media import load_audio
 from omni.serve.api.audio_io import wav_header
 from omni.serve.api.convert import ConvertOptions, to_chat_request
 from omni.serve.api.protocol import ChatCompletionRequest
@@ -39,9 +40,14 @@ TALKER_TOKENS = 40  # the random tiny Talker rarely stops on its own: bound the 
 
 @pytest.fixture(scope="module")
 def server(pipeline):
-    settings = ServerSettings(served_model_name=MODEL, api_key=KEY, max_tokens=512, default_max_tokens=16,
-                              default_speech_tokens=TALKER_TOKENS,
-                              realtime=RealtimeLimits(max_events_per_s=RATE_LIMIT, max_message_bytes=2**20))
+    settings = ServerSettings(
+        served_model_name=MODEL,
+        api_key=KEY,
+        max_tokens=512,
+        default_max_tokens=16,
+        default_speech_tokens=TALKER_TOKENS,
+        realtime=RealtimeLimits(max_events_per_s=RATE_LIMIT, max_message_bytes=2**20),
+    )
     with Server(build_fastapi(pipeline, settings)) as s:
         yield s
 
@@ -50,10 +56,29 @@ def server(pipeline):
 def spoken(tmp_path_factory) -> bytes:
     """A spoken question (espeak-ng), as PCM16 mono 24 kHz bytes."""
     d = tmp_path_factory.mktemp("rt")
-    subprocess.run(["espeak-ng", "-w", str(d / "q.wav"), "Hello there, what is the weather like today?"], check=True,
-                   capture_output=True)
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(d / "q.wav"), "-ac", "1", "-ar", str(RATE),
-                    "-sample_fmt", "s16", str(d / "q24.wav")], check=True)
+    subprocess.run(
+        ["espeak-ng", "-w", str(d / "q.wav"), "Hello there, what is the weather like today?"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-y",
+            "-i",
+            str(d / "q.wav"),
+            "-ac",
+            "1",
+            "-ar",
+            str(RATE),
+            "-sample_fmt",
+            "s16",
+            str(d / "q24.wav"),
+        ],
+        check=True,
+    )
     pcm, sr = sf.read(d / "q24.wav", dtype="int16")
     assert sr == RATE
     return pcm.astype("<i2").tobytes()
@@ -100,12 +125,13 @@ async def setup(conn, **session) -> dict:
 
 async def append(conn, pcm: bytes) -> None:
     for i in range(0, len(pcm), 2 * CHUNK):
-        await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + 2 * CHUNK]).decode())
+        await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 2 * CHUNK]).decode())
 
 
 async def say(conn, text: str) -> None:
-    await conn.conversation.item.create(item={"type": "message", "role": "user",
-                                              "content": [{"type": "input_text", "text": text}]})
+    await conn.conversation.item.create(
+        item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    )
 
 
 def chat_request(messages, **kw):
@@ -129,10 +155,12 @@ def idle(server, pipeline) -> None:
 # ---------------------------------------------------------------------------------------------------- text
 def test_text_turns_equal_the_reference(server, tiny):
     """Two text turns: each reply equals the official transformers path's for the whole conversation so far."""
+
     async def go():
         async with sdk(server) as conn:
-            created = await setup(conn, output_modalities=["text"], max_output_tokens=12,
-                                  audio={"input": {"turn_detection": None}})
+            created = await setup(
+                conn, output_modalities=["text"], max_output_tokens=12, audio={"input": {"turn_detection": None}}
+            )
             assert created["session"]["model"] == MODEL
             assert created["session"]["audio"]["input"]["turn_detection"]["type"] == "server_vad"
             turns = []
@@ -157,10 +185,18 @@ def test_text_turns_equal_the_reference(server, tiny):
         assert done["response"]["status"] in ("completed", "incomplete")
         assert done["response"]["output"][0]["content"] == [{"type": "output_text", "text": text}]
         kinds = [e["type"] for e in seen]
-        order = ["conversation.item.added", "conversation.item.done", "response.created",
-                 "response.output_item.added", "response.content_part.added", "response.output_text.delta",
-                 "response.output_text.done", "response.content_part.done", "response.output_item.done",
-                 "response.done"]
+        order = [
+            "conversation.item.added",
+            "conversation.item.done",
+            "response.created",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.done",
+        ]
         assert [kinds.index(k) for k in order] == sorted(kinds.index(k) for k in order), kinds
         messages.append({"role": "assistant", "content": text})
 
@@ -173,11 +209,24 @@ def test_spoken_turn_with_server_vad_equals_the_chat_completion(server, spoken):
 
     async def go():
         async with sdk(server) as conn:
-            await setup(conn, output_modalities=["audio"], max_output_tokens=8, seed=3,
-                        max_output_audio_tokens=TALKER_TOKENS, audio={
-                            "output": {"voice": "Ethan"},
-                            "input": {"turn_detection": {"type": "server_vad", "threshold": 0.5,
-                                                         "prefix_padding_ms": 300, "silence_duration_ms": 600}}})
+            await setup(
+                conn,
+                output_modalities=["audio"],
+                max_output_tokens=8,
+                seed=3,
+                max_output_audio_tokens=TALKER_TOKENS,
+                audio={
+                    "output": {"voice": "Ethan"},
+                    "input": {
+                        "turn_detection": {
+                            "type": "server_vad",
+                            "threshold": 0.5,
+                            "prefix_padding_ms": 300,
+                            "silence_duration_ms": 600,
+                        }
+                    },
+                },
+            )
             await append(conn, sent)
             seen = []
             await until(conn, "response.done", seen)
@@ -197,13 +246,20 @@ def test_spoken_turn_with_server_vad_equals_the_chat_completion(server, spoken):
     pcm = b"".join(base64.b64decode(e["delta"]) for e in of(seen, "response.output_audio.delta"))
     transcript = "".join(e["delta"] for e in of(seen, "response.output_audio_transcript.delta"))
 
-    turn = sent[a * 48:b * 48]  # the committed audio: 24 samples (48 bytes) per ms
+    turn = sent[a * 48 : b * 48]  # the committed audio: 24 samples (48 bytes) per ms
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=DEADLINE)
     wav = base64.b64encode(wav_header(len(turn), RATE) + turn).decode()
     r = client.chat.completions.create(
-        model=MODEL, max_tokens=8, seed=3, modalities=["text", "audio"], audio={"voice": "Ethan", "format": "pcm16"},
-        messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]}],
-        extra_body={"sampling_params_list": [{}, {"max_tokens": TALKER_TOKENS}]})
+        model=MODEL,
+        max_tokens=8,
+        seed=3,
+        modalities=["text", "audio"],
+        audio={"voice": "Ethan", "format": "pcm16"},
+        messages=[
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]}
+        ],
+        extra_body={"sampling_params_list": [{}, {"max_tokens": TALKER_TOKENS}]},
+    )
     assert pcm and pcm == base64.b64decode(r.choices[0].message.audio.data)
     assert transcript == r.choices[0].message.content
     assert of(seen, "response.output_audio_transcript.done")[0]["transcript"] == transcript
@@ -215,17 +271,31 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
     says cancelled (turn_detected), its item keeps the audio sent and the transcript the Talker had by then; the
     user's new turn is answered with that in its context; item.truncate cuts it further to what was played. (The
     reply at the end of a VAD turn is the spoken test's; here the next one is asked for once the slots are checked.)"""
+
     async def go():
         async with sdk(server) as conn:
-            await setup(conn, output_modalities=["audio"], max_output_tokens=400, max_output_audio_tokens=2000,
-                        audio={"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 600,
-                                                            "create_response": False}}})
+            await setup(
+                conn,
+                output_modalities=["audio"],
+                max_output_tokens=400,
+                max_output_audio_tokens=2000,
+                audio={
+                    "input": {
+                        "turn_detection": {"type": "server_vad", "silence_duration_ms": 600, "create_response": False}
+                    }
+                },
+            )
             await say(conn, "Tell me a long story.")
             await conn.response.create()
             seen = []
             await until(conn, "response.output_audio.delta", seen)
-            await conn.session.update(session={"type": "realtime", "max_output_tokens": 8,  # for the next turn
-                                               "max_output_audio_tokens": TALKER_TOKENS})
+            await conn.session.update(
+                session={
+                    "type": "realtime",
+                    "max_output_tokens": 8,  # for the next turn
+                    "max_output_audio_tokens": TALKER_TOKENS,
+                }
+            )
             await append(conn, silence(200) + spoken + silence(1000))  # the user talks over the reply
             cancelled = await until(conn, "response.done", seen)
             idle(server, pipeline)  # the cancelled reply holds no slot in any stage
@@ -233,8 +303,11 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
             await conn.response.create()
             answered = await until(conn, "response.done", seen)
             item = cancelled["response"]["output"][0]
-            sent = sum(len(base64.b64decode(e["delta"])) for e in seen if e["type"] == "response.output_audio.delta"
-                       and e["response_id"] == cancelled["response"]["id"])
+            sent = sum(
+                len(base64.b64decode(e["delta"]))
+                for e in seen
+                if e["type"] == "response.output_audio.delta" and e["response_id"] == cancelled["response"]["id"]
+            )
             played_ms = sent // 48 // 2  # the client played half of what it got
             await conn.conversation.item.truncate(item_id=item["id"], content_index=0, audio_end_ms=played_ms)
             truncated = await until(conn, "conversation.item.truncated", seen)
@@ -258,10 +331,12 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
     # the new turn's prompt: the first question, the reply as heard, the committed speech
     a = of(seen, "input_audio_buffer.speech_started")[0]["audio_start_ms"]
     b = of(seen, "input_audio_buffer.speech_stopped")[0]["audio_end_ms"]
-    turn = (silence(200) + spoken + silence(1000))[a * 48:b * 48]
+    turn = (silence(200) + spoken + silence(1000))[a * 48 : b * 48]
     audio = load_audio(wav_header(len(turn), RATE) + turn)
-    context = ChatRequest([Message("user", "Tell me a long story."), Message("assistant", heard),
-                           Message("user", [AudioPart(audio)])], speak=True)
+    context = ChatRequest(
+        [Message("user", "Tell me a long story."), Message("assistant", heard), Message("user", [AudioPart(audio)])],
+        speak=True,
+    )
     prompt = prepare_prompt(pipeline.processor, context)
     assert answered["response"]["usage"]["input_tokens"] == prompt.input_ids.shape[0]
     assert truncated["item_id"] == item["id"] and truncated["audio_end_ms"] == played_ms
@@ -273,18 +348,22 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
 def test_bad_events_are_error_events_and_the_session_goes_on(server):
     async def go():
         async with sdk(server) as conn:
-            await setup(conn, output_modalities=["text"], max_output_tokens=64,
-                        audio={"input": {"turn_detection": None}})
+            await setup(
+                conn, output_modalities=["text"], max_output_tokens=64, audio={"input": {"turn_detection": None}}
+            )
             errors, seen = [], []
-            for raw in ('{"type": "no.such.event", "event_id": "evt_1"}', "not json",
-                        json.dumps({"type": "input_audio_buffer.append", "audio": "@@not base64@@"}),
-                        json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"abc").decode()}),
-                        json.dumps({"type": "input_audio_buffer.commit"}),
-                        json.dumps({"type": "session.update", "session": {"output_modalities": ["video"]}}),
-                        json.dumps({"type": "session.update", "session": {"audio": {"output": {"voice": "Nobody"}}}}),
-                        json.dumps({"type": "conversation.item.delete", "item_id": "item_missing"}),
-                        json.dumps({"type": "response.cancel"}),
-                        json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (2**20 + 8)})):
+            for raw in (
+                '{"type": "no.such.event", "event_id": "evt_1"}',
+                "not json",
+                json.dumps({"type": "input_audio_buffer.append", "audio": "@@not base64@@"}),
+                json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"abc").decode()}),
+                json.dumps({"type": "input_audio_buffer.commit"}),
+                json.dumps({"type": "session.update", "session": {"output_modalities": ["video"]}}),
+                json.dumps({"type": "session.update", "session": {"audio": {"output": {"voice": "Nobody"}}}}),
+                json.dumps({"type": "conversation.item.delete", "item_id": "item_missing"}),
+                json.dumps({"type": "response.cancel"}),
+                json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (2**20 + 8)}),
+            ):
                 await conn.send_raw(raw)
                 errors.append(await until(conn, "error", seen))
             big = json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(bytes(700_000)).decode()})
@@ -306,10 +385,20 @@ def test_bad_events_are_error_events_and_the_session_goes_on(server):
 
     errors, done, again = run(go())
     codes = [e["error"]["code"] for e in errors]
-    assert codes == ["invalid_event_type", "invalid_json", "invalid_base64", "invalid_audio_format",
-                     "input_audio_buffer_commit_empty", "invalid_value", "invalid_value", "item_not_found",
-                     "response_cancel_not_active", "message_too_large", "input_audio_buffer_full",
-                     "conversation_already_has_active_response"]
+    assert codes == [
+        "invalid_event_type",
+        "invalid_json",
+        "invalid_base64",
+        "invalid_audio_format",
+        "input_audio_buffer_commit_empty",
+        "invalid_value",
+        "invalid_value",
+        "item_not_found",
+        "response_cancel_not_active",
+        "message_too_large",
+        "input_audio_buffer_full",
+        "conversation_already_has_active_response",
+    ]
     first = errors[0]
     assert first["type"] == "error" and first["event_id"].startswith("event_")
     assert first["error"]["type"] == "invalid_request_error" and first["error"]["event_id"] == "evt_1"
@@ -344,26 +433,45 @@ def test_auth_key_and_client_secrets(server):
                 pass
         return e.value.response.status_code
 
-    r = httpx.post(f"{server.url}/v1/realtime/client_secrets", timeout=30,
-                   json={"expires_after": {"anchor": "created_at", "seconds": 60},
-                         "session": {"type": "realtime", "instructions": "Be brief."}})
+    r = httpx.post(
+        f"{server.url}/v1/realtime/client_secrets",
+        timeout=30,
+        json={
+            "expires_after": {"anchor": "created_at", "seconds": 60},
+            "session": {"type": "realtime", "instructions": "Be brief."},
+        },
+    )
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    r = httpx.post(f"{server.url}/v1/realtime/client_secrets", headers={"Authorization": f"Bearer {KEY}"},
-                   timeout=30, json={"expires_after": {"anchor": "created_at", "seconds": 60},
-                                     "session": {"type": "realtime", "instructions": "Be brief."}})
+    r = httpx.post(
+        f"{server.url}/v1/realtime/client_secrets",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+        json={
+            "expires_after": {"anchor": "created_at", "seconds": 60},
+            "session": {"type": "realtime", "instructions": "Be brief."},
+        },
+    )
     assert r.status_code == 200, r.text
     secret = r.json()
     assert secret["value"].startswith("ek_") and secret["expires_at"] > time.time() + 50
     assert secret["session"]["instructions"] == "Be brief."
-    bad = httpx.post(f"{server.url}/v1/realtime/client_secrets", headers={"Authorization": f"Bearer {KEY}"},
-                     timeout=30, json={"expires_after": {"seconds": 5}})
+    bad = httpx.post(
+        f"{server.url}/v1/realtime/client_secrets",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+        json={"expires_after": {"seconds": 5}},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "expires_after.seconds"
 
     async def go():
-        statuses = [await refused(), await refused(additional_headers={"Authorization": "Bearer wrong"}),
-                    await refused(subprotocols=["realtime", "openai-insecure-api-key.ek_forged.sig"])]
-        async with websockets.connect(ws_url, subprotocols=["realtime", "openai-insecure-api-key." +
-                                                            secret["value"]]) as ws:  # a browser's way
+        statuses = [
+            await refused(),
+            await refused(additional_headers={"Authorization": "Bearer wrong"}),
+            await refused(subprotocols=["realtime", "openai-insecure-api-key.ek_forged.sig"]),
+        ]
+        async with websockets.connect(
+            ws_url, subprotocols=["realtime", "openai-insecure-api-key." + secret["value"]]
+        ) as ws:  # a browser's way
             assert ws.subprotocol == "realtime"
             by_protocol = json.loads(await asyncio.wait_for(ws.recv(), DEADLINE))
         async with websockets.connect(ws_url + "&client_secret=" + secret["value"]) as ws:
@@ -385,10 +493,30 @@ def test_a_client_that_vanishes_mid_response_frees_everything(server, pipeline):
 
     async def go():
         ws = await websockets.connect(ws_url, additional_headers={"Authorization": f"Bearer {KEY}"})
-        await ws.send(json.dumps({"type": "session.update", "session": {
-            "output_modalities": ["audio"], "max_output_tokens": 400, "max_output_audio_tokens": 2000}}))
-        await ws.send(json.dumps({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Talk for a while."}]}}))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "output_modalities": ["audio"],
+                        "max_output_tokens": 400,
+                        "max_output_audio_tokens": 2000,
+                    },
+                }
+            )
+        )
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "conversation.item.create",
+                    "item": {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"type": "input_text", "text": "Talk for a while."}],
+                    },
+                }
+            )
+        )
         await ws.send(json.dumps({"type": "response.create"}))
         while json.loads(await asyncio.wait_for(ws.recv(), DEADLINE))["type"] != "response.output_audio.delta":
             pass
@@ -401,7 +529,7 @@ def test_a_client_that_vanishes_mid_response_frees_everything(server, pipeline):
 def test_readme_realtime_example_runs(server, spoken):
     """The README's Realtime SDK example, as written (only its address and key changed), on a spoken question."""
     readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    section = readme[readme.index("### Realtime: `/v1/realtime`"):]
+    section = readme[readme.index("### Realtime: `/v1/realtime`") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert 'base_url="http://127.0.0.1:8000/v1"' in code and 'api_key="unused"' in code
     code = code.replace("http://127.0.0.1:8000", server.url).replace('api_key="unused"', f'api_key="{KEY}"')

@@ -1,4 +1,5 @@
 """A real uvicorn server for the HTTP tests (a helper module, not tests)."""
+
 import asyncio
 import socket
 import threading

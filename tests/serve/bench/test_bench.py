@@ -1,6 +1,7 @@
 """`omni bench` end to end on the tiny checkpoint with the quick setting: every metric present and sane, ratios taken
 from the same run, the greedy paths agreeing token for token, the Markdown table written and printed. No timing
 asserts beyond sanity (the machine is shared)."""
+
 import argparse
 import importlib.util
 import json
@@ -14,16 +15,38 @@ from omni.serve.bench.run import QUICK, BenchConfig, main
 
 def test_config_from_args_tolerates_missing_flags_and_parses_lists():
     assert BenchConfig.from_args(argparse.Namespace(model="tiny", out="o")) == BenchConfig(model="tiny", out="o")
-    cfg = BenchConfig.from_args(argparse.Namespace(model="small", out="o", quick=True, concurrency="1, 3",
-                                                   inputs="image,audio", max_tokens=None, no_plot=True))
+    cfg = BenchConfig.from_args(
+        argparse.Namespace(
+            model="small", out="o", quick=True, concurrency="1, 3", inputs="image,audio", max_tokens=None, no_plot=True
+        )
+    )
     assert cfg.concurrency == (1, 3) and cfg.inputs == ("image", "audio") and not cfg.plot
     assert cfg.max_tokens == QUICK["max_tokens"] and cfg.requests == QUICK["requests"]  # --quick fills the rest
     from omni.serve.cli import parser
 
-    cfg = BenchConfig.from_args(parser().parse_args(["bench", "--via", "http", "--request-rate", "0.5,2",
-                                                     "--modes", "text+speech", "--url", "http://h:1", "--no-encoders"]))
-    assert (cfg.via, cfg.request_rate, cfg.modes, cfg.url, cfg.encoders) == ("http", (0.5, 2.0), ("text+speech",),
-                                                                            "http://h:1", False)
+    cfg = BenchConfig.from_args(
+        parser().parse_args(
+            [
+                "bench",
+                "--via",
+                "http",
+                "--request-rate",
+                "0.5,2",
+                "--modes",
+                "text+speech",
+                "--url",
+                "http://h:1",
+                "--no-encoders",
+            ]
+        )
+    )
+    assert (cfg.via, cfg.request_rate, cfg.modes, cfg.url, cfg.encoders) == (
+        "http",
+        (0.5, 2.0),
+        ("text+speech",),
+        "http://h:1",
+        False,
+    )
     assert BenchConfig().max_tokens == 100 and 250 <= BenchConfig().speech_tokens <= 400  # realistic by default
     assert set(BenchConfig().inputs) == {"text", "image", "audio", "video"}
     with pytest.raises(ValueError, match="via"):
@@ -152,8 +175,9 @@ def test_open_loop_sends_at_poisson_arrivals_whatever_is_running(monkeypatch):
         clock[0] += max(0.0, seconds)
 
     monkeypatch.setattr(run, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    monkeypatch.setattr(run, "asyncio", types.SimpleNamespace(sleep=sleep, ensure_future=asyncio.ensure_future,
-                                                              gather=asyncio.gather))
+    monkeypatch.setattr(
+        run, "asyncio", types.SimpleNamespace(sleep=sleep, ensure_future=asyncio.ensure_future, gather=asyncio.gather)
+    )
     sent = []
 
     async def go():
@@ -185,9 +209,19 @@ def test_bench_via_http_reads_streams_as_a_client_and_matches_the_official_path(
     from omni.serve.bench.report import write_report
     from omni.serve.bench.run import run_bench
 
-    cfg = BenchConfig(via="http", modes=("text+speech", "speech"), concurrency=(1, 2), request_rate=(4.0,),
-                      requests=2, max_tokens=8, speech_tokens=48, inputs=("text", "image"), encoders=False,
-                      plot=False, out=str(tmp_path))
+    cfg = BenchConfig(
+        via="http",
+        modes=("text+speech", "speech"),
+        concurrency=(1, 2),
+        request_rate=(4.0,),
+        requests=2,
+        max_tokens=8,
+        speech_tokens=48,
+        inputs=("text", "image"),
+        encoders=False,
+        plot=False,
+        out=str(tmp_path),
+    )
     app = build_fastapi(pipeline, ServerSettings())
     results = run_bench(cfg, transport=httpx.ASGITransport(app=app), pipeline=pipeline)
     assert results.via == "http" and results.encoders is None

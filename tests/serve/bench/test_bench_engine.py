@@ -1,6 +1,7 @@
 """`omni bench engine` on the tiny checkpoint with tiny sizes: one run through the CLI, the JSON's structure and sane
 values (positive times, the cells and counts asked for); not the goals (the machine is shared: the figures go to
 BENCHMARKS.md). And the CPU memory measure it relies on, against tensors of known size."""
+
 import json
 
 import torch
@@ -26,8 +27,26 @@ def test_cpu_step_memory_counts_what_a_step_allocates():
 
 def test_engine_bench_runs_every_cell(tmp_path, capsys):
     out = tmp_path / "bench"
-    rc = main(["bench", "engine", "--model", "tiny", "--batches", "1,2", "--contexts", "16,32", "--steps", "2",
-               "--admit-tokens", "8", "--goal-contexts", "8,24", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "engine",
+            "--model",
+            "tiny",
+            "--batches",
+            "1,2",
+            "--contexts",
+            "16,32",
+            "--steps",
+            "2",
+            "--admit-tokens",
+            "8",
+            "--goal-contexts",
+            "8,24",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "engine.json").read_text())
     assert report["model"] == "tiny" and report["device"] == "cpu"

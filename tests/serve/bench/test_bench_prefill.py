@@ -1,6 +1,7 @@
 """`omni bench prefill` on the tiny checkpoint: one run through the CLI, every policy measured on the same prompts,
 the greedy ids equal across policies (exit 0), the chunked policy prefilling in chunks, JSON and Markdown written.
 No timing asserts (the machine is shared): the figures go to BENCHMARKS.md."""
+
 import json
 import math
 
@@ -9,8 +10,22 @@ from omni.serve.cli import main
 
 def test_prefill_bench_runs_every_policy_with_equal_ids(tmp_path, capsys):
     out = tmp_path / "bench"
-    rc = main(["bench", "prefill", "--model", "tiny", "--arrivals", "2", "--prompt-tokens", "300", "--chunk", "64",
-               "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "prefill",
+            "--model",
+            "tiny",
+            "--arrivals",
+            "2",
+            "--prompt-tokens",
+            "300",
+            "--chunk",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "prefill.json").read_text())
     L = report["prompt_tokens"]

@@ -1,5 +1,6 @@
 """`omni bench` on the tiny Qwen3-Omni, beside Qwen2.5's: the same phases and ratios against the official path, the
 greedy paths agreeing on text ids and on every frame's 16 codebook ids; several models give a side-by-side table."""
+
 import argparse
 import dataclasses
 
@@ -19,8 +20,9 @@ def results(tmp_path_factory):
 
 def test_quick_bench_on_tiny_qwen3(results):
     assert results.model == "tiny-qwen3"
-    assert {(lv.mode, lv.concurrency) for lv in results.levels} == {(m, c) for m in ("text", "text+speech", "speech")
-                                                                    for c in QUICK["concurrency"]}
+    assert {(lv.mode, lv.concurrency) for lv in results.levels} == {
+        (m, c) for m in ("text", "text+speech", "speech") for c in QUICK["concurrency"]
+    }
     for lv in results.levels:
         assert lv.match.text_ids == 1.0
         if lv.mode != "text":  # chat with speech, or the speech endpoint's forced reply
@@ -47,6 +49,9 @@ def test_several_models_side_by_side(results, tmp_path, monkeypatch, capsys):
     table = (tmp_path / "compare.md").read_text()
     for model in ("tiny", "tiny-qwen3"):
         assert (tmp_path / model / "results.md").exists()
-        assert sum(f"| `{model}` | {mode} |" in line for line in table.splitlines()
-                   for mode in ("text", "text+speech", "speech")) == 3 * len(QUICK["concurrency"])
+        assert sum(
+            f"| `{model}` | {mode} |" in line
+            for line in table.splitlines()
+            for mode in ("text", "text+speech", "speech")
+        ) == 3 * len(QUICK["concurrency"])
     assert table in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """`omni bench realtime` on the tiny checkpoint with 2 turns, one conversation per path: the table and realtime.json
 have a row per turn, every time is positive, the ratios are the table's own values divided, and the chat path's
 prompt grows with the conversation. No timing asserts (the machine is shared)."""
+
 import argparse
 import json
 
@@ -19,8 +20,9 @@ def test_cli_parses_the_realtime_suite():
 
 @pytest.mark.slow
 def test_realtime_bench_on_tiny(tmp_path, capsys):
-    args = argparse.Namespace(suite="realtime", model="tiny", turns=2, repeats=1, max_tokens=4, speech_tokens=30,
-                              out=str(tmp_path))
+    args = argparse.Namespace(
+        suite="realtime", model="tiny", turns=2, repeats=1, max_tokens=4, speech_tokens=30, out=str(tmp_path)
+    )
     assert main(args) == 0
     r = json.loads((tmp_path / "realtime.json").read_text())
     assert r["config"]["turns"] == 2 and [t["turn"] for t in r["turns"]] == [1, 2]
@@ -37,4 +39,6 @@ def test_realtime_bench_on_tiny(tmp_path, capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 3  # two turns in the TTFA table, turn 2 in the ratio table
-    assert f"| 2 | {r['ratios']['vs_turn_1']['realtime']['2']:.2f} | {r['ratios']['vs_turn_1']['chat']['2']:.2f} |" in out
+    assert (
+        f"| 2 | {r['ratios']['vs_turn_1']['realtime']['2']:.2f} | {r['ratios']['vs_turn_1']['chat']['2']:.2f} |" in out
+    )

@@ -1,6 +1,7 @@
 """`omni bench caption` end to end on the tiny checkpoint with 4 files: both paths caption every file, the greedy
 captions agree, the ratio comes from the same run, the table and caption.json are written. No timing asserts beyond
 sanity (the machine is shared)."""
+
 import argparse
 import json
 

@@ -4,6 +4,7 @@ script's own path setup), with ray, av, pydantic, librosa and soundfile missing,
 (transformers' huggingface_hub imports yaml itself: tools/gpu_check.sh carries the pyyaml wheel for it). Every stage
 must succeed; the one import that may fail is omni.serve.pipeline (its config needs pydantic and yaml), which the
 check records and works around by driving the stage classes directly."""
+
 import json
 import subprocess
 import sys
@@ -36,10 +37,19 @@ runpy.run_path("serve/bench/gpu.py", run_name="__main__")
 @pytest.mark.slow
 def test_gpu_check_runs_on_a_bare_host_without_pydantic_av_yaml(tmp_path):
     out = tmp_path / "gpu"
-    proc = subprocess.run([sys.executable, "-c", PRELUDE, "--shape", "tiny", "--device", "cpu", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-                               "HOME": str(Path.home())})
+    proc = subprocess.run(
+        [sys.executable, "-c", PRELUDE, "--shape", "tiny", "--device", "cpu", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "HOME": str(Path.home()),
+        },
+    )
     report = json.loads((out / "gpu_check.json").read_text())
     stages = report["stages"]
     assert list(stages) == ["S0", "S1", "S2", "S3", "S4", "S5"], proc.stderr[-3000:]

@@ -1,6 +1,7 @@
 """`omni bench load`'s parts without Ray: its flags, its request mix, its clients against the HTTP app over the
 in-process pipeline (real SSE streams, 503s past the app's limit), and the typed results and their table. The run
 against `omni serve` (32 clients, replica memory) is tests/serve/cluster/test_app_faults.py."""
+
 import asyncio
 import json
 
@@ -13,8 +14,9 @@ from omni.serve.cli import parser
 
 
 def test_cli_has_bench_load_and_keeps_bench():
-    args = parser().parse_args(["bench", "load", "--clients", "4", "--duration", "5", "--mix", "text, speech",
-                                "--url", "http://127.0.0.1:9"])
+    args = parser().parse_args(
+        ["bench", "load", "--clients", "4", "--duration", "5", "--mix", "text, speech", "--url", "http://127.0.0.1:9"]
+    )
     assert args.func.__name__ == "_cmd_bench" and args.suite == "load"  # dispatched to bench load by the suite
     cfg = LoadConfig.from_args(args)
     assert (cfg.clients, cfg.duration, cfg.mix, cfg.url) == (4, 5.0, ("text", "speech"), "http://127.0.0.1:9")
@@ -60,11 +62,32 @@ def test_clients_against_the_http_app_count_completions_and_503s(pipeline):
 
 
 def _results(outcomes, start_mb=100.0, end_mb=105.0) -> LoadResults:
-    memory = [ReplicaMemory("Thinker", "SERVE_REPLICA::omni#Thinker#abc", "n1", 7, start_mb, end_mb,
-                            max(start_mb, end_mb), [start_mb, end_mb])]
-    return LoadResults(url="http://x", model="tiny", config="tiny", max_concurrent_requests=2, clients=3,
-                       settings=LoadConfig().__dict__, warmup=Phase.of([], 1.0), load=Phase.of(outcomes, 10.0),
-                       replicas=memory, rss_tolerance=0.10, notes=[], wall_s=12.0)
+    memory = [
+        ReplicaMemory(
+            "Thinker",
+            "SERVE_REPLICA::omni#Thinker#abc",
+            "n1",
+            7,
+            start_mb,
+            end_mb,
+            max(start_mb, end_mb),
+            [start_mb, end_mb],
+        )
+    ]
+    return LoadResults(
+        url="http://x",
+        model="tiny",
+        config="tiny",
+        max_concurrent_requests=2,
+        clients=3,
+        settings=LoadConfig().__dict__,
+        warmup=Phase.of([], 1.0),
+        load=Phase.of(outcomes, 10.0),
+        replicas=memory,
+        rss_tolerance=0.10,
+        notes=[],
+        wall_s=12.0,
+    )
 
 
 def test_results_pass_only_without_5xx_hangs_or_memory_growth():

@@ -1,5 +1,6 @@
 """Fixtures of the `omni caption` tests: a mixed folder of real media (good and bad files) and the oracle, the official
 transformers `generate` on the request `omni chat --KIND F PROMPT` builds."""
+
 import os
 import shutil
 from pathlib import Path
@@ -45,8 +46,9 @@ def mixed_dir(media_dir, tmp_path_factory) -> Path:
     (d / "empty.wav").write_bytes(b"")
     (d / "notes.txt").write_text("not media\n")
     (d / ".hidden.png").write_bytes(png)  # skipped: hidden
-    assert sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")) == \
-        sorted(MIXED)
+    assert sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")) == sorted(
+        MIXED
+    )
     return d
 
 

@@ -1,6 +1,7 @@
 """The Ray Serve app on the tiny checkpoint, with the official `openai` SDK as its client: `omni serve` in a
 subprocess (its own Ray with 2 CPUs, fractional CPUs per replica from configs/serve/tiny.yaml), shared with
 test_app_faults and test_app_shutdown (conftest.SharedServer)."""
+
 import asyncio
 import base64
 import concurrent.futures
@@ -21,8 +22,10 @@ import pytest
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[3]
 
-QWEN_SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
-               "auditory and visual inputs, as well as generating text and speech.")
+QWEN_SYSTEM = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech."
+)
 SPEECH = {"sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 40}]}  # greedy, bounded Talker
 
 
@@ -45,9 +48,12 @@ def uris(media_dir):
     def uri(name, mime):
         return f"data:{mime};base64," + base64.b64encode((media_dir / name).read_bytes()).decode()
 
-    return {"image": uri("image.png", "image/png"), "audio": uri("speech.wav", "audio/wav"),
-            "video": uri("clip.mp4", "video/mp4"),
-            "audio_b64": base64.b64encode((media_dir / "speech.wav").read_bytes()).decode()}
+    return {
+        "image": uri("image.png", "image/png"),
+        "audio": uri("speech.wav", "audio/wav"),
+        "video": uri("clip.mp4", "video/mp4"),
+        "audio_b64": base64.b64encode((media_dir / "speech.wav").read_bytes()).decode(),
+    }
 
 
 def _delta_audio(delta) -> dict:
@@ -64,10 +70,12 @@ def test_text_equals_reference(client, tiny):
     from omni.reference import reference_generate
     from omni.types import ChatRequest, Message, SamplingParams
 
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello, how are you?"}],
-                                       max_tokens=16, temperature=0)
-    ref = reference_generate(tiny, ChatRequest([Message("user", "Hello, how are you?")],
-                                               sampling=SamplingParams(max_tokens=16)))
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello, how are you?"}], max_tokens=16, temperature=0
+    )
+    ref = reference_generate(
+        tiny, ChatRequest([Message("user", "Hello, how are you?")], sampling=SamplingParams(max_tokens=16))
+    )
     assert r.choices[0].message.content == ref.text
     assert r.usage.completion_tokens == len(ref.token_ids)
     assert r.usage.prompt_tokens == len(ref.prompt_ids)
@@ -75,9 +83,14 @@ def test_text_equals_reference(client, tiny):
 
 
 def test_text_and_speech_non_streaming(client):
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say hello."}],
-                                       max_tokens=8, modalities=["text", "audio"],
-                                       audio={"voice": "Ethan", "format": "wav"}, extra_body=SPEECH)
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        modalities=["text", "audio"],
+        audio={"voice": "Ethan", "format": "wav"},
+        extra_body=SPEECH,
+    )
     audio = r.choices[0].message.audio
     assert audio.transcript == r.choices[0].message.content
     rate, channels, width, frames = _wav(base64.b64decode(audio.data))
@@ -88,14 +101,26 @@ def test_text_and_speech_non_streaming(client):
 def _official_speech_request(media, parts, max_tokens, voice, speech_tokens=40):
     """The ChatRequest an HTTP request with these media parts asks for: greedy Thinker, the Talker's defaults made
     greedy (SPEECH), `speech_tokens` codes at most."""
-    from omni.types import TALKER_DEFAULT_SAMPLING, AudioPart, ChatRequest, ImagePart, Message, SamplingParams, \
-        TextPart, VideoPart
+    from omni.types import (
+        TALKER_DEFAULT_SAMPLING,
+        AudioPart,
+        ChatRequest,
+        ImagePart,
+        Message,
+        SamplingParams,
+        TextPart,
+        VideoPart,
+    )
 
     kinds = {"image": ImagePart, "audio": AudioPart, "video": VideoPart}
     content = [kinds[k](media[k]) for k in parts[:-1]] + [TextPart(parts[-1])]
-    return ChatRequest([Message("user", content)], sampling=SamplingParams(max_tokens=max_tokens), speak=True,
-                       voice=voice, talker_sampling=dataclasses.replace(TALKER_DEFAULT_SAMPLING, temperature=0.0,
-                                                                        max_tokens=speech_tokens))
+    return ChatRequest(
+        [Message("user", content)],
+        sampling=SamplingParams(max_tokens=max_tokens),
+        speak=True,
+        voice=voice,
+        talker_sampling=dataclasses.replace(TALKER_DEFAULT_SAMPLING, temperature=0.0, max_tokens=speech_tokens),
+    )
 
 
 def _handle_stages(pipeline):
@@ -107,8 +132,17 @@ def _handle_stages(pipeline):
     from omni.serve.config import load_serve_config
 
     handle = lambda name: serve.get_deployment_handle(name, app_name="omni")  # noqa: E731
-    return Composition(HandleStages("tiny", load_serve_config("tiny"), handle("VisionEncoder"), handle("AudioEncoder"),
-                                    handle("Thinker"), handle("Vocoder"), pipeline.voices))
+    return Composition(
+        HandleStages(
+            "tiny",
+            load_serve_config("tiny"),
+            handle("VisionEncoder"),
+            handle("AudioEncoder"),
+            handle("Thinker"),
+            handle("Vocoder"),
+            pipeline.voices,
+        )
+    )
 
 
 def test_streaming_text_and_speech_with_media(client, uris, tiny, media, pipeline, stop_codes):
@@ -116,19 +150,31 @@ def test_streaming_text_and_speech_with_media(client, uris, tiny, media, pipelin
     token counts over HTTP, the text ids and codec ids through the app's deployment handles (the chain the ingress
     runs), whose waveform is the streamed PCM byte for byte and within MIN_STREAM_SNR_DB (+ PCM_SLACK) of the
     official one."""
-    from omni.decoders import MIN_STREAM_SNR_DB
     from omni.reference import reference_generate
+    from omni.decoders import MIN_STREAM_SNR_DB
     from omni.serve.api.convert import pcm16_bytes
 
     stream = client.chat.completions.create(
-        model="tiny", stream=True, max_tokens=24, temperature=0, modalities=["text", "audio"],
+        model="tiny",
+        stream=True,
+        max_tokens=24,
+        temperature=0,
+        modalities=["text", "audio"],
         audio={"voice": "Chelsie", "format": "pcm16"},
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": uris["image"]}},
-            {"type": "input_audio", "input_audio": {"data": uris["audio_b64"], "format": "wav"}},
-            {"type": "video_url", "video_url": {"url": uris["video"]}},
-            {"type": "text", "text": "What do you see and hear?"}]}],
-        stream_options={"include_usage": True}, extra_body=SPEECH)
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": uris["image"]}},
+                    {"type": "input_audio", "input_audio": {"data": uris["audio_b64"], "format": "wav"}},
+                    {"type": "video_url", "video_url": {"url": uris["video"]}},
+                    {"type": "text", "text": "What do you see and hear?"},
+                ],
+            }
+        ],
+        stream_options={"include_usage": True},
+        extra_body=SPEECH,
+    )
     text, pcm, usage, finish = [], [], None, None
     for chunk in stream:
         if chunk.usage:
@@ -157,16 +203,20 @@ def test_speech_through_ray_equals_the_pipeline(server, client, pipeline, media_
     """The Ray app's speech (its deployments chained by handles, as the ingress runs them) equals the in-process
     pipeline's: text ids and codec ids exactly, PCM within 1e-4 (float32 batch-size-dependent kernels); the HTTP WAV
     is that PCM."""
+    from omni.types import TALKER_DEFAULT_SAMPLING, ChatRequest, ImagePart, Message, SamplingParams, TextPart
     from omni.decoders import snr_db
     from omni.encoders.media import MediaPolicy, load_image
     from omni.serve.api.convert import pcm16_bytes
-    from omni.types import TALKER_DEFAULT_SAMPLING, ChatRequest, ImagePart, Message, SamplingParams, TextPart
 
     image = load_image(str(media_dir / "image.png"), MediaPolicy(allowed_local_media_path=str(media_dir)))
-    req = ChatRequest([Message("user", [ImagePart(image), TextPart("Describe it aloud.")])],
-                      sampling=SamplingParams(max_tokens=10), speak=True, voice="Ethan",
-                      # what the HTTP request below asks for: the Talker's defaults, greedy, 60 codes at most
-                      talker_sampling=dataclasses.replace(TALKER_DEFAULT_SAMPLING, temperature=0.0, max_tokens=60))
+    req = ChatRequest(
+        [Message("user", [ImagePart(image), TextPart("Describe it aloud.")])],
+        sampling=SamplingParams(max_tokens=10),
+        speak=True,
+        voice="Ethan",
+        # what the HTTP request below asks for: the Talker's defaults, greedy, 60 codes at most
+        talker_sampling=dataclasses.replace(TALKER_DEFAULT_SAMPLING, temperature=0.0, max_tokens=60),
+    )
     ours = asyncio.run(pipeline.run(req))
     ray_out = asyncio.run(_handle_stages(pipeline).run(req))
     assert ray_out.token_ids == ours.token_ids and ray_out.text == ours.text
@@ -175,13 +225,28 @@ def test_speech_through_ray_equals_the_pipeline(server, client, pipeline, media_
     assert float(np.abs(ray_out.waveform - ours.waveform).max()) < 1e-4 and snr_db(ours.waveform, ray_out.waveform) > 60
 
     r = client.chat.completions.create(
-        model="tiny", max_tokens=10, temperature=0, modalities=["text", "audio"],
+        model="tiny",
+        max_tokens=10,
+        temperature=0,
+        modalities=["text", "audio"],
         audio={"voice": "Ethan", "format": "pcm16"},
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," +
-                                                base64.b64encode((media_dir / "image.png").read_bytes()).decode()}},
-            {"type": "text", "text": "Describe it aloud."}]}],
-        extra_body={"sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 60}]})
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image_url",
+                        "image_url": {
+                            "url": "data:image/png;base64,"
+                            + base64.b64encode((media_dir / "image.png").read_bytes()).decode()
+                        },
+                    },
+                    {"type": "text", "text": "Describe it aloud."},
+                ],
+            }
+        ],
+        extra_body={"sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 60}]},
+    )
     assert r.choices[0].message.content == ours.text
     assert base64.b64decode(r.choices[0].message.audio.data) == pcm16_bytes(ray_out.waveform)
 
@@ -189,45 +254,100 @@ def test_speech_through_ray_equals_the_pipeline(server, client, pipeline, media_
 def test_vllm_omni_shaped_request(server, uris):
     body = {
         "model": "tiny",
-        "messages": [{"role": "system", "content": [{"type": "text", "text": QWEN_SYSTEM}]},
-                     {"role": "user", "content": [
-                         {"type": "audio_url", "audio_url": {"url": uris["audio"]}},
-                         {"type": "image_url", "image_url": {"url": uris["image"]}},
-                         {"type": "video_url", "video_url": {"url": uris["video"], "num_frames": 4}},
-                         {"type": "text", "text": "What is recited in the audio? What is in the image and video?"}]}],
-        "sampling_params_list": [{"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 12, "seed": 42,
-                                  "repetition_penalty": 1.0, "detokenize": True},
-                                 {"temperature": 0.9, "top_p": 0.8, "top_k": 40, "max_tokens": 48, "seed": 42,
-                                  "repetition_penalty": 1.05, "stop_token_ids": [8294]},
-                                 {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 2048, "seed": 42,
-                                  "repetition_penalty": 1.1}],
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": QWEN_SYSTEM}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "audio_url", "audio_url": {"url": uris["audio"]}},
+                    {"type": "image_url", "image_url": {"url": uris["image"]}},
+                    {"type": "video_url", "video_url": {"url": uris["video"], "num_frames": 4}},
+                    {"type": "text", "text": "What is recited in the audio? What is in the image and video?"},
+                ],
+            },
+        ],
+        "sampling_params_list": [
+            {
+                "temperature": 0.0,
+                "top_p": 1.0,
+                "top_k": -1,
+                "max_tokens": 12,
+                "seed": 42,
+                "repetition_penalty": 1.0,
+                "detokenize": True,
+            },
+            {
+                "temperature": 0.9,
+                "top_p": 0.8,
+                "top_k": 40,
+                "max_tokens": 48,
+                "seed": 42,
+                "repetition_penalty": 1.05,
+                "stop_token_ids": [8294],
+            },
+            {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 2048, "seed": 42, "repetition_penalty": 1.1},
+        ],
         "modalities": ["text", "audio"],
         "mm_processor_kwargs": {"use_audio_in_video": True},
     }
-    r = httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-test"},
-                   timeout=120)
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-test"}, timeout=120)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["message"]["content"]
     assert _wav(base64.b64decode(choice["message"]["audio"]["data"]))[0] == 24000
 
 
-@pytest.mark.parametrize("body,status,param", [
-    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "%%%not-base64",
-                                                                                         "format": "wav"}}]}]},
-     400, None),
-    ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "x"}}]}]}, 400, None),
-    ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {
-        "url": "data:video/mp4;base64," + base64.b64encode(b"\x00\x00\x00\x18ftypmp42 garbage" * 20).decode()}}]}]},
-     400, None),
-    ({"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"], "audio": {"voice": "Bob"}},
-     400, "audio.voice"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400, "max_tokens"),
-    ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
-])
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "input_audio", "input_audio": {"data": "%%%not-base64", "format": "wav"}}],
+                    }
+                ]
+            },
+            400,
+            None,
+        ),
+        ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "x"}}]}]}, 400, None),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "video_url",
+                                "video_url": {
+                                    "url": "data:video/mp4;base64,"
+                                    + base64.b64encode(b"\x00\x00\x00\x18ftypmp42 garbage" * 20).decode()
+                                },
+                            }
+                        ],
+                    }
+                ]
+            },
+            400,
+            None,
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "modalities": ["text", "audio"],
+                "audio": {"voice": "Bob"},
+            },
+            400,
+            "audio.voice",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens"),
+        ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ],
+)
 def test_bad_requests_get_openai_errors_and_server_keeps_serving(server, body, status, param):
-    r = httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-test"},
-                   timeout=60)
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-test"}, timeout=60)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["message"] and err["type"]
@@ -235,8 +355,12 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(server, body, s
         assert err["param"] == param
     if "voice" in json.dumps(body):
         assert "Chelsie" in err["message"] and "Ethan" in err["message"]
-    ok = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": "Bearer sk-test"}, timeout=60,
-                    json={"messages": [{"role": "user", "content": "still there?"}], "max_tokens": 2})
+    ok = httpx.post(
+        f"{server}/v1/chat/completions",
+        headers={"Authorization": "Bearer sk-test"},
+        timeout=60,
+        json={"messages": [{"role": "user", "content": "still there?"}], "max_tokens": 2},
+    )
     assert ok.status_code == 200
 
 
@@ -272,26 +396,38 @@ def _stage_counters(server) -> dict:
     return out
 
 
-def test_concurrent_streams_equal_the_official_path_and_encoder_batches(client, server, uris, tiny, media,
-                                                                        stop_codes):
+def test_concurrent_streams_equal_the_official_path_and_encoder_batches(client, server, uris, tiny, media, stop_codes):
     """8 concurrent streaming requests, each with an image and some with audio and video, half of them with speech:
     row by row the official generate's text and token counts, and for the speech rows its number of codes (480
     samples each) and its waveform: the streaming error MIN_STREAM_SNR_DB allows, plus PCM_SLACK per sample (a wrong
     code changes its 480 samples by the voice's own amplitude); the vision encoder ran batches > 1."""
-    from omni.decoders import MIN_STREAM_SNR_DB
     from omni.reference import reference_generate
+    from omni.decoders import MIN_STREAM_SNR_DB
 
-    part = {"audio": {"type": "input_audio", "input_audio": {"data": uris["audio_b64"], "format": "wav"}},
-            "video": {"type": "video_url", "video_url": {"url": uris["video"]}}}
+    part = {
+        "audio": {"type": "input_audio", "input_audio": {"data": uris["audio_b64"], "format": "wav"}},
+        "video": {"type": "video_url", "video_url": {"url": uris["video"]}},
+    }
 
     def one(i):
         speak = bool(i % 2)
         stream = client.chat.completions.create(
-            model="tiny", stream=True, max_tokens=6 + i, temperature=0,
+            model="tiny",
+            stream=True,
+            max_tokens=6 + i,
+            temperature=0,
             **({"modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "pcm16"}} if speak else {}),
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uris["image"]}}] +
-                       [part[k] for k in MIXES[i % 4]] + [{"type": "text", "text": f"Request {i}: describe."}]}],
-            stream_options={"include_usage": True}, extra_body=SPEECH)
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": uris["image"]}}]
+                    + [part[k] for k in MIXES[i % 4]]
+                    + [{"type": "text", "text": f"Request {i}: describe."}],
+                }
+            ],
+            stream_options={"include_usage": True},
+            extra_body=SPEECH,
+        )
         text, pcm, usage, finish = [], [], None, None
         for chunk in stream:
             usage = chunk.usage or usage
@@ -337,10 +473,16 @@ def test_concurrent_streams_equal_the_official_path_and_encoder_batches(client, 
 def test_client_disconnect_cancels_in_every_stage(server):
     from ray import serve
 
-    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 3000, "stream": True,
-            "modalities": ["text", "audio"], "sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 4000}]}
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": "Bearer sk-test"}) as r:
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 3000,
+        "stream": True,
+        "modalities": ["text", "audio"],
+        "sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 4000}],
+    }
+    with httpx.stream(
+        "POST", f"{server}/v1/chat/completions", json=body, timeout=60, headers={"Authorization": "Bearer sk-test"}
+    ) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if '"audio"' in line and '"data"' in line:
@@ -363,12 +505,18 @@ def test_twenty_clients_gone_mid_stream_free_every_stage(server):
     from ray import serve
 
     handles = {name: serve.get_deployment_handle(name, app_name="omni") for name in ("Thinker", "Talker", "Vocoder")}
-    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 2000, "stream": True,
-            "modalities": ["text", "audio"], "sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 3000}]}
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 2000,
+        "stream": True,
+        "modalities": ["text", "audio"],
+        "sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 3000}],
+    }
 
     def leave_at_first_audio(_):
-        with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=300,
-                          headers={"Authorization": "Bearer sk-test"}) as r:
+        with httpx.stream(
+            "POST", f"{server}/v1/chat/completions", json=body, timeout=300, headers={"Authorization": "Bearer sk-test"}
+        ) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 if '"audio"' in line and '"data"' in line:
@@ -379,8 +527,10 @@ def test_twenty_clients_gone_mid_stream_free_every_stage(server):
         deadline = time.time() + 60
         while True:
             stats = {name: h.stats.remote().result() for name, h in handles.items()}
-            if (stats["Thinker"]["running"] == stats["Talker"]["running"] == stats["Vocoder"]["open"] == 0
-                    or time.time() > deadline):
+            if (
+                stats["Thinker"]["running"] == stats["Talker"]["running"] == stats["Vocoder"]["open"] == 0
+                or time.time() > deadline
+            ):
                 return stats
             time.sleep(0.3)
 
@@ -420,10 +570,17 @@ def test_realtime_text_turn_through_the_ingress(server, client):
     async def go():
         rt = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="sk-test", max_retries=0)
         async with rt.realtime.connect(model="tiny") as conn:
-            await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
-                                               "max_output_tokens": 12, "audio": {"input": {"turn_detection": None}}})
-            await conn.conversation.item.create(item={"type": "message", "role": "user",
-                                                      "content": [{"type": "input_text", "text": "Hello there."}]})
+            await conn.session.update(
+                session={
+                    "type": "realtime",
+                    "output_modalities": ["text"],
+                    "max_output_tokens": 12,
+                    "audio": {"input": {"turn_detection": None}},
+                }
+            )
+            await conn.conversation.item.create(
+                item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello there."}]}
+            )
             await conn.response.create()
             text, kinds = [], []
             while True:
@@ -436,7 +593,8 @@ def test_realtime_text_turn_through_the_ingress(server, client):
 
     text, done, kinds = asyncio.run(go())
     assert kinds[0] == "session.created" and "error" not in kinds, kinds
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there."}],
-                                       max_tokens=12)
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello there."}], max_tokens=12
+    )
     assert text == r.choices[0].message.content and text
     assert done["response"]["usage"]["input_tokens"] == r.usage.prompt_tokens

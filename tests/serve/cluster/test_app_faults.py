@@ -8,6 +8,7 @@ Ray, this process joined to it), driven by `omni bench load`'s streaming clients
   after the server's stage_timeout_s), Serve starts a new replica, and then the same request gives the same text and
   speech bytes as before the kills (over HTTP).
 """
+
 import asyncio
 import base64
 import threading
@@ -35,8 +36,13 @@ STAGES = ["VisionEncoder", "AudioEncoder", "Thinker", "Talker", "Vocoder"]
 KILLED = ["VisionEncoder", "Thinker", "Vocoder"]
 # what the fault load sends per stage: requests that pass through it (long speech for the generating stages, so
 # that streams are in flight when the replica dies)
-FAULT_MIX = {"VisionEncoder": ("image",), "AudioEncoder": ("audio+speech",), "Thinker": ("speech", "text"),
-             "Talker": ("speech",), "Vocoder": ("speech",)}
+FAULT_MIX = {
+    "VisionEncoder": ("image",),
+    "AudioEncoder": ("audio+speech",),
+    "Thinker": ("speech", "text"),
+    "Talker": ("speech",),
+    "Vocoder": ("speech",),
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +57,29 @@ def probe(server):
     from omni.serve.bench.load import _media_parts
 
     media = _media_parts()
-    body = {"messages": [{"role": "user", "content": [media["image"], media["audio"],
-                                                       {"type": "text", "text": "What do you see and hear?"}]}],
-            "max_tokens": 12, "temperature": 0, "seed": 0, "modalities": ["text", "audio"],
-            "audio": {"voice": "Chelsie", "format": "pcm16"},
-            "sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 60}]}
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [media["image"], media["audio"], {"type": "text", "text": "What do you see and hear?"}],
+            }
+        ],
+        "max_tokens": 12,
+        "temperature": 0,
+        "seed": 0,
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "Chelsie", "format": "pcm16"},
+        "sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 60}],
+    }
 
     def ids() -> tuple[str, bytes]:
         for attempt in range(3):  # the app may not route to a new replica yet
-            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S,
-                           headers={"Authorization": f"Bearer {APP_KEY}"})
+            r = httpx.post(
+                f"{server.url}/v1/chat/completions",
+                json=body,
+                timeout=REQUEST_TIMEOUT_S,
+                headers={"Authorization": f"Bearer {APP_KEY}"},
+            )
             if r.status_code == 200:
                 msg = r.json()["choices"][0]["message"]
                 return msg["content"], base64.b64decode(msg["audio"]["data"])
@@ -79,8 +98,16 @@ def before(probe):
 
 
 def test_32_streaming_clients_no_5xx_503s_with_retry_after_flat_memory(server, tmp_path):
-    cfg = LoadConfig(url=server.url, ray_address=server.ray_address, clients=32, duration=LOAD_S, warmup=8,
-                     request_timeout=REQUEST_TIMEOUT_S, out=str(tmp_path), api_key=APP_KEY)
+    cfg = LoadConfig(
+        url=server.url,
+        ray_address=server.ray_address,
+        clients=32,
+        duration=LOAD_S,
+        warmup=8,
+        request_timeout=REQUEST_TIMEOUT_S,
+        out=str(tmp_path),
+        api_key=APP_KEY,
+    )
     results = run_load(cfg)
     print(markdown(results))
     for phase in (results.warmup, results.load):
@@ -103,8 +130,15 @@ def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(
 
     [old] = list_replicas("omni", stage)
     speech = stage in ("Thinker", "Talker", "Vocoder")
-    cfg = LoadConfig(url=server.url, clients=6, mix=FAULT_MIX[stage], max_tokens=48 if speech else 8,
-                     speech_tokens=120 if speech else 24, request_timeout=REQUEST_TIMEOUT_S, api_key=APP_KEY)
+    cfg = LoadConfig(
+        url=server.url,
+        clients=6,
+        mix=FAULT_MIX[stage],
+        max_tokens=48 if speech else 8,
+        speech_tokens=120 if speech else 24,
+        request_timeout=REQUEST_TIMEOUT_S,
+        api_key=APP_KEY,
+    )
     t0, warm, stop = time.monotonic(), threading.Event(), threading.Event()
     oks = []
 
@@ -115,8 +149,9 @@ def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(
                 warm.set()
 
     result = {}
-    load = threading.Thread(target=lambda: result.update(
-        outcomes=asyncio.run(drive(server.url, cfg, 600, t0, on_outcome=seen, stop=stop))))
+    load = threading.Thread(
+        target=lambda: result.update(outcomes=asyncio.run(drive(server.url, cfg, 600, t0, on_outcome=seen, stop=stop)))
+    )
     load.start()
     assert warm.wait(180), "the load never got going"
     time.sleep(1.0)  # the clients' next requests are under way
@@ -156,15 +191,20 @@ def test_killed_replica_fails_in_flight_requests_then_recovers_with_same_tokens(
     new = wait_for_new_replica("omni", stage, [old.name])
     assert new.pid != old.pid
     kinds = {k: sum(o.kind == k for o in in_flight) for k in ("ok", "error_event", "refused")}
-    print(f"\n{stage} killed at {t_kill:.1f} s: {len(in_flight)} in flight {kinds}, the last ended "
-          f"{max(o.end for o in in_flight) - t_kill:.1f} s after; {len(outcomes)} requests in all, "
-          f"{sum(o.kind != 'ok' for o in outcomes)} failed; a new replica up "
-          f"{time.monotonic() - t0 - t_kill:.0f} s after the kill")
+    print(
+        f"\n{stage} killed at {t_kill:.1f} s: {len(in_flight)} in flight {kinds}, the last ended "
+        f"{max(o.end for o in in_flight) - t_kill:.1f} s after; {len(outcomes)} requests in all, "
+        f"{sum(o.kind != 'ok' for o in outcomes)} failed; a new replica up "
+        f"{time.monotonic() - t0 - t_kill:.0f} s after the kill"
+    )
     deadline = time.monotonic() + 120
     while True:  # the app serves again
-        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=REQUEST_TIMEOUT_S,
-                       headers={"Authorization": f"Bearer {APP_KEY}"},
-                       json={"messages": [{"role": "user", "content": "Are you back?"}], "max_tokens": 4})
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            timeout=REQUEST_TIMEOUT_S,
+            headers={"Authorization": f"Bearer {APP_KEY}"},
+            json={"messages": [{"role": "user", "content": "Are you back?"}], "max_tokens": 4},
+        )
         if r.status_code == 200 or time.monotonic() > deadline:
             break
         time.sleep(1)

@@ -1,6 +1,7 @@
 """Graceful shutdown of `omni serve` (the server test_app and test_app_faults used, last: conftest.SharedServer,
 --drain-timeout 60): on SIGTERM it refuses new requests (503 + Retry-After), lets the stream in
 flight finish, shuts Serve and Ray down and exits 0 with one log line, no crash dump."""
+
 import json
 import signal
 import threading
@@ -21,8 +22,12 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tiny_app):
     proc, log_path = server.proc, server.log_path
     try:
         url = server.url
-        body = {"messages": [{"role": "user", "content": "Tell me a story."}], "stream": True,
-                "max_tokens": 400, "temperature": 0}
+        body = {
+            "messages": [{"role": "user", "content": "Tell me a story."}],
+            "stream": True,
+            "max_tokens": 400,
+            "temperature": 0,
+        }
         events, started = [], threading.Event()
 
         def stream():
@@ -40,8 +45,12 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tiny_app):
         refused = None
         for _ in range(40):  # new requests are refused while the stream is still running
             time.sleep(0.25)
-            r = httpx.post(f"{url}/v1/chat/completions", timeout=30, headers=AUTH,
-                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            r = httpx.post(
+                f"{url}/v1/chat/completions",
+                timeout=30,
+                headers=AUTH,
+                json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            )
             if r.status_code == 503:
                 refused = r
                 break
@@ -50,8 +59,11 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tiny_app):
         assert t.is_alive() or events[-1] == "data: [DONE]"
         t.join(120)
         assert events[-1] == "data: [DONE]"  # the stream in flight finished whole
-        finish = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]
-                  if e.startswith("data: {") and json.loads(e[6:])["choices"]]
+        finish = [
+            json.loads(e[6:])["choices"][0]["finish_reason"]
+            for e in events[:-1]
+            if e.startswith("data: {") and json.loads(e[6:])["choices"]
+        ]
         assert finish[-1] in ("stop", "length")
         assert proc.wait(120) == 0
     finally:

@@ -2,6 +2,7 @@
 generate on a mixed folder of real media, exact error rows, a Thinker worker killed mid-run, --speak and
 --use-audio-in-video, the CLI's exit codes, progress and summary with resume / --retry-errors on Parquet, and runs of
 the CLI interrupted by Ctrl-C and SIGTERM then resumed."""
+
 import json
 import os
 import shutil
@@ -33,8 +34,9 @@ def ray_local():
 @pytest.fixture(scope="module")
 def golden(mixed_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("golden") / "captions.jsonl"
-    report = run_caption([str(mixed_dir)], str(out), CaptionOptions(max_tokens=MAX_TOKENS, batch_size=4),
-                         progress_every_s=0.0)
+    report = run_caption(
+        [str(mixed_dir)], str(out), CaptionOptions(max_tokens=MAX_TOKENS, batch_size=4), progress_every_s=0.0
+    )
     return out, report
 
 
@@ -111,8 +113,12 @@ def test_killed_thinker_worker_loses_no_row(mixed_dir, tmp_path, oracle):
 
     out = tmp_path / "captions.jsonl"
     try:
-        report = run_caption([str(mixed_dir), str(gate.path)], str(out),
-                             CaptionOptions(max_tokens=MAX_TOKENS, batch_size=1, thinker_calls=1), on_batch=kill_once)
+        report = run_caption(
+            [str(mixed_dir), str(gate.path)],
+            str(out),
+            CaptionOptions(max_tokens=MAX_TOKENS, batch_size=1, thinker_calls=1),
+            on_batch=kill_once,
+        )
     finally:
         gate.close()
     assert killed and len(report.thinker_pids) >= 2, report.thinker_pids  # rows came from the restarted actor too
@@ -149,8 +155,9 @@ def test_speak_and_use_audio_in_video(media_dir, tmp_path, oracle, tiny):
             assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
             got = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.int32)
         kind_, media = load_file(str(d / rel), use_audio_in_video=True)
-        req = caption_request(kind_, media, DEFAULT_PROMPTS[kind], 6, use_audio_in_video=True, speak=True,
-                              max_speech_tokens=40)
+        req = caption_request(
+            kind_, media, DEFAULT_PROMPTS[kind], 6, use_audio_in_video=True, speak=True, max_speech_tokens=40
+        )
         result = asyncio.run(pipeline.run(req))
         assert result.text == rows[rel]["caption"]
         want = np.frombuffer(pcm16_bytes(result.waveform), "<i2").astype(np.int32)
@@ -247,8 +254,19 @@ def test_interrupted_runs_resume_to_the_whole_output(media_dir, tmp_path, oracle
     total = 8
     out = tmp_path / "captions.jsonl"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "-m", "omni.serve.cli", "caption", str(d), "--out", str(out), "--max-tokens",
-           str(MAX_TOKENS), "--batch-size", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "omni.serve.cli",
+        "caption",
+        str(d),
+        "--out",
+        str(out),
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--batch-size",
+        "1",
+    ]
 
     def start(*extra):
         return subprocess.Popen(cmd + list(extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

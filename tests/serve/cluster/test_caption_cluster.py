@@ -2,6 +2,7 @@
 CPUs for actors, a node with the custom resource `encoders`, a node with `thinker`), reached through RAY_ADDRESS as a
 user's cluster is. The encoder actors run on the one node and the Thinker actors on the other, and the rows are the
 single-node rows (the official generate's captions, the same error rows)."""
+
 import json
 
 import pytest
@@ -11,8 +12,10 @@ from omni.serve.cluster.caption import CaptionOptions, run_caption
 from .conftest import MAX_TOKENS, MIXED, check_rows
 
 pytestmark = pytest.mark.slow
-NAMES = {k: MIXED[k] for k in ("image.png", "speech.wav", "clip.mp4", "corrupt.png", "truncated.mp4", "empty.wav",
-                               "notes.txt")}
+NAMES = {
+    k: MIXED[k]
+    for k in ("image.png", "speech.wav", "clip.mp4", "corrupt.png", "truncated.mp4", "empty.wav", "notes.txt")
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +39,9 @@ def test_stages_on_their_nodes_give_the_single_node_rows(cluster, mixed_dir, tmp
     for name in NAMES:
         (folder / name).write_bytes((mixed_dir / name).read_bytes())
     out = tmp_path / "captions.jsonl"
-    opts = CaptionOptions(max_tokens=MAX_TOKENS, batch_size=4, encoder_resources={"encoders": 0.5},
-                          thinker_resources={"thinker": 0.5})
+    opts = CaptionOptions(
+        max_tokens=MAX_TOKENS, batch_size=4, encoder_resources={"encoders": 0.5}, thinker_resources={"thinker": 0.5}
+    )
     report = run_caption([str(folder)], str(out), opts)
     assert report.nodes["encode"] == [enc_node] and report.nodes["thinker"] == [thinker_node]
     assert enc_node != thinker_node

@@ -1,17 +1,18 @@
 """The generation deployments' classes in this process, chained as build_app chains them for each `colocate` layout,
 their handles replaced by in-process ones that pickle what crosses (as Ray does): every layout gives the pipeline's
-text ids and codec ids. The real Serve app runs both layouts in test_app.py (one deployment per stage) and test_two_nodes.py /
-test_qwen3_app.py (tiny.yaml: the three in one replica)."""
+text ids and codec ids. The real Serve app runs both layouts in test_app.py (one deployment per stage) and
+test_two_nodes.py / test_qwen3_app.py (tiny.yaml: the three in one replica)."""
+
 import asyncio
 import dataclasses
 import pickle
 
 import pytest
 
+from omni.types import TALKER_DEFAULT_SAMPLING, ChatRequest, ImagePart, Message, SamplingParams, TextPart
 from omni.serve.cluster.deployments import GenerationDeployment, group_options
 from omni.serve.compose import collect, finish
 from omni.serve.config import ServeConfig
-from omni.types import TALKER_DEFAULT_SAMPLING, ChatRequest, ImagePart, Message, SamplingParams, TextPart
 
 
 class _Stream:
@@ -52,9 +53,13 @@ class _Handle:
 
 @pytest.fixture(scope="module")
 def request_(media):
-    return ChatRequest([Message("user", [ImagePart(media["image"]), TextPart("Describe it aloud.")])],
-                       sampling=SamplingParams(max_tokens=10), speak=True, voice="Ethan",
-                       talker_sampling=dataclasses.replace(TALKER_DEFAULT_SAMPLING, temperature=0.0, max_tokens=60))
+    return ChatRequest(
+        [Message("user", [ImagePart(media["image"]), TextPart("Describe it aloud.")])],
+        sampling=SamplingParams(max_tokens=10),
+        speak=True,
+        voice="Ethan",
+        talker_sampling=dataclasses.replace(TALKER_DEFAULT_SAMPLING, temperature=0.0, max_tokens=60),
+    )
 
 
 @pytest.mark.parametrize("colocate", ["none", "thinker+talker", "talker+vocoder", "thinker+talker+vocoder"])

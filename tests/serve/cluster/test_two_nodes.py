@@ -2,6 +2,7 @@
 config's custom resources alone: the ingress and the encoders on the head node ("encoders"), the Thinker, Talker and
 vocoder (co-located in one replica, as tiny.yaml has them) on the other ("generators"). Requests give the in-process
 pipeline's tokens; a killed encoder replica comes back on its node and the app serves the same tokens again."""
+
 import asyncio
 
 import httpx
@@ -12,10 +13,20 @@ pytestmark = pytest.mark.slow
 
 ENCODER_NODE = {"num_cpus": 1, "resources": {"encoders": 1}}  # the head
 GENERATOR_NODE = {"num_cpus": 1, "resources": {"generators": 1}}
-PLACEMENT = {"ingress": "encoders", "vision_encoder": "encoders", "audio_encoder": "encoders",
-             "thinker": "generators", "talker": "generators", "vocoder": "generators"}
-NODE_OF = {"Ingress": "encoders", "VisionEncoder": "encoders", "AudioEncoder": "encoders",
-           "ThinkerTalkerVocoder": "generators"}  # tiny.yaml co-locates the generating stages (colocate)
+PLACEMENT = {
+    "ingress": "encoders",
+    "vision_encoder": "encoders",
+    "audio_encoder": "encoders",
+    "thinker": "generators",
+    "talker": "generators",
+    "vocoder": "generators",
+}
+NODE_OF = {
+    "Ingress": "encoders",
+    "VisionEncoder": "encoders",
+    "AudioEncoder": "encoders",
+    "ThinkerTalkerVocoder": "generators",
+}  # tiny.yaml co-locates the generating stages (colocate)
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +65,25 @@ def app(tmp_path_factory):
 @pytest.fixture(scope="module")
 def request_(media_dir):
     """One image + audio + speech request (every stage), greedy, bounded."""
-    from omni.encoders.media import MediaPolicy, load_audio, load_image
     from omni.types import AudioPart, ChatRequest, ImagePart, Message, SamplingParams, TextPart
+    from omni.encoders.media import MediaPolicy, load_audio, load_image
 
     policy = MediaPolicy(allowed_local_media_path=str(media_dir))
-    return ChatRequest([Message("user", [ImagePart(load_image(str(media_dir / "image.png"), policy)),
-                                         AudioPart(load_audio(str(media_dir / "speech.wav"), policy)),
-                                         TextPart("What do you see and hear?")])],
-                       sampling=SamplingParams(max_tokens=12), talker_sampling=SamplingParams(max_tokens=60),
-                       speak=True)
+    return ChatRequest(
+        [
+            Message(
+                "user",
+                [
+                    ImagePart(load_image(str(media_dir / "image.png"), policy)),
+                    AudioPart(load_audio(str(media_dir / "speech.wav"), policy)),
+                    TextPart("What do you see and hear?"),
+                ],
+            )
+        ],
+        sampling=SamplingParams(max_tokens=12),
+        talker_sampling=SamplingParams(max_tokens=60),
+        speak=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +94,23 @@ def in_process(pipeline, request_):
 def _through_ray(pipeline, request_):
     from ray import serve
 
+    from omni.serve.cluster.builder import stage_deployments
     from omni.serve.cluster.deployments import HandleStages
     from omni.serve.compose import Composition
     from omni.serve.config import load_serve_config
 
-    from omni.serve.cluster.builder import stage_deployments
-
     cfg = load_serve_config("tiny")
     handle = lambda name: serve.get_deployment_handle(name, app_name="omni")  # noqa: E731
     named = stage_deployments(cfg)
-    stages = HandleStages("tiny", cfg, handle("VisionEncoder"), handle("AudioEncoder"), handle(named["thinker"]),
-                          handle(named["vocoder"]), pipeline.voices)
+    stages = HandleStages(
+        "tiny",
+        cfg,
+        handle("VisionEncoder"),
+        handle("AudioEncoder"),
+        handle(named["thinker"]),
+        handle(named["vocoder"]),
+        pipeline.voices,
+    )
     return asyncio.run(Composition(stages).run(request_))
 
 
@@ -103,8 +130,11 @@ def test_two_nodes_give_the_in_process_tokens(app, pipeline, request_, in_proces
     out = _through_ray(pipeline, request_)
     assert out.token_ids == in_process.token_ids and out.text == in_process.text
     assert out.codec_ids == in_process.codec_ids and len(out.codec_ids) > 12
-    r = httpx.post(f"{url}/v1/chat/completions", timeout=120,
-                   json={"messages": [{"role": "user", "content": "Hello there."}], "max_tokens": 8})
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=120,
+        json={"messages": [{"role": "user", "content": "Hello there."}], "max_tokens": 8},
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
 
 
