@@ -396,13 +396,29 @@ def _stage_counters(server) -> dict:
     return out
 
 
-def test_concurrent_streams_equal_the_official_path_and_encoder_batches(client, server, uris, tiny, media, stop_codes):
+def test_concurrent_streams_equal_the_official_path_and_encoder_batches(
+    client, server, uris, tiny, media, media_dir, tmp_path, stop_codes
+):
     """8 concurrent streaming requests, each with an image and some with audio and video, half of them with speech:
     row by row the official generate's text and token counts, and for the speech rows its number of codes (480
     samples each) and its waveform: the streaming error MIN_STREAM_SNR_DB allows, plus PCM_SLACK per sample (a wrong
-    code changes its 480 samples by the voice's own amplitude); the vision encoder ran batches > 1."""
+    code changes its 480 samples by the voice's own amplitude); the vision encoder ran batches > 1. Each request's
+    image differs by one pixel, so that the ingress's encoder cache (which would serve a repeated image) sends every
+    one to the vision encoder."""
+    from PIL import Image
+
     from omni.reference import reference_generate
     from omni.decoders import MIN_STREAM_SNR_DB
+    from omni.encoders.media import MediaPolicy, load_image
+
+    images = []
+    for i in range(8):
+        img = Image.open(media_dir / "image.png").convert("RGB")
+        img.putpixel((0, 0), (37 * i % 256, 255 - i, 7 * i))
+        img.save(tmp_path / f"image{i}.png")
+        images.append(tmp_path / f"image{i}.png")
+    image_uris = ["data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() for p in images]
+    policy = MediaPolicy(allowed_local_media_path=str(tmp_path))
 
     part = {
         "audio": {"type": "input_audio", "input_audio": {"data": uris["audio_b64"], "format": "wav"}},
@@ -420,7 +436,7 @@ def test_concurrent_streams_equal_the_official_path_and_encoder_batches(client, 
             messages=[
                 {
                     "role": "user",
-                    "content": [{"type": "image_url", "image_url": {"url": uris["image"]}}]
+                    "content": [{"type": "image_url", "image_url": {"url": image_uris[i]}}]
                     + [part[k] for k in MIXES[i % 4]]
                     + [{"type": "text", "text": f"Request {i}: describe."}],
                 }
@@ -441,7 +457,8 @@ def test_concurrent_streams_equal_the_official_path_and_encoder_batches(client, 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, range(8)))
     for i, (text, pcm, usage, finish) in enumerate(results):
-        req = _official_speech_request(media, ["image", *MIXES[i % 4], f"Request {i}: describe."], 6 + i, "Ethan")
+        own = {**media, "image": load_image(str(images[i]), policy)}
+        req = _official_speech_request(own, ["image", *MIXES[i % 4], f"Request {i}: describe."], 6 + i, "Ethan")
         req.speak = bool(i % 2)
         ref = reference_generate(tiny, req)
         assert text == ref.text and finish in ("stop", "length"), i
