@@ -22,7 +22,8 @@ from omni.serve.bench.load_results import markdown
 
 from .conftest import APP_KEY, APP_STAGE_TIMEOUT_S
 
-pytestmark = pytest.mark.slow
+# serial: its load run and replica kills are bounded by stage timeouts that a second test worker's load can exceed
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 # the server (conftest.SharedServer) admits APP_LIMIT = 24 requests at once: below the load's 32 clients, so 503s
 # happen; a call waiting for a replica that died gives up after its stage_timeout_s (APP_STAGE_TIMEOUT_S)
