@@ -111,7 +111,8 @@
         setState('Live voice: listening (speak; pauses end your turn)');
         break;
       case 'input_audio_buffer.speech_started':
-        if (playing()) bargeIn();
+        // a barge-in whether the reply is still being generated (the server cancels it) or only still playing
+        if (playing() || (live.reply && st.responses[live.reply.id] === 'in_progress')) bargeIn();
         setState('Live voice: hearing you ...');
         break;
       case 'input_audio_buffer.speech_stopped':
