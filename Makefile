@@ -75,7 +75,7 @@ format: setup
 
 # -q prints the skip count in the summary line, -rs each skip's reason (the gpu tests where no CUDA device is present)
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: none selected
 
 bench: setup

@@ -274,18 +274,20 @@ def build_tokenizer():
     return tok
 
 
-def build_processor():
+def build_processor(processor_cls=None, patch_size: int = 14, image_mean=None, image_std=None):
+    """The tiny checkpoint's processor: Qwen2.5-Omni's (14 px patches, CLIP mean/std) unless told otherwise
+    (tiny_qwen3.build_qwen3_processor passes Qwen3-Omni's class and geometry); Whisper features, the tiny tokenizer."""
     from transformers import Qwen2_5OmniProcessor, Qwen2VLImageProcessor, WhisperFeatureExtractor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     vis = dict(
         min_pixels=3136,
         max_pixels=12845056,
-        patch_size=14,
+        patch_size=patch_size,
         temporal_patch_size=2,
         merge_size=2,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
+        image_mean=image_mean or [0.48145466, 0.4578275, 0.40821073],
+        image_std=image_std or [0.26862954, 0.26130258, 0.27577711],
     )
     fe = WhisperFeatureExtractor(
         feature_size=128,
@@ -296,7 +298,7 @@ def build_processor():
         padding_value=0.0,
         return_attention_mask=True,
     )
-    return Qwen2_5OmniProcessor(
+    return (processor_cls or Qwen2_5OmniProcessor)(
         image_processor=Qwen2VLImageProcessor(**vis),
         video_processor=Qwen2VLVideoProcessor(**vis),
         feature_extractor=fe,

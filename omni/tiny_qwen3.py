@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from omni.tiny import CHAT_TEMPLATE, TEXT_VOCAB, TOKEN_IDS, build_tokenizer
+from omni.tiny import TEXT_VOCAB, TOKEN_IDS, build_processor
 
 __all__ = ["QWEN3_PRESETS", "Qwen3Preset", "build_qwen3_checkpoint", "build_qwen3_processor", "QWEN3_VOICES"]
 
@@ -227,35 +227,10 @@ def config_dict(p: Qwen3Preset, user_id: int, assistant_id: int, system_id: int,
 
 
 def build_qwen3_processor():
-    from transformers import Qwen2VLImageProcessor, Qwen3OmniMoeProcessor, WhisperFeatureExtractor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers import Qwen3OmniMoeProcessor
 
     # Qwen3-Omni's vision geometry: 16 px patches (3 * 2 * 16 * 16 = 1536 values per patch), merge 2, mean/std 0.5
-    vis = dict(
-        min_pixels=3136,
-        max_pixels=12845056,
-        patch_size=16,
-        temporal_patch_size=2,
-        merge_size=2,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    fe = WhisperFeatureExtractor(
-        feature_size=128,
-        sampling_rate=16000,
-        hop_length=160,
-        chunk_length=300,
-        n_fft=400,
-        padding_value=0.0,
-        return_attention_mask=True,
-    )
-    return Qwen3OmniMoeProcessor(
-        image_processor=Qwen2VLImageProcessor(**vis),
-        video_processor=Qwen2VLVideoProcessor(**vis),
-        feature_extractor=fe,
-        tokenizer=build_tokenizer(),
-        chat_template=CHAT_TEMPLATE,
-    )
+    return build_processor(Qwen3OmniMoeProcessor, patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
 @torch.no_grad()

@@ -7,9 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# one intra-op thread in the test processes and the processes they start (omni serve, omni demo, the CLIs): the tiny
+# model's ops are too small for two OpenMP threads to pay, and on the 2-core machine, with make test's two workers,
+# they run 10-20x slower contending (the pipeline sets the same on CPU: serve/pipeline.py)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
+# how the suite is spread over make test's xdist workers (tests/ is on sys.path: this conftest's directory)
+from scheduling import pytest_collection_modifyitems, pytest_xdist_make_scheduler  # noqa: E402, F401
 
 _EXIT = {}
 

@@ -100,3 +100,31 @@ def test_mypy_resolves_each_layer_to_its_folder(tmp_path):
     found = {name: Path(path).resolve() for path, name in parsed.items()}
     for name, rel in MODULES:
         assert found.get(name) == ROOT / rel, (name, found.get(name))
+
+
+def test_make_tests_units_keep_the_shared_server_files_together_longest_first(monkeypatch):
+    """tests/scheduling.py: the files of the shared `omni serve` run as one unit, in their order (the last stops the
+    server); units are handed out longest first; a file's tests stay together in their order."""
+    import scheduling
+
+    class Item:
+        def __init__(self, nodeid):
+            self.nodeid = nodeid
+
+    monkeypatch.setattr(scheduling, "COST_S", {"tests/b.py": 5.0, "tests/serve/cluster/test_app.py": 2.0})
+    shared = scheduling.SHARED_SERVER_FILES
+    ids = ["tests/a.py::t1", f"{shared[2]}::t", "tests/b.py::t1", f"{shared[0]}::t1", "tests/a.py::t2"]
+    ids += [f"{shared[1]}::t", "tests/b.py::t2", f"{shared[0]}::t2"]
+    items = [Item(i) for i in ids]
+    scheduling.order_items(items)
+    assert [i.nodeid for i in items] == [
+        "tests/b.py::t1",
+        "tests/b.py::t2",
+        f"{shared[0]}::t1",
+        f"{shared[0]}::t2",
+        f"{shared[1]}::t",
+        f"{shared[2]}::t",
+        "tests/a.py::t1",
+        "tests/a.py::t2",
+    ]
+    assert {scheduling.unit_of(p) for p in shared} == {scheduling.SHARED_SERVER_UNIT}

@@ -23,7 +23,6 @@ def frames():
 
 @pytest.fixture(scope="module")
 def c2w(tiny_qwen3):
-    torch.set_num_threads(1)
     return tiny_qwen3.model.code2wav
 
 

@@ -25,15 +25,6 @@ def make_codes(n: int, seed: int) -> list[int]:
     return torch.randint(0, 8448, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny DiT's ops are too small for 2 OpenMP threads to pay; on a busy 2-core box they run ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def vocoder(tiny):
     return Token2Wav(tiny.model.token2wav, tiny.model.speaker_map)

@@ -30,15 +30,6 @@ def _request(parts, text: str) -> ChatRequest:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny forwards run 10-20x slower with two threads on a shared, busy 2-core host."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def requests_(cookbook_media):
     return [

@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 
 import pytest
-import torch
 
 from omni.types import (
     AudioPart,
@@ -46,7 +45,6 @@ def chain(tiny_qwen3):
     from omni.encoders import AudioEncoder, VisionEncoder
     from omni.serve.stages import TalkerStage, ThinkerStage
 
-    torch.set_num_threads(1)
     m = tiny_qwen3.model
     talker = Qwen3Talker.from_model(m)
     return (

@@ -48,7 +48,6 @@ def stages(tiny_qwen3):
     from omni.encoders import AudioEncoder, VisionEncoder
     from omni.encoders.qwen3 import Qwen3AudioEncoder, Qwen3VisionEncoder
 
-    torch.set_num_threads(1)  # tiny model, shared 2-core machine
     m = tiny_qwen3.model
     vision, audio = VisionEncoder.for_tower(m.thinker.model.visual), AudioEncoder.for_tower(m.thinker.model.audio_tower)
     assert isinstance(vision, Qwen3VisionEncoder) and isinstance(audio, Qwen3AudioEncoder)

@@ -90,7 +90,6 @@ def request_all(media_dir):
 def test_reference_speaks_in_frames_of_16_codebooks(tiny_qwen3, request_all):
     from omni.reference import reference_generate
 
-    torch.set_num_threads(1)  # the tiny model on a shared 2-core machine: threads only contend
     ref = reference_generate(tiny_qwen3, request_all)
     text = reference_generate(tiny_qwen3, ChatRequest(request_all.messages, request_all.sampling))
     assert ref.token_ids == text.token_ids and len(ref.token_ids) == 8
