@@ -18,29 +18,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from browser_page import chrome
+from browser_page import el as _el
+from browser_page import free_port as _free_port
+from browser_page import open_page as _open
+from browser_page import wait as _wait
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-demo-test"
 ARTIFACTS = REPO / "out" / "artifacts"
-
-
-def _free_port() -> int:
-    from omni.serve.cluster.process import free_port
-
-    return free_port()
-
-
-def _wait(cond, timeout: float, what: str, every: float = 0.2):
-    """Polls cond() until it returns something truthy; fails with `what` after `timeout` seconds."""
-    deadline = time.time() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.time() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -81,34 +68,7 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    for exe in ("chromium", "chromedriver"):
-        if shutil.which(exe) is None:
-            pytest.fail(
-                f"{exe} is missing: run `make setup` (it installs the Debian packages chromium and chromium-driver)"
-            )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1200",
-        "--autoplay-policy=no-user-gesture-required",
-        "--mute-audio",
-        "--disable-gpu",
-        "--disable-extensions",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-sync",
-    ):
-        options.add_argument(arg)
-    options.page_load_strategy = "eager"  # the page is ready when its status line says so (see _open)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    driver.set_script_timeout(60)
-    driver.set_page_load_timeout(100)
+    driver = chrome()
     yield driver
     driver.quit()
 
@@ -119,33 +79,12 @@ def page(browser, demo):
     return _open(browser, demo["url"])
 
 
-def _open(browser, url):
-    from selenium.webdriver.common.by import By
-
-    browser.get(url)
-    _wait(
-        lambda: (
-            browser.find_elements(By.ID, "status")
-            and re.search("Connected|⚠️", browser.find_element(By.ID, "status").text)
-        ),
-        90,
-        "the page to connect",
-    )
-    return browser
-
-
 def _metrics(demo) -> dict[str, float]:
     text = httpx.get(demo["api"].removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(omni_[a-z_]+) (\S+)$", text, re.M)}
 
 
 # ------------------------------------------------------------------------------------------------ page helpers
-def _el(driver, css):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.CSS_SELECTOR, css)
-
-
 def _set_number(driver, elem_id: str, value) -> None:
     """A slider's number box: type the value, then leave the box (Gradio takes it on change)."""
     from selenium.webdriver.common.keys import Keys
@@ -433,109 +372,6 @@ def test_busy_and_unreachable_servers_show_as_messages(browser, tiny):
             assert "Cannot reach the server" in _el(page, "#status").text
         finally:
             demo.close()
-
-
-def _fake_microphone(path: Path) -> Path:
-    """A spoken question (espeak-ng), then 6 s of silence, as Chromium's fake microphone plays it: in a loop, so the
-    question comes again while the reply to it still plays."""
-    raw = path.with_suffix(".raw.wav")
-    subprocess.run(["espeak-ng", "-w", str(raw), "What is the capital of France?"], check=True, capture_output=True)
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-loglevel",
-            "error",
-            "-y",
-            "-i",
-            str(raw),
-            "-af",
-            "apad=pad_dur=6",
-            "-ar",
-            "48000",
-            "-ac",
-            "1",
-            "-c:a",
-            "pcm_s16le",
-            str(path),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return path
-
-
-def _live(driver) -> dict:
-    return driver.execute_script("return window.omniLive ? window.omniLive.stats : null") or {}
-
-
-def test_live_voice_answers_the_microphone_and_speaking_interrupts_it(pipeline, tmp_path):
-    """Live voice in Chromium with a fake microphone: the page streams it to /v1/realtime (a client secret minted by
-    the demo), the server's VAD ends the turn, the reply's audio deltas play and its transcript shows; the question
-    heard again during the reply stops the playback and the server cancels the response."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    from omni.demos.gradio_app import DemoSettings, launch_demo
-    from omni.serve.api.local_server import LocalServer
-    from omni.serve.api.server import ServerSettings, build_fastapi
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1200",
-        "--autoplay-policy=no-user-gesture-required",
-        "--mute-audio",
-        "--disable-gpu",
-        "--no-first-run",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={_fake_microphone(tmp_path / 'question.wav')}",
-    ):
-        options.add_argument(arg)
-    options.page_load_strategy = "eager"
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    with LocalServer(build_fastapi(pipeline, ServerSettings(api_key=KEY))) as server:
-        port = _free_port()
-        demo = launch_demo(DemoSettings(api_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY), "127.0.0.1", port)
-        try:
-            page = _open(driver, f"http://127.0.0.1:{port}/")
-            assert "Connected" in _el(page, "#status").text
-            _el(page, "#live-start").click()
-            _wait(lambda: "session.created" in _live(page).get("events", ()), 30, "the realtime session to open")
-            _wait(lambda: _live(page)["audioDeltas"] >= 3, 60, "the reply's audio deltas")
-            events = _live(page)["events"]
-            order = [
-                events.index(e)
-                for e in (
-                    "input_audio_buffer.speech_started",
-                    "input_audio_buffer.speech_stopped",
-                    "input_audio_buffer.committed",
-                    "response.created",
-                    "response.output_audio.delta",
-                )
-            ]
-            assert order == sorted(order), events[:40]
-            _wait(
-                lambda: page.execute_script(
-                    "const e = document.querySelector('#live-log .live-assistant'); return e && e.textContent.trim()"
-                ),
-                30,
-                "the reply's transcript on the page",
-            )
-            # the looped question comes again while the reply plays: barge-in
-            _wait(lambda: "cancelled" in _live(page)["responses"].values(), 45, "speaking to cancel the reply")
-            stats = _live(page)
-            assert stats["bargeIns"] >= 1 and stats["sentChunks"] > 20 and stats["audioBytes"] > 0
-            assert not stats["errors"], stats["errors"]
-            assert "[interrupted]" in _el(page, "#live-log").text
-            _el(page, "#live-stop").click()
-            _wait(lambda: "off" in _el(page, "#live-state").text, 10, "Stop to end the live session")
-        finally:
-            demo.close()
-            driver.quit()
 
 
 def test_demo_exit_stops_its_server(demo):
