@@ -17,6 +17,7 @@ import pytest
 # last one stops it
 SHARED_SERVER_FILES = (
     "tests/serve/cluster/test_app.py",
+    "tests/serve/cluster/test_app_clients.py",
     "tests/serve/cluster/test_app_encoder_cache.py",
     "tests/serve/cluster/test_app_shutdown.py",
 )
