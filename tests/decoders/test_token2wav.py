@@ -186,10 +186,20 @@ def test_window_plan_and_dit_cost(vocoder):
     assert sum(we - ws for _, _, ws, we in plan) / 346 == pytest.approx(1.97, abs=0.01)
 
 
-@pytest.mark.parametrize(
-    "first, ahead, first_ahead, right",
-    [(12, 1, None, "hold"), (24, 2, None, "hold"), (12, 2, 1, "hold"), (12, 1, None, "lookahead")],
-)
+# the SNRs this test measures (first packet, whole stream: 2026-12-07, tiny, utterance 2, one thread), and the margin
+# below them a run may fall before the test fails: the module's bounds (FIRST_CHUNK_SNR_DB, MIN_STREAM_SNR_DB,
+# LOOKAHEAD_STREAM_SNR_DB) are floors over utterances and configs, 10-40 dB below these, so alone they could not tell
+# a regression in this schedule
+MEASURED_SNR_DB = {
+    (12, 1, None, "hold"): (72.0, 72.4),
+    (24, 2, None, "hold"): (104.4, 104.5),
+    (12, 2, 1, "hold"): (72.0, 81.0),
+    (12, 1, None, "lookahead"): (49.7, 61.4),
+}
+SNR_MARGIN_DB = 2.0
+
+
+@pytest.mark.parametrize("first, ahead, first_ahead, right", list(MEASURED_SNR_DB))
 def test_first_audio_after_first_chunk_plus_its_lookahead(vocoder, offline_refs, first, ahead, first_ahead, right):
     """What gates the first packet: first_chunk_codes + the first chunk's look-ahead codes; how much audio it holds
     ("hold": the chunk minus the BigVGAN context held back; "lookahead": the whole chunk); its SNR against offline."""
@@ -210,12 +220,13 @@ def test_first_audio_after_first_chunk_plus_its_lookahead(vocoder, offline_refs,
         assert (got != []) == (i == need) and not s.finished
     frames = first * 2 - 20 if right == "hold" else first * 2
     assert len(got) == 1 and got[0].shape == (frames * 240,)
-    assert snr_db(offline_refs[n][: frames * 240], got[0]) >= FIRST_CHUNK_SNR_DB[right]
+    first_snr, stream_snr = MEASURED_SNR_DB[first, ahead, first_ahead, right]
+    assert snr_db(offline_refs[n][: frames * 240], got[0]) >= max(FIRST_CHUNK_SNR_DB[right], first_snr - SNR_MARGIN_DB)
     s.push(codes[need:], last=True)
     while not s.finished:
         got += t2w.step([s])[0]
     bound = MIN_STREAM_SNR_DB if right == "hold" else LOOKAHEAD_STREAM_SNR_DB
-    assert snr_db(offline_refs[n], np.concatenate(got)) >= bound
+    assert snr_db(offline_refs[n], np.concatenate(got)) >= max(bound, stream_snr - SNR_MARGIN_DB)
 
 
 def test_first_window_codes_is_what_the_first_audio_waits_for(vocoder):
