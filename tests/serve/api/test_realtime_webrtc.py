@@ -1,0 +1,227 @@
+"""WebRTC for the Realtime API (POST /v1/realtime/calls) on a real uvicorn server in front of the in-process Pipeline
+(tiny; the server and the spoken question are test_realtime.py's fixtures), called by a real aiortc peer as a
+browser would: its microphone track plays the espeak-ng question then silence, its `oai-events` data channel carries
+the events; the offer goes as `application/sdp` with a client secret (the browser's fetch) or through the official
+SDK (`client.realtime.calls.create`, multipart with a session)."""
+
+import asyncio
+import json
+import re
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+aiortc = pytest.importorskip("aiortc")
+
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: E402
+
+from omni.serve.api.realtime_webrtc_peer import Speaker  # noqa: E402
+
+from . import test_realtime as rt  # noqa: E402
+from .test_realtime import DEADLINE, KEY, TALKER_TOKENS, idle, run, silence  # noqa: E402
+
+server, spoken = rt.server, rt.spoken  # test_realtime's fixtures: its server settings, its espeak-ng question
+
+SESSION = {
+    "type": "realtime",
+    "output_modalities": ["audio"],
+    "max_output_tokens": 8,
+    "max_output_audio_tokens": TALKER_TOKENS,
+    "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 600}}},
+}
+
+
+class Peer:
+    """The client: a microphone track (test_realtime's PCM16 24 kHz, then silence; paced in real time by the server's
+    own Speaker class), the oai-events channel, and the frames of the server's audio track as (time, peak)."""
+
+    def __init__(self, pcm24: bytes = b""):
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.mic = Speaker(lambda ev: None)
+        if pcm24:
+            self.mic.push("mic", "mic", pcm24)
+            self.mic.finish()
+        self.pc.addTrack(self.mic)
+        self.channel = self.pc.createDataChannel("oai-events")
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.seen: list[dict] = []
+        self.frames: list[tuple[float, int]] = []
+        self.channel.on("message", lambda raw: self.events.put_nowait(json.loads(raw)))
+        self.pc.on("track", lambda track: asyncio.ensure_future(self._play(track)))
+
+    async def _play(self, track) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except aiortc.mediastreams.MediaStreamError:
+                return
+            self.frames.append((time.monotonic(), int(np.abs(frame.to_ndarray().astype(np.int32)).max())))
+
+    async def offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def answer(self, sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
+
+    async def until(self, kind: str) -> dict:
+        while True:
+            try:
+                ev = await asyncio.wait_for(self.events.get(), DEADLINE)
+            except asyncio.TimeoutError:
+                raise AssertionError(f"no {kind} in {DEADLINE} s; got {[e['type'] for e in self.seen][-30:]}") from None
+            ev["_t"] = time.monotonic()
+            self.seen.append(ev)
+            if ev["type"] == kind:
+                return ev
+            assert ev["type"] != "error", ev
+
+    def of(self, kind: str) -> list[dict]:
+        return [e for e in self.seen if e["type"] == kind]
+
+    def send(self, **event) -> None:
+        self.channel.send(json.dumps(event))
+
+
+def calls_of(server) -> dict:
+    return server.server.config.app.state.realtime_calls
+
+
+def gone(server, pipeline) -> None:
+    """Wait (bounded) until the server holds no call, then until no stage runs a request and no slot is held."""
+    deadline = time.time() + DEADLINE
+    while calls_of(server):
+        assert time.time() < deadline, f"calls still open: {list(calls_of(server))}"
+        time.sleep(0.05)
+    idle(server, pipeline)
+
+
+def test_a_spoken_turn_over_webrtc(server, pipeline, spoken):
+    """The browser's flow: a client secret (its session configures the call), the SDP offer posted as
+    application/sdp, the answer set; the question spoken into the microphone track is a VAD turn answered with
+    speech on the server's audio track (not as audio events) and the transcript on the data channel."""
+
+    async def go():
+        sdk = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        secret = await sdk.realtime.client_secrets.create(session=SESSION)
+        peer = Peer(silence(400) + spoken + silence(1500))
+        async with httpx.AsyncClient(timeout=DEADLINE) as http:
+            r = await http.post(
+                f"{server.url}/v1/realtime/calls",
+                content=await peer.offer(),
+                headers={"Authorization": f"Bearer {secret.value}", "Content-Type": "application/sdp"},
+            )
+        assert r.status_code == 201, r.text
+        assert r.headers["content-type"].startswith("application/sdp") and r.text.startswith("v=0")
+        call_id = re.fullmatch(r"/v1/realtime/calls/(rtc_\w+)", r.headers["location"]).group(1)
+        await peer.answer(r.text)
+        created = await peer.until("session.created")
+        assert call_id in calls_of(server)
+        created_at = (await peer.until("response.created"))["_t"]
+        done = await peer.until("response.done")
+        await peer.until("output_audio_buffer.stopped")  # the reply's audio played out on the track
+        await peer.pc.close()
+        return peer, created, created_at, done
+
+    peer, created, created_at, done = run(go())
+    assert created["session"]["max_output_tokens"] == 8  # the secret's session
+    assert created["session"]["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 600
+    kinds = [e["type"] for e in peer.seen]
+    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]
+    order += ["response.created", "response.done"]
+    assert [kinds.index(k) for k in order] == sorted(kinds.index(k) for k in order), kinds
+    assert len(peer.of("input_audio_buffer.speech_started")) == 1
+    a, b = (
+        peer.of("input_audio_buffer.speech_started")[0]["audio_start_ms"],
+        peer.of("input_audio_buffer.speech_stopped")[0]["audio_end_ms"],
+    )
+    assert 0 < a < 400 + 300 and a + 1000 < b, (a, b)  # the question, found in the decoded RTP audio
+    # the random tiny Thinker rarely ends on its own: max_output_tokens (8) ends it, "incomplete"; never cancelled
+    assert done["response"]["status"] in ("completed", "incomplete"), done
+    transcript = "".join(e["delta"] for e in peer.of("response.output_audio_transcript.delta"))
+    assert transcript and transcript == peer.of("response.output_audio_transcript.done")[0]["transcript"]
+    assert not peer.of("response.output_audio.delta")  # audio goes over RTP only
+    started = peer.of("output_audio_buffer.started")
+    assert [e["response_id"] for e in started] == [done["response"]["id"]]
+    loud = [t for t, peak in peer.frames if peak > 0 and t >= created_at]
+    assert len(loud) >= 10, f"{len(loud)} frames with sound after response.created"  # >= 200 ms of the reply
+    gone(server, pipeline)
+
+
+def test_bad_offers_and_credentials(server):
+    """A bad SDP or session is a 400 with OpenAI's error body, no or a wrong credential a 401; nothing is left open."""
+
+    async def go():
+        no_audio = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        no_audio.createDataChannel("oai-events")
+        await no_audio.setLocalDescription(await no_audio.createOffer())
+        url, auth = f"{server.url}/v1/realtime/calls", {"Authorization": f"Bearer {KEY}"}
+        sdp = {"Content-Type": "application/sdp"}
+        async with httpx.AsyncClient(timeout=DEADLINE) as http:
+            out = [
+                await http.post(url, content="hello", headers={**auth, **sdp}),
+                await http.post(url, content=no_audio.localDescription.sdp, headers={**auth, **sdp}),
+                await http.post(url, content="v=0\r\n", headers={**auth, "Content-Type": "image/png"}),
+                await http.post(url, content="v=0\r\n", headers=sdp),
+                await http.post(url, content="v=0\r\n", headers={"Authorization": "Bearer ek_forged.sig", **sdp}),
+                await http.post(f"{url}/rtc_nope/hangup", headers=auth),
+            ]
+        sdk = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        with pytest.raises(openai.BadRequestError) as bad_session:
+            await sdk.realtime.calls.create(sdp="v=0\r\n", session={"type": "realtime", "output_modalities": ["video"]})
+        await no_audio.close()
+        return [(r.status_code, r.json()["error"]) for r in out], bad_session.value
+
+    out, bad_session = run(go())
+    assert [s for s, _ in out] == [400, 400, 400, 401, 401, 404]
+    assert out[0][1] == {
+        "message": "sdp must be an SDP offer (text starting with v=0)",
+        "type": "invalid_request_error",
+        "param": "sdp",
+        "code": "invalid_offer",
+    }
+    assert out[1][1]["code"] == "invalid_offer" and "no audio media section" in out[1][1]["message"]
+    assert out[2][1]["param"] == "Content-Type"
+    assert out[3][1]["code"] == out[4][1]["code"] == "invalid_api_key"
+    assert out[5][1]["code"] == "call_not_found"
+    assert bad_session.status_code == 400 and bad_session.body["param"] == "session.output_modalities"
+    assert not calls_of(server)
+
+
+def test_closing_the_peer_mid_response_frees_everything(server, pipeline):
+    """The official SDK's calls.create (multipart, with a session); a long spoken reply asked for on the data
+    channel; the peer closes while it streams: the call ends, the response is cancelled in every stage, no slot is
+    held. A second call ended by the SDK's calls.hangup is gone too."""
+    long = {"type": "realtime", "instructions": "Be long.", "max_output_tokens": 400, "max_output_audio_tokens": 2000}
+
+    async def go():
+        sdk = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        peer = Peer()
+        answer = await sdk.realtime.calls.with_raw_response.create(sdp=await peer.offer(), session=long)
+        assert answer.http_response.status_code == 201
+        await peer.answer(answer.http_response.text)
+        created = await peer.until("session.created")
+        peer.send(
+            type="conversation.item.create",
+            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Talk for a while."}]},
+        )
+        peer.send(type="response.create")
+        await peer.until("output_audio_buffer.started")
+        await peer.pc.close()  # gone mid-reply
+
+        other = Peer()
+        answer = await sdk.realtime.calls.with_raw_response.create(sdp=await other.offer())
+        call_id = answer.http_response.headers["location"].rsplit("/", 1)[1]
+        await other.answer(answer.http_response.text)
+        await other.until("session.created")
+        await sdk.realtime.calls.hangup(call_id)
+        assert call_id not in calls_of(server)
+        await other.pc.close()
+        return created
+
+    created = run(go())
+    assert created["session"]["instructions"] == "Be long."
+    gone(server, pipeline)
