@@ -5,6 +5,7 @@ the events; the offer goes as `application/sdp` with a client secret (the browse
 SDK (`client.realtime.calls.create`, multipart with a session)."""
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -49,6 +50,7 @@ class Peer:
         self.events: asyncio.Queue = asyncio.Queue()
         self.seen: list[dict] = []
         self.frames: list[tuple[float, int]] = []
+        self.tick = asyncio.Event()  # a frame arrived
         self.channel.on("message", lambda raw: self.events.put_nowait(json.loads(raw)))
         self.pc.on("track", lambda track: asyncio.ensure_future(self._play(track)))
 
@@ -59,6 +61,13 @@ class Peer:
             except aiortc.mediastreams.MediaStreamError:
                 return
             self.frames.append((time.monotonic(), int(np.abs(frame.to_ndarray().astype(np.int32)).max())))
+            self.tick.set()
+
+    async def play_until(self, t: float) -> None:
+        """Wait until the server's track has played past monotonic time `t`."""
+        while not self.frames or self.frames[-1][0] <= t:
+            self.tick.clear()
+            await asyncio.wait_for(self.tick.wait(), DEADLINE)
 
     async def offer(self) -> str:
         await self.pc.setLocalDescription(await self.pc.createOffer())
@@ -77,7 +86,7 @@ class Peer:
             self.seen.append(ev)
             if ev["type"] == kind:
                 return ev
-            assert ev["type"] != "error", ev
+            assert ev["type"] != "error", (ev, [e["type"] for e in self.seen][-30:])
 
     def of(self, kind: str) -> list[dict]:
         return [e for e in self.seen if e["type"] == kind]
@@ -194,7 +203,8 @@ def test_bad_offers_and_credentials(server):
 def test_closing_the_peer_mid_response_frees_everything(server, pipeline):
     """The official SDK's calls.create (multipart, with a session); a long spoken reply asked for on the data
     channel; the peer closes while it streams: the call ends, the response is cancelled in every stage, no slot is
-    held. A second call ended by the SDK's calls.hangup is gone too."""
+    held. A second call, its offer without ICE candidates (as a browser's that does not wait for gathering: the
+    server learns the client's address from its connectivity checks), ended by the SDK's calls.hangup, is gone too."""
     long = {"type": "realtime", "instructions": "Be long.", "max_output_tokens": 400, "max_output_audio_tokens": 2000}
 
     async def go():
@@ -212,8 +222,9 @@ def test_closing_the_peer_mid_response_frees_everything(server, pipeline):
         await peer.until("output_audio_buffer.started")
         await peer.pc.close()  # gone mid-reply
 
-        other = Peer()
-        answer = await sdk.realtime.calls.with_raw_response.create(sdp=await other.offer())
+        other = Peer()  # a browser posts its offer before ICE gathering ends: no candidates in it (trickle ICE)
+        bare = "".join(line for line in (await other.offer()).splitlines(True) if "candidate" not in line)
+        answer = await sdk.realtime.calls.with_raw_response.create(sdp=bare)
         call_id = answer.http_response.headers["location"].rsplit("/", 1)[1]
         await other.answer(answer.http_response.text)
         await other.until("session.created")
@@ -225,3 +236,73 @@ def test_closing_the_peer_mid_response_frees_everything(server, pipeline):
     created = run(go())
     assert created["session"]["instructions"] == "Be long."
     gone(server, pipeline)
+
+
+def test_speech_over_the_reply_stops_it_and_cuts_it_to_what_was_played(server, pipeline, spoken):
+    """Barge-in over WebRTC: the client speaks while a long spoken reply plays on the track; the server drops the
+    queued audio (output_audio_buffer.cleared, silence on the track), and cuts the assistant item to what was played
+    (conversation.item.truncated), as OpenAI's WebRTC does without the client's truncate."""
+    session = {
+        "type": "realtime",
+        "max_output_tokens": 100,
+        "max_output_audio_tokens": 500,  # 10 s of speech: still playing when the user speaks
+        "audio": {"input": {"turn_detection": {"type": "server_vad", "create_response": False}}},
+    }
+
+    async def go():
+        sdk = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        peer = Peer()
+        answer = await sdk.realtime.calls.with_raw_response.create(sdp=await peer.offer(), session=session)
+        await peer.answer(answer.http_response.text)
+        await peer.until("session.created")
+        peer.send(
+            type="conversation.item.create",
+            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]},
+        )
+        peer.send(type="response.create")
+        created = await peer.until("response.created")
+        started = (await peer.until("output_audio_buffer.started"))["_t"]
+        peer.mic.push("mic", "again", silence(300) + spoken + silence(800))  # the user talks over the reply
+        peer.mic.finish()
+        await peer.until("input_audio_buffer.speech_started")
+        cleared = await peer.until("output_audio_buffer.cleared")
+        truncated = await peer.until("conversation.item.truncated")
+        await peer.until("input_audio_buffer.committed")
+        await peer.play_until(cleared["_t"] + 1.5)
+        await peer.pc.close()
+        return peer, created, started, cleared, truncated
+
+    peer, created, started, cleared, truncated = run(go())
+    rid = created["response"]["id"]
+    assert cleared["response_id"] == rid
+    item = [e["item"] for e in peer.of("response.output_item.added") if e["response_id"] == rid][0]
+    assert truncated["item_id"] == item["id"], [(e["type"], e.get("item", {}).get("role")) for e in peer.seen]
+    heard_s = cleared["_t"] - started
+    assert 0 < truncated["audio_end_ms"] <= 1000 * heard_s + 500, (truncated, heard_s)  # played, not generated
+    done = [e for e in peer.of("response.done") if e["response"]["id"] == rid]
+    assert not done or done[0]["response"]["status"] in ("cancelled", "completed", "incomplete")
+    after = [peak for t, peak in peer.frames if t > cleared["_t"] + 0.5]  # past the jitter buffer: silence
+    assert after and max(after) == 0, after
+    gone(server, pipeline)
+
+
+def test_a_silent_microphone_never_fills_the_input_buffer(server, spoken):
+    """A call's microphone streams for as long as the call lasts, mostly silence: with server VAD the session keeps
+    only what a turn may reach back to, so 70 s of silence (past realtime.max_buffer_s, 60) then a question is one
+    turn and no input_audio_buffer_full error. Driven over the WebSocket (the same Session), where the audio can be
+    sent faster than real time."""
+
+    async def go():
+        async with rt.sdk(server) as conn:
+            await rt.setup(conn, audio={"input": {"turn_detection": {"type": "server_vad", "create_response": False}}})
+            seen: list = []
+            second = base64.b64encode(silence(1000)).decode()
+            for _ in range(70):
+                await conn.input_audio_buffer.append(audio=second)
+            await rt.append(conn, spoken + silence(1000))
+            await rt.until(conn, "input_audio_buffer.committed", seen)
+            return seen
+
+    seen = run(go())
+    started = rt.of(seen, "input_audio_buffer.speech_started")
+    assert len(started) == 1 and started[0]["audio_start_ms"] >= 70000 - 300, started
