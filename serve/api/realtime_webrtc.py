@@ -6,7 +6,9 @@ client secret from `POST /v1/realtime/client_secrets` (`Authorization: Bearer ek
 first, then the request's). The reply: 201, the SDP answer as `application/sdp`, and `Location:
 /v1/realtime/calls/{call_id}`. Audio goes both ways as Opus RTP, every event as the WebSocket's JSON on the
 `oai-events` data channel the client opens (serve/api/realtime_webrtc_peer.py). A bad offer or session: 400 with
-OpenAI's error body; no or a bad credential: 401; the server without aiortc (the `webrtc` extra): 501."""
+OpenAI's error body; no or a bad credential: 401; the server without aiortc (the `webrtc` extra): 501.
+
+A web page of any origin may call it (CORS: the credential is a bearer token, never a cookie), as OpenAI's API."""
 
 from __future__ import annotations
 
@@ -18,12 +20,24 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from omni.serve.api.common import HTTPError, read_body
+from omni.serve.api.common import HTTPError, error_json, read_body
 from omni.serve.api.realtime_auth import ClientSecrets, credentials
 
 __all__ = ["mount_webrtc", "parse_offer"]
 
 MAX_OFFER_BYTES = 256 * 1024  # an SDP offer is a few kB
+CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "Location"}
+PREFLIGHT = {
+    **CORS,
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Max-Age": "600",
+}
+
+
+def _cors(response: Response) -> Response:
+    response.headers.update(CORS)
+    return response
 
 
 def parse_offer(body: bytes, content_type: str) -> tuple[str, dict]:
@@ -88,8 +102,7 @@ def mount_webrtc(app: FastAPI, routes, secrets: ClientSecrets) -> None:
             )
         return patch
 
-    @app.post("/v1/realtime/calls")
-    async def _create_call(request: Request):
+    async def create(request: Request) -> Response:
         patch = authorize(request)
         if routes.draining:
             raise HTTPError(503, "server is shutting down; retry on another replica", code="shutting_down")
@@ -110,11 +123,29 @@ def mount_webrtc(app: FastAPI, routes, secrets: ClientSecrets) -> None:
             headers={"Location": f"/v1/realtime/calls/{call.id}"},
         )
 
-    @app.post("/v1/realtime/calls/{call_id}/hangup")
-    async def _hangup(call_id: str, request: Request):
+    async def hangup(call_id: str, request: Request) -> Response:
         authorize(request)
         call = calls.get(call_id)
         if call is None:
             raise HTTPError(404, f"no call {call_id!r} in progress on this server", "call_id", "call_not_found")
         await call.hangup()
         return Response(status_code=200)
+
+    @app.post("/v1/realtime/calls")
+    async def _create_call(request: Request):
+        try:
+            return _cors(await create(request))
+        except HTTPError as e:  # answered here, with the CORS headers a page needs to read the error
+            return _cors(error_json(e))
+
+    @app.post("/v1/realtime/calls/{call_id}/hangup")
+    async def _hangup(call_id: str, request: Request):
+        try:
+            return _cors(await hangup(call_id, request))
+        except HTTPError as e:
+            return _cors(error_json(e))
+
+    @app.options("/v1/realtime/calls")
+    @app.options("/v1/realtime/calls/{call_id}/hangup")
+    async def _preflight():
+        return Response(status_code=204, headers=PREFLIGHT)

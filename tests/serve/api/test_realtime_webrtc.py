@@ -124,6 +124,7 @@ def test_a_spoken_turn_over_webrtc(server, pipeline, spoken):
                 headers={"Authorization": f"Bearer {secret.value}", "Content-Type": "application/sdp"},
             )
         assert r.status_code == 201, r.text
+        assert r.headers["access-control-allow-origin"] == "*"  # a page of another origin reads the answer
         assert r.headers["content-type"].startswith("application/sdp") and r.text.startswith("v=0")
         call_id = re.fullmatch(r"/v1/realtime/calls/(rtc_\w+)", r.headers["location"]).group(1)
         await peer.answer(r.text)
@@ -178,13 +179,18 @@ def test_bad_offers_and_credentials(server):
                 await http.post(url, content="v=0\r\n", headers={"Authorization": "Bearer ek_forged.sig", **sdp}),
                 await http.post(f"{url}/rtc_nope/hangup", headers=auth),
             ]
+            preflight = await http.options(
+                url, headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+            )
         sdk = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
         with pytest.raises(openai.BadRequestError) as bad_session:
             await sdk.realtime.calls.create(sdp="v=0\r\n", session={"type": "realtime", "output_modalities": ["video"]})
         await no_audio.close()
-        return [(r.status_code, r.json()["error"]) for r in out], bad_session.value
+        assert all(r.headers["access-control-allow-origin"] == "*" for r in out)  # errors a page can read
+        return [(r.status_code, r.json()["error"]) for r in out], bad_session.value, preflight
 
-    out, bad_session = run(go())
+    out, bad_session, preflight = run(go())
+    assert preflight.status_code == 204 and "Authorization" in preflight.headers["access-control-allow-headers"]
     assert [s for s, _ in out] == [400, 400, 400, 401, 401, 404]
     assert out[0][1] == {
         "message": "sdp must be an SDP offer (text starting with v=0)",
