@@ -9,6 +9,7 @@ import base64
 import json
 import re
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -312,3 +313,74 @@ def test_a_silent_microphone_never_fills_the_input_buffer(server, spoken):
     seen = run(go())
     started = rt.of(seen, "input_audio_buffer.speech_started")
     assert len(started) == 1 and started[0]["audio_start_ms"] >= 70000 - 300, started
+
+
+# the README's browser code, as written there (only the address and the secret filled in), plus what the test reads:
+# the data channel's events and the peak level of the reply's audio track (WebAudio)
+PAGE = """<html><body><script>
+window.events = []; window.peaks = []; window.state = "start";
+(async () => { try {
+%(readme)s
+  pc.onconnectionstatechange = () => { window.state += " " + pc.connectionState; };
+  events.onmessage = (e) => { const ev = JSON.parse(e.data); window.events.push([performance.now(), ev.type,
+    ev.response ? ev.response.status : null]); };
+  window.state = "answer " + r.status;
+  const ctx = new AudioContext(), analyser = ctx.createAnalyser(), wave = new Float32Array(2048);
+  ctx.createMediaStreamSource(speaker.srcObject).connect(analyser);
+  setInterval(() => { analyser.getFloatTimeDomainData(wave);
+    window.peaks.push([performance.now(), Math.max(...wave.map(Math.abs))]); }, 50);
+} catch (e) { window.state = "error " + e; } })();
+</script></body></html>"""
+
+
+def test_headless_chromium_calls_it_as_the_readme_says(server, spoken, tmp_path):
+    """A real browser: headless Chromium, its fake microphone playing the espeak-ng question, runs the README's
+    WebRTC code from a file:// page (another origin: CORS) with a client secret; Chrome's own offer (trickle ICE, no
+    candidates in it) connects, the question is a VAD turn, the reply is heard on the track (WebAudio peaks)."""
+    pytest.importorskip("selenium")
+    import shutil
+
+    import soundfile as sf
+    import soxr
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("needs Debian's chromium and chromium-driver (make setup installs them)")
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    js = re.search(r"```js\n(.*?)```", readme[readme.index("**WebRTC**") :], re.S).group(1)
+    secret = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY).realtime.client_secrets.create(session=SESSION)
+    js = js.replace("http://127.0.0.1:8000", server.url).replace("${secret}", secret.value)
+    (tmp_path / "page.html").write_text(PAGE % {"readme": js})
+    pcm = np.frombuffer(silence(300) + spoken + silence(6000), "<i2")  # Chromium plays it in a loop
+    sf.write(tmp_path / "mic.wav", soxr.resample(pcm, 24000, 48000).astype(np.int16), 48000, subtype="PCM_16")
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--mute-audio"):
+        options.add_argument(arg)
+    options.add_argument("--autoplay-policy=no-user-gesture-required")
+    options.add_argument("--use-fake-ui-for-media-stream")
+    options.add_argument("--use-fake-device-for-media-stream")
+    options.add_argument(f"--use-file-for-fake-audio-capture={tmp_path / 'mic.wav'}")
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(f"file://{tmp_path / 'page.html'}")
+        deadline = time.time() + 2 * DEADLINE
+        while True:  # polling the page: the browser's state is only seen from here by asking it
+            state, events, peaks = driver.execute_script("return [window.state, window.events, window.peaks]")
+            done = [t for t, kind, _ in events if kind == "response.done"]
+            if done and any(t > done[0] + 500 for t, _ in peaks) or state.startswith("error"):
+                break
+            assert time.time() < deadline, (state, [k for _, k, _ in events])
+            time.sleep(0.2)
+    finally:
+        driver.quit()
+    kinds = [k for _, k, _ in events]
+    assert state.startswith("answer 201") and "connected" in state, state
+    order = ["session.created", "input_audio_buffer.speech_started", "input_audio_buffer.committed"]
+    order += ["response.created", "output_audio_buffer.started", "response.done"]
+    assert all(k in kinds for k in order), kinds
+    assert [s for _, k, s in events if k == "response.done"][0] in ("completed", "incomplete")
+    created = next(t for t, k, _ in events if k == "response.created")
+    assert max(p for t, p in peaks if t > created) > 0.01  # the reply, heard in the browser
