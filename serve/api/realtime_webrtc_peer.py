@@ -44,6 +44,7 @@ RATE_OUT = 48000  # Opus' clock
 FRAME = 960  # 20 ms at 48 kHz
 APPEND_BYTES = 4800  # 100 ms of 24 kHz PCM16 per input_audio_buffer.append
 CONNECT_TIMEOUT_S = 30  # the answer given, ICE and DTLS must complete within this
+MAX_PENDING = 1000  # server events held for a data channel not open yet (a client without one: the rest dropped)
 
 
 class Speaker(MediaStreamTrack):
@@ -183,7 +184,11 @@ class Call:
         except Exception as e:  # noqa: BLE001 - aiortc's SDP parser raises ValueError, KeyError, IndexError, ...
             await pc.close()
             raise HTTPError(400, f"invalid SDP offer: {e or type(e).__name__}", "sdp", "invalid_offer") from None
-        await self.session.start()
+        try:
+            await self.session.start()
+        except BaseException:
+            await pc.close()
+            raise
         self.session.expires_at = int(time.time() + self.limits.max_session_s)
         self.registry[self.id] = self
         self.send(server_event("session.created", session=self.session.wire()))
@@ -238,7 +243,7 @@ class Call:
     def send(self, ev: dict) -> None:
         if self.channel is not None and self.channel.readyState == "open":
             self.channel.send(json.dumps(ev))
-        elif self.channel is None:
+        elif self.channel is None and len(self.pending) < MAX_PENDING:
             self.pending.append(ev)
 
     def emit(self, ev: dict) -> None:
