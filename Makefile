@@ -35,7 +35,7 @@ $(BIN)/python:
 
 # (re)installed whenever pyproject.toml changes (new dependencies, new extras)
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --no-compile --disable-pip-version-check -e ".[test,demo,lint]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q --no-compile --disable-pip-version-check -e ".[test,demo,lint,webrtc]" 2>&1 | grep -v "^WARNING: Location" || true
 	@$(BIN)/python -c "import omni, openai, hypothesis, torch, transformers, ray, gradio, selenium, mypy"
 	@$(BIN)/ruff --version >/dev/null
 	@touch $@

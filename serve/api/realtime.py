@@ -11,7 +11,6 @@ close 1000)."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -25,10 +24,10 @@ from starlette.websockets import WebSocketDisconnect
 from omni.serve.api.common import HTTPError, parse_body, read_body
 from omni.serve.api.convert import error_response
 from omni.serve.api.realtime_auth import ClientSecrets, credentials
-from omni.serve.api.realtime_events import RealtimeError, SessionConfig, error_event, server_event
+from omni.serve.api.realtime_events import RealtimeError, RealtimeLimits, SessionConfig, error_event, server_event
 from omni.serve.api.realtime_session import Session
 
-__all__ = ["mount_realtime"]
+__all__ = ["handle_raw", "mount_realtime"]
 
 log = logging.getLogger("omni.serve.api.realtime")
 
@@ -88,19 +87,10 @@ class _Connection:
 
     def authenticate(self) -> Optional[dict]:
         """-> the session patch the credential carries ({} for the API key or an open server); None: refused."""
-        key = self.routes.settings.api_key
         offered, in_query = credentials(
             self.ws.headers, list(self.ws.scope.get("subprotocols") or []), self.ws.query_params
         )
-        if key is None:
-            return {}
-        for token in offered + in_query:
-            if token in offered and hmac.compare_digest(token.encode(), key.encode()):
-                return {}
-            patch = self.secrets.verify(token)
-            if patch is not None:
-                return patch
-        return None
+        return self.secrets.authorize(self.routes.settings.api_key, offered, in_query)
 
     async def refuse(self, message: str) -> None:
         body = error_response(401, message, None, "invalid_api_key").model_dump()
@@ -185,46 +175,52 @@ class _Connection:
             if msg["type"] == "websocket.disconnect":
                 return
             raw = msg.get("text") if msg.get("text") is not None else msg.get("bytes") or b""
-            await self._event(session, raw, bucket)
+            await handle_raw(session, raw, bucket, self.limits, self.emit)
 
-    async def _event(self, session: Session, raw, bucket: _Bucket) -> None:
-        client_id = None
-        try:
-            if not bucket.take():
-                raise RealtimeError(
-                    f"more than {self.limits.max_events_per_s:g} events per second; this event was dropped",
-                    None,
-                    "rate_limit_exceeded",
-                )
-            size = len(raw.encode() if isinstance(raw, str) else raw)
-            if size > self.limits.max_message_bytes:
-                raise RealtimeError(
-                    f"event of {size} bytes is more than the {self.limits.max_message_bytes} allowed",
-                    None,
-                    "message_too_large",
-                )
-            try:
-                ev = json.loads(raw)
-            except (ValueError, RecursionError) as e:
-                raise RealtimeError(f"event is not valid JSON: {e}", None, "invalid_json") from None
-            if not isinstance(ev, dict):
-                raise RealtimeError("an event is a JSON object with a `type`", None, "invalid_json")
-            client_id = ev.get("event_id") if isinstance(ev.get("event_id"), str) else None
-            await session.handle(ev)
-        except RealtimeError as e:
-            self.emit(error_event(e, client_id))
-        except Exception as e:  # noqa: BLE001 - the session goes on
-            log.exception("realtime event failed")
-            self.emit(
-                error_event(
-                    RealtimeError(f"internal server error: {type(e).__name__}", None, "internal_error", "server_error"),
-                    client_id,
-                )
+
+async def handle_raw(
+    session: Session, raw, bucket: _Bucket, limits: RealtimeLimits, emit: Callable[[dict], None]
+) -> None:
+    """One client event as received (text or bytes): rate and size limits, JSON, dispatch; a bad one becomes an
+    `error` event and the session goes on (the reader of the WebSocket and of WebRTC's data channel)."""
+    client_id = None
+    try:
+        if not bucket.take():
+            raise RealtimeError(
+                f"more than {limits.max_events_per_s:g} events per second; this event was dropped",
+                None,
+                "rate_limit_exceeded",
             )
+        size = len(raw.encode() if isinstance(raw, str) else raw)
+        if size > limits.max_message_bytes:
+            raise RealtimeError(
+                f"event of {size} bytes is more than the {limits.max_message_bytes} allowed",
+                None,
+                "message_too_large",
+            )
+        try:
+            ev = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise RealtimeError(f"event is not valid JSON: {e}", None, "invalid_json") from None
+        if not isinstance(ev, dict):
+            raise RealtimeError("an event is a JSON object with a `type`", None, "invalid_json")
+        client_id = ev.get("event_id") if isinstance(ev.get("event_id"), str) else None
+        await session.handle(ev)
+    except RealtimeError as e:
+        emit(error_event(e, client_id))
+    except Exception as e:  # noqa: BLE001 - the session goes on
+        log.exception("realtime event failed")
+        emit(
+            error_event(
+                RealtimeError(f"internal server error: {type(e).__name__}", None, "internal_error", "server_error"),
+                client_id,
+            )
+        )
 
 
-def mount_realtime(app: FastAPI, routes, check_auth: Callable[[Request, object], None]) -> None:
-    """Add /v1/realtime and /v1/realtime/client_secrets to `app` (routes: the app's _Routes)."""
+def mount_realtime(app: FastAPI, routes, check_auth: Callable[[Request, object], None]) -> ClientSecrets:
+    """Add /v1/realtime and /v1/realtime/client_secrets to `app` (routes: the app's _Routes); -> the secrets' signer
+    (WebRTC's /v1/realtime/calls takes the same secrets)."""
     settings = routes.settings
     secrets = ClientSecrets(settings.api_key)
 
@@ -247,3 +243,5 @@ def mount_realtime(app: FastAPI, routes, check_auth: Callable[[Request, object],
         return JSONResponse(
             {"value": value, "expires_at": expires_at, "session": cfg.wire(probe.id, routes.served_name, expires_at)}
         )
+
+    return secrets

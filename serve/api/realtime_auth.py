@@ -66,6 +66,19 @@ class ClientSecrets:
             return None
         return data.get("s") if isinstance(data.get("s"), dict) else {}
 
+    def authorize(self, api_key: Optional[str], offered: list[str], in_query: list[str]) -> Optional[dict]:
+        """Credentials (from `credentials`) -> the session patch they carry ({} for the API key or an open server);
+        None: refused."""
+        if api_key is None:
+            return {}
+        for token in offered + in_query:
+            if token in offered and hmac.compare_digest(token.encode(), api_key.encode()):
+                return {}
+            patch = self.verify(token)
+            if patch is not None:
+                return patch
+        return None
+
 
 def credentials(headers, subprotocols: list[str], query) -> tuple[list[str], list[str]]:
     """-> (keys or secrets offered by header or subprotocol, secrets offered by query)."""

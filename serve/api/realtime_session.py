@@ -136,6 +136,8 @@ class Session:
     # ------------------------------------------------------------------------------------------------ input audio
     async def audio_append(self, ev: dict) -> None:
         raw = decode_pcm16(ev.get("audio"), "audio")
+        if self.vad is not None and self.speech_item is None and not self.vad.in_speech:
+            self._drop_idle_audio()
         if (len(self.buffer) + len(raw)) / 2 / (SAMPLES_PER_MS * 1000) > self.limits.max_buffer_s:
             raise RealtimeError(
                 f"the input audio buffer holds at most {self.limits.max_buffer_s} s: commit or clear it",
@@ -150,6 +152,16 @@ class Session:
                 await self._speech_started(max(ms, self.buffer_start // SAMPLES_PER_MS))
             elif self.speech_item is not None:
                 await self._speech_stopped(ms)
+
+    def _drop_idle_audio(self) -> None:
+        """Server VAD between turns: the buffer keeps only the audio a turn starting now may reach back to (its
+        prefix padding), trimmed now and then, so a microphone that streams silence (WebRTC, the live demo) never
+        fills it."""
+        assert self.vad is not None, "server VAD only"
+        n, keep = len(self.buffer) // 2, (self.vad.config.prefix_padding_ms + 100) * SAMPLES_PER_MS
+        if n > min(10.0, self.limits.max_buffer_s / 2) * 1000 * SAMPLES_PER_MS and n > keep:
+            self.buffer_start += n - keep
+            del self.buffer[: 2 * (n - keep)]
 
     async def _speech_started(self, ms: int) -> None:
         self.speech_item, self.speech_start_ms = new_id("item"), ms

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP app: `build_fastapi(backend, settings)` -> FastAPI with GET /health, GET /v1/models,
 GET /v1/audio/voices, GET /metrics, POST /v1/chat/completions, POST /v1/audio/speech (serve/api/speech.py) and the
-Realtime API, GET /v1/realtime (WebSocket) and POST /v1/realtime/client_secrets (serve/api/realtime.py).
+Realtime API, GET /v1/realtime (WebSocket) and POST /v1/realtime/client_secrets (serve/api/realtime.py), POST
+/v1/realtime/calls (WebRTC; serve/api/realtime_webrtc.py).
 
 The app holds no module-level state: the backend, settings, admission counter and metrics registry belong to the
 app (the Ray ingress builds it in its replica, in `__serve_build_asgi_app__`).
@@ -49,6 +50,7 @@ from omni.serve.api.metrics import CONTENT_TYPE_LATEST, Metrics
 from omni.serve.api.protocol import ChatCompletionRequest, ModelCard, ModelList
 from omni.serve.api.realtime import mount_realtime
 from omni.serve.api.realtime_events import RealtimeLimits
+from omni.serve.api.realtime_webrtc import mount_webrtc
 from omni.serve.api.speech import speech
 
 __all__ = ["Backend", "ServerSettings", "HTTPError", "build_fastapi", "classify_error"]
@@ -380,5 +382,6 @@ def build_fastapi(
     async def chat_completions(request: Request):
         return await routes.chat_completions(request)
 
-    mount_realtime(app, routes, _check_auth)  # GET /v1/realtime (WebSocket), POST /v1/realtime/client_secrets
+    secrets = mount_realtime(app, routes, _check_auth)  # GET /v1/realtime (WebSocket), POST .../client_secrets
+    mount_webrtc(app, routes, secrets)  # POST /v1/realtime/calls (WebRTC)
     return app
