@@ -298,3 +298,24 @@ def test_interrupted_runs_resume_to_the_whole_output(media_dir, tmp_path, oracle
     for r in rows:
         kind = r["media_type"]
         assert r["caption"] == oracle(r["path"], kind, DEFAULT_PROMPTS[kind], MAX_TOKENS).text, r["path"]
+
+
+def test_caption_bench_on_tiny(tmp_path, capsys):
+    """`omni bench caption` end to end on the tiny checkpoint with 4 files (on this module's Ray, as on a user's
+    running one): both paths caption every file, the greedy captions agree, the ratio comes from the same run, the
+    table and caption.json are written. No timing asserts beyond sanity (the machine is shared)."""
+    import argparse
+
+    from omni.serve.bench.caption import main
+
+    rc = main(argparse.Namespace(suite="caption", model="tiny", files=4, max_tokens=4, out=str(tmp_path)))
+    assert rc == 0
+    r = json.loads((tmp_path / "caption.json").read_text())
+    assert r["files"] == 4 and r["ours"]["ok"] == 4 and r["captions_equal"] == 4
+    assert r["ratio"] == pytest.approx(r["ours"]["files_per_s"] / r["loop"]["files_per_s"])
+    for side in ("ours", "loop"):
+        assert r[side]["wall_s"] > 0 and all(v >= 0 for v in r[side]["stage_s"].values())
+    assert r["ours"]["stage_s"]["thinker (continuous batch)"] > 0
+    assert {"ray", "encode_ready", "thinker_ready", "first_row", "end"} <= set(r["ours"]["timeline_s"])
+    out = capsys.readouterr().out
+    assert "| files/s, end to end" in out and "captions equal to the official path's | 4/4" in out
