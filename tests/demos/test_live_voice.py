@@ -2,11 +2,11 @@
 microphone that plays an espeak-ng question, the demo page (`launch_demo`) against the HTTP app over the in-process
 tiny pipeline, /v1/realtime with a client secret the demo mints."""
 
-import subprocess
 from pathlib import Path
 
 import pytest
 from browser_page import chrome, el, free_port, open_page, wait
+from spoken import espeak_wav
 
 pytestmark = pytest.mark.slow
 KEY = "sk-live-test"
@@ -15,30 +15,7 @@ KEY = "sk-live-test"
 def _fake_microphone(path: Path) -> Path:
     """A spoken question (espeak-ng), then 6 s of silence, as Chromium's fake microphone plays it: in a loop, so the
     question comes again while the reply to it still plays."""
-    raw = path.with_suffix(".raw.wav")
-    subprocess.run(["espeak-ng", "-w", str(raw), "What is the capital of France?"], check=True, capture_output=True)
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-loglevel",
-            "error",
-            "-y",
-            "-i",
-            str(raw),
-            "-af",
-            "apad=pad_dur=6",
-            "-ar",
-            "48000",
-            "-ac",
-            "1",
-            "-c:a",
-            "pcm_s16le",
-            str(path),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return path
+    return espeak_wav("What is the capital of France?", path, 48000, pad_s=6)
 
 
 def _live(driver) -> dict:

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import json
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import openai
 import pytest
 import soundfile as sf
 import websockets
+from spoken import espeak_wav
 
 from omni.prompt import prepare_prompt
 from omni.reference import reference_generate
@@ -56,29 +56,7 @@ def server(pipeline):
 def spoken(tmp_path_factory) -> bytes:
     """A spoken question (espeak-ng), as PCM16 mono 24 kHz bytes."""
     d = tmp_path_factory.mktemp("rt")
-    subprocess.run(
-        ["espeak-ng", "-w", str(d / "q.wav"), "Hello there, what is the weather like today?"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-loglevel",
-            "error",
-            "-y",
-            "-i",
-            str(d / "q.wav"),
-            "-ac",
-            "1",
-            "-ar",
-            str(RATE),
-            "-sample_fmt",
-            "s16",
-            str(d / "q24.wav"),
-        ],
-        check=True,
-    )
+    espeak_wav("Hello there, what is the weather like today?", d / "q24.wav", RATE)
     pcm, sr = sf.read(d / "q24.wav", dtype="int16")
     assert sr == RATE
     return pcm.astype("<i2").tobytes()
