@@ -14,6 +14,7 @@ import asyncio
 import base64
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Optional
@@ -56,6 +57,7 @@ class _Response:
     error: Optional[Exception] = None
     done: bool = False  # response.done sent
     text_tokens: int = 0
+    turn_t0: Optional[float] = None  # perf_counter of the commit that began this turn, until its first audio delta
 
     @property
     def speak(self) -> bool:
@@ -76,9 +78,15 @@ class Session:
         self.speech_start_ms = 0
         self.response: Optional[_Response] = None
         self.responses = 0  # created in this session
+        self.metrics = routes.metrics
+        self.committed_at: Optional[float] = None  # perf_counter of the last commit no response has answered yet
+        self._counted = False  # in the active-sessions gauge
 
     # ------------------------------------------------------------------------------------------------ setup
     async def start(self) -> None:
+        if not self._counted:
+            self._counted = True
+            self.metrics.realtime_sessions.inc()
         await self._apply_turn_detection()
 
     async def _apply_turn_detection(self) -> None:
@@ -191,6 +199,7 @@ class Session:
             return
         audio = await self._load_audio(raw, "audio")
         item = Item(item_id, "user", [{"type": "input_audio", "transcript": None}], [AudioPart(audio)])
+        self.committed_at = time.perf_counter()  # the end of the user's turn: turn latency runs from here
         self.emit(server_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=self._last_id()))
         self._add(item)
 
@@ -343,6 +352,7 @@ class Session:
         except InvalidRequest as e:
             raise RealtimeError(e.message, e.param, e.code or "invalid_value") from None
         self.response, self.responses = resp, self.responses + 1
+        resp.turn_t0, self.committed_at = self.committed_at, None
         self.emit(server_event("response.created", response=self._response_wire(resp, "in_progress")))
         part = {"type": "audio", "transcript": ""} if resp.speak else {"type": "text", "text": ""}
         resp.item.content.append(
@@ -441,6 +451,9 @@ class Session:
         elif isinstance(ev, AudioChunk):
             raw = pcm16_bytes(ev.pcm)
             if raw:
+                if resp.turn_t0 is not None:
+                    self.metrics.realtime_turn_latency.observe(time.perf_counter() - resp.turn_t0)
+                    resp.turn_t0 = None
                 resp.item.audio_samples += len(raw) // 2
                 self.emit(
                     server_event("response.output_audio.delta", delta=base64.b64encode(raw).decode("ascii"), **ids)
@@ -531,6 +544,8 @@ class Session:
         if resp is None or resp.task is None:
             return
         resp.cancel_reason = reason
+        if reason == "turn_detected":
+            self.metrics.realtime_barge_ins.inc()
         resp.task.cancel()
         try:
             await resp.task
@@ -550,7 +565,12 @@ class Session:
             self.response = None
 
     async def close(self) -> None:
-        await self.cancel_response(None)
+        try:
+            await self.cancel_response(None)
+        finally:
+            if self._counted:
+                self._counted = False
+                self.metrics.realtime_sessions.dec()
 
 
 _HANDLERS = {

@@ -16,6 +16,7 @@ import openai
 import pytest
 import soundfile as sf
 import websockets
+from prometheus_client.parser import text_string_to_metric_families
 
 from omni.prompt import prepare_prompt
 from omni.reference import reference_generate
@@ -152,6 +153,39 @@ def idle(server, pipeline) -> None:
         time.sleep(0.05)
 
 
+SESSIONS = "omni_realtime_sessions_active"
+TURNS = "omni_realtime_turn_latency_seconds"  # _count, _sum
+BARGE_INS = "omni_realtime_barge_ins_total"
+
+
+async def scrape(server) -> dict[str, float]:
+    """GET /metrics over HTTP -> {sample name: value} for the realtime samples (no labels)."""
+    async with httpx.AsyncClient(timeout=DEADLINE) as client:
+        r = await client.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    return {
+        s.name: s.value
+        for fam in text_string_to_metric_families(r.text)
+        for s in fam.samples
+        if s.name.startswith("omni_realtime_") and not s.labels
+    }
+
+
+async def sessions_back_to(server, n: float) -> dict[str, float]:
+    """Scrape until the active-sessions gauge reads `n` (the server closes a session after the client has left)."""
+    deadline = time.time() + DEADLINE
+    while True:
+        m = await scrape(server)
+        if m[SESSIONS] == n:
+            return m
+        assert time.time() < deadline, f"{m[SESSIONS]} realtime sessions still active, expected {n}"
+        await asyncio.sleep(0.05)
+
+
+def moved(before: dict, after: dict) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after}
+
+
 # ---------------------------------------------------------------------------------------------------- text
 def test_text_turns_equal_the_reference(server, tiny):
     """Two text turns: each reply equals the official transformers path's for the whole conversation so far."""
@@ -208,6 +242,7 @@ def test_spoken_turn_with_server_vad_equals_the_chat_completion(server, spoken):
     sent = silence(400) + spoken + silence(1200)
 
     async def go():
+        before = await scrape(server)
         async with sdk(server) as conn:
             await setup(
                 conn,
@@ -227,12 +262,20 @@ def test_spoken_turn_with_server_vad_equals_the_chat_completion(server, spoken):
                     },
                 },
             )
+            t0 = time.perf_counter()
             await append(conn, sent)
             seen = []
             await until(conn, "response.done", seen)
-            return seen
+            wall = time.perf_counter() - t0
+            during = await scrape(server)
+        return seen, before, during, await sessions_back_to(server, before[SESSIONS]), wall
 
-    seen = run(go())
+    seen, before, during, after, wall = run(go())
+    # /metrics: one more session while it ran, one turn (end of speech to the first audio delta), no barge-in
+    assert during[SESSIONS] == before[SESSIONS] + 1
+    turn = moved(before, during)
+    assert turn[TURNS + "_count"] == 1 and 0 < turn[TURNS + "_sum"] < wall and turn[BARGE_INS] == 0
+    assert moved(during, after)[TURNS + "_count"] == 0
     started, stopped = of(seen, "input_audio_buffer.speech_started"), of(seen, "input_audio_buffer.speech_stopped")
     assert len(started) == len(stopped) == 1
     a, b = started[0]["audio_start_ms"], stopped[0]["audio_end_ms"]
@@ -273,6 +316,7 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
     reply at the end of a VAD turn is the spoken test's; here the next one is asked for once the slots are checked.)"""
 
     async def go():
+        before = await scrape(server)
         async with sdk(server) as conn:
             await setup(
                 conn,
@@ -298,6 +342,7 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
             )
             await append(conn, silence(200) + spoken + silence(1000))  # the user talks over the reply
             cancelled = await until(conn, "response.done", seen)
+            barged = await scrape(server)
             idle(server, pipeline)  # the cancelled reply holds no slot in any stage
             await until(conn, "input_audio_buffer.committed", seen)
             await conn.response.create()
@@ -313,7 +358,14 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
             truncated = await until(conn, "conversation.item.truncated", seen)
             await conn.conversation.item.truncate(item_id=item["id"], content_index=0, audio_end_ms=10**7)
             err = await until(conn, "error", seen)
-            return seen, cancelled, answered, truncated, err, played_ms
+            during = await scrape(server)
+        after = await sessions_back_to(server, before[SESSIONS])
+        # /metrics: the barge-in counted once; the first reply (asked for by text) is no turn, the reply to the
+        # committed speech is one
+        assert moved(before, barged)[BARGE_INS] == 1 and moved(before, barged)[TURNS + "_count"] == 0
+        assert moved(before, during)[BARGE_INS] == 1 and moved(before, during)[TURNS + "_count"] == 1
+        assert during[SESSIONS] == before[SESSIONS] + 1 and moved(during, after)[BARGE_INS] == 0
+        return seen, cancelled, answered, truncated, err, played_ms
 
     seen, cancelled, answered, truncated, err, played_ms = run(go())
     kinds = [e["type"] for e in seen]
@@ -342,6 +394,79 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
     assert truncated["item_id"] == item["id"] and truncated["audio_end_ms"] == played_ms
     assert err["error"]["param"] == "audio_end_ms" and err["error"]["code"] == "invalid_value"
     idle(server, pipeline)
+
+
+# ---------------------------------------------------------------------------------------------------- 16 sessions
+N_SESSIONS = 16
+N_TURNS = 2
+CONCURRENT_DEADLINE = 300  # seconds for all of them: a hang fails here instead of blocking the suite
+SHORT_SPOKEN_REPLIES = {  # manual turns, replies of a few text and codec tokens
+    "output_modalities": ["audio"],
+    "max_output_tokens": 4,
+    "max_output_audio_tokens": 30,
+    "audio": {"input": {"turn_detection": None}},
+}
+
+
+def slots_in_use(server, pipeline) -> dict[str, int]:
+    """Per engine, KV slots reserved (busy) and rows running; the admission's held slots. Read on the server's loop."""
+    routes = server.server.config.app.state.routes
+
+    async def read() -> dict[str, int]:
+        out = {"admission": routes.admission.active}
+        for stage in ("thinker", "talker"):
+            engine = getattr(pipeline, stage).engine
+            out[f"{stage}_kv_busy"], out[f"{stage}_running"] = engine.kv.busy, engine.num_running
+        return out
+
+    return server.call(read())
+
+
+def test_16_concurrent_sessions_complete_their_turns_and_free_everything(server, pipeline, spoken):
+    """16 SDK sessions at once, each 2 spoken turns (manual commits) answered with a little speech: every response
+    completes with audio and no error event; the active-sessions gauge reads 16 more while they are all open; after
+    they close no slot is held in any engine or the admission, and the gauge is back where it was."""
+    idle(server, pipeline)
+    slots_before = slots_in_use(server, pipeline)
+    all_open = asyncio.Event()
+    opened = []
+
+    async def session(k: int) -> list[dict]:
+        async with sdk(server) as conn:
+            await setup(conn, **SHORT_SPOKEN_REPLIES)
+            opened.append(k)
+            if len(opened) == N_SESSIONS:
+                all_open.set()
+            await asyncio.wait_for(all_open.wait(), DEADLINE)
+            done = []
+            for _ in range(N_TURNS):
+                seen = []
+                await append(conn, spoken)
+                await conn.input_audio_buffer.commit()
+                await until(conn, "input_audio_buffer.committed", seen)
+                await conn.response.create()
+                done.append(await until(conn, "response.done", seen))
+                assert of(seen, "response.output_audio.delta"), f"session {k}: a reply without audio"
+            return done
+
+    async def go():
+        before = await scrape(server)
+        tasks = [asyncio.ensure_future(session(k)) for k in range(N_SESSIONS)]
+        opening = asyncio.ensure_future(all_open.wait())  # or a session's failure, which gather then raises
+        await asyncio.wait([opening, *tasks], timeout=DEADLINE, return_when=asyncio.FIRST_COMPLETED)
+        opening.cancel()
+        during = await scrape(server)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), CONCURRENT_DEADLINE)
+        after = await sessions_back_to(server, before[SESSIONS])
+        return before, during, after, results
+
+    before, during, after, results = asyncio.run(go())
+    assert during[SESSIONS] == before[SESSIONS] + N_SESSIONS
+    statuses = [d["response"]["status"] for done in results for d in done]
+    assert len(statuses) == N_SESSIONS * N_TURNS and set(statuses) <= {"completed", "incomplete"}, statuses
+    assert moved(before, after)[TURNS + "_count"] == N_SESSIONS * N_TURNS
+    idle(server, pipeline)
+    assert slots_in_use(server, pipeline) == slots_before
 
 
 # ---------------------------------------------------------------------------------------------------- bad events
