@@ -245,7 +245,9 @@ async def _measure(pipeline, url: str, cfg: RealtimeBenchConfig, questions: list
     def fresh_cache():
         pipeline.encoder_cache = EncoderCache(cache_bytes)
 
-    levels = await measure_sessions(client, url, model, voice, cfg, questions, fresh_cache)
+    levels = await measure_sessions(
+        client, url, model, voice, cfg, questions, fresh_cache, (realtime_conversation, chat_conversation)
+    )
     await client.close()
     return runs, levels
 

@@ -27,7 +27,6 @@ import httpx
 import numpy as np
 
 from omni.serve.bench.goals import Goal
-from omni.serve.bench.realtime import RealtimeBenchConfig, chat_conversation, realtime_conversation
 from omni.serve.bench.results import Stats
 
 __all__ = ["dithered", "measure_sessions", "session_goals", "goals_json", "sessions_markdown"]
@@ -62,9 +61,18 @@ def _stats(samples: list[float]) -> dict:
 
 
 async def measure_sessions(
-    client, url: str, model: str, voice: str, cfg: RealtimeBenchConfig, questions: list[bytes], fresh_cache: Callable
+    client,
+    url: str,
+    model: str,
+    voice: str,
+    cfg,
+    questions: list[bytes],
+    fresh_cache: Callable,
+    conversations: tuple[Callable, Callable],
 ) -> list[dict]:
-    """Per session count: realtime turn latency and chat TTFAP over every turn of every session of every round."""
+    """Per session count: realtime turn latency and chat TTFAP over every turn of every session of every round.
+    cfg: realtime.py's RealtimeBenchConfig; conversations: its (realtime_conversation, chat_conversation)."""
+    realtime_conversation, chat_conversation = conversations
     levels = []
     for n in cfg.sessions:
         samples: dict[str, list[float]] = {"realtime": [], "chat": []}
