@@ -455,6 +455,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--turns", type=int, default=None, help="bench realtime: spoken questions per conversation (5)")
     p.add_argument("--repeats", type=int, default=None, help="bench realtime: conversations per path (3)")
+    p.add_argument(
+        "--sessions", default=None, help="bench realtime: concurrent sessions per level, comma-separated (1,4,16)"
+    )
     p.add_argument("--files", type=int, default=64, help="bench caption: media files to caption")
     p.add_argument("--arrivals", type=int, default=None, help="bench prefill: long prompts arriving at once (8)")
     p.add_argument(

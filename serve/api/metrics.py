@@ -135,6 +135,11 @@ class _EncoderCacheCollector:
         ]
 
 
+def _latency(name: str, doc: str, registry: CollectorRegistry, labels: tuple[str, ...] = ()) -> Histogram:
+    """A histogram of seconds on the shared latency buckets."""
+    return Histogram(name, doc, list(labels), buckets=_LATENCY_BUCKETS, registry=registry)
+
+
 class Metrics:
     """The metric families of one app; `render()` is the /metrics body."""
 
@@ -148,60 +153,33 @@ class Metrics:
         self.waiting = Gauge(
             f"{p}_requests_waiting", "Admitted requests that have no output yet (queue depth)", registry=r
         )
-        self.e2e = Histogram(
-            f"{p}_request_latency_seconds",
-            "End-to-end latency of successful requests",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            f"{p}_time_to_first_token_seconds", "Arrival to first text delta", buckets=_LATENCY_BUCKETS, registry=r
-        )
-        self.ttfap = Histogram(
-            f"{p}_time_to_first_audio_seconds",
-            "Arrival to first audio chunk (TTFAP)",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.speech_ttfap = Histogram(
-            f"{p}_speech_time_to_first_audio_seconds",
-            "/v1/audio/speech: arrival to first audio chunk",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.e2e = _latency(f"{p}_request_latency_seconds", "End-to-end latency of successful requests", r)
+        self.ttft = _latency(f"{p}_time_to_first_token_seconds", "Arrival to first text delta", r)
+        self.ttfap = _latency(f"{p}_time_to_first_audio_seconds", "Arrival to first audio chunk (TTFAP)", r)
+        self.speech_ttfap = _latency(
+            f"{p}_speech_time_to_first_audio_seconds", "/v1/audio/speech: arrival to first audio chunk", r
         )
         self.speech_requests = Counter(
             f"{p}_speech_requests", "/v1/audio/speech requests by HTTP status", ["status"], registry=r
         )
-        self.stage = Histogram(
-            f"{p}_stage_latency_seconds",
-            "Time spent per stage per request",
-            ["stage"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.stage = _latency(f"{p}_stage_latency_seconds", "Time spent per stage per request", r, ("stage",))
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.completion_tokens = Counter(f"{p}_completion_tokens", "Generated text tokens", registry=r)
         self.audio_seconds = Counter(f"{p}_audio_output_seconds", "Seconds of speech sent", registry=r)
         # vllm-omni's names (audio_ttfp, audio_rtf, audio_underrun, audio_continuity_ok), measured where the server
         # sends: TTFAP of chat and speech streams alike; per stream, generation seconds (arrival to its last audio) /
         # seconds of speech; the gaps a client playing from the first packet would hear (Playback)
-        self.audio_ttfp = Histogram(
-            f"{p}_audio_ttfp_seconds",
-            "Arrival to first audio packet, chat and speech",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.audio_ttfp = _latency(f"{p}_audio_ttfp_seconds", "Arrival to first audio packet, chat and speech", r)
         self.audio_rtf = Histogram(
             f"{p}_audio_rtf",
             "Per audio stream: arrival to last audio / seconds of speech",
             buckets=_RTF_BUCKETS,
             registry=r,
         )
-        self.audio_underrun = Histogram(
+        self.audio_underrun = _latency(
             f"{p}_audio_underrun_seconds",
             "Per audio stream: seconds a real-time player starting at the first packet would wait for audio",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            r,
         )
         self.audio_streams = Counter(f"{p}_audio_streams", "Audio streams finished", registry=r)
         self.audio_continuity_ok = Counter(
@@ -211,6 +189,18 @@ class Metrics:
         )
         self.encoder_batch = Histogram(
             f"{p}_encoder_batch_size", "Items per encoder call", ["kind"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        # /v1/realtime (serve/api/realtime_session.py): sessions open now; per turn, the commit of the user's audio
+        # (server VAD's end of speech or the client's commit) to the first audio delta of the response it triggers;
+        # responses cancelled because the user started speaking
+        self.realtime_sessions = Gauge(f"{p}_realtime_sessions_active", "Realtime sessions open", registry=r)
+        self.realtime_turn_latency = _latency(
+            f"{p}_realtime_turn_latency_seconds",
+            "Realtime: end of the user's speech (input audio committed) to the reply's first audio delta",
+            r,
+        )
+        self.realtime_barge_ins = Counter(
+            f"{p}_realtime_barge_ins", "Realtime responses cancelled because the user started speaking", registry=r
         )
         self._stages = _StageCollector(p)
         r.register(self._stages)

@@ -1,31 +1,20 @@
 """One /v1/realtime session: the conversation (items), the session configuration, the input audio buffer with its
-server VAD, and at most one response at a time, run through the same Composition as chat completions (the backend's
-`stream`). Client events come in through `handle(event)` one at a time; server events go out through `emit` (a
-queue that one writer task drains to the socket, so a cancelled response never cuts an event in half).
-
-A response is cancelled by response.cancel, by speech that starts while it runs (barge-in, when turn_detection's
-interrupt_response is on) and by the session's end (the client gone): its task is cancelled, the backend stream is
-closed (every stage frees the request's slot, as for a disconnected chat completion), and the assistant item keeps
-what was sent: the audio, and of the transcript what the Talker had been given by the last frame sent."""
+server VAD, and at most one response at a time (serve/api/realtime_response.py, its base class). Client events come
+in through `handle(event)` one at a time; server events go out through `emit` (a queue that one writer task drains to
+the socket, so a cancelled response never cuts an event in half). /metrics: the active sessions (from `start` to
+`close`)."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import logging
-import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any, Optional
+from dataclasses import replace
+from typing import Optional
 
 from starlette.concurrency import run_in_threadpool
 
-from omni.types import AudioChunk, AudioPart, ChatRequest, Finished, ImagePart, InvalidRequest, TextDelta, TextPart
-from omni.serve.api.admission import Admitted
-from omni.serve.api.audio_io import pcm16_bytes
-from omni.serve.api.common import classify_error
-from omni.serve.api.convert import resolve_sampling, resolve_voice
-from omni.serve.api.protocol import ChatCompletionRequest
+from omni.types import AudioPart, ImagePart, InvalidRequest, TextPart
+from omni.serve.api.convert import resolve_voice
 from omni.serve.api.realtime_events import (
     MIN_COMMIT_MS,
     SAMPLES_PER_MS,
@@ -36,33 +25,14 @@ from omni.serve.api.realtime_events import (
     new_id,
     pcm16_to_wav_24k,
     server_event,
-    to_messages,
 )
+from omni.serve.api.realtime_response import Response, Responses
 from omni.serve.api.realtime_vad import ServerVad, silero_model
 
 __all__ = ["Session"]
 
-log = logging.getLogger("omni.serve.api.realtime")
 
-
-@dataclass
-class _Response:
-    id: str
-    item: Item
-    cfg: SessionConfig
-    task: Optional[asyncio.Task] = None
-    cancel_reason: Optional[str] = None  # turn_detected, client_cancelled
-    finished: Optional[Finished] = None
-    error: Optional[Exception] = None
-    done: bool = False  # response.done sent
-    text_tokens: int = 0
-
-    @property
-    def speak(self) -> bool:
-        return "audio" in self.cfg.output_modalities
-
-
-class Session:
+class Session(Responses):
     def __init__(self, routes, emit: Callable[[dict], None], config: SessionConfig):
         self.routes, self.emit = routes, emit
         self.backend, self.limits = routes.backend, routes.settings.realtime
@@ -74,11 +44,17 @@ class Session:
         self.vad: Optional[ServerVad] = None
         self.speech_item: Optional[str] = None  # the item id announced by speech_started
         self.speech_start_ms = 0
-        self.response: Optional[_Response] = None
+        self.response: Optional[Response] = None
         self.responses = 0  # created in this session
+        self.metrics = routes.metrics
+        self.committed_at: Optional[float] = None  # perf_counter of the last commit no response has answered yet
+        self._counted = False  # in the active-sessions gauge
 
     # ------------------------------------------------------------------------------------------------ setup
     async def start(self) -> None:
+        if not self._counted:
+            self._counted = True
+            self.metrics.realtime_sessions.inc()
         await self._apply_turn_detection()
 
     async def _apply_turn_detection(self) -> None:
@@ -203,6 +179,7 @@ class Session:
             return
         audio = await self._load_audio(raw, "audio")
         item = Item(item_id, "user", [{"type": "input_audio", "transcript": None}], [AudioPart(audio)])
+        self.committed_at = time.perf_counter()  # the end of the user's turn: turn latency runs from here
         self.emit(server_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=self._last_id()))
         self._add(item)
 
@@ -336,233 +313,13 @@ class Session:
         item.cut_to_audio(ms)
         self.emit(server_event("conversation.item.truncated", item_id=item.id, content_index=0, audio_end_ms=ms))
 
-    # ------------------------------------------------------------------------------------------------ responses
-    async def response_create(self, ev: dict) -> None:
-        await self.create_response(ev.get("response") or {})
-
-    async def create_response(self, spec: dict) -> None:
-        if self.response is not None:
-            raise RealtimeError(
-                f"conversation already has an active response in progress: {self.response.id}",
-                None,
-                "conversation_already_has_active_response",
-            )
-        cfg = self.check_config(self.config.updated(spec, "response", response=True))
-        resp = _Response(new_id("resp"), Item(new_id("item"), "assistant", [], status="in_progress"), cfg)
-        chat = self._chat_request(cfg, resp.id)
-        try:
-            self.backend.validate(chat)
-        except InvalidRequest as e:
-            raise RealtimeError(e.message, e.param, e.code or "invalid_value") from None
-        self.response, self.responses = resp, self.responses + 1
-        self.emit(server_event("response.created", response=self._response_wire(resp, "in_progress")))
-        part = {"type": "audio", "transcript": ""} if resp.speak else {"type": "text", "text": ""}
-        resp.item.content.append(
-            {"type": "output_audio", "transcript": ""} if resp.speak else {"type": "output_text", "text": ""}
-        )
-        self.emit(
-            server_event("response.output_item.added", response_id=resp.id, output_index=0, item=resp.item.wire())
-        )
-        self._add(resp.item)
-        self.emit(
-            server_event(
-                "response.content_part.added",
-                response_id=resp.id,
-                item_id=resp.item.id,
-                output_index=0,
-                content_index=0,
-                part=part,
-            )
-        )
-        resp.task = asyncio.ensure_future(self._run(resp, chat))
-
-    def _chat_request(self, cfg: SessionConfig, request_id: str) -> ChatRequest:
-        s = dict(cfg.sampling)
-        body = {
-            "messages": [{"role": "user", "content": "-"}],
-            "temperature": s.get("temperature"),
-            "top_p": s.get("top_p"),
-            "top_k": s.get("top_k"),
-            "seed": s.get("seed"),
-            "max_tokens": cfg.max_output_tokens,
-        }
-        if s.get("max_output_audio_tokens") is not None:
-            body["sampling_params_list"] = [{}, {"max_tokens": s["max_output_audio_tokens"]}]
-        try:
-            thinker, talker, vocoder_seed = resolve_sampling(
-                ChatCompletionRequest.model_validate(body), self.routes.convert_options
-            )
-        except InvalidRequest as e:
-            raise RealtimeError(e.message, e.param, e.code or "invalid_value") from None
-        messages = to_messages(self.items, cfg.instructions)
-        if not messages:
-            raise RealtimeError(
-                "the conversation is empty: add an item or commit audio first", None, "conversation_empty"
-            )
-        return ChatRequest(
-            messages=messages,
-            sampling=thinker,
-            talker_sampling=talker,
-            speak="audio" in cfg.output_modalities,
-            voice=cfg.voice,
-            vocoder_seed=vocoder_seed,
-            request_id=request_id,
-        )
-
-    async def _run(self, resp: _Response, chat: ChatRequest) -> None:
-        routes, admitted, ok = self.routes, None, False
-        try:
-            if not routes.admission.try_acquire():
-                raise RealtimeError(
-                    f"server is at its limit of {routes.admission.limit} concurrent requests",
-                    None,
-                    "overloaded",
-                    "server_error",
-                )
-            admitted = Admitted(routes.admission, routes.metrics.track(resp.speak))
-            admitted.request_id = resp.id
-            if resp.speak:
-                if not await routes.speech_gate.acquire():
-                    raise RealtimeError(
-                        "all speech streams of this server are busy", None, "overloaded", "server_error"
-                    )
-                admitted.on_release = routes.speech_gate.release
-            admitted.events = self.backend.stream(chat)
-            async for ev in admitted.events:
-                admitted.track.on_event(ev)
-                self._on_event(resp, ev)
-            ok = True
-        except asyncio.CancelledError:
-            if resp.cancel_reason is None:  # the session is closing: nobody to tell
-                raise
-        except Exception as e:  # noqa: BLE001 - reported in response.done
-            resp.error = e
-        finally:
-            if admitted is not None:
-                await admitted.release(ok)
-        self._finish(resp)
-
-    def _on_event(self, resp: _Response, ev) -> None:
-        ids = {"response_id": resp.id, "item_id": resp.item.id, "output_index": 0, "content_index": 0}
-        if isinstance(ev, TextDelta):
-            resp.text_tokens += len(ev.token_ids)
-            resp.item.pieces.append((resp.text_tokens, ev.text))
-            if ev.text:
-                kind = "response.output_audio_transcript.delta" if resp.speak else "response.output_text.delta"
-                self.emit(server_event(kind, delta=ev.text, **ids))
-        elif isinstance(ev, AudioChunk):
-            raw = pcm16_bytes(ev.pcm)
-            if raw:
-                resp.item.audio_samples += len(raw) // 2
-                self.emit(
-                    server_event("response.output_audio.delta", delta=base64.b64encode(raw).decode("ascii"), **ids)
-                )
-        elif isinstance(ev, Finished):
-            resp.finished = ev
-
-    def _finish(self, resp: _Response) -> None:
-        """The done events of a response however it ended; frees the session for the next one."""
-        if resp.done:
-            return
-        resp.done = True
-        if self.response is resp:
-            self.response = None
-        item, ids = resp.item, {"response_id": resp.id, "item_id": resp.item.id, "output_index": 0}
-        if resp.cancel_reason is not None:
-            status = "cancelled"
-        elif resp.error is not None or resp.finished is None:
-            status = "failed"
-        else:
-            status = "incomplete" if resp.finished.finish_reason == "length" else "completed"
-        if resp.speak:
-            text = item.cut_to_audio(item.audio_samples // SAMPLES_PER_MS) if status == "cancelled" else item.text
-            item.content = [{"type": "output_audio", "transcript": text}]
-            self.emit(server_event("response.output_audio.done", content_index=0, **ids))
-            self.emit(server_event("response.output_audio_transcript.done", content_index=0, transcript=text, **ids))
-            part = {"type": "audio", "transcript": text}
-        else:
-            text = item.text
-            item.content = [{"type": "output_text", "text": text}]
-            self.emit(server_event("response.output_text.done", content_index=0, text=text, **ids))
-            part = {"type": "text", "text": text}
-        item.status = "completed" if status == "completed" else "incomplete"
-        self.emit(server_event("response.content_part.done", content_index=0, part=part, **ids))
-        self.emit(server_event("response.output_item.done", response_id=resp.id, output_index=0, item=item.wire()))
-        if any(it is item for it in self.items):
-            i = next(i for i, it in enumerate(self.items) if it is item)
-            prev = self.items[i - 1].id if i > 0 else None
-            self.emit(server_event("conversation.item.done", previous_item_id=prev, item=item.wire()))
-        self.emit(server_event("response.done", response=self._response_wire(resp, status)))
-
-    def _response_wire(self, resp: _Response, status: str) -> dict:
-        out: dict[str, Any] = {
-            "id": resp.id,
-            "object": "realtime.response",
-            "status": status,
-            "output_modalities": list(resp.cfg.output_modalities),
-            "audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": resp.cfg.voice}},
-            "max_output_tokens": resp.cfg.max_output_tokens or "inf",
-            "conversation_id": self.id,
-            "output": [] if status == "in_progress" else [resp.item.wire()],
-            "status_details": None,
-            "usage": None,
-        }
-        if status == "cancelled":
-            out["status_details"] = {"type": "cancelled", "reason": resp.cancel_reason}
-        elif status == "failed":
-            err = classify_error(resp.error or RuntimeError("no Finished event"), resp.id)
-            out["status_details"] = {
-                "type": "failed",
-                "error": {
-                    "type": "server_error" if err.status >= 500 else "invalid_request_error",
-                    "code": err.code,
-                    "message": err.message,
-                },
-            }
-        elif status == "incomplete":
-            out["status_details"] = {"type": "incomplete", "reason": "max_output_tokens"}
-        fin = resp.finished
-        if fin is not None:
-            out["usage"] = {
-                "total_tokens": fin.prompt_tokens + fin.completion_tokens + fin.codec_tokens,
-                "input_tokens": fin.prompt_tokens,
-                "output_tokens": fin.completion_tokens + fin.codec_tokens,
-                "output_token_details": {"text_tokens": fin.completion_tokens, "audio_tokens": fin.codec_tokens},
-            }
-        return out
-
-    async def response_cancel(self, ev: dict) -> None:
-        if self.response is None:
-            raise RealtimeError("there is no response in progress to cancel", None, "response_cancel_not_active")
-        await self.cancel_response("client_cancelled")
-
-    async def cancel_response(self, reason: Optional[str]) -> None:
-        """Cancel the running response in every stage; wait until its slots are freed and (with a reason) its
-        done events are out. reason None: the session is closing, nothing is sent."""
-        resp = self.response
-        if resp is None or resp.task is None:
-            return
-        resp.cancel_reason = reason
-        resp.task.cancel()
-        try:
-            await resp.task
-        except asyncio.CancelledError:
-            # the caller's own cancellation goes on; Task.cancelling() is Python 3.11+ (on 3.10, the pre-3.11 idiom:
-            # the CancelledError is taken as the response task's)
-            if sys.version_info >= (3, 11):
-                current = asyncio.current_task()
-                assert current is not None, "a coroutine runs in a task"
-                if current.cancelling():
-                    raise
-        except Exception:  # noqa: BLE001 - already reported
-            log.exception("response %s failed while cancelled", resp.id)
-        if reason is not None:
-            self._finish(resp)
-        elif self.response is resp:
-            self.response = None
-
     async def close(self) -> None:
-        await self.cancel_response(None)
+        try:
+            await self.cancel_response(None)
+        finally:
+            if self._counted:
+                self._counted = False
+                self.metrics.realtime_sessions.dec()
 
 
 _HANDLERS = {

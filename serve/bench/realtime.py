@@ -1,7 +1,7 @@
 """`omni bench realtime`: does a conversation's later turn answer as fast as its first? A spoken conversation of
 `turns` questions, time to first audio (TTFA) per turn, through `/v1/realtime` and as chat completions, side by side.
 
-    omni bench realtime --model tiny --turns 5 --repeats 3
+    omni bench realtime --model tiny --turns 5 --repeats 3 --sessions 1,4,16
 
 The bench serves the model itself: the HTTP app (serve/api/server.py, which mounts /v1/realtime) over the in-process
 pipeline on uvicorn, on a free local port; each reply is bounded (`--max-tokens` text tokens, `--speech-tokens` codec
@@ -14,8 +14,10 @@ tokens) so a turn measures the way to the first audio, not a long reply. The cli
   WAV `input_audio`, the realtime session's replies as assistant text), streamed with audio; the clock runs from the
   request to the first `delta.audio`. Twice: with the encoder cache (serve/encoder_cache.py, the default) and without
   it (what each turn cost before the cache: every earlier question encoded again).
-Each path starts with an empty encoder cache; per turn the median over `repeats` conversations. Writes
-`<out>/realtime.json` and prints a Markdown table. On a CPU, read the ratios, not the absolute times.
+Each path starts with an empty encoder cache; per turn the median over `repeats` conversations. Then, per session
+count in `--sessions`, the turn latency of N sessions talking at once against the chat path's TTFAP, with the
+goal check (serve/bench/realtime_sessions.py). Writes `<out>/realtime.json` and prints Markdown tables. On a CPU,
+read the ratios, not the absolute times.
 """
 
 from __future__ import annotations
@@ -63,11 +65,15 @@ class RealtimeBenchConfig:
     max_tokens: int = 16  # text tokens per reply
     speech_tokens: int = 100  # codec tokens per reply (50 per second of speech): the server's default_speech_tokens
     out: str = "out/bench"  # realtime.json goes here
+    sessions: tuple[int, ...] = (1, 4, 16)  # concurrent sessions per level of the turn-latency table
 
     @classmethod
     def from_args(cls, args) -> RealtimeBenchConfig:
         names = ("model", "turns", "repeats", "max_tokens", "speech_tokens", "out")
-        return cls(**{k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
+        kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+        if getattr(args, "sessions", None):
+            kw["sessions"] = tuple(int(x) for x in str(args.sessions).split(",") if x.strip())
+        return cls(**kw)
 
 
 def spoken_questions(n: int) -> list[bytes]:
@@ -116,9 +122,12 @@ async def _recv(conn):
 
 
 async def realtime_conversation(
-    client, model: str, voice: str, questions: list[bytes], cfg: RealtimeBenchConfig
+    client, model: str, voice: str, questions: list[bytes], cfg: RealtimeBenchConfig, paced: bool = False
 ) -> list[dict]:
-    """One session, one manual turn per question -> per turn {ttfa_s, reply}."""
+    """One session, one manual turn per question -> per turn {ttfa_s, reply}. paced: each 100 ms chunk is sent once
+    it has been spoken (real time), the commit and response.create right after the last one, and the clock runs from
+    the commit (the end of the user's speech); else the audio goes at once and the clock starts at response.create,
+    sent once the server has answered input_audio_buffer.committed."""
     turns = []
     async with client.realtime.connect(model=model) as conn:
         await conn.session.update(
@@ -130,11 +139,17 @@ async def realtime_conversation(
         )
         await _until(conn, "session.updated")
         for pcm in questions:
+            t_speech = time.perf_counter()
             for i in range(0, len(pcm), 2 * CHUNK):
+                if paced:  # the chunk exists once its last sample has been spoken
+                    spoken_s = min(len(pcm), i + 2 * CHUNK) / 2 / RATE
+                    await asyncio.sleep(max(0.0, t_speech + spoken_s - time.perf_counter()))
                 await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 2 * CHUNK]).decode())
-            await conn.input_audio_buffer.commit()
-            await _until(conn, "input_audio_buffer.committed")
             t0 = time.perf_counter()
+            await conn.input_audio_buffer.commit()
+            if not paced:
+                await _until(conn, "input_audio_buffer.committed")
+                t0 = time.perf_counter()
             await conn.response.create(response={"max_output_tokens": cfg.max_tokens})
             ttfa, reply = None, []
             while True:
@@ -154,12 +169,20 @@ async def realtime_conversation(
 
 
 async def chat_conversation(
-    client, model: str, voice: str, questions: list[bytes], replies: list[str], cfg: RealtimeBenchConfig
+    client,
+    model: str,
+    voice: str,
+    questions: list[bytes],
+    replies: list[str],
+    cfg: RealtimeBenchConfig,
+    paced: bool = False,
 ) -> list[dict]:
     """The same conversation as chat completions, each turn resending the earlier ones -> per turn {ttfa_s,
-    prompt_tokens}."""
+    prompt_tokens}. paced: each request waits the question's length first (the user speaking it)."""
     messages, turns = [], []
     for pcm, reply in zip(questions, replies):
+        if paced:
+            await asyncio.sleep(len(pcm) / 2 / RATE)
         messages.append(
             {
                 "role": "user",
@@ -194,9 +217,11 @@ async def chat_conversation(
     return turns
 
 
-async def _measure(pipeline, url: str, cfg: RealtimeBenchConfig, questions: list[bytes]) -> dict[str, list[list]]:
+async def _measure(pipeline, url: str, cfg: RealtimeBenchConfig, questions: list[bytes]) -> tuple[dict, list]:
+    """-> (per path, per conversation, per turn {ttfa_s, ...}; the concurrent sessions' levels)."""
     import openai
 
+    from omni.serve.bench.realtime_sessions import measure_sessions
     from omni.serve.encoder_cache import EncoderCache
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -216,13 +241,21 @@ async def _measure(pipeline, url: str, cfg: RealtimeBenchConfig, questions: list
         for path, turns in zip(PATHS, (rt, chat, bare)):
             runs[path].append(turns)
         print(f"[bench realtime] conversation {r + 1}/{cfg.repeats} done", flush=True)
+
+    def fresh_cache():
+        pipeline.encoder_cache = EncoderCache(cache_bytes)
+
+    levels = await measure_sessions(
+        client, url, model, voice, cfg, questions, fresh_cache, (realtime_conversation, chat_conversation)
+    )
     await client.close()
-    return runs
+    return runs, levels
 
 
 def run_realtime_bench(cfg: RealtimeBenchConfig) -> dict:
     from omni.serve.api.local_server import LocalServer
     from omni.serve.api.server import ServerSettings, build_fastapi
+    from omni.serve.bench.realtime_sessions import goals_json, session_goals
     from omni.serve.pipeline import Pipeline
 
     questions = spoken_questions(cfg.turns)
@@ -230,7 +263,7 @@ def run_realtime_bench(cfg: RealtimeBenchConfig) -> dict:
     settings = ServerSettings(default_speech_tokens=cfg.speech_tokens)
     with LocalServer(build_fastapi(pipeline, settings)) as server:
         # the clients in this thread's own loop; the server (and the pipeline's stages) in the server's thread
-        runs = asyncio.run(_measure(pipeline, f"http://127.0.0.1:{server.port}", cfg, questions))
+        runs, levels = asyncio.run(_measure(pipeline, f"http://127.0.0.1:{server.port}", cfg, questions))
     turns = []
     for k in range(cfg.turns):
         samples = {p: [run[k]["ttfa_s"] for run in runs[p]] for p in PATHS}
@@ -255,6 +288,8 @@ def run_realtime_bench(cfg: RealtimeBenchConfig) -> dict:
         "machine": platform.machine(),
         "turns": turns,
         "ratios": ratios,
+        "sessions": levels,
+        "goals": goals_json(session_goals(levels)),
     }
 
 
@@ -288,13 +323,15 @@ def markdown(r: dict) -> str:
             f"| {k} | {ratios['vs_turn_1']['realtime'][k]:.2f} | {ratios['vs_turn_1']['chat'][k]:.2f} | "
             f"{ratios['vs_turn_1']['chat_no_cache'][k]:.2f} |"
         )
-    return "\n".join(lines)
+    from omni.serve.bench.realtime_sessions import sessions_markdown
+
+    return "\n".join(lines) + "\n\n" + sessions_markdown(r)
 
 
 def main(args) -> int:
     cfg = RealtimeBenchConfig.from_args(args)
-    if cfg.turns < 1 or cfg.repeats < 1:
-        print("omni bench realtime: --turns and --repeats must be >= 1")
+    if cfg.turns < 1 or cfg.repeats < 1 or not cfg.sessions or min(cfg.sessions) < 1:
+        print("omni bench realtime: --turns, --repeats and every --sessions count must be >= 1")
         return 2
     results = run_realtime_bench(cfg)
     return save_and_print(cfg.out, "realtime.json", results, markdown(results))

@@ -1,7 +1,8 @@
 """/v1/realtime on a real uvicorn server in front of the in-process Pipeline (tiny), driven by the official `openai`
-SDK's realtime client (`client.realtime.connect`), and raw `websockets` where the SDK hides what is tested (the HTTP
-status of a refused handshake, a socket dropped mid-response). Golden answers: the official transformers path
-(omni.reference) for text, and the chat completions of the same conversation for speech."""
+SDK's realtime client (`client.realtime.connect`): text and spoken turns, server VAD, barge-in, its /metrics, 16
+sessions at once, the README example. Golden answers: the official transformers path (omni.reference) for text, and
+the chat completions of the same conversation for speech. What goes wrong (bad events, rate, auth, a vanishing
+client): test_realtime_errors.py, on this module's server fixture."""
 
 import asyncio
 import base64
@@ -14,7 +15,7 @@ import httpx
 import openai
 import pytest
 import soundfile as sf
-import websockets
+from prometheus_client.parser import text_string_to_metric_families
 from spoken import espeak_wav
 
 from omni.prompt import prepare_prompt
@@ -130,6 +131,39 @@ def idle(server, pipeline) -> None:
         time.sleep(0.05)
 
 
+SESSIONS = "omni_realtime_sessions_active"
+TURNS = "omni_realtime_turn_latency_seconds"  # _count, _sum
+BARGE_INS = "omni_realtime_barge_ins_total"
+
+
+async def scrape(server) -> dict[str, float]:
+    """GET /metrics over HTTP -> {sample name: value} for the realtime samples (no labels)."""
+    async with httpx.AsyncClient(timeout=DEADLINE) as client:
+        r = await client.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    return {
+        s.name: s.value
+        for fam in text_string_to_metric_families(r.text)
+        for s in fam.samples
+        if s.name.startswith("omni_realtime_") and not s.labels
+    }
+
+
+async def sessions_back_to(server, n: float) -> dict[str, float]:
+    """Scrape until the active-sessions gauge reads `n` (the server closes a session after the client has left)."""
+    deadline = time.time() + DEADLINE
+    while True:
+        m = await scrape(server)
+        if m[SESSIONS] == n:
+            return m
+        assert time.time() < deadline, f"{m[SESSIONS]} realtime sessions still active, expected {n}"
+        await asyncio.sleep(0.05)
+
+
+def moved(before: dict, after: dict) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after}
+
+
 # ---------------------------------------------------------------------------------------------------- text
 def test_text_turns_equal_the_reference(server, tiny):
     """Two text turns: each reply equals the official transformers path's for the whole conversation so far."""
@@ -186,6 +220,7 @@ def test_spoken_turn_with_server_vad_equals_the_chat_completion(server, spoken):
     sent = silence(400) + spoken + silence(1200)
 
     async def go():
+        before = await scrape(server)
         async with sdk(server) as conn:
             await setup(
                 conn,
@@ -205,12 +240,20 @@ def test_spoken_turn_with_server_vad_equals_the_chat_completion(server, spoken):
                     },
                 },
             )
+            t0 = time.perf_counter()
             await append(conn, sent)
             seen = []
             await until(conn, "response.done", seen)
-            return seen
+            wall = time.perf_counter() - t0
+            during = await scrape(server)
+        return seen, before, during, await sessions_back_to(server, before[SESSIONS]), wall
 
-    seen = run(go())
+    seen, before, during, after, wall = run(go())
+    # /metrics: one more session while it ran, one turn (end of speech to the first audio delta), no barge-in
+    assert during[SESSIONS] == before[SESSIONS] + 1
+    turn = moved(before, during)
+    assert turn[TURNS + "_count"] == 1 and 0 < turn[TURNS + "_sum"] < wall and turn[BARGE_INS] == 0
+    assert moved(during, after)[TURNS + "_count"] == 0
     started, stopped = of(seen, "input_audio_buffer.speech_started"), of(seen, "input_audio_buffer.speech_stopped")
     assert len(started) == len(stopped) == 1
     a, b = started[0]["audio_start_ms"], stopped[0]["audio_end_ms"]
@@ -251,6 +294,7 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
     reply at the end of a VAD turn is the spoken test's; here the next one is asked for once the slots are checked.)"""
 
     async def go():
+        before = await scrape(server)
         async with sdk(server) as conn:
             await setup(
                 conn,
@@ -276,6 +320,7 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
             )
             await append(conn, silence(200) + spoken + silence(1000))  # the user talks over the reply
             cancelled = await until(conn, "response.done", seen)
+            barged = await scrape(server)
             idle(server, pipeline)  # the cancelled reply holds no slot in any stage
             await until(conn, "input_audio_buffer.committed", seen)
             await conn.response.create()
@@ -291,7 +336,14 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
             truncated = await until(conn, "conversation.item.truncated", seen)
             await conn.conversation.item.truncate(item_id=item["id"], content_index=0, audio_end_ms=10**7)
             err = await until(conn, "error", seen)
-            return seen, cancelled, answered, truncated, err, played_ms
+            during = await scrape(server)
+        after = await sessions_back_to(server, before[SESSIONS])
+        # /metrics: the barge-in counted once; the first reply (asked for by text) is no turn, the reply to the
+        # committed speech is one
+        assert moved(before, barged)[BARGE_INS] == 1 and moved(before, barged)[TURNS + "_count"] == 0
+        assert moved(before, during)[BARGE_INS] == 1 and moved(before, during)[TURNS + "_count"] == 1
+        assert during[SESSIONS] == before[SESSIONS] + 1 and moved(during, after)[BARGE_INS] == 0
+        return seen, cancelled, answered, truncated, err, played_ms
 
     seen, cancelled, answered, truncated, err, played_ms = run(go())
     kinds = [e["type"] for e in seen]
@@ -322,186 +374,77 @@ def test_barge_in_cancels_the_response_and_keeps_what_was_heard(server, pipeline
     idle(server, pipeline)
 
 
-# ---------------------------------------------------------------------------------------------------- bad events
-def test_bad_events_are_error_events_and_the_session_goes_on(server):
-    async def go():
-        async with sdk(server) as conn:
-            await setup(
-                conn, output_modalities=["text"], max_output_tokens=64, audio={"input": {"turn_detection": None}}
-            )
-            errors, seen = [], []
-            for raw in (
-                '{"type": "no.such.event", "event_id": "evt_1"}',
-                "not json",
-                json.dumps({"type": "input_audio_buffer.append", "audio": "@@not base64@@"}),
-                json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"abc").decode()}),
-                json.dumps({"type": "input_audio_buffer.commit"}),
-                json.dumps({"type": "session.update", "session": {"output_modalities": ["video"]}}),
-                json.dumps({"type": "session.update", "session": {"audio": {"output": {"voice": "Nobody"}}}}),
-                json.dumps({"type": "conversation.item.delete", "item_id": "item_missing"}),
-                json.dumps({"type": "response.cancel"}),
-                json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (2**20 + 8)}),
-            ):
-                await conn.send_raw(raw)
-                errors.append(await until(conn, "error", seen))
-            big = json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(bytes(700_000)).decode()})
-            for _ in range(5):  # 5 x 14.6 s of silence: past max_buffer_s (60)
-                await conn.send_raw(big)
-            errors.append(await until(conn, "error", seen))
-            await conn.input_audio_buffer.clear()
-            await until(conn, "input_audio_buffer.cleared", seen)
-            await say(conn, "Tell me a story.")
-            await conn.response.create()
-            await until(conn, "response.created", seen)
-            await conn.response.create()  # one is running already
-            errors.append(await until(conn, "error", seen))
-            done = await until(conn, "response.done", seen)
-            await say(conn, "Again.")
-            await conn.response.create()
-            again = await until(conn, "response.done", seen)
-            return errors, done, again
-
-    errors, done, again = run(go())
-    codes = [e["error"]["code"] for e in errors]
-    assert codes == [
-        "invalid_event_type",
-        "invalid_json",
-        "invalid_base64",
-        "invalid_audio_format",
-        "input_audio_buffer_commit_empty",
-        "invalid_value",
-        "invalid_value",
-        "item_not_found",
-        "response_cancel_not_active",
-        "message_too_large",
-        "input_audio_buffer_full",
-        "conversation_already_has_active_response",
-    ]
-    first = errors[0]
-    assert first["type"] == "error" and first["event_id"].startswith("event_")
-    assert first["error"]["type"] == "invalid_request_error" and first["error"]["event_id"] == "evt_1"
-    assert first["error"]["param"] == "type" and "no.such.event" in first["error"]["message"]
-    assert errors[6]["error"]["param"] == "session.audio.output.voice"
-    assert done["response"]["status"] in ("completed", "incomplete")
-    assert again["response"]["status"] in ("completed", "incomplete")
+# ---------------------------------------------------------------------------------------------------- 16 sessions
+N_SESSIONS = 16
+N_TURNS = 2
+CONCURRENT_DEADLINE = 300  # seconds for all of them: a hang fails here instead of blocking the suite
+SHORT_SPOKEN_REPLIES = {  # manual turns, replies of a few text and codec tokens
+    "output_modalities": ["audio"],
+    "max_output_tokens": 4,
+    "max_output_audio_tokens": 30,
+    "audio": {"input": {"turn_detection": None}},
+}
 
 
-def test_events_past_the_rate_are_refused(server):
-    async def go():
-        async with sdk(server) as conn:
-            seen = []
-            await until(conn, "session.created", seen)
-            clear = json.dumps({"type": "input_audio_buffer.clear"})
-            for _ in range(3 * RATE_LIMIT):
-                await conn.send_raw(clear)
-            err = await until(conn, "error", seen)
-            return err
+def slots_in_use(server, pipeline) -> dict[str, int]:
+    """Per engine, KV slots reserved (busy) and rows running; the admission's held slots. Read on the server's loop."""
+    routes = server.server.config.app.state.routes
 
-    err = run(go())
-    assert err["error"]["code"] == "rate_limit_exceeded"
+    async def read() -> dict[str, int]:
+        out = {"admission": routes.admission.active}
+        for stage in ("thinker", "talker"):
+            engine = getattr(pipeline, stage).engine
+            out[f"{stage}_kv_busy"], out[f"{stage}_running"] = engine.kv.busy, engine.num_running
+        return out
 
-
-# ---------------------------------------------------------------------------------------------------- auth
-def test_auth_key_and_client_secrets(server):
-    ws_url = f"ws://127.0.0.1:{server.port}/v1/realtime?model={MODEL}"
-
-    async def refused(**kw) -> int:
-        with pytest.raises(websockets.exceptions.InvalidStatus) as e:
-            async with websockets.connect(ws_url, **kw):
-                pass
-        return e.value.response.status_code
-
-    r = httpx.post(
-        f"{server.url}/v1/realtime/client_secrets",
-        timeout=30,
-        json={
-            "expires_after": {"anchor": "created_at", "seconds": 60},
-            "session": {"type": "realtime", "instructions": "Be brief."},
-        },
-    )
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    r = httpx.post(
-        f"{server.url}/v1/realtime/client_secrets",
-        headers={"Authorization": f"Bearer {KEY}"},
-        timeout=30,
-        json={
-            "expires_after": {"anchor": "created_at", "seconds": 60},
-            "session": {"type": "realtime", "instructions": "Be brief."},
-        },
-    )
-    assert r.status_code == 200, r.text
-    secret = r.json()
-    assert secret["value"].startswith("ek_") and secret["expires_at"] > time.time() + 50
-    assert secret["session"]["instructions"] == "Be brief."
-    bad = httpx.post(
-        f"{server.url}/v1/realtime/client_secrets",
-        headers={"Authorization": f"Bearer {KEY}"},
-        timeout=30,
-        json={"expires_after": {"seconds": 5}},
-    )
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "expires_after.seconds"
-
-    async def go():
-        statuses = [
-            await refused(),
-            await refused(additional_headers={"Authorization": "Bearer wrong"}),
-            await refused(subprotocols=["realtime", "openai-insecure-api-key.ek_forged.sig"]),
-        ]
-        async with websockets.connect(
-            ws_url, subprotocols=["realtime", "openai-insecure-api-key." + secret["value"]]
-        ) as ws:  # a browser's way
-            assert ws.subprotocol == "realtime"
-            by_protocol = json.loads(await asyncio.wait_for(ws.recv(), DEADLINE))
-        async with websockets.connect(ws_url + "&client_secret=" + secret["value"]) as ws:
-            by_query = json.loads(await asyncio.wait_for(ws.recv(), DEADLINE))
-        async with sdk(server) as conn:  # the SDK's Bearer header
-            by_key = json.loads(await asyncio.wait_for(conn.recv_bytes(), DEADLINE))
-        return statuses, by_protocol, by_query, by_key
-
-    statuses, by_protocol, by_query, by_key = run(go())
-    assert statuses == [401, 401, 401]
-    assert by_protocol["type"] == by_query["type"] == by_key["type"] == "session.created"
-    assert by_protocol["session"]["instructions"] == "Be brief."  # the secret's session configuration
-    assert by_key["session"]["instructions"] == ""
+    return server.call(read())
 
 
-# ---------------------------------------------------------------------------------------------------- vanishing client
-def test_a_client_that_vanishes_mid_response_frees_everything(server, pipeline):
-    ws_url = f"ws://127.0.0.1:{server.port}/v1/realtime?model={MODEL}"
-
-    async def go():
-        ws = await websockets.connect(ws_url, additional_headers={"Authorization": f"Bearer {KEY}"})
-        await ws.send(
-            json.dumps(
-                {
-                    "type": "session.update",
-                    "session": {
-                        "output_modalities": ["audio"],
-                        "max_output_tokens": 400,
-                        "max_output_audio_tokens": 2000,
-                    },
-                }
-            )
-        )
-        await ws.send(
-            json.dumps(
-                {
-                    "type": "conversation.item.create",
-                    "item": {
-                        "type": "message",
-                        "role": "user",
-                        "content": [{"type": "input_text", "text": "Talk for a while."}],
-                    },
-                }
-            )
-        )
-        await ws.send(json.dumps({"type": "response.create"}))
-        while json.loads(await asyncio.wait_for(ws.recv(), DEADLINE))["type"] != "response.output_audio.delta":
-            pass
-        ws.transport.abort()  # gone without a close frame
-
-    run(go())
+def test_16_concurrent_sessions_complete_their_turns_and_free_everything(server, pipeline, spoken):
+    """16 SDK sessions at once, each 2 spoken turns (manual commits) answered with a little speech: every response
+    completes with audio and no error event; the active-sessions gauge reads 16 more while they are all open; after
+    they close no slot is held in any engine or the admission, and the gauge is back where it was."""
     idle(server, pipeline)
+    slots_before = slots_in_use(server, pipeline)
+    all_open = asyncio.Event()
+    opened = []
+
+    async def session(k: int) -> list[dict]:
+        async with sdk(server) as conn:
+            await setup(conn, **SHORT_SPOKEN_REPLIES)
+            opened.append(k)
+            if len(opened) == N_SESSIONS:
+                all_open.set()
+            await asyncio.wait_for(all_open.wait(), DEADLINE)
+            done = []
+            for _ in range(N_TURNS):
+                seen = []
+                await append(conn, spoken)
+                await conn.input_audio_buffer.commit()
+                await until(conn, "input_audio_buffer.committed", seen)
+                await conn.response.create()
+                done.append(await until(conn, "response.done", seen))
+                assert of(seen, "response.output_audio.delta"), f"session {k}: a reply without audio"
+            return done
+
+    async def go():
+        before = await scrape(server)
+        tasks = [asyncio.ensure_future(session(k)) for k in range(N_SESSIONS)]
+        opening = asyncio.ensure_future(all_open.wait())  # or a session's failure, which gather then raises
+        await asyncio.wait([opening, *tasks], timeout=DEADLINE, return_when=asyncio.FIRST_COMPLETED)
+        opening.cancel()
+        during = await scrape(server)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), CONCURRENT_DEADLINE)
+        after = await sessions_back_to(server, before[SESSIONS])
+        return before, during, after, results
+
+    before, during, after, results = asyncio.run(go())
+    assert during[SESSIONS] == before[SESSIONS] + N_SESSIONS
+    statuses = [d["response"]["status"] for done in results for d in done]
+    assert len(statuses) == N_SESSIONS * N_TURNS and set(statuses) <= {"completed", "incomplete"}, statuses
+    assert moved(before, after)[TURNS + "_count"] == N_SESSIONS * N_TURNS
+    idle(server, pipeline)
+    assert slots_in_use(server, pipeline) == slots_before
 
 
 def test_readme_realtime_example_runs(server, spoken):
