@@ -91,7 +91,7 @@ def test_mypy_resolves_each_layer_to_its_folder(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     report = [line for line in out.stdout.splitlines() if line.startswith(str(snippet))]
     assert not any("import" in line for line in report), out.stdout
-    assert 'Revealed type is "omni.engine.EngineConfig"' in out.stdout, out.stdout
+    assert 'Revealed type is "omni.engine_config.EngineConfig"' in out.stdout, out.stdout
     assert 'Revealed type is "int"' in out.stdout, out.stdout
     assert 'Revealed type is "pathlib.Path"' in out.stdout, out.stdout
     assert 'expression has type "MediaLimits", variable has type "int"' in out.stdout, out.stdout
