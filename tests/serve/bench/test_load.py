@@ -17,12 +17,12 @@ def test_cli_has_bench_load_and_keeps_bench():
     args = parser().parse_args(
         ["bench", "load", "--clients", "4", "--duration", "5", "--mix", "text, speech", "--url", "http://127.0.0.1:9"]
     )
-    assert args.func.__name__ == "_cmd_bench" and args.suite == "load"  # dispatched to bench load by the suite
+    assert args.func.__name__ == "run_bench_command" and args.suite == "load"  # dispatched to bench load by the suite
     cfg = LoadConfig.from_args(args)
     assert (cfg.clients, cfg.duration, cfg.mix, cfg.url) == (4, 5.0, ("text", "speech"), "http://127.0.0.1:9")
     assert LoadConfig.from_args(parser().parse_args(["bench", "load"])) == LoadConfig()  # 32 clients x 60 s, tiny
     assert LoadConfig().clients == 32 and LoadConfig().duration == 60
-    assert parser().parse_args(["bench", "--quick"]).func.__name__ == "_cmd_bench"
+    assert parser().parse_args(["bench", "--quick"]).func.__name__ == "run_bench_command"
     with pytest.raises(ValueError, match="mix"):
         LoadConfig(mix=("smell",))
     with pytest.raises(ValueError, match="clients"):
