@@ -3,42 +3,30 @@ main. Light to import: the suites load their modules (torch, the models) only wh
 
 from __future__ import annotations
 
+import importlib
 import os
 
-__all__ = ["add_bench_parser", "run_bench_command"]
+__all__ = ["SUITES", "add_bench_parser", "run_bench_command"]
+
+
+# each suite's module (its `main(args) -> int`); no suite: the serving bench (run.py)
+SUITES = {
+    "load": "omni.serve.bench.load",
+    "prefill": "omni.serve.bench.prefill",
+    "engine": "omni.serve.bench.engine",
+    "gpu": "omni.serve.bench.gpu",
+    "realtime": "omni.serve.bench.realtime",
+    "caption": "omni.serve.bench.caption",
+    None: "omni.serve.bench.run",
+}
 
 
 def run_bench_command(args) -> int:
-    """`omni bench [SUITE]`: the suite's own main (the serving bench without one)."""
-    if getattr(args, "suite", None) not in ("engine", "gpu") and getattr(args, "model", None) is None:
+    """`omni bench [SUITE]`: the suite's own main (the serving bench without one), imported only now."""
+    suite = getattr(args, "suite", None)
+    if suite not in ("engine", "gpu") and getattr(args, "model", None) is None:
         args.model = "tiny"  # bench engine's default is small
-    if getattr(args, "suite", None) == "load":
-        from omni.serve.bench.load import main as load_main
-
-        return load_main(args)
-    if getattr(args, "suite", None) == "prefill":
-        from omni.serve.bench.prefill import main as prefill_bench_main
-
-        return prefill_bench_main(args)
-    if getattr(args, "suite", None) == "engine":
-        from omni.serve.bench.engine import main as engine_bench_main
-
-        return engine_bench_main(args)
-    if getattr(args, "suite", None) == "gpu":
-        from omni.serve.bench.gpu import main as gpu_check_main
-
-        return gpu_check_main(args)
-    if getattr(args, "suite", None) == "realtime":
-        from omni.serve.bench.realtime import main as realtime_bench_main
-
-        return realtime_bench_main(args)
-    if getattr(args, "suite", None) == "caption":
-        from omni.serve.bench.caption import main as caption_bench_main
-
-        return caption_bench_main(args)
-    from omni.serve.bench.run import main as bench_main
-
-    return bench_main(args)
+    return importlib.import_module(SUITES[suite]).main(args)
 
 
 def _bench_load_flags(p) -> None:
@@ -72,7 +60,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument(
         "suite",
         nargs="?",
-        choices=["caption", "load", "prefill", "engine", "gpu", "realtime"],
+        choices=[s for s in SUITES if s],
         default=None,
         help="caption: `omni caption` vs a sequential loop over the official path; load: streaming HTTP "
         "clients against the Serve app (statuses, latencies, 503s, replica memory); prefill: how "
