@@ -128,3 +128,12 @@ def test_make_tests_units_keep_the_shared_server_files_together_longest_first(mo
         "tests/a.py::t2",
     ]
     assert {scheduling.unit_of(p) for p in shared} == {scheduling.SHARED_SERVER_UNIT}
+
+
+def test_every_serial_test_is_where_make_test_runs_them():
+    """make test's second run collects only SERIAL_TESTS (the Makefile's): a `serial` test elsewhere would run in
+    neither run (the first deselects every serial test)."""
+    folder = re.search(r"^SERIAL_TESTS \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    mark = "pytest.mark." + "serial"  # not spelled whole here: this file is searched too
+    marked = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("*.py") if mark in p.read_text()}
+    assert marked and all(p.startswith(folder + "/") for p in marked), (folder, marked)
