@@ -7,6 +7,7 @@ mid-stream (every stage frees its work), the README's SDK example, a realtime tu
 import asyncio
 import base64
 import concurrent.futures
+import io
 import json
 import re
 import subprocess
@@ -127,10 +128,33 @@ def test_concurrent_streams_equal_the_official_path_and_encoder_batches(
         wav = np.frombuffer(pcm, "<i2").astype(np.float32) / 32767
         assert len(codes) > 12 and len(wav) == len(ref.waveform) == 480 * len(codes), i
         assert _rms(wav - ref.waveform) <= _rms(ref.waveform) * 10 ** (-MIN_STREAM_SNR_DB / 20) + PCM_SLACK, i
-    metrics = httpx.get(f"{server}/metrics", headers={"Authorization": "Bearer sk-test"}).text
-    ones = float(re.search(r'omni_encoder_batch_size_bucket\{kind="vision",le="1.0"\} (\S+)', metrics).group(1))
-    total = float(re.search(r'omni_encoder_batch_size_count\{kind="vision"\} (\S+)', metrics).group(1))
+
+    def vision_batches() -> tuple[float, float]:
+        """(encoder calls of batch size 1, all encoder calls) of the vision encoder, from /metrics."""
+        text = httpx.get(f"{server}/metrics", headers={"Authorization": "Bearer sk-test"}).text
+        ones = float(re.search(r'omni_encoder_batch_size_bucket\{kind="vision",le="1.0"\} (\S+)', text).group(1))
+        return ones, float(re.search(r'omni_encoder_batch_size_count\{kind="vision"\} (\S+)', text).group(1))
+
+    def image_only(burst: int, i: int) -> None:
+        img = Image.open(media_dir / "image.png").convert("RGB")
+        img.putpixel((1, 1), (burst, i, 99))  # a new image: the encoder cache has not seen it
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        content = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "Describe."}]
+        client.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": content}])
+
+    # whether 8 concurrent requests' images meet in the encoder's batch window depends on how fast the ingress
+    # prepares them on a loaded machine: a burst of 8 image-only requests again, at most 3 times, until one batch > 1
+    for burst in range(1, 4):
+        ones, total = vision_batches()
+        if total >= 8 and ones < total:
+            break
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(image_only, [burst] * 8, range(8)))
+    ones, total = vision_batches()
     assert total >= 8 and ones < total, "no vision encoder batch larger than 1 formed"
+    metrics = httpx.get(f"{server}/metrics", headers={"Authorization": "Bearer sk-test"}).text
     assert 'omni_time_to_first_audio_seconds_count' in metrics
     assert re.search(r'omni_stage_latency_seconds_count\{stage="thinker"\} [1-9]', metrics)
     # the generating stages' loop counters, polled by the ingress from the chain every STAGE_STATS_S: wait for them
