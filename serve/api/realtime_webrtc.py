@@ -12,6 +12,7 @@ A web page of any origin may call it (CORS: the credential is a bearer token, ne
 
 from __future__ import annotations
 
+import asyncio
 import json
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -85,10 +86,18 @@ def parse_offer(body: bytes, content_type: str) -> tuple[str, dict]:
 
 def mount_webrtc(app: FastAPI, routes, secrets: ClientSecrets) -> None:
     """Add /v1/realtime/calls to `app` (routes: the app's _Routes; secrets: mount_realtime's). The calls in progress
-    are `app.state.realtime_calls` (call id -> realtime_webrtc_peer.Call)."""
+    are `app.state.realtime_calls` (call id -> realtime_webrtc_peer.Call); the app's shutdown (ASGI lifespan: Serve's
+    ingress, uvicorn with lifespan on) hangs them all up."""
     settings = routes.settings
     calls: dict[str, Any] = {}
     app.state.realtime_calls = calls
+
+    async def hang_up_every_call() -> None:
+        """A call ends when its peer hangs up or goes away, and a peer that vanished unannounced (a closed browser)
+        is noticed only when its ICE consent expires (~30 s): a server stopping would wait that long for it."""
+        await asyncio.gather(*(call.hangup() for call in list(calls.values())), return_exceptions=True)
+
+    app.router.add_event_handler("shutdown", hang_up_every_call)
 
     def authorize(request: Request) -> dict:
         offered, in_query = credentials(request.headers, [], request.query_params)
