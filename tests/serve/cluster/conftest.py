@@ -1,6 +1,7 @@
 """Fixtures of the `omni caption` tests: a mixed folder of real media (good and bad files) and the oracle, the official
 transformers `generate` on the request `omni chat --KIND F PROMPT` builds."""
 
+import base64
 import os
 import shutil
 from pathlib import Path
@@ -187,3 +188,32 @@ def pytest_runtest_teardown(item, nextitem):
     shared = _SHARED.get("app")
     if shared is not None and (nextitem is None or "tiny_app" not in nextitem.fixturenames):
         shared.stop()
+
+
+# ---------------------------------------------------------------------------------------------------- its fixtures
+@pytest.fixture(scope="module")
+def server(tiny_app):
+    """The shared `omni serve`'s URL: `omni serve` itself, in a subprocess (its own local Ray, --api-key sk-test);
+    this process joins that Ray for handles. For test_app and test_app_clients; a module that needs the ServeProcess
+    itself overrides `server` (test_app_faults)."""
+    return tiny_app.get().url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="sk-test", timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def uris(media_dir):
+    def uri(name, mime):
+        return f"data:{mime};base64," + base64.b64encode((media_dir / name).read_bytes()).decode()
+
+    return {
+        "image": uri("image.png", "image/png"),
+        "audio": uri("speech.wav", "audio/wav"),
+        "video": uri("clip.mp4", "video/mp4"),
+        "audio_b64": base64.b64encode((media_dir / "speech.wav").read_bytes()).decode(),
+    }

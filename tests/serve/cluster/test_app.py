@@ -24,33 +24,6 @@ QWEN_SYSTEM = (
 SPEECH = {"sampling_params_list": [{}, {"temperature": 0.0, "max_tokens": 40}]}  # greedy, bounded Talker
 
 
-@pytest.fixture(scope="module")
-def server(tiny_app):
-    """`omni serve` itself, in a subprocess (its own local Ray, --api-key sk-test); this process joins that Ray for
-    handles."""
-    return tiny_app.get().url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="sk-test", timeout=120, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def uris(media_dir):
-    def uri(name, mime):
-        return f"data:{mime};base64," + base64.b64encode((media_dir / name).read_bytes()).decode()
-
-    return {
-        "image": uri("image.png", "image/png"),
-        "audio": uri("speech.wav", "audio/wav"),
-        "video": uri("clip.mp4", "video/mp4"),
-        "audio_b64": base64.b64encode((media_dir / "speech.wav").read_bytes()).decode(),
-    }
-
-
 def _rms(x) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
 

@@ -2,8 +2,6 @@
 many clients: concurrent streams equal to the official path with the encoders batching, clients that go away
 mid-stream (every stage frees its work), the README's SDK example, a realtime turn through the ingress."""
 
-# ruff: noqa: F811  (the shared server's fixtures, imported from test_app, are this module's test arguments)
-
 import asyncio
 import base64
 import concurrent.futures
@@ -19,19 +17,14 @@ import httpx
 import numpy as np
 import pytest
 
-# the shared server's fixtures (its URL, an SDK client, the media as data URIs) and the helpers of the golden paths
-from .test_app import (  # noqa: F401
+# the helpers of the golden paths (the shared server's fixtures, server, client and uris, are in conftest.py)
+from .test_app import (
     PCM_SLACK,
-    QWEN_SYSTEM,
     SPEECH,
     _delta_audio,
-    _handle_stages,
     _official_speech_request,
     _rms,
     _wav,
-    client,
-    server,
-    uris,
 )
 
 pytestmark = pytest.mark.slow
