@@ -96,6 +96,16 @@ class Peer:
         self.channel.send(json.dumps(event))
 
 
+async def post_offer(server, peer: Peer, bearer: str) -> httpx.Response:
+    """POST /v1/realtime/calls with the peer's offer as application/sdp, as a browser's fetch sends it."""
+    async with httpx.AsyncClient(timeout=DEADLINE) as http:
+        return await http.post(
+            f"{server.url}/v1/realtime/calls",
+            content=await peer.offer(),
+            headers={"Authorization": f"Bearer {bearer}", "Content-Type": "application/sdp"},
+        )
+
+
 def calls_of(server) -> dict:
     return server.server.config.app.state.realtime_calls
 
@@ -118,12 +128,7 @@ def test_a_spoken_turn_over_webrtc(server, pipeline, spoken):
         sdk = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
         secret = await sdk.realtime.client_secrets.create(session=SESSION)
         peer = Peer(silence(400) + spoken + silence(1500))
-        async with httpx.AsyncClient(timeout=DEADLINE) as http:
-            r = await http.post(
-                f"{server.url}/v1/realtime/calls",
-                content=await peer.offer(),
-                headers={"Authorization": f"Bearer {secret.value}", "Content-Type": "application/sdp"},
-            )
+        r = await post_offer(server, peer, secret.value)
         assert r.status_code == 201, r.text
         assert r.headers["access-control-allow-origin"] == "*"  # a page of another origin reads the answer
         assert r.headers["content-type"].startswith("application/sdp") and r.text.startswith("v=0")
@@ -267,12 +272,7 @@ def test_the_app_shutdown_hangs_up_every_call(server, pipeline):
 
     async def go():
         peer = Peer()
-        async with httpx.AsyncClient(timeout=DEADLINE) as http:
-            r = await http.post(
-                f"{server.url}/v1/realtime/calls",
-                content=await peer.offer(),
-                headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/sdp"},
-            )
+        r = await post_offer(server, peer, KEY)
         assert r.status_code == 201, r.text
         await peer.answer(r.text)
         await peer.until("session.created")
