@@ -165,11 +165,6 @@ def run_server(args) -> int:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
-        # Ray starts its worker processes at nice 15, below everything else on the machine, but here the workers are
-        # the server (the replicas): at 15 any process at 0 (a client, a build) takes the CPU from them first (on a
-        # quiet machine it measures the same: BENCHMARKS.md §10). Ray's own daemons run at 0 either way. Set
-        # RAY_worker_niceness to choose another; a cluster joined through RAY_ADDRESS keeps what `ray start` set.
-        os.environ.setdefault("RAY_worker_niceness", "0")
         # "local": a new Ray of its own; without it ray.init joins the latest cluster started on this machine
         ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     # after ray.init, which installs its own SIGTERM handler (sys.exit): ours drains first

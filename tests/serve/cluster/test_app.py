@@ -342,18 +342,6 @@ def test_api_key_required_but_not_for_health(server):
     assert r.status_code == 401 and r.json()["error"]["message"]
 
 
-def test_replicas_run_at_the_priority_of_the_server_process(tiny_app, server):
-    """`omni serve` starts its Ray with the workers at nice 0 (Ray's default is 15): the replicas are the server,
-    and at 15 they lost the CPU to any other process (serve/cluster/builder.py)."""
-    import psutil
-
-    from omni.serve.cluster.replicas import list_replicas
-
-    replicas = list_replicas("omni")
-    assert {r.deployment for r in replicas} >= {"Ingress", "VisionEncoder", "AudioEncoder"}, replicas
-    assert {r.deployment: psutil.Process(r.pid).nice() for r in replicas} == {r.deployment: 0 for r in replicas}
-
-
 # per sample, RMS: the float32 batch-size-dependent kernels of a batched run (1e-4, the bound of
 # test_speech_through_ray_equals_the_pipeline),
 # the offline vocoder's tolerance against the official one (1e-4) and the PCM16 rounding (half a step)
