@@ -278,6 +278,11 @@ class Code2WavStream:
         return bool(self._windows(limit=1))
 
     @property
+    def receiving(self) -> bool:
+        """Frames have come (its first chunk is on its way, or done)."""
+        return bool(self._frames)
+
+    @property
     def finished(self) -> bool:
         return self._last and self._done >= len(self._frames)
 

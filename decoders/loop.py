@@ -27,10 +27,20 @@ __all__ = ["VocoderLoop"]
 
 
 class VocoderLoop(WorkerLoop):
-    def __init__(self, vocoder: Token2Wav, urgent_s: float = 0.25, chunks_per_step: Optional[int] = 1):
+    def __init__(
+        self,
+        vocoder: Token2Wav,
+        urgent_s: float = 0.25,
+        chunks_per_step: Optional[int] = 1,
+        first_chunk_wait_s: float = 0.3,
+    ):
         super().__init__("vocoder")
         self.vocoder = vocoder
         self.urgent_s = urgent_s  # a started stream whose audio runs out sooner than this is served with first chunks
+        # before a step of first chunks only, wait up to this for the first chunks of other streams whose codes are
+        # coming: a step costs about the same for one first chunk as for eight (tools/vocoder_steps.py), and one begun
+        # alone holds the others' first audio for its whole length (BENCHMARKS.md §10)
+        self.first_chunk_wait_s = first_chunk_wait_s
         self.chunks_per_step = chunks_per_step  # chunks of one stream per step (None: all it has ready): short steps,
         #                                         so a first chunk or a stream about to run dry waits less
         # a vocoder that steps whole streams (chunked_steps False: Code2Wav) is stepped without a chunk limit
@@ -58,6 +68,28 @@ class VocoderLoop(WorkerLoop):
             self.first_chunk_steps += 1
             return fresh + [s for s in ready if id(s) in self._play_end and self._play_end[id(s)] < soon]
         return ready
+
+    def _first_chunks_coming(self) -> bool:
+        """Some stream has codes but no audio yet and is not ready: its first chunk is on its way."""
+        return any(id(s) not in self._play_end and s.receiving and not s.ready for s in self._streams.values())
+
+    async def _gather(self, work):
+        """A step of first chunks alone waits (up to first_chunk_wait_s, woken by each push) for the first chunks on
+        their way, then serves them all; a step with a started stream in it never waits."""
+        wait = self.first_chunk_wait_s
+        if wait <= 0 or any(id(s) in self._play_end for s in work) or not self._first_chunks_coming():
+            return work
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        wake = self._wake
+        assert wake is not None  # made by the task that runs this loop (omni.loop.WorkerLoop._ensure_running)
+        while self._first_chunks_coming() and (left := deadline - loop.time()) > 0:
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        return self._next_work() or work
 
     def deadline(self, stream: VocoderStream) -> float:
         """When the stream's audio sent so far runs out; -inf before its first chunk (first chunks come first)."""

@@ -415,6 +415,11 @@ class VocoderStream:
         return bool(self._windows(limit=1)) or self._tail_pending()
 
     @property
+    def receiving(self) -> bool:
+        """Codes have come (its first chunk is on its way, or done)."""
+        return bool(self._codes)
+
+    @property
     def finished(self) -> bool:
         """All audio has been emitted (nothing more will come)."""
         return self._last and self._done >= len(self._codes) * self._owner.repeats

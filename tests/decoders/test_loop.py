@@ -94,3 +94,38 @@ def test_one_chunk_per_stream_per_step_gives_the_same_audio(vocoder):
         one_by_one += vocoder.step([split], chunks_per_stream=1)[0]
     assert not split.ready and len(one_by_one) == len(all_at_once) == 4
     assert np.abs(np.concatenate(one_by_one) - np.concatenate(all_at_once)).max() <= BATCH_TOL
+
+
+@pytest.mark.parametrize("wait_s, first_step", [(0.3, 2), (0.0, 1)])
+def test_a_first_chunk_waits_briefly_for_the_first_chunks_on_their_way(vocoder, wait_s, first_step):
+    """Stream A's first chunk is ready while B's codes are still coming (B got 4 of its 24 first-chunk codes, the rest
+    100 ms later): with first_chunk_wait_s the first step waits for B and serves both (one step costs about the same
+    for one first chunk as for two); without it, A's step runs alone and B waits for all of it. Both streams' PCM is
+    what it is either way."""
+    loop = VocoderLoop(vocoder, first_chunk_wait_s=wait_s)
+    served: list[int] = []
+    step = loop._step
+
+    def traced(streams):
+        served.append(len(streams))
+        return step(streams)
+
+    loop._step = traced
+
+    async def feed(c, parts):
+        for delay, k0, k1, last in parts:
+            await asyncio.sleep(delay)
+            yield TalkerToVocoder(c[k0:k1], last=last)
+
+    async def one(seed, parts):
+        stream = vocoder.open_stream("Chelsie", seed)
+        return np.concatenate([pcm async for pcm in loop.run(stream, feed(codes(48, seed), parts))])
+
+    async def main():
+        a = one(1, [(0.0, 0, 48, True)])
+        b = one(2, [(0.0, 0, 4, False), (0.1, 4, 48, True)])
+        return await asyncio.gather(a, b)
+
+    wav_a, wav_b = asyncio.run(main())
+    assert served[0] == first_step, served
+    assert wav_a.shape == wav_b.shape == (48 * 480,)
