@@ -8,6 +8,10 @@ if they waited one more step); the others follow in the next step. Otherwise a s
 earliest deadline first. A step computes one chunk of each stream it serves (`chunks_per_step`), so steps stay short
 and a stream behind by several chunks does not hold a first chunk up. Which chunks a stream's step computes never
 depends on the others, so the order changes when audio comes, never what it is.
+
+A step of first chunks alone first waits (up to `first_chunk_wait_s`) while other streams' first chunks are on their
+way (codes came, not ready yet): a step costs about the same for one first chunk as for several, and one begun alone
+would hold the others' first audio for its whole length.
 """
 
 from __future__ import annotations
