@@ -83,16 +83,7 @@ class VocoderLoop(WorkerLoop):
         wait = self.first_chunk_wait_s
         if wait <= 0 or any(id(s) in self._play_end for s in work) or not self._first_chunks_coming():
             return work
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        wake = self._wake
-        assert wake is not None  # made by the task that runs this loop (omni.loop.WorkerLoop._ensure_running)
-        while self._first_chunks_coming() and (left := deadline - loop.time()) > 0:
-            wake.clear()
-            try:
-                await asyncio.wait_for(wake.wait(), left)
-            except asyncio.TimeoutError:
-                break
+        await self._wait_while(self._first_chunks_coming, wait)
         return self._next_work() or work
 
     def deadline(self, stream: VocoderStream) -> float:

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 from omni.loop import WorkerLoop
@@ -32,16 +31,7 @@ class EngineLoop(WorkerLoop):
         wait = self.engine.config.batch_wait_s
         if wait <= 0 or not self.engine.waiting_rows() or self.engine.has_urgent_row():
             return work
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        wake = self._wake
-        assert wake is not None  # made by the task that runs this loop (omni.loop.WorkerLoop._ensure_running)
-        while self.engine.waiting_rows() and (left := deadline - loop.time()) > 0:
-            wake.clear()
-            try:
-                await asyncio.wait_for(wake.wait(), left)
-            except asyncio.TimeoutError:
-                break
+        await self._wait_while(self.engine.waiting_rows, wait)
         return work
 
     def _step(self, work) -> list[Sequence]:

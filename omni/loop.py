@@ -105,6 +105,19 @@ class WorkerLoop:
             c.max_queue_s = max(c.max_queue_s, now - since)
         return len(keys)
 
+    async def _wait_while(self, waiting: Callable[[], object], seconds: float) -> None:
+        """For `_gather`: wait while `waiting()` is truthy, at most `seconds`, checking again at each `wake()`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        wake = self._wake
+        assert wake is not None  # made by the task that runs this loop (_ensure_running)
+        while waiting() and (left := deadline - loop.time()) > 0:
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
     # ------------------------------------------------------------------------------------------------ machine
     def wake(self) -> None:
         """Call after giving the loop new input (from the event loop's thread)."""
