@@ -1,5 +1,6 @@
-"""Fixtures of the `omni caption` tests: a mixed folder of real media (good and bad files) and the oracle, the official
-transformers `generate` on the request `omni chat --KIND F PROMPT` builds."""
+"""Fixtures of the cluster tests: for `omni caption`, a mixed folder of real media (good and bad files) and the oracle,
+the official transformers `generate` on the request `omni chat --KIND F PROMPT` builds; `omni_serve` for a module's own
+servers; the shared `omni serve` (SharedServer, `tiny_app`) and its fixtures (`server`, `client`, `uris`)."""
 
 import base64
 import os
