@@ -56,13 +56,20 @@ log = logging.getLogger("omni.serve")
 
 # glibc's malloc serves a freed block's size from its heap from then on (its mmap threshold follows the largest block
 # freed, up to 32 MiB), and a heap fragmented by tensors of ever-changing shapes (the vocoder's batches of windows)
-# keeps its pages: the vocoder's RSS grew ~25 % in a minute of load. A fixed threshold maps blocks past it on their
-# own and gives them back when they are freed (M_MMAP_THRESHOLD, from malloc.h); what fragments below it is given
-# back by malloc_trim every few seconds. The threshold is a trade: every block past it costs an mmap, page faults
-# and zeroed pages each time it is allocated. At 1 MiB the vocoder's steps took 1.6x as long (5.2-6.2 s vs
-# 3.3-3.6 s for the same 8 streams, interleaved in one process); at 4 MiB they take what they take at 32 MiB, and
-# the replica's RSS stays flat under load (`omni bench load --model tiny --duration 60`: +6.8 %, no trend).
-_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES = -3, 4 << 20
+# keeps its pages: the vocoder's RSS grew ~25 % in a minute of load. So the replica fixes both thresholds and gives
+# freed pages back itself, by malloc_trim every few seconds:
+# - M_MMAP_THRESHOLD at 32 MiB (glibc's own ceiling): blocks past it are mapped on their own and unmapped when freed.
+#   A lower one costs every block past it an mmap and its page faults on each allocation: at 4 MiB the vocoder's
+#   thread took ~50,000 minor faults per step at c=8 and its steps 0.87 s instead of 0.70 s; at 1 MiB they took 1.6x.
+# - M_TRIM_THRESHOLD out of reach: fixing the mmap threshold also stops glibc's dynamic trim threshold, which then
+#   falls back to 128 KiB, and every free() that leaves that much at a heap's top hands the pages back, to fault them
+#   in again at the next step: with the 4 MiB threshold alone the whole pipeline ran 1.4x slower at c=8.
+# `MALLOC_MMAP_THRESHOLD_=... MALLOC_TRIM_THRESHOLD_=... omni bench --via pipeline ...` measures a setting in process
+# (BENCHMARKS.md §10): requests/s at c=8 1.10-1.16 with these two, 0.99-1.03 with glibc's defaults, 0.96-1.01 at
+# 4 MiB, 0.73 at 4 MiB with the default trim threshold. The replica's RSS stays flat under load (`omni bench load
+# --model tiny --duration 60`: +5.1 %, PASS).
+_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES = -1, 1 << 30
+_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES = -3, 32 << 20
 _TRIM_EVERY_S = 5.0
 
 
@@ -70,6 +77,7 @@ def _give_back_freed_memory() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
         trim = libc.malloc_trim
     except (OSError, AttributeError):  # not glibc
         return
