@@ -17,12 +17,20 @@ Accounting (`loop_stats`): steps, the items each served (batch size), the second
 when a key's input was there (stamped at `wake()`, which callers run after giving input, and after each step for keys
 still ready) to the start of the step that serves it; a stage whose steps are long, or that waits on a batch timer,
 shows here.
+
+Step trace: with OMNI_LOOP_TRACE=PATH in a process's environment (a replica's too: Ray passes `omni serve`'s environment
+on), every loop made in it appends one JSON line per step to PATH: the loop's name, the step's start and end (Unix
+seconds: lines from several processes line up), the keys it served, and what the worker thread spent on it (CPU
+seconds, minor page faults). `python tools/loop_trace.py PATH` summarises it per loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
+import os
+import resource
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable
 from dataclasses import asdict, dataclass
@@ -31,6 +39,7 @@ from typing import Optional
 __all__ = ["WorkerLoop", "LoopStats"]
 
 _END = object()
+_RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)  # the calling thread's (Linux)
 
 
 @dataclass
@@ -55,6 +64,8 @@ class WorkerLoop:
         self._subscribers: dict[Hashable, asyncio.Queue] = {}
         self.counters = LoopStats()
         self._ready_since: dict[Hashable, float] = {}  # key -> when its input was there, until a step serves it
+        self._trace = os.environ.get("OMNI_LOOP_TRACE")  # a path: one JSON line per step (the module's docstring)
+        self._thread_spent: tuple[float, int] = (0.0, 0)  # the last traced step's CPU seconds and minor faults
 
     # ------------------------------------------------------------------------------------------------ subclass hooks
     def _next_work(self):
@@ -144,8 +155,9 @@ class WorkerLoop:
             work = await self._gather(work)
             self._stamp_ready()  # input that came without a wake()
             items, t0 = self._account_start(), time.perf_counter()
+            step = self._step if self._trace is None else self._traced_step
             try:
-                result = await loop.run_in_executor(self._executor, self._step, work)
+                result = await loop.run_in_executor(self._executor, step, work)
             except Exception as exc:  # a failing step fails what it served, never hangs it
                 self._failed(work, exc)
                 continue
@@ -154,7 +166,25 @@ class WorkerLoop:
                 c.steps, c.step_items, c.max_items = c.steps + 1, c.step_items + items, max(c.max_items, items)
                 c.step_s += time.perf_counter() - t0
             self._deliver(work, result)
+            if self._trace is not None:
+                self._write_trace(time.time() - (time.perf_counter() - t0), items)
             self._stamp_ready()  # what is still ready queues from now
+
+    def _traced_step(self, work):
+        """`_step`, and what the worker thread spent on it (for the trace line)."""
+        u0, c0 = resource.getrusage(_RUSAGE_THREAD), time.thread_time()
+        try:
+            return self._step(work)
+        finally:
+            u1 = resource.getrusage(_RUSAGE_THREAD)
+            self._thread_spent = (time.thread_time() - c0, u1.ru_minflt - u0.ru_minflt)
+
+    def _write_trace(self, start: float, items: int) -> None:
+        cpu_s, faults = self._thread_spent
+        line = {"loop": self.name, "start": start, "end": time.time(), "keys": items, "cpu_s": cpu_s, "minflt": faults}
+        assert self._trace is not None
+        with open(self._trace, "a") as f:  # one short append per step: lines of several processes don't interleave
+            f.write(json.dumps(line) + "\n")
 
     def _publish(self, key: Hashable, item) -> None:
         q = self._subscribers.get(key)

@@ -129,3 +129,46 @@ def test_a_first_chunk_waits_briefly_for_the_first_chunks_on_their_way(vocoder, 
     wav_a, wav_b = asyncio.run(main())
     assert served[0] == first_step, served
     assert wav_a.shape == wav_b.shape == (48 * 480,)
+
+
+def test_step_trace_has_a_line_per_step_with_the_worker_threads_spend(vocoder, tmp_path, monkeypatch):
+    """OMNI_LOOP_TRACE (omni/loop.py): one JSON line per step, the keys it served, what its thread spent; and
+    tools/loop_trace.py reads it back. Without the variable, no file."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "steps.jsonl"
+
+    async def speak(loop, seed):
+        stream = vocoder.open_stream("Chelsie", seed)
+
+        async def feed():
+            yield TalkerToVocoder(codes(60, seed), last=True)
+
+        return [pcm async for pcm in loop.run(stream, feed())]
+
+    async def two(loop):
+        return await asyncio.gather(speak(loop, 1), speak(loop, 2))
+
+    untraced = VocoderLoop(vocoder)
+    asyncio.run(two(untraced))
+    assert not path.exists()
+    monkeypatch.setenv("OMNI_LOOP_TRACE", str(path))
+    loop = VocoderLoop(vocoder)
+    asyncio.run(two(loop))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    stats = loop.loop_stats()
+    assert len(lines) == stats["steps"] >= 2 and sum(x["keys"] for x in lines) == stats["step_items"]
+    for x in lines:
+        assert x["loop"] == loop.name and x["start"] <= x["end"] and x["keys"] >= 1
+        assert x["cpu_s"] > 0 and x["minflt"] >= 0
+    assert all(a["end"] <= b["start"] for a, b in zip(lines, lines[1:]))  # one worker thread: steps in turn
+    summary = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[2] / "tools" / "loop_trace.py"), str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"{loop.name}: {len(lines)} steps" in summary, summary
