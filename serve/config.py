@@ -120,6 +120,9 @@ class ServeConfig(PipelineConfig):
     stage_timeout_s: float = Field(60.0, gt=0, le=3600)  # longest wait for a stage's next answer (embeddings, the next
     #                             streamed item) before the request fails with 503: bounds a request whose replica died
     #                             and that would otherwise wait in Serve's queue until a new one is up (or for ever)
+    media_cache_bytes: int = Field(128 * 2**20, ge=0)  # decoded inline media (data: URIs, base64 audio) kept by content
+    #   hash where requests are converted (the ingress), LRU, so a conversation's resent media is not decoded again
+    #   (serve/api/media_cache.py); 0: off. 128 MiB holds ~40 images of 1280x1024 or ~10 short videos
     media: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames, sampling
     realtime: RealtimeLimits = RealtimeLimits()  # /v1/realtime: session length, buffered audio, events/s, event size
     deployments: Deployments = Deployments()  # Ray Serve resources per deployment

@@ -40,6 +40,7 @@ from omni.types import (
 )
 from omni.encoders.sources import MediaLimits, MediaPolicy
 from omni.serve.api.audio_io import ACCEPTED_FORMATS, AudioStreamEncoder, canonical_format, encode_audio, pcm16_bytes
+from omni.serve.api.media_cache import MediaCache, is_inline
 from omni.serve.api.protocol import (
     AssistantMessage,
     AudioURLContent,
@@ -90,6 +91,7 @@ class ConvertOptions:
     media_limits: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames
     media_policy: MediaPolicy = MediaPolicy()  # where media may come from (data: always; local paths, http(s))
     voices: tuple[str, ...] = ()  # the backend's voices, to accept "chelsie" for "Chelsie"; empty: as sent
+    media_cache: Optional[MediaCache] = None  # decoded inline media by content hash (serve/api/media_cache.py)
 
 
 # ---------------------------------------------------------------------------------------------------- request
@@ -150,17 +152,30 @@ def _convert_part(part, param: str, use_audio_in_video: bool, opts: ConvertOptio
     from omni.encoders import media
 
     kw = {"limits": opts.media_limits, "policy": opts.media_policy}
+    cache = opts.media_cache
+
+    def load(kind: str, source, params, decode):
+        """`decode()`, or the cached item of an inline `source` (a data: URI, or base64 already decoded to bytes)."""
+        inline = isinstance(source, bytes) or is_inline(source)
+        return cache.get(kind, source, params, decode) if cache is not None and inline else decode()
+
     if isinstance(part, ImageContent):
-        return ImagePart(media.load_image(part.image_url.url, **kw))
+        url = part.image_url.url
+        return ImagePart(load("image", url, None, lambda: media.load_image(url, **kw)))
     if isinstance(part, AudioURLContent):
-        return AudioPart(media.load_audio(part.audio_url.url, **kw))
+        url = part.audio_url.url
+        return AudioPart(load("audio", url, None, lambda: media.load_audio(url, **kw)))
     if isinstance(part, InputAudioContent):
         raw = _b64decode(part.input_audio.data, f"{param}.input_audio.data")
-        return AudioPart(media.load_audio(raw, **kw))
+        return AudioPart(load("audio", raw, None, lambda: media.load_audio(raw, **kw)))
     if isinstance(part, VideoURLContent):
+        url, n = part.video_url.url, part.video_url.num_frames
         return VideoPart(
-            media.load_video(
-                part.video_url.url, fps=None, num_frames=part.video_url.num_frames, with_audio=use_audio_in_video, **kw
+            load(
+                "video",
+                url,
+                (n, use_audio_in_video),
+                lambda: media.load_video(url, fps=None, num_frames=n, with_audio=use_audio_in_video, **kw),
             )
         )
     raise InvalidRequest(f"unsupported content part {type(part).__name__} at {param}", param)

@@ -46,6 +46,7 @@ from omni.serve.api.common import error_json as _error_json  # noqa: F401
 from omni.serve.api.common import parse_body as _parse
 from omni.serve.api.common import read_body as _read_body
 from omni.serve.api.convert import SSE_DONE, Completion, ConvertOptions, error_response, sse, to_chat_request
+from omni.serve.api.media_cache import MediaCache
 from omni.serve.api.metrics import CONTENT_TYPE_LATEST, Metrics
 from omni.serve.api.protocol import ChatCompletionRequest, ModelCard, ModelList
 from omni.serve.api.realtime import mount_realtime
@@ -94,6 +95,7 @@ class ServerSettings:
     #                                           wait their turn (None: no limit)
     speech_wait_s: float = 30.0  # how long one waits for a speech slot before its 503
     media_limits: MediaLimits = MediaLimits()  # per media item: bytes, pixels, seconds, frames
+    media_cache_bytes: int = 128 * 2**20  # decoded inline media kept by content hash (serve/api/media_cache.py); 0: off
     media_policy: MediaPolicy = MediaPolicy()  # local paths / file:// only under its allowed_local_media_path; http(s)
     api_dialect: str = "openai"  # response shapes: "openai", or "vllm-omni" (its example clients work unchanged)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models `created`
@@ -203,6 +205,7 @@ class _Routes:
             media_limits=settings.media_limits,
             media_policy=settings.media_policy,
             voices=tuple(backend.voices),
+            media_cache=MediaCache(settings.media_cache_bytes),
         )
 
     def models(self, request: Request) -> dict:

@@ -78,6 +78,7 @@ def server_settings(cfg: ServeConfig, args: AppArgs, model: str):
         default_sampling=generation_defaults(model),
         default_speech_tokens=cfg.default_speech_tokens,
         media_limits=cfg.media,
+        media_cache_bytes=cfg.media_cache_bytes,
         realtime=cfg.realtime,
         media_policy=MediaPolicy(
             allowed_local_media_path=args.allowed_local_media_path, allow_http=args.allow_http_media

@@ -187,3 +187,23 @@ def test_build_app_refuses_unknown_arguments():
         build_app({"modle": "tiny"})
     with pytest.raises(FileNotFoundError, match="no serve config 'nope'"):
         build_app({"model": "tiny", "config": "nope"})
+
+
+def test_media_cache_bytes_reaches_the_servers_conversion(tmp_path):
+    """The config key sizes the decoded-media cache the server converts requests with (serve/api/media_cache.py)."""
+    from omni.serve.api.server import _Routes
+    from omni.serve.cluster.builder import AppArgs, server_settings
+
+    path = tmp_path / "c.yaml"
+    path.write_text("media_cache_bytes: 12345\n")
+    settings = server_settings(load_serve_config(str(path)), AppArgs(), "tiny")
+    assert settings.media_cache_bytes == 12345
+
+    class Backend:
+        model_name, voices, max_model_len = "tiny", ["Chelsie"], 32768
+
+    routes = _Routes(Backend(), settings, metrics=None)
+    assert routes.convert_options.media_cache.max_bytes == 12345
+    path.write_text("media_cache_bytes: -1\n")
+    with pytest.raises(ConfigError, match="media_cache_bytes"):
+        load_serve_config(str(path))
