@@ -1,6 +1,9 @@
 """How glibc's mmap threshold (M_MMAP_THRESHOLD, which serve/cluster/deployments.py fixes in every stage replica)
 changes the vocoder's step time: the same 8 streams of 150 codes vocoded chunk by chunk, at each threshold in turn,
-interleaved over REPEATS rounds in one process (so the machine's drift hits every setting alike).
+interleaved over REPEATS rounds in one process (so the machine's drift hits every setting alike). The trim threshold
+is held at the replicas' 1 GiB throughout: fixing the mmap threshold drops glibc's dynamic trim threshold to 128 KiB,
+which made every setting fault its pages in again (stop 24's table in BENCHMARKS.md §10 was measured so; stop 25's
+section measures the whole pipeline with both thresholds through glibc's MALLOC_*_ environment variables).
 
     python tools/malloc_threshold.py            # BENCHMARKS.md §10 quotes its output
 """
@@ -13,7 +16,7 @@ import torch
 
 from omni.decoders.token2wav import Token2Wav
 
-M_MMAP_THRESHOLD = -3  # malloc.h
+M_MMAP_THRESHOLD, M_TRIM_THRESHOLD = -3, -1  # malloc.h
 THRESHOLDS = {"1 MiB": 1 << 20, "4 MiB": 4 << 20, "32 MiB": 32 << 20}
 REPEATS = 3
 
@@ -32,6 +35,7 @@ def vocode_8_streams(voc: Token2Wav) -> float:
 def main() -> None:
     torch.set_num_threads(1)  # as a replica with under 2 CPUs reserved
     libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # as serve/cluster/deployments.py
     voc = Token2Wav.from_pretrained("tiny")
     vocode_8_streams(voc)  # warm-up
     seconds: dict[str, list[float]] = {name: [] for name in THRESHOLDS}
