@@ -232,7 +232,19 @@ def test_twenty_clients_gone_mid_stream_free_every_stage(server):
     after = idle()
     for name in handles:
         assert after[name].get("running", after[name].get("open")) == 0, (name, after[name])
-        assert after[name]["rss_mb"] <= before[name]["rss_mb"] * 1.10 + 30, (name, before[name], after[name])
+
+    def back(stats) -> bool:
+        return all(stats[n]["rss_mb"] <= before[n]["rss_mb"] * 1.10 + 30 for n in handles)
+
+    from omni.serve.cluster.deployments import _TRIM_EVERY_S
+
+    # freed memory goes back to the OS at the replica's next malloc_trim (every _TRIM_EVERY_S; serve/cluster/
+    # deployments.py), not at each free: give it three of them
+    deadline = time.time() + 3 * _TRIM_EVERY_S
+    while not back(after) and time.time() < deadline:
+        time.sleep(1)
+        after = {name: h.stats.remote().result() for name, h in handles.items()}
+    assert back(after), (before, after)
     assert after["Thinker"]["steps"] - before["Thinker"]["steps"] < 20 * 2000  # nobody ran to max_tokens
 
 
