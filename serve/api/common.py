@@ -162,4 +162,11 @@ class StreamResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.admitted.release(ok=False)  # a no-op when the body finished and released already
+            try:  # a client gone while the body waited at a yield (its chunk being sent) leaves the body suspended
+                # there, to be closed whenever it is collected: close it now, so that its own cleanup (the cancel it
+                # counts, the backend stream it closes) runs at the disconnect
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                await self.admitted.release(ok=False)  # a no-op when the body finished and released already

@@ -181,3 +181,44 @@ def test_encoder_batch_hook_shows_in_metrics(gated):
     }
     assert samples[("omni_encoder_batch_size_bucket", (("kind", "vision"), ("le", "4.0")))] == 1
     assert samples[("omni_encoder_batch_size_bucket", (("kind", "vision"), ("le", "2.0")))] == 0
+
+
+def test_a_client_gone_at_a_send_closes_the_body_at_once():
+    """The disconnect can surface at a send, while the SSE body waits at a yield (not in its backend): the response
+    closes the body right then, so that the body's own cleanup (counting the cancel, closing the backend stream) runs
+    at the disconnect, not whenever the suspended generator is collected (the demo's Stop test once saw no cancel)."""
+    from types import SimpleNamespace
+
+    from starlette.requests import ClientDisconnect
+
+    from omni.serve.api.common import StreamResponse
+
+    cleaned, released = [], []
+
+    async def body():
+        try:
+            for chunk in ("data: a\n\n", "data: b\n\n"):
+                yield chunk
+        except BaseException as e:
+            cleaned.append(type(e).__name__)
+            raise
+
+    async def release(ok):
+        released.append(ok)
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            raise OSError("the client is gone")
+
+    async def receive():
+        await asyncio.sleep(30)
+        return {"type": "http.disconnect"}
+
+    async def main():
+        response = StreamResponse(body(), SimpleNamespace(request_id="r", release=release))
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "POST", "path": "/"}
+        with pytest.raises((ClientDisconnect, OSError)):
+            await response(scope, receive, send)
+        return list(cleaned)
+
+    assert asyncio.run(main()) == ["GeneratorExit"] and released == [False]
