@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import os
 import resource
@@ -65,7 +66,6 @@ class WorkerLoop:
         self.counters = LoopStats()
         self._ready_since: dict[Hashable, float] = {}  # key -> when its input was there, until a step serves it
         self._trace = os.environ.get("OMNI_LOOP_TRACE")  # a path: one JSON line per step (the module's docstring)
-        self._thread_spent: tuple[float, int] = (0.0, 0)  # the last traced step's CPU seconds and minor faults
 
     # ------------------------------------------------------------------------------------------------ subclass hooks
     def _next_work(self):
@@ -155,7 +155,7 @@ class WorkerLoop:
             work = await self._gather(work)
             self._stamp_ready()  # input that came without a wake()
             items, t0 = self._account_start(), time.perf_counter()
-            step = self._step if self._trace is None else self._traced_step
+            step = self._step if self._trace is None else functools.partial(self._traced_step, items=items)
             try:
                 result = await loop.run_in_executor(self._executor, step, work)
             except Exception as exc:  # a failing step fails what it served, never hangs it
@@ -166,25 +166,19 @@ class WorkerLoop:
                 c.steps, c.step_items, c.max_items = c.steps + 1, c.step_items + items, max(c.max_items, items)
                 c.step_s += time.perf_counter() - t0
             self._deliver(work, result)
-            if self._trace is not None:
-                self._write_trace(time.time() - (time.perf_counter() - t0), items)
             self._stamp_ready()  # what is still ready queues from now
 
-    def _traced_step(self, work):
-        """`_step`, and what the worker thread spent on it (for the trace line)."""
-        u0, c0 = resource.getrusage(_RUSAGE_THREAD), time.thread_time()
+    def _traced_step(self, work, items: int):
+        """`_step`, then its trace line (in the worker thread: what the thread spent on it is measured there)."""
+        start, u0, c0 = time.time(), resource.getrusage(_RUSAGE_THREAD), time.thread_time()
         try:
             return self._step(work)
         finally:
-            u1 = resource.getrusage(_RUSAGE_THREAD)
-            self._thread_spent = (time.thread_time() - c0, u1.ru_minflt - u0.ru_minflt)
-
-    def _write_trace(self, start: float, items: int) -> None:
-        cpu_s, faults = self._thread_spent
-        line = {"loop": self.name, "start": start, "end": time.time(), "keys": items, "cpu_s": cpu_s, "minflt": faults}
-        assert self._trace is not None
-        with open(self._trace, "a") as f:  # one short append per step: lines of several processes don't interleave
-            f.write(json.dumps(line) + "\n")
+            cpu_s, faults = time.thread_time() - c0, resource.getrusage(_RUSAGE_THREAD).ru_minflt - u0.ru_minflt
+            line = {"loop": self.name, "start": start, "end": time.time(), "keys": items}
+            assert self._trace is not None
+            with open(self._trace, "a") as f:  # one short append per step: lines of several processes don't interleave
+                f.write(json.dumps({**line, "cpu_s": cpu_s, "minflt": faults}) + "\n")
 
     def _publish(self, key: Hashable, item) -> None:
         q = self._subscribers.get(key)
