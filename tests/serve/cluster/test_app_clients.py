@@ -214,15 +214,18 @@ def test_twenty_clients_gone_mid_stream_free_every_stage(server):
                     return True
         return False
 
+    def stats() -> dict:
+        return {name: h.stats.remote().result() for name, h in handles.items()}
+
     def idle() -> dict:
         deadline = time.time() + 60
         while True:
-            stats = {name: h.stats.remote().result() for name, h in handles.items()}
+            now = stats()
             if (
-                stats["Thinker"]["running"] == stats["Talker"]["running"] == stats["Vocoder"]["open"] == 0
+                now["Thinker"]["running"] == now["Talker"]["running"] == now["Vocoder"]["open"] == 0
                 or time.time() > deadline
             ):
-                return stats
+                return now
             time.sleep(0.3)
 
     assert leave_at_first_audio(0)  # warm-up: the replicas' memory reaches its working level
@@ -233,8 +236,8 @@ def test_twenty_clients_gone_mid_stream_free_every_stage(server):
     for name in handles:
         assert after[name].get("running", after[name].get("open")) == 0, (name, after[name])
 
-    def back(stats) -> bool:
-        return all(stats[n]["rss_mb"] <= before[n]["rss_mb"] * 1.10 + 30 for n in handles)
+    def back(now) -> bool:
+        return all(now[n]["rss_mb"] <= before[n]["rss_mb"] * 1.10 + 30 for n in handles)
 
     from omni.serve.cluster.deployments import _TRIM_EVERY_S
 
@@ -243,7 +246,7 @@ def test_twenty_clients_gone_mid_stream_free_every_stage(server):
     deadline = time.time() + 3 * _TRIM_EVERY_S
     while not back(after) and time.time() < deadline:
         time.sleep(1)
-        after = {name: h.stats.remote().result() for name, h in handles.items()}
+        after = stats()
     assert back(after), (before, after)
     assert after["Thinker"]["steps"] - before["Thinker"]["steps"] < 20 * 2000  # nobody ran to max_tokens
 
