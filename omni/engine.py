@@ -100,7 +100,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 class Engine:
-    """Synchronous continuous-batching engine. Thread-compatible: `add` from any thread, `step` from one thread."""
+    """Synchronous continuous-batching engine. Thread-compatible: `add` from any thread, `step` from one thread; the
+    readers (`ready_sequences`, `load`, `waiting_rows`, `has_urgent_row`) may run in another thread during a step."""
 
     def __init__(self, model: DecoderModel, config: Optional[EngineConfig] = None, name: str = "engine"):
         self.model, self.config, self.name = model, config or EngineConfig(), name
@@ -184,7 +185,7 @@ class Engine:
         """The requests the next step would serve: prompts part-way through a prefill, pending ones ready to start
         (as many as free rows allow), running rows whose input is there."""
         free = max(0, self.config.max_num_seqs - self.num_running)
-        pending = [s for s in self._pending if not s.cancelled and self.ready(s)][:free]
+        pending = [s for s in self._waiting() if not s.cancelled and self.ready(s)][:free]
         return (
             [p.seq for p in self._prefilling]
             + pending
@@ -194,8 +195,19 @@ class Engine:
     def load(self) -> tuple[int, int]:
         """(rows in the batch, requests ready to prefill or part-way through their prefill)."""
         return len(self._rows), len(self._prefilling) + sum(
-            1 for s in self._pending if not s.cancelled and self.ready(s)
+            1 for s in self._waiting() if not s.cancelled and self.ready(s)
         )
+
+    def _waiting(self) -> tuple[Sequence, ...]:
+        """The pending requests now, for a reader in another thread than `step`'s (the event loop's accounting and
+        stats, during a step): iterating the deque itself there raised "deque mutated during iteration" whenever the
+        step admitted a request meanwhile (its popleft), and failed the caller's stream. The copy runs in C, under the
+        GIL; a thread switch inside it (a finalizer that runs Python code) makes it copy again."""
+        while True:
+            try:
+                return tuple(self._pending)
+            except RuntimeError:
+                continue
 
     def ready(self, seq: Sequence) -> bool:
         """A pending sequence can start its prefill (its inputs are there)."""

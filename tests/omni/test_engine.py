@@ -249,3 +249,28 @@ def test_no_batch_timer_while_a_running_row_is_urgent():
 
     asyncio.run(gather(False))
     asyncio.run(gather(True))
+
+
+def test_readers_during_a_step_that_admits_see_the_queue_not_an_error():
+    """The event loop reads the pending queue (ready_sequences for its queue-time accounting at each wake, load for
+    the stats) while the worker thread's step admits from it. Reading the deque itself raised "deque mutated during
+    iteration" when a popleft came between two items, which failed the stream that woke the loop (a CI run of 20
+    concurrent speech streams lost one). Here the step's popleft comes at exactly that moment: inside the reader's
+    iteration, through the readiness check it makes per item."""
+    from omni.engine import DecoderModel, Engine, Sequence
+
+    engine = Engine(DecoderModel(None, None, None, torch.device("cpu")), EngineConfig(max_num_seqs=8))
+
+    class Arrival(Sequence):
+        def ready_to_prefill(self):
+            if engine._pending and engine._pending[0] is not self:
+                engine._pending.popleft()  # what the step's admission does meanwhile, in its own thread
+            return True
+
+    seqs = [Arrival(f"r{i}", 8, set()) for i in range(4)]
+    for seq in seqs:
+        engine.add(seq)
+    ready = engine.ready_sequences()
+    assert ready == seqs[:4] and len(engine._pending) < 4  # the queue as it was when read, while it shrank
+    running, waiting = engine.load()
+    assert (running, waiting) == (0, len(engine._pending))
