@@ -11,10 +11,9 @@ import httpx
 import pytest
 
 from omni.serve.api.convert import ConvertOptions, to_chat_request
+from omni.serve.api.local_server import LocalServer
 from omni.serve.api.protocol import ChatCompletionRequest
 from omni.serve.api.server import ServerSettings, build_fastapi
-
-from .uvicorn_server import Server
 
 BODY = {
     "model": "Qwen/Qwen2.5-Omni-7B",
@@ -29,7 +28,7 @@ BODY = {
 @pytest.fixture(scope="module")
 def server(pipeline):
     settings = ServerSettings(served_model_name="Qwen/Qwen2.5-Omni-7B", api_dialect="vllm-omni")
-    with Server(build_fastapi(pipeline, settings)) as s:
+    with LocalServer(build_fastapi(pipeline, settings)) as s:
         yield s
 
 

@@ -10,9 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from omni.serve.api.local_server import LocalServer
 from omni.serve.api.server import ServerSettings, build_fastapi
-
-from .uvicorn_server import Server
 
 pytestmark = pytest.mark.slow
 KEY = "sk-fuzz"
@@ -24,7 +23,7 @@ def server(pipeline):
     s = ServerSettings(
         api_key=KEY, max_tokens=6, default_max_tokens=4, default_speech_tokens=16, max_body_bytes=2 * 2**20
     )
-    with Server(build_fastapi(pipeline, s)) as srv:
+    with LocalServer(build_fastapi(pipeline, s)) as srv:
         yield srv
 
 

@@ -14,11 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from omni.prompt import DEFAULT_SYSTEM_PROMPT
 from omni.serve.api.audio_io import pcm16_bytes
 from omni.serve.api.convert import ConvertOptions, to_chat_request
+from omni.serve.api.local_server import LocalServer
 from omni.serve.api.metrics import STALL_OK_S
 from omni.serve.api.protocol import ChatCompletionRequest
 from omni.serve.api.server import ServerSettings, build_fastapi
-
-from .uvicorn_server import Server
 
 KEY = "sk-test-key"
 TALKER = {"max_tokens": 48}  # the random tiny Talker rarely stops on its own: bound the speech
@@ -29,7 +28,7 @@ SAMPLES_PER_CODE = 480  # 24 kHz / 50 codes per second
 @pytest.fixture(scope="module")
 def server(pipeline):
     settings = ServerSettings(served_model_name="qwen-omni-tiny", api_key=KEY, max_body_bytes=4 * 2**20, max_tokens=512)
-    with Server(build_fastapi(pipeline, settings)) as s:
+    with LocalServer(build_fastapi(pipeline, settings)) as s:
         yield s
 
 

@@ -14,9 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from omni.types import Finished, InvalidRequest, TextDelta
+from omni.serve.api.local_server import LocalServer
 from omni.serve.api.server import ServerSettings, build_fastapi
-
-from .uvicorn_server import Server
 
 
 class GatedBackend:
@@ -51,7 +50,7 @@ class GatedBackend:
 @pytest.fixture()
 def gated():
     backend = GatedBackend()
-    with Server(build_fastapi(backend, ServerSettings(max_concurrent_requests=1))) as s:
+    with LocalServer(build_fastapi(backend, ServerSettings(max_concurrent_requests=1))) as s:
         yield s, backend
 
 
@@ -69,7 +68,7 @@ def test_speech_streams_past_the_limit_wait_their_turn_or_get_503():
     settings = ServerSettings(max_concurrent_requests=8, max_speech_streams=1, speech_wait_s=2.0)
     speak = {"modalities": ["text", "audio"], "audio": {"voice": "Chelsie", "format": "wav"}}
     app = build_fastapi(backend, settings)
-    with Server(app) as server, concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with LocalServer(app) as server, concurrent.futures.ThreadPoolExecutor(2) as pool:
         url = f"{server.url}/v1/chat/completions"
         with httpx.stream("POST", url, json={**_body(True), **speak}, timeout=30) as first:
             lines = first.iter_lines()

@@ -24,11 +24,10 @@ from omni.types import AudioPart, ChatRequest, Message
 from omni.encoders.media import load_audio
 from omni.serve.api.audio_io import wav_header
 from omni.serve.api.convert import ConvertOptions, to_chat_request
+from omni.serve.api.local_server import LocalServer
 from omni.serve.api.protocol import ChatCompletionRequest
 from omni.serve.api.realtime_events import RealtimeLimits
 from omni.serve.api.server import ServerSettings, build_fastapi
-
-from .uvicorn_server import Server
 
 KEY = "sk-rt-key"
 MODEL = "qwen-omni-tiny"
@@ -49,7 +48,7 @@ def server(pipeline):
         default_speech_tokens=TALKER_TOKENS,
         realtime=RealtimeLimits(max_events_per_s=RATE_LIMIT, max_message_bytes=2**20),
     )
-    with Server(build_fastapi(pipeline, settings)) as s:
+    with LocalServer(build_fastapi(pipeline, settings)) as s:
         yield s
 
 

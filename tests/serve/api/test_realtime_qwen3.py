@@ -9,6 +9,7 @@ import pytest
 
 from omni.reference import reference_generate
 from omni.serve.api.audio_io import wav_header
+from omni.serve.api.local_server import LocalServer
 from omni.serve.api.server import ServerSettings, build_fastapi
 
 from .test_realtime import (
@@ -25,13 +26,12 @@ from .test_realtime import (
     spoken,  # noqa: F401 (the espeak-ng question, a fixture)
     until,
 )
-from .uvicorn_server import Server
 
 
 @pytest.fixture(scope="module")
 def server(pipeline_qwen3):
     settings = ServerSettings(served_model_name=MODEL, api_key=KEY, max_tokens=512)
-    with Server(build_fastapi(pipeline_qwen3, settings)) as s:
+    with LocalServer(build_fastapi(pipeline_qwen3, settings)) as s:
         yield s
 
 

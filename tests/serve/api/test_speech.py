@@ -19,10 +19,9 @@ from omni.reference import reference_generate
 from omni.decoders import MIN_STREAM_SNR_DB, snr_db
 from omni.serve.api.audio_io import AUDIO_FORMATS, AudioStreamEncoder, encode_audio, pcm16_bytes
 from omni.serve.api.convert import ConvertOptions, to_speech_request
+from omni.serve.api.local_server import LocalServer
 from omni.serve.api.protocol import SpeechRequest
 from omni.serve.api.server import ServerSettings, build_fastapi
-
-from .uvicorn_server import Server
 
 KEY = "sk-speech"
 TEXT = "Hello there, how are you today?"
@@ -32,7 +31,7 @@ GREEDY = {"sampling_params_list": [None, {"temperature": 0.0, "max_tokens": 60}]
 @pytest.fixture(scope="module")
 def server(pipeline):
     settings = ServerSettings(served_model_name="omni-tts", api_key=KEY, default_speech_tokens=60)
-    with Server(build_fastapi(pipeline, settings)) as s:
+    with LocalServer(build_fastapi(pipeline, settings)) as s:
         yield s
 
 
