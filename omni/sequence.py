@@ -4,13 +4,15 @@ the engine keeps on it (its KV slot, its prepared prefill, the last id sampled o
 from __future__ import annotations
 
 import collections
-from typing import Optional
+import threading
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 
 from omni.sampling import Sampler, TokenHistory
 
-__all__ = ["Sequence"]
+__all__ = ["Sequence", "Inbox"]
 
 
 class Sequence:
@@ -21,7 +23,9 @@ class Sequence:
     `next_input()` (None: idle this step) and `on_step(hidden [1, H], token)`. Before each call with a token the engine
     sets `self.last_token` (long [1], on the device: the same id, for the next input's embedding without a host
     round trip). Outputs for the consumer go to `self.outbox` (thread-safe deque). Other threads may call `cancel()`
-    and subclass feed methods, which must only append to deques.
+    and subclass feed methods, which must only append to deques (or put into an `Inbox`). The event loop's thread
+    also calls `ready_to_prefill()` and `has_input()` during a step (the engine's `ready_sequences`, for its
+    accounting): what they change must be safe from two threads at once.
 
     What `append_token` needs is given here: the id limit, the stop ids, and the repetition-penalty history (a
     subclass whose history is known only at prefill, like the Talker's, sets `self.history` in `prefill_inputs`).
@@ -87,3 +91,27 @@ class Sequence:
 
     def on_step(self, hidden: torch.Tensor, token: int) -> None:
         raise NotImplementedError
+
+
+class Inbox:
+    """What an upstream stage feeds a sequence (the Thinker's items to a Talker row), in order. Fed from the consumer's
+    thread; taken by whichever thread asks for the sequence's input: the engine's step in its worker thread, and the
+    event loop's thread, whose accounting asks `has_input()` during a step. So the taking holds a lock: two threads
+    draining at once each popped items and applied them in their own order, so a Talker row could read its Thinker's
+    replies out of order."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque = collections.deque()
+        self._taking = threading.Lock()
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+
+    def take(self, apply: Callable[[Any], None]) -> None:
+        """`apply(item)` for each item fed so far, in the order fed, in the calling thread."""
+        with self._taking:
+            while self._items:
+                apply(self._items.popleft())
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -15,7 +15,6 @@ hidden space and go through `talker.thinker_to_talker_proj`:
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Optional
 import torch
 
 from omni.engine import DecoderModel, Engine, EngineConfig, EngineLoop, Sampler, Sequence
+from omni.sequence import Inbox
 from omni.types import SamplingParams, TalkerDone, TalkerItem, TalkerPrompt, TalkerToVocoder, ThinkerToTalker
 
 __all__ = ["Talker", "TalkerConfig", "TalkerSequence"]
@@ -66,7 +66,7 @@ class TalkerSequence(Sequence):
         self.first_audio_codes = talker.first_audio_codes
         self.speaker_bos = int(talker.speakers[voice]["bos_token"])
         self.sampler = Sampler(sampling, suppress=(talker.codec_bos,), device=talker.device)
-        self.inbox: collections.deque = collections.deque()  # TalkerPrompt, then ThinkerToTalker in order
+        self.inbox = Inbox()  # TalkerPrompt, then ThinkerToTalker in order
         self.prompt: Optional[TalkerPrompt] = None
         self.replies: list[torch.Tensor] = []  # R_k for fed thinker tokens, [H] each
         self.n_text: Optional[int] = None  # N, once the Thinker's last token is known
@@ -77,18 +77,19 @@ class TalkerSequence(Sequence):
     # -------------------------------------------------------------------------------------------- feeding
     def feed(self, item) -> None:
         """From the consumer thread: the Thinker's TalkerPrompt or ThinkerToTalker items, in order."""
-        self.inbox.append(item)
+        self.inbox.put(item)
 
     def _drain(self) -> None:
-        while self.inbox:
-            item = self.inbox.popleft()
-            if isinstance(item, TalkerPrompt):
-                self.prompt = item
-            elif isinstance(item, ThinkerToTalker):
-                if item.reply is not None:
-                    self.replies.append(item.reply)
-                if item.last:
-                    self.n_text = item.index + 1
+        self.inbox.take(self._take)
+
+    def _take(self, item) -> None:
+        if isinstance(item, TalkerPrompt):
+            self.prompt = item
+        elif isinstance(item, ThinkerToTalker):
+            if item.reply is not None:
+                self.replies.append(item.reply)
+            if item.last:
+                self.n_text = item.index + 1
 
     def _reply(self, k: int) -> Optional[torch.Tensor]:
         """R_k, or None while the Thinker has not fed g_k yet."""

@@ -25,7 +25,6 @@ A reply of one Thinker token (A ends before A_3) makes the official generate rai
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Optional
@@ -35,6 +34,7 @@ from transformers import DynamicCache
 
 from omni.engine import DecoderModel, Engine, EngineLoop, Sampler, Sequence
 from omni.sampling import sample_rows
+from omni.sequence import Inbox
 from omni.talker import TalkerConfig
 from omni.types import (
     InvalidRequest,
@@ -72,7 +72,7 @@ class Qwen3TalkerSequence(Sequence):
             talker.predictor_sampling if not sampling.greedy else SamplingParams(), device=talker.device
         )
         self.predictor_sampler.generator = self.sampler.generator
-        self.inbox: collections.deque = collections.deque()  # Qwen3TalkerPrompt, then ThinkerToTalker in order
+        self.inbox = Inbox()  # Qwen3TalkerPrompt, then ThinkerToTalker in order
         self.prompt: Optional[Qwen3TalkerPrompt] = None
         self.tail: Optional[torch.Tensor] = None  # [t, H_thinker] A_0 .. A_{t-1}
         self.replies: list[torch.Tensor] = []  # e(g_k) [H_thinker] for the Thinker's tokens but its last
@@ -89,18 +89,19 @@ class Qwen3TalkerSequence(Sequence):
     # -------------------------------------------------------------------------------------------- feeding
     def feed(self, item) -> None:
         """From the consumer thread: the Thinker's Qwen3TalkerPrompt or ThinkerToTalker items, in order."""
-        self.inbox.append(item)
+        self.inbox.put(item)
 
     def _drain(self) -> None:
-        while self.inbox:
-            item = self.inbox.popleft()
-            if isinstance(item, Qwen3TalkerPrompt):
-                self.prompt, self.tail = item, item.assistant_embeds
-            elif isinstance(item, ThinkerToTalker):
-                if item.reply is not None:
-                    self.replies.append(item.reply)
-                if item.last:
-                    self.n_text = item.index + 1
+        self.inbox.take(self._take)
+
+    def _take(self, item) -> None:
+        if isinstance(item, Qwen3TalkerPrompt):
+            self.prompt, self.tail = item, item.assistant_embeds
+        elif isinstance(item, ThinkerToTalker):
+            if item.reply is not None:
+                self.replies.append(item.reply)
+            if item.last:
+                self.n_text = item.index + 1
 
     def _slot(self, i: int) -> Optional[torch.Tensor]:
         """The text input of assistant position i (thinker space, [H]): A_i, then tts_eos at len(A), then tts_pad;

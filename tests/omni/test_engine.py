@@ -274,3 +274,35 @@ def test_readers_during_a_step_that_admits_see_the_queue_not_an_error():
     assert ready == seqs[:4] and len(engine._pending) < 4  # the queue as it was when read, while it shrank
     running, waiting = engine.load()
     assert (running, waiting) == (0, len(engine._pending))
+
+
+def test_inbox_taken_by_two_threads_at_once_applies_in_fed_order():
+    """A Talker row's inbox (the Thinker's replies, in order) is drained by the engine's step in its worker thread and
+    by the event loop's accounting (has_input during a step). Here the worker is held inside applying the first item
+    while the other thread drains: without the inbox's lock that thread took and applied the later items first, and
+    the row would read its replies out of order."""
+    import threading
+
+    from omni.sequence import Inbox
+
+    inbox, applied = Inbox(), []
+    first_taken, release = threading.Event(), threading.Event()
+
+    def held_at_first(item):
+        if item == 0:
+            first_taken.set()
+            assert release.wait(30)
+        applied.append(item)
+
+    for i in range(4):
+        inbox.put(i)
+    worker = threading.Thread(target=inbox.take, args=(held_at_first,))
+    worker.start()
+    assert first_taken.wait(30)
+    loop = threading.Thread(target=inbox.take, args=(applied.append,))
+    loop.start()
+    loop.join(0.3)  # time for it to take items 1-3, if it could
+    release.set()
+    worker.join(30)
+    loop.join(30)
+    assert applied == [0, 1, 2, 3] and len(inbox) == 0

@@ -1,6 +1,7 @@
 """Fixtures of the cluster tests: for `omni caption`, a mixed folder of real media (good and bad files) and the oracle,
 the official transformers `generate` on the request `omni chat --KIND F PROMPT` builds; `omni_serve` for a module's own
-servers; the shared `omni serve` (SharedServer, `tiny_app`) and its fixtures (`server`, `client`, `uris`)."""
+servers; the shared `omni serve` (SharedServer, `tiny_app`) and its fixtures (`server`, `client`, `uris`);
+`start_cluster` for the modules that run a Ray cluster of several nodes on this machine."""
 
 import base64
 import os
@@ -27,6 +28,40 @@ MIXED = {
     "empty.wav": (None, False),
     "notes.txt": (None, False),
 }
+
+
+def _kill_unfinished_node(exc: BaseException) -> None:
+    """The processes of a Ray node whose start raised (its constructor raised: nothing else holds the Node)."""
+    from ray._private.node import Node
+
+    tb = exc.__traceback__
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("self")
+        if isinstance(node, Node):
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+            return
+        tb = tb.tb_next
+
+
+def start_cluster(*nodes: dict):
+    """A `ray.cluster_utils.Cluster` of `nodes` (add_node's arguments; the first is the head) -> (cluster, [Node]).
+
+    A node's raylet gives its agents (Python processes it starts) 15 s to report their ports, then aborts, and Ray
+    2.60 has no setting to lengthen that wait. On this 2-core machine under the suite's load an agent once took 24 s to
+    start (CI, 2026-12-07: "The current node timed out during startup"; its agents start in 1.5-6 s otherwise), so a
+    cluster whose start fails that way is started once more; any other failure is raised."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in (1, 2):
+        cluster = Cluster()
+        try:
+            return cluster, [cluster.add_node(**args) for args in nodes]
+        except Exception as exc:
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
+            _kill_unfinished_node(exc)
+            cluster.shutdown()
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 
 from omni.serve.cluster.caption import CaptionOptions, run_caption
 
-from .conftest import MAX_TOKENS, MIXED, check_rows
+from .conftest import MAX_TOKENS, MIXED, check_rows, start_cluster
 
 pytestmark = pytest.mark.slow
 NAMES = {
@@ -20,12 +20,12 @@ NAMES = {
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
     store = 256 * 2**20  # object store per node: the rows are small
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": store})
-    enc = c.add_node(num_cpus=1, resources={"encoders": 1}, object_store_memory=store)
-    thk = c.add_node(num_cpus=1, resources={"thinker": 1}, object_store_memory=store)
+    c, (_, enc, thk) = start_cluster(
+        {"num_cpus": 1, "object_store_memory": store},
+        {"num_cpus": 1, "resources": {"encoders": 1}, "object_store_memory": store},
+        {"num_cpus": 1, "resources": {"thinker": 1}, "object_store_memory": store},
+    )
     c.wait_for_nodes()
     yield c, enc.node_id, thk.node_id
     c.shutdown()

@@ -9,6 +9,8 @@ import httpx
 import pytest
 import yaml
 
+from .conftest import start_cluster
+
 pytestmark = pytest.mark.slow
 
 ENCODER_NODE = {"num_cpus": 1, "resources": {"encoders": 1}}  # the head
@@ -35,7 +37,6 @@ def app(tmp_path_factory):
     its driver; everything shut down after the module."""
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from omni.serve.cluster.builder import build_app
     from omni.serve.cluster.process import free_port
@@ -47,8 +48,7 @@ def app(tmp_path_factory):
     path = tmp_path_factory.mktemp("config") / "two_nodes.yaml"
     path.write_text(yaml.safe_dump(cfg))
 
-    cluster = Cluster(initialize_head=True, head_node_args={**ENCODER_NODE, "include_dashboard": False})
-    worker = cluster.add_node(**GENERATOR_NODE)
+    cluster, (_, worker) = start_cluster({**ENCODER_NODE, "include_dashboard": False}, GENERATOR_NODE)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     port = free_port()
