@@ -15,8 +15,8 @@ import time
 import torch
 
 from omni.decoders.token2wav import Token2Wav
+from omni.serve.cluster.deployments import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES
 
-M_MMAP_THRESHOLD, M_TRIM_THRESHOLD = -3, -1  # malloc.h
 THRESHOLDS = {"1 MiB": 1 << 20, "4 MiB": 4 << 20, "32 MiB": 32 << 20}
 REPEATS = 3
 
@@ -35,13 +35,13 @@ def vocode_8_streams(voc: Token2Wav) -> float:
 def main() -> None:
     torch.set_num_threads(1)  # as a replica with under 2 CPUs reserved
     libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # as serve/cluster/deployments.py
+    libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)  # the replicas' setting
     voc = Token2Wav.from_pretrained("tiny")
     vocode_8_streams(voc)  # warm-up
     seconds: dict[str, list[float]] = {name: [] for name in THRESHOLDS}
     for _ in range(REPEATS):
         for name, threshold in THRESHOLDS.items():
-            libc.mallopt(M_MMAP_THRESHOLD, threshold)
+            libc.mallopt(_M_MMAP_THRESHOLD, threshold)
             libc.malloc_trim(0)
             vocode_8_streams(voc)  # settle at this threshold
             seconds[name].append(vocode_8_streams(voc))
