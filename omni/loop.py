@@ -174,11 +174,17 @@ class WorkerLoop:
         try:
             return self._step(work)
         finally:
-            cpu_s, faults = time.thread_time() - c0, resource.getrusage(_RUSAGE_THREAD).ru_minflt - u0.ru_minflt
-            line = {"loop": self.name, "start": start, "end": time.time(), "keys": items}
+            line = {
+                "loop": self.name,
+                "start": start,
+                "end": time.time(),
+                "keys": items,
+                "cpu_s": time.thread_time() - c0,
+                "minflt": resource.getrusage(_RUSAGE_THREAD).ru_minflt - u0.ru_minflt,
+            }
             assert self._trace is not None
             with open(self._trace, "a") as f:  # one short append per step: lines of several processes don't interleave
-                f.write(json.dumps({**line, "cpu_s": cpu_s, "minflt": faults}) + "\n")
+                f.write(json.dumps(line) + "\n")
 
     def _publish(self, key: Hashable, item) -> None:
         q = self._subscribers.get(key)
