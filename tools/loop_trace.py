@@ -3,7 +3,11 @@ took, how much of that its worker thread was on a CPU, and its minor page faults
 that loop's steps. How BENCHMARKS.md §10 found the replicas' page faults:
 
     OMNI_LOOP_TRACE=/tmp/steps.jsonl omni bench --via http ...   # every process of the run appends to it
-    python tools/loop_trace.py /tmp/steps.jsonl [--since UNIX_S] [--steps vocoder]
+    python tools/loop_trace.py /tmp/steps.jsonl [--since UNIX_S] [--steps vocoder] [--to-first-audio]
+
+--to-first-audio keeps the steps of the first concurrent level (from the first step of the Thinker's first burst that
+holds several rows) up to the vocoder's first step in it: how BENCHMARKS.md §10 ("Stop 27") compared the steps that
+come before the first audio at c=8, in process and over HTTP.
 """
 
 import argparse
@@ -11,14 +15,37 @@ import json
 from collections import defaultdict
 
 
+def to_first_audio(steps: list[dict]) -> list[dict]:
+    """The steps from the start of the Thinker's first burst with several rows to the vocoder's first step after it."""
+    thinker = [s for s in steps if s["loop"] == "thinker"]
+    i = next(k for k, s in enumerate(thinker) if s["keys"] >= 2)
+    while i > 0 and thinker[i]["start"] - thinker[i - 1]["end"] < BURST_GAP_S:
+        i -= 1
+    t0 = thinker[i]["start"]
+    t1 = next(s["start"] for s in steps if s["loop"] == "vocoder" and s["start"] >= t0)
+    rows = max(s["keys"] for s in thinker[i:])
+    full = next(s["start"] for s in thinker[i:] if s["keys"] == rows)
+    print(
+        f"first audio step {t1 - t0:.2f} s after the level's first Thinker step; the Thinker held all {rows} rows "
+        f"from {full - t0:.2f} s"
+    )
+    return [s for s in steps if t0 <= s["start"] < t1]
+
+
+BURST_GAP_S = 0.3  # a pause between Thinker steps longer than this separates two bursts (levels, warm-up requests)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("path")
     ap.add_argument("--since", type=float, default=0.0, help="only steps that start at or after this Unix time")
     ap.add_argument("--steps", metavar="LOOP", help="list this loop's steps (seconds from the first step shown)")
+    ap.add_argument("--to-first-audio", action="store_true", help="the first concurrent level, up to its first audio")
     args = ap.parse_args()
     with open(args.path) as f:
-        steps = [s for s in map(json.loads, f) if s["start"] >= args.since]
+        steps = sorted((s for s in map(json.loads, f) if s["start"] >= args.since), key=lambda s: s["start"])
+    if args.to_first_audio:
+        steps = to_first_audio(steps)
     by_loop = defaultdict(list)
     for s in steps:
         by_loop[s["loop"]].append(s)

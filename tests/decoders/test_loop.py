@@ -172,3 +172,30 @@ def test_step_trace_has_a_line_per_step_with_the_worker_threads_spend(vocoder, t
         check=True,
     ).stdout
     assert f"{loop.name}: {len(lines)} steps" in summary, summary
+
+
+def test_step_trace_tool_cuts_the_first_level_up_to_its_first_audio(tmp_path):
+    """tools/loop_trace.py --to-first-audio: a warm-up request's steps, then a level whose rows arrive over three
+    Thinker steps; only the level's steps before the vocoder's first step in it are summed."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def step(loop, start, keys, seconds=0.01):
+        return {"loop": loop, "start": start, "end": start + seconds, "keys": keys, "cpu_s": seconds / 2, "minflt": 0}
+
+    warm_up = [step("thinker", 0.0, 1), step("thinker", 0.02, 1), step("vocoder", 0.05, 1)]
+    level = [step("thinker", 5.0, 1), step("thinker", 5.02, 3), step("thinker", 5.04, 8), step("talker", 5.06, 8)]
+    after = [step("vocoder", 5.5, 8, 0.2), step("thinker", 5.51, 8), step("talker", 5.52, 8)]
+    path = tmp_path / "steps.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in warm_up + level + after))
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[2] / "tools" / "loop_trace.py"), str(path), "--to-first-audio"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "first audio step 0.50 s after the level's first Thinker step; the Thinker held all 8 rows from 0.04 s" in out
+    assert "thinker: 3 steps, 4.0 keys each, 0.03 s (10.0 ms each), on a CPU 50% of it" in out, out
+    assert "talker: 1 steps" in out and "vocoder" not in out.split("\n", 1)[1], out
