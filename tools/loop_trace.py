@@ -14,6 +14,8 @@ import argparse
 import json
 from collections import defaultdict
 
+BURST_GAP_S = 0.3  # a pause between Thinker steps longer than this separates two bursts (levels, warm-up requests)
+
 
 def to_first_audio(steps: list[dict]) -> list[dict]:
     """The steps from the start of the Thinker's first burst with several rows to the vocoder's first step after it."""
@@ -30,9 +32,6 @@ def to_first_audio(steps: list[dict]) -> list[dict]:
         f"from {full - t0:.2f} s"
     )
     return [s for s in steps if t0 <= s["start"] < t1]
-
-
-BURST_GAP_S = 0.3  # a pause between Thinker steps longer than this separates two bursts (levels, warm-up requests)
 
 
 def main() -> None:

@@ -131,13 +131,21 @@ def test_a_first_chunk_waits_briefly_for_the_first_chunks_on_their_way(vocoder, 
     assert wav_a.shape == wav_b.shape == (48 * 480,)
 
 
+def loop_trace(path, *args: str) -> str:
+    """What tools/loop_trace.py prints for the step trace at `path`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).parents[2] / "tools" / "loop_trace.py"
+    run = subprocess.run([sys.executable, str(tool), str(path), *args], capture_output=True, text=True, check=True)
+    return run.stdout
+
+
 def test_step_trace_has_a_line_per_step_with_the_worker_threads_spend(vocoder, tmp_path, monkeypatch):
     """OMNI_LOOP_TRACE (omni/loop.py): one JSON line per step, the keys it served, what its thread spent; and
     tools/loop_trace.py reads it back. Without the variable, no file."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     path = tmp_path / "steps.jsonl"
 
@@ -165,12 +173,7 @@ def test_step_trace_has_a_line_per_step_with_the_worker_threads_spend(vocoder, t
         assert x["loop"] == loop.name and x["start"] <= x["end"] and x["keys"] >= 1
         assert x["cpu_s"] > 0 and x["minflt"] >= 0
     assert all(a["end"] <= b["start"] for a, b in zip(lines, lines[1:]))  # one worker thread: steps in turn
-    summary = subprocess.run(
-        [sys.executable, str(Path(__file__).parents[2] / "tools" / "loop_trace.py"), str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    summary = loop_trace(path)
     assert f"{loop.name}: {len(lines)} steps" in summary, summary
 
 
@@ -178,9 +181,6 @@ def test_step_trace_tool_cuts_the_first_level_up_to_its_first_audio(tmp_path):
     """tools/loop_trace.py --to-first-audio: a warm-up request's steps, then a level whose rows arrive over three
     Thinker steps; only the level's steps before the vocoder's first step in it are summed."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     def step(loop, start, keys, seconds=0.01):
         return {"loop": loop, "start": start, "end": start + seconds, "keys": keys, "cpu_s": seconds / 2, "minflt": 0}
@@ -190,12 +190,7 @@ def test_step_trace_tool_cuts_the_first_level_up_to_its_first_audio(tmp_path):
     after = [step("vocoder", 5.5, 8, 0.2), step("thinker", 5.51, 8), step("talker", 5.52, 8)]
     path = tmp_path / "steps.jsonl"
     path.write_text("".join(json.dumps(s) + "\n" for s in warm_up + level + after))
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).parents[2] / "tools" / "loop_trace.py"), str(path), "--to-first-audio"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = loop_trace(path, "--to-first-audio")
     first = "first audio step 0.50 s after the level's first Thinker step; the Thinker held all 8 rows from 0.04 s"
     assert first in out, out
     assert "thinker: 3 steps, 4.0 keys each, 0.03 s (10.0 ms each), on a CPU 50% of it" in out, out
