@@ -17,21 +17,26 @@ from collections import defaultdict
 BURST_GAP_S = 0.3  # a pause between Thinker steps longer than this separates two bursts (levels, warm-up requests)
 
 
-def to_first_audio(steps: list[dict]) -> list[dict]:
-    """The steps from the start of the Thinker's first burst with several rows to the vocoder's first step after it."""
+def to_first_audio(steps: list[dict]) -> tuple[list[dict], str]:
+    """The steps from the start of the Thinker's first burst with several rows to the vocoder's first step after it,
+    and a line that says when that step came and when the burst's Thinker held all its rows."""
     thinker = [s for s in steps if s["loop"] == "thinker"]
     i = next(k for k, s in enumerate(thinker) if s["keys"] >= 2)
     while i > 0 and thinker[i]["start"] - thinker[i - 1]["end"] < BURST_GAP_S:
         i -= 1
-    t0 = thinker[i]["start"]
+    j = i + 1  # the burst: thinker[i:j], up to the next pause (a later level is not this one)
+    while j < len(thinker) and thinker[j]["start"] - thinker[j - 1]["end"] < BURST_GAP_S:
+        j += 1
+    burst = thinker[i:j]
+    t0 = burst[0]["start"]
     t1 = next(s["start"] for s in steps if s["loop"] == "vocoder" and s["start"] >= t0)
-    rows = max(s["keys"] for s in thinker[i:])
-    full = next(s["start"] for s in thinker[i:] if s["keys"] == rows)
-    print(
+    rows = max(s["keys"] for s in burst)
+    full = next(s["start"] for s in burst if s["keys"] == rows)
+    line = (
         f"first audio step {t1 - t0:.2f} s after the level's first Thinker step; the Thinker held all {rows} rows "
         f"from {full - t0:.2f} s"
     )
-    return [s for s in steps if t0 <= s["start"] < t1]
+    return [s for s in steps if t0 <= s["start"] < t1], line
 
 
 def main() -> None:
@@ -44,7 +49,8 @@ def main() -> None:
     with open(args.path) as f:
         steps = sorted((s for s in map(json.loads, f) if s["start"] >= args.since), key=lambda s: s["start"])
     if args.to_first_audio:
-        steps = to_first_audio(steps)
+        steps, line = to_first_audio(steps)
+        print(line)
     by_loop = defaultdict(list)
     for s in steps:
         by_loop[s["loop"]].append(s)

@@ -179,7 +179,8 @@ def test_step_trace_has_a_line_per_step_with_the_worker_threads_spend(vocoder, t
 
 def test_step_trace_tool_cuts_the_first_level_up_to_its_first_audio(tmp_path):
     """tools/loop_trace.py --to-first-audio: a warm-up request's steps, then a level whose rows arrive over three
-    Thinker steps; only the level's steps before the vocoder's first step in it are summed."""
+    Thinker steps, then a larger level; only the first level's steps before the vocoder's first step in it are
+    summed, and its own row count is the one reported."""
     import json
 
     def step(loop, start, keys, seconds=0.01):
@@ -188,8 +189,9 @@ def test_step_trace_tool_cuts_the_first_level_up_to_its_first_audio(tmp_path):
     warm_up = [step("thinker", 0.0, 1), step("thinker", 0.02, 1), step("vocoder", 0.05, 1)]
     level = [step("thinker", 5.0, 1), step("thinker", 5.02, 3), step("thinker", 5.04, 8), step("talker", 5.06, 8)]
     after = [step("vocoder", 5.5, 8, 0.2), step("thinker", 5.51, 8), step("talker", 5.52, 8)]
+    larger = [step("thinker", 9.0, 2), step("thinker", 9.02, 16), step("vocoder", 9.5, 16)]
     path = tmp_path / "steps.jsonl"
-    path.write_text("".join(json.dumps(s) + "\n" for s in warm_up + level + after))
+    path.write_text("".join(json.dumps(s) + "\n" for s in warm_up + level + after + larger))
     out = loop_trace(path, "--to-first-audio")
     first = "first audio step 0.50 s after the level's first Thinker step; the Thinker held all 8 rows from 0.04 s"
     assert first in out, out
