@@ -7,7 +7,10 @@ their Retry-After, and each replica's resident memory at the start and the end.
 Each client is a closed loop: it sends a streaming chat completion (text, text + speech, with an image, with audio:
 `mix`, in turn), reads the SSE stream to `[DONE]`, and sends the next; after a 503 it waits the Retry-After, then
 sends the next. A warm-up at the same load comes first (its requests are reported apart), so that the replicas' memory
-at "start" is their working level. Replica memory is read by process id from the server's Ray
+at "start" is their working level. "start" and "end" are each read once a phase's requests are over, as a replica's
+lowest RSS over `rss_settle` seconds: the replicas hand freed pages back every few seconds (malloc_trim,
+serve/cluster/deployments.py), so a reading taken at once would count pages already freed; a leak stays in the lowest
+reading. Replica memory is read by process id from the server's Ray
 (omni.serve.cluster.replicas): when this run starts the server, or with --ray-address / RAY_ADDRESS.
 Writes load.json and load.md under `out` (the table is also printed).
 """
@@ -41,7 +44,7 @@ class LoadConfig:
     config: str = "tiny"  # with url None: the server's serve config (configs/serve name or YAML path)
     clients: int = 32  # concurrent streaming clients
     duration: float = 60.0  # seconds of measured load
-    warmup: float = 10.0  # seconds of the same load before it (RSS "start" is taken at its end)
+    warmup: float = 10.0  # seconds of the same load before it (RSS "start" is read after it)
     mix: tuple[str, ...] = MIX_KINDS  # request kinds (of MIX_KINDS), sent in turn
     max_tokens: int = 24  # text tokens per reply at most (greedy)
     speech_tokens: int = 48  # codec tokens per speech reply at most (50 per second of speech)
@@ -50,6 +53,9 @@ class LoadConfig:
     ray_address: Optional[str] = None  # with url: the server's Ray, for replica memory; None: RAY_ADDRESS, or none
     rss_tolerance: float = 0.10  # |end / start - 1| per replica that counts as flat
     rss_every: float = 5.0  # seconds between memory samples during the load
+    rss_settle: Optional[float] = (
+        None  # seconds over which "start" / "end" are read; None: the replicas' trim period + 1
+    )
     out: str = "out/bench-load"  # where load.json / load.md go
 
     def __post_init__(self):
@@ -232,54 +238,70 @@ async def drive(
 
 # ---------------------------------------------------------------------------------------------------- memory
 class _MemorySampler:
-    """Every replica's RSS at `start()`, every `every` seconds after it, and at `stop()` (in a thread)."""
+    """Every replica's settled RSS at `start()` and `stop()`, and its RSS every `every` seconds between (in a thread).
+    Settled: the lowest of readings taken each second for `settle` seconds."""
 
-    def __init__(self, every: float):
+    def __init__(self, every: float, settle: float):
         from omni.serve.cluster.replicas import list_replicas
 
         self.replicas = list_replicas()
-        self.every, self.samples = every, []  # samples: [{replica name: Memory or None}]
+        self.every, self.settle, self.samples = every, settle, []  # samples: [{replica name: Memory or None}]
+        self.first: dict = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> None:
+    def _sample(self) -> dict:
         from omni.serve.cluster.replicas import replica_memory
 
-        self.samples.append(replica_memory(self.replicas))
+        sample = replica_memory(self.replicas)
+        self.samples.append(sample)
+        return sample
+
+    def _settled(self) -> dict:
+        """{replica name: its Memory with the lowest RSS over `settle` seconds (None: its process is gone)}."""
+        lowest: dict = {}
+        step = min(1.0, self.settle)
+        for i in range(round(self.settle / step) + 1 if step > 0 else 1):
+            if i:
+                time.sleep(step)
+            for name, m in self._sample().items():
+                if m is None or name not in lowest or (lowest[name] is not None and m.rss < lowest[name].rss):
+                    lowest[name] = m  # a process gone once stays gone
+        return lowest
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             self._sample()
 
     def start(self) -> None:
-        self._sample()
+        self.first = self._settled()
         self._thread.start()
 
     def stop(self) -> list[ReplicaMemory]:
         self._stop.set()
         self._thread.join()
-        self._sample()
+        last = self._settled()
 
         def mb(m, part: str = "rss") -> Optional[float]:
             return None if m is None else getattr(m, part) / 2**20
 
         out = []
         for r in self.replicas:
-            mems = [s.get(r.name) for s in self.samples]
-            rss = [mb(m) for m in mems]
+            rss = [mb(s.get(r.name)) for s in self.samples]
             seen = [v for v in rss if v is not None]
+            start, end = self.first.get(r.name), last.get(r.name)
             out.append(
                 ReplicaMemory(
                     r.deployment,
                     r.name,
                     r.node_id,
                     r.pid,
-                    rss[0],
-                    rss[-1],
+                    mb(start),
+                    mb(end),
                     max(seen) if seen else None,
                     rss,
-                    mb(mems[0], "anon"),
-                    mb(mems[-1], "anon"),
+                    mb(start, "anon"),
+                    mb(end, "anon"),
                 )
             )
         return out
@@ -318,7 +340,10 @@ def run_load(cfg: LoadConfig) -> LoadResults:
         sampler = None
         if ray_address:
             connect_ray(ray_address)
-            sampler = _MemorySampler(cfg.rss_every)
+            from omni.serve.cluster.deployments import TRIM_EVERY_S
+
+            settle = TRIM_EVERY_S + 1.0 if cfg.rss_settle is None else cfg.rss_settle
+            sampler = _MemorySampler(cfg.rss_every, settle)
         else:
             notes.append("replica memory not read: no Ray address (--ray-address or RAY_ADDRESS)")
         t0 = time.monotonic()

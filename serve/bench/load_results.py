@@ -114,8 +114,8 @@ class ReplicaMemory:
     replica: str  # the replica actor's name
     node_id: str
     pid: int
-    rss_start_mb: Optional[float]  # when the measured load started (after the warm-up); None: unreadable
-    rss_end_mb: Optional[float]  # when it ended
+    rss_start_mb: Optional[float]  # settled after the warm-up (its lowest over the settle window); None: unreadable
+    rss_end_mb: Optional[float]  # settled after the load
     rss_max_mb: Optional[float]  # the largest of the samples taken during the load
     rss_samples_mb: list[Optional[float]] = dataclasses.field(default_factory=list)  # every sample, in order
     anon_start_mb: Optional[float] = None  # the anonymous part of RSS (heap, tensors) at the start: a leak grows it;

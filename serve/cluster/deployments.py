@@ -70,7 +70,7 @@ log = logging.getLogger("omni.serve")
 # --model tiny --duration 60`: +5.1 %, PASS).
 _M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES = -1, 1 << 30
 _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES = -3, 32 << 20
-_TRIM_EVERY_S = 5.0
+TRIM_EVERY_S = 5.0
 
 
 def _give_back_freed_memory() -> None:
@@ -84,7 +84,7 @@ def _give_back_freed_memory() -> None:
 
     def trim_now_and_then():
         while True:
-            time.sleep(_TRIM_EVERY_S)
+            time.sleep(TRIM_EVERY_S)
             trim(0)  # ctypes lets go of the GIL: the replica runs on meanwhile
 
     threading.Thread(target=trim_now_and_then, name="malloc-trim", daemon=True).start()

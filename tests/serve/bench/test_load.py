@@ -105,3 +105,28 @@ def test_results_pass_only_without_5xx_hangs_or_memory_growth():
     no_header = _results([ok, Outcome("http_error", 503, False, 0, 1)])  # a 503 without Retry-After
     assert no_header.load.refused_without_retry_after == 1 and not no_header.passed
     assert not _results([ok], end_mb=120.0).passed  # memory grew 20 %
+
+
+def test_replica_memory_at_start_and_end_is_the_lowest_reading_once_a_phase_is_over(monkeypatch):
+    """The replicas hand freed pages back every few seconds (malloc_trim), so "start" and "end" are each a replica's
+    lowest RSS over the settle window: pages already freed but not yet handed back do not count; a leak does."""
+    from omni.serve.bench import load
+    from omni.serve.cluster import replicas as rp
+
+    mib = 2**20
+    reps = [rp.Replica("Vocoder", "v", "a1", 11, "n"), rp.Replica("Thinker", "t", "a2", 12, "n")]
+    # settle 0.02 s in steps of 0.02 s: two readings per window; the sampling thread reads nothing in between
+    vocoder = iter([1200, 1000, 1300, 1050])  # start: freed pages not handed back yet, then trimmed; end: the same
+    thinker = iter([900, 900, 1300, 1250])  # a leak: the end stays high
+    readings = lambda _: {  # noqa: E731
+        "v": rp.Memory(next(vocoder) * mib, 500 * mib),
+        "t": rp.Memory(next(thinker) * mib, 400 * mib),
+    }
+    monkeypatch.setattr(rp, "list_replicas", lambda: reps)
+    monkeypatch.setattr(rp, "replica_memory", readings)
+    sampler = load._MemorySampler(every=3600, settle=0.02)
+    sampler.start()
+    by = {m.deployment: m for m in sampler.stop()}
+    assert (by["Vocoder"].rss_start_mb, by["Vocoder"].rss_end_mb, by["Vocoder"].rss_max_mb) == (1000, 1050, 1300)
+    assert abs(by["Vocoder"].change - 0.05) < 1e-9
+    assert (by["Thinker"].rss_start_mb, by["Thinker"].rss_end_mb) == (900, 1250) and by["Thinker"].change > 0.10

@@ -246,11 +246,11 @@ def test_twenty_clients_gone_mid_stream_free_every_stage(server):
     def back(now) -> bool:
         return all(now[n]["rss_mb"] <= before[n]["rss_mb"] * 1.10 + 30 for n in handles)
 
-    from omni.serve.cluster.deployments import _TRIM_EVERY_S
+    from omni.serve.cluster.deployments import TRIM_EVERY_S
 
-    # freed memory goes back to the OS at the replica's next malloc_trim (every _TRIM_EVERY_S; serve/cluster/
+    # freed memory goes back to the OS at the replica's next malloc_trim (every TRIM_EVERY_S; serve/cluster/
     # deployments.py), not at each free: give it three of them
-    deadline = time.time() + 3 * _TRIM_EVERY_S
+    deadline = time.time() + 3 * TRIM_EVERY_S
     while not back(after) and time.time() < deadline:
         time.sleep(1)
         after = stats()
