@@ -53,9 +53,7 @@ class LoadConfig:
     ray_address: Optional[str] = None  # with url: the server's Ray, for replica memory; None: RAY_ADDRESS, or none
     rss_tolerance: float = 0.10  # |end / start - 1| per replica that counts as flat
     rss_every: float = 5.0  # seconds between memory samples during the load
-    rss_settle: Optional[float] = (
-        None  # seconds over which "start" / "end" are read; None: the replicas' trim period + 1
-    )
+    rss_settle: Optional[float] = None  # seconds for start / end (their lowest reading); None: trim period + 1 s
     out: str = "out/bench-load"  # where load.json / load.md go
 
     def __post_init__(self):
