@@ -116,7 +116,7 @@ class ReplicaMemory:
     pid: int
     rss_start_mb: Optional[float]  # settled after the warm-up (its lowest over the settle window); None: unreadable
     rss_end_mb: Optional[float]  # settled after the load
-    rss_max_mb: Optional[float]  # the largest of the samples taken during the load
+    rss_max_mb: Optional[float]  # the largest sample: during the load and in the two settle windows
     rss_samples_mb: list[Optional[float]] = dataclasses.field(default_factory=list)  # every sample, in order
     anon_start_mb: Optional[float] = None  # the anonymous part of RSS (heap, tensors) at the start: a leak grows it;
     #                                        RSS also counts file pages, which the kernel evicts under memory pressure
